@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -433,6 +433,8 @@ def test_load_image(tmp_path, rgb_u8):
 
 @settings(max_examples=30, deadline=None)
 @given(width=st.integers(1, 400), height=st.integers(1, 400), hd_num=st.integers(1, 30))
+@example(width=400, height=10, hd_num=1)  # r = 40 > size: the resized short side would be 0 px
+@example(width=10, height=400, hd_num=1)
 def test_num_views_matches_hd_views(width, height, hd_num):
     image = np.zeros((height, width, 3), dtype=np.uint8)
     try:
