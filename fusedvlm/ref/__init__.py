@@ -1,0 +1,1 @@
+"""Pure-torch reference implementations: clear over fast, the ground truth for tests."""

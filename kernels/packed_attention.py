@@ -1,0 +1,512 @@
+"""Packed (varlen) block-diagonal causal attention: Triton forward + backward, torch CPU path.
+
+Shapes: q (Tq, Hq, D), k/v (Tk, Hkv, D) with Hq = G * Hkv (grouped-query: query head h reads
+key/value head h // G); ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 (n + 1,) offsets, key
+segments equal to query segments when ``cu_seqlens_k`` is None. Output (Tq, Hq, D) in q's dtype.
+
+Maths, per segment s with Lq queries, Lk >= Lq keys (a cached prefix of Lk - Lq tokens), head h:
+
+    S_ij = scale * q_i . k_j,   visible(i, j) = j <= i + (Lk - Lq)   (bottom-right causal)
+    O_i  = sum_j P_ij v_j,      P_ij = exp(S_ij - LSE_i) over visible j,  LSE_i = log sum_j exp(S_ij)
+
+Keys of another segment are never visible, so the pack's T x T mask is block-diagonal. The
+kernel never builds it: the forward launches one program per (query tile, query head) from a
+tile -> (segment, tile index) table built on the device from ``cu_seqlens`` (searchsorted, no
+host sync), and each program loops only over its own segment's key tiles up to its causal limit
+(flash-attention-2 online softmax in base 2). Tiles wholly below the diagonal skip the mask.
+The row log-sum-exp (base 2) is saved for the backward:
+
+    D_i   = rowsum(dO_i * O_i)
+    dP_ij = dO_i . v_j,   dS_ij = P_ij (dP_ij - D_i)
+    dV_j  = sum_i P_ij dO_i,   dK_j = scale * sum_i dS_ij q_i,   dQ_i = scale * sum_j dS_ij k_j
+
+One kernel per (key tile, key/value head) accumulates dK/dV over the G query heads of its group
+and the query tiles that can see it (no atomics); a second per (query tile, query head) forms dQ.
+On the GPU fp16/bf16 operands feed ``tl.dot`` directly (fp32 accumulation; fp32 inputs use IEEE
+precision); under ``TRITON_INTERPRET=1`` every load is upcast to fp32 straight away because the
+interpreter has no usable bf16 arithmetic.
+
+CPU path (no Triton): one ``scaled_dot_product_attention`` call per segment on strided views
+(the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else an explicit (Lq, Lk) bottom-right
+mask of that segment only), results concatenated; autograd flows through SDPA. Measured on the
+2-core CPU of the development machine (torch 2.14, fp32, 16 heads x 64, 8 segments, 16 500
+tokens, 2 threads), forward:
+
+    per-segment SDPA, strided views, is_causal          ~0.75 s   <- chosen
+    per-segment SDPA, contiguous copies                 ~0.8 s
+    per-segment SDPA with a (L, L) bool mask            ~1.6 s
+    FlexAttention + block mask, torch.compile (CPU)     ~1.2 s, plus ~40 s compile per new packing
+    dense masked SDPA over the whole pack               ~9 s
+
+(see ``bench/bench_packed_attention.py`` for the harness; FlexAttention recompiles whenever the
+packing changes, which in the fusion decoder is every batch, so it does not pay off here.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fusedvlm.backend import interpreter_enabled, use_triton
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(q, k, v, cu_q, cu_k, causal) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head dim of q ({q.shape[2]}) and k/v ({k.shape[2]}) differ")
+    if q.shape[2] == 0 or q.shape[2] > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{_MAX_HEAD_DIM}, got {q.shape[2]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
+    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of n + 1 >= 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match")
+    # One device -> host copy checks every offset at once.
+    both = torch.stack([cu_q, cu_k]).to("cpu", torch.int64)
+    for row, name, total in ((both[0], "cu_seqlens_q", q.shape[0]), (both[1], "cu_seqlens_k", k.shape[0])):
+        if int(row[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(row[0])}")
+        if bool((row[1:] < row[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {row.tolist()}")
+        if int(row[-1]) != total:
+            raise ValueError(f"{name}[-1] = {int(row[-1])} but the tensor has {total} tokens")
+    if causal:
+        lq, lk = both[0].diff(), both[1].diff()
+        bad = (lk < lq).nonzero().flatten()
+        if bad.numel():
+            s = int(bad[0])
+            raise ValueError(f"segment {s}: {int(lk[s])} keys < {int(lq[s])} queries; a causal segment needs len_k >= len_q")
+
+
+# --------------------------------------------------------------------------- torch path
+
+
+def _torch_packed_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> torch.Tensor:
+    """One fused CPU SDPA call per segment on strided views; differentiable."""
+    hq, hkv = q.shape[1], k.shape[1]
+    gqa = hq // hkv
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        if lk == 0:
+            # Non-causal query rows with no key at all attend to nothing.
+            outs.append(q.new_zeros((lq, hq, q.shape[2])))
+            continue
+        qs = q[q0:q1].transpose(0, 1)
+        ks = k[k0:k1].transpose(0, 1)
+        vs = v[k0:k1].transpose(0, 1)
+        if gqa > 1:
+            ks, vs = ks.repeat_interleave(gqa, 0), vs.repeat_interleave(gqa, 0)
+        if causal and lk != lq:
+            i = torch.arange(lq, device=q.device)[:, None]
+            j = torch.arange(lk, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=j <= i + (lk - lq), scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        outs.append(o.transpose(0, 1))
+    if not outs:
+        # Every segment is empty, so the query pack is too; keep the graph connected to q.
+        return q.clone()
+    return torch.cat(outs, 0)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    # ``interpret`` keys the cache: triton.jit picks the interpreter when it decorates.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILE_SEG, TILE_BLK,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_ot, stride_oh, stride_lh, n_seg, head_dim, qk_scale,
+                    GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        pid_t = tl.program_id(0)
+        h = tl.program_id(1)
+        seg = tl.load(TILE_SEG + pid_t)
+        if seg >= n_seg:
+            return
+        blk = tl.load(TILE_BLK + pid_t)
+        q0 = tl.load(CU_Q + seg)
+        lq = tl.load(CU_Q + seg + 1) - q0
+        k0 = tl.load(CU_K + seg)
+        lk = tl.load(CU_K + seg + 1) - k0
+        shift = lk - lq
+        kvh = h // GROUP
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < lq
+        d_valid = offs_d < head_dim
+        rows = (q0 + offs_m).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if CAUSAL:
+            # Keys every row of this tile sees (no mask needed), then the diagonal band.
+            full = tl.minimum(lk, blk * BLOCK_M + shift + 1)
+            hi = tl.minimum(lk, (blk + 1) * BLOCK_M + shift)
+        else:
+            full = lk
+            hi = lk
+        full = (full // BLOCK_N) * BLOCK_N
+        # Tiles every row of this program sees in full: no mask.
+        for start_n in range(0, full, BLOCK_N):
+            n_idx = start_n + offs_n
+            n_valid = n_idx < lk
+            krows = (k0 + n_idx).to(tl.int64)
+            k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        # The diagonal band and the ragged last tile.
+        for start_n in range(full, hi, BLOCK_N):
+            n_idx = start_n + offs_n
+            n_valid = n_idx < lk
+            krows = (k0 + n_idx).to(tl.int64)
+            k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            keep = n_valid[None, :]
+            if CAUSAL:
+                keep = keep & (n_idx[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible key yet keeps m = -inf; shift by 0 to avoid inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        tl.store(LSE + h * stride_lh + q0 + offs_m, lse, mask=m_valid)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, TILE_SEG, TILE_BLK,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                         stride_lh, n_seg, head_dim, qk_scale, scale,
+                         GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        pid_t = tl.program_id(0)
+        kvh = tl.program_id(1)
+        seg = tl.load(TILE_SEG + pid_t)
+        if seg >= n_seg:
+            return
+        blk = tl.load(TILE_BLK + pid_t)
+        q0 = tl.load(CU_Q + seg)
+        lq = tl.load(CU_Q + seg + 1) - q0
+        k0 = tl.load(CU_K + seg)
+        lk = tl.load(CU_K + seg + 1) - k0
+        shift = lk - lq
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_valid = offs_n < lk
+        d_valid = offs_d < head_dim
+        krows = (k0 + offs_n).to(tl.int64)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = 0
+        if CAUSAL:
+            # First query row that sees key blk * BLOCK_N is that index minus the prefix length.
+            lo = tl.maximum(blk * BLOCK_N - shift, 0)
+            lo = (lo // BLOCK_M) * BLOCK_M
+        for g in range(GROUP):
+            h = kvh * GROUP + g
+            for start_m in range(lo, lq, BLOCK_M):
+                offs_m = start_m + offs_m0
+                m_valid = offs_m < lq
+                qrows = (q0 + offs_m).to(tl.int64)
+                q_mask = m_valid[:, None] & d_valid[None, :]
+                q = tl.load(Q + qrows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(DO + qrows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(LSE + h * stride_lh + q0 + offs_m, mask=m_valid, other=float("inf"))
+                delta = tl.load(DELTA + h * stride_lh + q0 + offs_m, mask=m_valid, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                keep = m_valid[:, None] & n_valid[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+                p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk = dk * scale
+        tl.store(DK + krows[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + krows[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_SEG, TILE_BLK,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_dot, stride_doh, stride_dqt, stride_dqh,
+                       stride_lh, n_seg, head_dim, qk_scale, scale,
+                       GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        pid_t = tl.program_id(0)
+        h = tl.program_id(1)
+        seg = tl.load(TILE_SEG + pid_t)
+        if seg >= n_seg:
+            return
+        blk = tl.load(TILE_BLK + pid_t)
+        q0 = tl.load(CU_Q + seg)
+        lq = tl.load(CU_Q + seg + 1) - q0
+        k0 = tl.load(CU_K + seg)
+        lk = tl.load(CU_K + seg + 1) - k0
+        shift = lk - lq
+        kvh = h // GROUP
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < lq
+        d_valid = offs_d < head_dim
+        qrows = (q0 + offs_m).to(tl.int64)
+        q_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + qrows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + qrows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + h * stride_lh + q0 + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA + h * stride_lh + q0 + offs_m, mask=m_valid, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(lk, (blk + 1) * BLOCK_M + shift)
+        else:
+            hi = lk
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            n_valid = offs_n < lk
+            krows = (k0 + offs_n).to(tl.int64)
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            keep = m_valid[:, None] & n_valid[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = dq * scale
+        tl.store(DQ + qrows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+    return _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+
+
+# --------------------------------------------------------------------------- launchers
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter runs one numpy program per tile, so
+# small tiles keep its per-step cost low and exercise multi-tile loops on tiny test shapes.
+_INTERPRET_BLOCKS = (16, 16, 1, 1)
+
+
+def _block_config(head_dim: int, backward: bool) -> tuple[int, int, int, int]:
+    if interpreter_enabled():
+        return _INTERPRET_BLOCKS
+    if backward:
+        return (64, 64, 4, 2) if head_dim <= 64 else (32, 64, 4, 2)
+    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 3)
+
+
+def _tile_table(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every tile of every segment -> (segment, tile index in the segment), built on device.
+
+    The grid size is the bound cdiv(total, block) + n >= sum_s cdiv(L_s, block), known from the
+    tensor shapes, so no offset comes back to the host; programs past the last tile read
+    segment n and exit.
+    """
+    n = cu.numel() - 1
+    grid = -(-total // block) + n
+    lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    cu_tiles = torch.zeros(n + 1, dtype=torch.int64, device=cu.device)
+    torch.cumsum((lens + block - 1) // block, 0, out=cu_tiles[1:])
+    t = torch.arange(grid, dtype=torch.int64, device=cu.device)
+    seg = torch.searchsorted(cu_tiles[1:], t, right=True)
+    blk = t - cu_tiles[seg.clamp(max=n)]
+    return seg.to(torch.int32), blk.to(torch.int32), grid
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _inner_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _triton_forward(q, k, v, cu_q, cu_k, causal, scale):
+    import triton
+
+    fwd, _, _ = _kernels(interpreter_enabled())
+    tq, hq, d = q.shape
+    group = hq // k.shape[1]
+    block_m, block_n, warps, stages = _block_config(d, backward=False)
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
+    if tq == 0:
+        return out, lse
+    seg, blk, grid = _tile_table(cu_q, tq, block_m)
+    fwd[(grid, hq)](
+        q, k, v, out, lse, cu_q, cu_k, seg, blk,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), cu_q.numel() - 1, d, scale * _LOG2E,
+        GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=interpreter_enabled(),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
+    import triton
+
+    _, dkdv, dqk = _kernels(interpreter_enabled())
+    tq, hq, d = q.shape
+    tk, hkv = k.shape[0], k.shape[1]
+    group = hq // hkv
+    block_m, block_n, warps, stages = _block_config(d, backward=True)
+    do = _inner_contig(do)
+    # delta_i = rowsum(dO_i * O_i), laid out like lse: (Hq, Tq) fp32.
+    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    n_seg = cu_q.numel() - 1
+    common = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=interpreter_enabled(),
+                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    if tk:
+        seg, blk, grid = _tile_table(cu_k, tk, block_n)
+        dkdv[(grid, hkv)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, seg, blk,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), n_seg, d, scale * _LOG2E, scale, **common,
+        )
+    if tq:
+        seg, blk, grid = _tile_table(cu_q, tq, block_m)
+        dqk[(grid, hq)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, seg, blk,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            lse.stride(0), n_seg, d, scale * _LOG2E, scale, **common,
+        )
+    return dq, dk, dv
+
+
+class _PackedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
+        out, lse = _triton_forward(q, k, v, cu_q, cu_k, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-diagonal (bottom-right causal) attention over a packed stream.
+
+    q (Tq, Hq, D), k/v (Tk, Hkv, D), cu_seqlens_* int32 (n + 1,) -> (Tq, Hq, D). Triton on
+    CUDA or under ``TRITON_INTERPRET=1``, else per-segment SDPA (see the module docstring).
+    """
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if use_triton(q, k, v):
+        q, k, v = _inner_contig(q), _inner_contig(k), _inner_contig(v)
+        return _PackedAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return _torch_packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
