@@ -14,7 +14,7 @@ TOL: dict[tuple[str, torch.dtype], dict[str, float]] = {
 }
 
 ERROR_RATIO: dict[str, float] = {
-    "packed_attention": 4.0,
+    "packed_attention": 3.0,
     "pairwise_cosine": 4.0,
 }
 ATOL_FLOOR: dict[tuple[str, torch.dtype], float] = {

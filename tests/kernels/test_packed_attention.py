@@ -1,0 +1,171 @@
+"""Packed attention: Triton kernel (interpreter) and torch path vs an fp64 reference.
+
+Error bound (tests/kernels/tolerances.py): for the output and each of dq, dk, dv,
+max|impl - ref64| <= ERROR_RATIO * max|ref_dtype - ref64| + ATOL_FLOOR[dtype], where ref_dtype
+is the per-segment SDPA reference run in the same dtype as the implementation.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fusedvlm.kernels.packed_attention import packed_attention
+from fusedvlm.masks import BlockDiagonalCausalMask, BlockDiagonalMask, dense_masked_attention
+from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.ref.packed_attention import packed_attention as ref_packed_attention
+from tests.kernels.tolerances import ATOL_FLOOR, ERROR_RATIO
+
+OP = "packed_attention"
+
+
+def _inputs(lq, lk, hq, hkv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), hq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(sum(lk), hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(sum(lk), hkv, d, generator=g, dtype=torch.float64)
+    do = torch.randn(sum(lq), hq, d, generator=g, dtype=torch.float64)
+    return q, k, v, do, cu_seqlens_from_lengths(lq), cu_seqlens_from_lengths(lk)
+
+
+def _run(fn, q, k, v, do, cu_q, cu_k, dtype, **kw):
+    """Output and (dq, dk, dv) of fn on inputs rounded to dtype, all returned as float64."""
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, cu_q, cu_k, **kw)
+    if out.requires_grad:
+        out.backward(do.to(dtype))
+    # A leaf no output depends on (an empty pack) has no gradient: it is zero.
+    return [out.detach().double()] + [torch.zeros_like(t, dtype=torch.float64) if t.grad is None else t.grad.double() for t in leaves]
+
+
+def _check(lq, lk, hq, hkv, d, dtype, seed=0, causal=True):
+    q, k, v, do, cu_q, cu_k = _inputs(lq, lk, hq, hkv, d, dtype, seed)
+    # The fp64 reference sees the same dtype-rounded inputs as the implementation.
+    q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
+    exact = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, torch.float64, causal=causal)
+    same_dtype = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, dtype, causal=causal)
+    got = _run(packed_attention, q, k, v, do, cu_q, cu_k, dtype, causal=causal)
+    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
+        assert g.shape == e.shape, name
+        assert torch.isfinite(g).all(), name
+        if e.numel() == 0:
+            continue
+        err = (g - e).abs().max().item()
+        ref_err = (r - e).abs().max().item()
+        bound = ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)]
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+
+
+# (q lengths, k lengths or None, Hq, Hkv, D, dtype): odd lengths, empty and 1-token segments,
+# 123, prefix-cached keys, grouped-query heads, every supported dtype and D in {32, 64, 128}.
+CASES = [
+    ([1, 0, 23, 40], None, 2, 2, 32, torch.float32),
+    ([5, 17, 0, 1], [30, 17, 3, 9], 4, 2, 64, torch.float16),
+    ([123], None, 2, 1, 128, torch.bfloat16),
+    ([0, 7, 33], [2, 41, 33], 3, 1, 64, torch.float32),
+]
+
+
+def _random_packing(seed):
+    rng = random.Random(seed)
+    lq = [rng.choice([0, 1, rng.randint(2, 40)]) for _ in range(rng.randint(0, 3))] + [rng.randint(2, 40)]
+    rng.shuffle(lq)
+    lk = [x + rng.choice([0, 0, rng.randint(1, 30)]) for x in lq]
+    hkv = rng.choice([1, 2])
+    return lq, lk, hkv * rng.choice([1, 2]), hkv, rng.choice([32, 64]), rng.choice([torch.float32, torch.float16, torch.bfloat16])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("lq,lk,hq,hkv,d,dtype", CASES)
+def test_triton_matches_fp64_reference(lq, lk, hq, hkv, d, dtype):
+    _check(lq, lk or lq, hq, hkv, d, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_triton_random_packings(seed):
+    lq, lk, hq, hkv, d, dtype = _random_packing(seed)
+    _check(lq, lk, hq, hkv, d, dtype, seed=seed)
+
+
+@pytest.mark.interpreter
+def test_triton_non_causal_with_empty_key_segment():
+    _check([9, 4, 20], [17, 0, 20], 2, 1, 32, torch.float32, causal=False)
+
+
+@pytest.mark.interpreter
+def test_triton_matches_dense_masked_sdpa_on_strided_inputs():
+    lq, lk = [3, 30, 1], [19, 30, 1]
+    q, k, v, _, cu_q, cu_k = _inputs(lq, lk, 4, 2, 32, torch.float32, 7)
+    # q, k, v as views into one fused projection, the way a decoder layer produces them.
+    fused = torch.cat([q.float().reshape(q.shape[0], -1), torch.zeros(q.shape[0], 8)], 1)
+    qv = fused[:, : 4 * 32].view(-1, 4, 32)
+    assert not qv.is_contiguous()
+    mask = BlockDiagonalCausalMask.from_seqlens(lq, lk)
+    got = packed_attention(qv, k.float(), v.float(), mask.cu_seqlens_q, mask.cu_seqlens_k)
+    want = dense_masked_attention(q.float(), k.float(), v.float(), mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_triton_empty_pack(lengths):
+    cu = cu_seqlens_from_lengths(lengths)
+    q = torch.zeros(0, 2, 32, requires_grad=True)
+    out = packed_attention(q, q, q, cu)
+    assert out.shape == (0, 2, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("lq,lk,hq,hkv,d,dtype", CASES)
+def test_torch_path_matches_fp64_reference(lq, lk, hq, hkv, d, dtype, monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
+    _check(lq, lk or lq, hq, hkv, d, dtype)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_torch_path_random_packings(seed, monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
+    lq, lk, hq, hkv, d, dtype = _random_packing(100 + seed)
+    _check(lq, lk, hq, hkv, d, dtype, seed=seed)
+
+
+def test_torch_path_matches_dense_masked_sdpa(monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
+    lq, lk = [50, 1, 0, 123], [80, 1, 5, 123]
+    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs(lq, lk, 4, 4, 64, torch.float32, 3))
+    for mask in (BlockDiagonalCausalMask.from_seqlens(lq, lk), BlockDiagonalMask.from_seqlens(lq, lk)):
+        got = packed_attention(q, k, v, cu_q, cu_k, causal=mask.causal)
+        torch.testing.assert_close(got, dense_masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_scale_argument(monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
+    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([6, 9], [6, 9], 2, 2, 32, torch.float32, 5))
+    got = packed_attention(q, k, v, cu_q, scale=0.3)
+    torch.testing.assert_close(got, ref_packed_attention(q, k, v, cu_q, scale=0.3))
+    assert not torch.allclose(got, packed_attention(q, k, v, cu_q))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(cu_q=torch.tensor([0, 4, 10], dtype=torch.int64)), "int32"),
+        (dict(cu_q=cu_seqlens_from_lengths([4, 5])), "but the tensor has 10 tokens"),
+        (dict(cu_k=cu_seqlens_from_lengths([10])), "they must match"),
+        (dict(cu_q=cu_seqlens_from_lengths([7, 3]), cu_k=cu_seqlens_from_lengths([4, 6])), "segment 0: 4 keys < 7 queries"),
+        (dict(k=torch.zeros(10, 3, 16), v=torch.zeros(10, 3, 16)), "multiple of key/value heads"),
+        (dict(q=torch.zeros(10, 4, 16, dtype=torch.float64)), "float32, float16 or bfloat16"),
+        (dict(v=torch.zeros(10, 2, 8)), "same shape"),
+        (dict(q=torch.zeros(10, 4)), "(T, H, D)"),
+    ],
+)
+def test_bad_input_is_named(change, message):
+    args = dict(q=torch.zeros(10, 4, 16), k=torch.zeros(10, 2, 16), v=torch.zeros(10, 2, 16),
+                cu_q=cu_seqlens_from_lengths([4, 6]), cu_k=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        packed_attention(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"])
