@@ -1,13 +1,438 @@
-"""Fused local merge. The Triton kernel arrives with its own issue; until then the
-public op runs the torch path."""
+"""Fused local merge (SPEC section 4): one kernel from patch tokens to the packed vision prefix.
+
+Maths. Per view v, tokens x[v] (H*W, C_in) in raster order form a grid X[v, iy, ix, c]. With
+Ho = ceil(H/2), Wo = ceil(W/2), P = Ho*Wo and taps (dy, dx) in {0,1,2}^2:
+
+    Y[v, oy, ox, n] = sum_{dy,dx,c} X[v, 2oy+dy-1, 2ox+dx-1, c] * Wt[n, c, dy, dx]   (zero outside)
+                      + X[v, 2oy, 2ox, n]   (residual, needs C_in == C_out)
+                      + b[n]
+    out[v, oy*Wo+ox, n] = Y[v, oy, ox, n];   out[v, P, n] = lf[n]
+
+i.e. conv2d(kernel 3, stride 2, padding 1) + nearest-downsampled residual + bias, flattened,
+with one LF token appended: out is (V, P + 1, C_out).
+
+Forward (Triton): an implicit GEMM. Rows are the V*(P+1) output tokens of all views, columns
+the output channels; the reduction runs over 9 taps x C_in, gathering x rows straight from the
+token layout (masked at the borders), so there is no permute, im2col or concatenation. The
+epilogue adds residual and bias and writes the LF rows, all into the packed output.
+
+Backward (Triton), with G = d out:
+    dX[v, iy, ix, c] = sum over taps with (iy+1-dy) and (ix+1-dx) even of
+                       G[v, (iy+1-dy)/2, (ix+1-dx)/2, :] @ Wt[:, c, dy, dx]
+                       + G[v, iy/2, ix/2, c] at even (iy, ix) (residual)
+    A pixel's row and column parity fix its taps (even: the centre tap only, odd: both outer
+    taps), so the dX kernel runs one implicit GEMM per parity class with no masked-out taps.
+    dWt[n, c, dy, dx] = sum_{v, oy, ox} X[v, 2oy+dy-1, 2ox+dx-1, c] * G[v, oy, ox, n]:
+    one GEMM per tap reducing over all V*P output pixels.
+    dlf = sum_v G[v, P];  db = sum_{v, p<P} G[v, p]  (plain torch reductions).
+
+Precision: fp32 accumulation everywhere. fp16/bf16 tiles feed tl.dot directly on GPU; under the
+Triton interpreter (no bf16 arithmetic) bf16 tiles are upcast to fp32 right after the load.
+fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` lets F.conv2d use it.
+
+Torch path (CPU, or FUSEDVLM_BACKEND=torch): x.view(V, H, W, C).permute(0, 3, 1, 2) is already
+a channels-last grid, so one F.conv2d runs on it without a copy; the residual is added in place
+and the result copied once into the packed output next to the LF row. Its backward computes
+dW as a single im2col GEMM, which is several times faster on CPU than the channels-last
+convolution weight-gradient kernel autograd would pick.
+
+Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
+out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
-from fusedvlm.ref.local_merge import local_merge as _ref_local_merge
+from fusedvlm.backend import interpreter_enabled, use_triton
+from fusedvlm.ref.local_merge import grid_shape, merged_tokens_per_view
+
+try:  # guarded: CPU-only installs run the torch path without triton
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def local_merge(x: torch.Tensor, weight: torch.Tensor, lf_token: torch.Tensor, *, bias=None, residual: bool = True, grid=None) -> torch.Tensor:
-    """(V, H*W, C_in) -> (V, ceil(H/2)*ceil(W/2) + 1, C_out); see fusedvlm.ref.local_merge."""
-    return _ref_local_merge(x, weight, lf_token, bias=bias, residual=residual, grid=grid)
+@functools.cache
+def _kernels(interpret: bool):
+    """The jitted kernels. ``interpret`` keys the cache: triton.jit picks the interpreter when it
+    decorates, and tests switch TRITON_INTERPRET per test."""
+
+    @triton.jit
+    def _local_merge_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, lf_ptr, out_ptr,
+        H, W, Wo, P, ROWS, C_in, C_out,
+        sxv, sxt, sxc, sov, som, son,
+        HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Rows run over all views' packed tokens so that no tile is wasted on a view's tail.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = rows < ROWS
+        n_ok = offs_n < C_out
+        view = rows // (P + 1)
+        m = rows % (P + 1)
+        oy = m // Wo
+        ox = m % Wo
+        pix = row_ok & (m < P)
+        x_rows = x_ptr + view.to(tl.int64) * sxv
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for tap in tl.static_range(9):
+            iy = 2 * oy + (tap // 3 - 1)
+            ix = 2 * ox + (tap % 3 - 1)
+            a_ok = pix & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a_ptrs = x_rows + (iy * W + ix) * sxt
+            w_tap = w_ptr + tap * C_in * C_out
+            for k0 in range(0, C_in, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < C_in
+                a = tl.load(a_ptrs[:, None] + kk[None, :] * sxc, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_tap + kk[:, None] * C_out + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        if RESIDUAL:
+            r_ptrs = x_rows + (2 * oy * W + 2 * ox) * sxt
+            r = tl.load(r_ptrs[:, None] + offs_n[None, :] * sxc, mask=pix[:, None] & n_ok[None, :], other=0.0)
+            acc += r.to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        lf = tl.load(lf_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = tl.where((m == P)[:, None], lf[None, :], acc)
+        o_ptrs = out_ptr + view.to(tl.int64) * sov + m * som
+        tl.store(o_ptrs[:, None] + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _local_merge_dx_kernel(
+        g_ptr, w_ptr, dx_ptr,
+        V, H, W, Ho, Wo, C_in, C_out, M_BLOCKS,
+        sgv, sgm, sgn, sdv, sdt, sdc,
+        RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Program axis 0 = parity class (py, px) x row block; rows are (view, pixel of the class).
+        pid = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        parity = pid // M_BLOCKS
+        pid_m = pid % M_BLOCKS
+        py = parity // 2
+        px = parity % 2
+        hp = (H - py + 1) // 2
+        wp = (W - px + 1) // 2
+        class_px = hp * wp
+        wp_safe = tl.maximum(wp, 1)
+        class_safe = tl.maximum(class_px, 1)
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = rows < V * class_px
+        n_ok = offs_n < C_in
+        view = rows // class_safe
+        q = rows % class_safe
+        j = q // wp_safe
+        i = q % wp_safe
+        iy = 2 * j + py
+        ix = 2 * i + px
+        g_rows = g_ptr + view.to(tl.int64) * sgv
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ty in range(0, 1 + py):
+            dy = 1 - py + 2 * ty
+            oy = (iy + 1 - dy) // 2
+            for tx in range(0, 1 + px):
+                dx = 1 - px + 2 * tx
+                ox = (ix + 1 - dx) // 2
+                a_ok = row_ok & (oy < Ho) & (ox < Wo)
+                a_ptrs = g_rows + (oy * Wo + ox) * sgm
+                w_tap = w_ptr + (dy * 3 + dx) * C_out * C_in
+                for k0 in range(0, C_out, BLOCK_K):
+                    kk = k0 + offs_k
+                    k_ok = kk < C_out
+                    a = tl.load(a_ptrs[:, None] + kk[None, :] * sgn, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_tap + kk[:, None] * C_in + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        if RESIDUAL:
+            r_ok = row_ok & (parity == 0)
+            r_ptrs = g_rows + (j * Wo + i) * sgm
+            r = tl.load(r_ptrs[:, None] + offs_n[None, :] * sgn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += r.to(tl.float32)
+        d_ptrs = dx_ptr + view.to(tl.int64) * sdv + (iy * W + ix) * sdt
+        tl.store(d_ptrs[:, None] + offs_n[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _local_merge_dw_kernel(
+        x_ptr, g_ptr, dw_ptr,
+        H, W, Wo, P, R, C_in, C_out,
+        sxv, sxt, sxc, sgv, sgm, sgn,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # One (C_in x C_out) GEMM per tap, reducing over the R = V*P output pixels.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        tap = tl.program_id(2)
+        dy = tap // 3
+        dx = tap % 3
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < C_in
+        n_ok = offs_n < C_out
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_K):
+            r = r0 + offs_k
+            r_ok = r < R
+            view = (r // P).to(tl.int64)
+            o = r % P
+            iy = 2 * (o // Wo) + dy - 1
+            ix = 2 * (o % Wo) + dx - 1
+            a_ok = r_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a_cols = x_ptr + view * sxv + (iy * W + ix) * sxt
+            a = tl.load(a_cols[None, :] + offs_m[:, None] * sxc, mask=m_ok[:, None] & a_ok[None, :], other=0.0)
+            b_rows = g_ptr + view * sgv + o * sgm
+            b = tl.load(b_rows[:, None] + offs_n[None, :] * sgn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        d_ptrs = dw_ptr + (tap * C_in + offs_m)[:, None] * C_out + offs_n[None, :]
+        tl.store(d_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    return _local_merge_fwd_kernel, _local_merge_dx_kernel, _local_merge_dw_kernel
+
+
+def _config(dtype: torch.dtype) -> dict:
+    """Fixed tile sizes: small under the interpreter (cost is per program step), GEMM-sized on GPU."""
+    if interpreter_enabled():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    interp = interpreter_enabled()
+    tf32 = dtype == torch.float32 and not interp and torch.backends.cudnn.allow_tf32
+    return dict(UPCAST=interp and dtype == torch.bfloat16, DOT_PRECISION="tf32" if tf32 else "ieee")
+
+
+def _triton_forward(x, w9, lf_token, bias, residual, h, w, out):
+    """w9: (9, C_in, C_out) contiguous; out: (V, P+1, C_out) view, any strides."""
+    v, _, c_in = x.shape
+    c_out = w9.shape[2]
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    p = ho * wo
+    rows = v * (p + 1)
+    cfg = _config(x.dtype)
+    launch = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+    _kernels(interpreter_enabled())[0][launch](
+        x, w9, bias if bias is not None else lf_token, lf_token, out,
+        h, w, wo, p, rows, c_in, c_out,
+        *x.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, RESIDUAL=residual, **_dot_flags(x.dtype), **cfg,
+    )
+
+
+def _triton_grad_x(g, w9t, residual, h, w, c_in):
+    """g: (V, P+1, C_out) output grad; w9t: (9, C_out, C_in) contiguous -> dx (V, H*W, C_in)."""
+    v, _, c_out = g.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    dx = torch.empty(v, h * w, c_in, device=g.device, dtype=g.dtype)
+    cfg = _config(g.dtype)
+    m_blocks = triton.cdiv(v * ho * wo, cfg["BLOCK_M"])
+    launch = (4 * m_blocks, triton.cdiv(c_in, cfg["BLOCK_N"]))
+    _kernels(interpreter_enabled())[1][launch](
+        g, w9t, dx,
+        v, h, w, ho, wo, c_in, c_out, m_blocks,
+        *g.stride(), *dx.stride(),
+        RESIDUAL=residual, **_dot_flags(g.dtype), **cfg,
+    )
+    return dx
+
+
+def _triton_grad_weight(x, g, h, w, c_out):
+    """-> dW (C_out, C_in, 3, 3) fp32."""
+    v, _, c_in = x.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    p = ho * wo
+    dw9 = torch.empty(9, c_in, c_out, device=x.device, dtype=torch.float32)
+    cfg = _config(x.dtype)
+    launch = (triton.cdiv(c_in, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]), 9)
+    _kernels(interpreter_enabled())[2][launch](
+        x, g, dw9,
+        h, w, wo, p, v * p, c_in, c_out,
+        *x.stride(), *g.stride(),
+        **_dot_flags(x.dtype), **cfg,
+    )
+    return dw9.view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
+
+
+def _triton_local_merge(x, weight, lf_token, bias, residual, h, w, out):
+    v, _, c_in = x.shape
+    c_out = weight.shape[0]
+    w9 = weight.permute(2, 3, 1, 0).reshape(9, c_in, c_out).contiguous()
+    if out is None:
+        out = x.new_empty(v, merged_tokens_per_view(h, w), c_out)
+    _triton_forward(x, w9, lf_token, bias, residual, h, w, out.view(v, -1, c_out))
+    return out
+
+
+class _LocalMergeTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lf_token, bias, residual, h, w):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (residual, h, w, bias is not None)
+        return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        residual, h, w, has_bias = ctx.geometry
+        v, _, c_in = x.shape
+        c_out = weight.shape[0]
+        g = grad_out.view(v, -1, c_out)
+        p = g.shape[1] - 1
+        dx = dw = dlf = db = None
+        if ctx.needs_input_grad[0]:
+            w9t = weight.permute(2, 3, 0, 1).reshape(9, c_out, c_in).contiguous()
+            dx = _triton_grad_x(g, w9t, residual, h, w, c_in)
+        if ctx.needs_input_grad[1]:
+            dw = _triton_grad_weight(x, g, h, w, c_out).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            dlf = g[:, p].sum(0, dtype=torch.float32).to(weight.dtype)
+        if has_bias and ctx.needs_input_grad[3]:
+            db = g[:, :p].sum((0, 1), dtype=torch.float32).to(weight.dtype)
+        return dx, dw, dlf, db, None, None, None
+
+
+class _ConvGradWeightByGemm(torch.autograd.Function):
+    """F.conv2d(stride 2, padding 1) on a channels-last grid whose backward computes dW as one
+    im2col GEMM and dX with the convolution kernel (the channels-last weight-gradient
+    convolution is the slow part of autograd's default on CPU)."""
+
+    @staticmethod
+    def forward(ctx, grid, weight, bias):
+        ctx.save_for_backward(grid, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(grid, weight, bias, stride=2, padding=1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        grid, weight = ctx.saved_tensors
+        v, c_in, h, w = grid.shape
+        c_out = weight.shape[0]
+        ho, wo = gy.shape[2], gy.shape[3]
+        g2 = gy.permute(0, 2, 3, 1).reshape(v * ho * wo, c_out)
+        dgrid = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dgrid = torch.ops.aten.convolution_backward(
+                gy, grid, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            padded = F.pad(grid.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+            taps = [padded[:, dy:dy + 2 * ho:2, dx:dx + 2 * wo:2] for dy in range(3) for dx in range(3)]
+            cols = torch.stack(taps, 3).view(v * ho * wo, 9 * c_in)
+            dw = (g2.t() @ cols).view(c_out, 3, 3, c_in).permute(0, 3, 1, 2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dgrid, dw, db
+
+
+def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
+    v, _, c_in = x.shape
+    c_out = weight.shape[0]
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    p = ho * wo
+    grid = x.reshape(v, h, w, c_in).permute(0, 3, 1, 2)
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _ConvGradWeightByGemm.apply(grid, weight, bias)
+    else:
+        y = F.conv2d(grid, weight, bias, stride=2, padding=1)
+    if residual:
+        y.add_(grid[:, :, ::2, ::2])
+    result = out if out is not None else x.new_empty(v, p + 1, c_out)
+    packed = result.view(v, p + 1, c_out)
+    packed[:, :p].unflatten(1, (ho, wo)).copy_(y.permute(0, 2, 3, 1))
+    packed[:, p].copy_(lf_token.expand(v, c_out))
+    return result
+
+
+def _check(x, weight, lf_token, bias, residual, grid, out) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"local_merge: x must be (V, H*W, C_in), got shape {tuple(getattr(x, 'shape', ()))}")
+    v, n, c_in = x.shape
+    if v == 0 or n == 0 or c_in == 0:
+        raise ValueError(f"local_merge: x has an empty dimension: {tuple(x.shape)}")
+    h, w = grid_shape(n, grid)
+    if weight.dim() != 4 or weight.shape[1:] != (c_in, 3, 3):
+        raise ValueError(f"local_merge: weight must be (C_out, {c_in}, 3, 3), got {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    if lf_token.shape != (c_out,):
+        raise ValueError(f"local_merge: lf_token must be ({c_out},), got {tuple(lf_token.shape)}")
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"local_merge: bias must be ({c_out},), got {tuple(bias.shape)}")
+    if residual and c_in != c_out:
+        raise ValueError(f"local_merge: residual needs C_in == C_out, got {c_in} -> {c_out}")
+    tensors = [t for t in (x, weight, lf_token, bias, out) if t is not None]
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"local_merge: x dtype {x.dtype} not supported (fp32, fp16, bf16)")
+    if any(t.dtype != x.dtype for t in tensors):
+        raise TypeError(f"local_merge: all tensors must share x's dtype {x.dtype}, got {[t.dtype for t in tensors]}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"local_merge: tensors on different devices {[str(t.device) for t in tensors]}")
+    if out is not None:
+        tpv = merged_tokens_per_view(h, w)
+        if tuple(out.shape) not in ((v, tpv, c_out), (v * tpv, c_out)):
+            raise ValueError(f"local_merge: out must be ({v}, {tpv}, {c_out}) or ({v * tpv}, {c_out}), "
+                             f"got {tuple(out.shape)}")
+        if out.dim() == 2 and out.stride(0) != c_out * out.stride(1):
+            raise ValueError("local_merge: a 2-D out must have contiguous rows to be viewed per view")
+    return h, w
+
+
+def local_merge(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lf_token: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: bool = True,
+    grid: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(V, H*W, C_in) -> (V, ceil(H/2)*ceil(W/2) + 1, C_out); see the module docstring.
+
+    ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
+    caller place the merged views straight into a packed buffer."""
+    h, w = _check(x, weight, lf_token, bias, residual, grid, out)
+    if not use_triton(x, weight, lf_token, bias, out):
+        return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, lf_token, bias))
+    if not tracked:
+        return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, out)
+    y = _LocalMergeTriton.apply(x, weight, lf_token, bias, residual, h, w)
+    # Autograd cannot rebase a custom Function's in-place write into a view of a buffer that
+    # does not itself require grad, so a tracked call with ``out`` pays one copy of the output.
+    return y if out is None else out.copy_(y.view_as(out))
