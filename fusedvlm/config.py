@@ -139,6 +139,15 @@ class ModelConfig:
         g = self.vision.grid
         return ((g + 1) // 2) ** 2 + 1
 
+    def fusion_module(self, output_size: int):
+        """The config of the fusion module that sits between this vision tower and the LLM."""
+        from fusedvlm.model.fusion_module import FusionModuleConfig
+
+        return FusionModuleConfig(
+            fusion=self.fusion, output_size=output_size, n_l=self.n_l, n_s=self.n_s,
+            drop_question=self.drop_question, max_question_tokens=self.max_question_tokens,
+        )
+
     def with_queries(self, n_l: int, n_s: int | None = None) -> "ModelConfig":
         return replace(self, n_l=n_l, n_s=n_s)
 

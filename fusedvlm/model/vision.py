@@ -1,9 +1,8 @@
-"""Vision side (SPEC sections 3-4): open_clip ViT patch tokens -> new LayerNorm -> local merge + LF.
+"""Vision encoder (SPEC section 3): open_clip ViT patch tokens -> new LayerNorm.
 
 views (V, 3, S, S) -> CLIP ViT last-layer patch tokens (V, g*g, C) (CLS dropped, CLIP's own
-final LayerNorm and projection unused) -> LayerNorm (trainable, new) -> local merge
-(3x3/s2 conv + nearest residual) -> one LF token appended per view -> (V, tpv, C),
-tpv = ceil(g/2)^2 + 1 (145 for ViT-L/14 at 336 px).
+final LayerNorm and projection unused) -> LayerNorm (trainable, new). The local merge that
+follows belongs to the fusion module (fusedvlm.model.fusion_module).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import torch
 from torch import nn
 
 from fusedvlm.config import VisionConfig
-from fusedvlm.kernels import local_merge
 
 
 def build_clip_vision_tower(cfg: VisionConfig) -> nn.Module:
@@ -69,33 +67,12 @@ def load_clip_vision_checkpoint(tower: nn.Module, path: str) -> None:
         raise ValueError(f"vision checkpoint {path} does not match the tower: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
-class LocalMerge(nn.Module):
-    """3x3 stride-2 conv (no bias) + nearest residual + one learned LF (newline) token."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(width, width, 3, 3))
-        self.lf_token = nn.Parameter(torch.empty(width))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Small conv so that at initialisation the merge is close to the nearest-neighbour
-        # residual: the fused tokens start as a faithful subsample of CLIP's.
-        nn.init.normal_(self.weight, std=0.02 / 3)
-        nn.init.normal_(self.lf_token, std=0.02)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(V, g*g, C) -> (V, ceil(g/2)^2 + 1, C)."""
-        return local_merge(tokens, self.weight, self.lf_token, residual=True)
-
-
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
         self.clip = build_clip_vision_tower(cfg)
         self.ln = nn.LayerNorm(cfg.width)
-        self.merge = LocalMerge(cfg.width)
 
     def patch_tokens(self, views: torch.Tensor) -> torch.Tensor:
         """(V, 3, S, S) -> (V, g*g, C): the last layer's patch tokens, CLS dropped."""
@@ -103,7 +80,7 @@ class VisionTower(nn.Module):
         s = self.cfg.image_size
         if views.dim() != 4 or views.shape[1:] != (3, s, s):
             raise ValueError(f"views must be (V, 3, {s}, {s}), got {tuple(views.shape)}")
-        x = clip.conv1(views.to(clip.conv1.weight.dtype))
+        x = clip.conv1(views.to(device=clip.conv1.weight.device, dtype=clip.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = clip.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], 1) + clip.positional_embedding.to(x.dtype)
@@ -115,7 +92,7 @@ class VisionTower(nn.Module):
         return x[:, 1:]
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """(V, 3, S, S) -> (V, tokens_per_view, C)."""
+        """(V, 3, S, S) -> (V, g*g, C): patch tokens after the new LayerNorm."""
         if views.shape[0] == 0:
             raise ValueError("no views to encode")
-        return self.merge(self.ln(self.patch_tokens(views)))
+        return self.ln(self.patch_tokens(views))
