@@ -50,19 +50,17 @@ import torch.nn.functional as F
 from fusedvlm.backend import interpreter_enabled, use_triton
 from fusedvlm.ref.local_merge import grid_shape, merged_tokens_per_view
 
-try:  # guarded: CPU-only installs run the torch path without triton
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
 def _kernels(interpret: bool):
-    """The jitted kernels. ``interpret`` keys the cache: triton.jit picks the interpreter when it
-    decorates, and tests switch TRITON_INTERPRET per test."""
+    """The jitted kernels, built on first launch. ``interpret`` keys the cache: triton.jit picks
+    the interpreter when it decorates, and tests switch TRITON_INTERPRET per test. Importing
+    triton only here keeps the package importable without it, and lets the interpreter be
+    switched on after this module is imported."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _local_merge_fwd_kernel(
@@ -223,6 +221,10 @@ def _kernels(interpret: bool):
     return _local_merge_fwd_kernel, _local_merge_dx_kernel, _local_merge_dw_kernel
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _config(dtype: torch.dtype) -> dict:
     """Fixed tile sizes: small under the interpreter (cost is per program step), GEMM-sized on GPU."""
     if interpreter_enabled():
@@ -246,7 +248,7 @@ def _triton_forward(x, w9, lf_token, bias, residual, h, w, out):
     p = ho * wo
     rows = v * (p + 1)
     cfg = _config(x.dtype)
-    launch = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+    launch = (_cdiv(rows, cfg["BLOCK_M"]), _cdiv(c_out, cfg["BLOCK_N"]))
     _kernels(interpreter_enabled())[0][launch](
         x, w9, bias if bias is not None else lf_token, lf_token, out,
         h, w, wo, p, rows, c_in, c_out,
@@ -261,8 +263,8 @@ def _triton_grad_x(g, w9t, residual, h, w, c_in):
     ho, wo = (h + 1) // 2, (w + 1) // 2
     dx = torch.empty(v, h * w, c_in, device=g.device, dtype=g.dtype)
     cfg = _config(g.dtype)
-    m_blocks = triton.cdiv(v * ho * wo, cfg["BLOCK_M"])
-    launch = (4 * m_blocks, triton.cdiv(c_in, cfg["BLOCK_N"]))
+    m_blocks = _cdiv(v * ho * wo, cfg["BLOCK_M"])
+    launch = (4 * m_blocks, _cdiv(c_in, cfg["BLOCK_N"]))
     _kernels(interpreter_enabled())[1][launch](
         g, w9t, dx,
         v, h, w, ho, wo, c_in, c_out, m_blocks,
@@ -279,7 +281,7 @@ def _triton_grad_weight(x, g, h, w, c_out):
     p = ho * wo
     dw9 = torch.empty(9, c_in, c_out, device=x.device, dtype=torch.float32)
     cfg = _config(x.dtype)
-    launch = (triton.cdiv(c_in, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]), 9)
+    launch = (_cdiv(c_in, cfg["BLOCK_M"]), _cdiv(c_out, cfg["BLOCK_N"]), 9)
     _kernels(interpreter_enabled())[2][launch](
         x, g, dw9,
         h, w, wo, p, v * p, c_in, c_out,

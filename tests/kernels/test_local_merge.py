@@ -1,0 +1,191 @@
+"""Local merge: Triton kernel (interpreter, and GPU when present) and torch path vs the eager
+reference chain, forward and every gradient, tolerances from tests/kernels/tolerances.py.
+
+The reference runs with ``upcast=True`` (fp32 maths) on the same dtype-rounded inputs, so the
+tolerance covers the implementation's rounding in its own dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from fusedvlm.kernels import local_merge
+from fusedvlm.ref.local_merge import local_merge as ref_local_merge
+from fusedvlm.ref.local_merge import merged_tokens_per_view
+from tests.kernels.tolerances import tol
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+lm = importlib.import_module("fusedvlm.kernels.local_merge")
+OP = "local_merge"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# (V, H, W, C_in, C_out, residual, bias, dtype)
+INTERPRETER_CASES = [
+    (2, 7, 7, 40, 40, True, True, F32),    # odd grid, C not a multiple of the block
+    (2, 5, 5, 40, 40, True, True, F16),
+    (1, 4, 6, 24, 36, False, True, F32),   # non-square, C_in != C_out
+    (1, 3, 3, 16, 16, True, False, BF16),
+    (1, 1, 3, 16, 16, True, False, F32),   # one-row grid: odd parity classes are empty rows
+    (1, 14, 14, 16, 16, True, False, F32),
+    (1, 16, 16, 16, 16, True, True, F16),
+    (1, 24, 24, 16, 16, True, False, F32),  # the paper's grid
+]
+
+
+def _inputs(v, h, w, c_in, c_out, bias, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(v, h * w, c_in, generator=g)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g) / (3 * c_in**0.5)
+    lf = torch.randn(c_out, generator=g)
+    b = torch.randn(c_out, generator=g) if bias else None
+    grad = torch.randn(v, merged_tokens_per_view(h, w), c_out, generator=g)
+    return [t.to(dtype) if t is not None else None for t in (x, weight, lf, b, grad)]
+
+
+def _run(fn, x, weight, lf, b, grad, device="cpu", **kw):
+    """Output and gradients (x, weight, lf[, bias]) of fn, on CPU in fp32."""
+    leaves = [t.detach().to(device).clone().requires_grad_() for t in (x, weight, lf, b) if t is not None]
+    bias = leaves[3] if b is not None else None
+    out = fn(*leaves[:3], bias=bias, **kw)
+    grads = torch.autograd.grad(out, leaves, grad.to(device))
+    return [out.detach().cpu().float()] + [g.cpu().float() for g in grads]
+
+
+def _compare(case, device="cpu", transposed_x=False):
+    v, h, w, c_in, c_out, residual, bias, dtype = case
+    x, weight, lf, b, grad = _inputs(v, h, w, c_in, c_out, bias, dtype)
+    kw = dict(residual=residual, grid=(h, w))
+    want = _run(ref_local_merge, x, weight, lf, b, grad, upcast=True, **kw)
+    if transposed_x:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    got = _run(local_merge, x, weight, lf, b, grad, device=device, **kw)
+    names = ["out", "dx", "dweight", "dlf", "dbias"]
+    for name, g, r in zip(names, got, want):
+        assert g.shape == r.shape, name
+        torch.testing.assert_close(g, r, **tol(OP, dtype), msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _no_torch_path(*args, **kwargs):
+    raise AssertionError("the torch path ran where the Triton kernel should have")
+
+
+def _no_triton(*args, **kwargs):
+    raise AssertionError("the Triton kernel ran where the torch path should have")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
+def test_triton_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    _compare(case)
+
+
+@pytest.mark.interpreter
+def test_triton_strided_x(monkeypatch):
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    _compare((2, 3, 3, 16, 16, True, True, F32), transposed_x=True)
+
+
+CPU_CASES = INTERPRETER_CASES + [
+    (2, 7, 7, 40, 40, True, True, BF16),
+    (3, 2, 5, 8, 12, False, False, F32),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
+def test_torch_path_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(lm, "_kernels", _no_triton)
+    _compare(case)
+
+
+def test_torch_path_strided_x_and_frozen_weight(monkeypatch):
+    monkeypatch.setattr(lm, "_kernels", _no_triton)
+    _compare((2, 3, 3, 16, 16, True, True, F32), transposed_x=True)
+    # Only x needs a gradient: plain conv autograd, no custom weight-gradient Function.
+    x, weight, lf, b, grad = _inputs(2, 5, 5, 16, 16, True, F32)
+    xr = x.clone().requires_grad_()
+    out = local_merge(xr, weight, lf, bias=b)
+    (dx,) = torch.autograd.grad(out, xr, grad)
+    xe = x.clone().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(ref_local_merge(xe, weight, lf, bias=b), xe, grad)
+    torch.testing.assert_close(dx, dx_ref, **tol(OP, F32))
+
+
+def _check_out_buffer():
+    v, h, w, c = 2, 5, 5, 24
+    x, weight, lf, _, _ = _inputs(v, h, w, c, c, False, F32)
+    tpv = merged_tokens_per_view(h, w)
+    x.requires_grad_()
+    want = ref_local_merge(x, weight, lf)
+    probe = torch.randn(v, tpv, c)
+    (dx_want,) = torch.autograd.grad((want * probe).sum(), x)
+    for shape in [(v * tpv, c), (v, tpv, c)]:
+        buf = torch.full((3 + v * tpv + 2, c), 7.0)
+        target = buf[3:3 + v * tpv].view(shape)
+        got = local_merge(x, weight, lf, out=target)
+        assert got.data_ptr() == target.data_ptr() and got.shape == target.shape
+        torch.testing.assert_close(buf[3:3 + v * tpv].view(v, tpv, c), want.detach(), **tol(OP, F32))
+        assert (buf[:3] == 7).all() and (buf[-2:] == 7).all()
+        (dx,) = torch.autograd.grad((buf[3:3 + v * tpv].view(v, tpv, c) * probe).sum(), x)
+        torch.testing.assert_close(dx, dx_want, **tol(OP, F32))
+        with torch.no_grad():
+            target.zero_()
+            assert local_merge(x, weight, lf, out=target).data_ptr() == target.data_ptr()
+        torch.testing.assert_close(buf[3:3 + v * tpv].view(v, tpv, c), want.detach(), **tol(OP, F32))
+
+
+@pytest.mark.interpreter
+def test_out_buffer_triton(monkeypatch):
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    _check_out_buffer()
+
+
+def test_out_buffer_torch(monkeypatch):
+    monkeypatch.setattr(lm, "_kernels", _no_triton)
+    _check_out_buffer()
+
+
+def test_paper_shape_torch_path():
+    # 10 views of 24x24 -> 145 tokens per view, 1450 in all (SPEC section 4), at a narrow width.
+    x, weight, lf, _, _ = _inputs(10, 24, 24, 32, 32, False, F32)
+    out = local_merge(x, weight, lf)
+    assert out.shape == (10, 145, 32)
+    torch.testing.assert_close(out, ref_local_merge(x, weight, lf), **tol(OP, F32))
+    assert torch.equal(out[:, 144], lf.expand(10, 32))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x, w, lf: dict(x=x[0]), r"x must be \(V, H\*W, C_in\)"),
+        (lambda x, w, lf: dict(x=x[:, :10]), "not a square grid"),
+        (lambda x, w, lf: dict(grid=(4, 5)), r"grid \(4, 5\) does not hold 16 tokens"),
+        (lambda x, w, lf: dict(weight=w[:, :, :2]), r"weight must be \(C_out, 8, 3, 3\)"),
+        (lambda x, w, lf: dict(lf_token=lf[:3]), r"lf_token must be \(8,\)"),
+        (lambda x, w, lf: dict(bias=lf[:3]), r"bias must be \(8,\)"),
+        (lambda x, w, lf: dict(weight=torch.zeros(6, 8, 3, 3), lf_token=torch.zeros(6)), "residual needs C_in == C_out"),
+        (lambda x, w, lf: dict(weight=w.double()), "share x's dtype"),
+        (lambda x, w, lf: dict(x=x.int(), weight=w.int(), lf_token=lf.int()), "not supported"),
+        (lambda x, w, lf: dict(out=torch.empty(2, 4, 8)), r"out must be \(2, 5, 8\) or \(10, 8\)"),
+        (lambda x, w, lf: dict(out=torch.empty(8, 10).t()), "contiguous rows"),
+        (lambda x, w, lf: dict(x=x[:, :0]), "empty dimension"),
+    ],
+)
+def test_bad_input_raises(make, match):
+    x, w, lf = torch.randn(2, 16, 8), torch.randn(8, 8, 3, 3), torch.randn(8)
+    args = dict(x=x, weight=w, lf_token=lf)
+    args.update(make(x, w, lf))
+    with pytest.raises((ValueError, TypeError), match=match):
+        local_merge(args.pop("x"), args.pop("weight"), args.pop("lf_token"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", INTERPRETER_CASES + [(10, 24, 24, 256, 256, True, True, BF16),
+                                                        (10, 24, 24, 256, 256, True, False, F16)])
+def test_triton_gpu_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _compare(case, device="cuda")
