@@ -1,0 +1,227 @@
+"""Packed block-diagonal causal attention: fusedvlm vs the ways upstream and others do it.
+
+For 2, 4 and 8 packed samples of 1500-2600 tokens (seeded), 16 heads x 64, rows:
+
+* ``fusedvlm``      : ``fusedvlm.kernels.packed_attention`` (Triton on GPU; on CPU its torch
+                      path, one fused SDPA call per segment on strided views)
+* ``dense_masked``  : upstream's way: one SDPA over the whole pack with the dense (T, T)
+                      block-diagonal causal mask (built inside the timed call, as upstream does
+                      per batch) -- the baseline every ratio is against
+* ``per_segment``   : ``fusedvlm.ref.packed_attention``: a loop of SDPA calls with an explicit
+                      (L, L) causal mask per segment, grouped-query heads repeated
+* ``flex``          : ``torch.compile(flex_attention)`` with a block mask (block mask built and
+                      kernel compiled before timing; both costs are printed, not timed)
+* ``flash_varlen`` / ``xformers`` : on GPU, when the package is importable
+
+``fwd`` times the forward alone (no autograd); ``fwd+bwd`` the forward plus backward of
+``out.sum()`` w.r.t. q, k, v (run for the packings in ``--backward-samples``; dense is slow
+there on CPU).
+
+Peak memory: on GPU ``torch.cuda.max_memory_allocated`` of one call above what was allocated
+before it. On CPU there is no allocator statistic, so a sampling thread reads the process RSS
+(/proc/self/statm) every ~0.2 ms during one call and reports the peak minus the RSS at the
+start of the call. Large CPU tensors are mmap'ed by glibc and returned on free, so this tracks
+the call's transient footprint (the output included), to within the sampling interval.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.harness import environment, print_table, save_json, time_fn  # noqa: E402
+from fusedvlm.backend import backend_name  # noqa: E402
+from fusedvlm.kernels.packed_attention import packed_attention  # noqa: E402
+from fusedvlm.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
+from fusedvlm.packing import segment_ids  # noqa: E402
+from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SLOW_S = 2.0  # a call slower than this is timed once, after its probe call
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_peak_delta(fn) -> tuple[int, float]:
+    """(peak RSS during fn() minus RSS before it, seconds fn() took)."""
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(2e-4)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        fn()
+    finally:
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+    return max(peak[0], _rss_bytes()) - base, elapsed
+
+
+def packing(n: int, seed: int, lo: int, hi: int) -> list[int]:
+    rng = random.Random(seed * 1000 + n)
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def methods(lengths, heads, head_dim, dtype, device, with_grad):
+    """name -> (prepare or None, call). ``call`` runs one forward (and backward)."""
+    mask = BlockDiagonalCausalMask.from_seqlens(lengths)
+    cu = mask.cu_seqlens_q.to(device)
+    total = sum(lengths)
+    g = torch.Generator(device="cpu").manual_seed(total)
+    q, k, v = (torch.randn(total, heads, head_dim, generator=g).to(device, dtype).requires_grad_(with_grad) for _ in range(3))
+
+    def run(f):
+        def call():
+            with torch.set_grad_enabled(with_grad):
+                out = f()
+                if with_grad:
+                    out.float().sum().backward()
+            return out
+        return call
+
+    out: dict[str, tuple] = {
+        "fusedvlm": (None, run(lambda: packed_attention(q, k, v, cu))),
+        "dense_masked": (None, run(lambda: dense_masked_attention(q, k, v, mask))),
+        "per_segment": (None, run(lambda: per_segment_attention(q, k, v, cu))),
+    }
+
+    flex_state: dict = {}
+
+    def flex_prepare():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        seg = segment_ids(cu, total)
+
+        def causal_block_diagonal(b, h, qi, ki):
+            return (seg[qi] == seg[ki]) & (ki <= qi)
+
+        t0 = time.perf_counter()
+        flex_state["block_mask"] = create_block_mask(causal_block_diagonal, None, None, total, total, device=device)
+        flex_state["mask_s"] = time.perf_counter() - t0
+        flex_state["fn"] = torch.compile(flex_attention, dynamic=False)
+        flex_state["qkv"] = [t.detach().transpose(0, 1)[None].contiguous().requires_grad_(with_grad) for t in (q, k, v)]
+        t0 = time.perf_counter()
+        run(flex_call)()
+        flex_state["compile_s"] = time.perf_counter() - t0
+
+    def flex_call():
+        fq, fk, fv = flex_state["qkv"]
+        return flex_state["fn"](fq, fk, fv, block_mask=flex_state["block_mask"])
+
+    out["flex"] = (flex_prepare, run(flex_call), flex_state)
+
+    if device.type == "cuda":
+        max_len = max(lengths)
+        try:
+            from flash_attn import flash_attn_varlen_func
+
+            out["flash_varlen"] = (None, run(lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)))
+        except ImportError:
+            pass
+        try:
+            from xformers.ops import fmha
+
+            bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths)
+            out["xformers"] = (None, run(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]))
+        except ImportError:
+            pass
+    return out
+
+
+def bench_packing(lengths, args, device, with_grad) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for name, entry in methods(lengths, args.heads, args.head_dim, dtype, device, with_grad).items():
+        if args.only and name not in args.only:
+            continue
+        prepare, call = entry[0], entry[1]
+        note = ""
+        try:
+            if prepare is not None:
+                prepare()
+                state = entry[2]
+                note = f"block mask {state['mask_s']:.1f} s, compile+first call {state['compile_s']:.1f} s"
+            if device.type == "cuda":
+                t = time_fn(call, name=name, warmup=2, repeats=args.repeats, device=device)
+                peak = t.peak_mem_bytes
+            else:
+                peak, probe_s = cpu_peak_delta(call)
+                slow = probe_s > SLOW_S
+                t = time_fn(call, name=name, warmup=0 if slow else 1, repeats=1 if slow else args.repeats)
+        except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as e:
+            rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
+                             method=name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
+            continue
+        rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
+                         method=name, ms=t.median_ms, iqr_ms=t.iqr_ms, repeats=t.repeats,
+                         peak_mib=None if peak is None else peak / 2**20, note=note))
+    base = next((r for r in rows if r["method"] == "dense_masked" and "ms" in r), None)
+    for r in rows:
+        if base is not None and "ms" in r:
+            r["x_vs_dense"] = base["ms"] / r["ms"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--backward-samples", type=int, nargs="*", default=[2],
+                   help="packings also timed forward+backward")
+    p.add_argument("--min-len", type=int, default=1500)
+    p.add_argument("--max-len", type=int, default=2600)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", default=None, help="run only these methods")
+    p.add_argument("--out", default="bench/results/packed_attention.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.min_len < 1 or args.max_len < args.min_len:
+        raise SystemExit(f"need 1 <= --min-len <= --max-len, got {args.min_len}, {args.max_len}")
+
+    env = environment()
+    print(f"device={device} dtype={args.dtype} heads={args.heads}x{args.head_dim} "
+          f"fusedvlm backend={backend_name(torch.empty(0, device=device))} threads={torch.get_num_threads()}")
+    rows = []
+    for n in args.samples:
+        lengths = packing(n, args.seed, args.min_len, args.max_len)
+        print(f"packing n={n}: lengths {lengths}", flush=True)
+        rows += bench_packing(lengths, args, device, with_grad=False)
+        if n in args.backward_samples:
+            rows += bench_packing(lengths, args, device, with_grad=True)
+        print_table([r for r in rows if r["samples"] == n],
+                    ["samples", "tokens", "mode", "method", "ms", "iqr_ms", "repeats", "peak_mib", "x_vs_dense", "note"],
+                    title=f"{n} packed samples")
+    save_json(args.out, dict(env=env, args=vars(args), rows=rows))
+    print(f"\nsaved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
