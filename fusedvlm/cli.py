@@ -11,6 +11,7 @@ import sys
 # Modules that add subcommands, in --help order.
 COMMAND_MODULES = [
     "fusedvlm.commands",
+    "fusedvlm.analysis.cli",
 ]
 
 
