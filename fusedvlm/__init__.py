@@ -5,3 +5,17 @@ transformers, triton) are imported where they are used.
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "FusionModule": "fusedvlm.model.fusion_module",
+    "FusionModuleConfig": "fusedvlm.model.fusion_module",
+}
+
+
+def __getattr__(name: str):
+    # Module-level __getattr__ (PEP 562): `fusedvlm.FusionModule` imports torch only when used.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fusedvlm' has no attribute {name!r}")

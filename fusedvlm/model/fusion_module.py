@@ -11,12 +11,39 @@ Token stream of one sample (SPEC section 5)::
 
 The outputs at the query and EOS positions of a group are its fused tokens: n_l for the
 first question, n_s for every later one. Many samples run as one packed stream.
+
+Standalone use (drop-in for other VLMs, see :mod:`fusedvlm.adapters`): :meth:`FusionModule.forward`
+takes everything packed, flash-attn style, and nothing model-specific::
+
+    vision_tokens (T_v, C_v)        every sample's vision tokens, back to back
+    cu_seqlens_vision (n + 1,)      int32 offsets: sample i owns rows cu[i]:cu[i+1]
+    question_ids (T_q,)             CLIP BPE ids of every question, back to back
+    cu_seqlens_questions (Q + 1,)   int32 offsets: one segment per question
+    questions_per_sample (n,)       how many consecutive questions belong to each sample
+                                    (None: one question per sample, Q == n)
+
+Questions are listed sample by sample, in conversation order. The result is a
+:class:`FusedTokens` whose ``tokens`` are packed per sample (``cu_seqlens``), each sample's
+block ordered [n_l fused tokens of its first question][n_s of the second]...: the order in
+which they sit in front of the questions in the LLM prompt.
+
+With ``merge=True`` a sample's vision tokens are one or more views, each a raster grid of
+``grid=(H, W)`` tokens (config or call; without it each sample is one square view).
+``input_size`` (off by default: the SPEC's vision tower already has the fusion width and its
+own LayerNorm) adds a LayerNorm + Linear from the host's vision width into the fusion width.
+
+Checkpoints: :meth:`FusionModule.save_pretrained` writes ``config.json`` and
+``model.safetensors``; :meth:`FusionModule.from_pretrained` rebuilds the module from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +53,12 @@ from torch import nn
 from fusedvlm.config import FusionConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
-from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.packing import check_cu_seqlens, cu_seqlens_from_lengths
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_FORMAT = "fusedvlm.FusionModule"
+CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -38,9 +70,22 @@ class FusionModuleConfig:
     drop_question: bool = False
     max_question_tokens: int = 512
     merge: bool = True  # local merge + LF on each view's patch-token grid
+    grid: tuple[int, int] | None = None  # (H, W) tokens of one view; None: one square view per sample
+    input_size: int | None = None  # host vision width: adds LayerNorm + Linear into the fusion width
 
     def __post_init__(self):
         check_query_counts(self.n_l, self.resolved_n_s, self.fusion.max_queries)
+        if self.output_size < 1:
+            raise ValueError(f"output_size must be >= 1, got {self.output_size}")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError(f"input_size must be >= 1 or None, got {self.input_size}")
+        if self.grid is not None:
+            if not self.merge:
+                raise ValueError("grid only describes the views for the local merge; it needs merge=True")
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ValueError(f"grid must be (H, W) with H, W >= 1, got {self.grid}")
+            # A list (e.g. from JSON) would make the frozen config unhashable and unequal to a tuple.
+            object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
 
     @property
     def resolved_n_s(self) -> int:
@@ -106,9 +151,24 @@ class LocalMerge(nn.Module):
         nn.init.normal_(self.weight, std=0.02 / 3)
         nn.init.normal_(self.lf_token, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(V, g*g, C) -> (V, ceil(g/2)^2 + 1, C)."""
-        return local_merge(tokens, self.weight, self.lf_token, residual=True)
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(V, H*W, C) -> (V, ceil(H/2)*ceil(W/2) + 1, C); square grid unless ``grid=(H, W)``."""
+        return local_merge(tokens, self.weight, self.lf_token, residual=True, grid=grid)
+
+
+class InputProjection(nn.Module):
+    """LayerNorm + Linear from a host VLM's vision features into the fusion width. The norm
+    plays the part of the SPEC's new LayerNorm after CLIP: hosts often hand over features of
+    an inner layer (LLaVA: the penultimate), which no final LayerNorm has seen."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_size)
+        self.linear = nn.Linear(input_size, hidden_size, bias=False)
+        nn.init.normal_(self.linear.weight, std=input_size**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
 
 
 class FusionModule(nn.Module):
@@ -116,6 +176,7 @@ class FusionModule(nn.Module):
         super().__init__()
         self.cfg = cfg
         c = cfg.fusion.hidden_size
+        self.input_projection = InputProjection(cfg.input_size, c) if cfg.input_size is not None else None
         self.merge = LocalMerge(c) if cfg.merge else None
         self.decoder = FusionDecoder(cfg.fusion)
         self.projection = nn.Linear(c, cfg.output_size, bias=False)
@@ -158,9 +219,20 @@ class FusionModule(nn.Module):
         return n_l + (num_questions - 1) * n_s
 
     # ------------------------------------------------------------------ vision
-    def merge_views(self, patch_tokens: torch.Tensor, num_views: list[int]) -> VisionPrefix:
-        """(sum V_i, g*g, C) patch tokens of every view -> packed vision prefixes."""
-        merged = self.merge(patch_tokens) if self.merge is not None else patch_tokens
+    @property
+    def vision_width(self) -> int:
+        """The width of the vision tokens this module takes."""
+        return self.cfg.input_size if self.cfg.input_size is not None else self.cfg.fusion.hidden_size
+
+    def merge_views(self, patch_tokens: torch.Tensor, num_views: list[int], grid: tuple[int, int] | None = None) -> VisionPrefix:
+        """(sum V_i, H*W, C_v) patch tokens of every view -> packed vision prefixes.
+        ``grid`` defaults to the config's (square when neither gives one)."""
+        if self.input_projection is not None:
+            patch_tokens = self.input_projection(patch_tokens)
+        if self.merge is not None and patch_tokens.shape[0]:
+            merged = self.merge(patch_tokens, grid if grid is not None else self.cfg.grid)
+        else:
+            merged = patch_tokens
         tpv = merged.shape[1]
         cu = cu_seqlens_from_lengths([v * tpv for v in num_views], device=merged.device)
         return VisionPrefix(merged.reshape(-1, merged.shape[-1]), cu, list(num_views))
@@ -250,3 +322,171 @@ class FusionModule(nn.Module):
         hidden, new_cache = self.decoder(emb, cu, cache=cache, use_cache=True)
         out_mask, is_eos = self._output_mask(groups, sizes, [0] * len(groups), self.device)
         return self._finish(hidden[out_mask], sizes, is_eos, project), new_cache
+
+    # ------------------------------------------------------------------ packed entry point
+    def forward(
+        self,
+        vision_tokens: torch.Tensor,
+        cu_seqlens_vision: torch.Tensor,
+        question_ids: torch.Tensor,
+        cu_seqlens_questions: torch.Tensor,
+        questions_per_sample: Sequence[int] | torch.Tensor | None = None,
+        *,
+        n_l: int | None = None,
+        n_s: int | None = None,
+        grid: tuple[int, int] | None = None,
+        project: bool = True,
+    ) -> FusedTokens:
+        """Packed vision tokens + packed questions -> packed fused tokens (module docstring).
+
+        Sample i gets n_l + (k_i - 1) * n_s fused tokens for its k_i questions; ``tokens`` is
+        (T_f, output_size) when ``project`` else None (``hidden`` is always there)."""
+        vision = self.encode_vision(vision_tokens, cu_seqlens_vision, grid)
+        n = vision.cu_seqlens.numel() - 1
+        questions = self.split_questions(question_ids, cu_seqlens_questions, questions_per_sample, n)
+        return self.fuse(vision, questions, n_l=n_l, n_s=n_s, project=project)
+
+    def encode_vision(self, vision_tokens: torch.Tensor, cu_seqlens_vision: torch.Tensor, grid: tuple[int, int] | None = None) -> VisionPrefix:
+        """Packed per-sample vision tokens (T_v, C_v) -> packed vision prefixes (input
+        projection, then the local merge over each sample's views)."""
+        if not isinstance(vision_tokens, torch.Tensor) or vision_tokens.dim() != 2:
+            raise ValueError(f"vision_tokens must be (T_v, C_v), got shape {tuple(getattr(vision_tokens, 'shape', ()))}")
+        if vision_tokens.shape[1] != self.vision_width:
+            hint = "" if self.cfg.input_size is not None else " (set input_size in the config to project a different width)"
+            raise ValueError(f"vision_tokens have width {vision_tokens.shape[1]}, the fusion module takes {self.vision_width}{hint}")
+        check_cu_seqlens(cu_seqlens_vision, vision_tokens.shape[0], name="cu_seqlens_vision")
+        lengths = cu_seqlens_vision.diff().tolist()
+        if self.merge is None:
+            tokens = self.input_projection(vision_tokens) if self.input_projection is not None else vision_tokens
+            return VisionPrefix(tokens, cu_seqlens_vision.to(tokens.device), [1 if n else 0 for n in lengths])
+        grid = grid if grid is not None else self.cfg.grid
+        if grid is None:
+            sides = {int(round(n**0.5)) for n in lengths if n}
+            if len(sides) > 1 or any(n and int(round(n**0.5)) ** 2 != n for n in lengths):
+                raise ValueError(f"without grid=(H, W) every sample must be one square view of the same size; "
+                                 f"got vision lengths {lengths}")
+            side = sides.pop() if sides else 1
+            grid = (side, side)
+        per_view = grid[0] * grid[1]
+        bad = [i for i, n in enumerate(lengths) if n % per_view]
+        if bad:
+            raise ValueError(f"sample {bad[0]} has {lengths[bad[0]]} vision tokens, not a whole number of "
+                             f"{grid[0]}x{grid[1]} views")
+        views = vision_tokens.reshape(-1, per_view, vision_tokens.shape[1])
+        return self.merge_views(views, [n // per_view for n in lengths], grid=grid)
+
+    def split_questions(
+        self,
+        question_ids: torch.Tensor,
+        cu_seqlens_questions: torch.Tensor,
+        questions_per_sample: Sequence[int] | torch.Tensor | None,
+        num_samples: int,
+    ) -> list[list[list[int]]]:
+        """Packed questions -> per sample, the CLIP ids of each of its questions."""
+        if not isinstance(question_ids, torch.Tensor) or question_ids.dim() != 1:
+            raise ValueError(f"question_ids must be a 1-D tensor (T_q,), got shape {tuple(getattr(question_ids, 'shape', ()))}")
+        if question_ids.dtype.is_floating_point or question_ids.dtype == torch.bool:
+            raise ValueError(f"question_ids must be integer token ids, got {question_ids.dtype}")
+        check_cu_seqlens(cu_seqlens_questions, question_ids.numel(), name="cu_seqlens_questions")
+        ids = question_ids.tolist()
+        vocab = self.cfg.fusion.text_vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(f"question_ids must be CLIP BPE ids in [0, {vocab}), got values in [{min(ids)}, {max(ids)}]")
+        cu = cu_seqlens_questions.tolist()
+        questions = [ids[cu[j]:cu[j + 1]] for j in range(len(cu) - 1)]
+        if questions_per_sample is None:
+            counts = [1] * num_samples
+        else:
+            counts = [int(c) for c in (questions_per_sample.tolist() if isinstance(questions_per_sample, torch.Tensor)
+                                       else questions_per_sample)]
+        if len(counts) != num_samples:
+            raise ValueError(f"questions_per_sample has {len(counts)} entries for {num_samples} samples")
+        if any(c < 1 for c in counts):
+            raise ValueError(f"every sample needs at least one question, got questions_per_sample={counts}")
+        if sum(counts) != len(questions):
+            raise ValueError(f"questions_per_sample sums to {sum(counts)} but cu_seqlens_questions holds {len(questions)} questions")
+        out, start = [], 0
+        for c in counts:
+            out.append(questions[start:start + c])
+            start += c
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path``. Both files are
+        written beside their final names and moved into place with os.replace, so a crash never
+        leaves a half-written file (a new directory appears whole)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.cfg.to_dict()}
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".fusion-module-", dir=parent)
+        try:
+            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                json.dump(meta, f, indent=2)
+            if not os.path.exists(path):
+                os.rename(tmp, path)
+                return
+            if not os.path.isdir(path):
+                raise NotADirectoryError(f"save_pretrained: {path} exists and is not a directory")
+            # Weights first: a reader that sees the new config also sees the weights it describes.
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "FusionModule":
+        """Rebuild a module saved by :meth:`save_pretrained`; the weights keep their saved
+        dtype unless ``dtype`` is given."""
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        cfg = load_config(path)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"fusion module checkpoint {path} has no {WEIGHTS_NAME}")
+        with torch.device("meta"):
+            module = cls(cfg)
+        state = load_file(weights, device=str(device))
+        check_state_dict(module, state, weights)
+        module.load_state_dict(state, assign=True)
+        return module.to(dtype) if dtype is not None else module
+
+
+def load_config(path: str | os.PathLike) -> FusionModuleConfig:
+    """The :class:`FusionModuleConfig` of a checkpoint directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"fusion module checkpoint directory not found: {path}")
+    config = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"fusion module checkpoint {path} has no {CONFIG_NAME}")
+    with open(config) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{config} is not a {CHECKPOINT_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {CHECKPOINT_VERSION}")
+    try:
+        return FusionModuleConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{config}: bad config: {e}") from None
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError listing missing, unexpected and shape-mismatched keys."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+                        for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{source} does not match the fusion module: " + "; ".join(problems))
