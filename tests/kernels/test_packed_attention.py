@@ -169,3 +169,20 @@ def test_bad_input_is_named(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         packed_attention(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_cuda_kernel_matches_fp64_reference(dtype, d):
+    """The compiled kernel at its GPU tile sizes: long segments, a cached prefix, GQA."""
+    lq, lk = [1, 0, 123, 700, 257], [1, 3, 123, 900, 257]
+    q, k, v, do, cu_q, cu_k = _inputs(lq, lk, 8, 2, d, dtype, d)
+    q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
+    exact = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, torch.float64)
+    same_dtype = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, dtype)
+    cuda = [t.cuda() for t in (q, k, v, do, cu_q, cu_k)]
+    got = [t.cpu() for t in _run(packed_attention, *cuda, dtype)]
+    for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
+        err, ref_err = (g - e).abs().max().item(), (r - e).abs().max().item()
+        assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], f"{name}: {err:.3g} vs reference {ref_err:.3g}"
