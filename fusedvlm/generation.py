@@ -21,6 +21,8 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    # Generate exactly max_new_tokens (benchmarks: the paper decodes a fixed 256 tokens).
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -103,6 +105,8 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gen
 def decode(llm, state: PrefillResult, cfg: GenerationConfig, eos_ids: set[int]) -> DecodeResult:
     """Generate from a prefilled state until EOS or ``max_new_tokens``."""
     device = llm.get_input_embeddings().weight.device
+    if cfg.ignore_eos:
+        eos_ids = set()
     generator = None
     if cfg.do_sample:
         generator = torch.Generator()
