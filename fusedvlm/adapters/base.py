@@ -1,0 +1,353 @@
+"""The model-independent half of every drop-in adapter (contract: :mod:`fusedvlm.adapters`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fusedvlm.chat import IGNORE_INDEX
+from fusedvlm.config import FusionConfig
+from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig
+from fusedvlm.packing import cu_seqlens_from_lengths
+
+ADAPTER_CONFIG_NAME = "adapter.json"
+
+Turn = tuple[str, str | None]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The LLM text of a conversation around the fused tokens. Turn j is
+
+    ``user`` [fused tokens of question j] ``after_image`` question ``assistant``
+    then, for an answered turn, ``answer_prefix`` answer EOS.
+
+    ``system`` opens the prompt (after BOS when ``bos``). The defaults are LLaVA-1.5's
+    (Vicuna v1.1): ``USER: <image>\\nQ ASSISTANT: A</s>USER: ...``."""
+
+    system: str = ""
+    user: str = "USER: "
+    after_image: str = "\n"
+    assistant: str = " ASSISTANT:"
+    answer_prefix: str = " "
+    bos: bool = True
+
+
+class FusionAdapter(nn.Module, ABC):
+    """A host VLM whose LLM receives fused tokens instead of its projector's outputs.
+
+    The host is frozen (``requires_grad=False``) and kept in eval mode; only the fusion
+    module trains. Families implement the hooks listed in :mod:`fusedvlm.adapters`."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    default_prompt: ClassVar[PromptFormat] = PromptFormat()
+
+    def __init__(self, host: nn.Module, fusion: FusionModule, prompt: PromptFormat | None = None):
+        super().__init__()
+        self.check_host(host)
+        width, grid = self.host_vision_layout(host)
+        if fusion.vision_width != width:
+            raise ValueError(f"the fusion module takes vision width {fusion.vision_width}, the host's features are {width} wide")
+        if fusion.cfg.merge and fusion.cfg.grid != grid:
+            raise ValueError(f"the fusion module merges {fusion.cfg.grid} grids, the host's features form {grid}")
+        if fusion.cfg.output_size != self.host_llm_width(host):
+            raise ValueError(f"the fusion module projects to {fusion.cfg.output_size}, the host LLM is {self.host_llm_width(host)} wide")
+        host.requires_grad_(False)
+        self.host = host.eval()
+        self.fusion = fusion
+        self.prompt = prompt if prompt is not None else self.default_prompt
+        self.image_token_id = self.host_image_token_id(host)
+
+    # ------------------------------------------------------------------ family hooks
+    @classmethod
+    @abstractmethod
+    def check_host(cls, host: nn.Module) -> None:
+        """Raise a ValueError naming what ``host`` lacks for this family."""
+
+    @classmethod
+    @abstractmethod
+    def host_vision_layout(cls, host: nn.Module) -> tuple[int, tuple[int, int] | None]:
+        """(width of the handed-over vision features, their (H, W) grid per image or None)."""
+
+    @classmethod
+    @abstractmethod
+    def host_llm_width(cls, host: nn.Module) -> int:
+        """Hidden size of the host's LLM."""
+
+    @classmethod
+    @abstractmethod
+    def host_image_token_id(cls, host: nn.Module) -> int:
+        """The placeholder id whose embeddings the fused tokens replace."""
+
+    @abstractmethod
+    def vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> (tokens (T_v, width), cu_seqlens (B + 1,) int32): one segment per image."""
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def attach(
+        cls,
+        host: nn.Module,
+        fusion: FusionConfig | FusionModuleConfig | FusionModule | None = None,
+        *,
+        n_l: int = 64,
+        n_s: int | None = None,
+        merge: bool = True,
+        drop_question: bool = False,
+        max_question_tokens: int = 512,
+        prompt: PromptFormat | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "FusionAdapter":
+        """Wrap ``host`` with a fusion module: a given module as is, else a new one built from
+        a :class:`FusionModuleConfig` or from a :class:`FusionConfig` (default: the paper's
+        decoder) plus the host's widths and grid. The module goes to the host's device and
+        ``dtype`` (default: the host's)."""
+        cls.check_host(host)
+        if isinstance(fusion, FusionModule):
+            module = fusion
+        else:
+            if isinstance(fusion, FusionModuleConfig):
+                cfg = fusion
+            elif fusion is None or isinstance(fusion, FusionConfig):
+                width, grid = cls.host_vision_layout(host)
+                if merge and grid is None:
+                    raise ValueError(f"the {cls.family} host's vision features are not a token grid; attach with merge=False")
+                cfg = FusionModuleConfig(
+                    fusion=fusion if fusion is not None else FusionConfig(), output_size=cls.host_llm_width(host),
+                    n_l=n_l, n_s=n_s, drop_question=drop_question, max_question_tokens=max_question_tokens,
+                    merge=merge, grid=grid if merge else None, input_size=width,
+                )
+            else:
+                raise TypeError(f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}")
+            module = FusionModule(cfg)
+        ref = next(host.parameters())
+        module.to(device=ref.device, dtype=dtype if dtype is not None else ref.dtype)
+        return cls(host, module, prompt)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The fusion module (``config.json``, ``model.safetensors``) and ``adapter.json`` (family
+        and prompt format); the host is the user's and is not written."""
+        path = os.fspath(path)
+        self.fusion.save_pretrained(path)
+        tmp = os.path.join(path, f".{ADAPTER_CONFIG_NAME}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"family": self.family, "prompt": dataclasses.asdict(self.prompt)}, f, indent=2)
+        os.replace(tmp, os.path.join(path, ADAPTER_CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, host: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> "FusionAdapter":
+        """Attach a saved fusion module to ``host`` (the prompt format saved with it, if any)."""
+        path = os.fspath(path)
+        cls.check_host(host)
+        ref = next(host.parameters())
+        module = FusionModule.from_pretrained(path, device=ref.device, dtype=dtype if dtype is not None else ref.dtype)
+        prompt = None
+        meta_path = os.path.join(path, ADAPTER_CONFIG_NAME)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("family") != cls.family:
+                raise ValueError(f"{path} holds a {meta.get('family')!r} adapter, not {cls.family!r}")
+            prompt = PromptFormat(**meta["prompt"])
+        return cls(host, module, prompt)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.host.eval()  # frozen: no dropout whatever the caller does
+        return self
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_inputs(
+        self,
+        tokenizer,
+        conversations: Sequence[Sequence[Turn]] | Sequence[Turn],
+        pixel_values: torch.Tensor | None = None,
+        *,
+        images=None,
+        image_processor=None,
+        n_l: int | None = None,
+        n_s: int | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, torch.Tensor]:
+        """Prompts for one image per conversation, ready for ``self(**inputs)`` and
+        ``self.generate(**inputs)``.
+
+        ``conversations``: per image, its turns ``(question, answer or None)`` (only the last
+        answer may be None: that turn is the generation prompt); a single list of turns is one
+        conversation. Pass ``pixel_values`` (B, 3, H, W) or ``images`` with the host's
+        ``image_processor``. The text pieces are tokenized one by one (no special tokens) and
+        joined with ``n_l`` (first question) or ``n_s`` image placeholder ids before each
+        question. Returns ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX except
+        answers and their closing EOS), ``pixel_values`` and the fusion inputs
+        ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample``."""
+        if conversations and isinstance(conversations[0], tuple):
+            conversations = [conversations]
+        if not conversations:
+            raise ValueError("prepare_inputs needs at least one conversation")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if (pixel_values is None) == (images is None):
+            raise ValueError("pass exactly one of pixel_values and images (with image_processor)")
+        if images is not None:
+            if image_processor is None:
+                raise ValueError("images need the host's image_processor")
+            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if pixel_values.shape[0] != len(conversations):
+            raise ValueError(f"{pixel_values.shape[0]} images for {len(conversations)} conversations (one image each)")
+        n_l, n_s = self.fusion.resolve_counts(n_l, n_s)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id (answers end with it)")
+
+        def text(piece: str) -> list[int]:
+            ids = tokenizer.encode(piece, add_special_tokens=False) if piece else []
+            if self.image_token_id in ids:
+                raise ValueError(f"text {piece!r} tokenizes to the image placeholder id {self.image_token_id}")
+            return ids
+
+        rows, labels, qids, per_sample = [], [], [], []
+        for i, turns in enumerate(conversations):
+            if not turns:
+                raise ValueError(f"conversation {i} has no turns")
+            ids: list[int] = []
+            if self.prompt.bos and tokenizer.bos_token_id is not None:
+                ids.append(tokenizer.bos_token_id)
+            ids += text(self.prompt.system)
+            lab = [IGNORE_INDEX] * len(ids)
+            for j, (question, answer) in enumerate(turns):
+                if answer is None and j != len(turns) - 1:
+                    raise ValueError(f"conversation {i}: only the last turn may be unanswered (turn {j} is)")
+                qids.append(self.fusion.question_ids(question))
+                m = n_l if j == 0 else n_s
+                prompt = text(self.prompt.user) + [self.image_token_id] * m + text(self.prompt.after_image + question + self.prompt.assistant)
+                ids += prompt
+                lab += [IGNORE_INDEX] * len(prompt)
+                if answer is not None:
+                    reply = text(self.prompt.answer_prefix + answer) + [eos]
+                    ids += reply
+                    lab += reply
+            rows.append(ids)
+            labels.append(lab)
+            per_sample.append(len(turns))
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, labels)):
+            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            input_ids[i, sl] = torch.tensor(r)
+            label_t[i, sl] = torch.tensor(lab)
+            attention[i, sl] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": label_t,
+            "pixel_values": pixel_values,
+            "fusion_question_ids": torch.tensor([t for q in qids for t in q], dtype=torch.long),
+            "fusion_cu_seqlens": cu_seqlens_from_lengths([len(q) for q in qids]),
+            "fusion_questions_per_sample": torch.tensor(per_sample, dtype=torch.long),
+        }
+
+    # ------------------------------------------------------------------ fused path
+    def fused_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        fusion_question_ids: torch.Tensor,
+        fusion_cu_seqlens: torch.Tensor,
+        fusion_questions_per_sample: torch.Tensor | Sequence[int] | None = None,
+        n_l: int | None = None,
+        n_s: int | None = None,
+    ) -> FusedTokens:
+        """The host's vision features through the fusion module: packed fused tokens in the LLM width."""
+        tokens, cu = self.vision_features(pixel_values)
+        dev = self.fusion.device
+        return self.fusion(
+            tokens.to(dev, self.fusion.projection.weight.dtype), cu.to(dev), fusion_question_ids.to(dev),
+            fusion_cu_seqlens.to(dev), fusion_questions_per_sample, n_l=n_l, n_s=n_s,
+        )
+
+    def inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        fusion_question_ids: torch.Tensor,
+        fusion_cu_seqlens: torch.Tensor,
+        fusion_questions_per_sample: torch.Tensor | Sequence[int] | None = None,
+        n_l: int | None = None,
+        n_s: int | None = None,
+    ) -> torch.Tensor:
+        """(B, L, d_llm): the host's token embeddings with the fused tokens scattered, in
+        order, over each row's image placeholders."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        fused = self.fused_tokens(pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s)
+        counts = (input_ids == self.image_token_id).sum(1).tolist()
+        expected = fused.cu_seqlens.diff().tolist()
+        if len(counts) != len(expected):
+            raise ValueError(f"{len(counts)} prompt rows for {len(expected)} images (one image per row)")
+        for i, (c, e) in enumerate(zip(counts, expected)):
+            if c != e:
+                raise ValueError(f"row {i} has {c} image placeholder tokens but the fusion module made {e} fused tokens "
+                                 f"(n_l + (k-1)*n_s for its questions {fused.group_sizes[i]}); build prompts with prepare_inputs")
+        embeds = self.host.get_input_embeddings()(input_ids)
+        mask = (input_ids == self.image_token_id).unsqueeze(-1).to(embeds.device)
+        return embeds.masked_scatter(mask, fused.tokens.to(embeds.device, embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        fusion_question_ids: torch.Tensor,
+        fusion_cu_seqlens: torch.Tensor,
+        fusion_questions_per_sample: torch.Tensor | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        n_l: int | None = None,
+        n_s: int | None = None,
+        **host_kwargs,
+    ):
+        """The host's forward on fused embeddings (its output type; ``.loss`` with ``labels``)."""
+        embeds = self.inputs_embeds(input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens,
+                                    fusion_questions_per_sample, n_l, n_s)
+        if attention_mask is not None and "position_ids" not in host_kwargs:
+            # Same positions as generate gives a left-padded prompt, so training and decoding agree.
+            host_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return self.host(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **host_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        fusion_question_ids: torch.Tensor,
+        fusion_cu_seqlens: torch.Tensor,
+        fusion_questions_per_sample: torch.Tensor | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        n_l: int | None = None,
+        n_s: int | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """``host.generate`` from the fused prompt: the embeddings feed the prefill, later steps
+        run on the host's KV cache. Returns the prompt ids followed by the new ids, as
+        ``host.generate`` does. ``labels`` (from prepare_inputs) is accepted and unused."""
+        del labels
+        embeds = self.inputs_embeds(input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens,
+                                    fusion_questions_per_sample, n_l, n_s)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.host.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
