@@ -87,7 +87,7 @@ class FusionAttention(nn.Module):
             k = _scatter_merge(past_k, index_old, k, index_new)
             v = _scatter_merge(past_v, index_old, v, index_new)
         out = packed_attention(q, k, v, cu_seqlens, cu_k, causal=True)
-        return self.o_proj(out.reshape(t, -1)), (k, v)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), (k, v)
 
 
 def _scatter_merge(old: torch.Tensor, index_old: torch.Tensor, new: torch.Tensor, index_new: torch.Tensor) -> torch.Tensor:

