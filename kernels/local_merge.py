@@ -329,36 +329,87 @@ class _LocalMergeTriton(torch.autograd.Function):
         return dx, dw, dlf, db, None, None, None
 
 
-class _ConvGradWeightByGemm(torch.autograd.Function):
-    """F.conv2d(stride 2, padding 1) on a channels-last grid whose backward computes dW as one
-    im2col GEMM and dX with the convolution kernel (the channels-last weight-gradient
-    convolution is the slow part of autograd's default on CPU)."""
+# Below this many multiply-adds per tap (V * P * C_in * C_out) the torch path runs one
+# F.conv2d: the Winograd form's ~60 small ops then cost more than its saved multiplies. Half
+# precision also takes the convolution: its transforms would round in 8 or 11 bits.
+_WINOGRAD_MIN_MACS = 1 << 22
 
-    @staticmethod
-    def forward(ctx, grid, weight, bias):
-        ctx.save_for_backward(grid, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(grid, weight, bias, stride=2, padding=1)
 
-    @staticmethod
-    def backward(ctx, gy):
-        grid, weight = ctx.saved_tensors
-        v, c_in, h, w = grid.shape
-        c_out = weight.shape[0]
-        ho, wo = gy.shape[2], gy.shape[3]
-        g2 = gy.permute(0, 2, 3, 1).reshape(v * ho * wo, c_out)
-        dgrid = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dgrid = torch.ops.aten.convolution_backward(
-                gy, grid, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            padded = F.pad(grid.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-            taps = [padded[:, dy:dy + 2 * ho:2, dx:dx + 2 * wo:2] for dy in range(3) for dx in range(3)]
-            cols = torch.stack(taps, 3).view(v * ho * wo, 9 * c_in)
-            dw = (g2.t() @ cols).view(c_out, 3, 3, c_in).permute(0, 3, 1, 2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0)
-        return dgrid, dw, db
+def _take(t: torch.Tensor, dim: int, start: int, step: int, count: int) -> torch.Tensor:
+    """Entries start, start + step, ... of ``dim``, exactly ``count`` of them (zeros past the end)."""
+    idx = [slice(None)] * t.dim()
+    idx[dim] = slice(start, None, step)
+    got = t[tuple(idx)]
+    if got.shape[dim] >= count:
+        return got.narrow(dim, 0, count)
+    return F.pad(got, [0, 0] * (t.dim() - 1 - dim) + [0, count - got.shape[dim]])
+
+
+def _axis_inputs(t: torch.Tensor, dim: int, centre: bool, pairs: int) -> list[torch.Tensor]:
+    """Winograd input components along one grid axis, for 2 * ``pairs`` outputs.
+
+    Output o reads input 2o - 1 (tap 0), 2o (tap 1) and 2o + 1 (tap 2). The centre tap needs no
+    transform. The outer taps of the output pair (2q, 2q + 1) read d0 = t[4q - 1], d1 = t[4q + 1],
+    d2 = t[4q + 3], and F(2, 2) computes their two outputs with three products:
+    (d0 - d1) w0, d1 (w0 + w2), (d2 - d1) w2."""
+    if centre:
+        return [_take(t, dim, 0, 2, 2 * pairs)]
+    d1 = _take(t, dim, 1, 4, pairs)
+    d2 = _take(t, dim, 3, 4, pairs)
+    # d0[q] = t[4q - 1] = d2[q - 1], with the zero padding row in front.
+    d0 = F.pad(d2.narrow(dim, 0, pairs - 1), [0, 0] * (t.dim() - 1 - dim) + [1, 0])
+    return [d0 - d1, d1, d2 - d1]
+
+
+def _axis_outputs(parts: list[torch.Tensor], dim: int, centre: bool) -> list[torch.Tensor]:
+    """Outputs at even and odd positions along ``dim`` (each with ``pairs`` entries)."""
+    if centre:
+        return [_take(parts[0], dim, 0, 2, parts[0].shape[dim] // 2), _take(parts[0], dim, 1, 2, parts[0].shape[dim] // 2)]
+    return [parts[0] + parts[1], parts[1] + parts[2]]
+
+
+def _winograd_kernels(weight: torch.Tensor) -> list[list[torch.Tensor]]:
+    """(C_out, C_in) kernels by [row kind][column kind]; kinds: centre tap, w0, w0 + w2, w2."""
+    # Channels-last makes every tap a (C_out, C_in) block with unit stride in C_in, which the
+    # GEMMs read in place.
+    wcl = weight.contiguous(memory_format=torch.channels_last)
+
+    def kinds(t):
+        a, b = t.select(2, 0), t.select(2, 2)
+        return [t.select(2, 1), a, a + b, b]
+
+    return [kinds(r) for r in kinds(wcl)]
+
+
+def _winograd_conv(grid: torch.Tensor, weight: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+    """conv2d(kernel 3, stride 2, padding 1) of a (V, H, W, C_in) grid -> (V, ho, wo, C_out).
+
+    Split by tap parity, a stride-2 3x3 convolution is four stride-1 ones: centre x centre
+    (1 tap), centre x outer and outer x centre (1 x 2 and 2 x 1 taps) and outer x outer (2 x 2
+    taps). Winograd F(2, 2) on every outer axis turns the 9 (M x C_in x C_out) GEMMs of the
+    direct form into GEMMs worth 6.25 of them: 1 + 1.5 + 1.5 + 2.25."""
+    v, _, _, c_in = grid.shape
+    c_out = weight.shape[0]
+    pr, pc = (ho + 1) // 2, (wo + 1) // 2
+    kernels = _winograd_kernels(weight)
+    # classes[a][b]: outputs at (2i + a, 2j + b), each (V, pr, pc, C_out).
+    classes = [[None, None], [None, None]]
+    for row_centre in (True, False):
+        rows = _axis_inputs(grid, 1, row_centre, pr)
+        row_kinds = [0] if row_centre else [1, 2, 3]
+        for col_centre in (True, False):
+            col_kinds = [0] if col_centre else [1, 2, 3]
+            per_row = []
+            for r, kr in zip(rows, row_kinds):
+                cols = _axis_inputs(r, 2, col_centre, pc)
+                per_row.append(_axis_outputs(
+                    [(a.reshape(-1, c_in) @ kernels[kr][kc].t()).view(*a.shape[:3], c_out) for a, kc in zip(cols, col_kinds)],
+                    2, col_centre))
+            for b in range(2):
+                for a, t in enumerate(_axis_outputs([pr_[b] for pr_ in per_row], 1, row_centre)):
+                    classes[a][b] = t if classes[a][b] is None else classes[a][b] + t
+    rows_even, rows_odd = (torch.stack(cls, 3).view(v, pr, 2 * pc, c_out) for cls in classes)
+    return torch.stack([rows_even, rows_odd], 2).view(v, 2 * pr, 2 * pc, c_out)[:, :ho, :wo]
 
 
 def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
@@ -366,16 +417,19 @@ def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
     c_out = weight.shape[0]
     ho, wo = (h + 1) // 2, (w + 1) // 2
     p = ho * wo
-    grid = x.reshape(v, h, w, c_in).permute(0, 3, 1, 2)
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _ConvGradWeightByGemm.apply(grid, weight, bias)
-    else:
-        y = F.conv2d(grid, weight, bias, stride=2, padding=1)
-    if residual:
-        y.add_(grid[:, :, ::2, ::2])
+    grid = x.reshape(v, h, w, c_in)
     result = out if out is not None else x.new_empty(v, p + 1, c_out)
     packed = result.view(v, p + 1, c_out)
-    packed[:, :p].unflatten(1, (ho, wo)).copy_(y.permute(0, 2, 3, 1))
+    dest = packed[:, :p].unflatten(1, (ho, wo))
+    if x.dtype == torch.float32 and v * p * c_in * c_out >= _WINOGRAD_MIN_MACS:
+        dest.copy_(_winograd_conv(grid, weight, ho, wo))
+        if bias is not None:
+            dest.add_(bias)
+    else:
+        # grid.permute(0, 3, 1, 2) is already channels-last: the convolution reads x in place.
+        dest.copy_(F.conv2d(grid.permute(0, 3, 1, 2), weight, bias, stride=2, padding=1).permute(0, 2, 3, 1))
+    if residual:
+        dest.add_(grid[:, ::2, ::2])
     packed[:, p].copy_(lf_token.expand(v, c_out))
     return result
 

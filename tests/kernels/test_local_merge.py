@@ -95,16 +95,24 @@ CPU_CASES = INTERPRETER_CASES + [
 ]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
-def test_torch_path_matches_reference(case, monkeypatch):
+# The torch path picks one F.conv2d or the Winograd form by size; force each in turn.
+TORCH_PATHS = {"conv": 1 << 62, "winograd": 0}
+TORCH_CASES = [(case, path) for case in CPU_CASES for path in TORCH_PATHS if path == "conv" or case[7] == F32]
+
+
+@pytest.mark.parametrize("case, path", TORCH_CASES, ids=lambda c: c if isinstance(c, str) else "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
+def test_torch_path_matches_reference(case, path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
+    monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
     _compare(case)
 
 
-def test_torch_path_strided_x_and_frozen_weight(monkeypatch):
+@pytest.mark.parametrize("path", sorted(TORCH_PATHS))
+def test_torch_path_strided_x_and_frozen_weight(path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
+    monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
     _compare((2, 3, 3, 16, 16, True, True, F32), transposed_x=True)
-    # Only x needs a gradient: plain conv autograd, no custom weight-gradient Function.
+    # Only x needs a gradient.
     x, weight, lf, b, grad = _inputs(2, 5, 5, 16, 16, True, F32)
     xr = x.clone().requires_grad_()
     out = local_merge(xr, weight, lf, bias=b)
@@ -143,18 +151,22 @@ def test_out_buffer_triton(monkeypatch):
     _check_out_buffer()
 
 
-def test_out_buffer_torch(monkeypatch):
+@pytest.mark.parametrize("path", sorted(TORCH_PATHS))
+def test_out_buffer_torch(path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
+    monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
     _check_out_buffer()
 
 
 def test_paper_shape_torch_path():
-    # 10 views of 24x24 -> 145 tokens per view, 1450 in all (SPEC section 4), at a narrow width.
-    x, weight, lf, _, _ = _inputs(10, 24, 24, 32, 32, False, F32)
+    # 10 views of 24x24 -> 145 tokens per view, 1450 in all (SPEC section 4), at a width that
+    # takes the Winograd form by default.
+    x, weight, lf, _, _ = _inputs(10, 24, 24, 64, 64, False, F32)
+    assert 10 * 144 * 64 * 64 >= lm._WINOGRAD_MIN_MACS
     out = local_merge(x, weight, lf)
-    assert out.shape == (10, 145, 32)
+    assert out.shape == (10, 145, 64)
     torch.testing.assert_close(out, ref_local_merge(x, weight, lf), **tol(OP, F32))
-    assert torch.equal(out[:, 144], lf.expand(10, 32))
+    assert torch.equal(out[:, 144], lf.expand(10, 64))
 
 
 @pytest.mark.parametrize(
