@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "fusedvlm.commands",
     "fusedvlm.analysis.cli",
+    "fusedvlm.benchmark.cli",
 ]
 
 

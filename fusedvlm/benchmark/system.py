@@ -1,0 +1,224 @@
+"""The machine side of a benchmark: environment record, memory bandwidth, peak memory, and
+whether a preset fits at all."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+
+import torch
+
+# Peak HBM bandwidth from the vendors' data sheets, bytes/s, by a substring of the CUDA name.
+GPU_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 NVL": 3.9e12,
+    "H100 SXM": 3.35e12,
+    "H100 80GB HBM3": 3.35e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100": 1.555e12,
+    "L40S": 0.864e12,
+    "L4": 0.3e12,
+}
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def environment(device: torch.device) -> dict:
+    """Machine, versions, thread setting and git sha: recorded in every result."""
+    import transformers
+
+    env = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "git_sha": git_sha(),
+        "fusedvlm_backend": os.environ.get("FUSEDVLM_BACKEND", "auto"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a device name."""
+    keep = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(p for p in keep.split("-") if p)[:60] or "device"
+
+
+def memory_bandwidth(device: torch.device, size_bytes: int = 1 << 28, repeats: int = 5) -> tuple[float, str]:
+    """(bytes/s, source). GPUs: the data-sheet peak from :data:`GPU_BANDWIDTH` when the name is
+    known. Otherwise measured: the best of ``repeats`` copies of a ``size_bytes`` buffer,
+    counting its read and its write."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, bw in GPU_BANDWIDTH.items():
+            if key in name:
+                return bw, f"data sheet ({key})"
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size_bytes / best, f"measured: copy of {size_bytes >> 20} MiB, best of {repeats + 1}"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of the block. CUDA: ``max_memory_allocated`` (tensors on the device).
+    CPU: the process's resident set, sampled every ``interval_s`` by a thread (weights,
+    activations and the allocator's cache, so an upper bound on what tensors need)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else f"process RSS sampled every {interval_s * 1e3:g} ms"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self.peak_bytes = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+
+def unique_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, tied weights counted once."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_per_position(llm, dtype: torch.dtype) -> int:
+    """Bytes of one position's keys and values across every layer of a HF decoder."""
+    c = llm.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def preset_requirements(preset: str, dtype: torch.dtype) -> dict:
+    """Parameter count and bytes of a preset, from its module tree on the meta device."""
+    from fusedvlm.config import get_preset
+    from fusedvlm.model.llm import meta_llm
+    from fusedvlm.model.vlm import FusedVLM
+
+    cfg = get_preset(preset)
+    llm = meta_llm(cfg.llm)
+    with torch.device("meta"):
+        model = FusedVLM(cfg, llm=llm, tokenizer=None)
+    params = sum(p.numel() for p in model.parameters())
+    # Built in fp32, then cast: the fp32 copy exists for a moment at load time.
+    size = torch.tensor([], dtype=dtype).element_size()
+    return {"parameters": params, "weight_bytes": params * size, "load_bytes": params * max(size, 4)}
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(preset: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """Refuse, before building anything, a preset whose weights cannot fit on the device."""
+    req = preset_requirements(preset, dtype)
+    free = available_memory(device)
+    # Host memory holds the fp32 build even when the model then moves to the GPU.
+    host_need = req["load_bytes"] if device.type == "cpu" else req["parameters"] * 4
+    host_free = available_memory(torch.device("cpu"))
+    gib = 1 << 30
+    if host_need > host_free:
+        raise ValueError(
+            f"preset {preset!r} has {req['parameters'] / 1e9:.2f} B parameters and needs about {host_need / gib:.1f} GiB of "
+            f"host memory to build; {host_free / gib:.1f} GiB is available. Run it on a larger machine or a GPU "
+            f"(fusedvlm bench --preset {preset} --device cuda), or pick a smaller preset."
+        )
+    if device.type == "cuda" and req["weight_bytes"] * 1.2 > free:
+        raise ValueError(
+            f"preset {preset!r} needs about {req['weight_bytes'] / gib:.1f} GiB for its weights in {dtype} plus activations; "
+            f"the GPU has {free / gib:.1f} GiB free"
+        )
+    req["available_bytes"] = free
+    return req
