@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "fusedvlm.commands",
     "fusedvlm.analysis.cli",
     "fusedvlm.benchmark.cli",
+    "fusedvlm.train.cli",
 ]
 
 

@@ -1,0 +1,311 @@
+"""The training loop shared by both stages.
+
+Per optimiser step: ``grad_accum`` micro-batches per rank; each micro-batch's summed loss is
+divided by the step's global target count (all micro-batches, all ranks), so the gradient
+equals that of one big batch (DDP averages over ranks, hence the ``world`` factor). Then
+gradient clipping, AdamW, and a linear warm-up + cosine schedule evaluated from the step
+number alone (its whole state is the step).
+
+Checkpoints (:mod:`fusedvlm.train.checkpoint`) hold the trainable weights, the optimiser, the
+RNG states and the data position (global micro-batches consumed): ``resume`` continues with
+the same batches and bit-identical losses on the same hardware and thread count. The metrics
+JSONL gets one row per step (step, loss, lr, grad_norm, tokens_per_s, ...); on resume, rows
+after the checkpoint are dropped so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fusedvlm.train.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_optimizer,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from fusedvlm.train.data import ResumableBatchSampler
+from fusedvlm.train.distributed import DistContext, all_reduce_sum, barrier
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 256  # global, per optimiser step (SPEC section 7, stage 1)
+    grad_accum: int = 1
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    deterministic: bool = False
+    progress: bool = True
+    fsdp: bool = False
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.batch_size < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.save_every < 0 or self.keep_checkpoints < 1 or self.num_workers < 0:
+            raise ValueError("save_every and num_workers must be >= 0 and keep_checkpoints >= 1")
+
+    @property
+    def micro_batch(self) -> int:
+        """Global micro-batch (all ranks together)."""
+        return self.batch_size // self.grad_accum
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ceil(warmup_ratio * steps) steps, then cosine to min_lr_ratio * lr."""
+    warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on GPUs that support it."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _model_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The objective's state without the frozen LLM (it is never trained, never saved)."""
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.llm.")}
+
+
+class Trainer:
+    def __init__(self, objective: nn.Module, dataset, collator, cfg: TrainConfig, out_dir: str, ctx: DistContext | None = None, run_info: dict | None = None):
+        self.objective, self.dataset, self.collator, self.cfg = objective, dataset, collator, cfg
+        self.out_dir, self.ctx = out_dir, ctx or DistContext()
+        self.run_info = run_info or {}
+        if cfg.micro_batch % self.ctx.world:
+            raise ValueError(f"the global micro-batch {cfg.micro_batch} (batch_size / grad_accum) must be a multiple of the world size {self.ctx.world}")
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        objective.to(self.ctx.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(objective)
+        self.named_params = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+        if not self.named_params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        decay = [p for n, p in self.named_params if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.named_params if not (p.dim() >= 2 and "embed" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True,
+        )
+        self.module = objective
+        if self.ctx.enabled:
+            self.module = wrap_distributed(objective, self.ctx, cfg.fsdp)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.ctx.device)
+        self.step = 0
+        self.ckpt_dir = os.path.join(out_dir, "checkpoints")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.skipped: list = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        path = checkpoint_path(self.ckpt_dir, self.step)
+        if self.ctx.is_main:
+            meta = {
+                "step": self.step,
+                "data_position": self.step * self.cfg.grad_accum,
+                "scheduler": {"kind": "warmup_cosine", "step": self.step},
+                "train_config": asdict(self.cfg),
+                "world": self.ctx.world,
+                **self.run_info,
+            }
+            save_training_checkpoint(path, _model_state(self.objective), self.optimizer, meta)
+            for _, old in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
+                os.remove(old)
+        barrier(self.ctx)
+        return path
+
+    def resume(self, path: str | None = None) -> int:
+        """Load ``path`` (default: the newest checkpoint of the run); returns its step."""
+        path = path or latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.ckpt_dir}")
+        model_state, other, meta, opt_meta, rng_meta = load_training_checkpoint(path)
+        saved = meta["train_config"]
+        for key in ("batch_size", "grad_accum", "seed"):
+            if saved[key] != getattr(self.cfg, key):
+                raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has {getattr(self.cfg, key)}")
+        expected = _model_state(self.objective)
+        from fusedvlm.checkpoint import check_state_dict
+
+        check_state_dict(expected, model_state, f"checkpoint {path}")
+        self.objective.load_state_dict(model_state, strict=False)
+        load_optimizer(self.optimizer, other, opt_meta)
+        set_rng_state(other, rng_meta)
+        self.step = meta["step"]
+        if self.ctx.is_main:
+            self._truncate_metrics(self.step)
+        barrier(self.ctx)
+        return self.step
+
+    def _truncate_metrics(self, step: int) -> None:
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(rows)
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self):
+        sampler = ResumableBatchSampler(
+            len(self.dataset), self.cfg.micro_batch, seed=self.cfg.seed, rank=self.ctx.rank, world=self.ctx.world,
+            start=self.step * self.cfg.grad_accum,
+        )
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self.collator, num_workers=self.cfg.num_workers,
+        ))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, micro_batches) -> dict:
+        """One optimiser step over this rank's micro-batches; returns the step's metrics."""
+        ctx, cfg = self.ctx, self.cfg
+        for b in micro_batches:
+            if b.size == 0:
+                raise ValueError(f"a micro-batch has no usable sample (skipped records {[s.index for s in b.skipped]})")
+        counts = all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in micro_batches))]), ctx)
+        total = float(counts[0])
+        if total == 0:
+            raise ValueError("the step's batches have no training targets")
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for k, batch in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last or not ctx.enabled) else self.module.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, _ = self.module(batch)
+                (loss * (ctx.world / total)).backward()
+            loss_sum += loss.detach().double().cpu()
+        loss_sum = all_reduce_sum(loss_sum.reshape(1), ctx)
+        params = [p for _, p in self.named_params]
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": float(loss_sum[0]) / total, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def fit(self, resume: bool | str = False, on_step=None) -> list[dict]:
+        """Train to ``cfg.steps``; returns this call's metrics rows. ``on_step(trainer, row)``
+        runs after every step (and after its checkpoint, if one is due)."""
+        if resume:
+            self.resume(resume if isinstance(resume, str) else None)
+        self.objective.train()
+        os.makedirs(self.out_dir, exist_ok=True)
+        rows = []
+        if self.step >= self.cfg.steps:
+            return rows
+        batches = self._loader()
+        bar = None
+        if self.cfg.progress and self.ctx.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < self.cfg.steps:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(self.cfg.grad_accum)]
+                for b in micro:
+                    for s in b.skipped:
+                        print(f"fusedvlm train: skipped record {s.index}: {s.reason}", flush=True)
+                        self.skipped.append(s)
+                row = self.train_step(micro)
+                elapsed = time.perf_counter() - t0
+                tokens = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro))]), self.ctx)
+                samples = all_reduce_sum(torch.tensor([float(sum(b.size for b in micro))]), self.ctx)
+                row.update({
+                    "tokens_per_s": float(tokens[0]) / elapsed, "samples": int(samples[0]),
+                    "skipped": sum(len(b.skipped) for b in micro), "step_s": elapsed,
+                })
+                rows.append(row)
+                if self.ctx.is_main:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if self.step == self.cfg.steps or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
+                    self.save()
+                if on_step is not None:
+                    on_step(self, row)
+        finally:
+            if bar is not None:
+                bar.close()
+        return rows
+
+
+def enable_gradient_checkpointing(objective: nn.Module) -> None:
+    """Recompute activations in the backward pass: fusion decoder layers, the CLIP vision
+    blocks and (stage 1) the text tower's blocks."""
+    model = objective.model
+    model.fuser.decoder.gradient_checkpointing = True
+    model.vision.clip.set_grad_checkpointing(True)
+    text = getattr(objective, "text", None)
+    if text is not None:
+        text.set_grad_checkpointing(True)
+
+
+def wrap_distributed(objective: nn.Module, ctx: DistContext, fsdp: bool) -> nn.Module:
+    if not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # device_ids=None: the objective moves each batch to its device itself.
+        return DistributedDataParallel(objective, device_ids=None)
+    raise NotImplementedError

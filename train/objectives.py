@@ -1,0 +1,185 @@
+"""The two training stages as modules whose ``forward(batch)`` returns ``(loss_sum, count)``:
+the trainer divides by the global count (summed over micro-batches and ranks), so one big
+batch, gradient accumulation and DDP all give the same gradients.
+
+* :class:`Stage2Objective`: answer cross-entropy through the frozen LLM (SPEC section 7).
+* :class:`Stage1Objective`: CLIP InfoNCE between each question group's EOS output and the
+  text tower's embedding of its answer, plus the orthogonality term; ``count`` is 1 per
+  micro-batch (the loss is a mean over the micro-batch's pairs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedvlm.chat import IGNORE_INDEX
+from fusedvlm.train.data import Batch
+from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_loss
+
+TEXT_CONTEXT = 512  # SPEC section 7: CLIP text positions extended from 77
+CLIP_CONTEXT = 77
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the inverse temperature
+
+
+def _freeze_unused_clip_parts(model) -> None:
+    """The vision tower uses the last layer's patch tokens only: CLIP's own final LayerNorm
+    and projection never see a gradient, and DDP (without find_unused_parameters) and the
+    optimiser must not wait for or carry them."""
+    clip = model.vision.clip
+    for name in ("ln_post", "proj", "attn_pool", "attn_pool_contrastive", "ln_post_contrastive"):
+        part = getattr(clip, name, None)
+        if isinstance(part, nn.Module):
+            part.requires_grad_(False)
+        elif isinstance(part, nn.Parameter):
+            part.requires_grad_(False)
+
+
+class Stage2Objective(nn.Module):
+    def __init__(self, model, n_l: int | None = None, n_s: int | None = None, freeze_vision: bool = False):
+        super().__init__()
+        if model.llm is None:
+            raise ValueError("stage 2 needs the model's LLM")
+        self.model = model
+        self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
+        model.llm.requires_grad_(False)
+        _freeze_unused_clip_parts(model)
+        if freeze_vision:
+            model.vision.clip.requires_grad_(False)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        model = self.model
+        device = model.device
+        vision = model.encode_views(batch.views.to(device), batch.num_views)
+        fused = model.fuse(vision, batch.question_ids, n_l=self.n_l, n_s=self.n_s)
+        llm = model.llm
+        ids = batch.llm_ids.to(device)
+        fused_mask = batch.llm_fused.to(device)
+        if int(fused_mask.sum()) != fused.tokens.shape[0]:
+            raise ValueError(f"the LLM batch has {int(fused_mask.sum())} fused slots but the fusion gave {fused.tokens.shape[0]}")
+        emb = llm.get_input_embeddings()(ids)
+        emb = emb.masked_scatter(fused_mask[..., None], fused.tokens.to(emb.dtype))
+        # Only labelled positions go through the LM head: (B, L, vocab) logits would dominate
+        # memory for a 32k vocabulary.
+        hidden = llm.base_model(inputs_embeds=emb, attention_mask=batch.llm_attention_mask.to(device)).last_hidden_state
+        targets = batch.llm_labels.to(device)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = llm.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, int(keep.sum())
+
+
+def build_text_tower(embed_dim: int, width: int, layers: int, heads: int, model_name: str | None = None, checkpoint: str | None = None) -> nn.Module:
+    """An open_clip text transformer (random init, or a named open_clip config, optionally
+    loaded from a local open_clip checkpoint) with its position table extended to 512."""
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    if model_name is not None:
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(model_name)
+        if model_cfg is None:
+            raise ValueError(f"open_clip has no model config named {model_name!r}")
+        text_cfg = CLIPTextCfg(**model_cfg["text_cfg"])
+        if text_cfg.hf_model_name:
+            raise ValueError(f"{model_name!r} has a Hugging Face text tower; stage 1 needs an open_clip TextTransformer")
+        tower_dim = model_cfg["embed_dim"]
+        quick_gelu = model_cfg.get("quick_gelu", False)
+    else:
+        if width % heads:
+            raise ValueError(f"text width {width} is not a multiple of its {heads} heads")
+        text_cfg = CLIPTextCfg(context_length=CLIP_CONTEXT, width=width, layers=layers, heads=heads)
+        tower_dim, quick_gelu = embed_dim, False
+    if tower_dim != embed_dim:
+        raise ValueError(f"text tower {model_name!r} embeds into {tower_dim} dimensions, not --embed-dim {embed_dim}")
+    text = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
+    if checkpoint:
+        load_text_checkpoint(text, checkpoint)
+    extend_positions(text, TEXT_CONTEXT)
+    return text
+
+
+def load_text_checkpoint(text: nn.Module, path: str) -> None:
+    """A full open_clip CLIP state dict: the text tower's keys sit at the top level."""
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    wanted = set(text.state_dict())
+    picked = {k: v for k, v in state.items() if k in wanted}
+    missing = sorted(wanted - set(picked) - {"attn_mask"})
+    if missing:
+        raise ValueError(f"text checkpoint {path} lacks {missing[:8]}")
+    text.load_state_dict(picked, strict=False)
+
+
+@torch.no_grad()
+def extend_positions(text: nn.Module, context: int, generator: torch.Generator | None = None) -> None:
+    """Grow the position table to ``context`` rows; the new rows are drawn from the normal
+    distribution with the old rows' per-dimension mean and standard deviation."""
+    old = text.positional_embedding
+    n, width = old.shape
+    if context < n:
+        raise ValueError(f"cannot shrink the text position table from {n} to {context}")
+    mean, std = old.mean(0), old.std(0)
+    new = torch.randn(context - n, width, generator=generator, dtype=old.dtype) * std + mean
+    text.positional_embedding = nn.Parameter(torch.cat([old.detach(), new]))
+    text.num_pos = text.context_length = context
+    if getattr(text, "attn_mask", None) is not None:
+        text.attn_mask = text.build_causal_mask()
+
+
+class Stage1Objective(nn.Module):
+    def __init__(
+        self,
+        model,
+        text: nn.Module,
+        embed_dim: int = 768,
+        temperature: float = 0.07,
+        orthogonality_weight: float = 1.0,
+        n_l: int | None = None,
+        n_s: int | None = None,
+        freeze_vision: bool = False,
+    ):
+        super().__init__()
+        self.model = model
+        self.text = text
+        self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
+        self.head = nn.Linear(model.cfg.fusion.hidden_size, embed_dim, bias=False)
+        nn.init.normal_(self.head.weight, std=model.cfg.fusion.hidden_size**-0.5)
+        self.logit_scale = nn.Parameter(init_logit_scale(temperature))
+        self.orthogonality_weight = orthogonality_weight
+        # Stage 1 aligns fusion outputs with text; the LLM projection is stage 2's.
+        model.fuser.projection.requires_grad_(False)
+        if model.llm is not None:
+            model.llm.requires_grad_(False)
+        _freeze_unused_clip_parts(model)
+        if freeze_vision:
+            model.vision.clip.requires_grad_(False)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        loss, _ = self.losses(batch)
+        return loss, 1
+
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        model = self.model
+        device = model.device
+        vision = model.encode_views(batch.views.to(device), batch.num_views)
+        fused = model.fuse(vision, batch.question_ids, n_l=self.n_l, n_s=self.n_s, project=False)
+        image = F.normalize(self.head(fused.hidden[fused.is_eos]).float(), dim=-1)
+        text = F.normalize(self.text(batch.answer_ids.to(device)).float(), dim=-1)
+        contrastive = clip_infonce(image, text, self.logit_scale.clamp(max=MAX_LOGIT_SCALE))
+        orth = orthogonality_loss(fused.hidden, fused.is_eos, fused.group_sizes)
+        loss = contrastive + self.orthogonality_weight * orth
+        return loss, {"infonce": float(contrastive), "orthogonality": float(orth)}
