@@ -361,11 +361,56 @@ def _axis_inputs(t: torch.Tensor, dim: int, centre: bool, pairs: int) -> list[to
     return [d0 - d1, d1, d2 - d1]
 
 
-def _axis_outputs(parts: list[torch.Tensor], dim: int, centre: bool) -> list[torch.Tensor]:
-    """Outputs at even and odd positions along ``dim`` (each with ``pairs`` entries)."""
+def _axis_inputs_grad(parts: list[torch.Tensor], dim: int, centre: bool, size: int) -> torch.Tensor:
+    """Transpose of :func:`_axis_inputs`: component grads -> grad of an axis of ``size``."""
+    shape = list(parts[0].shape)
+    shape[dim] = size
+    out = parts[0].new_zeros(shape)
     if centre:
-        return [_take(parts[0], dim, 0, 2, parts[0].shape[dim] // 2), _take(parts[0], dim, 1, 2, parts[0].shape[dim] // 2)]
-    return [parts[0] + parts[1], parts[1] + parts[2]]
+        _put(out, dim, 0, 2, parts[0])
+        return out
+    du0, du1, du2 = parts
+    pairs = du0.shape[dim]
+    dd2 = du2.clone()
+    dd2.narrow(dim, 0, pairs - 1).add_(du0.narrow(dim, 1, pairs - 1))
+    _put(out, dim, 1, 4, du1 - du0 - du2)
+    _put(out, dim, 3, 4, dd2)
+    return out
+
+
+def _put(out: torch.Tensor, dim: int, start: int, step: int, src: torch.Tensor) -> None:
+    idx = [slice(None)] * out.dim()
+    idx[dim] = slice(start, None, step)
+    dst = out[tuple(idx)]
+    dst.copy_(src.narrow(dim, 0, dst.shape[dim]))
+
+
+def _axis_outputs(parts: list[torch.Tensor], dim: int, centre: bool, out: torch.Tensor) -> None:
+    """Add one axis's outputs into ``out`` (2 * pairs entries along ``dim``): the centre
+    component as is, the outer ones as (m0 + m1) at even and (m1 + m2) at odd positions."""
+    if centre:
+        out.add_(parts[0])
+        return
+    for parity, (a, b) in enumerate((parts[0:2], parts[1:3])):
+        idx = [slice(None)] * out.dim()
+        idx[dim] = slice(parity, None, 2)
+        out[tuple(idx)].add_(a).add_(b)
+
+
+def _axis_outputs_grad(g: torch.Tensor, dim: int, centre: bool) -> list[torch.Tensor]:
+    """Transpose of :func:`_axis_outputs`: output grad -> grads of the axis's components."""
+    if centre:
+        return [g]
+    idx = [slice(None)] * g.dim()
+    idx[dim] = slice(0, None, 2)
+    even = g[tuple(idx)]
+    idx[dim] = slice(1, None, 2)
+    odd = g[tuple(idx)]
+    return [even, even + odd, odd]
+
+
+# Kernel kinds an axis uses: the centre tap alone, or the three Winograd kernels of the outer taps.
+_KINDS = {True: (0,), False: (1, 2, 3)}
 
 
 def _winograd_kernels(weight: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -381,35 +426,91 @@ def _winograd_kernels(weight: torch.Tensor) -> list[list[torch.Tensor]]:
     return [kinds(r) for r in kinds(wcl)]
 
 
-def _winograd_conv(grid: torch.Tensor, weight: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+def _winograd_kernels_grad(dk: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Transpose of :func:`_winograd_kernels`: kernel grads -> (C_out, C_in, 3, 3) weight grad."""
+    c_out, c_in = dk[0][0].shape
+    dw = dk[0][0].new_empty(c_out, 3, 3, c_in).permute(0, 3, 1, 2)
+
+    def taps(parts):
+        return [parts[1] + parts[2], parts[0], parts[2] + parts[3]]
+
+    by_row_kind = [taps(dk[kr]) for kr in range(4)]
+    for tx in range(3):
+        for ty, t in enumerate(taps([by_row_kind[kr][tx] for kr in range(4)])):
+            dw[:, :, ty, tx].copy_(t)
+    return dw
+
+
+class _WinogradConv(torch.autograd.Function):
     """conv2d(kernel 3, stride 2, padding 1) of a (V, H, W, C_in) grid -> (V, ho, wo, C_out).
 
     Split by tap parity, a stride-2 3x3 convolution is four stride-1 ones: centre x centre
     (1 tap), centre x outer and outer x centre (1 x 2 and 2 x 1 taps) and outer x outer (2 x 2
     taps). Winograd F(2, 2) on every outer axis turns the 9 (M x C_in x C_out) GEMMs of the
-    direct form into GEMMs worth 6.25 of them: 1 + 1.5 + 1.5 + 2.25."""
-    v, _, _, c_in = grid.shape
-    c_out = weight.shape[0]
-    pr, pc = (ho + 1) // 2, (wo + 1) // 2
-    kernels = _winograd_kernels(weight)
-    # classes[a][b]: outputs at (2i + a, 2j + b), each (V, pr, pc, C_out).
-    classes = [[None, None], [None, None]]
-    for row_centre in (True, False):
-        rows = _axis_inputs(grid, 1, row_centre, pr)
-        row_kinds = [0] if row_centre else [1, 2, 3]
-        for col_centre in (True, False):
-            col_kinds = [0] if col_centre else [1, 2, 3]
-            per_row = []
-            for r, kr in zip(rows, row_kinds):
-                cols = _axis_inputs(r, 2, col_centre, pc)
-                per_row.append(_axis_outputs(
-                    [(a.reshape(-1, c_in) @ kernels[kr][kc].t()).view(*a.shape[:3], c_out) for a, kc in zip(cols, col_kinds)],
-                    2, col_centre))
-            for b in range(2):
-                for a, t in enumerate(_axis_outputs([pr_[b] for pr_ in per_row], 1, row_centre)):
-                    classes[a][b] = t if classes[a][b] is None else classes[a][b] + t
-    rows_even, rows_odd = (torch.stack(cls, 3).view(v, pr, 2 * pc, c_out) for cls in classes)
-    return torch.stack([rows_even, rows_odd], 2).view(v, 2 * pr, 2 * pc, c_out)[:, :ho, :wo]
+    direct form into GEMMs worth 6.25 of them (1 + 1.5 + 1.5 + 2.25), forward and backward. The
+    backward is written out because autograd through the ~60 slicing ops of the forward spends
+    more time zero-filling full-size gradients than in the GEMMs."""
+
+    @staticmethod
+    def forward(ctx, grid, weight, ho, wo):
+        v, h, w, c_in = grid.shape
+        c_out = weight.shape[0]
+        pr, pc = (ho + 1) // 2, (wo + 1) // 2
+        kernels = _winograd_kernels(weight)
+        y = grid.new_zeros(v, 2 * pr, 2 * pc, c_out)
+        inputs = []
+        for row_centre in (True, False):
+            rows = _axis_inputs(grid, 1, row_centre, pr)
+            for col_centre in (True, False):
+                per_row = []
+                for r, kr in zip(rows, _KINDS[row_centre]):
+                    products = []
+                    for a, kc in zip(_axis_inputs(r, 2, col_centre, pc), _KINDS[col_centre]):
+                        a2 = a.reshape(-1, c_in)
+                        inputs.append(a2)
+                        products.append((a2 @ kernels[kr][kc].t()).view(*a.shape[:3], c_out))
+                    row_out = products[0] if col_centre else y.new_zeros(v, r.shape[1], 2 * pc, c_out)
+                    if not col_centre:
+                        _axis_outputs(products, 2, False, row_out)
+                    per_row.append(row_out)
+                _axis_outputs(per_row, 1, row_centre, y)
+        ctx.save_for_backward(*[k for row in kernels for k in row], *inputs)
+        ctx.dims = (h, w, ho, wo)
+        return y[:, :ho, :wo]
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved = ctx.saved_tensors
+        kernels = [list(saved[4 * i:4 * i + 4]) for i in range(4)]
+        inputs = iter(saved[16:])
+        h, w, ho, wo = ctx.dims
+        c_out, c_in = kernels[0][0].shape
+        pr, pc = (ho + 1) // 2, (wo + 1) // 2
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gpad = F.pad(gy, (0, 0, 0, 2 * pc - wo, 0, 2 * pr - ho))
+        dgrid = None
+        dk = [[None] * 4 for _ in range(4)]
+        for row_centre in (True, False):
+            g_rows = _axis_outputs_grad(gpad, 1, row_centre)
+            d_rows = [None] * len(g_rows)
+            for col_centre in (True, False):
+                for i, (g_row, kr) in enumerate(zip(g_rows, _KINDS[row_centre])):
+                    d_cols = []
+                    for g_m, kc in zip(_axis_outputs_grad(g_row, 2, col_centre), _KINDS[col_centre]):
+                        a2 = next(inputs)
+                        g2 = g_m.reshape(-1, c_out)
+                        if need_w:
+                            dk[kr][kc] = g2.t() @ a2
+                        if need_x:
+                            d_cols.append((g2 @ kernels[kr][kc]).view(*g_m.shape[:3], c_in))
+                    if need_x:
+                        d = _axis_inputs_grad(d_cols, 2, col_centre, w)
+                        d_rows[i] = d if d_rows[i] is None else d_rows[i].add_(d)
+            if need_x:
+                d = _axis_inputs_grad(d_rows, 1, row_centre, h)
+                dgrid = d if dgrid is None else dgrid.add_(d)
+        dw = _winograd_kernels_grad(dk) if need_w else None
+        return dgrid, dw, None, None
 
 
 def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
@@ -422,7 +523,7 @@ def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
     packed = result.view(v, p + 1, c_out)
     dest = packed[:, :p].unflatten(1, (ho, wo))
     if x.dtype == torch.float32 and v * p * c_in * c_out >= _WINOGRAD_MIN_MACS:
-        dest.copy_(_winograd_conv(grid, weight, ho, wo))
+        dest.copy_(_WinogradConv.apply(grid, weight, ho, wo))
         if bias is not None:
             dest.add_(bias)
     else:
