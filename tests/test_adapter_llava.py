@@ -191,3 +191,50 @@ def test_errors(host, tokenizer, pixels):
         LlavaFusionAdapter.attach(llama, FUSION)
     with pytest.raises(ValueError, match="no fusedvlm adapter for model_type 'llama'"):
         attach(llama, FUSION)
+
+
+def test_stage2_training_with_the_trainer_updates_and_saves_only_the_fusion_module(tokenizer, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from fusedvlm.adapters.training import AdapterCollator, AdapterDataset, AdapterStage2Objective
+    from fusedvlm.train.checkpoint import load_training_checkpoint
+    from fusedvlm.train.data import read_records
+    from fusedvlm.train.loop import Trainer, TrainConfig
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": f"Thing {i}."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]})
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    records.append({"image": "bad.png", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+
+    host = tiny_llava(seed=4)
+    host_before = {k: v.clone() for k, v in host.state_dict().items()}
+    adapter = make_adapter(host)
+    fusion_before = {k: v.clone() for k, v in adapter.fusion.state_dict().items()}
+    processor = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    recs, _ = read_records(str(tmp_path / "data.json"), str(tmp_path))
+    dataset = AdapterDataset(recs, adapter, processor)
+    assert dataset[4].reason and dataset[0].pixel_values.shape == (3, 48, 48)
+    trainer = Trainer(AdapterStage2Objective(adapter), dataset, AdapterCollator(adapter, tokenizer),
+                      TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0, progress=False),
+                      str(tmp_path / "run"))
+    rows = trainer.fit()
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    for k, v in host.state_dict().items():
+        assert torch.equal(v, host_before[k]), k
+    assert any(not torch.equal(v, fusion_before[k]) for k, v in adapter.fusion.state_dict().items())
+    model_state = load_training_checkpoint(trainer.save())[0]
+    assert set(model_state) == {f"adapter.fusion.{k}" for k in fusion_before}
+    adapter.save_pretrained(tmp_path / "fusion")
+    reloaded = LlavaFusionAdapter.from_pretrained(tiny_llava(seed=4), tmp_path / "fusion")
+    for k, v in reloaded.fusion.state_dict().items():
+        assert torch.equal(v, adapter.fusion.state_dict()[k]), k

@@ -192,8 +192,8 @@ class FusionAdapter(nn.Module, ABC):
         question. Returns ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX except
         answers and their closing EOS), ``pixel_values`` and the fusion inputs
         ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample``."""
-        if conversations and isinstance(conversations[0], tuple):
-            conversations = [conversations]
+        if conversations and conversations[0] and isinstance(conversations[0][0], str):
+            conversations = [conversations]  # one conversation: a sequence of (question, answer) turns
         if not conversations:
             raise ValueError("prepare_inputs needs at least one conversation")
         if padding_side not in ("left", "right"):

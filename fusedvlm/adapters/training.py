@@ -1,0 +1,129 @@
+"""Stage-2 training of an adapter's fusion module with :class:`fusedvlm.train.loop.Trainer`.
+
+The trainer takes an objective (``forward(batch) -> (loss_sum, count)``), a dataset, a
+collator and a :class:`~fusedvlm.train.loop.TrainConfig`; this module supplies the three for
+a drop-in adapter::
+
+    records, _ = read_records("data.json", "images/")          # LLaVA-style records
+    dataset = AdapterDataset(records, adapter, processor.image_processor)
+    collator = AdapterCollator(adapter, processor.tokenizer)
+    Trainer(AdapterStage2Objective(adapter), dataset, collator, TrainConfig(steps=...), "runs/x").fit()
+    adapter.save_pretrained("runs/x/fusion")
+
+The loss is next-token cross-entropy on the answers and their closing EOS only (SPEC section 7);
+the host stays frozen. Trainer checkpoints hold the fusion module only: the objective's state
+dict leaves the host out, so a 7B host does not land in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedvlm.adapters.base import FusionAdapter
+from fusedvlm.chat import IGNORE_INDEX
+
+
+@dataclass
+class AdapterItem:
+    index: int
+    pixel_values: torch.Tensor  # (3, H, W)
+    turns: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Skipped:
+    index: int
+    reason: str
+
+
+@dataclass
+class AdapterBatch:
+    """A micro-batch: ``inputs`` are :meth:`FusionAdapter.prepare_inputs`'s tensors (labels included)."""
+
+    indices: list[int]
+    inputs: dict[str, torch.Tensor]
+    num_targets: int
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM tokens (unpadded) plus question tokens of the fusion stream."""
+        if not self.indices:
+            return 0
+        return int(self.inputs["attention_mask"].sum()) + int(self.inputs["fusion_question_ids"].numel())
+
+
+class AdapterDataset(torch.utils.data.Dataset):
+    """Records (``fusedvlm.train.data.Record``: image path and (question, answer) turns) ->
+    pixel values from the host's ``image_processor``. Unreadable images and questions the
+    fusion module rejects (empty, longer than max_question_tokens) come back as ``Skipped``,
+    which the trainer reports with the record index."""
+
+    def __init__(self, records, adapter: FusionAdapter, image_processor):
+        self.records, self.image_processor = list(records), image_processor
+        self.question_ids = adapter.fusion.question_ids
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> AdapterItem | Skipped:
+        from PIL import Image, UnidentifiedImageError
+
+        rec = self.records[i]
+        try:
+            for q, _ in rec.turns:
+                self.question_ids(q)
+            with Image.open(rec.image) as im:
+                pixels = self.image_processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            return Skipped(rec.index, str(e))
+        return AdapterItem(rec.index, pixels, tuple(rec.turns))
+
+
+class AdapterCollator:
+    """Items -> :class:`AdapterBatch` through ``adapter.prepare_inputs`` (right padding)."""
+
+    def __init__(self, adapter: FusionAdapter, tokenizer):
+        self.adapter, self.tokenizer = adapter, tokenizer
+
+    def __call__(self, items: list[AdapterItem | Skipped]) -> AdapterBatch:
+        skipped = [it for it in items if isinstance(it, Skipped)]
+        items = [it for it in items if isinstance(it, AdapterItem)]
+        if not items:
+            return AdapterBatch([], {}, 0, skipped)
+        inputs = self.adapter.prepare_inputs(self.tokenizer, [it.turns for it in items],
+                                             torch.stack([it.pixel_values for it in items]), padding_side="right")
+        targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return AdapterBatch([it.index for it in items], inputs, targets, skipped)
+
+
+class AdapterStage2Objective(nn.Module):
+    """Summed answer cross-entropy and its target count (the trainer divides globally)."""
+
+    def __init__(self, adapter: FusionAdapter):
+        super().__init__()
+        self.adapter = adapter
+        self.register_state_dict_post_hook(_drop_host_state)
+
+    def forward(self, batch: AdapterBatch) -> tuple[torch.Tensor, int]:
+        device = self.adapter.fusion.device
+        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+        labels = inputs.pop("labels")
+        logits = self.adapter(**inputs).logits[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+        return loss, int(keep.sum())
+
+
+def _drop_host_state(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state if k.startswith(prefix + "adapter.host.")]:
+        del state[key]
