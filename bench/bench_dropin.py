@@ -95,7 +95,6 @@ def run(args) -> dict:
         adapter = LlavaFusionAdapter.attach(host, fusion_cfg, n_l=n_l)
         fusion_params = sum(p.numel() for p in adapter.fusion.parameters())
         inputs = {k: v.to(device) for k, v in adapter.prepare_inputs(tok, [(QUESTION, None)], pixels).items()}
-        inputs.pop("labels")
         fq = (inputs["fusion_question_ids"], inputs["fusion_cu_seqlens"])
         with torch.no_grad():
             feats, cu = adapter.vision_features(pixels)

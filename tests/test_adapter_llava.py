@@ -68,6 +68,9 @@ def test_attach_builds_a_fusion_module_for_the_host(host):
     assert all(p.requires_grad for p in adapter.fusion.parameters())
     adapter.train()
     assert not host.training and adapter.fusion.training
+    # A module built without a grid (square views inferred) fits the host too.
+    square = FusionModule(FusionModuleConfig(fusion=FUSION, output_size=64, n_l=N_L, input_size=32))
+    assert LlavaFusionAdapter.attach(host, square).grid == (24, 24)
 
 
 def test_llm_receives_n_l_plus_k_minus_1_n_s_fused_tokens_before_each_question(host, tokenizer, pixels):
@@ -115,7 +118,9 @@ def test_generate_save_reload_identical(host, tokenizer, pixels, tmp_path):
     assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
     assert torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
     # A left-padded batch decodes exactly as each conversation alone (positions, cache).
-    alone = adapter.generate(**adapter.prepare_inputs(tokenizer, CONVS[1:], pixels[1:]), **GREEDY)
+    prompt_only = adapter.prepare_inputs(tokenizer, CONVS[1:], pixels[1:])
+    assert "labels" not in prompt_only and "labels" in inputs
+    alone = adapter.generate(**prompt_only, **GREEDY)
     assert torch.equal(alone[0, -6:], out[1, -6:])
 
     adapter.save_pretrained(tmp_path / "ckpt")

@@ -57,7 +57,9 @@ class FusionAdapter(nn.Module, ABC):
         width, grid = self.host_vision_layout(host)
         if fusion.vision_width != width:
             raise ValueError(f"the fusion module takes vision width {fusion.vision_width}, the host's features are {width} wide")
-        if fusion.cfg.merge and fusion.cfg.grid != grid:
+        if fusion.cfg.merge and grid is None:
+            raise ValueError("the host's vision features are not a token grid: the fusion module needs merge=False")
+        if fusion.cfg.merge and fusion.cfg.grid not in (None, grid):
             raise ValueError(f"the fusion module merges {fusion.cfg.grid} grids, the host's features form {grid}")
         if fusion.cfg.output_size != self.host_llm_width(host):
             raise ValueError(f"the fusion module projects to {fusion.cfg.output_size}, the host LLM is {self.host_llm_width(host)} wide")
@@ -66,6 +68,7 @@ class FusionAdapter(nn.Module, ABC):
         self.fusion = fusion
         self.prompt = prompt if prompt is not None else self.default_prompt
         self.image_token_id = self.host_image_token_id(host)
+        self.grid = grid if fusion.cfg.merge else None
 
     # ------------------------------------------------------------------ family hooks
     @classmethod
@@ -189,9 +192,11 @@ class FusionAdapter(nn.Module, ABC):
         conversation. Pass ``pixel_values`` (B, 3, H, W) or ``images`` with the host's
         ``image_processor``. The text pieces are tokenized one by one (no special tokens) and
         joined with ``n_l`` (first question) or ``n_s`` image placeholder ids before each
-        question. Returns ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX except
-        answers and their closing EOS), ``pixel_values`` and the fusion inputs
-        ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample``."""
+        question. Returns ``input_ids``, ``attention_mask``, ``pixel_values``, the fusion inputs
+        ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample`` and,
+        when some turn has an answer, ``labels`` (IGNORE_INDEX except answers and their
+        closing EOS). Text pieces are tokenized separately, so a tokenizer that merges across
+        piece boundaries may split the prompt slightly differently from whole-string tokenization."""
         if conversations and conversations[0] and isinstance(conversations[0][0], str):
             conversations = [conversations]  # one conversation: a sequence of (question, answer) turns
         if not conversations:
@@ -252,15 +257,17 @@ class FusionAdapter(nn.Module, ABC):
             input_ids[i, sl] = torch.tensor(r)
             label_t[i, sl] = torch.tensor(lab)
             attention[i, sl] = 1
-        return {
+        inputs = {
             "input_ids": input_ids,
             "attention_mask": attention,
-            "labels": label_t,
             "pixel_values": pixel_values,
             "fusion_question_ids": torch.tensor([t for q in qids for t in q], dtype=torch.long),
             "fusion_cu_seqlens": cu_seqlens_from_lengths([len(q) for q in qids]),
             "fusion_questions_per_sample": torch.tensor(per_sample, dtype=torch.long),
         }
+        if any(answer is not None for turns in conversations for _, answer in turns):
+            inputs["labels"] = label_t
+        return inputs
 
     # ------------------------------------------------------------------ fused path
     def fused_tokens(
@@ -277,7 +284,7 @@ class FusionAdapter(nn.Module, ABC):
         dev = self.fusion.device
         return self.fusion(
             tokens.to(dev, self.fusion.projection.weight.dtype), cu.to(dev), fusion_question_ids.to(dev),
-            fusion_cu_seqlens.to(dev), fusion_questions_per_sample, n_l=n_l, n_s=n_s,
+            fusion_cu_seqlens.to(dev), fusion_questions_per_sample, n_l=n_l, n_s=n_s, grid=self.grid,
         )
 
     def inputs_embeds(

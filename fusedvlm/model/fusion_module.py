@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -361,8 +362,8 @@ class FusionModule(nn.Module):
             return VisionPrefix(tokens, cu_seqlens_vision.to(tokens.device), [1 if n else 0 for n in lengths])
         grid = grid if grid is not None else self.cfg.grid
         if grid is None:
-            sides = {int(round(n**0.5)) for n in lengths if n}
-            if len(sides) > 1 or any(n and int(round(n**0.5)) ** 2 != n for n in lengths):
+            sides = {math.isqrt(n) for n in lengths if n}
+            if len(sides) > 1 or any(math.isqrt(n) ** 2 != n for n in lengths):
                 raise ValueError(f"without grid=(H, W) every sample must be one square view of the same size; "
                                  f"got vision lengths {lengths}")
             side = sides.pop() if sides else 1
