@@ -24,5 +24,20 @@ test: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/fusedvlm bench $(BENCH_ARGS)
 
+# Kernel and runtime benchmarks (bench/test_*.py) against a saved baseline. The first run
+# saves .benchmarks/<machine>/0001_baseline.json; later runs fail when a benchmark's minimum
+# (the statistic least disturbed by other load) is more than BENCH_FAIL slower. Delete the
+# baseline file to take a new one.
+BENCH_FAIL ?= min:25%
+bench-regress: $(STAMP)
+	@if ls .benchmarks/*/*_baseline.json >/dev/null 2>&1; then \
+		OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q bench/ --benchmark-only \
+			--benchmark-compare='*_baseline' --benchmark-compare-fail=$(BENCH_FAIL) --benchmark-columns=min,median,iqr,rounds; \
+	else \
+		OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q bench/ --benchmark-only --benchmark-save=baseline \
+			--benchmark-columns=min,median,iqr,rounds && \
+		echo "saved a baseline under .benchmarks/; run make bench-regress again to compare against it"; \
+	fi
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,191 @@
+"""The benchmark suite: FLOP counting against analytic counts, and the CLI end to end on tiny."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedvlm.benchmark.flops import (
+    analytic_fusion_llm_flops,
+    causal_pairs,
+    count_flops,
+    packed_attention_flops,
+    prefill_flops,
+)
+from fusedvlm.benchmark.sweep import percentile, quantiles
+from fusedvlm.kernels import packed_attention
+from fusedvlm.packing import cu_seqlens_from_lengths
+
+QUESTION = "Describe the image in detail."
+
+
+def _brute_pairs(lq: int, lk: int, bottom_right: bool) -> int:
+    i = torch.arange(lq)[:, None]
+    j = torch.arange(lk)[None, :]
+    return int((j <= i + (lk - lq if bottom_right else 0)).sum())
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (5, 5), (3, 9), (7, 7), (123, 130), (0, 4)])
+def test_causal_pairs_match_masks(lq, lk):
+    assert causal_pairs(lq, lk) == _brute_pairs(lq, lk, bottom_right=True)
+    assert causal_pairs(lq, lk, bottom_right=False) == _brute_pairs(lq, lk, bottom_right=False)
+    assert causal_pairs(lk, lq, bottom_right=False) == _brute_pairs(lk, lq, bottom_right=False)
+
+
+def test_causal_pairs_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="len_k >= len_q"):
+        causal_pairs(5, 3)
+    with pytest.raises(ValueError, match="negative"):
+        causal_pairs(-1, 3)
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [([3, 7, 1], [5, 9, 1]), ([4, 1, 6], [4, 1, 6])])
+def test_packed_attention_counted_equals_analytic(lens_q, lens_k):
+    torch.manual_seed(0)
+    hq, hkv, d = 4, 2, 8
+    q = torch.randn(sum(lens_q), hq, d)
+    k = torch.randn(sum(lens_k), hkv, d)
+    v = torch.randn(sum(lens_k), hkv, d)
+    cq, ck = cu_seqlens_from_lengths(lens_q), cu_seqlens_from_lengths(lens_k)
+    with count_flops() as c:
+        packed_attention(q, k, v, cq, ck, causal=True)
+    brute = sum(_brute_pairs(a, b, True) for a, b in zip(lens_q, lens_k))
+    assert c.attention == c.total == 4 * hq * d * brute
+    assert packed_attention_flops(cq.tolist(), ck.tolist(), hq, d) == c.total
+
+
+def test_sdpa_causal_and_masked_counts():
+    b, h, lq, lk, d = 2, 3, 6, 6, 16
+    q, k, v = (torch.randn(b, h, n, d) for n in (lq, lk, lk))
+    with count_flops() as causal:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert causal.total == 4 * b * h * d * lq * (lq + 1) // 2
+    mask = torch.rand(lq, lk) > 0.5
+    mask[:, 0] = True  # every row sees a key
+    with count_flops() as masked:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert masked.total == 4 * b * h * d * int(mask.sum())
+
+
+def test_triton_launches_are_counted_analytically(monkeypatch):
+    """A Triton launch is invisible to the dispatch mode; the wrapper must add exactly what
+    the torch path's SDPA ops count."""
+    import fusedvlm.backend
+    import fusedvlm.model.fusion as fusion
+
+    lens = [5, 2, 9]
+    q, k, v = (torch.randn(sum(lens), 2, 8) for _ in range(3))
+    cu = cu_seqlens_from_lengths(lens)
+    # Only the benchmark's wrapper sees "triton"; the kernel itself still takes the torch path.
+    monkeypatch.setattr(fusedvlm.backend, "use_triton", lambda *t: True)
+    with count_flops() as c:
+        fusion.packed_attention(q, k, v, cu, cu, causal=True)
+    by_op = c.by_op
+    assert by_op["triton.packed_attention"] == by_op["aten._scaled_dot_product_flash_attention_for_cpu"]
+
+
+def test_vision_flops_include_attention(tiny_model, photo):
+    """open_clip's ViT runs nn.MultiheadAttention's fused fast path: projections and attention
+    must be counted."""
+    views, _ = tiny_model.preprocess([photo])
+    vc = tiny_model.cfg.vision
+    n_views, t, c = views.shape[0], vc.grid**2 + 1, vc.width
+    mlp = int(c * vc.mlp_ratio)
+    expected = 2 * n_views * vc.grid**2 * 3 * vc.patch_size**2 * c  # patch embedding
+    expected += vc.layers * n_views * (2 * t * (4 * c * c + 2 * c * mlp) + 4 * t * t * c)
+    with torch.no_grad(), count_flops() as counted:
+        tiny_model.vision(views)
+    assert counted.total == expected
+
+
+def test_prefill_flop_growth_matches_analytic(tiny_model, photo):
+    """Between two n_l the prefill grows by the fusion queries plus the LLM tokens, attention
+    included, as the closed-form count predicts (issue 7: within 2 %)."""
+    views, counts = tiny_model.preprocess([photo])
+    vision_tokens = counts[0] * tiny_model.cfg.tokens_per_view
+    qtok = len(tiny_model.question_ids(QUESTION))
+    totals, analytic = {}, {}
+    for n_l in (64, 16, 1):
+        counted = prefill_flops(tiny_model, photo, QUESTION, n_l)
+        llm_tokens = len(tiny_model.layout.question(QUESTION, n_l, True))
+        expect = analytic_fusion_llm_flops(tiny_model, vision_tokens, qtok, n_l, llm_tokens)
+        for stage, value in expect.items():
+            assert counted[stage].total == pytest.approx(value, rel=0.02), (n_l, stage)
+        assert counted[stage].attention > 0
+        totals[n_l] = sum(c.total for c in counted.values())
+        analytic[n_l] = sum(expect.values())
+    for a, b in ((64, 16), (16, 1), (64, 1)):
+        growth = totals[a] - totals[b]
+        assert growth > 0
+        assert growth == pytest.approx(analytic[a] - analytic[b], rel=0.02)
+
+
+def test_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.exponential(size=37).tolist()
+    for p in (0.0, 0.25, 0.5, 0.9, 0.99, 1.0):
+        assert percentile(x, p) == pytest.approx(float(np.percentile(x, 100 * p)))
+    q = quantiles(x)
+    assert q["iqr"] == pytest.approx(float(np.percentile(x, 75) - np.percentile(x, 25)))
+    assert np.isnan(percentile([], 0.5))
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_validates_n_l():
+    from fusedvlm.benchmark.cli import parse_n_l, resolve_n_l
+
+    assert parse_n_l("768, 8,1") == [768, 8, 1]
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        parse_n_l("64,abc")
+    with pytest.raises(ValueError, match=">= 1"):
+        parse_n_l("0,4")
+    assert resolve_n_l([768, 64, 1], 63, explicit=False, preset="tiny") == ([64, 1], [768])
+    with pytest.raises(ValueError, match="n_l <= 64"):
+        resolve_n_l([768, 64], 63, explicit=True, preset="tiny")
+
+
+def test_cli_refuses_paper_on_cpu(capsys):
+    from fusedvlm.cli import main
+
+    assert main(["bench", "--preset", "paper", "--device", "cpu", "--images", "chelsea"]) == 2
+    err = capsys.readouterr().err
+    assert "paper" in err and ("GPU" in err or "host memory" in err)
+
+
+def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
+    from fusedvlm.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "--preset", "tiny", "--n-l", "16,1", "--images", "chelsea", "page", "--repeats", "1",
+               "--warmup", "0", "--max-new-tokens", "3", "--questions", "2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "TTFT ms" in printed and "wall time" in printed
+    for name in ("results.json", "results.csv", "results.md", "prefill_vs_nl.png", "decode_vs_nl.png", "stage_breakdown.png"):
+        assert (out / name).stat().st_size > 0, name
+    payload = json.loads((out / "results.json").read_text())
+    env = payload["environment"]
+    assert env["torch_threads"] >= 1 and env["torch"] == torch.__version__ and "git_sha" in env
+    rows = {r["n_l"]: r for r in payload["results"]}
+    assert set(rows) == {16, 1}
+    assert rows[16]["n_s"] == 8 and rows[1]["n_s"] == 1
+    for r in rows.values():
+        for key in ("ttft_ms", "decode_tokens_per_s", "peak_mem_bytes", "later_turn_ttft_ms"):
+            assert r[key] > 0, key
+        for stage in ("total", "preprocess", "vision", "merge", "fusion", "projection", "llm_prefill"):
+            assert stage in r["prefill_ms"] and stage in r["prefill_tflops"]
+        assert r["prefill_tflops"]["total"] == pytest.approx(sum(v for k, v in r["prefill_tflops"].items() if k != "total"))
+        assert r["runs"] == 2  # two images, one repeat
+    assert rows[16]["prefill_tflops"]["total"] > rows[1]["prefill_tflops"]["total"]
+    # Every run decoded exactly max_new_tokens (EOS ignored): 2 LLM decode steps per turn.
+    assert all(len(lat) == 2 for run in payload["runs"] for lat in run["decode_latencies_ms"])
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert "prefill_ms.llm_prefill" in header and "prefill_tflops.total" in header
+    assert os.path.getsize(out / "results.md") > 200
