@@ -243,3 +243,13 @@ def test_stage2_training_with_the_trainer_updates_and_saves_only_the_fusion_modu
     reloaded = LlavaFusionAdapter.from_pretrained(tiny_llava(seed=4), tmp_path / "fusion")
     for k, v in reloaded.fusion.state_dict().items():
         assert torch.equal(v, adapter.fusion.state_dict()[k]), k
+
+
+def test_fp32_fusion_module_on_a_bf16_host(tokenizer, pixels):
+    host = tiny_llava().to(torch.bfloat16)
+    adapter = LlavaFusionAdapter.attach(host, FUSION, n_l=N_L, dtype=torch.float32)
+    inputs = adapter.prepare_inputs(tokenizer, [[("What is it?", "A cup.")]], pixels[:1])
+    loss = adapter(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and adapter.fusion.projection.weight.grad.dtype == torch.float32
+    assert adapter.generate(**adapter.prepare_inputs(tokenizer, CONVS, pixels), **GREEDY).shape[0] == 2
