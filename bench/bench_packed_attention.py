@@ -18,10 +18,11 @@ For 2, 4 and 8 packed samples of 1500-2600 tokens (seeded), 16 heads x 64, rows:
 there on CPU).
 
 Peak memory: on GPU ``torch.cuda.max_memory_allocated`` of one call above what was allocated
-before it. On CPU there is no allocator statistic, so a sampling thread reads the process RSS
-(/proc/self/statm) every ~0.2 ms during one call and reports the peak minus the RSS at the
-start of the call. Large CPU tensors are mmap'ed by glibc and returned on free, so this tracks
-the call's transient footprint (the output included), to within the sampling interval.
+before it. On CPU, one call runs under ``torch.profiler`` with ``profile_memory=True`` and the
+peak of its memory timeline (every torch CPU allocation and free during the call, the output
+included; tensors that existed before the call are not counted) is reported. On CPU the first,
+unprofiled call is the probe: a method slower than SLOW_S is timed by that call alone, a faster
+one ``--repeats`` more times (the probe serving as warm-up).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py
 """
@@ -32,7 +33,6 @@ import argparse
 import os
 import random
 import sys
-import threading
 import time
 
 import torch
@@ -51,32 +51,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SLOW_S = 2.0  # a call slower than this is timed once, after its probe call
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes of torch CPU tensors allocated during fn() and live at the same moment."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-
-def cpu_peak_delta(fn) -> tuple[int, float]:
-    """(peak RSS during fn() minus RSS before it, seconds fn() took)."""
-    base = _rss_bytes()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(2e-4)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    try:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    finally:
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        thread.join()
-    return max(peak[0], _rss_bytes()) - base, elapsed
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return max(sum(row) for row in sizes) if sizes else 0
 
 
 def packing(n: int, seed: int, lo: int, hi: int) -> list[int]:
@@ -112,6 +95,11 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
     def flex_prepare():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        if with_grad and device.type == "cpu":
+            raise NotImplementedError(f"FlexAttention has no CPU backward (torch {torch.__version__})")
+        # A fresh compile per packing: a frame that once failed can otherwise run flex eagerly,
+        # which materialises every (T, T) score matrix (13 GB at 8k tokens).
+        torch._dynamo.reset()
         seg = segment_ids(cu, total)
 
         def causal_block_diagonal(b, h, qi, ki):
@@ -167,9 +155,10 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
                 t = time_fn(call, name=name, warmup=2, repeats=args.repeats, device=device)
                 peak = t.peak_mem_bytes
             else:
-                peak, probe_s = cpu_peak_delta(call)
-                slow = probe_s > SLOW_S
-                t = time_fn(call, name=name, warmup=0 if slow else 1, repeats=1 if slow else args.repeats)
+                probe = time_fn(call, name=name, warmup=0, repeats=1)
+                # A slow call is timed once (the probe); a fast one again after that warm-up.
+                t = probe if probe.median_ms > SLOW_S * 1e3 else time_fn(call, name=name, warmup=0, repeats=args.repeats)
+                peak = cpu_peak_bytes(call)
         except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as e:
             rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
                              method=name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))

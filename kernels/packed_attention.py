@@ -28,18 +28,21 @@ interpreter has no usable bf16 arithmetic.
 
 CPU path (no Triton): one ``scaled_dot_product_attention`` call per segment on strided views
 (the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else an explicit (Lq, Lk) bottom-right
-mask of that segment only), results concatenated; autograd flows through SDPA. Measured on the
-2-core CPU of the development machine (torch 2.14, fp32, 16 heads x 64, 8 segments, 16 500
-tokens, 2 threads), forward:
+mask of that segment only), results concatenated; autograd flows through SDPA. Chosen by
+measurement (``bench/bench_packed_attention.py``, fp32, 16 heads x 64, 2 threads on a shared,
+heavily loaded 2-core machine, so absolute times are inflated; the ratios come from one run),
+forward at 2 / 4 / 8 packed samples (3302 / 8126 / 15186 tokens):
 
-    per-segment SDPA, strided views, is_causal          ~0.75 s   <- chosen
-    per-segment SDPA, contiguous copies                 ~0.8 s
-    per-segment SDPA with a (L, L) bool mask            ~1.6 s
-    FlexAttention + block mask, torch.compile (CPU)     ~1.2 s, plus ~40 s compile per new packing
-    dense masked SDPA over the whole pack               ~9 s
+    this path (per-segment SDPA, is_causal, views)      0.57 / 1.9 / 4.0 s
+    per-segment SDPA with an (L, L) bool mask (ref)     1.3 / 4.3 / 7.5 s
+    FlexAttention + block mask, torch.compile           0.72 / 3.2 / 6.1 s, plus 4-22 s compile
+                                                        and 0.4-7 s block-mask build per packing
+    dense masked SDPA over the whole pack               2.0 / 13 / 44 s
 
-(see ``bench/bench_packed_attention.py`` for the harness; FlexAttention recompiles whenever the
-packing changes, which in the fusion decoder is every batch, so it does not pay off here.)
+FlexAttention wins only on tiny packs (under ~1k tokens), recompiles for every new packing
+length (every batch in the fusion decoder) and has no CPU backward in torch 2.14; per-segment
+SDPA with is_causal is the fastest from a few thousand tokens up, differentiable, and compiles
+nothing.
 """
 
 from __future__ import annotations
