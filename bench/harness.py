@@ -46,9 +46,11 @@ def time_fn(
     repeats: int = 5,
     device: torch.device | str | None = None,
     min_time_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (more
-    until ``min_time_s`` has passed). Peak CUDA memory of one call is recorded on GPU."""
+    until ``min_time_s`` has passed). Peak CUDA memory of one call is recorded on GPU.
+    ``clock`` times CPU calls (``time.process_time`` resists a machine shared with other jobs)."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
@@ -71,9 +73,9 @@ def time_fn(
             b.synchronize()
             times.append(a.elapsed_time(b))
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((clock() - t0) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Timing(name, statistics.median(times), min(times), max(times), q[2] - q[0], len(times), peak)
 
