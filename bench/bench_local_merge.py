@@ -13,6 +13,7 @@ gradients for every input):
 time / conv2d time (overhead over the bare convolution). All ratios come from the same run.
 
     python bench/bench_local_merge.py                  # CPU: fp32, paper and small shape
+    python bench/bench_local_merge.py --threads 1 --clock cpu   # CPU time: robust on a busy machine
     python bench/bench_local_merge.py --out bench/results/local_merge.json
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,11 @@ def _cases(v: int, side: int, c_in: int, c_out: int, dtype: torch.dtype, device:
     }
 
 
-def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backward: bool = True) -> list[dict]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backward: bool = True,
+                clock: str = "wall") -> list[dict]:
     v, side, c_in, c_out = SHAPES[name]
     cases = _cases(v, side, c_in, c_out, dtype, device)
     fwd, bwd = cases["fused"][0](), cases["eager"][0]()
@@ -81,7 +87,7 @@ def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backwa
         timings = {}
         with torch.set_grad_enabled(pass_name == "fwd+bwd"):
             for op, fns in cases.items():
-                timings[op] = time_fn(fns[i], name=op, warmup=1, repeats=repeats, device=device)
+                timings[op] = time_fn(fns[i], name=op, warmup=1, repeats=repeats, device=device, clock=CLOCKS[clock])
         for op, t in timings.items():
             rows.append(dict(
                 shape=f"{name} V{v} {side}x{side} {c_in}->{c_out}", pass_=pass_name, op=op,
@@ -95,12 +101,12 @@ def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backwa
     return rows
 
 
-def run(shapes: list[str], dtypes: list[str], device: str, repeats: dict[str, int]) -> dict:
+def run(shapes: list[str], dtypes: list[str], device: str, repeats: dict[str, int], clock: str = "wall") -> dict:
     probe = torch.empty(0, device=device)
     rows = []
     for dtype_name in dtypes:
         for shape in shapes:
-            for r in bench_shape(shape, DTYPES[dtype_name], device, repeats[shape]):
+            for r in bench_shape(shape, DTYPES[dtype_name], device, repeats[shape], clock=clock):
                 rows.append(dict(dtype=dtype_name, **r))
     return dict(environment=environment(), backend=backend_name(probe), rows=rows)
 
@@ -114,13 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per row (default: 20 on GPU; on CPU 3 for the paper shape, 20 for small)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="CPU timing clock: wall, or process CPU time (with --threads 1, robust on a shared machine)")
     p.add_argument("--out", default=None, help="also save the results as JSON here")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
+    if gpu and args.clock != "wall":
+        raise SystemExit("--clock cpu times CPU runs only; GPU runs use CUDA events")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = {s: args.repeats or (20 if gpu or s != "paper" else 3) for s in args.shapes}
-    result = run(args.shapes, args.dtypes, args.device, repeats)
-    title = (f"local_merge on {args.device} ({result['backend']} path), {torch.get_num_threads()} threads; "
-             "vs_eager = speed-up over the eager chain, vs_conv2d = time / F.conv2d alone")
+    result = run(args.shapes, args.dtypes, args.device, repeats, clock=args.clock)
+    title = (f"local_merge on {args.device} ({result['backend']} path), {torch.get_num_threads()} threads, "
+             f"{args.clock} clock; vs_eager = speed-up over the eager chain, vs_conv2d = time / F.conv2d alone")
     print_table(result["rows"], ["dtype"] + COLUMNS, title)
     if args.out:
         save_json(args.out, dict(args=vars(args), **result))
