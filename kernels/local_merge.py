@@ -30,11 +30,13 @@ Precision: fp32 accumulation everywhere. fp16/bf16 tiles feed tl.dot directly on
 Triton interpreter (no bf16 arithmetic) bf16 tiles are upcast to fp32 right after the load.
 fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` lets F.conv2d use it.
 
-Torch path (CPU, or FUSEDVLM_BACKEND=torch): x.view(V, H, W, C).permute(0, 3, 1, 2) is already
-a channels-last grid, so one F.conv2d runs on it without a copy; the residual is added in place
-and the result copied once into the packed output next to the LF row. Its backward computes
-dW as a single im2col GEMM, which is several times faster on CPU than the channels-last
-convolution weight-gradient kernel autograd would pick.
+Torch path (CPU, or FUSEDVLM_BACKEND=torch): the convolution result is written once into the
+packed output (or the caller's ``out``), the residual and bias are added there in place and the
+LF row filled, with no grid transpose and no concatenation. Small problems and half precision
+run one F.conv2d on x.view(V, H, W, C).permute(0, 3, 1, 2), which is already a channels-last
+grid (no copy). Large fp32 problems, where the CPU time is all GEMM at near peak FLOP rate, use
+a polyphase Winograd F(2, 2) form of the same convolution (``_WinogradConv``) that needs
+6.25/9 of the multiplies, forward and backward.
 
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
@@ -236,8 +238,10 @@ def _config(dtype: torch.dtype) -> dict:
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     interp = interpreter_enabled()
-    tf32 = dtype == torch.float32 and not interp and torch.backends.cudnn.allow_tf32
-    return dict(UPCAST=interp and dtype == torch.bfloat16, DOT_PRECISION="tf32" if tf32 else "ieee")
+    upcast = interp and dtype == torch.bfloat16
+    # Only fp32 operands have a precision to choose; half-precision dots keep Triton's default.
+    exact = (dtype == torch.float32 and (interp or not torch.backends.cudnn.allow_tf32)) or upcast
+    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if exact else "tf32")
 
 
 def _triton_forward(x, w9, lf_token, bias, residual, h, w, out):
@@ -314,7 +318,7 @@ class _LocalMergeTriton(torch.autograd.Function):
         residual, h, w, has_bias = ctx.geometry
         v, _, c_in = x.shape
         c_out = weight.shape[0]
-        g = grad_out.view(v, -1, c_out)
+        g = grad_out
         p = g.shape[1] - 1
         dx = dw = dlf = db = None
         if ctx.needs_input_grad[0]:
