@@ -190,6 +190,8 @@ def test_errors(host, tokenizer, pixels):
     wrong = FusionModule(FusionModuleConfig(fusion=FUSION, output_size=48, n_l=N_L, input_size=32, grid=(24, 24)))
     with pytest.raises(ValueError, match="projects to 48, the host LLM is 64 wide"):
         LlavaFusionAdapter.attach(host, wrong)
+    with pytest.raises(TypeError, match="n_l only apply when building from a FusionConfig"):
+        LlavaFusionAdapter.attach(host, wrong, n_l=8)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=261, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2))
     with pytest.raises(ValueError, match="not a LLaVA model"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from abc import ABC, abstractmethod
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -102,36 +102,41 @@ class FusionAdapter(nn.Module, ABC):
         host: nn.Module,
         fusion: FusionConfig | FusionModuleConfig | FusionModule | None = None,
         *,
-        n_l: int = 64,
+        n_l: int | None = None,
         n_s: int | None = None,
-        merge: bool = True,
-        drop_question: bool = False,
-        max_question_tokens: int = 512,
+        merge: bool | None = None,
+        drop_question: bool | None = None,
+        max_question_tokens: int | None = None,
         prompt: PromptFormat | None = None,
         dtype: torch.dtype | None = None,
     ) -> "FusionAdapter":
         """Wrap ``host`` with a fusion module: a given module as is, else a new one built from
-        a :class:`FusionModuleConfig` or from a :class:`FusionConfig` (default: the paper's
-        decoder) plus the host's widths and grid. The module goes to the host's device and
-        ``dtype`` (default: the host's)."""
+        a :class:`FusionModuleConfig`, or from a :class:`FusionConfig` (default: the paper's
+        decoder) plus the host's widths and grid and the options ``n_l`` (default 64), ``n_s``
+        (default: the SPEC rule), ``merge`` (True), ``drop_question`` (False) and
+        ``max_question_tokens`` (512), which apply only there. The module goes to the host's
+        device and ``dtype`` (default: the host's)."""
         cls.check_host(host)
-        if isinstance(fusion, FusionModule):
-            module = fusion
+        options = dict(n_l=n_l, n_s=n_s, merge=merge, drop_question=drop_question, max_question_tokens=max_question_tokens)
+        given = sorted(k for k, v in options.items() if v is not None)
+        if isinstance(fusion, (FusionModule, FusionModuleConfig)):
+            if given:
+                raise TypeError(f"{', '.join(given)} only apply when building from a FusionConfig; "
+                                f"this {type(fusion).__name__} already fixes them")
+            module = fusion if isinstance(fusion, FusionModule) else FusionModule(fusion)
+        elif fusion is None or isinstance(fusion, FusionConfig):
+            merge = True if merge is None else merge
+            width, grid = cls.host_vision_layout(host)
+            if merge and grid is None:
+                raise ValueError(f"the {cls.family} host's vision features are not a token grid; attach with merge=False")
+            module = FusionModule(FusionModuleConfig(
+                fusion=fusion if fusion is not None else FusionConfig(), output_size=cls.host_llm_width(host),
+                n_l=64 if n_l is None else n_l, n_s=n_s, merge=merge, grid=grid if merge else None, input_size=width,
+                drop_question=bool(drop_question),
+                max_question_tokens=512 if max_question_tokens is None else max_question_tokens,
+            ))
         else:
-            if isinstance(fusion, FusionModuleConfig):
-                cfg = fusion
-            elif fusion is None or isinstance(fusion, FusionConfig):
-                width, grid = cls.host_vision_layout(host)
-                if merge and grid is None:
-                    raise ValueError(f"the {cls.family} host's vision features are not a token grid; attach with merge=False")
-                cfg = FusionModuleConfig(
-                    fusion=fusion if fusion is not None else FusionConfig(), output_size=cls.host_llm_width(host),
-                    n_l=n_l, n_s=n_s, drop_question=drop_question, max_question_tokens=max_question_tokens,
-                    merge=merge, grid=grid if merge else None, input_size=width,
-                )
-            else:
-                raise TypeError(f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}")
-            module = FusionModule(cfg)
+            raise TypeError(f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}")
         ref = next(host.parameters())
         module.to(device=ref.device, dtype=dtype if dtype is not None else ref.dtype)
         return cls(host, module, prompt)
