@@ -389,16 +389,22 @@ def _put(out: torch.Tensor, dim: int, start: int, step: int, src: torch.Tensor) 
     dst.copy_(src.narrow(dim, 0, dst.shape[dim]))
 
 
-def _axis_outputs(parts: list[torch.Tensor], dim: int, centre: bool, out: torch.Tensor) -> None:
-    """Add one axis's outputs into ``out`` (2 * pairs entries along ``dim``): the centre
-    component as is, the outer ones as (m0 + m1) at even and (m1 + m2) at odd positions."""
+def _axis_outputs(parts: list[torch.Tensor], dim: int, centre: bool, out: torch.Tensor, accumulate: bool) -> None:
+    """Write or add one axis's outputs into ``out`` (2 * pairs entries along ``dim``): the
+    centre component as is, the outer ones as (m0 + m1) at even and (m1 + m2) at odd positions."""
     if centre:
-        out.add_(parts[0])
+        if accumulate:
+            out.add_(parts[0])
+        else:
+            out.copy_(parts[0])
         return
     for parity, (a, b) in enumerate((parts[0:2], parts[1:3])):
         idx = [slice(None)] * out.dim()
         idx[dim] = slice(parity, None, 2)
-        out[tuple(idx)].add_(a).add_(b)
+        if accumulate:
+            out[tuple(idx)].add_(a).add_(b)
+        else:
+            torch.add(a, b, out=out[tuple(idx)])
 
 
 def _axis_outputs_grad(g: torch.Tensor, dim: int, centre: bool) -> list[torch.Tensor]:
@@ -461,7 +467,7 @@ class _WinogradConv(torch.autograd.Function):
         c_out = weight.shape[0]
         pr, pc = (ho + 1) // 2, (wo + 1) // 2
         kernels = _winograd_kernels(weight)
-        y = grid.new_zeros(v, 2 * pr, 2 * pc, c_out)
+        y = None
         inputs = []
         for row_centre in (True, False):
             rows = _axis_inputs(grid, 1, row_centre, pr)
@@ -473,11 +479,15 @@ class _WinogradConv(torch.autograd.Function):
                         a2 = a.reshape(-1, c_in)
                         inputs.append(a2)
                         products.append((a2 @ kernels[kr][kc].t()).view(*a.shape[:3], c_out))
-                    row_out = products[0] if col_centre else y.new_zeros(v, r.shape[1], 2 * pc, c_out)
-                    if not col_centre:
-                        _axis_outputs(products, 2, False, row_out)
-                    per_row.append(row_out)
-                _axis_outputs(per_row, 1, row_centre, y)
+                    if col_centre:
+                        per_row.append(products[0])
+                    else:
+                        per_row.append(products[0].new_empty(v, r.shape[1], 2 * pc, c_out))
+                        _axis_outputs(products, 2, False, per_row[-1], accumulate=False)
+                if y is None:  # centre x centre comes first and covers every output
+                    y = per_row[0]
+                else:
+                    _axis_outputs(per_row, 1, row_centre, y, accumulate=True)
         ctx.save_for_backward(*[k for row in kernels for k in row], *inputs)
         ctx.dims = (h, w, ho, wo)
         return y[:, :ho, :wo]
