@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fusedvlm.checkpoint import check_state_dict
 from fusedvlm.config import FusionConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
@@ -454,7 +455,7 @@ class FusionModule(nn.Module):
         with torch.device("meta"):
             module = cls(cfg)
         state = load_file(weights, device=str(device))
-        check_state_dict(module, state, weights)
+        check_state_dict(module.state_dict(), state, weights)
         module.load_state_dict(state, assign=True)
         return module.to(dtype) if dtype is not None else module
 
@@ -477,17 +478,3 @@ def load_config(path: str | os.PathLike) -> FusionModuleConfig:
         return FusionModuleConfig.from_dict(meta["config"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{config}: bad config: {e}") from None
-
-
-def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a ValueError listing missing, unexpected and shape-mismatched keys."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-                        for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    problems = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise ValueError(f"{source} does not match the fusion module: " + "; ".join(problems))
