@@ -393,10 +393,7 @@ def _axis_outputs(parts: list[torch.Tensor], dim: int, centre: bool, out: torch.
     """Write or add one axis's outputs into ``out`` (2 * pairs entries along ``dim``): the
     centre component as is, the outer ones as (m0 + m1) at even and (m1 + m2) at odd positions."""
     if centre:
-        if accumulate:
-            out.add_(parts[0])
-        else:
-            out.copy_(parts[0])
+        (out.add_ if accumulate else out.copy_)(parts[0])
         return
     for parity, (a, b) in enumerate((parts[0:2], parts[1:3])):
         idx = [slice(None)] * out.dim()

@@ -54,13 +54,14 @@ def _run(fn, x, weight, lf, b, grad, device="cpu", **kw):
     return [out.detach().cpu().float()] + [g.cpu().float() for g in grads]
 
 
-def _compare(case, device="cpu", transposed_x=False):
+def _compare(case, device="cpu", strided=False):
     v, h, w, c_in, c_out, residual, bias, dtype = case
     x, weight, lf, b, grad = _inputs(v, h, w, c_in, c_out, bias, dtype)
     kw = dict(residual=residual, grid=(h, w))
     want = _run(ref_local_merge, x, weight, lf, b, grad, upcast=True, **kw)
-    if transposed_x:
+    if strided:  # x and the output gradient stored token-major, read through strided views
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        grad = grad.transpose(0, 1).contiguous().transpose(0, 1)
     got = _run(local_merge, x, weight, lf, b, grad, device=device, **kw)
     names = ["out", "dx", "dweight", "dlf", "dbias"]
     for name, g, r in zip(names, got, want):
@@ -84,9 +85,9 @@ def test_triton_matches_reference(case, monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_triton_strided_x(monkeypatch):
+def test_triton_strided_x_and_grad(monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
-    _compare((2, 3, 3, 16, 16, True, True, F32), transposed_x=True)
+    _compare((2, 3, 3, 16, 16, True, True, F32), strided=True)
 
 
 CPU_CASES = INTERPRETER_CASES + [
@@ -108,10 +109,10 @@ def test_torch_path_matches_reference(case, path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", sorted(TORCH_PATHS))
-def test_torch_path_strided_x_and_frozen_weight(path, monkeypatch):
+def test_torch_path_strided_and_frozen_weight(path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
-    _compare((2, 3, 3, 16, 16, True, True, F32), transposed_x=True)
+    _compare((2, 3, 3, 16, 16, True, True, F32), strided=True)
     # Only x needs a gradient.
     x, weight, lf, b, grad = _inputs(2, 5, 5, 16, 16, True, F32)
     xr = x.clone().requires_grad_()
