@@ -62,7 +62,8 @@ _MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(q, k, v, cu_q, cu_k, causal) -> None:
+def _validate(q, k, v, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
+    """Raise a ValueError naming the problem, else return both offset vectors on the host."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
@@ -81,7 +82,7 @@ def _validate(q, k, v, cu_q, cu_k, causal) -> None:
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
-    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
@@ -105,16 +106,16 @@ def _validate(q, k, v, cu_q, cu_k, causal) -> None:
         if bad.numel():
             s = int(bad[0])
             raise ValueError(f"segment {s}: {int(lk[s])} keys < {int(lq[s])} queries; a causal segment needs len_k >= len_q")
+    return both[0].tolist(), both[1].tolist()
 
 
 # --------------------------------------------------------------------------- torch path
 
 
-def _torch_packed_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> torch.Tensor:
+def _torch_packed_attention(q, k, v, cq: list[int], ck: list[int], causal: bool, scale: float) -> torch.Tensor:
     """One fused CPU SDPA call per segment on strided views; differentiable."""
     hq, hkv = q.shape[1], k.shape[1]
     gqa = hq // hkv
-    cq, ck = cu_q.tolist(), cu_k.tolist()
     outs = []
     for s in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
@@ -507,9 +508,9 @@ def packed_attention(
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
+    offsets_q, offsets_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q, k, v):
         q, k, v = _inner_contig(q), _inner_contig(k), _inner_contig(v)
         return _PackedAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    return _torch_packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return _torch_packed_attention(q, k, v, offsets_q, offsets_k, causal, scale)
