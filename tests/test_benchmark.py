@@ -183,6 +183,7 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
             assert stage in r["prefill_ms"] and stage in r["prefill_tflops"]
         assert r["prefill_tflops"]["total"] == pytest.approx(sum(v for k, v in r["prefill_tflops"].items() if k != "total"))
         assert r["runs"] == 2  # two images, one repeat
+        assert abs(r["fusion_llm_flops_rel_diff"]) < 0.02
     assert rows[16]["prefill_tflops"]["total"] > rows[1]["prefill_tflops"]["total"]
     # Every run decoded exactly max_new_tokens (EOS ignored): 2 LLM decode steps per turn.
     assert all(len(lat) == 2 for run in payload["runs"] for lat in run["decode_latencies_ms"])

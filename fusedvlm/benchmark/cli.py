@@ -148,6 +148,8 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     print()
     print("\n".join(table_lines(payload["results"])))
+    worst = max(abs(r["fusion_llm_flops_rel_diff"]) for r in payload["results"])
+    print(f"\nFLOP check: fusion + projection + LLM prefill counted vs closed form, worst relative difference {worst:.2e}")
     paths = write_all(payload, args.out)
     print(f"\nwall time {payload['wall_time_s']:.0f} s; wrote {', '.join(paths)}")
     return 0

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fusedvlm.benchmark.flops import STAGES, prefill_flops
+from fusedvlm.benchmark.flops import STAGES, analytic_fusion_llm_flops, prefill_flops
 from fusedvlm.benchmark.system import PeakMemory, kv_bytes_per_position, memory_bandwidth, unique_parameter_bytes
 
 QUESTIONS = (
@@ -137,8 +137,13 @@ def run_sweep(model, images: Sequence[tuple[str, object]], cfg: SweepConfig, log
         for n_l in cfg.n_l:
             if (num_views, n_l) not in by_views:
                 counts = prefill_flops(model, image, questions[0], n_l, cfg.n_s_at(n_l))
+                analytic = analytic_fusion_llm_flops(
+                    model, num_views * model.cfg.tokens_per_view, len(model.question_ids(questions[0])), n_l,
+                    len(model.layout.question(questions[0], n_l, True)),
+                )
                 by_views[num_views, n_l] = {s: c.total for s, c in counts.items()} | {
                     "attention": sum(c.attention for c in counts.values()), "views": num_views,
+                    "analytic_fusion_llm": sum(analytic.values()),
                 }
             flops[name, n_l] = by_views[num_views, n_l]
         log(f"FLOPs of {name} ({num_views} views) counted ({time.perf_counter() - t0:.0f} s)")
@@ -202,6 +207,9 @@ def _aggregate(n_l: int, runs: list[Run], flops: dict, llm_bytes: int, kv_pos: i
     tflops = {s: statistics.fmean(f[s] for f in per_image) / 1e12 for s in STAGES}
     tflops = {"total": sum(tflops.values())} | tflops
     attention_tflops = statistics.fmean(f["attention"] for f in per_image) / 1e12
+    # The counted n_l-dependent stages against their closed form (a self-check of the counter).
+    counted = statistics.fmean(f["fusion"] + f["projection"] + f["llm_prefill"] for f in per_image)
+    analytic = statistics.fmean(f["analytic_fusion_llm"] for f in per_image)
     achieved = {"total": tflops["total"] / (prefill_ms["total"] / 1e3) if prefill_ms["total"] > 0 else float("nan")}
     achieved |= {s: tflops[s] / (prefill_ms[s] / 1e3) if prefill_ms[s] > 0 else 0.0 for s in STAGES}
 
@@ -225,6 +233,8 @@ def _aggregate(n_l: int, runs: list[Run], flops: dict, llm_bytes: int, kv_pos: i
         "decode_latency_ms": {"p50": lat["median"], "p90": percentile(latencies, 0.9), "p99": percentile(latencies, 0.99)},
         "prefill_tflops": tflops,
         "prefill_attention_tflops": attention_tflops,
+        "fusion_llm_tflops_analytic": analytic / 1e12,
+        "fusion_llm_flops_rel_diff": (counted - analytic) / analytic,
         "prefill_tflops_per_s": achieved,
         "decode_bytes_per_token": bytes_per_token,
         "decode_bandwidth_bytes_per_s": bytes_per_token * tps["median"],
