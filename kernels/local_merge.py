@@ -333,10 +333,21 @@ class _LocalMergeTriton(torch.autograd.Function):
         return dx, dw, dlf, db, None, None, None
 
 
-# Below this many multiply-adds per tap (V * P * C_in * C_out) the torch path runs one
-# F.conv2d: the Winograd form's ~60 small ops then cost more than its saved multiplies. Half
-# precision also takes the convolution: its transforms would round in 8 or 11 bits.
-_WINOGRAD_MIN_MACS = 1 << 22
+# C_in * C_out from which the Winograd form beats one F.conv2d on CPU (fp32, 24x24 and 14x14
+# grids, 1 to 10 views). Its transforms cost O(C) per pixel against O(C^2) of GEMM, so the
+# channel count decides; with a backward the bar is lower, the convolution's weight gradient
+# being slow on CPU. Half precision always takes the convolution: the transforms would round
+# in 8 or 11 bits.
+_WINOGRAD_MIN_CHANNELS = 512 * 512
+_WINOGRAD_MIN_CHANNELS_TRAINING = 256 * 256
+
+
+def _use_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.dtype != torch.float32:
+        return False
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    bar = _WINOGRAD_MIN_CHANNELS_TRAINING if training else _WINOGRAD_MIN_CHANNELS
+    return weight.shape[0] * weight.shape[1] >= bar
 
 
 def _take(t: torch.Tensor, dim: int, start: int, step: int, count: int) -> torch.Tensor:
@@ -533,7 +544,7 @@ def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
     result = out if out is not None else x.new_empty(v, p + 1, c_out)
     packed = result.view(v, p + 1, c_out)
     dest = packed[:, :p].unflatten(1, (ho, wo))
-    if x.dtype == torch.float32 and v * p * c_in * c_out >= _WINOGRAD_MIN_MACS:
+    if _use_winograd(x, weight):
         dest.copy_(_WinogradConv.apply(grid, weight, ho, wo))
         if bias is not None:
             dest.add_(bias)

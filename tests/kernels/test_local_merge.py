@@ -97,21 +97,21 @@ CPU_CASES = INTERPRETER_CASES + [
 
 
 # The torch path picks one F.conv2d or the Winograd form by size; force each in turn.
-TORCH_PATHS = {"conv": 1 << 62, "winograd": 0}
+TORCH_PATHS = {"conv": False, "winograd": True}
 TORCH_CASES = [(case, path) for case in CPU_CASES for path in TORCH_PATHS if path == "conv" or case[7] == F32]
 
 
 @pytest.mark.parametrize("case, path", TORCH_CASES, ids=lambda c: c if isinstance(c, str) else "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
 def test_torch_path_matches_reference(case, path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
-    monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
+    monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
     _compare(case)
 
 
 @pytest.mark.parametrize("path", sorted(TORCH_PATHS))
 def test_torch_path_strided_and_frozen_weight(path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
-    monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
+    monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
     _compare((2, 3, 3, 16, 16, True, True, F32), strided=True)
     # Only x needs a gradient.
     x, weight, lf, b, grad = _inputs(2, 5, 5, 16, 16, True, F32)
@@ -155,19 +155,19 @@ def test_out_buffer_triton(monkeypatch):
 @pytest.mark.parametrize("path", sorted(TORCH_PATHS))
 def test_out_buffer_torch(path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
-    monkeypatch.setattr(lm, "_WINOGRAD_MIN_MACS", TORCH_PATHS[path])
+    monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
     _check_out_buffer()
 
 
 def test_paper_shape_torch_path():
     # 10 views of 24x24 -> 145 tokens per view, 1450 in all (SPEC section 4), at a width that
     # takes the Winograd form by default.
-    x, weight, lf, _, _ = _inputs(10, 24, 24, 64, 64, False, F32)
-    assert 10 * 144 * 64 * 64 >= lm._WINOGRAD_MIN_MACS
+    x, weight, lf, _, _ = _inputs(10, 24, 24, 512, 512, False, F32)
+    assert lm._use_winograd(x, weight)
     out = local_merge(x, weight, lf)
-    assert out.shape == (10, 145, 64)
+    assert out.shape == (10, 145, 512)
     torch.testing.assert_close(out, ref_local_merge(x, weight, lf), **tol(OP, F32))
-    assert torch.equal(out[:, 144], lf.expand(10, 64))
+    assert torch.equal(out[:, 144], lf.expand(10, 512))
 
 
 @pytest.mark.parametrize(
