@@ -80,12 +80,6 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def slug(name: str) -> str:
-    """A file-name-safe form of a device name."""
-    keep = "".join(c if c.isalnum() else "-" for c in name.lower())
-    return "-".join(p for p in keep.split("-") if p)[:60] or "device"
-
-
 def memory_bandwidth(device: torch.device, size_bytes: int = 1 << 28, repeats: int = 5) -> tuple[float, str]:
     """(bytes/s, source). GPUs: the data-sheet peak from :data:`GPU_BANDWIDTH` when the name is
     known. Otherwise measured: the best of ``repeats`` copies of a ``size_bytes`` buffer,
