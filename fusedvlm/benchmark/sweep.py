@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-
 from fusedvlm.benchmark.flops import STAGES, analytic_fusion_llm_flops, prefill_flops
 from fusedvlm.benchmark.system import PeakMemory, kv_bytes_per_position, memory_bandwidth, unique_parameter_bytes
 
