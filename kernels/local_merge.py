@@ -548,12 +548,17 @@ def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
         dest.copy_(_WinogradConv.apply(grid, weight, ho, wo))
         if bias is not None:
             dest.add_(bias)
+        if residual:
+            dest.add_(grid[:, ::2, ::2])
     else:
-        # grid.permute(0, 3, 1, 2) is already channels-last: the convolution reads x in place.
-        dest.copy_(F.conv2d(grid.permute(0, 3, 1, 2), weight, bias, stride=2, padding=1).permute(0, 2, 3, 1))
-    if residual:
-        dest.add_(grid[:, ::2, ::2])
-    packed[:, p].copy_(lf_token.expand(v, c_out))
+        # grid.permute(0, 3, 1, 2) is already channels-last: the convolution reads x in place,
+        # and its output is channels-last too, so the residual add and the copy run contiguous.
+        nchw = grid.permute(0, 3, 1, 2)
+        y = F.conv2d(nchw, weight, bias, stride=2, padding=1)
+        if residual:
+            y += nchw[:, :, ::2, ::2]
+        dest.copy_(y.permute(0, 2, 3, 1))
+    packed[:, p] = lf_token
     return result
 
 
