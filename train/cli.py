@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--hd-num", type=int, default=None, help="max local views per image (preset default)")
     g.add_argument("--drop-question", action="store_true", help="groups without question text (queries + EOS only)")
     g.add_argument("--freeze-vision", action="store_true", help="keep the CLIP vision encoder fixed (its new LayerNorm still trains)")
+    g.add_argument("--llm-path", default=None, help="a local Hugging Face causal LM directory to use (frozen) instead of the preset's LLM")
+    g.add_argument("--system", default=None, help="system prompt of the chat layout (default: the preset's)")
     g.add_argument("--init", default=None, help="start from trainable weights (model.safetensors of an earlier run)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, required=True, help="optimiser steps")
@@ -75,22 +77,56 @@ def register(sub) -> None:
     s2.set_defaults(func=run_train)
 
 
+def build_trainer(stage: int, cfg, data: str, image_root: str, out: str, train_cfg, ctx=None, *, on_error: str = "skip",
+                  init: str | None = None, freeze_vision: bool = False, stage1: dict | None = None, run_info: dict | None = None):
+    """(trainer, model, problems found while reading the data) for one stage; the model is
+    initialised from the current torch seed (or ``init``)."""
+    from fusedvlm.checkpoint import load_trainable
+    from fusedvlm.model.vlm import FusedVLM
+    from fusedvlm.train.data import Collator, ConversationDataset, SampleEncoder, read_records
+    from fusedvlm.train.loop import Trainer
+    from fusedvlm.train.objectives import Stage1Objective, Stage2Objective, build_text_tower
+
+    model = FusedVLM(cfg, load_language_model=(stage == 2))
+    if init:
+        load_trainable(model, init)
+    records, problems = read_records(data, image_root, on_error)
+    encoder = SampleEncoder(
+        stage=stage, hd_num=cfg.hd_num, view_size=cfg.view_size, n_l=cfg.n_l, n_s=cfg.resolved_n_s,
+        drop_question=cfg.drop_question, max_question_tokens=cfg.max_question_tokens, layout=model.layout,
+    )
+    if stage == 1:
+        o = {"embed_dim": 768, "temperature": 0.07, "orthogonality_weight": 1.0, "text_model": None,
+             "text_checkpoint": None, "text_width": None, "text_layers": 2, "text_heads": 4, **(stage1 or {})}
+        text = build_text_tower(
+            o["embed_dim"], o["text_width"] or cfg.fusion.hidden_size, o["text_layers"], o["text_heads"],
+            model_name=o["text_model"] or cfg.vision.model_name, checkpoint=o["text_checkpoint"],
+        )
+        objective = Stage1Objective(
+            model, text, embed_dim=o["embed_dim"], temperature=o["temperature"],
+            orthogonality_weight=o["orthogonality_weight"], freeze_vision=freeze_vision,
+        )
+    else:
+        objective = Stage2Objective(model, freeze_vision=freeze_vision)
+    dataset = ConversationDataset(records, encoder, on_error)
+    trainer = Trainer(objective, dataset, Collator(encoder, cfg.tokens_per_view), train_cfg, out, ctx, run_info)
+    return trainer, model, problems
+
+
 def run_train(args) -> int:
     import json
     import os
+    from dataclasses import replace
 
     import torch
 
-    from fusedvlm.checkpoint import load_trainable, save_trainable
+    from fusedvlm.checkpoint import save_trainable
     from fusedvlm.config import get_preset
-    from fusedvlm.model.vlm import FusedVLM
-    from fusedvlm.train.data import Collator, ConversationDataset, SampleEncoder, read_records
     from fusedvlm.train.distributed import init_distributed
-    from fusedvlm.train.loop import TrainConfig, Trainer
-    from fusedvlm.train.objectives import Stage1Objective, Stage2Objective, build_text_tower
+    from fusedvlm.train.loop import TrainConfig
 
     stage = 1 if args.stage == "stage1" else 2
-    cfg_train = TrainConfig(
+    train_cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         beta1=args.beta1, beta2=args.beta2, max_grad_norm=args.max_grad_norm, precision=args.precision,
@@ -105,34 +141,27 @@ def run_train(args) -> int:
     if args.drop_question:
         overrides["drop_question"] = True
     cfg = get_preset(args.preset, **overrides)
+    if args.llm_path or args.system is not None:
+        llm = cfg.llm
+        if args.llm_path:
+            llm = replace(llm, source="pretrained", path=args.llm_path)
+        if args.system is not None:
+            llm = replace(llm, system_prompt=args.system)
+        cfg = replace(cfg, llm=llm)
     ctx = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    model = FusedVLM(cfg, load_language_model=(stage == 2))
-    if args.init:
-        load_trainable(model, args.init)
-    records, problems = read_records(args.data, args.image_root, args.on_error)
-    if ctx.is_main and problems:
-        print(f"fusedvlm train: {len(problems)} record(s) skipped while reading {args.data}", flush=True)
-    encoder = SampleEncoder(
-        stage=stage, hd_num=cfg.hd_num, view_size=cfg.view_size, n_l=cfg.n_l, n_s=cfg.resolved_n_s,
-        drop_question=cfg.drop_question, max_question_tokens=cfg.max_question_tokens, layout=model.layout,
-    )
+    stage1 = None
     if stage == 1:
-        text = build_text_tower(
-            args.embed_dim, args.text_width or cfg.fusion.hidden_size, args.text_layers, args.text_heads,
-            model_name=args.text_model or cfg.vision.model_name, checkpoint=args.text_checkpoint,
-        )
-        objective = Stage1Objective(
-            model, text, embed_dim=args.embed_dim, temperature=args.temperature,
-            orthogonality_weight=args.orthogonality_weight, freeze_vision=args.freeze_vision,
-        )
-    else:
-        objective = Stage2Objective(model, freeze_vision=args.freeze_vision)
-    dataset = ConversationDataset(records, encoder, args.on_error)
-    collator = Collator(encoder, cfg.tokens_per_view)
+        stage1 = {k: getattr(args, k) for k in ("embed_dim", "temperature", "orthogonality_weight", "text_model",
+                                                 "text_checkpoint", "text_width", "text_layers", "text_heads")}
     run_info = {"stage": args.stage, "preset": args.preset, "model_config": cfg.to_dict()}
-    trainer = Trainer(objective, dataset, collator, cfg_train, args.out, ctx, run_info)
+    trainer, model, problems = build_trainer(
+        stage, cfg, args.data, args.image_root, args.out, train_cfg, ctx, on_error=args.on_error, init=args.init,
+        freeze_vision=args.freeze_vision, stage1=stage1, run_info=run_info,
+    )
     if ctx.is_main:
+        if problems:
+            print(f"fusedvlm train: {len(problems)} record(s) skipped while reading {args.data}", flush=True)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({**run_info, "args": {k: v for k, v in vars(args).items() if k != "func"}}, f, indent=1)

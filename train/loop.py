@@ -209,9 +209,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, micro_batches) -> dict:
-        """One optimiser step over this rank's micro-batches; returns the step's metrics."""
-        ctx, cfg = self.ctx, self.cfg
+    def accumulate_gradients(self, micro_batches) -> float:
+        """Forward and backward over this rank's micro-batches of one step, leaving in
+        ``.grad`` the gradient of the step's global mean loss; returns that loss."""
+        ctx = self.ctx
         for b in micro_batches:
             if b.size == 0:
                 raise ValueError(f"a micro-batch has no usable sample (skipped records {[s.index for s in b.skipped]})")
@@ -219,9 +220,6 @@ class Trainer:
         total = float(counts[0])
         if total == 0:
             raise ValueError("the step's batches have no training targets")
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
@@ -231,16 +229,23 @@ class Trainer:
                     loss, _ = self.module(batch)
                 (loss * (ctx.world / total)).backward()
             loss_sum += loss.detach().double().cpu()
-        loss_sum = all_reduce_sum(loss_sum.reshape(1), ctx)
+        return float(all_reduce_sum(loss_sum.reshape(1), ctx)[0]) / total
+
+    def train_step(self, micro_batches) -> dict:
+        """One optimiser step over this rank's micro-batches; returns the step's metrics."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.accumulate_gradients(micro_batches)
         params = [p for _, p in self.named_params]
-        if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": float(loss_sum[0]) / total, "lr": lr, "grad_norm": float(grad_norm)}
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
 
     def fit(self, resume: bool | str = False, on_step=None) -> list[dict]:
         """Train to ``cfg.steps``; returns this call's metrics rows. ``on_step(trainer, row)``

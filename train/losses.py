@@ -1,8 +1,5 @@
 """Training losses (SPEC section 7).
 
-* :func:`answer_cross_entropy`: next-token CE summed over labelled positions (answers and
-  their closing EOS); the caller divides by the global label count so that gradient
-  accumulation and data parallelism reproduce one big batch exactly.
 * :func:`clip_infonce`: symmetric CLIP InfoNCE between paired, L2-normalised embeddings with a
   learnable log inverse temperature.
 * :func:`orthogonality_loss`: ``MSE(Z Z^T, I)`` over each group's L2-normalised query outputs,
@@ -16,21 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.chat import IGNORE_INDEX
-
 CLIP_TEMPERATURE_INIT = 0.07
-
-
-def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """logits (B, L, V), labels (B, L) aligned with the inputs (IGNORE_INDEX where not
-    trained) -> (sum of next-token CE over labelled targets, number of such targets)."""
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    targets = labels[:, 1:]
-    pred = logits[:, :-1].float()
-    count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, count
 
 
 def clip_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -145,3 +145,77 @@ def write_dataset(
                 conversations.append({"from": "gpt", "value": a})
             f.write(json.dumps({"id": f"{stem}-{i}", "image": rel, "conversations": conversations}) + "\n")
     return path
+
+
+def pretrain_reader_llm(
+    directory: str,
+    llm_cfg,
+    n_l: int,
+    n_s: int,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    num_questions: int = 2,
+) -> str:
+    """Pretrain a small byte-level Llama (``llm_cfg``'s shapes) into a *reader* of this data
+    set's conversations, and save it as a Hugging Face directory (``LLMConfig(source=
+    "pretrained", path=directory)`` loads it).
+
+    A random frozen LLM barely responds to its inputs (its logits span about 0.02 * width
+    nats), so no prefix can make it spell an answer; the paper's frozen LLM is a pretrained
+    one. This stands in for it: in pretraining, every fused slot of a question holds the bytes
+    of that question's answer (cycled), so the model learns the chat layout, the answer words
+    and to read the answer from the slots. It never sees an image; in stage 2 the fusion module
+    has to write the answer into those slots from the pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    from fusedvlm.chat import IGNORE_INDEX, ChatLayout
+    from fusedvlm.model.llm import byte_tokenizer, random_llama
+
+    if llm_cfg.source != "random":
+        raise ValueError("pretrain_reader_llm builds a byte-level model from a random LLMConfig")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = byte_tokenizer()
+    layout = ChatLayout(llm_cfg.chat_template, tok, llm_cfg.system_prompt)
+    model = random_llama(llm_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def conversation():
+        colour, position = rng.choice(list(COLOURS)), rng.choice(POSITIONS)
+        fake = ShapeSample(None, colour, position, "circle")
+        turns = sample_questions(fake, rng, num_questions)
+        counts = [n_l] + [n_s] * (len(turns) - 1)
+        t = layout.conversation(turns, counts)
+        slots = []
+        for (_, answer), m in zip(turns, counts):
+            ids = tok(answer, add_special_tokens=False).input_ids
+            slots += [ids[i % len(ids)] for i in range(m)]
+        it = iter(slots)
+        return [next(it) if f else i for i, f in zip(t.ids, t.fused)], t.labels
+
+    model.train()
+    for step in range(steps):
+        rows = [conversation() for _ in range(batch_size)]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((batch_size, width), layout.placeholder_id)
+        labels = torch.full((batch_size, width), IGNORE_INDEX)
+        mask = torch.zeros(batch_size, width, dtype=torch.long)
+        for i, (x, y) in enumerate(rows):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / (0.1 * steps))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    with open(os.path.join(directory, "reader.json"), "w") as f:
+        json.dump({"steps": steps, "final_loss": float(loss.detach()), "n_l": n_l, "n_s": n_s, "seed": seed}, f)
+    return directory

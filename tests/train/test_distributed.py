@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.train.conftest import run_env
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_grads.py")
+
+
+def test_two_process_gloo_gradients_equal_single_process(small_shapes, tmp_path):
+    root, data = small_shapes
+    single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
+    single_out.mkdir()
+    ddp_out.mkdir()
+    # Same global batch of 8: one process, one micro-batch of 8 / two ranks x two micro-batches of 2.
+    single = subprocess.Popen([sys.executable, SCRIPT, data, root, str(single_out), "8", "1"], env=run_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, data, root, str(ddp_out), "8", "2"],
+        env=run_env(), capture_output=True, text=True, timeout=600,
+    )
+    single_log = single.communicate(timeout=600)[0]
+    assert single.returncode == 0, single_log
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    a = torch.load(single_out / "grads.pt")
+    b = torch.load(ddp_out / "grads.pt")
+    assert (a["world"], b["world"]) == (1, 2)
+    assert abs(a["loss"] - b["loss"]) < 1e-6 * abs(a["loss"])
+    assert a["grads"].keys() == b["grads"].keys()
+    assert not any(k.startswith("model.llm.") for k in a["grads"])
+    for k in a["grads"]:
+        torch.testing.assert_close(b["grads"][k], a["grads"][k], rtol=1e-4, atol=1e-7, msg=k)
+    assert any(float(g.abs().max()) > 0 for g in a["grads"].values())
