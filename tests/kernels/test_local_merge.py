@@ -202,3 +202,30 @@ def test_triton_gpu_matches_reference(case, monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _compare(case, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
+def test_kernels_compile_for_gpu(dtype):
+    """The interpreter tolerates code the compiler rejects; compile every kernel for sm_90 with
+    the GPU tile configs (no GPU needed: Triton ships its own ptxas)."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    if lm.interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set for the whole session")
+    name = {BF16: "bf16", F32: "fp32"}[dtype]
+    flags = dict(lm._config(dtype), **lm._dot_flags(dtype))
+    options = dict(num_warps=flags.pop("num_warps"), num_stages=flags.pop("num_stages"))
+    epilogue = [dict(HAS_BIAS=True, RESIDUAL=True), dict(RESIDUAL=True), {}]
+    for kernel, extra in zip(lm._kernels(False), epilogue):
+        signature = {
+            p.name: "constexpr" if p.is_constexpr else ("*fp32" if p.name == "dw_ptr" else f"*{name}")
+            if p.name.endswith("_ptr") else "i32"
+            for p in kernel.params
+        }
+        compiled = triton.compile(ASTSource(kernel, signature, dict(flags, **extra)),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm.get("cubin"), kernel.__name__
