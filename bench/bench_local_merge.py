@@ -3,7 +3,8 @@
 Rows, for V views of an H x W token grid, C_in -> C_out (forward, and forward+backward with
 gradients for every input):
 
-* ``fused``  : ``fusedvlm.kernels.local_merge`` (Triton on GPU, the channels-last torch path on CPU)
+* ``fused``  : ``fusedvlm.kernels.local_merge`` (Triton on GPU; on CPU the torch path: one
+               channels-last F.conv2d at small widths, the Winograd F(2, 2) form at large ones)
 * ``eager``  : ``fusedvlm.ref.local_merge``, the chain it replaces: tokens -> NCHW grid copy ->
                conv2d -> + nearest downsample -> flatten -> append LF -> concatenate
 * ``conv2d`` : ``F.conv2d`` alone on a ready NCHW grid: no layout work, residual, LF or packing
@@ -14,6 +15,10 @@ time / conv2d time (overhead over the bare convolution). All ratios come from th
 
     python bench/bench_local_merge.py                  # CPU: fp32, paper and small shape
     python bench/bench_local_merge.py --threads 1 --clock cpu   # CPU time: robust on a busy machine
+
+On a machine shared with other jobs, multi-threaded wall-clock times of the torch path are
+unreliable: every op's thread-pool barrier waits for a descheduled worker, which hurts a
+many-op path (the Winograd form) far more than a single convolution.
     python bench/bench_local_merge.py --out bench/results/local_merge.json
 """
 
