@@ -581,8 +581,10 @@ def _check(x, weight, lf_token, bias, residual, grid, out) -> tuple[int, int]:
     tensors = [t for t in (x, weight, lf_token, bias, out) if t is not None]
     if x.dtype not in _DTYPES:
         raise TypeError(f"local_merge: x dtype {x.dtype} not supported (fp32, fp16, bf16)")
-    if any(t.dtype != x.dtype for t in tensors):
-        raise TypeError(f"local_merge: all tensors must share x's dtype {x.dtype}, got {[t.dtype for t in tensors]}")
+    if not all(t.is_floating_point() for t in tensors):
+        raise TypeError(f"local_merge: all tensors must be floating point, got {[t.dtype for t in tensors]}")
+    if out is not None and out.dtype != x.dtype:
+        raise TypeError(f"local_merge: out dtype {out.dtype} must be x's dtype {x.dtype}")
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"local_merge: tensors on different devices {[str(t.device) for t in tensors]}")
     if out is not None:
@@ -605,11 +607,14 @@ def local_merge(
     grid: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(V, H*W, C_in) -> (V, ceil(H/2)*ceil(W/2) + 1, C_out); see the module docstring.
+    """(V, H*W, C_in) -> (V, ceil(H/2)*ceil(W/2) + 1, C_out) in x's dtype; see the module docstring.
 
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
     h, w = _check(x, weight, lf_token, bias, residual, grid, out)
+    # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
+    # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
+    weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
     if not use_triton(x, weight, lf_token, bias, out):
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
     tracked = torch.is_grad_enabled() and any(

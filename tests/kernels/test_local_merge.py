@@ -170,6 +170,31 @@ def test_paper_shape_torch_path():
     assert torch.equal(out[:, 144], lf.expand(10, 512))
 
 
+def _check_mixed_dtypes():
+    # bf16 tokens with fp32 parameters (autocast-style training): computed in bf16, parameter
+    # gradients returned in fp32.
+    x, weight, lf, b, grad = _inputs(2, 5, 5, 16, 16, True, F32)
+    want = _run(ref_local_merge, x.to(BF16), weight.to(BF16), lf.to(BF16), b.to(BF16), grad.to(BF16), upcast=True)
+    leaves = [x.to(BF16).requires_grad_(), weight.requires_grad_(), lf.requires_grad_(), b.requires_grad_()]
+    out = local_merge(*leaves[:3], bias=leaves[3])
+    assert out.dtype == BF16
+    grads = torch.autograd.grad(out, leaves, grad.to(BF16))
+    assert [g.dtype for g in grads] == [BF16, F32, F32, F32]
+    for g, r in zip([out] + list(grads), want):
+        torch.testing.assert_close(g.detach().float(), r, **tol(OP, BF16))
+
+
+@pytest.mark.interpreter
+def test_mixed_dtypes_triton(monkeypatch):
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    _check_mixed_dtypes()
+
+
+def test_mixed_dtypes_torch(monkeypatch):
+    monkeypatch.setattr(lm, "_kernels", _no_triton)
+    _check_mixed_dtypes()
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -180,8 +205,9 @@ def test_paper_shape_torch_path():
         (lambda x, w, lf: dict(lf_token=lf[:3]), r"lf_token must be \(8,\)"),
         (lambda x, w, lf: dict(bias=lf[:3]), r"bias must be \(8,\)"),
         (lambda x, w, lf: dict(weight=torch.zeros(6, 8, 3, 3), lf_token=torch.zeros(6)), "residual needs C_in == C_out"),
-        (lambda x, w, lf: dict(weight=w.double()), "share x's dtype"),
-        (lambda x, w, lf: dict(x=x.int(), weight=w.int(), lf_token=lf.int()), "not supported"),
+        (lambda x, w, lf: dict(out=torch.empty(2, 5, 8, dtype=torch.float16)), "out dtype"),
+        (lambda x, w, lf: dict(lf_token=lf.int()), "floating point"),
+        (lambda x, w, lf: dict(x=x.double(), weight=w.double(), lf_token=lf.double()), "not supported"),
         (lambda x, w, lf: dict(out=torch.empty(2, 4, 8)), r"out must be \(2, 5, 8\) or \(10, 8\)"),
         (lambda x, w, lf: dict(out=torch.empty(8, 10).t()), "contiguous rows"),
         (lambda x, w, lf: dict(x=x[:, :0]), "empty dimension"),
