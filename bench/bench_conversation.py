@@ -112,6 +112,7 @@ def main(argv=None) -> int:
             totals[mode].append(sum(t["fusion_prefill_s"] for t in turns))
             ttft[mode].append(sum(t["ttft_s"] for t in turns))
             last[mode] = (turns, fused)
+            print(f"round {r + 1} {mode}: fusion+prefill {totals[mode][-1]:.3f} s, ttft {ttft[mode][-1]:.3f} s", flush=True)
 
     rows = []
     for mode in ("recompute", "reuse"):

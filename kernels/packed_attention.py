@@ -29,17 +29,17 @@ interpreter has no usable bf16 arithmetic.
 CPU path (no Triton): one ``scaled_dot_product_attention`` call per segment on strided views
 (the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else an explicit (Lq, Lk) bottom-right
 mask of that segment only), results concatenated; autograd flows through SDPA. Chosen by
-measurement (``bench/bench_packed_attention.py``, fp32, 16 heads x 64, 2 threads on a shared,
-heavily loaded 2-core machine, so absolute times are inflated; the ratios come from one run),
-forward at 2 / 4 / 8 packed samples (3302 / 8126 / 15186 tokens):
+measurement (``OMP_NUM_THREADS=1 python bench/bench_packed_attention.py``: fp32, 16 heads x 64,
+one thread on a shared 2-core machine; times from one run), forward at 2 / 4 / 8 packed samples
+(3302 / 8126 / 15186 tokens), and peak memory at 8:
 
-    this path (per-segment SDPA, is_causal, views)      0.57 / 1.9 / 4.0 s
-    per-segment SDPA with an (L, L) bool mask (ref)     1.3 / 4.3 / 7.5 s
-    FlexAttention + block mask, torch.compile           0.72 / 3.2 / 6.1 s, plus 4-22 s compile
-                                                        and 0.4-7 s block-mask build per packing
-    dense masked SDPA over the whole pack               2.0 / 13 / 44 s
+    this path (per-segment SDPA, is_causal, views)      0.58 / 1.7 / 2.7 s     297 MiB
+    per-segment SDPA with an (L, L) bool mask (ref)     0.84 / 3.1 / 5.7 s     289 MiB
+    FlexAttention + block mask, torch.compile           0.75 / 2.2 / 5.2 s     178 MiB
+        (not timed: 16-21 s compile and 0.3-6.5 s block-mask build per new packing)
+    dense masked SDPA over the whole pack               2.0 / 12 / 38 s      1460 MiB
 
-FlexAttention wins only on tiny packs (under ~1k tokens), recompiles for every new packing
+FlexAttention was faster only on a tiny pack (618 tokens: 81 vs 107 ms), recompiles for every new packing
 length (every batch in the fusion decoder) and has no CPU backward in torch 2.14; per-segment
 SDPA with is_causal is the fastest from a few thousand tokens up, differentiable, and compiles
 nothing.
