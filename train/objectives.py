@@ -99,6 +99,10 @@ def build_text_tower(embed_dim: int, width: int, layers: int, heads: int, model_
     if checkpoint:
         load_text_checkpoint(text, checkpoint)
     extend_positions(text, TEXT_CONTEXT)
+    # open_clip applies its full context x context causal mask unless the pad mask is on, so
+    # every text would have to be padded to 512 tokens. With it on, the causal mask is cut to
+    # the batch's length and pad keys are masked: the EOT output is the same (pads follow EOT).
+    text.use_pad_mask = True
     return text
 
 
@@ -169,10 +173,6 @@ class Stage1Objective(nn.Module):
             model.vision.clip.requires_grad_(False)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        loss, _ = self.losses(batch)
-        return loss, 1
-
-    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         model = self.model
         device = model.device
         vision = model.encode_views(batch.views.to(device), batch.num_views)
@@ -181,5 +181,4 @@ class Stage1Objective(nn.Module):
         text = F.normalize(self.text(batch.answer_ids.to(device)).float(), dim=-1)
         contrastive = clip_infonce(image, text, self.logit_scale.clamp(max=MAX_LOGIT_SCALE))
         orth = orthogonality_loss(fused.hidden, fused.is_eos, fused.group_sizes)
-        loss = contrastive + self.orthogonality_weight * orth
-        return loss, {"infonce": float(contrastive), "orthogonality": float(orth)}
+        return contrastive + self.orthogonality_weight * orth, 1

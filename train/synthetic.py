@@ -28,6 +28,7 @@ SHAPES = ("circle", "square", "triangle")
 COLOUR_QUESTIONS = ("What colour is the shape?", "What color is the object?", "Which colour does the shape have?")
 POSITION_QUESTIONS = ("Where is the shape?", "Where is the object in the image?", "On which side is the shape?")
 BACKGROUNDS = ("generated", "photo")
+_LETTER_IDS = list(range(ord("a"), ord("z") + 1))  # byte tokenizer: id = byte value
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def pretrain_reader_llm(
     lr: float = 3e-3,
     seed: int = 0,
     num_questions: int = 2,
+    noise: float = 0.3,
 ) -> str:
     """Pretrain a small byte-level Llama (``llm_cfg``'s shapes) into a *reader* of this data
     set's conversations, and save it as a Hugging Face directory (``LLMConfig(source=
@@ -164,9 +166,10 @@ def pretrain_reader_llm(
 
     A random frozen LLM barely responds to its inputs (its logits span about 0.02 * width
     nats), so no prefix can make it spell an answer; the paper's frozen LLM is a pretrained
-    one. This stands in for it: in pretraining, every fused slot of a question holds the bytes
-    of that question's answer (cycled), so the model learns the chat layout, the answer words
-    and to read the answer from the slots. It never sees an image; in stage 2 the fusion module
+    one. This stands in for it: in pretraining, the fused slots of a question hold the first
+    letter of its answer (which tells the answers of a question type apart), a ``noise`` share
+    of them a random letter instead; the model learns the chat layout, to spell the answer
+    words and to read which one from the slots. It never sees an image; in stage 2 the fusion module
     has to write the answer into those slots from the pixels."""
     import torch
     import torch.nn.functional as F
@@ -191,8 +194,10 @@ def pretrain_reader_llm(
         t = layout.conversation(turns, counts)
         slots = []
         for (_, answer), m in zip(turns, counts):
-            ids = tok(answer, add_special_tokens=False).input_ids
-            slots += [ids[i % len(ids)] for i in range(m)]
+            # The first letter names the answer within its question type; a share of the
+            # slots holds random letters so that reading them means taking the majority.
+            first = tok(answer, add_special_tokens=False).input_ids[0]
+            slots += [first if rng.random() > noise else rng.choice(_LETTER_IDS) for _ in range(m)]
         it = iter(slots)
         return [next(it) if f else i for i, f in zip(t.ids, t.fused)], t.labels
 
