@@ -377,14 +377,29 @@ def _kernels(interpret: bool):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter runs one numpy program per tile, so
 # small tiles keep its per-step cost low and exercise multi-tile loops on tiny test shapes.
 _INTERPRET_BLOCKS = (16, 16, 1, 1)
+# GPU candidates, fastest first; the first whose tiles fit the shared-memory budget is used.
+_FWD_BLOCKS = ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1))
+_BWD_BLOCKS = ((64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1))
+# Shared memory per SM ranges from ~100 KB (sm_86 / sm_89) to 228 KB (H100); 96 KB of tiles
+# leaves room for Triton's own layout-conversion scratch on all of them.
+_SMEM_BUDGET = 96 * 1024
 
 
-def _block_config(head_dim: int, backward: bool) -> tuple[int, int, int, int]:
+def _block_config(head_dim: int, elem_bytes: int, backward: bool) -> tuple[int, int, int, int]:
     if interpreter_enabled():
         return _INTERPRET_BLOCKS
-    if backward:
-        return (64, 64, 4, 2) if head_dim <= 64 else (32, 64, 4, 2)
-    return (128, 64, 8, 3) if head_dim <= 64 else (64, 64, 4, 3)
+    d = max(16, 1 << (head_dim - 1).bit_length())
+    for bm, bn, warps, stages in _BWD_BLOCKS if backward else _FWD_BLOCKS:
+        if backward:
+            # Two resident tiles (k, v or q, dO) plus two streamed ones per pipeline stage.
+            big = max(bm, bn)
+            smem = (2 + 2 * stages) * big * d * elem_bytes
+        else:
+            # The resident q tile plus k and v tiles per pipeline stage.
+            smem = (bm + 2 * bn * stages) * d * elem_bytes
+        if smem <= _SMEM_BUDGET:
+            return bm, bn, warps, stages
+    return (16, 16, 4, 1)
 
 
 def _tile_table(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -419,7 +434,7 @@ def _triton_forward(q, k, v, cu_q, cu_k, causal, scale):
     fwd, _, _ = _kernels(interpreter_enabled())
     tq, hq, d = q.shape
     group = hq // k.shape[1]
-    block_m, block_n, warps, stages = _block_config(d, backward=False)
+    block_m, block_n, warps, stages = _block_config(d, q.element_size(), backward=False)
     out = torch.empty_like(q)
     lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     if tq == 0:
@@ -443,7 +458,7 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
     tq, hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     group = hq // hkv
-    block_m, block_n, warps, stages = _block_config(d, backward=True)
+    block_m, block_n, warps, stages = _block_config(d, q.element_size(), backward=True)
     do = _inner_contig(do)
     # delta_i = rowsum(dO_i * O_i), laid out like lse: (Hq, Tq) fp32.
     delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
