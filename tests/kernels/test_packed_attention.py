@@ -98,15 +98,23 @@ def test_triton_non_causal_with_empty_key_segment():
 @pytest.mark.interpreter
 def test_triton_matches_dense_masked_sdpa_on_strided_inputs():
     lq, lk = [3, 30, 1], [19, 30, 1]
-    q, k, v, _, cu_q, cu_k = _inputs(lq, lk, 4, 2, 32, torch.float32, 7)
-    # q, k, v as views into one fused projection, the way a decoder layer produces them.
-    fused = torch.cat([q.float().reshape(q.shape[0], -1), torch.zeros(q.shape[0], 8)], 1)
+    q, k, v, do = (t.float() for t in _inputs(lq, lk, 4, 2, 32, torch.float32, 7)[:4])
+    mask = BlockDiagonalCausalMask.from_seqlens(lq, lk)
+    # q as a view into one fused projection, the way a decoder layer produces it.
+    fused = torch.cat([q.reshape(q.shape[0], -1), torch.zeros(q.shape[0], 8)], 1).requires_grad_()
     qv = fused[:, : 4 * 32].view(-1, 4, 32)
     assert not qv.is_contiguous()
-    mask = BlockDiagonalCausalMask.from_seqlens(lq, lk)
-    got = packed_attention(qv, k.float(), v.float(), mask.cu_seqlens_q, mask.cu_seqlens_k)
-    want = dense_masked_attention(q.float(), k.float(), v.float(), mask)
+    kt, vt = k.clone().requires_grad_(), v.clone().requires_grad_()
+    got = packed_attention(qv, kt, vt, mask.cu_seqlens_q, mask.cu_seqlens_k)
+    got.backward(do)
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    want = dense_masked_attention(qd, kd, vd, mask)
+    want.backward(do)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.grad[:, : 4 * 32].view(-1, 4, 32), qd.grad, atol=1e-5, rtol=1e-5)
+    assert not fused.grad[:, 4 * 32:].any()
+    torch.testing.assert_close(kt.grad, kd.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vt.grad, vd.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.interpreter
