@@ -266,9 +266,9 @@ def _kernels(interpret: bool):
 # (BLOCK_M, BLOCK_D). The interpreter runs one numpy program per tile: small tiles keep its
 # per-step cost low and exercise multi-tile loops on tiny test shapes.
 _INTERPRET_GRAM = (16, 16, 32, 1, 1)
-_GPU_GRAM = (64, 64, 32, 4, 2)
+_GPU_GRAM = (64, 64, 32, 8, 2)
 _INTERPRET_ROW = (16, 32)
-_GPU_ROW = (64, 128)
+_GPU_ROW = (32, 64)
 
 
 def _tile_table(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
