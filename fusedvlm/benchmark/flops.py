@@ -120,7 +120,7 @@ ATTENTION_FORMULAS[aten._native_multi_head_attention] = _native_mha_flops
 @dataclass
 class FlopCount:
     total: int = 0
-    attention: int = 0  # the part of ``total`` spent in attention
+    attention: int = 0  # the part of ``total`` in attention ops (nn.MultiheadAttention's fused op: projections too)
     by_op: dict[str, int] = field(default_factory=dict)
 
 
