@@ -1,5 +1,5 @@
 """Training runtime (installed as ``fusedvlm.train``): stage 1 (contrastive alignment) and
-stage 2/3 (answer generation) on LLaVA-style data, single process or torchrun DDP/FSDP.
+stage 2/3 (answer generation) on LLaVA-style data, single process or torchrun DDP.
 
 Modules: :mod:`.data` (records, datasets, packing collator, resumable sampler),
 :mod:`.losses` (InfoNCE, orthogonality, answer cross-entropy), :mod:`.objectives` (the two

@@ -1,4 +1,4 @@
-"""Process-group setup for torchrun (DDP, optionally FSDP) and small collective helpers that
+"""Process-group setup for torchrun (DDP) and small collective helpers that
 are no-ops in a single process."""
 
 from __future__ import annotations
@@ -58,11 +58,3 @@ def all_reduce_sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
-
-
-def broadcast_object(obj, ctx: DistContext):
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fusedvlm.train.checkpoint import (
     checkpoint_path,
@@ -61,7 +62,6 @@ class TrainConfig:
     num_workers: int = 0
     deterministic: bool = False
     progress: bool = True
-    fsdp: bool = False
 
     def __post_init__(self):
         if self.steps < 1:
@@ -138,7 +138,8 @@ class Trainer:
         )
         self.module = objective
         if self.ctx.enabled:
-            self.module = wrap_distributed(objective, self.ctx, cfg.fsdp)
+            # device_ids=None: the objective moves each batch to its device itself.
+            self.module = DistributedDataParallel(objective, device_ids=None)
         self.autocast_dtype = resolve_precision(cfg.precision, self.ctx.device)
         self.step = 0
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -305,12 +306,3 @@ def enable_gradient_checkpointing(objective: nn.Module) -> None:
     text = getattr(objective, "text", None)
     if text is not None:
         text.set_grad_checkpointing(True)
-
-
-def wrap_distributed(objective: nn.Module, ctx: DistContext, fsdp: bool) -> nn.Module:
-    if not fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # device_ids=None: the objective moves each batch to its device itself.
-        return DistributedDataParallel(objective, device_ids=None)
-    raise NotImplementedError

@@ -42,9 +42,9 @@ class ShapeSample:
 def _generated_background(rng: np.random.Generator, size: int) -> np.ndarray:
     # A grey level gradient plus noise: texture for the encoder to ignore, no hue to confuse.
     base = rng.uniform(60, 200)
-    slope = rng.uniform(-60, 60, size=2)
+    slope = rng.uniform(-25, 25, size=2)
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    grey = base + slope[0] * xx + slope[1] * yy + rng.normal(0, 12, size=(size, size))
+    grey = base + slope[0] * xx + slope[1] * yy + rng.normal(0, 4, size=(size, size))
     tint = rng.uniform(-8, 8, size=3)
     return np.clip(grey[..., None] + tint, 0, 255).astype(np.uint8)
 
@@ -74,8 +74,8 @@ def draw_sample(rng: np.random.Generator, size: int = 112, background: str = "ge
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     position = POSITIONS[int(rng.integers(len(POSITIONS)))]
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    radius = size * rng.uniform(0.10, 0.15)
-    along = rng.uniform(0.18, 0.24)  # distance of the centre from its side, in image sides
+    radius = size * rng.uniform(0.15, 0.20)
+    along = rng.uniform(0.20, 0.25)  # distance of the centre from its side, in image sides
     across = rng.uniform(0.35, 0.65)
     cx, cy = {
         "left": (along, across), "right": (1 - along, across), "top": (across, along), "bottom": (across, 1 - along),

@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from fusedvlm.chat import IGNORE_INDEX, ChatLayout
 from fusedvlm.model.llm import byte_tokenizer
@@ -12,7 +11,6 @@ from fusedvlm.train.data import (
     DataError,
     ResumableBatchSampler,
     SampleEncoder,
-    Skipped,
     read_records,
 )
 from fusedvlm.train.synthetic import candidate_answers, write_dataset

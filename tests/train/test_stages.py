@@ -97,3 +97,18 @@ def test_stage2_keeps_the_llm_frozen_and_out_of_the_optimizer(small_shapes, tmp_
 
     with safe_open(os.path.join(str(tmp_path), "checkpoints", "step-00000003.safetensors"), "pt") as f:
         assert not any(k.startswith("model/model.llm.") for k in f.keys())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(small_shapes, tmp_path):
+    root, data = small_shapes
+    cfg = get_preset("tiny", hd_num=1, n_l=4)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        train_cfg = TrainConfig(steps=1, batch_size=4, gradient_checkpointing=checkpointing, progress=False)
+        trainer, model, _ = build_trainer(2, cfg, data, root, str(tmp_path / str(checkpointing)), train_cfg)
+        assert model.fuser.decoder.gradient_checkpointing is checkpointing
+        trainer.accumulate_gradients([next(trainer._loader())])
+        grads.append({n: p.grad for n, p in trainer.named_params})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
