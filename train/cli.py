@@ -29,6 +29,7 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question (preset default)")
     g.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
     g.add_argument("--hd-num", type=int, default=None, help="max local views per image (preset default)")
+    g.add_argument("--image-size", type=int, default=None, help="view size in pixels (preset default; a multiple of the patch size)")
     g.add_argument("--drop-question", action="store_true", help="groups without question text (queries + EOS only)")
     g.add_argument("--freeze-vision", action="store_true", help="keep the CLIP vision encoder fixed (its new LayerNorm still trains)")
     g.add_argument("--llm-path", default=None, help="a local Hugging Face causal LM directory to use (frozen) instead of the preset's LLM")
@@ -141,6 +142,8 @@ def run_train(args) -> int:
     if args.drop_question:
         overrides["drop_question"] = True
     cfg = get_preset(args.preset, **overrides)
+    if args.image_size is not None:
+        cfg = replace(cfg, vision=replace(cfg.vision, image_size=args.image_size))
     if args.llm_path or args.system is not None:
         llm = cfg.llm
         if args.llm_path:

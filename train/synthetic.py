@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+# First letters differ from each other and from the positions' (l, r, t, b): a word's first
+# letter then names it among all eight answers.
 COLOURS = {
-    "red": (220, 30, 30),
     "green": (30, 170, 40),
-    "blue": (35, 70, 225),
     "yellow": (235, 210, 25),
+    "purple": (140, 40, 190),
+    "cyan": (20, 200, 215),
 }
 POSITIONS = ("left", "right", "top", "bottom")
 SHAPES = ("circle", "square", "triangle")
