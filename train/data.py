@@ -256,7 +256,7 @@ class Batch:
     question_ids: list[list[list[int]]]
     turns: list[tuple[tuple[str, str], ...]]
     fusion_cu_seqlens: torch.Tensor
-    num_targets: int  # stage 2: labelled next-token targets; stage 1: answers
+    num_targets: int  # the micro-batch's weight in the step's mean: stage 2 labelled tokens, stage 1 one
     llm_ids: torch.Tensor | None = None  # (B, L)
     llm_fused: torch.Tensor | None = None  # (B, L) bool
     llm_labels: torch.Tensor | None = None  # (B, L)
@@ -310,7 +310,8 @@ class Collator:
             ids = torch.zeros(len(rows), width, dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r)
-            batch.answer_ids, batch.num_targets = ids, len(rows)
+            # The contrastive loss is already a mean over the micro-batch's pairs: weight 1.
+            batch.answer_ids, batch.num_targets = ids, 1
         else:
             width = max((len(it.llm) for it in items), default=1)
             n = len(items)

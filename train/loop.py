@@ -227,7 +227,7 @@ class Trainer:
             sync = contextlib.nullcontext() if (last or not ctx.enabled) else self.module.no_sync()
             with sync:
                 with self._autocast():
-                    loss, _ = self.module(batch)
+                    loss = self.module(batch)
                 (loss * (ctx.world / total)).backward()
             loss_sum += loss.detach().double().cpu()
         return float(all_reduce_sum(loss_sum.reshape(1), ctx)[0]) / total

@@ -1,11 +1,12 @@
-"""The two training stages as modules whose ``forward(batch)`` returns ``(loss_sum, count)``:
-the trainer divides by the global count (summed over micro-batches and ranks), so one big
-batch, gradient accumulation and DDP all give the same gradients.
+"""The two training stages as modules whose ``forward(batch)`` returns the micro-batch's loss
+summed over its ``batch.num_targets`` targets: the trainer divides by the global count (summed
+over micro-batches and ranks), so one big batch, gradient accumulation and DDP all give the
+same gradients.
 
 * :class:`Stage2Objective`: answer cross-entropy through the frozen LLM (SPEC section 7).
 * :class:`Stage1Objective`: CLIP InfoNCE between each question group's EOS output and the
-  text tower's embedding of its answer, plus the orthogonality term; ``count`` is 1 per
-  micro-batch (the loss is a mean over the micro-batch's pairs).
+  text tower's embedding of its answer, plus the orthogonality term; a mean over the
+  micro-batch's pairs, whose target count is 1.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Stage2Objective(nn.Module):
         if freeze_vision:
             model.vision.clip.requires_grad_(False)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch: Batch) -> torch.Tensor:
         model = self.model
         device = model.device
         vision = model.encode_views(batch.views.to(device), batch.num_views)
@@ -68,8 +69,7 @@ class Stage2Objective(nn.Module):
         targets = batch.llm_labels.to(device)[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = llm.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, int(keep.sum())
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 def build_text_tower(embed_dim: int, width: int, layers: int, heads: int, model_name: str | None = None, checkpoint: str | None = None) -> nn.Module:
@@ -172,7 +172,7 @@ class Stage1Objective(nn.Module):
         if freeze_vision:
             model.vision.clip.requires_grad_(False)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch: Batch) -> torch.Tensor:
         model = self.model
         device = model.device
         vision = model.encode_views(batch.views.to(device), batch.num_views)
@@ -181,4 +181,4 @@ class Stage1Objective(nn.Module):
         text = F.normalize(self.text(batch.answer_ids.to(device)).float(), dim=-1)
         contrastive = clip_infonce(image, text, self.logit_scale.clamp(max=MAX_LOGIT_SCALE))
         orth = orthogonality_loss(fused.hidden, fused.is_eos, fused.group_sizes)
-        return contrastive + self.orthogonality_weight * orth, 1
+        return contrastive + self.orthogonality_weight * orth
