@@ -1,9 +1,31 @@
-"""Shared fixtures: small random models built once per session, offline everywhere."""
+"""Session setup and shared fixtures: offline everywhere, small random models built once.
+
+Triton picks the interpreter when it is first imported (it decorates its own library, e.g.
+``tl.zeros``, at import), so switching ``TRITON_INTERPRET`` per test breaks as soon as any
+earlier test imported triton natively. On a machine without CUDA the whole session therefore
+starts with the interpreter selected, and ``FUSEDVLM_BACKEND=torch`` keeps every op on the torch
+path except in tests marked ``interpreter`` (tests/kernels/conftest.py switches those to the
+kernels). ``FUSEDVLM_TEST_INTERPRET=0`` opts out (native Triton, e.g. compile-only tests).
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _select_interpreter() -> None:
+    if os.environ.get("FUSEDVLM_TEST_INTERPRET", "1") == "0":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return  # kernel tests run natively on a GPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FUSEDVLM_BACKEND", "torch")
+
+
+_select_interpreter()
 
 import pytest
 import torch
