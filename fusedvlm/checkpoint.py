@@ -51,6 +51,21 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         raise ValueError(f"{what} does not match the model; " + "; ".join(problems))
 
 
+def read_state_dict(path: str, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a torch checkpoint (a ``state_dict`` entry and
+    DDP's ``module.`` prefix unwrapped), e.g. an open_clip CLIP checkpoint."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def save_trainable(model: nn.Module, path: str) -> None:
     """Every non-LLM tensor of a FusedVLM, with its config in the file's metadata."""
     meta = {CONFIG_KEY: json.dumps(model.cfg.to_dict())} if hasattr(model, "cfg") else None

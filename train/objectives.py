@@ -108,18 +108,9 @@ def build_text_tower(embed_dim: int, width: int, layers: int, heads: int, model_
 
 def load_text_checkpoint(text: nn.Module, path: str) -> None:
     """A full open_clip CLIP state dict: the text tower's keys sit at the top level."""
-    import os
+    from fusedvlm.checkpoint import read_state_dict
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"text checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path, "text checkpoint")
     wanted = set(text.state_dict())
     picked = {k: v for k, v in state.items() if k in wanted}
     missing = sorted(wanted - set(picked) - {"attn_mask"})

@@ -7,8 +7,6 @@ follows belongs to the fusion module (fusedvlm.model.fusion_module).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -50,16 +48,9 @@ def build_clip_vision_tower(cfg: VisionConfig) -> nn.Module:
 
 def load_clip_vision_checkpoint(tower: nn.Module, path: str) -> None:
     """Load a full open_clip CLIP state dict (``visual.*`` keys) or a visual-only one."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"vision checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from fusedvlm.checkpoint import read_state_dict
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path, "vision checkpoint")
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     missing, unexpected = tower.load_state_dict(state, strict=False)
