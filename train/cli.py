@@ -1,6 +1,11 @@
 """``fusedvlm train stage1|stage2``: the two training stages of SPEC section 7 from the
 command line, single process or under torchrun. Every hyper-parameter of SPEC section 7 is
-a flag whose default is the paper's value."""
+a flag whose default is the paper's value.
+
+Under torchrun the objective is wrapped in DDP; ``--fsdp`` shards the trainable sides (CLIP
+vision blocks, fusion decoder layers, the rest of the trainable weights) with FSDP2 instead,
+keeping the frozen LLM replicated. Both give the same gradients as one process over the same
+global batch, and write the same checkpoint format (``--resume`` works across the two)."""
 
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0 disables clipping")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on GPUs that support it")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun (2+ processes): shard the trainable weights, gradients and optimiser state "
+                        "with FSDP2 instead of replicating them with DDP; the frozen LLM stays replicated")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     g = p.add_argument_group("checkpoints and runtime")
@@ -121,7 +129,7 @@ def run_train(args) -> int:
 
     import torch
 
-    from fusedvlm.checkpoint import save_trainable
+    from fusedvlm.checkpoint import CONFIG_KEY, atomic_save_safetensors
     from fusedvlm.config import get_preset
     from fusedvlm.train.distributed import init_distributed
     from fusedvlm.train.loop import TrainConfig
@@ -131,7 +139,7 @@ def run_train(args) -> int:
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         beta1=args.beta1, beta2=args.beta2, max_grad_norm=args.max_grad_norm, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, save_every=args.save_every,
+        gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, seed=args.seed, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers, deterministic=args.deterministic,
         progress=not args.no_progress,
     )
@@ -169,8 +177,11 @@ def run_train(args) -> int:
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({**run_info, "args": {k: v for k, v in vars(args).items() if k != "func"}}, f, indent=1)
     rows = trainer.fit(resume=args.resume)
+    # Gathered on every rank (FSDP shards the weights); the same tensors as save_trainable(model).
+    state = trainer.full_model_state()
     if ctx.is_main:
-        save_trainable(model, os.path.join(args.out, "model.safetensors"))
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict())})
         skipped = len(problems) + len(trainer.skipped)
         last = rows[-1] if rows else None
         summary = f"step {trainer.step}" + (f", loss {last['loss']:.4f}" if last else "") + f", {skipped} record(s) skipped"

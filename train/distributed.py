@@ -58,3 +58,41 @@ def all_reduce_sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def shard_trainable(objective: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """FSDP2 (``fully_shard``) over the trainable sides of a training objective: each CLIP
+    vision block, each fusion decoder layer and (stage 1) each text-tower block is a unit,
+    and the objective is the root unit holding the remaining trainable weights (embeddings,
+    merge, projection, heads). The root is the objective rather than ``model.vision`` or
+    ``model.fuser`` because the fusion module is driven through methods (``merge_views``,
+    ``fuse``), not ``forward``, so only the objective's forward hook gathers its weights.
+
+    The frozen LLM is left out (``ignored_params``): it has no gradients or optimiser state
+    to shard, so every rank keeps a plain replica. FSDP2 cannot shard 0-d parameters (stage
+    1's learnable temperature): they stay replicated too, and the caller must average their
+    gradients over ranks (:func:`average_replicated_grads`). Returns those replicated
+    trainable parameters. Needs an initialised process group (NCCL or gloo)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("FSDP needs a process group: launch with torchrun (WORLD_SIZE >= 2)")
+    model = objective.model
+    units = list(model.vision.clip.transformer.resblocks) + list(model.fuser.decoder.layers)
+    text = getattr(objective, "text", None)
+    if text is not None:
+        units += list(text.transformer.resblocks)
+    for unit in units:
+        fully_shard(unit)
+    llm = set(model.llm.parameters()) if model.llm is not None else set()
+    scalars = {p for p in objective.parameters() if p.dim() == 0 and p not in llm}
+    fully_shard(objective, ignored_params=llm | scalars)
+    return {p for p in scalars if p.requires_grad}
+
+
+def average_replicated_grads(params, ctx: DistContext) -> None:
+    """Average over ranks the gradients of parameters that no DDP/FSDP wrapper reduces."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(ctx.world)

@@ -11,6 +11,13 @@ RNG states and the data position (global micro-batches consumed): ``resume`` con
 the same batches and bit-identical losses on the same hardware and thread count. The metrics
 JSONL gets one row per step (step, loss, lr, grad_norm, tokens_per_s, ...); on resume, rows
 after the checkpoint are dropped so the file reads as one uninterrupted run.
+
+``TrainConfig.fsdp`` (``--fsdp``, under torchrun) shards the trainable sides with FSDP2
+instead of wrapping the objective in DDP (:func:`fusedvlm.train.distributed.shard_trainable`):
+weights, gradients and AdamW state are split over ranks, the frozen LLM stays replicated. The
+gradient is the same as DDP's. Checkpoints gather the full (unsharded) weights and optimiser
+state, so their format is the one a single process writes: a run saved under FSDP resumes
+with or without it, and the reverse.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from fusedvlm.train.checkpoint import (
@@ -36,7 +44,7 @@ from fusedvlm.train.checkpoint import (
     set_rng_state,
 )
 from fusedvlm.train.data import ResumableBatchSampler
-from fusedvlm.train.distributed import DistContext, all_reduce_sum, barrier
+from fusedvlm.train.distributed import DistContext, all_reduce_sum, average_replicated_grads, barrier, shard_trainable
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -56,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 over the trainable sides instead of DDP (needs torchrun, world > 1)
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -114,6 +123,49 @@ def _model_state(objective: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.llm.")}
 
 
+class _FullOptimizerState:
+    """An FSDP-sharded AdamW seen as ``torch.optim.Optimizer.state_dict`` /
+    ``load_state_dict`` in torch's index-keyed format with full tensors, which is what
+    :mod:`fusedvlm.train.checkpoint` stores. ``names``: the optimiser's parameter names, in
+    its order (index i is names[i]). ``gather()`` (collective) fills it from the shards on
+    rank 0; ``load_state_dict`` (every rank, each with the full state) scatters it back."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]):
+        self.module, self.optimizer, self.names = module, optimizer, names
+        self.full: dict | None = None
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, **kw)
+
+    def gather(self) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(self.module, self.optimizer, options=self._options(cpu_offload=True))
+        if sd:  # rank 0
+            index = {n: i for i, n in enumerate(self.names)}
+            self.full = {
+                "state": {index[n]: v for n, v in sd["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]],
+            }
+
+    def state_dict(self) -> dict:
+        if self.full is None:
+            # Loading only checks the group sizes: the local optimiser has them.
+            return self.optimizer.state_dict()
+        return self.full
+
+    def load_state_dict(self, sd: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        full = {
+            "state": {self.names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]} for g in sd["param_groups"]],
+        }
+        set_optimizer_state_dict(self.module, self.optimizer, full, options=self._options())
+
+
 class Trainer:
     def __init__(self, objective: nn.Module, dataset, collator, cfg: TrainConfig, out_dir: str, ctx: DistContext | None = None, run_info: dict | None = None):
         self.objective, self.dataset, self.collator, self.cfg = objective, dataset, collator, cfg
@@ -124,20 +176,31 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        if cfg.fsdp and not self.ctx.enabled:
+            raise ValueError("fsdp needs several processes: launch with torchrun --nproc_per_node N (N >= 2)")
         objective.to(self.ctx.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(objective)
-        self.named_params = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
-        if not self.named_params:
+        # Names first: fully_shard swaps the parameters for DTensors, and the optimiser keeps
+        # the unsharded order so that checkpoints index their state the same way either way.
+        names = [n for n, p in objective.named_parameters() if p.requires_grad]
+        if not names:
             raise ValueError("nothing to train: every parameter is frozen")
-        decay = [p for n, p in self.named_params if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.named_params if not (p.dim() >= 2 and "embed" not in n)]
+        self.replicated: set = set()
+        if cfg.fsdp:
+            self.replicated = shard_trainable(objective)
+        params = dict(objective.named_parameters())
+        self.named_params = [(n, params[n]) for n in names]
+        decay = [(n, p) for n, p in self.named_params if p.dim() >= 2 and "embed" not in n]
+        no_decay = [(n, p) for n, p in self.named_params if not (p.dim() >= 2 and "embed" not in n)]
+        self.optim_names = [n for n, _ in decay + no_decay]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+             {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True,
         )
         self.module = objective
-        if self.ctx.enabled:
+        if self.ctx.enabled and not cfg.fsdp:
             # device_ids=None: the objective moves each batch to its device itself.
             self.module = DistributedDataParallel(objective, device_ids=None)
         self.autocast_dtype = resolve_precision(cfg.precision, self.ctx.device)
@@ -147,8 +210,33 @@ class Trainer:
         self.skipped: list = []
 
     # ------------------------------------------------------------------ checkpoints
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The objective's state without the LLM, unsharded and on the CPU; under FSDP every
+        rank must call it (it gathers) and only rank 0 gets the tensors."""
+        if not self.cfg.fsdp:
+            return _model_state(self.objective)
+        # get_model_state_dict(full_state_dict=True) would also copy the whole frozen LLM to
+        # the CPU at every save only to drop it: gather the trainable side alone.
+        state = {}
+        for k, v in _model_state(self.objective).items():
+            v = v.full_tensor() if isinstance(v, DTensor) else v
+            if self.ctx.is_main:
+                state[k] = v.cpu()
+        return state
+
+    def _full_optimizer(self):
+        """What the checkpoint functions save from and load into: the optimiser itself, or
+        under FSDP a view of its full state in the optimiser's own index-keyed format."""
+        if not self.cfg.fsdp:
+            return self.optimizer
+        return _FullOptimizerState(self.objective, self.optimizer, self.optim_names)
+
     def save(self) -> str:
         path = checkpoint_path(self.ckpt_dir, self.step)
+        model_state = self.full_model_state()
+        optimizer = self._full_optimizer()
+        if self.cfg.fsdp:
+            optimizer.gather()
         if self.ctx.is_main:
             meta = {
                 "step": self.step,
@@ -158,7 +246,7 @@ class Trainer:
                 "world": self.ctx.world,
                 **self.run_info,
             }
-            save_training_checkpoint(path, _model_state(self.objective), self.optimizer, meta)
+            save_training_checkpoint(path, model_state, optimizer, meta)
             for _, old in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
                 os.remove(old)
         barrier(self.ctx)
@@ -174,12 +262,17 @@ class Trainer:
         for key in ("batch_size", "grad_accum", "seed"):
             if saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has {getattr(self.cfg, key)}")
-        expected = _model_state(self.objective)
+        expected = _model_state(self.objective)  # a DTensor's shape is the unsharded one
         from fusedvlm.checkpoint import check_state_dict
 
         check_state_dict(expected, model_state, f"checkpoint {path}")
-        self.objective.load_state_dict(model_state, strict=False)
-        load_optimizer(self.optimizer, other, opt_meta)
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.objective, model_state, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.objective.load_state_dict(model_state, strict=False)
+        load_optimizer(self._full_optimizer(), other, opt_meta)
         set_rng_state(other, rng_meta)
         self.step = meta["step"]
         if self.ctx.is_main:
@@ -224,7 +317,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last or not ctx.enabled) else self.module.no_sync()
+            # FSDP reduce-scatters every micro-batch into the sharded gradients: skipping the
+            # sync would hold unsharded gradients, which is what sharding is meant to avoid.
+            sync = contextlib.nullcontext() if (last or not ctx.enabled or self.cfg.fsdp) else self.module.no_sync()
             with sync:
                 with self._autocast():
                     loss = self.module(batch)
@@ -238,11 +333,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.accumulate_gradients(micro_batches)
+        average_replicated_grads(self.replicated, self.ctx)
         params = [p for _, p in self.named_params]
         if self.cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over sharded gradients
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
