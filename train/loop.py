@@ -211,8 +211,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The objective's state without the LLM, unsharded and on the CPU; under FSDP every
-        rank must call it (it gathers) and only rank 0 gets the tensors."""
+        """The objective's state without the LLM, unsharded. Under FSDP every rank must call
+        it (it gathers) and only rank 0 gets the tensors, on the CPU."""
         if not self.cfg.fsdp:
             return _model_state(self.objective)
         # get_model_state_dict(full_state_dict=True) would also copy the whole frozen LLM to
