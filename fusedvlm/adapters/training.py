@@ -106,22 +106,22 @@ class AdapterCollator:
 
 
 class AdapterStage2Objective(nn.Module):
-    """Summed answer cross-entropy and its target count (the trainer divides globally)."""
+    """Summed answer cross-entropy; the trainer divides by the step's global target count
+    (``AdapterBatch.num_targets``)."""
 
     def __init__(self, adapter: FusionAdapter):
         super().__init__()
         self.adapter = adapter
         self.register_state_dict_post_hook(_drop_host_state)
 
-    def forward(self, batch: AdapterBatch) -> tuple[torch.Tensor, int]:
+    def forward(self, batch: AdapterBatch) -> torch.Tensor:
         device = self.adapter.fusion.device
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         labels = inputs.pop("labels")
         logits = self.adapter(**inputs).logits[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
-        return loss, int(keep.sum())
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
 
 
 def _drop_host_state(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
