@@ -54,7 +54,7 @@ def _run(fn, x, weight, lf, b, grad, device="cpu", **kw):
     return [out.detach().cpu().float()] + [g.cpu().float() for g in grads]
 
 
-def _compare(case, device="cpu", strided=False):
+def check_matches_reference(case, device="cpu", strided=False):
     v, h, w, c_in, c_out, residual, bias, dtype = case
     x, weight, lf, b, grad = _inputs(v, h, w, c_in, c_out, bias, dtype)
     kw = dict(residual=residual, grid=(h, w))
@@ -81,13 +81,13 @@ def _no_triton(*args, **kwargs):
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
 def test_triton_matches_reference(case, monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
-    _compare(case)
+    check_matches_reference(case)
 
 
 @pytest.mark.interpreter
 def test_triton_strided_x_and_grad(monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
-    _compare((2, 3, 3, 16, 16, True, True, F32), strided=True)
+    check_matches_reference((2, 3, 3, 16, 16, True, True, F32), strided=True)
 
 
 CPU_CASES = INTERPRETER_CASES + [
@@ -105,14 +105,14 @@ TORCH_CASES = [(case, path) for case in CPU_CASES for path in TORCH_PATHS if pat
 def test_torch_path_matches_reference(case, path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
-    _compare(case)
+    check_matches_reference(case)
 
 
 @pytest.mark.parametrize("path", sorted(TORCH_PATHS))
 def test_torch_path_strided_and_frozen_weight(path, monkeypatch):
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
-    _compare((2, 3, 3, 16, 16, True, True, F32), strided=True)
+    check_matches_reference((2, 3, 3, 16, 16, True, True, F32), strided=True)
     # Only x needs a gradient.
     x, weight, lf, b, grad = _inputs(2, 5, 5, 16, 16, True, F32)
     xr = x.clone().requires_grad_()
@@ -227,7 +227,7 @@ def test_bad_input_raises(make, match):
 def test_triton_gpu_matches_reference(case, monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    _compare(case, device="cuda")
+    check_matches_reference(case, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=str)

@@ -40,7 +40,7 @@ def _run(fn, q, k, v, do, cu_q, cu_k, dtype, **kw):
     return [out.detach().double()] + [torch.zeros_like(t, dtype=torch.float64) if t.grad is None else t.grad.double() for t in leaves]
 
 
-def _check(lq, lk, hq, hkv, d, dtype, seed=0, causal=True):
+def check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=0, causal=True):
     q, k, v, do, cu_q, cu_k = _inputs(lq, lk, hq, hkv, d, dtype, seed)
     # The fp64 reference sees the same dtype-rounded inputs as the implementation.
     q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
@@ -80,19 +80,19 @@ def _random_packing(seed):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("lq,lk,hq,hkv,d,dtype", CASES)
 def test_triton_matches_fp64_reference(lq, lk, hq, hkv, d, dtype):
-    _check(lq, lk or lq, hq, hkv, d, dtype)
+    check_against_fp64(lq, lk or lq, hq, hkv, d, dtype)
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_triton_random_packings(seed):
     lq, lk, hq, hkv, d, dtype = _random_packing(seed)
-    _check(lq, lk, hq, hkv, d, dtype, seed=seed)
+    check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=seed)
 
 
 @pytest.mark.interpreter
 def test_triton_non_causal_with_empty_key_segment():
-    _check([9, 4, 20], [17, 0, 20], 2, 1, 32, torch.float32, causal=False)
+    check_against_fp64([9, 4, 20], [17, 0, 20], 2, 1, 32, torch.float32, causal=False)
 
 
 @pytest.mark.interpreter
@@ -131,14 +131,14 @@ def test_triton_empty_pack(lengths):
 @pytest.mark.parametrize("lq,lk,hq,hkv,d,dtype", CASES)
 def test_torch_path_matches_fp64_reference(lq, lk, hq, hkv, d, dtype, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
-    _check(lq, lk or lq, hq, hkv, d, dtype)
+    check_against_fp64(lq, lk or lq, hq, hkv, d, dtype)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_torch_path_random_packings(seed, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     lq, lk, hq, hkv, d, dtype = _random_packing(100 + seed)
-    _check(lq, lk, hq, hkv, d, dtype, seed=seed)
+    check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=seed)
 
 
 def test_torch_path_matches_dense_masked_sdpa(monkeypatch):
