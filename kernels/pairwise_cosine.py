@@ -135,9 +135,9 @@ def _torch_segment(a: torch.Tensor, b: torch.Tensor, positive: bool) -> PsiStats
     else:
         sa, sb = ua.double().cumsum(0), ub.double().cumsum(0)
         eq_sum = eq_terms.double().cumsum(0)
-        ab_sum = (sa * sb).sum(1) - eq_sum
-        aa_sum = (sa * sa).sum(1) - (ua.double() ** 2).sum(1).cumsum(0)
-        bb_sum = (sb * sb).sum(1) - (ub.double() ** 2).sum(1).cumsum(0)
+        ab_sum = torch.linalg.vecdot(sa, sb) - eq_sum
+        aa_sum = torch.linalg.vecdot(sa, sa) - torch.linalg.vecdot(ua, ua).double().cumsum(0)
+        bb_sum = torch.linalg.vecdot(sb, sb) - torch.linalg.vecdot(ub, ub).double().cumsum(0)
     return _finish(eq_sum, ab_sum, aa_sum, bb_sum, div, m)
 
 
