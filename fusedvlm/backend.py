@@ -53,5 +53,23 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return ok
 
 
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype a fused op computes in when its floating inputs may differ in dtype.
+
+    Where autocast is on for the inputs' device, its dtype (what ``F.scaled_dot_product_attention``
+    and ``F.conv2d`` compute in there, e.g. fp32 master weights with bf16 activations); else the
+    widest input dtype, so nothing is rounded that the caller did not round. Inputs outside
+    fp32/fp16/bf16 are never cast down: the op's own check names them.
+    """
+    floats = [t for t in tensors if t is not None and t.is_floating_point()]
+    widest = floats[0].dtype
+    for t in floats[1:]:
+        widest = torch.promote_types(widest, t.dtype)
+    device = floats[0].device.type
+    if widest in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return widest
+
+
 def backend_name(*tensors: torch.Tensor) -> str:
     return "triton" if use_triton(*tensors) else "torch"

@@ -8,6 +8,8 @@ from fusedvlm.config import PRESETS
 
 
 def register(sub) -> None:
+    from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
+
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
     p.add_argument("--preset", default="smol", choices=sorted(PRESETS))
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
@@ -22,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds random initialisation and sampling")
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
+    add_device_arguments(p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
     p.set_defaults(func=run_chat)
 
     p = sub.add_parser("info", help="parameter counts and token budgets of a preset")
@@ -49,6 +53,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     from fusedvlm.checkpoint import load_trainable, read_config
     from fusedvlm.config import get_preset
+    from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.session import ChatSession
@@ -59,9 +64,14 @@ def run_chat(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     cfg = read_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     model = FusedVLM(cfg).eval()
     if args.checkpoint:
         load_trainable(model, args.checkpoint)
+    model.to(device=device, dtype=dtype)
+    if args.llm_dtype is not None:
+        model.llm.to(resolve_dtype(args.llm_dtype, device))
     session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s)
     for q in args.question:
         answer = session.ask(q, gen)

@@ -49,7 +49,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.backend import interpreter_enabled, use_triton
+from fusedvlm.backend import compute_dtype, interpreter_enabled, use_triton
 from fusedvlm.ref.local_merge import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -611,6 +611,10 @@ def local_merge(
 
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and out is None:
+        # Under autocast compute where F.conv2d would (the autocast dtype, fp32 accumulation);
+        # a caller's ``out`` buffer fixes the dtype instead.
+        x = x.to(compute_dtype(x))
     h, w = _check(x, weight, lf_token, bias, residual, grid, out)
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.

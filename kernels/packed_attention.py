@@ -53,7 +53,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.backend import interpreter_enabled, use_triton
+from fusedvlm.backend import compute_dtype, interpreter_enabled, use_triton
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -69,8 +69,6 @@ def _validate(q, k, v, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
@@ -520,9 +518,16 @@ def packed_attention(
 
     q (Tq, Hq, D), k/v (Tk, Hkv, D), cu_seqlens_* int32 (n + 1,) -> (Tq, Hq, D). Triton on
     CUDA or under ``TRITON_INTERPRET=1``, else per-segment SDPA (see the module docstring).
+    Computes (and returns) in :func:`fusedvlm.backend.compute_dtype` of q, k, v: the autocast
+    dtype under autocast, else the widest of theirs; softmax statistics stay fp32.
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
+        # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
+        dtype = compute_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     offsets_q, offsets_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if use_triton(q, k, v):

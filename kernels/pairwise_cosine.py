@@ -78,8 +78,6 @@ def _validate(h_a: torch.Tensor, h_b: torch.Tensor, cu_seqlens: torch.Tensor) ->
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if h_a.shape != h_b.shape:
         raise ValueError(f"h_a and h_b must have one shape (pairs cut to the shorter branch), got {tuple(h_a.shape)} and {tuple(h_b.shape)}")
-    if h_a.dtype != h_b.dtype:
-        raise ValueError(f"h_a and h_b must share a dtype, got {h_a.dtype} and {h_b.dtype}")
     if h_a.device != h_b.device:
         raise ValueError(f"h_a and h_b must be on one device, got {h_a.device} and {h_b.device}")
     if h_a.shape[1] == 0:
@@ -353,6 +351,10 @@ def pairwise_cosine_stats(
     Returns :class:`PsiStats` of (T,) float32 tensors (see the module docstring); the cross
     terms ab, aa, bb are NaN at the first token of every pair.
     """
+    if isinstance(h_a, torch.Tensor) and isinstance(h_b, torch.Tensor) and h_a.dtype != h_b.dtype:
+        # Statistics, not activations: mixed branches meet in the wider dtype, autocast or not.
+        common = torch.promote_types(h_a.dtype, h_b.dtype)
+        h_a, h_b = h_a.to(common), h_b.to(common)
     _validate(h_a, h_b, cu_seqlens)
     if use_triton(h_a, h_b, cu_seqlens):
         return _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)

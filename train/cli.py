@@ -20,6 +20,7 @@ STAGE_DEFAULTS = {
 
 def _common(p: argparse.ArgumentParser, stage: str) -> None:
     from fusedvlm.config import PRESETS
+    from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
 
     d = STAGE_DEFAULTS[stage]
     g = p.add_argument_group("data and output")
@@ -62,7 +63,9 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", nargs="?", const=True, default=False, help="continue from the newest checkpoint in --out (or PATH)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_arguments(g, dtype=False)
+    g.add_argument("--llm-dtype", choices=DTYPE_CHOICES, default="fp32",
+                   help="weights of the frozen LLM (stage 2): bf16/fp16 halve its memory; auto: bf16 on a GPU")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -87,9 +90,11 @@ def register(sub) -> None:
 
 
 def build_trainer(stage: int, cfg, data: str, image_root: str, out: str, train_cfg, ctx=None, *, on_error: str = "skip",
-                  init: str | None = None, freeze_vision: bool = False, stage1: dict | None = None, run_info: dict | None = None):
+                  init: str | None = None, freeze_vision: bool = False, stage1: dict | None = None, run_info: dict | None = None,
+                  llm_dtype=None):
     """(trainer, model, problems found while reading the data) for one stage; the model is
-    initialised from the current torch seed (or ``init``)."""
+    initialised from the current torch seed (or ``init``). ``llm_dtype``: the frozen LLM's
+    weights (the trained sides stay fp32 master weights; ``precision`` autocasts them)."""
     from fusedvlm.checkpoint import load_trainable
     from fusedvlm.model.vlm import FusedVLM
     from fusedvlm.train.data import Collator, ConversationDataset, SampleEncoder, read_records
@@ -97,6 +102,8 @@ def build_trainer(stage: int, cfg, data: str, image_root: str, out: str, train_c
     from fusedvlm.train.objectives import Stage1Objective, Stage2Objective, build_text_tower
 
     model = FusedVLM(cfg, load_language_model=(stage == 2))
+    if llm_dtype is not None and model.llm is not None:
+        model.llm.to(llm_dtype)
     if init:
         load_trainable(model, init)
     records, problems = read_records(data, image_root, on_error)
@@ -131,6 +138,7 @@ def run_train(args) -> int:
 
     from fusedvlm.checkpoint import CONFIG_KEY, atomic_save_safetensors
     from fusedvlm.config import get_preset
+    from fusedvlm.device import resolve_dtype
     from fusedvlm.train.distributed import init_distributed
     from fusedvlm.train.loop import TrainConfig
 
@@ -169,6 +177,7 @@ def run_train(args) -> int:
     trainer, model, problems = build_trainer(
         stage, cfg, args.data, args.image_root, args.out, train_cfg, ctx, on_error=args.on_error, init=args.init,
         freeze_vision=args.freeze_vision, stage1=stage1, run_info=run_info,
+        llm_dtype=resolve_dtype(args.llm_dtype, ctx.device),
     )
     if ctx.is_main:
         if problems:

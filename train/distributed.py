@@ -28,22 +28,17 @@ class DistContext:
 
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1: NCCL on GPUs, gloo on CPU.
-    ``device``: ``auto`` (the local GPU when there is one), ``cpu`` or ``cuda``."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no GPU is available")
+    ``device``: as :func:`fusedvlm.device.resolve_device` (``auto``: the local GPU when there is one)."""
+    from fusedvlm.device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistContext(rank, world, local_rank, dev)
 
 

@@ -6,6 +6,8 @@ import os
 
 
 def register(subparsers) -> None:
+    from fusedvlm.device import add_device_arguments
+
     p = subparsers.add_parser(
         "psi", help="psi / divergence analysis of A/B answer pairs with a causal LM (SPEC section 8)",
         description="Hidden states of both answers of every pair (shared prefix computed once), per-prefix "
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_device_arguments(p, dtype_help="the LM's weights; auto: bf16 on a GPU, fp32 on the CPU (psi statistics accumulate in fp32 either way)")
     p.add_argument("--out", default="out/psi", help="directory for psi.json, psi_curves.png, divergence.png (and pairs.jsonl)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_psi)
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
     f.set_defaults(func=_fit_scaling)
 
 
-def _load_model(name: str, device: str):
+def _load_model(name: str, device, dtype):
     from fusedvlm.config import PRESETS, LLMConfig
     from fusedvlm.model.llm import load_llm
 
@@ -49,7 +51,7 @@ def _load_model(name: str, device: str):
         cfg = LLMConfig(source="pretrained", path=name)
     else:
         raise ValueError(f"--model {name!r}: expected 'smollm2', 'random' or an existing model directory")
-    return load_llm(cfg, device=device)
+    return load_llm(cfg, device=device, dtype=dtype)
 
 
 def _psi(args) -> int:
@@ -59,15 +61,18 @@ def _psi(args) -> int:
 
     from fusedvlm.analysis.pairs import generate_pairs, load_pairs, load_prompts, save_pairs
     from fusedvlm.analysis.pipeline import run_psi, summary_lines
+    from fusedvlm.device import dtype_name, resolve_device, resolve_dtype
 
     if args.max_n < 1:
         raise ValueError(f"--max-n must be >= 1, got {args.max_n}")
     if args.generate is not None and args.generate < 1:
         raise ValueError(f"--generate must be >= 1, got {args.generate}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = _load_model(args.model, args.device)
+    model, tokenizer = _load_model(args.model, device, dtype)
     t_load = time.perf_counter() - t0
-    print(f"model {args.model}: loaded in {t_load:.1f} s")
+    print(f"model {args.model}: loaded in {t_load:.1f} s ({dtype_name(dtype)} on {device})")
     if args.data:
         pairs = load_pairs(args.data, limit=args.max_pairs)
         source = args.data
@@ -85,7 +90,8 @@ def _psi(args) -> int:
     torch.manual_seed(args.seed)
     result = run_psi(model, tokenizer, pairs, max_n=args.max_n, batch_size=args.batch_size, positive=not args.signed,
                      beta=args.beta, out_dir=args.out, progress=not args.no_progress,
-                     meta=dict(model=args.model, source=source, load_seconds=round(t_load, 2)))
+                     meta=dict(model=args.model, source=source, load_seconds=round(t_load, 2),
+                               device=str(device), dtype=dtype_name(dtype)))
     print("\n".join(summary_lines(result)))
     print(f"total {time.perf_counter() - t0:.1f} s; wrote {args.out}/psi.json, psi_curves.png, divergence.png")
     return 0

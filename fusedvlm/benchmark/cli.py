@@ -15,6 +15,7 @@ CPU_MAX_PARAMETERS = 1_000_000_000
 
 def register(sub) -> None:
     from fusedvlm.config import PAPER_N_L, PRESETS
+    from fusedvlm.device import add_device_arguments
 
     p = sub.add_parser(
         "bench", help="n_l sweep: TTFT, prefill time/FLOPs per stage, decode speed, memory",
@@ -32,9 +33,7 @@ def register(sub) -> None:
                    help=f"tokens decoded per answer, EOS ignored (default {GPU_MAX_NEW_TOKENS} on GPU, {CPU_MAX_NEW_TOKENS} on CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per (image, n_l) (default 3 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed full runs after the FLOP pass (which already warms every shape)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
+    add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
@@ -93,16 +92,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from fusedvlm.benchmark.sweep import DEFAULT_IMAGES, SweepConfig, run_sweep
     from fusedvlm.benchmark.system import check_fits, environment
     from fusedvlm.config import get_preset
+    from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.model.vlm import FusedVLM
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA GPU is available")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

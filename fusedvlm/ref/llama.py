@@ -28,10 +28,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D), cos/sin (T, D) -> rotated x (T, H, D)."""
+    """x (T, H, D), cos/sin (T, D) -> rotated x (T, H, D) in x's dtype.
+
+    Keeping x's dtype matters under autocast: cos/sin follow the (fp32) embeddings while the
+    projections come out bf16, and q/k must stay in v's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
 
 
 def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:

@@ -152,8 +152,6 @@ def test_bad_inputs_name_the_problem():
     cu = cu_seqlens_from_lengths([2, 3])
     with pytest.raises(ValueError, match="one shape"):
         pairwise_cosine_stats(a, torch.randn(4, 4), cu)
-    with pytest.raises(ValueError, match="share a dtype"):
-        pairwise_cosine_stats(a, a.half(), cu)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         pairwise_cosine_stats(a.double(), a.double(), cu)
     with pytest.raises(ValueError, match=r"\(T, d\)"):
