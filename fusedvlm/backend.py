@@ -11,6 +11,7 @@ Nothing here initialises CUDA: the decision looks at a tensor's ``device`` attri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -73,3 +74,26 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 def backend_name(*tensors: torch.Tensor) -> str:
     return "triton" if use_triton(*tensors) else "torch"
+
+
+# Tile configurations forced by name (tests): each kernel module lists the configurations its
+# GPU launches can choose in ``TILE_CONFIGS`` and asks :func:`forced_tiles` before choosing.
+_FORCED_TILES: dict[str, tuple] = {}
+
+
+@contextlib.contextmanager
+def force_tiles(**configs: tuple):
+    """Within the block, the named launches (``TILE_CONFIGS`` keys of a kernel module, e.g.
+    ``packed_attention_fwd=(128, 64, 8, 3)``) run with these tiles whatever the device, so the
+    interpreter can run exactly the tiles a GPU compiles."""
+    saved = dict(_FORCED_TILES)
+    _FORCED_TILES.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED_TILES.clear()
+        _FORCED_TILES.update(saved)
+
+
+def forced_tiles(name: str) -> tuple | None:
+    return _FORCED_TILES.get(name)

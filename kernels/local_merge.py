@@ -49,7 +49,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.backend import compute_dtype, interpreter_enabled, use_triton
+from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
 from fusedvlm.ref.local_merge import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -227,13 +227,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU, shared by the forward, dX and dW
+# launches: fp32 operands, and fp16/bf16 ones (twice the K depth per byte of shared memory).
+_GPU_FP32 = (64, 64, 32, 4, 3)
+_GPU_HALF = (64, 128, 64, 4, 3)
+# Every configuration a GPU launch can run (fusedvlm.backend.force_tiles names).
+TILE_CONFIGS = {"local_merge": (_GPU_FP32, _GPU_HALF)}
+
+
 def _config(dtype: torch.dtype) -> dict:
     """Fixed tile sizes: small under the interpreter (cost is per program step), GEMM-sized on GPU."""
-    if interpreter_enabled():
+    forced = forced_tiles("local_merge")
+    if forced is None and interpreter_enabled():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    bm, bn, bk, warps, stages = forced or (_GPU_FP32 if dtype == torch.float32 else _GPU_HALF)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:

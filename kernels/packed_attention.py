@@ -53,7 +53,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.backend import compute_dtype, interpreter_enabled, use_triton
+from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -375,15 +375,25 @@ def _kernels(interpret: bool):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter runs one numpy program per tile, so
 # small tiles keep its per-step cost low and exercise multi-tile loops on tiny test shapes.
 _INTERPRET_BLOCKS = (16, 16, 1, 1)
-# GPU candidates, fastest first; the first whose tiles fit the shared-memory budget is used.
+# GPU candidates, fastest first; the first whose tiles fit the shared-memory budget is used,
+# else the last resort.
 _FWD_BLOCKS = ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1))
 _BWD_BLOCKS = ((64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1))
+_LAST_RESORT_BLOCKS = (16, 16, 4, 1)
+# Every configuration a GPU launch can run, per launch (fusedvlm.backend.force_tiles names).
+TILE_CONFIGS = {
+    "packed_attention_fwd": _FWD_BLOCKS + (_LAST_RESORT_BLOCKS,),
+    "packed_attention_bwd": _BWD_BLOCKS + (_LAST_RESORT_BLOCKS,),
+}
 # Shared memory per SM ranges from ~100 KB (sm_86 / sm_89) to 228 KB (H100); 96 KB of tiles
 # leaves room for Triton's own layout-conversion scratch on all of them.
 _SMEM_BUDGET = 96 * 1024
 
 
 def _block_config(head_dim: int, elem_bytes: int, backward: bool) -> tuple[int, int, int, int]:
+    forced = forced_tiles("packed_attention_bwd" if backward else "packed_attention_fwd")
+    if forced is not None:
+        return forced
     if interpreter_enabled():
         return _INTERPRET_BLOCKS
     d = max(16, 1 << (head_dim - 1).bit_length())
@@ -397,7 +407,7 @@ def _block_config(head_dim: int, elem_bytes: int, backward: bool) -> tuple[int, 
             smem = (bm + 2 * bn * stages) * d * elem_bytes
         if smem <= _SMEM_BUDGET:
             return bm, bn, warps, stages
-    return (16, 16, 4, 1)
+    return _LAST_RESORT_BLOCKS
 
 
 def _tile_table(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -55,7 +55,7 @@ import functools
 
 import torch
 
-from fusedvlm.backend import interpreter_enabled, use_triton
+from fusedvlm.backend import forced_tiles, interpreter_enabled, use_triton
 from fusedvlm.packing import check_cu_seqlens
 from fusedvlm.ref.pairwise_cosine import PsiStats, unit_rows
 
@@ -267,6 +267,8 @@ _INTERPRET_GRAM = (16, 16, 32, 1, 1)
 _GPU_GRAM = (64, 64, 32, 8, 2)
 _INTERPRET_ROW = (16, 32)
 _GPU_ROW = (32, 64)
+# Every configuration a GPU launch can run (fusedvlm.backend.force_tiles names).
+TILE_CONFIGS = {"pairwise_cosine_row": (_GPU_ROW,), "pairwise_cosine_gram": (_GPU_GRAM,)}
 
 
 def _tile_table(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -307,7 +309,7 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
     b = h_b if h_b.stride(1) == 1 else h_b.contiguous()
     n_seg = cu_seqlens.numel() - 1
 
-    rbm, rbd = _INTERPRET_ROW if interpret else _GPU_ROW
+    rbm, rbd = forced_tiles("pairwise_cosine_row") or (_INTERPRET_ROW if interpret else _GPU_ROW)
     chunks = triton.cdiv(d, rbd)
     part = torch.empty((4, chunks, total), dtype=torch.float32, device=dev)
     row_kernel[(n_seg, chunks)](a, b, part, cu_seqlens, a.stride(0), b.stride(0), part.stride(0), part.stride(1), d,
@@ -320,7 +322,7 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
     if positive:
         eq_terms = eq_terms.clamp_min(0)
 
-    bm, bn, bd, warps, stages = _INTERPRET_GRAM if interpret else _GPU_GRAM
+    bm, bn, bd, warps, stages = forced_tiles("pairwise_cosine_gram") or (_INTERPRET_GRAM if interpret else _GPU_GRAM)
     inc = torch.empty((3, total), dtype=torch.float32, device=dev)
     tile_seg, tile_blk, grid = _tile_table(cu_seqlens, total, bm)
     gram_kernel[(grid,)](a, b, inv_a, inv_b, inc, cu_seqlens, tile_seg, tile_blk, a.stride(0), b.stride(0), inc.stride(0),

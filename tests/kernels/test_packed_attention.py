@@ -194,3 +194,63 @@ def test_cuda_kernel_matches_fp64_reference(dtype, d):
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
         err, ref_err = (g - e).abs().max().item(), (r - e).abs().max().item()
         assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+# --------------------------------------------------------------------------- GPU tiles, interpreted
+# Every (BLOCK_M, BLOCK_N) a GPU launch can choose (kernels/packed_attention.py TILE_CONFIGS;
+# num_warps / num_stages do not change what the interpreter computes), forward and backward
+# paired up so that each configuration runs once, on a pack whose lengths sit on every tile
+# boundary of both: 1, t - 1, t, t + 1 for each block size t, several tiles, cached prefixes
+# of t - 2 .. t + 1 keys and shorter / longer than a tile, a one-query (decode) segment after a
+# long prefix, an empty one; GQA 2:1. (An off-by-one in the forward's unmasked-tile limit fails
+# three of the five configurations here.)
+def _distinct_blocks(name):
+    from fusedvlm.kernels.packed_attention import TILE_CONFIGS
+
+    return list(dict.fromkeys(cfg[:2] for cfg in TILE_CONFIGS[name]))
+
+
+def _tile_pairs():
+    fwd, bwd = _distinct_blocks("packed_attention_fwd"), _distinct_blocks("packed_attention_bwd")
+    n = max(len(fwd), len(bwd))
+    return [(fwd[min(i, len(fwd) - 1)], bwd[min(i, len(bwd) - 1)]) for i in range(n)]
+
+
+def tile_boundary_packing(blocks):
+    sizes = sorted(set(blocks))
+    lq = [1] + [t + e for t in sizes for e in (-1, 0, 1)] + [2 * sizes[-1] + 3]
+    lq = list(dict.fromkeys(lq))
+    lk = list(lq)
+    big, small = sizes[-1], sizes[0]
+    # The causal diagonal crosses a key tile edge where the prefix is about a multiple of a tile.
+    prefixed = [(3, small - 2), (3, small - 1), (small + 1, small), (3, small + 1), (big + 1, big - 1),
+                (big - 1, 3), (1, 2 * big + 7), (0, 5)]
+    for q, prefix in prefixed:
+        lq.append(q)
+        lk.append(q + prefix)
+    return lq, lk
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("fwd,bwd", _tile_pairs(), ids=lambda b: "x".join(map(str, b)))
+def test_triton_gpu_tiles_match_fp64_reference(fwd, bwd):
+    from fusedvlm.backend import force_tiles
+    from fusedvlm.kernels.packed_attention import TILE_CONFIGS
+
+    lq, lk = tile_boundary_packing(fwd + bwd)
+    # The largest tiles in fp32 (IEEE dots), the smaller ones in bf16 (rounded inputs, fp32 maths).
+    dtype = torch.float32 if max(fwd) >= 64 else torch.bfloat16
+    full = {name: next(c for c in TILE_CONFIGS[name] if c[:2] == b)
+            for name, b in (("packed_attention_fwd", fwd), ("packed_attention_bwd", bwd))}
+    with force_tiles(**full):
+        check_against_fp64(lq, lk, 2, 1, 16, dtype)
+
+
+@pytest.mark.interpreter
+def test_triton_gpu_tiles_non_causal():
+    from fusedvlm.backend import force_tiles
+    from fusedvlm.kernels.packed_attention import TILE_CONFIGS
+
+    fwd, bwd = TILE_CONFIGS["packed_attention_fwd"][0], TILE_CONFIGS["packed_attention_bwd"][0]
+    with force_tiles(packed_attention_fwd=fwd, packed_attention_bwd=bwd):
+        check_against_fp64([1, 63, 129, 5], [1, 70, 129, 0], 2, 2, 16, torch.float32, causal=False)
