@@ -264,3 +264,30 @@ def test_kernels_compile_for_gpu(dtype):
         compiled = triton.compile(ASTSource(kernel, signature, dict(flags, **extra)),
                                   target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.asm.get("cubin"), kernel.__name__
+
+
+# --------------------------------------------------------------------------- GPU tiles, interpreted
+def _gpu_tile_cases():
+    """Per GPU configuration (kernels/local_merge.py TILE_CONFIGS; one for fp32, one for
+    fp16/bf16): output rows V*(P+1), parity-class rows V*Ho*Wo and dW rows V*P across BLOCK_M /
+    BLOCK_K, channels at BLOCK_N + 1 and BLOCK_N exactly, C_in = BLOCK_K - 1, a 3-row output."""
+    cases = []
+    for cfg, dtype in zip(lm.TILE_CONFIGS["local_merge"], (F32, BF16)):
+        bm, bn, bk = cfg[:3]
+        cases += [
+            (cfg, (2, 11, 11, bn + 1, bn + 1, True, True, dtype)),   # 74 rows, 72 per parity class, 2 column tiles
+            (cfg, (1, 14, 18, bn, bn, True, False, dtype)),          # exactly one 64-row tile, C = BLOCK_N
+            (cfg, (1, 1, 3, bk - 1, 8, False, True, dtype)),         # 3 rows, C_in one short of BLOCK_K
+        ]
+    return cases
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("cfg,case", _gpu_tile_cases(),
+                         ids=lambda x: "x".join(map(str, x[:3])) if len(x) == 5 else "V{}_{}x{}_{}to{}".format(*x[:5]))
+def test_triton_gpu_tiles_match_reference(cfg, case, monkeypatch):
+    from fusedvlm.backend import force_tiles
+
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    with force_tiles(local_merge=cfg):
+        check_matches_reference(case)

@@ -162,3 +162,29 @@ def test_bad_inputs_name_the_problem():
         pairwise_cosine_stats(a, a, cu.long())
     with pytest.raises(ValueError, match="d must be >= 1"):
         pairwise_cosine_stats(a[:, :0], a[:, :0], cu)
+
+
+# --------------------------------------------------------------------------- GPU tiles, interpreted
+def _gpu_tile_cases():
+    """Every GPU row / Gram configuration (kernels/pairwise_cosine.py TILE_CONFIGS) on pairs of
+    1, t - 1, t, t + 1 and 2t + 2 tokens for the Gram tile t, and a hidden size one past the
+    row kernel's d-chunk (so the Gram kernel's d-chunks are ragged too)."""
+    from fusedvlm.kernels.pairwise_cosine import TILE_CONFIGS
+
+    cases = []
+    for row in TILE_CONFIGS["pairwise_cosine_row"]:
+        for gram in TILE_CONFIGS["pairwise_cosine_gram"]:
+            t = gram[0]
+            cases.append((row, gram, [1, t - 1, t, t + 1, 2 * t + 2], row[1] + 1))
+    return cases
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("row,gram,lengths,d", _gpu_tile_cases(), ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None)
+def test_triton_gpu_tiles_match_reference(row, gram, lengths, d, dtype):
+    from fusedvlm.backend import force_tiles
+
+    with force_tiles(pairwise_cosine_row=row, pairwise_cosine_gram=gram):
+        # positive for fp32, signed for bf16: both reductions at every tile config
+        _check(lengths, d, dtype, positive=dtype == torch.float32, seed=4)
