@@ -3,8 +3,9 @@
 On a CPU-only machine tests/conftest.py selects the Triton interpreter for the whole session
 before triton is first imported (triton fixes that choice at import) and keeps every other test
 on the torch path with ``FUSEDVLM_BACKEND=torch``; this fixture lifts that for marked tests.
-Without the interpreter (a GPU machine, or FUSEDVLM_TEST_INTERPRET=0) they are skipped: the
-``cuda`` tests cover the same kernels natively there.
+Without the interpreter (a GPU machine, or FUSEDVLM_TEST_INTERPRET=0) they are skipped here and
+test_interpreter_subprocess.py runs them all in one interpreter subprocess, next to the native
+``cuda`` tests.
 """
 
 import pytest
@@ -19,5 +20,5 @@ def _triton_interpreter(request, monkeypatch):
     if not triton_available():
         pytest.skip("triton is not installed")
     if not interpreter_enabled():
-        pytest.skip("the Triton interpreter was not selected at session start (TRITON_INTERPRET=1)")
+        pytest.skip("Triton runs natively in this session: test_interpreter_subprocess.py runs this test interpreted")
     monkeypatch.setenv("FUSEDVLM_BACKEND", "auto")

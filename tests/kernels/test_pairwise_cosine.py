@@ -188,3 +188,24 @@ def test_triton_gpu_tiles_match_reference(row, gram, lengths, d, dtype):
     with force_tiles(pairwise_cosine_row=row, pairwise_cosine_gram=gram):
         # positive for fp32, signed for bf16: both reductions at every tile config
         _check(lengths, d, dtype, positive=dtype == torch.float32, seed=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("positive", [True, False], ids=["positive", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_kernel_matches_reference(dtype, positive):
+    """The compiled kernels at their GPU tiles: pairs from 1 to several Gram tiles, d = 896
+    (a real hidden size, many d-chunks)."""
+    lengths, d = [1, 63, 64, 65, 300, 0, 1000], 896
+    a, b, cu = _pack(lengths, d, 5)
+    a, b = a.to(dtype), b.to(dtype)
+    exact = ref_stats(a, b, cu, positive=positive, upcast=True)
+    same_dtype = ref_stats(a, b, cu, positive=positive, upcast=False)
+    assert use_triton(a.cuda())
+    got = pairwise_cosine_stats(a.cuda(), b.cuda(), cu.cuda(), positive=positive)
+    for name in PsiStats._fields:
+        g = getattr(got, name).cpu()
+        assert torch.equal(g.isnan(), getattr(exact, name).isnan()), name
+        gs, es, rs = (_scaled(s, name, exact).nan_to_num() for s in (PsiStats(*(x.cpu() for x in got)), exact, same_dtype))
+        err, ref_err = (gs - es).abs().max().item(), (rs - es).abs().max().item()
+        assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], f"{name}: {err:.3g} vs reference {ref_err:.3g}"
