@@ -41,3 +41,8 @@ bench-regress: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+
+# One command on a CUDA machine: tests, kernel benchmarks, paper bench, bf16 training -> bench/results/<gpu>/.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)

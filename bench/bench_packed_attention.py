@@ -11,7 +11,7 @@ For 2, 4 and 8 packed samples of 1500-2600 tokens (seeded), 16 heads x 64, rows:
                       (L, L) causal mask per segment, grouped-query heads repeated
 * ``flex``          : ``torch.compile(flex_attention)`` with a block mask (block mask built and
                       kernel compiled before timing; both costs are printed, not timed)
-* ``flash_varlen`` / ``xformers`` : on GPU, when the package is importable
+* ``flash_varlen`` / ``xformers`` : on GPU; a "skipped: not installed" row without the package
 
 ``fwd`` times the forward alone (no autograd); ``fwd+bwd`` the forward plus backward of
 ``out.sum()`` w.r.t. q, k, v (run for the packings in ``--backward-samples``; dense is slow
@@ -49,6 +49,7 @@ from fusedvlm.ref.packed_attention import packed_attention as per_segment_attent
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLOW_S = 2.0  # a call slower than this is timed once, after its probe call
+NOT_INSTALLED = ("not installed",)  # a comparison whose package is missing: a row that says so
 
 
 def cpu_peak_bytes(fn) -> int:
@@ -127,14 +128,14 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
 
             out["flash_varlen"] = (None, run(lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)))
         except ImportError:
-            pass
+            out["flash_varlen"] = NOT_INSTALLED
         try:
             from xformers.ops import fmha
 
             bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths)
             out["xformers"] = (None, run(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]))
         except ImportError:
-            pass
+            out["xformers"] = NOT_INSTALLED
     return out
 
 
@@ -143,6 +144,10 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
     rows = []
     for name, entry in methods(lengths, args.heads, args.head_dim, dtype, device, with_grad).items():
         if args.only and name not in args.only:
+            continue
+        if entry is NOT_INSTALLED:
+            rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
+                             method=name, note="skipped: not installed"))
             continue
         prepare, call = entry[0], entry[1]
         note = ""
