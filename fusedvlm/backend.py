@@ -62,7 +62,10 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     widest input dtype, so nothing is rounded that the caller did not round. Inputs outside
     fp32/fp16/bf16 are never cast down: the op's own check names them.
     """
-    floats = [t for t in tensors if t is not None and t.is_floating_point()]
+    present = [t for t in tensors if t is not None]
+    floats = [t for t in present if t.is_floating_point()]
+    if not floats:
+        return present[0].dtype  # nothing to reconcile; the op's dtype check names the problem
     widest = floats[0].dtype
     for t in floats[1:]:
         widest = torch.promote_types(widest, t.dtype)
