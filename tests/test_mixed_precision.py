@@ -255,3 +255,20 @@ def test_pairwise_cosine_takes_mixed_branches_in_the_wider_dtype(backend):
     got, want = pairwise_cosine_stats(a, b, cu), pairwise_cosine_stats(a, b.float(), cu)
     for name in got._fields:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), equal_nan=True)
+
+
+def test_cli_bench_and_psi_in_bf16(tmp_path, capsys):
+    import json
+
+    from fusedvlm.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--preset", "tiny", "--n-l", "4", "--images", "chelsea", "--repeats", "1", "--warmup", "0",
+                 "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bf16", "--out", str(out), "--quiet"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert json.dumps(payload).count('"bfloat16"') >= 1 and payload["results"][0]["decode_tokens_per_s"] > 0
+    psi = tmp_path / "psi"
+    assert main(["psi", "--generate", "2", "--model", "random", "--max-n", "4", "--device", "cpu", "--dtype", "bf16",
+                 "--out", str(psi), "--no-progress"]) == 0
+    assert "(bf16 on cpu)" in capsys.readouterr().out
+    assert json.loads((psi / "psi.json").read_text())["meta"]["dtype"] == "bf16"
