@@ -257,7 +257,7 @@ def test_pairwise_cosine_takes_mixed_branches_in_the_wider_dtype(backend):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), equal_nan=True)
 
 
-def test_cli_bench_and_psi_in_bf16(tmp_path, capsys):
+def test_cli_bench_in_bf16(tmp_path):
     import json
 
     from fusedvlm.cli import main
@@ -267,6 +267,13 @@ def test_cli_bench_and_psi_in_bf16(tmp_path, capsys):
                  "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bf16", "--out", str(out), "--quiet"]) == 0
     payload = json.loads((out / "results.json").read_text())
     assert json.dumps(payload).count('"bfloat16"') >= 1 and payload["results"][0]["decode_tokens_per_s"] > 0
+
+
+def test_cli_psi_in_bf16(tmp_path, capsys):
+    import json
+
+    from fusedvlm.cli import main
+
     psi = tmp_path / "psi"
     assert main(["psi", "--generate", "2", "--model", "random", "--max-n", "4", "--device", "cpu", "--dtype", "bf16",
                  "--out", str(psi), "--no-progress"]) == 0
