@@ -9,6 +9,7 @@ interpreter before importing triton and hides the GPU from it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,7 +26,9 @@ KERNEL_TESTS = os.path.dirname(os.path.abspath(__file__))
 def test_interpreter_tests_pass_in_a_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": "1", "FUSEDVLM_TEST_INTERPRET": "1", "FUSEDVLM_BACKEND": "torch",
            "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interpreter", KERNEL_TESTS],
+    # A GPU host has the cores to spread the interpreter's numpy programs over (pytest-xdist).
+    workers = ["-n", "4"] if importlib.util.find_spec("xdist") and (os.cpu_count() or 1) >= 8 else []
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, "-m", "interpreter", KERNEL_TESTS],
                        env=env, capture_output=True, text=True, timeout=1200)
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
