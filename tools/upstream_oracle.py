@@ -64,7 +64,7 @@ DEFAULT_QUESTIONS = [
 # (padded only). The near-square one carries real transparency over non-white colours.
 IMAGES = [
     ("wide.png", 480, 205, "RGB"),
-    ("tall.png", 120, 300, "RGB"),
+    ("tall.png", 150, 280, "RGB"),
     ("square_rgba.png", 360, 350, "RGBA"),
 ]
 
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     # paper knobs
     p.add_argument("--n-l", type=int, default=6, help="length_que_end: fused tokens for the first question")
     p.add_argument("--n-s", type=int, default=3, help="length_que_end_short: fused tokens for later questions")
-    p.add_argument("--num-crops", type=int, default=1, help="HD-N of their Phi3V image processor")
+    p.add_argument("--num-crops", type=int, default=2, help="HD-N of their Phi3V image processor")
     p.add_argument("--drop-query", action="store_true",
                    help="their drop-query variant (_qed_replaced_query=''): the fusion decoder sees no question text")
     p.add_argument("--no-special-padding", action="store_true",
@@ -155,8 +155,8 @@ def make_images(out_dir: Path, seed: int):
                  + 0.25 * np.sign(np.sin(0.5 * x) * np.sin(0.5 * y + c))
                  + 0.2 * np.sin(0.7 * r))
             chans.append(np.clip(127.5 + 127.5 * v, 0, 255))
-        # multiples of 4 keep the PNGs small without removing high frequencies
-        rgb = (np.stack(chans, -1) / 4).round().clip(0, 63).astype(np.uint8) * 4
+        # multiples of 8 keep the PNGs small without removing high frequencies
+        rgb = (np.stack(chans, -1) / 8).round().clip(0, 31).astype(np.uint8) * 8
         if mode == "RGBA":
             # fully transparent band, a gradient of partial alpha, and opaque regions
             alpha = np.full((h, w), 255.0)
@@ -509,6 +509,7 @@ def run_oracle(a, ckpt: Path, image_paths):
                 "fusion_input_ids": inputs["que_input_ids"].tolist(),
                 "fusion_input_types": inputs["que_input_tps"].tolist(),
                 "llm_prompt_ids": prompt_ids,
+                "llm_prompt_types": tps.tolist(),
                 "llm_prompt_pieces": [[s, t.name] for s, t in zip(
                     record.apply_template(a.template).src_list, record.apply_template(a.template).tps_list)],
                 "n_fused": n_slots,
@@ -581,6 +582,8 @@ fully transparent, partially transparent and opaque regions over non-white colou
     CLIP eos); `fusion_input_types` the matching token-type codes (16 question, 256 placeholder,
     128 eos).
   - `llm_prompt_ids`: the LLM prefill ids; each fused-token slot is -1.
+  - `llm_prompt_types`: their token-type code per prompt id (1 pad, 2 inst, 4 sys, 16 question,
+    32 answer, 64 bos, 128 eos, 256 fused slot).
   - `llm_prompt_pieces`: the template pieces, each tokenised on its own, with their type.
   - `n_fused`, `answer_ids` (every generated id, a final eos included when generation stopped on
     it), `answer_text` (their decode: skip special tokens, strip), `stopped_on_eos`.
@@ -639,7 +642,9 @@ def main(argv=None):
         "template": a.template,
         "system": rec["system"],
         "questions": a.question,
-        "generation": {"max_new_tokens": a.max_new_tokens, "greedy": True},
+        "generation": {"max_new_tokens": a.max_new_tokens, "greedy": True, "min_new_tokens": 0,
+                       "eos_token_id": rec["llm_eos_id"],
+                       "answer_fed_back_as": "decode(answer_ids, skip_special_tokens=True).strip()"},
         "config": {"n_l": a.n_l, "n_s": a.n_s, "num_crops": a.num_crops, "drop_query": a.drop_query,
                    "append_special_padding": not a.no_special_padding, "weights": a.weights,
                    "saved_dtype": a.saved_dtype, "vision_width": a.vision_width,
@@ -659,6 +664,9 @@ def main(argv=None):
     write_format_md(out, a, [x if " " not in x else json.dumps(x) for x in argv])
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({total / 1e6:.2f} MB); min top-2 logit margin {rec['min_top2_margin']:.4g}")
+    if rec["min_top2_margin"] < 1e-3:
+        print("warning: a greedy step had a near tie (margin < 1e-3); answers may flip under rounding: "
+              "try another --seed", file=sys.stderr)
     for name, im in rec["images"].items():
         for k, t in enumerate(im["turns"]):
             print(f"  {name} turn{k}: views={im['num_views']} fused={t['n_fused']} "
