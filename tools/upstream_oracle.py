@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--upstream", required=True, type=Path, help="checkout of tenghuilee/ScalingCapFusedVisionLM")
     p.add_argument("--upstream-commit", default=None,
                    help="commit of the checkout (default: git rev-parse, else UPSTREAM_COMMIT file in the checkout)")
-    p.add_argument("--out", required=True, type=Path, help="fixture directory to (re)create")
+    p.add_argument("--out", required=True, type=Path,
+                   help="fixture directory to create (an existing one is replaced only if it holds expected.json)")
     p.add_argument("--clip-bpe", default=DEFAULT_CLIP_BPE, type=Path,
                    help="bpe_simple_vocab_16e6.txt.gz as shipped inside open_clip")
     p.add_argument("--seed", type=int, default=5)
@@ -628,6 +629,8 @@ def main(argv=None):
 
     out = a.out
     if out.exists():
+        if any(out.iterdir()) and not (out / "expected.json").is_file():
+            sys.exit(f"--out {out} is a non-empty directory that holds no expected.json; not replacing it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     commit = git_commit(upstream, a.upstream_commit)
