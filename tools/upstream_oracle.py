@@ -47,7 +47,6 @@ import random
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CLIP_BPE = "/work/main/.venv/lib/python3.11/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz"
@@ -313,15 +312,8 @@ def git_commit(upstream: Path, explicit):
     sys.exit(f"cannot tell the commit of {upstream}: pass --upstream-commit")
 
 
-@dataclass
-class Built:
-    ckpt: Path
-    placeholder_ids: list
-
-
 def build_and_save(a, ckpt: Path, work: Path):
     import torch
-    import transformers
     from transformers import LlamaConfig, LlamaTokenizerFast
 
     import tensorfusionvlm  # noqa: F401  (registers their Auto classes)
@@ -405,7 +397,6 @@ def build_and_save(a, ckpt: Path, work: Path):
     tj = ckpt / "clip" / "tokenizer.json"
     tj.write_text(json.dumps(json.loads(tj.read_text()), ensure_ascii=False, separators=(",", ":")))
     Phi3VImageProcessor(num_crops=a.num_crops).save_pretrained(ckpt)
-    return Built(ckpt=ckpt, placeholder_ids=None)
 
 
 def run_oracle(a, ckpt: Path, image_paths):
