@@ -21,8 +21,9 @@ Environment (a virtualenv outside the repository; the commands that made the com
         deprecated matplotlib sentencepiece protobuf safetensors pillow numpy
     /work/upstream-venv/bin/pip install --no-deps fschat==0.2.36
 
-(their package also imports torchvision, for the HD image processor; open_clip is not imported by
-them: the CLIP BPE merges are read from the copy open_clip ships, see --clip-bpe.)
+(torch 2.14.1 runs their code with transformers 4.46.3; 2.5.1, the version they name, was not
+needed. Their package also imports torchvision, for the HD image processor; open_clip is not
+imported by them: the CLIP BPE merges are read from the copy open_clip ships, see --clip-bpe.)
 
 Run:
 
