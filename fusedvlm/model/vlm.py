@@ -74,7 +74,8 @@ class FusedVLM(nn.Module):
     def preprocess(self, images: Sequence) -> tuple[torch.Tensor, list[int]]:
         from fusedvlm.preprocess import hd_views_batch
 
-        return hd_views_batch(images, hd_num=self.cfg.hd_num, size=self.cfg.view_size)
+        cfg = self.cfg
+        return hd_views_batch(images, hd_num=cfg.hd_num, size=cfg.view_size, global_view=cfg.global_view, alpha=cfg.alpha)
 
     def encode_views(self, views: torch.Tensor, num_views: list[int]) -> VisionPrefix:
         """(sum V_i, 3, S, S) -> packed vision prefixes (sum V_i * tpv, C)."""
