@@ -118,9 +118,7 @@ def iter_shard(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(path, "pt") as f:
                 for k in f.keys():
                     yield k, f.get_tensor(k)
-        except (OSError, ValueError, RuntimeError) as e:
-            if isinstance(e, UpstreamError):
-                raise
+        except Exception as e:  # safetensors raises its own error type for corrupt files
             raise UpstreamError(f"cannot read {path}: {e}") from None
         return
     try:

@@ -18,16 +18,18 @@ import torch
 from fusedvlm.cli import main
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "upstream")
-VARIANTS = sorted(os.listdir(FIXTURES)) if os.path.isdir(FIXTURES) else []
-TOL = 1e-4  # fused tokens and logits, fp32
+# More recordings to check (e.g. a variant made with tools/upstream_oracle.py into /tmp):
+# FUSEDVLM_UPSTREAM_FIXTURES=/tmp/a:/tmp/b
+EXTRA = [p for p in os.environ.get("FUSEDVLM_UPSTREAM_FIXTURES", "").split(os.pathsep) if p]
+VARIANTS = (sorted(os.path.join(FIXTURES, v) for v in os.listdir(FIXTURES)) if os.path.isdir(FIXTURES) else []) + EXTRA
+TOL = 1e-4  # fused tokens and logits, fp32, relative to the tensor's scale (see _close)
 
 
 def test_the_committed_fixture_is_there():
-    assert "tiny-llama2" in VARIANTS, f"parity fixture missing under {FIXTURES}"
+    assert os.path.join(FIXTURES, "tiny-llama2") in VARIANTS, f"parity fixture missing under {FIXTURES}"
 
 
-def _convert(variant: str, out: str) -> dict:
-    root = os.path.join(FIXTURES, variant)
+def _convert(root: str, out: str) -> dict:
     with open(os.path.join(root, "expected.json")) as f:
         expected = json.load(f)
     args = ["convert-upstream", os.path.join(root, "checkpoint"), out, "--template", expected["template"]]
@@ -36,7 +38,7 @@ def _convert(variant: str, out: str) -> dict:
     return expected
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=VARIANTS, ids=os.path.basename)
 def converted(request, tmp_path_factory):
     from safetensors.torch import load_file
 
@@ -44,20 +46,29 @@ def converted(request, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("converted") / "model")
     expected = _convert(request.param, out)
-    tensors = load_file(os.path.join(FIXTURES, request.param, "expected.safetensors"))
+    tensors = load_file(os.path.join(request.param, "expected.safetensors"))
     return request.param, out, expected, tensors, FusedVLM.from_pretrained(out)
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor, where: str) -> None:
+    """max |ours - theirs| <= TOL * max(1, max |theirs|): absolute for the O(1) fused tokens,
+    relative to the range for logits (O(10)). fp32 rounding alone moves this tiny random LLM's
+    logits by up to ~1e-5 of their range (the same LLM in fp32 vs fp64, measured on the
+    recordings), and fused-token differences of ~1e-5 pass through it."""
+    err, scale = (ours - theirs).abs().max().item(), max(1.0, theirs.abs().max().item())
+    assert err <= TOL * scale, f"{where}: max abs difference {err:.3g} > {TOL} x {scale:.3g}"
 
 
 def _image(variant: str, name: str):
     from fusedvlm.preprocess import load_image
 
-    return load_image(os.path.join(FIXTURES, variant, "images", name))
+    return load_image(os.path.join(variant, "images", name))
 
 
 def test_chat_json_reproduces_prompt_ids_and_answers(converted, capsys):
     variant, out, expected, _, _ = converted
     for name, image in expected["images"].items():
-        args = ["chat", "--checkpoint", out, "--image", os.path.join(FIXTURES, variant, "images", name), "--json",
+        args = ["chat", "--checkpoint", out, "--image", os.path.join(variant, "images", name), "--json",
                 "--max-new-tokens", str(expected["generation"]["max_new_tokens"])]
         for q in expected["questions"]:
             args += ["--question", q]
@@ -101,6 +112,6 @@ def test_views_fusion_ids_fused_tokens_and_logits(converted, reuse_prefix):
             assert [ours] == theirs["fusion_input_ids"], where
             assert answer.prompt.prompt_ids() == theirs["llm_prompt_ids"], where
             fused = torch.cat(session.fused_tokens())
-            torch.testing.assert_close(fused, tensors[f"{name}/turn{k}/fused"], atol=TOL, rtol=0, msg=where)
-            torch.testing.assert_close(answer.first_logits, tensors[f"{name}/turn{k}/first_logits"], atol=TOL, rtol=0, msg=where)
+            _close(fused, tensors[f"{name}/turn{k}/fused"], f"{where} fused")
+            _close(answer.first_logits, tensors[f"{name}/turn{k}/first_logits"], f"{where} logits")
             assert answer.ids == theirs["answer_ids"] and answer.text == theirs["answer_text"], where
