@@ -46,7 +46,6 @@ AUTHORS_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-VICUNA_SYSTEM = AUTHORS_SYSTEM
 TEMPLATES = ("llama2", "vicuna", "chatml", "llama3", "phi3")
 # Default system prompt per template when none is given (None: no system part).
 DEFAULT_SYSTEM = {

