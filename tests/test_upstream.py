@@ -179,3 +179,17 @@ def test_clip_question_tokens_as_the_authors():
     assert tok.encode("&amp;") == tok.encode("& amp ;")
     # A typed end-of-text is text, not the EOS that closes a fusion group.
     assert 49407 not in tok.encode("stop <|endoftext|> here")
+
+
+def test_paper_tower_uses_quick_gelu():
+    import open_clip
+
+    from fusedvlm.config import VisionConfig, get_preset
+    from fusedvlm.model.vision import build_clip_vision_tower
+
+    # OpenAI's CLIP-L/336 (what the authors fine-tune) was trained with QuickGELU.
+    assert open_clip.get_model_config(get_preset("paper").vision.model_name)["quick_gelu"] is True
+    tower = build_clip_vision_tower(VisionConfig(image_size=28, patch_size=14, width=32, layers=1, heads=2, quick_gelu=True))
+    assert type(tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    tower = build_clip_vision_tower(VisionConfig(image_size=28, patch_size=14, width=32, layers=1, heads=2))
+    assert isinstance(tower.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)

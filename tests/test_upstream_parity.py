@@ -82,6 +82,11 @@ def test_chat_json_reproduces_prompt_ids_and_answers(converted, capsys):
             assert ours["prompt_ids"] == theirs["llm_prompt_ids"], where
             assert ours["answer_ids"] == theirs["answer_ids"], where
             assert ours["answer"] == theirs["answer_text"], where
+            assert ours["prompt_ids"].count(-1) == theirs["n_fused"] and ours["num_fused"] == (
+                expected["config"]["n_l"] if k == 0 else expected["config"]["n_s"]), where
+        # The second turn reuses the LLM cache up to where its prompt departs from the first
+        # turn's prompt + generated ids.
+        assert 0 < turns[1]["prefill_start"] < len(turns[1]["prompt_ids"])
 
 
 @pytest.mark.parametrize("reuse_prefix", [True, False])
