@@ -1,16 +1,39 @@
 """Conversation layouts for the LLM (SPEC section 6), built piece by piece as token ids.
 
+This is the one prompt builder of fusedvlm: chat sessions, training targets and benchmarks
+all take their LLM ids from :class:`ChatLayout`.
+
 A conversation is a list of turns; every turn is one question with its fused tokens placed
-immediately **before** the question text, and (once answered) its answer followed by the
-template's closing token (the tokenizer's EOS). Each piece is tokenized on its own, so the
-ids of a conversation are exactly the concatenation of its turns' ids: a chat session can
-feed only the new turn to an LLM whose cache already holds the earlier ones.
+immediately **before** the question text and, once answered, its answer and the template's
+closing token. The pieces of a turn are those of the authors' chat parser
+(``tensorfusionvlm``), and each piece is tokenised **on its own**, exactly as they do: with a
+SentencePiece tokenizer every piece then starts a new word, so there is no stray ``▁`` token
+between a fused slot and the question, nor at the start of an answer.
 
-Layouts (``{F}`` = the fused embeddings):
+Layouts (``{F}`` = the fused embeddings; ``|`` separates pieces that are tokenised apart):
 
-* ``llama2``: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n {F} {Q1} [/INST] {A1} </s><s>[INST] {F} {Q2} [/INST] ...``
-* ``vicuna`` (v1.1): ``<s>{system} USER: {F} {Q1} ASSISTANT: {A1}</s>USER: {F} {Q2} ASSISTANT: ...``
-* ``chatml``: ``<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{F}{Q1}<|im_end|>\\n<|im_start|>assistant\\n{A1}<|im_end|>\\n<|im_start|>user\\n...``
+* ``llama2`` (their ``llama-2-vision``; default system prompt :data:`AUTHORS_SYSTEM`)::
+
+    <s>|[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n|{F}|{Q1}|[/INST]|{A1} </s>|<s>[INST]|{F}|{Q2}|[/INST]
+
+  with an empty system prompt the first turn is ``<s>|{F}|[INST] {Q1}|[/INST]`` (and the fusion
+  decoder reads ``[INST] {Q1}`` as the question, see :meth:`ChatLayout.fusion_text`).
+* ``vicuna`` (their ``vicuna_v1.1``)::
+
+    <s>|{system} |USER: |{F}|{Q1}| |ASSISTANT: |{A1}|</s>|USER: |{F}|{Q2}| |ASSISTANT:
+
+  (the generation prompt ends ``ASSISTANT:``, an answered turn ``ASSISTANT: |{A}|</s>``).
+* ``llama3`` (their ``llama-3-vision``): ``<|begin_of_text|>|<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>|<|start_header_id|>user<|end_header_id|>\\n\\n|{F}|{Q}|<|eot_id|>|<|start_header_id|>assistant<|end_header_id|>\\n\\n|{A}|<|eot_id|>``
+* ``phi3`` (their ``phi-3``): ``{system}|<|user|>\\n|{F}|{Q}|<|end|>\\n|<|assistant|>\\n|{A}|<|end|>\\n``
+* ``chatml`` (fusedvlm's own, for ChatML LLMs such as SmolLM2)::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n|{F}|{Q1}<|im_end|>\\n<|im_start|>assistant\\n|{A1}|<|im_end|>|\\n<|im_start|>user\\n ...
+
+Text that users type (questions, answers, the system prompt) is tokenised as plain text:
+a control-token string in it (``</s>``, ``<|im_end|>``, or ``[INST]`` where the tokenizer
+has it as a special token) becomes ordinary text tokens, never the control token. Where the
+text holds no such string the ids are exactly the authors' (they would turn it into the
+control token; that one difference is deliberate).
 """
 
 from __future__ import annotations
@@ -18,11 +41,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100
-VICUNA_SYSTEM = (
+# The authors' default system prompt of both llama-2-vision and vicuna_v1.1.
+AUTHORS_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("llama2", "vicuna", "chatml")
+TEMPLATES = ("llama2", "vicuna", "chatml", "llama3", "phi3")
+# Default system prompt per template when none is given (None: no system part).
+DEFAULT_SYSTEM = {
+    "llama2": AUTHORS_SYSTEM, "vicuna": AUTHORS_SYSTEM, "chatml": None,
+    "llama3": "You are a helpful assistant.", "phi3": "You are a helpful assistant.",
+}
+# The authors' template names (their checkpoints' eval configs) -> ours.
+UPSTREAM_TEMPLATES = {
+    "llama-2-vision": "llama2", "vicuna_v1.1": "vicuna", "llama-3-vision": "llama3", "phi-3": "phi3",
+}
 
 
 @dataclass
@@ -49,69 +82,169 @@ class Tokens:
     def num_fused(self) -> int:
         return sum(self.fused)
 
+    def prompt_ids(self) -> list[int]:
+        """The ids with every fused slot written as -1 (how ``chat --json`` reports prompts)."""
+        return [-1 if f else i for i, f in zip(self.ids, self.fused)]
+
 
 class ChatLayout:
     """Builds the token ids of turns for one template and tokenizer."""
 
     def __init__(self, template: str, tokenizer, system: str | None = None):
+        template = UPSTREAM_TEMPLATES.get(template, template)
         if template not in TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; choose from {TEMPLATES}")
+            raise ValueError(f"unknown chat template {template!r}; choose from {TEMPLATES} or {tuple(UPSTREAM_TEMPLATES)}")
         self.template = template
         self.tokenizer = tokenizer
-        self.system = VICUNA_SYSTEM if (system is None and template == "vicuna") else (system or "")
+        self.system = DEFAULT_SYSTEM[template] if system is None else system
         self.bos_id = tokenizer.bos_token_id
+        self.bos = tokenizer.bos_token or ""
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ValueError("the LLM tokenizer has no EOS token; the chat layout needs one to close answers")
+        self.eos = tokenizer.eos_token
+        if template == "llama3":
+            self.eos = "<|eot_id|>"
+            self.eos_id = self._control_id(self.eos)
+        elif template == "phi3":
+            self.eos = "<|end|>"
+            self.eos_id = self._control_id(self.eos)
         # Fused positions carry a real id so that the ids tensor is valid for any embedding
-        # table; its embedding is replaced before the LLM sees it.
-        self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # table; its embedding is replaced before the LLM sees it (the authors use the pad id).
+        self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Strings the tokenizer turns into added (control) tokens: typed by a user, they must
+        # stay text.
+        self._controls = tuple(
+            t.content if hasattr(t, "content") else str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+        )
 
-    def _text(self, text: str, labelled: bool = False) -> Tokens:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids if text else []
-        return Tokens(list(ids), [False] * len(ids), list(ids) if labelled else [IGNORE_INDEX] * len(ids))
+    def _control_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id:
+            raise ValueError(f"the {self.template} layout needs the control token {token!r}, which the LLM tokenizer lacks")
+        return tid
 
-    def _special(self, token_id: int | None, labelled: bool = False) -> Tokens:
-        if token_id is None:
-            return Tokens()
-        return Tokens([token_id], [False], [token_id if labelled else IGNORE_INDEX])
+    # ------------------------------------------------------------------ tokenising pieces
+    def _encode(self, text: str, plain: bool = False) -> list[int]:
+        if not text:
+            return []
+        if plain:
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def piece_ids(self, user: str = "", before: str = "", after: str = "") -> list[int]:
+        """Ids of one piece ``before + user + after``: template text around user text.
+
+        Tokenised in one call, as the authors do, unless ``user`` holds a control-token
+        string: then the user part alone is tokenised as plain text."""
+        if user and any(c and c in user for c in self._controls):
+            return self._encode(before) + self._encode(user, plain=True) + self._encode(after)
+        return self._encode(before + user + after)
+
+    def _piece(self, user: str = "", before: str = "", after: str = "", labelled: bool = False) -> Tokens:
+        ids = self.piece_ids(user, before, after)
+        return Tokens(ids, [False] * len(ids), list(ids) if labelled else [IGNORE_INDEX] * len(ids))
+
+    def _control(self, text: str, labelled: bool = False) -> Tokens:
+        return self._piece(before=text, labelled=labelled)
 
     def _fused(self, n: int) -> Tokens:
         return Tokens([self.placeholder_id] * n, [True] * n, [IGNORE_INDEX] * n)
 
+    # ------------------------------------------------------------------ turns
+    def fusion_text(self, question: str, first: bool) -> str:
+        """The question text the fusion decoder reads for this turn. The authors' llama-2
+        parser without a system prompt puts ``[INST] `` into the first question piece, which
+        both the LLM and the fusion decoder then read."""
+        if self.template == "llama2" and first and not self.system:
+            return f"[INST] {question}"
+        return question
+
     def question(self, question: str, n_fused: int, first: bool) -> Tokens:
         """The ids of one question turn up to the point where the assistant speaks."""
-        if not question.strip():
+        return self.turn(question, n_fused, first, None)
+
+    def turn(self, question: str, n_fused: int, first: bool, answer: str | list[int] | None) -> Tokens:
+        """One whole turn: the question with its fused slots, then either the generation
+        prompt (``answer`` None) or the answer with its closing token (labelled)."""
+        if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question")
         t = Tokens()
+        sys = self.system
         if self.template == "llama2":
-            t.extend(self._special(self.bos_id))
-            head = f"[INST] <<SYS>>\n{self.system}\n<</SYS>>\n\n" if (first and self.system) else "[INST] "
-            t.extend(self._text(head)).extend(self._fused(n_fused)).extend(self._text(f" {question} [/INST]"))
+            if first:
+                t.extend(self._control(self.bos))
+                if sys:
+                    t.extend(self._piece(sys, before="[INST] <<SYS>>\n", after="\n<</SYS>>\n\n"))
+                    t.extend(self._fused(n_fused)).extend(self._piece(question))
+                else:
+                    t.extend(self._fused(n_fused)).extend(self._piece(question, before="[INST] "))
+            else:
+                t.extend(self._control(f"{self.bos}[INST]")).extend(self._fused(n_fused)).extend(self._piece(question))
+            t.extend(self._control("[/INST]"))
+            if answer is not None:
+                t.extend(self._answer(answer, after=f" {self.eos}"))
         elif self.template == "vicuna":
             if first:
-                t.extend(self._special(self.bos_id)).extend(self._text(f"{self.system} USER: " if self.system else "USER: "))
+                t.extend(self._control(self.bos)).extend(self._piece(sys or "", after=" "))
+            t.extend(self._control("USER: ")).extend(self._fused(n_fused)).extend(self._piece(question))
+            t.extend(self._control(" "))
+            if answer is None:
+                t.extend(self._control("ASSISTANT:"))
             else:
-                t.extend(self._text("USER: "))
-            t.extend(self._fused(n_fused)).extend(self._text(f" {question} ASSISTANT:"))
-        else:
-            head = f"<|im_start|>system\n{self.system}<|im_end|>\n" if (first and self.system) else ("" if first else "\n")
-            t.extend(self._text(head + "<|im_start|>user\n")).extend(self._fused(n_fused))
-            t.extend(self._text(f"{question}<|im_end|>\n<|im_start|>assistant\n"))
+                t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(self._control(self.eos, labelled=True))
+        elif self.template == "llama3":
+            if first:
+                t.extend(self._control(self.bos))
+                if sys:
+                    t.extend(self._piece(sys, before="<|start_header_id|>system<|end_header_id|>\n\n", after="<|eot_id|>"))
+            t.extend(self._control("<|start_header_id|>user<|end_header_id|>\n\n")).extend(self._fused(n_fused))
+            t.extend(self._piece(question)).extend(self._control("<|eot_id|>"))
+            t.extend(self._control("<|start_header_id|>assistant<|end_header_id|>\n\n"))
+            if answer is not None:
+                t.extend(self._answer(answer)).extend(self._control("<|eot_id|>", labelled=True))
+        elif self.template == "phi3":
+            if first and sys:
+                t.extend(self._piece(sys))
+            t.extend(self._control("<|user|>\n")).extend(self._fused(n_fused)).extend(self._piece(question))
+            t.extend(self._control("<|end|>\n")).extend(self._control("<|assistant|>\n"))
+            if answer is not None:
+                t.extend(self._answer(answer)).extend(self._control("<|end|>\n", labelled=True))
+        else:  # chatml
+            if first:
+                if sys:
+                    t.extend(self._piece(sys, before="<|im_start|>system\n", after="<|im_end|>\n<|im_start|>user\n"))
+                else:
+                    t.extend(self._control("<|im_start|>user\n"))
+            else:
+                t.extend(self._control("\n<|im_start|>user\n"))
+            t.extend(self._fused(n_fused)).extend(self._piece(question, after="<|im_end|>\n<|im_start|>assistant\n"))
+            if answer is not None:
+                t.extend(self._answer(answer)).extend(self._control(self.eos, labelled=True))
         return t
 
-    def answer(self, answer: str | list[int], labelled: bool = True) -> Tokens:
-        """An answer (text, or the ids the LLM generated) plus the closing EOS."""
+    def _answer(self, answer: str | list[int], after: str = "") -> Tokens:
+        """An answer as text (one piece with ``after``), or as the ids the LLM generated
+        (``after`` then follows as its own piece); labelled, as training targets."""
         if isinstance(answer, str):
-            # Llama-2 and Vicuna put a space between the prompt and the answer.
-            text = f" {answer}" if self.template in ("llama2", "vicuna") else answer
-            t = self._text(text, labelled)
+            return self._piece(answer, after=after, labelled=True)
+        ids = list(answer)
+        if ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        return Tokens(ids, [False] * len(ids), ids[:]).extend(self._control(after, labelled=True))
+
+    def answer(self, answer: str | list[int], labelled: bool = True) -> Tokens:
+        """The ids that follow a question turn's generation prompt in a conversation: the
+        answer (text, or generated ids) plus the closing token. For ``vicuna`` the generation
+        prompt of an answered turn differs (``ASSISTANT: ``), so use :meth:`turn` there."""
+        if self.template == "llama2":
+            t = self._answer(answer, after=f" {self.eos}")
         else:
-            ids = list(answer)
-            if ids and ids[-1] == self.eos_id:
-                ids = ids[:-1]
-            t = Tokens(ids, [False] * len(ids), ids[:] if labelled else [IGNORE_INDEX] * len(ids))
-        return t.extend(self._special(self.eos_id, labelled))
+            closing = {"llama3": "<|eot_id|>", "phi3": "<|end|>\n"}.get(self.template, self.eos)
+            t = self._answer(answer).extend(self._control(closing, labelled=True))
+        if not labelled:
+            t.labels = [IGNORE_INDEX] * len(t.ids)
+        return t
 
     def conversation(self, turns: list[tuple[str, str | list[int] | None]], fused_counts: list[int]) -> Tokens:
         """All turns; a final turn whose answer is None ends with the generation prompt."""
@@ -119,9 +252,7 @@ class ChatLayout:
             raise ValueError(f"{len(turns)} turns but {len(fused_counts)} fused counts")
         t = Tokens()
         for i, ((q, a), n) in enumerate(zip(turns, fused_counts)):
-            t.extend(self.question(q, n, first=(i == 0)))
-            if a is not None:
-                t.extend(self.answer(a))
-            elif i != len(turns) - 1:
+            if a is None and i != len(turns) - 1:
                 raise ValueError(f"turn {i} has no answer but is not the last turn")
+            t.extend(self.turn(q, n, i == 0, a))
         return t

@@ -11,6 +11,7 @@ import sys
 # Modules that add subcommands, in --help order.
 COMMAND_MODULES = [
     "fusedvlm.commands",
+    "fusedvlm.upstream",
     "fusedvlm.analysis.cli",
     "fusedvlm.benchmark.cli",
     "fusedvlm.train.cli",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from fusedvlm.config import PRESETS
 
@@ -14,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--preset", default="smol", choices=sorted(PRESETS))
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
-    p.add_argument("--checkpoint", help="trained weights (safetensors from fusedvlm.checkpoint.save_trainable)")
+    p.add_argument("--checkpoint", help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
+                   "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)")
     p.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question")
     p.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -26,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
     add_device_arguments(p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per turn: question, answer, answer_ids "
+                   "(generated LLM ids), prompt_ids (the turn's whole LLM prompt, each fused slot -1), prefill_start "
+                   "(how many of those came from the LLM cache), num_fused")
     p.set_defaults(func=run_chat)
 
     p = sub.add_parser("info", help="parameter counts and token budgets of a preset")
@@ -63,18 +69,27 @@ def run_chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
     torch.manual_seed(args.seed)
-    cfg = read_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model = FusedVLM(cfg).eval()
-    if args.checkpoint:
-        load_trainable(model, args.checkpoint)
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        model = FusedVLM.from_pretrained(args.checkpoint)
+    else:
+        cfg = read_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
+        model = FusedVLM(cfg).eval()
+        if args.checkpoint:
+            load_trainable(model, args.checkpoint)
     model.to(device=device, dtype=dtype)
     if args.llm_dtype is not None:
         model.llm.to(resolve_dtype(args.llm_dtype, device))
     session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s)
     for q in args.question:
         answer = session.ask(q, gen)
+        if args.json:
+            print(json.dumps({
+                "question": q, "answer": answer.text, "answer_ids": answer.ids, "prompt_ids": answer.prompt.prompt_ids(),
+                "prefill_start": answer.prefill_start, "num_fused": answer.num_fused,
+            }), flush=True)
+            continue
         print(f"Q: {q}\nA: {answer.text}")
         if args.timings:
             stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in answer.timings.items())

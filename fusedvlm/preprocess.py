@@ -10,12 +10,17 @@ Local views (the authors' ``HD_transform`` + ``padding_336``):
 * pad the height with white (255) to a multiple of ``size``, top = floor(pad / 2);
 * transpose back and cut row-major into ``size x size`` crops.
 
-Global view: downsize (PIL bicubic) so the long side is ``size`` if it is larger, letterbox to a
-square with black (0) padding (left/top = floor(pad / 2)), then resize to ``size x size`` (PIL
-bicubic; a no-op unless the image was smaller than ``size``).
+Global view (``global_view="authors"``, the default: the authors' ``image_expand2square`` then
+their Phi-3-V processor): a non-square image whose long side exceeds ``size`` is downsized with
+PIL LANCZOS to long side ``size`` and short side ``int(short * size / long)``; it is letterboxed
+to a square with black (0) padding (left/top = floor(pad / 2)); a square image is left as it
+is. The square is normalised, then resized to ``size x size`` with torch bicubic interpolation
+**without** antialiasing (a square photo larger than ``size`` is thus subsampled, aliasing
+included, exactly as the authors' models saw it in training).
+``global_view="antialias"``: PIL bicubic (antialiased) to long side ``size`` (short side
+rounded), letterbox, PIL bicubic to ``size x size``: a cleaner view, not the authors'.
 
-All resizing goes through PIL, consistently: it matches the authors' torchvision-on-PIL pipeline
-bit for bit and PIL resamples uint8 images faster than torch on CPU.
+Local views are resized by PIL as the authors' torchvision-on-PIL code does, bit for bit.
 
 View order: ``[global, local(0,0), local(0,1), ..., local(R-1,C-1)]``; views are float32 in
 CHW layout, normalised with the OpenAI CLIP mean/std.
@@ -28,9 +33,10 @@ Input conventions (decided here):
   tensor whose first dimension is 1, 3 or 4 is read as CxHxW (torch convention), otherwise as
   HxWxC. dtype uint8, or floating with values in [0, 1] (rounded to 8 bits, as every photo
   source is 8-bit and PIL resamples uint8).
-* Transparency (RGBA, LA, PA, palette with a transparent index) is composited on **white**:
-  the same colour as the local-view padding, and what a viewer shows on a white page. Dropping
-  alpha would expose whatever colour the encoder left in fully transparent pixels.
+* Transparency (RGBA, LA, PA, palette with a transparent index): ``alpha="drop"`` (the default)
+  drops the alpha channel like the authors' ``convert("RGB")``, exposing whatever colour the
+  encoder left in transparent pixels; ``alpha="white"`` composites on white (the local-view
+  padding colour, what a viewer shows on a white page).
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_SIDE = 2**15
 
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+GLOBAL_VIEWS = ("authors", "antialias")
+ALPHA_MODES = ("drop", "white")
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,12 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return np.rint(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
-def _array_to_rgb(arr: np.ndarray, what: str) -> Image.Image:
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _array_to_rgb(arr: np.ndarray, what: str, alpha: str = "drop") -> Image.Image:
     """HxW / HxWxC (C in 1, 3, 4) uint8 or float array -> RGB PIL image."""
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
@@ -181,11 +194,11 @@ def _array_to_rgb(arr: np.ndarray, what: str) -> Image.Image:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.shape[2] == 4:
-        arr = _composite_on_white(arr)
+        arr = _composite_on_white(arr) if alpha == "white" else arr[..., :3]
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
 
 
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
+def _pil_to_rgb(image: Image.Image, alpha: str = "drop") -> Image.Image:
     _check_image_size(*image.size)
     mode = image.mode
     if mode == "RGB":
@@ -200,38 +213,44 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
         return _array_to_rgb(((arr * 255 + 32767) // 65535).astype(np.uint8), "PIL image")
     if mode == "F":
         return _array_to_rgb(np.asarray(image), "PIL mode 'F' image")
-    if mode in _TRANSPARENT_MODES or (mode == "P" and "transparency" in image.info):
-        return _array_to_rgb(np.asarray(image.convert("RGBA")), "PIL image")
+    if alpha == "white" and (mode in _TRANSPARENT_MODES or (mode == "P" and "transparency" in image.info)):
+        return _array_to_rgb(np.asarray(image.convert("RGBA")), "PIL image", alpha)
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ValueError(f"cannot convert PIL image mode {mode!r} to RGB: {exc}") from None
 
 
-def to_rgb(image: Any) -> Image.Image:
-    """Validate ``image`` (PIL image, numpy array or torch tensor) and return it as RGB PIL."""
+def to_rgb(image: Any, alpha: str = "drop") -> Image.Image:
+    """Validate ``image`` (PIL image, numpy array or torch tensor) and return it as RGB PIL;
+    ``alpha``: "drop" or "white" (see the module docstring)."""
+    _check_choice("alpha", alpha, ALPHA_MODES)
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        return _pil_to_rgb(image, alpha)
     if isinstance(image, torch.Tensor):
         t = image.detach()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4):
             t = t.permute(1, 2, 0)
         if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
             t = t.float()
-        return _array_to_rgb(t.cpu().numpy(), "image tensor")
+        return _array_to_rgb(t.cpu().numpy(), "image tensor", alpha)
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, "image array")
+        return _array_to_rgb(image, "image array", alpha)
     raise ValueError(
         f"unsupported image type {type(image).__name__}: pass a PIL image, numpy array or torch tensor"
     )
 
 
 # (3, 256) lookup table of the normalised value of every 8-bit level: one gather per channel
-# is ~4x faster than converting and normalising in float, and exact (computed in float64).
+# is ~4x faster than converting and normalising per pixel. Computed with torchvision's float32
+# operations (ToTensor's x / 255, then Normalize's (x - mean) / std), so the views equal the
+# authors' bit for bit: with their models' sharp attention a 1-ulp difference in the views
+# grows to ~1e-4 in the logits.
 _NORM_LUT = (
-    (np.arange(256, dtype=np.float64)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None])
-    / np.array(CLIP_STD)[:, None]
-).astype(np.float32)
+    (torch.arange(256, dtype=torch.float32)[None, :].div(255) - torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None])
+    .div(torch.tensor(CLIP_STD, dtype=torch.float32)[:, None])
+    .numpy()
+)
 
 
 def _normalise(crops: np.ndarray) -> torch.Tensor:
@@ -242,20 +261,37 @@ def _normalise(crops: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _global_view(image: Image.Image, size: int) -> np.ndarray:
+def _letterbox(image: Image.Image, size: int, antialias: bool) -> np.ndarray:
+    """The global view's square canvas (side, side, 3) uint8, before the final resize."""
     width, height = image.size
     long_side = max(width, height)
-    if long_side > size:
+    if antialias and long_side > size:
         width = max(1, round(width * size / long_side))
         height = max(1, round(height * size / long_side))
         image = image.resize((width, height), Image.BICUBIC)
+    elif not antialias and width != height and long_side > size:
+        # The authors' expression: short * (size / long), truncated.
+        short = max(1, int(min(width, height) * (size / long_side)))
+        width, height = (size, short) if width > height else (short, size)
+        image = image.resize((width, height), Image.LANCZOS)
     side = max(width, height)
     square = np.zeros((side, side, 3), dtype=np.uint8)
     top, left = (side - height) // 2, (side - width) // 2
     square[top : top + height, left : left + width] = np.asarray(image)
-    if side != size:
-        square = np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
     return square
+
+
+def _global_view(image: Image.Image, size: int, mode: str = "authors") -> torch.Tensor:
+    """(3, size, size) float32, normalised."""
+    square = _letterbox(image, size, antialias=(mode == "antialias"))
+    if mode == "antialias":
+        if square.shape[0] != size:
+            square = np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
+        return _normalise(square[None])[0]
+    view = _normalise(square[None])
+    if square.shape[0] != size:
+        view = torch.nn.functional.interpolate(view, size=(size, size), mode="bicubic", align_corners=False)
+    return view[0]
 
 
 def _local_canvas(image: Image.Image, hd_num: int, size: int) -> np.ndarray:
@@ -271,25 +307,29 @@ def _local_canvas(image: Image.Image, hd_num: int, size: int) -> np.ndarray:
     return canvas.transpose(1, 0, 2) if transposed else canvas
 
 
-def hd_views(image: Any, hd_num: int = 9, size: int = 336) -> HDViews:
+def hd_views(
+    image: Any, hd_num: int = 9, size: int = 336, *, global_view: str = "authors", alpha: str = "drop"
+) -> HDViews:
     """HD-N views of one image (PIL, numpy or torch; see the module docstring)."""
     hd_num = _check_int("hd_num", hd_num, 1)
     size = _check_int("size", size, 1)
-    rgb = to_rgb(image)
+    _check_choice("global_view", global_view, GLOBAL_VIEWS)
+    rgb = to_rgb(image, alpha)
     canvas = _local_canvas(rgb, hd_num, size)
     rows, cols = canvas.shape[0] // size, canvas.shape[1] // size
-    crops = np.empty((1 + rows * cols, size, size, 3), dtype=np.uint8)
-    crops[0] = _global_view(rgb, size)
-    crops[1:] = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
-    return HDViews(views=_normalise(crops), grid=(rows, cols), image_size=rgb.size)
+    crops = canvas.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
+    views = torch.empty(1 + rows * cols, 3, size, size, dtype=torch.float32)
+    views[0] = _global_view(rgb, size, global_view)
+    views[1:] = _normalise(np.ascontiguousarray(crops))
+    return HDViews(views=views, grid=(rows, cols), image_size=rgb.size)
 
 
 def hd_views_batch(
-    images: Sequence[Any], hd_num: int = 9, size: int = 336
+    images: Sequence[Any], hd_num: int = 9, size: int = 336, *, global_view: str = "authors", alpha: str = "drop"
 ) -> tuple[torch.Tensor, list[int]]:
     """Views of several images concatenated in order: ((sum V_i, 3, size, size), [V_i])."""
     size = _check_int("size", size, 1)
-    results = [hd_views(image, hd_num, size) for image in images]
+    results = [hd_views(image, hd_num, size, global_view=global_view, alpha=alpha) for image in images]
     if not results:
         return torch.empty(0, 3, size, size, dtype=torch.float32), []
     return torch.cat([r.views for r in results]), [r.num_views for r in results]

@@ -4,12 +4,18 @@ Each :meth:`ChatSession.ask` is one question: its fused tokens (n_l for the firs
 n_s afterwards) go immediately before its text, the LLM answers, and the answer stays in the
 conversation.
 
+Every turn's LLM prompt is the whole conversation as the authors' chat code builds it: the
+earlier answers enter as their decoded **text**, tokenised like any answer piece of the
+template (the ids the LLM generated can differ from that re-tokenisation, e.g. by a trailing
+``▁`` before ``</s>``).
+
 With ``reuse_prefix=True`` (the default) nothing is computed twice: the vision prefix and
-every earlier question group stay in the fusion decoder's KV cache, and the conversation so
-far stays in the LLM's KV cache, so a turn costs only its own tokens. Both are exact because
-attention is causal: earlier fused tokens never change when questions are appended (SPEC
-section 5). ``reuse_prefix=False`` recomputes the whole fusion stream and the whole LLM
-prompt every turn, as the authors' code does; it exists to measure the difference.
+every earlier question group stay in the fusion decoder's KV cache, and the LLM's KV cache
+keeps the longest prefix of the new prompt it already holds (it is cropped there; only the
+rest is prefilled). Both are exact because attention is causal: earlier fused tokens never
+change when questions are appended (SPEC section 5). ``reuse_prefix=False`` recomputes the
+whole fusion stream and the whole LLM prompt every turn, as the authors' code does; it
+exists to measure the difference.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class Answer:
     stopped_on_eos: bool
     num_fused: int  # fused tokens this question put before its text
     num_prompt_tokens: int  # LLM tokens fed in this turn's prefill
+    prompt: Tokens | None = None  # the whole conversation up to this turn's generation prompt
+    prefill_start: int = 0  # prompt tokens that were already in the LLM's cache
+    first_logits: torch.Tensor | None = None  # (vocab,) logits of the first generated token
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "decode"
     token_latencies_s: list[float] = field(default_factory=list)
 
@@ -84,14 +93,13 @@ class ChatSession:
         self.image = image
         self.reuse_prefix = reuse_prefix
         self.layout = model.layout if system is None else type(model.layout)(model.layout.template, model.tokenizer, system)
-        self.turns: list[tuple[str, list[int]]] = []
+        self.turns: list[tuple[str, str]] = []  # (question, answer text)
         self._question_ids: list[list[int]] = []
         self._fused: list[torch.Tensor] = []
         self._vision: VisionPrefix | None = None
         self._fusion_cache = None
         self._llm_past = None
-        self._llm_length = 0
-        self._pending = Tokens()  # answer tokens not yet in the LLM cache
+        self._llm_tokens = Tokens()  # what the LLM's KV cache holds (ids and fused slots)
 
     @property
     def num_fused_total(self) -> int:
@@ -111,10 +119,11 @@ class ChatSession:
         generation = generation or GenerationConfig()
         model = self.model
         timer = _Timer(model.device)
-        qids = model.question_ids(question)
         first = not self.turns
+        qids = model.question_ids(self.layout.fusion_text(question, first))
+        counts = [self.n_l] + [self.n_s] * len(self.turns)
         # Validate the LLM prompt before any compute: empty question, context length.
-        turn_tokens = self.layout.question(question, self.n_l if first else self.n_s, first)
+        prompt = self.layout.conversation(list(self.turns) + [(question, None)], counts)
 
         if self.reuse_prefix:
             if self._vision is None:
@@ -126,8 +135,11 @@ class ChatSession:
             with timer("projection"):
                 new = model.fuser.projection(fused.hidden)
             self._fused.append(new)
-            tokens = Tokens().extend(self._pending).extend(turn_tokens)
-            past, past_len, fused_in = self._llm_past, self._llm_length, new
+            keep = _common_prefix(self._llm_tokens, prompt)
+            past = self._llm_past
+            if past is not None and keep < past.get_seq_length():
+                # Hugging Face's Cache API: a negative count removes that many tokens.
+                past.crop(keep - past.get_seq_length())
         else:
             vision = self._encode_image(timer)
             with timer("fusion"):
@@ -136,25 +148,43 @@ class ChatSession:
                 all_fused = model.fuser.projection(fused.hidden)
             self._fused = list(torch.split(all_fused, fused.group_sizes[0]))
             new = self._fused[-1]
-            tokens = self.layout.conversation([(q, a) for q, a in self.turns] + [(question, None)], fused.group_sizes[0])
-            past, past_len, fused_in = None, 0, all_fused
+            keep, past = 0, None
         self._question_ids.append(qids)
 
-        embeds = model.llm_embeds(tokens, fused_in, past_length=past_len)
+        tail = Tokens(prompt.ids[keep:], prompt.fused[keep:], prompt.labels[keep:])
+        all_fused = torch.cat(self._fused)
+        fused_in = all_fused[all_fused.shape[0] - tail.num_fused:]
+        embeds = model.llm_embeds(tail, fused_in, past_length=keep)
         with timer("llm_prefill"):
-            state = prefill(model.llm, embeds, past, past_len)
+            state = prefill(model.llm, embeds, past, keep)
+        first_logits = state.logits
         out = decode(model.llm, state, generation, {self.layout.eos_id})
         timer.timings["decode"] = out.seconds
 
-        self.turns.append((question, out.ids))
-        if self.reuse_prefix:
-            closing = self.layout.answer(out.ids, labelled=False)
-            cached = len(out.ids) - 1  # the last generated id was never fed back
-            self._pending = Tokens(closing.ids[cached:], closing.fused[cached:], closing.labels[cached:])
-            self._llm_past, self._llm_length = out.past_key_values, out.length
         text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
-        return Answer(text, out.ids, out.stopped_on_eos, new.shape[0], len(tokens), timer.timings, out.token_latencies_s)
+        self.turns.append((question, text))
+        if self.reuse_prefix:
+            # The cache now holds the prompt and every generated id but the last.
+            gen = out.ids[:-1]
+            self._llm_tokens = Tokens(prompt.ids + gen, prompt.fused + [False] * len(gen), [])
+            self._llm_past = out.past_key_values
+        return Answer(
+            text, out.ids, out.stopped_on_eos, new.shape[0], len(tail), prompt, keep, first_logits,
+            timer.timings, out.token_latencies_s,
+        )
 
     def fused_tokens(self) -> list[torch.Tensor]:
         """The fused embeddings of every question so far, in order."""
         return list(self._fused)
+
+
+def _common_prefix(cached: Tokens, prompt: Tokens) -> int:
+    """Length of the longest common prefix of two token sequences (ids and fused flags).
+    Fused slots at the same position hold the same fused token: earlier groups never change."""
+    n = 0
+    for a, fa, b, fb in zip(cached.ids, cached.fused, prompt.ids, prompt.fused):
+        if a != b or fa != fb:
+            break
+        n += 1
+    # At least one token must be prefilled to get the next-token logits.
+    return min(n, len(prompt) - 1)

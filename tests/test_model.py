@@ -54,14 +54,14 @@ def test_fused_tokens_sit_before_each_question_token_by_token(tiny_model, photo)
         if run:
             # The tokens right after a block of fused embeddings are that turn's question.
             text = model.tokenizer.decode(tokens.ids[pos:pos + 64])
-            assert text.startswith(f" {QUESTIONS[qi]} [/INST]"), text
+            assert text.startswith(f"{QUESTIONS[qi]}[/INST]"), text
             run_sizes.append(run)
             run, qi = 0, qi + 1
     assert run_sizes == [n_l, n_s, n_s]
     # Stage-2 targets: the answers and their closing EOS, nothing else.
     labelled = [t for t, lab in zip(tokens.ids, tokens.labels) if lab != IGNORE_INDEX]
     eos = model.tokenizer.eos_token_id
-    assert model.tokenizer.decode(labelled) == " an answer</s> an answer</s>" and labelled.count(eos) == 2
+    assert model.tokenizer.decode(labelled) == "an answer </s>an answer </s>" and labelled.count(eos) == 2
 
 
 def test_prefix_reuse_equals_recomputation(tiny_model, photo):
@@ -129,8 +129,8 @@ def test_bad_query_counts(kwargs, match):
 def test_bad_questions_and_images(tiny_model, photo):
     with pytest.raises(ValueError, match="empty question"):
         ChatSession(tiny_model, photo).ask("   ")
-    with pytest.raises(ValueError, match="max_question_tokens"):
-        tiny_model.question_ids("word " * 600)
+    # Long questions are read whole, as the authors do (no 512-token refusal, no truncation).
+    assert len(tiny_model.question_ids("word " * 600)) == 600
     with pytest.raises(ValueError):
         tiny_model.encode_images([np.zeros((0, 10, 3), np.uint8)])
     with pytest.raises(ValueError):

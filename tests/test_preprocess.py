@@ -180,11 +180,51 @@ def test_global_letterbox_black_centred():
 
 def test_global_small_image_is_upscaled():
     # 14x7 white: letterboxed to 14x14 (3 black rows on top, 4 below), then bicubic up to 28x28.
-    out = hd_views(np.full((7, 14, 3), 255, dtype=np.uint8), hd_num=4, size=S)
+    out = hd_views(np.full((7, 14, 3), 255, dtype=np.uint8), hd_num=4, size=S, global_view="antialias")
     glob = to_uint8(out.views[:1])[0].astype(int)
     assert glob.shape == (S, S, 3)
     assert (glob[:4] <= 10).all() and (glob[-6:] <= 10).all()
     assert (glob[10:18] >= 245).all()
+
+
+def _authors_global_view(img: Image.Image, size: int) -> torch.Tensor:
+    """The authors' image_expand2square (336 -> size) + Phi-3-V processor's global view:
+    ToTensor, Normalize, torch bicubic resize without antialias."""
+    import torchvision.transforms as T
+
+    width, height = img.size
+    if width != height:
+        if width > height:
+            if width > size:
+                new_w, new_h = size, int(height * (size / width))
+                img = img.resize((new_w, new_h), Image.LANCZOS)
+                width, height = new_w, new_h
+            side, left, top = width, 0, (width - height) // 2
+        else:
+            if height > size:
+                new_w, new_h = int(width * (size / height)), size
+                img = img.resize((new_w, new_h), Image.LANCZOS)
+                width, height = new_w, new_h
+            side, left, top = height, (height - width) // 2, 0
+        canvas = Image.new(img.mode, (side, side))
+        canvas.paste(img, (left, top))
+        img = canvas
+    x = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])(img)
+    return torch.nn.functional.interpolate(x[None].float(), size=(size, size), mode="bicubic")[0]
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (90, 160), (160, 61), (20, 50), (51, 17), (56, 56), (28, 28), (13, 13)])
+def test_global_view_matches_authors_code(shape):
+    # High-frequency content, where antialiasing and the resampling filter matter most.
+    rng = np.random.default_rng(sum(shape))
+    image = Image.fromarray(rng.integers(0, 256, shape + (3,), dtype=np.uint8))
+    out = hd_views(image, hd_num=4, size=S)
+    torch.testing.assert_close(out.views[0], _authors_global_view(image, S), rtol=0, atol=1e-5)
+    # The antialiased alternative is a different view on such images.
+    clean = hd_views(image, hd_num=4, size=S, global_view="antialias")
+    assert torch.equal(clean.views[1:], out.views[1:])
+    if shape[0] == shape[1] and shape[0] > S:  # subsampled without antialiasing
+        assert (clean.views[0] - out.views[0]).abs().mean() > 0.05
 
 
 def test_normalisation_values():
@@ -279,6 +319,22 @@ def test_grayscale_inputs_replicate_channels(rgb_u8):
         assert torch.equal(_views(image), ref)
 
 
+def test_alpha_dropped_by_default():
+    # The authors' convert("RGB"): transparent pixels keep their stored colour.
+    rgba = np.zeros((S, S, 4), dtype=np.uint8)
+    rgba[..., 1] = 90
+    rgba[:, : S // 2, 3] = 0
+    rgba[:, S // 2 :, 3] = 255
+    ref = _views(rgba[..., :3].copy())
+    for image in [rgba, Image.fromarray(rgba), torch.from_numpy(rgba).permute(2, 0, 1)]:
+        assert torch.equal(_views(image), ref)
+        assert torch.equal(_views(image), hd_views(Image.fromarray(rgba).convert("RGB"), hd_num=4, size=S).views)
+    with pytest.raises(ValueError, match="alpha must be one of"):
+        hd_views(rgba, hd_num=1, size=S, alpha="black")
+    with pytest.raises(ValueError, match="global_view must be one of"):
+        hd_views(rgba, hd_num=1, size=S, global_view="lanczos")
+
+
 def test_alpha_composited_on_white():
     rgba = np.zeros((S, S, 4), dtype=np.uint8)
     rgba[..., 0] = 200
@@ -288,11 +344,11 @@ def test_alpha_composited_on_white():
     expected[:, : S // 2] = 255
     expected[:, S // 2 :] = (200, 0, 0)
     for image in [rgba, Image.fromarray(rgba), torch.from_numpy(rgba).permute(2, 0, 1)]:
-        out = hd_views(image, hd_num=1, size=S)
+        out = hd_views(image, hd_num=1, size=S, alpha="white")
         assert (to_uint8(out.views[1:2])[0] == expected).all()
     half = rgba.copy()
     half[..., 3] = 128
-    out = hd_views(half, hd_num=1, size=S)
+    out = hd_views(half, hd_num=1, size=S, alpha="white")
     pixel = to_uint8(out.views[1:2])[0, 0, 0]
     assert tuple(pixel) == (round(200 * 128 / 255 + 255 * 127 / 255), round(255 * 127 / 255), round(255 * 127 / 255))
 
@@ -302,10 +358,12 @@ def test_palette_modes():
     rgb[:, S // 2 :] = (0, 0, 255)
     pal = Image.fromarray(rgb).convert("P")
     assert torch.equal(_views(pal), _views(rgb))
-    pal.info["transparency"] = pal.getpixel((0, 0))  # the black index becomes transparent -> white
+    pal.info["transparency"] = pal.getpixel((0, 0))  # the black index becomes transparent
+    assert torch.equal(_views(pal), _views(rgb))  # dropped, as the authors do
     expected = rgb.copy()
     expected[:, : S // 2] = 255
-    assert torch.equal(_views(pal), _views(expected))
+    white = hd_views(pal, hd_num=4, size=S, alpha="white").views
+    assert torch.equal(white, _views(expected))
 
 
 def test_sixteen_bit_and_float_modes():

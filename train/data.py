@@ -186,7 +186,7 @@ class SampleEncoder:
     n_l: int
     n_s: int
     drop_question: bool
-    max_question_tokens: int
+    max_question_tokens: int | None
     layout: ChatLayout | None = None  # stage 2
     text_context: int = 512  # stage 1: CLIP text positions (SOT + answer + EOT)
 
@@ -208,10 +208,10 @@ class SampleEncoder:
         tok = clip_tokenizer()
         qids = []
         for j, (q, _) in enumerate(record.turns):
-            ids = tok.encode(q)
+            ids = tok.encode(self.layout.fusion_text(q, j == 0) if self.layout is not None else q)
             if not ids:
                 raise DataError(record.index, f"question {j} has no CLIP tokens")
-            if len(ids) > self.max_question_tokens:
+            if self.max_question_tokens is not None and len(ids) > self.max_question_tokens:
                 raise DataError(record.index, f"question {j} has {len(ids)} CLIP tokens, more than {self.max_question_tokens}")
             qids.append(ids)
         item = Item(record.index, views, qids, record.turns)

@@ -23,6 +23,9 @@ def register(sub) -> None:
     )
     p.add_argument("--preset", default="smol", choices=sorted(PRESETS),
                    help="model preset (default smol: the largest that sweeps in about 5 min on a 2-core CPU; use paper on a GPU)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) instead of the preset's "
+                   "random weights; --n-l then defaults to the checkpoint's n_l")
     p.add_argument("--n-l", default=",".join(map(str, PAPER_N_L)),
                    help="comma-separated n_l values (default: the paper's 768,...,1; values the preset's fusion decoder cannot hold are skipped)")
     p.add_argument("--n-s", type=int, default=None, help="fused tokens of later questions, capped at n_l (default: SPEC rule, 8 or n_l)")
@@ -103,7 +106,19 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    cfg_model = get_preset(args.preset)
+    if args.checkpoint:
+        import os
+
+        from fusedvlm.model.vlm import read_model_config
+
+        cfg_model = read_model_config(os.path.abspath(args.checkpoint))
+        if args.n_l == _default_n_l():
+            args.n_l = str(cfg_model.n_l)
+            if args.n_s is None:
+                args.n_s = cfg_model.resolved_n_s
+        args.preset = f"checkpoint:{args.checkpoint}"
+    else:
+        cfg_model = get_preset(args.preset)
     n_ls, skipped = resolve_n_l(parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset)
     if args.n_s is not None and args.n_s < 1:
         raise ValueError(f"--n-s must be >= 1, got {args.n_s}")
@@ -113,7 +128,13 @@ def run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats or (3 if device.type == "cuda" else 2), warmup=args.warmup,
     )
     images = load_images(args.images or list(DEFAULT_IMAGES))
-    req = check_fits(args.preset, device, dtype)
+    if args.checkpoint:
+        from fusedvlm.model import FusedVLM as _Model
+
+        checkpoint_model = _Model.from_pretrained(args.checkpoint, device=device, dtype=dtype)
+        req = {"parameters": sum(t.numel() for t in checkpoint_model.parameters())}
+    else:
+        req = check_fits(args.preset, device, dtype)
     if device.type == "cpu" and req["parameters"] > CPU_MAX_PARAMETERS:
         raise ValueError(
             f"preset {args.preset!r} has {req['parameters'] / 1e9:.1f} B parameters: a CPU sweep would take hours; "
@@ -124,7 +145,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"preset {args.preset}: skipping n_l {skipped} (its fusion decoder has {cfg_model.fusion.max_queries} query tokens)")
 
     torch.manual_seed(args.seed)
-    model = FusedVLM(cfg_model).eval().to(device=device, dtype=dtype)
+    model = checkpoint_model if args.checkpoint else FusedVLM(cfg_model).eval().to(device=device, dtype=dtype)
     env = environment(device)
     log(f"fusedvlm bench: preset {args.preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
         f"{env['torch_threads']} thread(s), {dtype_name}; n_l {n_ls}; {len(images)} image(s) x {sweep_cfg.repeats} repeat(s), "

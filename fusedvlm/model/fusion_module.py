@@ -70,7 +70,8 @@ class FusionModuleConfig:
     n_l: int = 256
     n_s: int | None = None  # None: the SPEC rule n_s_for(n_l)
     drop_question: bool = False
-    max_question_tokens: int = 512
+    # None: no limit (the authors read questions whole; max_positions bounds the sequence).
+    max_question_tokens: int | None = None
     merge: bool = True  # local merge + LF on each view's patch-token grid
     grid: tuple[int, int] | None = None  # (H, W) tokens of one view; None: one square view per sample
     input_size: int | None = None  # host vision width: adds LayerNorm + Linear into the fusion width
@@ -131,11 +132,23 @@ class FusedTokens:
         return [self.tokens[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
 
 
-@functools.cache
-def clip_tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
+class ClipText:
+    """Question text -> CLIP BPE ids (:mod:`fusedvlm.clip_text`), no start/end token."""
 
-    return SimpleTokenizer()
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        from fusedvlm.clip_text import encode
+
+        return encode(self.hf, text)
+
+
+@functools.cache
+def clip_tokenizer() -> ClipText:
+    from fusedvlm.clip_text import default_clip_tokenizer
+
+    return ClipText(default_clip_tokenizer())
 
 
 class LocalMerge(nn.Module):
@@ -183,6 +196,8 @@ class FusionModule(nn.Module):
         self.decoder = FusionDecoder(cfg.fusion)
         self.projection = nn.Linear(c, cfg.output_size, bias=False)
         nn.init.normal_(self.projection.weight, std=c**-0.5)
+        # Question tokenizer (a ClipText); None: OpenAI's CLIP vocabulary.
+        self.text_tokenizer: ClipText | None = None
 
     @property
     def device(self) -> torch.device:
@@ -193,10 +208,10 @@ class FusionModule(nn.Module):
         """CLIP BPE ids of a question (no start/end token)."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question")
-        ids = clip_tokenizer().encode(question)
+        ids = (self.text_tokenizer or clip_tokenizer()).encode(question)
         if not ids:
             raise ValueError(f"question {question!r} has no CLIP tokens")
-        if len(ids) > self.cfg.max_question_tokens:
+        if self.cfg.max_question_tokens is not None and len(ids) > self.cfg.max_question_tokens:
             raise ValueError(f"question has {len(ids)} CLIP tokens, more than max_question_tokens={self.cfg.max_question_tokens}")
         return ids
 

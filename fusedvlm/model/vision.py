@@ -28,13 +28,13 @@ def build_clip_vision_tower(cfg: VisionConfig) -> nn.Module:
             raise ValueError(f"{cfg.model_name!r} is a timm tower; fusedvlm needs an open_clip ViT")
         vision_cfg = CLIPVisionCfg(**vcfg)
         embed_dim = model_cfg["embed_dim"]
-        quick_gelu = model_cfg.get("quick_gelu", False)
+        quick_gelu = model_cfg.get("quick_gelu", False) if cfg.quick_gelu is None else cfg.quick_gelu
     else:
         vision_cfg = CLIPVisionCfg(
             image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
             head_width=cfg.width // cfg.heads, mlp_ratio=cfg.mlp_ratio,
         )
-        embed_dim, quick_gelu = cfg.width, False
+        embed_dim, quick_gelu = cfg.width, bool(cfg.quick_gelu)
     tower = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
     if tower.positional_embedding.shape[0] != cfg.grid**2 + 1 or tower.conv1.out_channels != cfg.width:
         raise ValueError(

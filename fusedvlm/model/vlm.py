@@ -1,9 +1,20 @@
 """The whole model (SPEC section 1): HD-N views -> CLIP ViT -> LayerNorm -> fusion module
 (local merge + LF, learnable queries, fusion decoder, projection) -> frozen LLM.
+
+A model directory (:meth:`FusedVLM.save_pretrained`, ``fusedvlm convert-upstream``)::
+
+    config.json         {"format": "fusedvlm.FusedVLM", "version": 1, "config": ModelConfig}
+    model.safetensors   every tensor but the LLM's
+    llm/                the LLM and its tokenizer (Hugging Face layout; config.llm.path = "llm")
+    clip/               the question tokenizer's BPE tables (vocab.json, merges.txt), if not OpenAI's
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +26,9 @@ from fusedvlm.model.fusion import FusionCache
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, VisionPrefix
 from fusedvlm.model.llm import load_llm
 from fusedvlm.model.vision import VisionTower
+
+MODEL_FORMAT = "fusedvlm.FusedVLM"
+MODEL_VERSION = 1
 
 
 class FusedVLM(nn.Module):
@@ -74,7 +88,8 @@ class FusedVLM(nn.Module):
     def preprocess(self, images: Sequence) -> tuple[torch.Tensor, list[int]]:
         from fusedvlm.preprocess import hd_views_batch
 
-        return hd_views_batch(images, hd_num=self.cfg.hd_num, size=self.cfg.view_size)
+        cfg = self.cfg
+        return hd_views_batch(images, hd_num=cfg.hd_num, size=cfg.view_size, global_view=cfg.global_view, alpha=cfg.alpha)
 
     def encode_views(self, views: torch.Tensor, num_views: list[int]) -> VisionPrefix:
         """(sum V_i, 3, S, S) -> packed vision prefixes (sum V_i * tpv, C)."""
@@ -102,3 +117,105 @@ class FusedVLM(nn.Module):
         mask = torch.tensor(tokens.fused, dtype=torch.bool, device=ids.device)
         emb = embed(ids)
         return emb.masked_scatter(mask[:, None], fused.to(emb.dtype))
+
+    # ------------------------------------------------------------------ model directories
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a model directory (see the module docstring); an existing one is replaced
+        only once the new one is complete."""
+        from dataclasses import replace
+
+        from fusedvlm.upstream import _swap_into_place
+
+        path = os.path.abspath(os.fspath(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".fusedvlm-", dir=os.path.dirname(path))
+        try:
+            cfg = self.cfg
+            if self.llm is not None:
+                self.llm.save_pretrained(os.path.join(tmp, "llm"))
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(os.path.join(tmp, "llm"))
+                cfg = replace(cfg, llm=replace(cfg.llm, source="pretrained", path="llm"))
+            tok = self.fuser.text_tokenizer
+            if tok is not None:
+                from fusedvlm.clip_text import write_bpe
+
+                model = json.loads(tok.hf.backend_tokenizer.to_str())["model"]
+                write_bpe(os.path.join(tmp, "clip"), model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+            write_model_dir(tmp, cfg, self.trainable_state_dict())
+            _swap_into_place(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "FusedVLM":
+        """Load a model directory written by :meth:`save_pretrained` or ``convert-upstream``."""
+        from dataclasses import replace
+
+        from safetensors.torch import load_file
+
+        from fusedvlm.checkpoint import check_state_dict
+        from fusedvlm.model.fusion_module import ClipText
+
+        path = os.path.abspath(os.fspath(path))
+        cfg = read_model_config(path)
+        if cfg.llm.source == "pretrained" and cfg.llm.path and not os.path.isabs(cfg.llm.path):
+            cfg = replace(cfg, llm=replace(cfg.llm, path=os.path.join(path, cfg.llm.path)))
+        llm, tokenizer = load_llm(cfg.llm, device=device, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(cfg, llm=llm, tokenizer=tokenizer)
+        weights = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"model directory {path} has no model.safetensors")
+        state = load_file(weights, device=str(device))
+        check_state_dict(model.trainable_state_dict(), state, weights)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta and not n.startswith("llm.")]
+        if on_meta:
+            raise ValueError(f"{weights} left tensors unset: {on_meta[:5]}")
+        clip_dir = os.path.join(path, "clip")
+        if os.path.isdir(clip_dir):
+            from fusedvlm.clip_text import load_clip_tokenizer
+
+            model.fuser.text_tokenizer = ClipText(load_clip_tokenizer(clip_dir))
+        return model.eval()
+
+
+def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor], source: dict | None = None) -> None:
+    """config.json + model.safetensors of a model directory (the LLM is written apart)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": MODEL_FORMAT})
+    meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": cfg.to_dict()}
+    if source:
+        meta["source"] = source
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a model directory; an authors' directory gets a pointer to the converter."""
+    from fusedvlm.upstream import is_upstream_checkpoint
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if is_upstream_checkpoint(path):
+        raise ValueError(
+            f"{path} is a checkpoint of the authors' code (tensorfusionvlm); convert it first: "
+            f"fusedvlm convert-upstream {path} OUT_DIR, then use OUT_DIR"
+        )
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"model directory {path} has no config.json")
+    with open(config) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{config} is not a {MODEL_FORMAT} config")
+    if meta.get("version") != MODEL_VERSION:
+        raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {MODEL_VERSION}")
+    try:
+        return ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{config}: bad config: {e}") from None

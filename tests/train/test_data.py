@@ -111,7 +111,9 @@ def test_collator_packs_fusion_streams_and_labels_answers(shapes, drop_question)
 
     want = []
     for it in items:
-        qlen = [0 if drop_question else len(clip_tokenizer().encode(q)) for q, _ in it.turns]
+        # Without a system prompt the authors' first question piece is "[INST] {q}".
+        qlen = [0 if drop_question else len(clip_tokenizer().encode(enc.layout.fusion_text(q, j == 0)))
+                for j, (q, _) in enumerate(it.turns)]
         want.append(it.views.shape[0] * TPV + qlen[0] + 4 + sum(q + 2 for q in qlen[1:]))
     assert batch.fusion_cu_seqlens.diff().tolist() == want  # packed: no padding
     assert batch.views.shape[0] == sum(batch.num_views)
@@ -120,7 +122,7 @@ def test_collator_packs_fusion_streams_and_labels_answers(shapes, drop_question)
         labelled = batch.llm_labels[i][batch.llm_labels[i] != IGNORE_INDEX].tolist()
         want_ids = []
         for _, a in it.turns:
-            want_ids += tok(f" {a}", add_special_tokens=False).input_ids + [tok.eos_token_id]
+            want_ids += tok(f"{a} </s>", add_special_tokens=False).input_ids  # the authors' answer piece
         assert labelled == want_ids  # answers and their closing EOS, nothing else
         assert int(batch.llm_fused[i].sum()) == 4 + 2 * (len(it.turns) - 1)
     assert batch.num_targets == int((batch.llm_labels[:, 1:] != IGNORE_INDEX).sum())
