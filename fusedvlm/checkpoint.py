@@ -14,6 +14,8 @@ import tempfile
 import torch
 from torch import nn
 
+from fusedvlm.config import ModelConfig
+
 CONFIG_KEY = "fusedvlm_config"
 
 
@@ -72,11 +74,9 @@ def save_trainable(model: nn.Module, path: str) -> None:
     atomic_save_safetensors(model.trainable_state_dict(), path, meta)
 
 
-def read_config(path: str):
+def read_config(path: str) -> ModelConfig:
     """The ModelConfig stored in a checkpoint written by :func:`save_trainable`."""
     from safetensors import safe_open
-
-    from fusedvlm.config import ModelConfig
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -113,8 +113,8 @@ class FusionAdapter(nn.Module, ABC):
         """Wrap ``host`` with a fusion module: a given module as is, else a new one built from
         a :class:`FusionModuleConfig`, or from a :class:`FusionConfig` (default: the paper's
         decoder) plus the host's widths and grid and the options ``n_l`` (default 64), ``n_s``
-        (default: the SPEC rule), ``merge`` (True), ``drop_question`` (False) and
-        ``max_question_tokens`` (512), which apply only there. The module goes to the host's
+        (default: the SPEC rule), ``merge`` (True), ``drop_question`` and
+        ``max_question_tokens`` (default: :class:`FusionModuleConfig`'s), which apply only there. The module goes to the host's
         device and ``dtype`` (default: the host's)."""
         cls.check_host(host)
         options = dict(n_l=n_l, n_s=n_s, merge=merge, drop_question=drop_question, max_question_tokens=max_question_tokens)
@@ -129,11 +129,12 @@ class FusionAdapter(nn.Module, ABC):
             width, grid = cls.host_vision_layout(host)
             if merge and grid is None:
                 raise ValueError(f"the {cls.family} host's vision features are not a token grid; attach with merge=False")
+            # Options left unset keep FusionModuleConfig's defaults (n_l: the adapters' own 64).
+            chosen = {k: v for k, v in dict(drop_question=drop_question, max_question_tokens=max_question_tokens).items() if v is not None}
             module = FusionModule(FusionModuleConfig(
                 fusion=fusion if fusion is not None else FusionConfig(), output_size=cls.host_llm_width(host),
                 n_l=64 if n_l is None else n_l, n_s=n_s, merge=merge, grid=grid if merge else None, input_size=width,
-                drop_question=bool(drop_question),
-                max_question_tokens=512 if max_question_tokens is None else max_question_tokens,
+                **chosen,
             ))
         else:
             raise TypeError(f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}")
