@@ -17,7 +17,7 @@ from fusedvlm.benchmark.flops import (
     packed_attention_flops,
     prefill_flops,
 )
-from fusedvlm.benchmark.sweep import percentile, quantiles
+from fusedvlm.benchmark.system import percentile, quantiles, time_fn
 from fusedvlm.kernels import packed_attention
 from fusedvlm.packing import cu_seqlens_from_lengths
 
@@ -133,6 +133,16 @@ def test_percentiles_match_numpy():
     q = quantiles(x)
     assert q["iqr"] == pytest.approx(float(np.percentile(x, 75) - np.percentile(x, 25)))
     assert np.isnan(percentile([], 0.5))
+
+
+def test_time_fn_reports_the_same_quantiles():
+    # A fake clock: call i takes durations[i] seconds, so the statistics are exact.
+    durations = [0.004, 0.001, 0.009, 0.002, 0.003, 0.030]
+    ticks = iter(t for d in durations for t in (0.0, d))
+    t = time_fn(lambda: None, warmup=0, repeats=len(durations), clock=lambda: next(ticks))
+    ms = [d * 1e3 for d in durations]
+    q = quantiles(ms)
+    assert (t.median_ms, t.iqr_ms, t.min_ms, t.max_ms, t.repeats) == pytest.approx((q["median"], q["iqr"], 1.0, 30.0, 6))
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from fusedvlm.benchmark.flops import STAGES, analytic_fusion_llm_flops, prefill_flops
-from fusedvlm.benchmark.system import PeakMemory, kv_bytes_per_position, memory_bandwidth, unique_parameter_bytes
+from fusedvlm.benchmark.system import (
+    PeakMemory,
+    kv_bytes_per_position,
+    memory_bandwidth,
+    percentile,
+    quantiles,
+    unique_parameter_bytes,
+)
 
 QUESTIONS = (
     "Describe the image in detail.",
@@ -71,23 +78,6 @@ class Run:
     prompt_tokens: list[int]
     peak_mem_bytes: int
     answer: str = ""
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between closest ranks; ``p`` in [0, 1]."""
-    v = sorted(values)
-    if not v:
-        return float("nan")
-    x = p * (len(v) - 1)
-    lo = int(x)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (x - lo)
-
-
-def quantiles(values: Sequence[float]) -> dict[str, float]:
-    p25, p75 = percentile(values, 0.25), percentile(values, 0.75)
-    return {"median": percentile(values, 0.5), "iqr": p75 - p25, "min": min(values, default=float("nan")),
-            "max": max(values, default=float("nan"))}
 
 
 def run_session(model, image, n_l: int, n_s: int | None, questions: Sequence[str], generation) -> dict:
