@@ -43,8 +43,8 @@ if __package__ in (None, ""):
 from fusedvlm.backend import backend_name  # noqa: E402
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
 from fusedvlm.kernels.packed_attention import packed_attention  # noqa: E402
-from fusedvlm.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
 from fusedvlm.packing import segment_ids  # noqa: E402
+from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
 from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

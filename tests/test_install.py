@@ -89,3 +89,10 @@ def test_no_module_imports_in_a_cycle():
             if cycles:
                 break
     assert not cycles, f"import cycle: {cycles[0]}"
+
+
+def test_production_code_never_imports_the_references():
+    graph = _import_graph()
+    users = sorted(f"{mod} -> {dep}" for mod, deps in graph.items() if not mod.startswith("fusedvlm.ref")
+                   for dep in deps if dep.startswith("fusedvlm.ref"))
+    assert not users, f"fusedvlm.ref is for tests and benchmarks only: {users}"
