@@ -19,6 +19,26 @@ from fusedvlm.config import ModelConfig
 CONFIG_KEY = "fusedvlm_config"
 
 
+def drop_frozen(state: dict[str, torch.Tensor], *submodules: str) -> dict[str, torch.Tensor]:
+    """``state`` (changed in place and returned) without the entries of the frozen
+    ``submodules`` (dotted names such as ``"llm"``): a frozen LLM or host is never trained,
+    so no checkpoint carries it. The one place that decides what "frozen" leaves out."""
+    heads = tuple(name + "." for name in submodules)
+    for key in [k for k in state if k.startswith(heads)]:
+        del state[key]
+    return state
+
+
+def leave_frozen_out_of_state_dict(module: nn.Module, *submodules: str) -> None:
+    """From now on ``module.state_dict()`` leaves out its frozen ``submodules`` (see
+    :func:`drop_frozen`); a training objective's state is then exactly what the trainer saves."""
+
+    def hook(_module, state, prefix, _local_metadata) -> None:
+        drop_frozen(state, *(prefix + name for name in submodules))
+
+    module.register_state_dict_post_hook(hook)
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 

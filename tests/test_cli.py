@@ -9,6 +9,15 @@ from fusedvlm.cli import main
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
 
 
+def test_help_describes_the_program(capsys):
+    from fusedvlm.cli import DESCRIPTION
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert DESCRIPTION in out and DESCRIPTION.endswith(".") and "register" not in out
+
+
 def test_info_prints_parameters_and_budgets(capsys):
     assert main(["info", "--preset", "tiny", "--questions", "3"]) == 0
     out = capsys.readouterr().out

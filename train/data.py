@@ -351,12 +351,6 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             return torch.arange(self.n)
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
 
-    def batch(self, position: int) -> list[int]:
-        epoch, j = divmod(position, self.per_epoch)
-        local = self.global_micro_batch // self.world
-        lo = j * self.global_micro_batch + self.rank * local
-        return self.order(epoch)[lo: lo + local].tolist()
-
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start
         order_epoch, order = -1, None

@@ -119,8 +119,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def _model_state(objective: nn.Module) -> dict[str, torch.Tensor]:
-    """The objective's state without the frozen LLM (it is never trained, never saved)."""
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.llm.")}
+    """The objective's state: objectives leave their frozen LLM or host out of it
+    (:func:`fusedvlm.checkpoint.leave_frozen_out_of_state_dict`)."""
+    return objective.state_dict()
 
 
 class _FullOptimizerState:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedvlm.chat import IGNORE_INDEX
+from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
 from fusedvlm.train.data import Batch
 from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_loss
 
@@ -45,6 +46,7 @@ class Stage2Objective(nn.Module):
         if model.llm is None:
             raise ValueError("stage 2 needs the model's LLM")
         self.model = model
+        leave_frozen_out_of_state_dict(self, "model.llm")
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         model.llm.requires_grad_(False)
         _freeze_unused_clip_parts(model)
@@ -149,6 +151,7 @@ class Stage1Objective(nn.Module):
     ):
         super().__init__()
         self.model = model
+        leave_frozen_out_of_state_dict(self, "model.llm")
         self.text = text
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         self.head = nn.Linear(model.cfg.fusion.hidden_size, embed_dim, bias=False)
