@@ -20,6 +20,7 @@ from torch import nn
 from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
 from fusedvlm.train.data import Batch
+from fusedvlm.train.config import Stage1Config
 from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_loss
 
 TEXT_CONTEXT = 512  # SPEC section 7: CLIP text positions extended from 77
@@ -142,9 +143,9 @@ class Stage1Objective(nn.Module):
         self,
         model,
         text: nn.Module,
-        embed_dim: int = 768,
-        temperature: float = 0.07,
-        orthogonality_weight: float = 1.0,
+        embed_dim: int = Stage1Config.embed_dim,
+        temperature: float = Stage1Config.temperature,
+        orthogonality_weight: float = Stage1Config.orthogonality_weight,
         n_l: int | None = None,
         n_s: int | None = None,
         freeze_vision: bool = False,
