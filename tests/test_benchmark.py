@@ -125,6 +125,42 @@ def test_prefill_flop_growth_matches_analytic(tiny_model, photo):
         assert growth == pytest.approx(analytic[a] - analytic[b], rel=0.02)
 
 
+def test_flops_table_matches_the_bench_counts(capsys):
+    pytest.importorskip("fvcore")
+    from fusedvlm.benchmark.flop_table import STAGE_MODULES
+    from fusedvlm.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--n-l", "16", "--images", "astronaut", "--flops-table"]) == 0
+    out = capsys.readouterr().out
+    assert "| fuser.decoder " in out and "| llm.lm_head " in out  # fvcore's per-module table
+    rows = {line.split()[0]: line.split()[2:] for line in out.splitlines() if line.split()[:1] and line.split()[0] in STAGE_MODULES}
+    assert set(rows) == set(STAGE_MODULES)
+    for stage, (fvcore_count, bench_count) in rows.items():
+        assert int(fvcore_count.replace(",", "")) == int(bench_count.replace(",", "")) > 0, stage
+
+
+def test_flops_table_counts_the_winograd_merge_as_the_bench_does():
+    pytest.importorskip("fvcore")
+    import warnings
+
+    from fusedvlm.benchmark.flop_table import handles
+    from fusedvlm.benchmark.flops import count_flops
+    from fusedvlm.kernels.local_merge import _use_winograd
+    from fusedvlm.model.fusion_module import LocalMerge
+
+    merge, x = LocalMerge(512), torch.randn(2, 5 * 5, 512)
+    assert _use_winograd(x, merge.weight.detach())  # wide enough for the Winograd path
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        from fvcore.nn.jit_analysis import JitModelAnalysis
+
+        analysis = JitModelAnalysis(merge, (x,)).set_op_handle(**handles())
+        with count_flops() as counted:
+            merge(x)
+        assert analysis.total() == counted.total > 0
+        assert "prim::PythonOp._WinogradConv" not in analysis.unsupported_ops()
+
+
 def test_percentiles_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.exponential(size=37).tolist()

@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    p.add_argument("--flops-table", action="store_true",
+                   help="print fvcore's per-module FLOP table of one prefill (first image, first n_l) beside the "
+                        "bench's own counts, and exit (needs fvcore: pip install 'fusedvlm[bench]')")
     p.set_defaults(func=run_bench)
 
 
@@ -130,6 +133,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model = FusedVLM(cfg_model).eval().to(device=device, dtype=dtype)
+    if args.flops_table:
+        from fusedvlm.benchmark.flop_table import flop_report
+        from fusedvlm.benchmark.sweep import QUESTIONS
+
+        name, image = images[0]
+        print(f"preset {args.preset}, image {name}, n_l {n_ls[0]}: FLOPs of one first-question prefill")
+        print(flop_report(model, image, QUESTIONS[0], n_ls[0], sweep_cfg.n_s_at(n_ls[0])))
+        return 0
     env = environment(device)
     log(f"fusedvlm bench: preset {args.preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
         f"{env['torch_threads']} thread(s), {dtype_name}; n_l {n_ls}; {len(images)} image(s) x {sweep_cfg.repeats} repeat(s), "
