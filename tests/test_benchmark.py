@@ -184,6 +184,19 @@ def test_time_fn_reports_the_same_quantiles():
 # ---------------------------------------------------------------------------- CLI
 
 
+def test_cli_defaults_are_read_from_the_sweep_config():
+    import dataclasses
+
+    from fusedvlm.benchmark.cli import CPU_SWEEP_DEFAULTS
+    from fusedvlm.benchmark.sweep import SweepConfig
+    from fusedvlm.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    for f in dataclasses.fields(SweepConfig):
+        if f.name not in ("preset", "n_l"):  # --preset and --n-l are the command's own
+            assert getattr(args, f.name) == (None if f.name in CPU_SWEEP_DEFAULTS else f.default), f.name
+
+
 def test_cli_validates_n_l():
     from fusedvlm.benchmark.cli import parse_n_l, resolve_n_l
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_OUT = "out/bench"
-# On a CPU the paper's 256 new tokens per run would dominate the sweep's time budget; decode
-# speed per token is already stable over a few dozen tokens.
-CPU_MAX_NEW_TOKENS = 32
-GPU_MAX_NEW_TOKENS = 256
+# On a CPU the paper's 256 new tokens per run (SweepConfig's defaults are the GPU's) would
+# dominate the sweep's time budget; decode speed per token is already stable over a few dozen
+# tokens.
+CPU_SWEEP_DEFAULTS = {"max_new_tokens": 32, "repeats": 2}
 # Presets above this many parameters take hours per sweep on a CPU.
 CPU_MAX_PARAMETERS = 1_000_000_000
 
 
 def register(sub) -> None:
+    from fusedvlm.benchmark.sweep import SweepConfig
     from fusedvlm.config import PAPER_N_L, PRESETS
+    from fusedvlm.options import add_options
 
     p = sub.add_parser(
         "bench", help="n_l sweep: TTFT, prefill time/FLOPs per stage, decode speed, memory",
@@ -24,14 +26,10 @@ def register(sub) -> None:
                    help="model preset (default smol: the largest that sweeps in about 5 min on a 2-core CPU; use paper on a GPU)")
     p.add_argument("--n-l", default=",".join(map(str, PAPER_N_L)),
                    help="comma-separated n_l values (default: the paper's 768,...,1; values the preset's fusion decoder cannot hold are skipped)")
-    p.add_argument("--n-s", type=int, default=None, help="fused tokens of later questions, capped at n_l (default: SPEC rule, 8 or n_l)")
-    p.add_argument("--questions", type=int, default=1, help="questions per image (turn 1 gets n_l fused tokens, later turns n_s)")
     p.add_argument("--images", nargs="+", default=None,
                    help="sample names (fusedvlm.samples) or image files (default: astronaut chelsea grace_hopper page)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"tokens decoded per answer, EOS ignored (default {GPU_MAX_NEW_TOKENS} on GPU, {CPU_MAX_NEW_TOKENS} on CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per (image, n_l) (default 3 on GPU, 2 on CPU)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed full runs after the FLOP pass (which already warms every shape)")
+    on_device = {k: f"{getattr(SweepConfig, k)} on GPU, {v} on CPU" for k, v in CPU_SWEEP_DEFAULTS.items()}
+    add_options(p, SweepConfig, exclude=("preset", "n_l"), defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS), helps=on_device)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
@@ -97,6 +95,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from fusedvlm.benchmark.system import check_fits, environment
     from fusedvlm.config import get_preset
     from fusedvlm.model.vlm import FusedVLM
+    from fusedvlm.options import from_options
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,13 +112,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     cfg_model = get_preset(args.preset)
     n_ls, skipped = resolve_n_l(parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset)
-    if args.n_s is not None and args.n_s < 1:
-        raise ValueError(f"--n-s must be >= 1, got {args.n_s}")
-    sweep_cfg = SweepConfig(
-        preset=args.preset, n_l=tuple(n_ls), n_s=args.n_s, questions=args.questions,
-        max_new_tokens=args.max_new_tokens or (GPU_MAX_NEW_TOKENS if device.type == "cuda" else CPU_MAX_NEW_TOKENS),
-        repeats=args.repeats or (3 if device.type == "cuda" else 2), warmup=args.warmup,
-    )
+    on_device = {} if device.type == "cuda" else CPU_SWEEP_DEFAULTS
+    unset = {k: on_device.get(k, getattr(SweepConfig, k)) for k in CPU_SWEEP_DEFAULTS if getattr(args, k) is None}
+    sweep_cfg = from_options(SweepConfig, args, preset=args.preset, n_l=tuple(n_ls), **unset)
     images = load_images(args.images or list(DEFAULT_IMAGES))
     req = check_fits(args.preset, device, dtype)
     if device.type == "cpu" and req["parameters"] > CPU_MAX_PARAMETERS:
