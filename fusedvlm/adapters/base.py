@@ -16,7 +16,7 @@ from torch import nn
 from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.config import FusionConfig
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig
-from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows
 
 ADAPTER_CONFIG_NAME = "adapter.json"
 
@@ -254,15 +254,8 @@ class FusionAdapter(nn.Module, ABC):
             per_sample.append(len(turns))
 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-            input_ids[i, sl] = torch.tensor(r)
-            label_t[i, sl] = torch.tensor(lab)
-            attention[i, sl] = 1
+        input_ids, attention = pad_rows(rows, pad, side=padding_side)
+        label_t, _ = pad_rows(labels, IGNORE_INDEX, side=padding_side)
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention,
