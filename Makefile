@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fusedvlm-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# Threads for tests and benchmarks: every core of this machine unless set (make bench THREADS=8).
+THREADS ?= $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 
 .PHONY: install test bench bench-regress clean
 
@@ -19,10 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --benchmark-disable $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/fusedvlm bench $(BENCH_ARGS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/fusedvlm bench $(BENCH_ARGS)
 
 # Kernel and runtime benchmarks (bench/test_*.py) against a saved baseline. The first run
 # saves .benchmarks/<machine>/0001_baseline.json; later runs fail when a benchmark's minimum
@@ -31,10 +33,10 @@ bench: $(STAMP)
 BENCH_FAIL ?= min:25%
 bench-regress: $(STAMP)
 	@if ls .benchmarks/*/*_baseline.json >/dev/null 2>&1; then \
-		OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q bench/ --benchmark-only \
+		OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q bench/ --benchmark-only \
 			--benchmark-compare='*_baseline' --benchmark-compare-fail=$(BENCH_FAIL) --benchmark-columns=min,median,iqr,rounds; \
 	else \
-		OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q bench/ --benchmark-only --benchmark-save=baseline \
+		OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q bench/ --benchmark-only --benchmark-save=baseline \
 			--benchmark-columns=min,median,iqr,rounds && \
 		echo "saved a baseline under .benchmarks/; run make bench-regress again to compare against it"; \
 	fi

@@ -35,7 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import environment, print_table, save_json, time_fn  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
 
 IMAGE_ID = 260
 QUESTION = "What is the man holding in his left hand?"

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import environment, print_table, save_json, time_fn  # noqa: E402
 from fusedvlm.backend import backend_name  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
 from fusedvlm.kernels import local_merge  # noqa: E402
+from fusedvlm.kernels.common import merged_tokens_per_view  # noqa: E402
 from fusedvlm.ref.local_merge import local_merge as eager_local_merge  # noqa: E402
-from fusedvlm.ref.local_merge import merged_tokens_per_view  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # name -> (views, grid side, C_in, C_out); paper: 10 HD-9 views of 24x24 CLIP-L tokens (SPEC section 4).

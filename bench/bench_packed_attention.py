@@ -40,11 +40,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import environment, print_table, save_json, time_fn  # noqa: E402
 from fusedvlm.backend import backend_name  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
 from fusedvlm.kernels.packed_attention import packed_attention  # noqa: E402
-from fusedvlm.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
 from fusedvlm.packing import segment_ids  # noqa: E402
+from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
 from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

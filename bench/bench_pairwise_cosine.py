@@ -30,11 +30,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import environment, print_table, save_json, time_fn  # noqa: E402
 from fusedvlm.backend import backend_name  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
+from fusedvlm.kernels.common import unit_rows  # noqa: E402
 from fusedvlm.kernels.pairwise_cosine import pairwise_cosine_stats  # noqa: E402
 from fusedvlm.packing import cu_seqlens_from_lengths  # noqa: E402
-from fusedvlm.ref.pairwise_cosine import unit_rows  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

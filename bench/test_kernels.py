@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+from fusedvlm.benchmark.system import sync
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,11 +21,6 @@ def _kernel(name: str):
         return getattr(importlib.import_module("fusedvlm.kernels"), name)
     except (ImportError, AttributeError) as e:
         pytest.skip(f"fusedvlm.kernels.{name} is unavailable: {e}")
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +42,7 @@ def test_local_merge_forward(benchmark):
     def run():
         with torch.no_grad():
             y = local_merge(x, w, lf)
-        _sync()
+        sync(DEVICE)
         return y
 
     y = benchmark(run)
@@ -63,7 +59,7 @@ def test_local_merge_forward_backward(benchmark):
     def run():
         x.grad = w.grad = lf.grad = None
         local_merge(x, w, lf).square().sum().backward()
-        _sync()
+        sync(DEVICE)
 
     benchmark(run)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, w, lf))
@@ -85,7 +81,7 @@ def test_packed_attention_forward(benchmark):
 
     def run():
         o = packed_attention(q, k, v, cu, cu, causal=True)
-        _sync()
+        sync(DEVICE)
         return o
 
     o = benchmark(run)
@@ -99,7 +95,7 @@ def test_packed_attention_forward_backward(benchmark):
     def run():
         q.grad = k.grad = v.grad = None
         packed_attention(q, k, v, cu, cu, causal=True).square().sum().backward()
-        _sync()
+        sync(DEVICE)
 
     benchmark(run)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -114,7 +110,7 @@ def test_pairwise_cosine_stats(benchmark):
 
     def run():
         s = pairwise_cosine_stats(h_a, h_b, cu)
-        _sync()
+        sync(DEVICE)
         return s
 
     stats = benchmark(run)

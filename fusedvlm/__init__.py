@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FusionModule": "fusedvlm.model.fusion_module",
-    "FusionModuleConfig": "fusedvlm.model.fusion_module",
+    "FusionModuleConfig": "fusedvlm.config",
 }
 
 

@@ -14,7 +14,29 @@ import tempfile
 import torch
 from torch import nn
 
+from fusedvlm.config import ModelConfig
+
 CONFIG_KEY = "fusedvlm_config"
+
+
+def drop_frozen(state: dict[str, torch.Tensor], *submodules: str) -> dict[str, torch.Tensor]:
+    """``state`` (changed in place and returned) without the entries of the frozen
+    ``submodules`` (dotted names such as ``"llm"``): a frozen LLM or host is never trained,
+    so no checkpoint carries it. The one place that decides what "frozen" leaves out."""
+    heads = tuple(name + "." for name in submodules)
+    for key in [k for k in state if k.startswith(heads)]:
+        del state[key]
+    return state
+
+
+def leave_frozen_out_of_state_dict(module: nn.Module, *submodules: str) -> None:
+    """From now on ``module.state_dict()`` leaves out its frozen ``submodules`` (see
+    :func:`drop_frozen`); a training objective's state is then exactly what the trainer saves."""
+
+    def hook(_module, state, prefix, _local_metadata) -> None:
+        drop_frozen(state, *(prefix + name for name in submodules))
+
+    module.register_state_dict_post_hook(hook)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -72,11 +94,9 @@ def save_trainable(model: nn.Module, path: str) -> None:
     atomic_save_safetensors(model.trainable_state_dict(), path, meta)
 
 
-def read_config(path: str):
+def read_config(path: str) -> ModelConfig:
     """The ModelConfig stored in a checkpoint written by :func:`save_trainable`."""
     from safetensors import safe_open
-
-    from fusedvlm.config import ModelConfig
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")

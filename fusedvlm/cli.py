@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = ("The fused vision-question language model of arXiv 2412.18387: chat about an image, "
+               "inspect a preset, benchmark, analyse and train.")
 # Modules that add subcommands, in --help order.
 COMMAND_MODULES = [
     "fusedvlm.commands",
@@ -19,7 +21,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedvlm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fusedvlm", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -108,21 +108,71 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
+class QueryConfig:
+    """What the fusion decoder is asked: the decoder itself, the fused-token counts and how
+    questions enter its stream. Shared by :class:`ModelConfig` (the whole model) and
+    :class:`FusionModuleConfig` (the fusion module alone), so each setting is declared once."""
+
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
     n_l: int = 256
     n_s: int | None = None  # None: the SPEC rule n_s_for(n_l)
+    drop_question: bool = False
+    # CLIP BPE tokens per question; longer is an error. None: no limit, as the authors
+    # (their tokenizer only warns; the fusion decoder's max_positions bounds the sequence).
+    max_question_tokens: int | None = None
+
+    def __post_init__(self):
+        check_query_counts(self.n_l, self.resolved_n_s, self.fusion.max_queries)
+
+    @property
+    def resolved_n_s(self) -> int:
+        return n_s_for(self.n_l) if self.n_s is None else self.n_s
+
+    def query_settings(self) -> dict:
+        """The :class:`QueryConfig` fields of this config, as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(QueryConfig)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusionModuleConfig(QueryConfig):
+    """The fusion module between a vision tower and an LLM (:class:`fusedvlm.model.FusionModule`)."""
+
+    output_size: int = 4096  # the LLM's hidden size
+    merge: bool = True  # local merge + LF on each view's patch-token grid
+    grid: tuple[int, int] | None = None  # (H, W) tokens of one view; None: one square view per sample
+    input_size: int | None = None  # host vision width: adds LayerNorm + Linear into the fusion width
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.output_size < 1:
+            raise ValueError(f"output_size must be >= 1, got {self.output_size}")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError(f"input_size must be >= 1 or None, got {self.input_size}")
+        if self.grid is not None:
+            if not self.merge:
+                raise ValueError("grid only describes the views for the local merge; it needs merge=True")
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ValueError(f"grid must be (H, W) with H, W >= 1, got {self.grid}")
+            # A list (e.g. from JSON) would make the frozen config unhashable and unequal to a tuple.
+            object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionModuleConfig":
+        return cls(fusion=FusionConfig(**d["fusion"]), **{k: v for k, v in d.items() if k != "fusion"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(QueryConfig):
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     hd_num: int = 9
     # Preprocessing (fusedvlm.preprocess): the authors' global view and alpha handling by
     # default; "antialias" / "white" are the cleaner alternatives.
     global_view: str = "authors"
     alpha: str = "drop"
-    drop_question: bool = False
-    # CLIP BPE tokens per question; longer is an error. None: no limit, as the authors
-    # (their tokenizer only warns; the fusion decoder's max_positions bounds the sequence).
-    max_question_tokens: int | None = None
 
     def __post_init__(self):
         if self.vision.width != self.fusion.hidden_size:
@@ -134,11 +184,7 @@ class ModelConfig:
             raise ValueError(f"image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}")
         if self.hd_num < 1:
             raise ValueError(f"hd_num must be >= 1, got {self.hd_num}")
-        check_query_counts(self.n_l, self.resolved_n_s, self.fusion.max_queries)
-
-    @property
-    def resolved_n_s(self) -> int:
-        return n_s_for(self.n_l) if self.n_s is None else self.n_s
+        super().__post_init__()
 
     @property
     def view_size(self) -> int:
@@ -149,14 +195,9 @@ class ModelConfig:
         g = self.vision.grid
         return ((g + 1) // 2) ** 2 + 1
 
-    def fusion_module(self, output_size: int):
+    def fusion_module(self, output_size: int) -> FusionModuleConfig:
         """The config of the fusion module that sits between this vision tower and the LLM."""
-        from fusedvlm.model.fusion_module import FusionModuleConfig
-
-        return FusionModuleConfig(
-            fusion=self.fusion, output_size=output_size, n_l=self.n_l, n_s=self.n_s,
-            drop_question=self.drop_question, max_question_tokens=self.max_question_tokens,
-        )
+        return FusionModuleConfig(output_size=output_size, **self.query_settings())
 
     def with_queries(self, n_l: int, n_s: int | None = None) -> "ModelConfig":
         return replace(self, n_l=n_l, n_s=n_s)

@@ -114,3 +114,35 @@ def interleave(a: torch.Tensor, cu_a: torch.Tensor, b: torch.Tensor, cu_b: torch
     out[index_a] = a
     out[index_b] = b
     return out, cu_m
+
+
+# ---------------------------------------------------------------------------- padded batches
+
+
+def pad_rows(rows: Sequence[Sequence], value, *, side: str = "right", dtype: torch.dtype = torch.long,
+             device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (padded (n, width) tensor, attention mask (n, width) long,
+    1 on every real entry); ``side`` says where the padding goes."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            out[i, cols] = torch.as_tensor(r, dtype=dtype)
+            mask[i, cols] = 1
+    return out.to(device), mask.to(device)
+
+
+def pad_tokens(rows: Sequence, pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`fusedvlm.chat.Tokens` rows -> (ids, fused, labels, attention mask), each (n, width):
+    ``pad_id`` pads the ids, False the fused slots, IGNORE_INDEX the labels."""
+    from fusedvlm.chat import IGNORE_INDEX
+
+    ids, mask = pad_rows([t.ids for t in rows], pad_id, side=side)
+    fused, _ = pad_rows([t.fused for t in rows], False, side=side, dtype=torch.bool)
+    labels, _ = pad_rows([t.labels for t in rows], IGNORE_INDEX, side=side)
+    return ids, fused, labels, mask
+

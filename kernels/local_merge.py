@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.ref.local_merge import grid_shape, merged_tokens_per_view
+from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

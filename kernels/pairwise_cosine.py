@@ -56,8 +56,8 @@ import functools
 import torch
 
 from fusedvlm.backend import forced_tiles, interpreter_enabled, use_triton
+from fusedvlm.kernels.common import PsiStats, unit_rows
 from fusedvlm.packing import check_cu_seqlens
-from fusedvlm.ref.pairwise_cosine import PsiStats, unit_rows
 
 __all__ = ["PsiStats", "pairwise_cosine_stats"]
 

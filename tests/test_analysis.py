@@ -28,9 +28,9 @@ from fusedvlm.analysis.cli import register
 from fusedvlm.analysis.hidden import branch_hidden_states, encode_pair, iter_hidden_states
 from fusedvlm.analysis.pipeline import run_psi
 from fusedvlm.kernels import pairwise_cosine_stats
+from fusedvlm.kernels.common import unit_rows
 from fusedvlm.packing import cu_seqlens_from_lengths
 from fusedvlm.ref.pairwise_cosine import pairwise_cosine_stats as ref_stats
-from fusedvlm.ref.pairwise_cosine import unit_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

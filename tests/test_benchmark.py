@@ -17,7 +17,7 @@ from fusedvlm.benchmark.flops import (
     packed_attention_flops,
     prefill_flops,
 )
-from fusedvlm.benchmark.sweep import percentile, quantiles
+from fusedvlm.benchmark.system import percentile, quantiles, time_fn
 from fusedvlm.kernels import packed_attention
 from fusedvlm.packing import cu_seqlens_from_lengths
 
@@ -125,6 +125,42 @@ def test_prefill_flop_growth_matches_analytic(tiny_model, photo):
         assert growth == pytest.approx(analytic[a] - analytic[b], rel=0.02)
 
 
+def test_flops_table_matches_the_bench_counts(capsys):
+    pytest.importorskip("fvcore")
+    from fusedvlm.benchmark.flop_table import STAGE_MODULES
+    from fusedvlm.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--n-l", "16", "--images", "astronaut", "--flops-table"]) == 0
+    out = capsys.readouterr().out
+    assert "| fuser.decoder " in out and "| llm.lm_head " in out  # fvcore's per-module table
+    rows = {line.split()[0]: line.split()[2:] for line in out.splitlines() if line.split()[:1] and line.split()[0] in STAGE_MODULES}
+    assert set(rows) == set(STAGE_MODULES)
+    for stage, (fvcore_count, bench_count) in rows.items():
+        assert int(fvcore_count.replace(",", "")) == int(bench_count.replace(",", "")) > 0, stage
+
+
+def test_flops_table_counts_the_winograd_merge_as_the_bench_does():
+    pytest.importorskip("fvcore")
+    import warnings
+
+    from fusedvlm.benchmark.flop_table import handles
+    from fusedvlm.benchmark.flops import count_flops
+    from fusedvlm.kernels.local_merge import _use_winograd
+    from fusedvlm.model.fusion_module import LocalMerge
+
+    merge, x = LocalMerge(512), torch.randn(2, 5 * 5, 512)
+    assert _use_winograd(x, merge.weight.detach())  # wide enough for the Winograd path
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        from fvcore.nn.jit_analysis import JitModelAnalysis
+
+        analysis = JitModelAnalysis(merge, (x,)).set_op_handle(**handles())
+        with count_flops() as counted:
+            merge(x)
+        assert analysis.total() == counted.total > 0
+        assert "prim::PythonOp._WinogradConv" not in analysis.unsupported_ops()
+
+
 def test_percentiles_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.exponential(size=37).tolist()
@@ -135,7 +171,30 @@ def test_percentiles_match_numpy():
     assert np.isnan(percentile([], 0.5))
 
 
+def test_time_fn_reports_the_same_quantiles():
+    # A fake clock: call i takes durations[i] seconds, so the statistics are exact.
+    durations = [0.004, 0.001, 0.009, 0.002, 0.003, 0.030]
+    ticks = iter(t for d in durations for t in (0.0, d))
+    t = time_fn(lambda: None, warmup=0, repeats=len(durations), clock=lambda: next(ticks))
+    ms = [d * 1e3 for d in durations]
+    q = quantiles(ms)
+    assert (t.median_ms, t.iqr_ms, t.min_ms, t.max_ms, t.repeats) == pytest.approx((q["median"], q["iqr"], 1.0, 30.0, 6))
+
+
 # ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_defaults_are_read_from_the_sweep_config():
+    import dataclasses
+
+    from fusedvlm.benchmark.cli import CPU_SWEEP_DEFAULTS
+    from fusedvlm.benchmark.sweep import SweepConfig
+    from fusedvlm.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    for f in dataclasses.fields(SweepConfig):
+        if f.name not in ("preset", "n_l"):  # --preset and --n-l are the command's own
+            assert getattr(args, f.name) == (None if f.name in CPU_SWEEP_DEFAULTS else f.default), f.name
 
 
 def test_cli_validates_n_l():

@@ -9,6 +9,15 @@ from fusedvlm.cli import main
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
 
 
+def test_help_describes_the_program(capsys):
+    from fusedvlm.cli import DESCRIPTION
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert DESCRIPTION in out and DESCRIPTION.endswith(".") and "register" not in out
+
+
 def test_info_prints_parameters_and_budgets(capsys):
     assert main(["info", "--preset", "tiny", "--questions", "3"]) == 0
     out = capsys.readouterr().out
@@ -67,3 +76,59 @@ def test_chat_smol_answers_about_a_real_photo_offline():
     assert r.returncode == 0, r.stderr[-2000:]
     answer = [ln for ln in r.stdout.splitlines() if ln.startswith("A: ")]
     assert len(answer) == 1 and len(answer[0]) > len("A: ") + 3, r.stdout
+
+
+def _parsed(*argv):
+    from fusedvlm.cli import build_parser
+
+    return build_parser().parse_args(["train", *argv, "--data", "d.jsonl", "--image-root", ".", "--out", "o", "--steps", "3"])
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_train_defaults_are_read_from_the_dataclasses(stage):
+    import dataclasses
+
+    from fusedvlm.options import from_options
+    from fusedvlm.train.config import STAGE_DEFAULTS, Stage1Config, TrainConfig, training_defaults
+
+    args = _parsed(stage)
+    per_command = {**STAGE_DEFAULTS[stage], "batch_size": None}  # None: chosen per preset when the run starts
+    for f in dataclasses.fields(TrainConfig):
+        expected = 3 if f.name == "steps" else per_command.get(f.name, f.default)
+        assert getattr(args, f.name) == expected, f.name
+    if stage == "stage1":
+        assert from_options(Stage1Config, args) == Stage1Config()
+    else:
+        assert not hasattr(args, "embed_dim")
+    tiny = training_defaults(stage, "tiny")
+    assert from_options(TrainConfig, args, batch_size=tiny["batch_size"]) == TrainConfig(steps=3, **tiny)
+    assert training_defaults(stage, "paper")["batch_size"] == {"stage1": 256, "stage2": 2560}[stage]  # SPEC section 7
+
+
+def test_options_follow_the_field_types():
+    import dataclasses
+    from typing import Literal
+
+    from fusedvlm.options import add_options, from_options
+
+    @dataclasses.dataclass
+    class Example:
+        count: int
+        mode: Literal["a", "b"] = "a"
+        width: int | None = None
+        scale: float = dataclasses.field(default=0.5, metadata={"help": "how much"})
+        verbose: bool = False
+        cache: bool = True
+
+    import argparse
+
+    p = argparse.ArgumentParser()
+    assert add_options(p, Example) == ["count", "mode", "width", "scale", "verbose", "cache"]
+    assert from_options(Example, p.parse_args(["--count", "2"])) == Example(count=2)
+    got = from_options(Example, p.parse_args(["--count", "2", "--mode", "b", "--width", "7", "--scale", "2", "--verbose", "--no-cache"]))
+    assert got == Example(2, "b", 7, 2.0, True, False)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--count", "2", "--mode", "c"])
+    assert "how much (default: 0.5)" in " ".join(p.format_help().split())
+    with pytest.raises(TypeError, match="no field"):
+        add_options(argparse.ArgumentParser(), Example, defaults={"nope": 1})

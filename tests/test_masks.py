@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedvlm.masks import BlockDiagonalCausalMask, BlockDiagonalMask, dense_masked_attention
+from fusedvlm.ref.masks import BlockDiagonalCausalMask, BlockDiagonalMask, dense_masked_attention
 from fusedvlm.ref.packed_attention import packed_attention as ref_packed_attention
 
 

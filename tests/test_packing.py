@@ -83,3 +83,30 @@ def test_bad_lengths_and_packs():
         pack([torch.zeros(2, 3), torch.zeros(2, 4)])
     with pytest.raises(ValueError, match="segments; they must match"):
         interleave(torch.zeros(2, 1), cu_seqlens_from_lengths([2]), torch.zeros(2, 1), cu_seqlens_from_lengths([1, 1]))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_rows_places_rows_and_mask_on_the_chosen_side(side):
+    from fusedvlm.packing import pad_rows
+
+    out, mask = pad_rows([[1, 2, 3], [], [4]], -1, side=side)
+    if side == "right":
+        assert out.tolist() == [[1, 2, 3], [-1, -1, -1], [4, -1, -1]]
+    else:
+        assert out.tolist() == [[1, 2, 3], [-1, -1, -1], [-1, -1, 4]]
+    assert mask.tolist() == (out != -1).long().tolist() and out.dtype == torch.long
+    empty, empty_mask = pad_rows([], 0)
+    assert empty.shape == empty_mask.shape == (0, 0)
+    with pytest.raises(ValueError, match="padding side"):
+        pad_rows([[1]], 0, side="middle")
+
+
+def test_pad_tokens_pads_each_field_with_its_own_value():
+    from fusedvlm.chat import IGNORE_INDEX, Tokens
+    from fusedvlm.packing import pad_tokens
+
+    rows = [Tokens([5, 6], [True, False], [IGNORE_INDEX, 6]), Tokens([7], [False], [7])]
+    ids, fused, labels, mask = pad_tokens(rows, pad_id=0)
+    assert ids.tolist() == [[5, 6], [7, 0]] and fused.tolist() == [[True, False], [False, False]]
+    assert labels.tolist() == [[IGNORE_INDEX, 6], [7, IGNORE_INDEX]] and mask.tolist() == [[1, 1], [1, 0]]
+    assert fused.dtype == torch.bool

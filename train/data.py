@@ -284,7 +284,7 @@ class Collator:
         self.pad_id = pad_id if pad_id is not None else (encoder.layout.placeholder_id if encoder.layout else 0)
 
     def __call__(self, items: list[Item | Skipped]) -> Batch:
-        from fusedvlm.packing import cu_seqlens_from_lengths
+        from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows, pad_tokens
 
         skipped = [it for it in items if isinstance(it, Skipped)]
         items = [it for it in items if isinstance(it, Item)]
@@ -305,26 +305,12 @@ class Collator:
             skipped=skipped,
         )
         if enc.stage == 1:
-            rows = [a for it in items for a in it.answer_ids]
-            width = max((len(r) for r in rows), default=2)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = torch.tensor(r)
             # The contrastive loss is already a mean over the micro-batch's pairs: weight 1.
-            batch.answer_ids, batch.num_targets = ids, 1
+            batch.answer_ids, _ = pad_rows([a for it in items for a in it.answer_ids], 0)
+            batch.num_targets = 1
         else:
-            width = max((len(it.llm) for it in items), default=1)
-            n = len(items)
-            batch.llm_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-            batch.llm_fused = torch.zeros(n, width, dtype=torch.bool)
-            batch.llm_labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-            batch.llm_attention_mask = torch.zeros(n, width, dtype=torch.long)
-            for i, it in enumerate(items):
-                L = len(it.llm)
-                batch.llm_ids[i, :L] = torch.tensor(it.llm.ids)
-                batch.llm_fused[i, :L] = torch.tensor(it.llm.fused)
-                batch.llm_labels[i, :L] = torch.tensor(it.llm.labels)
-                batch.llm_attention_mask[i, :L] = 1
+            padded = pad_tokens([it.llm for it in items], self.pad_id)
+            batch.llm_ids, batch.llm_fused, batch.llm_labels, batch.llm_attention_mask = padded
             batch.num_targets = int((batch.llm_labels[:, 1:] != IGNORE_INDEX).sum())
         return batch
 
@@ -350,12 +336,6 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         if not self.shuffle:
             return torch.arange(self.n)
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-
-    def batch(self, position: int) -> list[int]:
-        epoch, j = divmod(position, self.per_epoch)
-        local = self.global_micro_batch // self.world
-        lo = j * self.global_micro_batch + self.rank * local
-        return self.order(epoch)[lo: lo + local].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedvlm.chat import IGNORE_INDEX, Tokens
+from fusedvlm.packing import pad_tokens
 from fusedvlm.train.data import Item, Record, SampleEncoder
 
 
@@ -53,19 +54,8 @@ def answer_accuracy(
             fused = model.fuse(vision, [it.question_ids for it in items], n_l=encoder.n_l, n_s=encoder.n_s).per_sample()
             for item, f in zip(items, fused):
                 rows = _candidate_rows(encoder, item, candidates)
-                width = max(len(t) for _, _, t in rows)
-                pad = encoder.layout.placeholder_id
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-                mask = torch.zeros(len(rows), width, dtype=torch.long)
-                fused_slots = torch.zeros(len(rows), width, dtype=torch.bool)
-                pieces = []
-                for i, (_, _, t) in enumerate(rows):
-                    ids[i, : len(t)] = torch.tensor(t.ids)
-                    labels[i, : len(t)] = torch.tensor(t.labels)
-                    fused_slots[i, : len(t)] = torch.tensor(t.fused)
-                    mask[i, : len(t)] = 1
-                    pieces.append(f[: t.num_fused])
+                ids, fused_slots, labels, mask = pad_tokens([t for _, _, t in rows], encoder.layout.placeholder_id)
+                pieces = [f[: t.num_fused] for _, _, t in rows]
                 emb = llm.get_input_embeddings()(ids.to(device))
                 emb = emb.masked_scatter(fused_slots.to(device)[..., None], torch.cat(pieces).to(emb.dtype))
                 logits = llm(inputs_embeds=emb, attention_mask=mask.to(device)).logits[:, :-1].float()

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -43,58 +43,9 @@ from fusedvlm.train.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
+from fusedvlm.train.config import TrainConfig
 from fusedvlm.train.data import ResumableBatchSampler
 from fusedvlm.train.distributed import DistContext, all_reduce_sum, average_replicated_grads, barrier, shard_trainable
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass
-class TrainConfig:
-    steps: int
-    batch_size: int = 256  # global, per optimiser step (SPEC section 7, stage 1)
-    grad_accum: int = 1
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # FSDP2 over the trainable sides instead of DDP (needs torchrun, world > 1)
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    num_workers: int = 0
-    deterministic: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.batch_size < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.save_every < 0 or self.keep_checkpoints < 1 or self.num_workers < 0:
-            raise ValueError("save_every and num_workers must be >= 0 and keep_checkpoints >= 1")
-
-    @property
-    def micro_batch(self) -> int:
-        """Global micro-batch (all ranks together)."""
-        return self.batch_size // self.grad_accum
-
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ceil(warmup_ratio * steps) steps, then cosine to min_lr_ratio * lr."""
@@ -119,8 +70,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def _model_state(objective: nn.Module) -> dict[str, torch.Tensor]:
-    """The objective's state without the frozen LLM (it is never trained, never saved)."""
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.llm.")}
+    """The objective's state: objectives leave their frozen LLM or host out of it
+    (:func:`fusedvlm.checkpoint.leave_frozen_out_of_state_dict`)."""
+    return objective.state_dict()
 
 
 class _FullOptimizerState:

@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-CLIP_TEMPERATURE_INIT = 0.07
+from fusedvlm.train.config import Stage1Config
+
 
 
 def clip_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def clip_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def init_logit_scale(temperature: float = CLIP_TEMPERATURE_INIT) -> torch.Tensor:
+def init_logit_scale(temperature: float = Stage1Config.temperature) -> torch.Tensor:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return torch.tensor(math.log(1.0 / temperature))

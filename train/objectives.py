@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedvlm.chat import IGNORE_INDEX
+from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
 from fusedvlm.train.data import Batch
+from fusedvlm.train.config import Stage1Config
 from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_loss
 
 TEXT_CONTEXT = 512  # SPEC section 7: CLIP text positions extended from 77
@@ -45,6 +47,7 @@ class Stage2Objective(nn.Module):
         if model.llm is None:
             raise ValueError("stage 2 needs the model's LLM")
         self.model = model
+        leave_frozen_out_of_state_dict(self, "model.llm")
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         model.llm.requires_grad_(False)
         _freeze_unused_clip_parts(model)
@@ -140,15 +143,16 @@ class Stage1Objective(nn.Module):
         self,
         model,
         text: nn.Module,
-        embed_dim: int = 768,
-        temperature: float = 0.07,
-        orthogonality_weight: float = 1.0,
+        embed_dim: int = Stage1Config.embed_dim,
+        temperature: float = Stage1Config.temperature,
+        orthogonality_weight: float = Stage1Config.orthogonality_weight,
         n_l: int | None = None,
         n_s: int | None = None,
         freeze_vision: bool = False,
     ):
         super().__init__()
         self.model = model
+        leave_frozen_out_of_state_dict(self, "model.llm")
         self.text = text
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         self.head = nn.Linear(model.cfg.fusion.hidden_size, embed_dim, bias=False)

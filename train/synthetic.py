@@ -177,6 +177,7 @@ def pretrain_reader_llm(
     import torch.nn.functional as F
 
     from fusedvlm.chat import IGNORE_INDEX, ChatLayout
+    from fusedvlm.packing import pad_rows
     from fusedvlm.model.llm import byte_tokenizer, random_llama
 
     if llm_cfg.source != "random":
@@ -206,12 +207,8 @@ def pretrain_reader_llm(
     model.train()
     for step in range(steps):
         rows = [conversation() for _ in range(batch_size)]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((batch_size, width), layout.placeholder_id)
-        labels = torch.full((batch_size, width), IGNORE_INDEX)
-        mask = torch.zeros(batch_size, width, dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids, mask = pad_rows([x for x, _ in rows], layout.placeholder_id)
+        labels, _ = pad_rows([y for _, y in rows], IGNORE_INDEX)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / (0.1 * steps))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]

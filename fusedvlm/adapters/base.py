@@ -16,7 +16,7 @@ from torch import nn
 from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.config import FusionConfig
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig
-from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows
 
 ADAPTER_CONFIG_NAME = "adapter.json"
 
@@ -113,8 +113,8 @@ class FusionAdapter(nn.Module, ABC):
         """Wrap ``host`` with a fusion module: a given module as is, else a new one built from
         a :class:`FusionModuleConfig`, or from a :class:`FusionConfig` (default: the paper's
         decoder) plus the host's widths and grid and the options ``n_l`` (default 64), ``n_s``
-        (default: the SPEC rule), ``merge`` (True), ``drop_question`` (False) and
-        ``max_question_tokens`` (512), which apply only there. The module goes to the host's
+        (default: the SPEC rule), ``merge`` (True), ``drop_question`` and
+        ``max_question_tokens`` (default: :class:`FusionModuleConfig`'s), which apply only there. The module goes to the host's
         device and ``dtype`` (default: the host's)."""
         cls.check_host(host)
         options = dict(n_l=n_l, n_s=n_s, merge=merge, drop_question=drop_question, max_question_tokens=max_question_tokens)
@@ -129,11 +129,12 @@ class FusionAdapter(nn.Module, ABC):
             width, grid = cls.host_vision_layout(host)
             if merge and grid is None:
                 raise ValueError(f"the {cls.family} host's vision features are not a token grid; attach with merge=False")
+            # Options left unset keep FusionModuleConfig's defaults (n_l: the adapters' own 64).
+            chosen = {k: v for k, v in dict(drop_question=drop_question, max_question_tokens=max_question_tokens).items() if v is not None}
             module = FusionModule(FusionModuleConfig(
                 fusion=fusion if fusion is not None else FusionConfig(), output_size=cls.host_llm_width(host),
                 n_l=64 if n_l is None else n_l, n_s=n_s, merge=merge, grid=grid if merge else None, input_size=width,
-                drop_question=bool(drop_question),
-                max_question_tokens=512 if max_question_tokens is None else max_question_tokens,
+                **chosen,
             ))
         else:
             raise TypeError(f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}")
@@ -253,15 +254,8 @@ class FusionAdapter(nn.Module, ABC):
             per_sample.append(len(turns))
 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-            input_ids[i, sl] = torch.tensor(r)
-            label_t[i, sl] = torch.tensor(lab)
-            attention[i, sl] = 1
+        input_ids, attention = pad_rows(rows, pad, side=padding_side)
+        label_t, _ = pad_rows(labels, IGNORE_INDEX, side=padding_side)
         inputs = {
             "input_ids": input_ids,
             "attention_mask": attention,

@@ -1,7 +1,8 @@
 """Stage-2 training of an adapter's fusion module with :class:`fusedvlm.train.loop.Trainer`.
 
-The trainer takes an objective (``forward(batch) -> (loss_sum, count)``), a dataset, a
-collator and a :class:`~fusedvlm.train.loop.TrainConfig`; this module supplies the three for
+The trainer takes an objective (``forward(batch)`` returns the micro-batch's summed loss; the
+batch carries its target count, ``num_targets``), a dataset, a collator and a
+:class:`~fusedvlm.train.loop.TrainConfig`; this module supplies the three for
 a drop-in adapter::
 
     records, _ = read_records("data.json", "images/")          # LLaVA-style records
@@ -25,6 +26,8 @@ from torch import nn
 
 from fusedvlm.adapters.base import FusionAdapter
 from fusedvlm.chat import IGNORE_INDEX
+from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
+from fusedvlm.train.data import Skipped
 
 
 @dataclass
@@ -32,12 +35,6 @@ class AdapterItem:
     index: int
     pixel_values: torch.Tensor  # (3, H, W)
     turns: tuple[tuple[str, str], ...]
-
-
-@dataclass
-class Skipped:
-    index: int
-    reason: str
 
 
 @dataclass
@@ -112,7 +109,7 @@ class AdapterStage2Objective(nn.Module):
     def __init__(self, adapter: FusionAdapter):
         super().__init__()
         self.adapter = adapter
-        self.register_state_dict_post_hook(_drop_host_state)
+        leave_frozen_out_of_state_dict(self, "adapter.host")
 
     def forward(self, batch: AdapterBatch) -> torch.Tensor:
         device = self.adapter.fusion.device
@@ -122,8 +119,3 @@ class AdapterStage2Objective(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
-
-
-def _drop_host_state(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
-    for key in [k for k in state if k.startswith(prefix + "adapter.host.")]:
-        del state[key]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fusedvlm.analysis.pairs import Pair, prefix_ids
+from fusedvlm.packing import pad_rows
 
 
 @dataclass(frozen=True)
@@ -48,23 +49,16 @@ def branch_hidden_states(model, batch: list[EncodedPair], pad_id: int = 0) -> li
     device = next(model.parameters()).device
     npairs = len(batch)
     lp = torch.tensor([len(p.prefix) for p in batch], device=device)
-    ln = torch.tensor([p.n for p in batch], device=device)
-    width_p, width_n = int(lp.max()), int(ln.max())
-
-    prefix = torch.full((npairs, width_p), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(batch):
-        prefix[i, : len(p.prefix)] = torch.tensor(p.prefix, device=device)
-    mask_p = (torch.arange(width_p, device=device)[None] < lp[:, None]).long()
+    prefix, mask_p = pad_rows([p.prefix for p in batch], pad_id, device=device)
+    width_p = prefix.shape[1]
     pos_p = torch.arange(width_p, device=device)[None].expand(npairs, -1)
     cache = base(input_ids=prefix, attention_mask=mask_p, position_ids=pos_p, use_cache=True).past_key_values
     cache.batch_repeat_interleave(2)
 
-    branch = torch.full((2 * npairs, width_n), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(batch):
-        branch[2 * i, : p.n] = torch.tensor(p.a, device=device)
-        branch[2 * i + 1, : p.n] = torch.tensor(p.b, device=device)
-    ln2, lp2 = ln.repeat_interleave(2), lp.repeat_interleave(2)
-    mask_n = (torch.arange(width_n, device=device)[None] < ln2[:, None]).long()
+    # Branch rows a_0, b_0, a_1, b_1, ...: pair i's a and b continue its cached prefix.
+    branch, mask_n = pad_rows([r for p in batch for r in (p.a, p.b)], pad_id, device=device)
+    width_n = branch.shape[1]
+    lp2 = lp.repeat_interleave(2)
     mask = torch.cat([mask_p.repeat_interleave(2, 0), mask_n], 1)
     # Branch tokens continue the prefix's positions, whatever padding sits between them.
     pos = lp2[:, None] + torch.arange(width_n, device=device)[None]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_OUT = "out/bench"
-# On a CPU the paper's 256 new tokens per run would dominate the sweep's time budget; decode
-# speed per token is already stable over a few dozen tokens.
-CPU_MAX_NEW_TOKENS = 32
-GPU_MAX_NEW_TOKENS = 256
+# On a CPU the paper's 256 new tokens per run (SweepConfig's defaults are the GPU's) would
+# dominate the sweep's time budget; decode speed per token is already stable over a few dozen
+# tokens.
+CPU_SWEEP_DEFAULTS = {"max_new_tokens": 32, "repeats": 2}
 # Presets above this many parameters take hours per sweep on a CPU.
 CPU_MAX_PARAMETERS = 1_000_000_000
 
 
 def register(sub) -> None:
+    from fusedvlm.benchmark.sweep import SweepConfig
     from fusedvlm.config import PAPER_N_L, PRESETS
     from fusedvlm.device import add_device_arguments
+    from fusedvlm.options import add_options
 
     p = sub.add_parser(
         "bench", help="n_l sweep: TTFT, prefill time/FLOPs per stage, decode speed, memory",
@@ -28,19 +30,18 @@ def register(sub) -> None:
                    "random weights; --n-l then defaults to the checkpoint's n_l")
     p.add_argument("--n-l", default=",".join(map(str, PAPER_N_L)),
                    help="comma-separated n_l values (default: the paper's 768,...,1; values the preset's fusion decoder cannot hold are skipped)")
-    p.add_argument("--n-s", type=int, default=None, help="fused tokens of later questions, capped at n_l (default: SPEC rule, 8 or n_l)")
-    p.add_argument("--questions", type=int, default=1, help="questions per image (turn 1 gets n_l fused tokens, later turns n_s)")
     p.add_argument("--images", nargs="+", default=None,
                    help="sample names (fusedvlm.samples) or image files (default: astronaut chelsea grace_hopper page)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"tokens decoded per answer, EOS ignored (default {GPU_MAX_NEW_TOKENS} on GPU, {CPU_MAX_NEW_TOKENS} on CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per (image, n_l) (default 3 on GPU, 2 on CPU)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed full runs after the FLOP pass (which already warms every shape)")
+    on_device = {k: f"{getattr(SweepConfig, k)} on GPU, {v} on CPU" for k, v in CPU_SWEEP_DEFAULTS.items()}
+    add_options(p, SweepConfig, exclude=("preset", "n_l"), defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS), helps=on_device)
     add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    p.add_argument("--flops-table", action="store_true",
+                   help="print fvcore's per-module FLOP table of one prefill (first image, first n_l) beside the "
+                        "bench's own counts, and exit (needs fvcore: pip install 'fusedvlm[bench]')")
     p.set_defaults(func=run_bench)
 
 
@@ -97,6 +98,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from fusedvlm.config import get_preset
     from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.model.vlm import FusedVLM
+    from fusedvlm.options import from_options
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -120,13 +122,9 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         cfg_model = get_preset(args.preset)
     n_ls, skipped = resolve_n_l(parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset)
-    if args.n_s is not None and args.n_s < 1:
-        raise ValueError(f"--n-s must be >= 1, got {args.n_s}")
-    sweep_cfg = SweepConfig(
-        preset=args.preset, n_l=tuple(n_ls), n_s=args.n_s, questions=args.questions,
-        max_new_tokens=args.max_new_tokens or (GPU_MAX_NEW_TOKENS if device.type == "cuda" else CPU_MAX_NEW_TOKENS),
-        repeats=args.repeats or (3 if device.type == "cuda" else 2), warmup=args.warmup,
-    )
+    on_device = {} if device.type == "cuda" else CPU_SWEEP_DEFAULTS
+    unset = {k: on_device.get(k, getattr(SweepConfig, k)) for k in CPU_SWEEP_DEFAULTS if getattr(args, k) is None}
+    sweep_cfg = from_options(SweepConfig, args, preset=args.preset, n_l=tuple(n_ls), **unset)
     images = load_images(args.images or list(DEFAULT_IMAGES))
     if args.checkpoint:
         from fusedvlm.model import FusedVLM as _Model
@@ -146,6 +144,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model = checkpoint_model if args.checkpoint else FusedVLM(cfg_model).eval().to(device=device, dtype=dtype)
+    if args.flops_table:
+        from fusedvlm.benchmark.flop_table import flop_report
+        from fusedvlm.benchmark.sweep import QUESTIONS
+
+        name, image = images[0]
+        print(f"preset {args.preset}, image {name}, n_l {n_ls[0]}: FLOPs of one first-question prefill")
+        print(flop_report(model, image, QUESTIONS[0], n_ls[0], sweep_cfg.n_s_at(n_ls[0])))
+        return 0
     env = environment(device)
     log(f"fusedvlm bench: preset {args.preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
         f"{env['torch_threads']} thread(s), {dtype_name}; n_l {n_ls}; {len(images)} image(s) x {sweep_cfg.repeats} repeat(s), "

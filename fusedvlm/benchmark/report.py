@@ -8,6 +8,7 @@ import math
 import os
 
 from fusedvlm.benchmark.flops import STAGES
+from fusedvlm.benchmark.system import write_text_atomic
 
 COLUMNS = (
     ("n_l", "n_l", "{:d}"),
@@ -109,20 +110,13 @@ def write_csv(path: str, results: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_all(payload: dict, out_dir: str) -> list[str]:
     """results.json, results.csv, results.md and the PNG plots; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, n) for n in ("results.json", "results.csv", "results.md")]
-    _atomic_write(paths[0], json.dumps(payload, indent=2, default=str))
+    write_text_atomic(paths[0], json.dumps(payload, indent=2, default=str))
     write_csv(paths[1], payload["results"])
-    _atomic_write(paths[2], markdown(payload))
+    write_text_atomic(paths[2], markdown(payload))
     return paths + plot(payload, out_dir)
 
 

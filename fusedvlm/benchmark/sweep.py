@@ -14,10 +14,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from fusedvlm.benchmark.flops import STAGES, analytic_fusion_llm_flops, prefill_flops
-from fusedvlm.benchmark.system import PeakMemory, kv_bytes_per_position, memory_bandwidth, unique_parameter_bytes
+from fusedvlm.benchmark.system import (
+    PeakMemory,
+    kv_bytes_per_position,
+    memory_bandwidth,
+    percentile,
+    quantiles,
+    unique_parameter_bytes,
+)
 
 QUESTIONS = (
     "Describe the image in detail.",
@@ -32,19 +39,24 @@ DEFAULT_IMAGES = ("astronaut", "chelsea", "grace_hopper", "page")
 
 @dataclass
 class SweepConfig:
+    """One sweep; ``fusedvlm bench`` takes every field but the first two as a flag (:mod:`fusedvlm.options`)."""
+
     preset: str
     n_l: tuple[int, ...]
-    n_s: int | None = None  # None: the SPEC rule; otherwise min(n_s, n_l) at every n_l
-    questions: int = 1
-    max_new_tokens: int = 256
-    repeats: int = 3
-    warmup: int = 1
+    n_s: int | None = field(default=None, metadata={
+        "help": "fused tokens of later questions, min(n_s, n_l) at every n_l (None: the SPEC rule, 8 or n_l)"})
+    questions: int = field(default=1, metadata={"help": "questions per image (turn 1 gets n_l fused tokens, later turns n_s)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens decoded per answer, EOS ignored (the paper's 256)"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per (image, n_l)"})
+    warmup: int = field(default=1, metadata={"help": "untimed full runs after the FLOP pass (which already warms every shape)"})
 
     def __post_init__(self):
         if not self.n_l:
             raise ValueError("no n_l values to sweep")
         if len(set(self.n_l)) != len(self.n_l):
             raise ValueError(f"duplicate n_l values in {list(self.n_l)}")
+        if self.n_s is not None and self.n_s < 1:
+            raise ValueError(f"--n-s must be >= 1, got {self.n_s}")
         if self.questions < 1:
             raise ValueError(f"--questions must be >= 1, got {self.questions}")
         if self.repeats < 1:
@@ -71,23 +83,6 @@ class Run:
     prompt_tokens: list[int]
     peak_mem_bytes: int
     answer: str = ""
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between closest ranks; ``p`` in [0, 1]."""
-    v = sorted(values)
-    if not v:
-        return float("nan")
-    x = p * (len(v) - 1)
-    lo = int(x)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (x - lo)
-
-
-def quantiles(values: Sequence[float]) -> dict[str, float]:
-    p25, p75 = percentile(values, 0.25), percentile(values, 0.75)
-    return {"median": percentile(values, 0.5), "iqr": p75 - p25, "min": min(values, default=float("nan")),
-            "max": max(values, default=float("nan"))}
 
 
 def run_session(model, image, n_l: int, n_s: int | None, questions: Sequence[str], generation) -> dict:

@@ -1,13 +1,17 @@
-"""The machine side of a benchmark: environment record, memory bandwidth, peak memory, and
-whether a preset fits at all."""
+"""The one set of benchmark helpers, for ``fusedvlm bench`` and every bench/*.py script:
+environment record, device synchronisation, quantiles, the timing harness, tables and JSON,
+memory bandwidth, peak memory, and whether a preset fits at all."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -52,14 +56,21 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
-def environment(device: torch.device) -> dict:
-    """Machine, versions, thread setting and git sha: recorded in every result."""
+def environment(device: torch.device | str | None = None) -> dict:
+    """Machine, versions, thread setting and git sha: recorded in every result. ``device``
+    defaults to the first GPU when there is one, else the CPU."""
     import transformers
 
+    from fusedvlm.backend import interpreter_enabled
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     env = {
         "device": str(device),
         "device_name": device_name(device),
         "cpu": cpu_name(),
+        "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -70,6 +81,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "git_sha": git_sha(),
         "fusedvlm_backend": os.environ.get("FUSEDVLM_BACKEND", "auto"),
+        "triton_interpret": interpreter_enabled(),
     }
     try:
         import triton
@@ -78,6 +90,121 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["triton"] = None
     return env
+
+
+def sync(device: torch.device | str | None) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a clock read after it is honest."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); ``p`` in [0, 1]."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    x = p * (len(v) - 1)
+    lo = int(x)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (x - lo)
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """Median, interquartile range (:func:`percentile` 75 - 25), min and max."""
+    p25, p75 = percentile(values, 0.25), percentile(values, 0.75)
+    return {"median": percentile(values, 0.5), "iqr": p75 - p25, "min": min(values, default=float("nan")),
+            "max": max(values, default=float("nan"))}
+
+
+@dataclass
+class Timing:
+    name: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    iqr_ms: float
+    repeats: int
+    peak_mem_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    name: str = "",
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+    min_time_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (more
+    until ``min_time_s`` has passed); CUDA events on GPU. Peak CUDA memory of one call is
+    recorded on GPU. ``clock`` times CPU calls (``time.process_time`` resists a machine shared
+    with other jobs)."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    peak = None
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
+        if on_cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = clock()
+            fn()
+            times.append((clock() - t0) * 1e3)
+    q = quantiles(times)
+    return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak)
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    """A plain aligned table on the terminal."""
+    if title:
+        print(f"\n## {title}")
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write beside ``path``, then rename: a crash never leaves half a result file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_json(path: str, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def memory_bandwidth(device: torch.device, size_bytes: int = 1 << 28, repeats: int = 5) -> tuple[float, str]:
@@ -93,12 +220,10 @@ def memory_bandwidth(device: torch.device, size_bytes: int = 1 << 28, repeats: i
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size_bytes / best, f"measured: copy of {size_bytes >> 20} MiB, best of {repeats + 1}"
 

@@ -30,7 +30,7 @@ from fusedvlm.packing import (
     positions_in_segment,
     segment_ids,
 )
-from fusedvlm.ref.llama import apply_rope, rms_norm, rope_cos_sin, swiglu
+from fusedvlm.model.llama import apply_rope, rms_norm, rope_cos_sin, swiglu
 
 
 @dataclass

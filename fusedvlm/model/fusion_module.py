@@ -38,7 +38,6 @@ Checkpoints: :meth:`FusionModule.save_pretrained` writes ``config.json`` and
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -46,13 +45,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fusedvlm.checkpoint import check_state_dict
-from fusedvlm.config import FusionConfig, check_query_counts, n_s_for
+from fusedvlm.config import FusionModuleConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
 from fusedvlm.packing import check_cu_seqlens, cu_seqlens_from_lengths
@@ -61,45 +60,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_FORMAT = "fusedvlm.FusionModule"
 CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class FusionModuleConfig:
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    output_size: int = 4096  # the LLM's hidden size
-    n_l: int = 256
-    n_s: int | None = None  # None: the SPEC rule n_s_for(n_l)
-    drop_question: bool = False
-    # None: no limit (the authors read questions whole; max_positions bounds the sequence).
-    max_question_tokens: int | None = None
-    merge: bool = True  # local merge + LF on each view's patch-token grid
-    grid: tuple[int, int] | None = None  # (H, W) tokens of one view; None: one square view per sample
-    input_size: int | None = None  # host vision width: adds LayerNorm + Linear into the fusion width
-
-    def __post_init__(self):
-        check_query_counts(self.n_l, self.resolved_n_s, self.fusion.max_queries)
-        if self.output_size < 1:
-            raise ValueError(f"output_size must be >= 1, got {self.output_size}")
-        if self.input_size is not None and self.input_size < 1:
-            raise ValueError(f"input_size must be >= 1 or None, got {self.input_size}")
-        if self.grid is not None:
-            if not self.merge:
-                raise ValueError("grid only describes the views for the local merge; it needs merge=True")
-            if len(self.grid) != 2 or min(self.grid) < 1:
-                raise ValueError(f"grid must be (H, W) with H, W >= 1, got {self.grid}")
-            # A list (e.g. from JSON) would make the frozen config unhashable and unequal to a tuple.
-            object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
-
-    @property
-    def resolved_n_s(self) -> int:
-        return n_s_for(self.n_l) if self.n_s is None else self.n_s
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FusionModuleConfig":
-        return cls(fusion=FusionConfig(**d["fusion"]), **{k: v for k, v in d.items() if k != "fusion"})
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fusedvlm.chat import ChatLayout, Tokens
+from fusedvlm.checkpoint import drop_frozen
 from fusedvlm.config import ModelConfig, get_preset
 from fusedvlm.model.fusion import FusionCache
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, VisionPrefix
@@ -56,7 +57,7 @@ class FusedVLM(nn.Module):
                 yield name, p
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        return drop_frozen(self.state_dict(), "llm")
 
     def train(self, mode: bool = True):
         super().train(mode)

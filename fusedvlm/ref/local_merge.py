@@ -9,28 +9,10 @@ x (V, H*W, C_in) raster-order patch tokens -> grid (V, C_in, H, W)
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-
-def grid_shape(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(H, W) of a raster token grid: square unless given."""
-    if grid is not None:
-        h, w = int(grid[0]), int(grid[1])
-        if h <= 0 or w <= 0 or h * w != num_tokens:
-            raise ValueError(f"grid {grid} does not hold {num_tokens} tokens")
-        return h, w
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens or side == 0:
-        raise ValueError(f"{num_tokens} tokens is not a square grid; pass grid=(H, W)")
-    return side, side
-
-
-def merged_tokens_per_view(h: int, w: int) -> int:
-    """Tokens a view yields after the merge, LF token included."""
-    return ((h + 1) // 2) * ((w + 1) // 2) + 1
+from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
 
 
 def local_merge(

@@ -16,27 +16,10 @@ prefix sums off their 2-D cumulative sums.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
+from fusedvlm.kernels.common import PsiStats, unit_rows
 from fusedvlm.packing import check_cu_seqlens
-
-
-class PsiStats(NamedTuple):
-    """Per-token prefix statistics, each (T,) float32 (see the module docstring)."""
-
-    eq: torch.Tensor
-    ab: torch.Tensor
-    aa: torch.Tensor
-    bb: torch.Tensor
-    div: torch.Tensor
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm; zero rows stay zero, so their cosines are 0, never NaN."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1), 0)
 
 
 def _prefix_offdiag_mean(c: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fusedvlm.kernels import local_merge
+from fusedvlm.kernels.common import merged_tokens_per_view
 from fusedvlm.ref.local_merge import local_merge as ref_local_merge
-from fusedvlm.ref.local_merge import merged_tokens_per_view
 from tests.kernels.tolerances import tol
 
 # The package re-exports the function under the module's name, so fetch the module itself.

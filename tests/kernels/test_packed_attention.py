@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fusedvlm.kernels.packed_attention import packed_attention
-from fusedvlm.masks import BlockDiagonalCausalMask, BlockDiagonalMask, dense_masked_attention
 from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.ref.masks import BlockDiagonalCausalMask, BlockDiagonalMask, dense_masked_attention
 from fusedvlm.ref.packed_attention import packed_attention as ref_packed_attention
 from tests.kernels.tolerances import ATOL_FLOOR, ERROR_RATIO
 

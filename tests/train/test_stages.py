@@ -112,3 +112,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_shapes, tmp_path)
         grads.append({n: p.grad for n, p in trainer.named_params})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_tiny_stage2_trains_on_a_small_data_set_with_the_default_batch(tmp_path):
+    # The paper's global batch (2560) would not fill one micro-batch of these 8 records.
+    from fusedvlm.cli import main
+    from fusedvlm.train.synthetic import write_dataset
+
+    data = write_dataset(str(tmp_path / "data"), 8, seed=3, size=48, num_questions=1)
+    out = tmp_path / "run"
+    argv = ["train", "stage2", "--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--data", data,
+            "--image-root", str(tmp_path / "data"), "--out", str(out), "--steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["args"]["batch_size"] == 8 and (out / "model.safetensors").exists()

@@ -1,4 +1,4 @@
-"""Reference decoder pieces of a Llama-style block: RMSNorm, RoPE, SwiGLU.
+"""Decoder pieces of a Llama-style block: RMSNorm, RoPE, SwiGLU (the fusion decoder's).
 
 Numerics follow Hugging Face ``LlamaModel`` so that a state dict loads into either and
 gives the same outputs: RMSNorm in fp32 then cast back, RoPE with the "rotate half"
