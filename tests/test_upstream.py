@@ -51,7 +51,7 @@ def test_template_and_variant_come_from_the_directory_name(src, tmp_path):
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)["config"]
     assert cfg["llm"]["chat_template"] == "llama2" and cfg["drop_question"] is False
-    assert (cfg["n_l"], cfg["n_s"], cfg["hd_num"], cfg["vision"]["quick_gelu"]) == (6, 3, 1, True)
+    assert (cfg["n_l"], cfg["n_s"], cfg["hd_num"], cfg["vision"]["quick_gelu"]) == (6, 3, 2, True)
     drop = src.replace("eye-ft", "drop-query-ft")
     os.rename(src, drop)
     convert(drop, out, log=_quiet)  # replaces the earlier output
