@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "fusedvlm.commands",
     "fusedvlm.analysis.cli",
     "fusedvlm.benchmark.cli",
+    "fusedvlm.eval.cli",
     "fusedvlm.train.cli",
 ]
 
