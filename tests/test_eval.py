@@ -120,7 +120,9 @@ def test_predictions_equal_recompute(tiny_model, tmp_path):
     benches = [load_benchmark(fx(n)) for n in ("MME.tsv", "MMBench_DEV_EN.tsv")]
     out = {}
     for shared in (True, False):
-        ev = Evaluator(tiny_model, EvalConfig(n_l=(16, 2), shared_prefix=shared, images_per_batch=3))
+        # Shared prefix with batched answers vs everything from scratch, one prompt at a time.
+        cfg = EvalConfig(n_l=(16, 2), shared_prefix=shared, images_per_batch=3, llm_batch_size=5 if shared else 1)
+        ev = Evaluator(tiny_model, cfg)
         for b in benches:
             store = PredictionStore(str(tmp_path / f"{shared}-{b.name}.jsonl"))
             ev.run(b, store)

@@ -5,8 +5,9 @@ prefix run once (:meth:`FusedVLM.prefix_cache`); every (question, n_l) pair of t
 then one single-question group on that cached prefix, all in packed forwards
 (:meth:`FusedVLM.fuse_single`). Attention is causal and the queries follow the prefix, so this
 equals running each (question, n_l) from scratch, which ``shared_prefix=False`` does (the
-authors' way, kept to test and measure the difference). Each pair is then answered by the
-LLM alone: greedy, single turn, a few tokens.
+authors' way, kept to test and measure the difference). The LLM then answers every pair:
+greedy, single turn, a few tokens, ``llm_batch_size`` prompts per batch
+(:func:`fusedvlm.eval.generate.greedy_batch`).
 
 Predictions go to a JSONL file, one line per (index, n_l), flushed per batch of images; a run
 that stops (a crash, Ctrl-C, a killed job) resumes from what is there.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusedvlm.eval.data import Benchmark, BenchmarkError, Item
+from fusedvlm.eval.generate import greedy_batch
 from fusedvlm.generation import GenerationConfig, decode, prefill
 
 
@@ -34,6 +36,7 @@ class EvalConfig:
     max_group_tokens: int = 8192  # question-group tokens per packed fusion forward
     max_new_tokens_yes_no: int = 8
     max_new_tokens_mcq: int = 8
+    llm_batch_size: int = 16  # answers decoded together; 1: one prompt at a time (prefill + decode)
 
     def __post_init__(self):
         if not self.n_l:
@@ -42,7 +45,7 @@ class EvalConfig:
             raise ValueError(f"n_l values must be integers >= 1, got {list(self.n_l)}")
         if len(set(self.n_l)) != len(self.n_l):
             raise ValueError(f"n_l has repeated values: {list(self.n_l)}")
-        for name in ("images_per_batch", "max_group_tokens", "max_new_tokens_yes_no", "max_new_tokens_mcq"):
+        for name in ("images_per_batch", "max_group_tokens", "max_new_tokens_yes_no", "max_new_tokens_mcq", "llm_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -194,13 +197,24 @@ class Evaluator:
 
     # ------------------------------------------------------------------ answers
     @torch.no_grad()
-    def answer(self, prompt: str, fused: torch.Tensor, max_new_tokens: int) -> str:
+    def answers(self, prompts: list[str], fused: list[torch.Tensor], max_new_tokens: int) -> list[str]:
+        """Greedy single-turn answers, prompt i with fused tokens fused[i] before its text."""
         model = self.model
         with self._stage("llm"):
-            tokens = model.layout.question(prompt, fused.shape[0], first=True)
-            state = prefill(model.llm, model.llm_embeds(tokens, fused))
-            out = decode(model.llm, state, GenerationConfig(max_new_tokens=max_new_tokens), {model.layout.eos_id})
-        return model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
+            embeds = [model.llm_embeds(model.layout.question(p, f.shape[0], first=True), f) for p, f in zip(prompts, fused)]
+            ids: list[list[int]] = [[] for _ in prompts]
+            if self.cfg.llm_batch_size == 1:
+                gen = GenerationConfig(max_new_tokens=max_new_tokens)
+                for i, e in enumerate(embeds):
+                    ids[i] = decode(model.llm, prefill(model.llm, e), gen, {model.layout.eos_id}).ids
+            else:
+                # Similar lengths together: little padding.
+                order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])
+                for s in range(0, len(order), self.cfg.llm_batch_size):
+                    chunk = order[s:s + self.cfg.llm_batch_size]
+                    for i, out in zip(chunk, greedy_batch(model.llm, [embeds[i] for i in chunk], max_new_tokens, model.layout.eos_id)):
+                        ids[i] = out
+        return [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
 
     # ------------------------------------------------------------------ a benchmark
     def run(
@@ -239,12 +253,11 @@ class Evaluator:
                 continue
             groups = [pending[k] for k in batch_keys]
             fused = self.fused_tokens(images, [[it.prompt for it, _ in g] for g in groups], [[todo for _, todo in g] for g in groups])
-            predictions = []
-            for g, per_image in zip(groups, fused):
-                for (item, todo), per_n in zip(g, per_image):
-                    for n in todo:
-                        predictions.append(Prediction(item.index, n, self.answer(item.prompt, per_n[n], max_new)))
-                        self.stats.items_done += 1
-                        if progress is not None:
-                            progress.update(1)
+            work = [(item, n, per_n[n]) for g, per_image in zip(groups, fused)
+                    for (item, todo), per_n in zip(g, per_image) for n in todo]
+            texts = self.answers([it.prompt for it, _, _ in work], [f for _, _, f in work], max_new)
+            predictions = [Prediction(it.index, n, t) for (it, n, _), t in zip(work, texts)]
             store.append(predictions)
+            self.stats.items_done += len(predictions)
+            if progress is not None:
+                progress.update(len(predictions))
