@@ -28,6 +28,9 @@ from fusedvlm.eval.generate import greedy_batch
 from fusedvlm.generation import GenerationConfig, decode, prefill
 
 
+PAD_SLACK = 0.1  # a batch of answers pads its prompts by at most this fraction (+ 8 tokens)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     n_l: tuple[int, ...]
@@ -208,13 +211,23 @@ class Evaluator:
                 for i, e in enumerate(embeds):
                     ids[i] = decode(model.llm, prefill(model.llm, e), gen, {model.layout.eos_id}).ids
             else:
-                # Similar lengths together: little padding.
-                order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])
-                for s in range(0, len(order), self.cfg.llm_batch_size):
-                    chunk = order[s:s + self.cfg.llm_batch_size]
+                for chunk in self._length_buckets([e.shape[0] for e in embeds]):
                     for i, out in zip(chunk, greedy_batch(model.llm, [embeds[i] for i in chunk], max_new_tokens, model.layout.eos_id)):
                         ids[i] = out
         return [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+    def _length_buckets(self, lengths: list[int]) -> list[list[int]]:
+        """Batches of prompt indices, sorted by length, each at most llm_batch_size long and
+        padded by at most PAD_SLACK of its shortest prompt: padding is computed like real
+        tokens, and a sweep mixes prompts of 800 tokens (n_l = 768) with prompts of 30."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        buckets: list[list[int]] = []
+        for i in order:
+            if buckets and len(buckets[-1]) < self.cfg.llm_batch_size and lengths[i] <= lengths[buckets[-1][0]] * (1 + PAD_SLACK) + 8:
+                buckets[-1].append(i)
+            else:
+                buckets.append([i])
+        return buckets
 
     # ------------------------------------------------------------------ a benchmark
     def run(
