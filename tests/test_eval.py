@@ -105,8 +105,8 @@ def test_shared_prefix_equals_recompute(tiny_model):
     images = [bench.open_image(k) for k in keys]
     prompts = [[it.prompt for it in bench.items if it.image_key == k] for k in keys]
     n_ls = [[[16, 4, 1], [1, 16]], [[4], [16, 1]], [[16], [4]]]
-    # A small group budget splits the packed question groups over several forwards.
-    shared = Evaluator(tiny_model, EvalConfig(n_l=(16, 4, 1), max_group_tokens=40)).fused_tokens(images, prompts, n_ls)
+    # A small budget splits the packed question groups over several forwards.
+    shared = Evaluator(tiny_model, EvalConfig(n_l=(16, 4, 1), max_fusion_tokens=200)).fused_tokens(images, prompts, n_ls)
     scratch = Evaluator(tiny_model, EvalConfig(n_l=(16, 4, 1), shared_prefix=False)).fused_tokens(images, prompts, n_ls)
     for i in range(3):
         for j in range(2):
@@ -224,3 +224,32 @@ def test_cli_malformed_rows(tmp_path, capsys):
     with open(os.path.join(out, "POPE_malformed", "predictions.jsonl")) as f:
         assert sorted(json.loads(line)["index"] for line in f) == ["0", "6"]
     assert "5 item(s) skipped" in open(os.path.join(out, "scores.md")).read()
+
+
+def test_fuse_single_errors(tiny_model):
+    pope = load_benchmark(fx("POPE.tsv"))
+    cache = tiny_model.prefix_cache(tiny_model.encode_images([pope.open_image(pope.items[0].image_key)]))
+    q = tiny_model.question_ids("Is it?")
+    with pytest.raises(ValueError, match="one sample, question and n_l per entry"):
+        tiny_model.fuse_single(cache, [0, 0], [q], [4])
+    with pytest.raises(ValueError, match="sample 1 is not in the cache of 1 samples"):
+        tiny_model.fuse_single(cache, [1], [q], [4])
+    with pytest.raises(ValueError, match="n_l=65 needs 64 query tokens"):
+        tiny_model.fuse_single(cache, [0], [q], [65])
+
+
+def test_greedy_batch_matches_one_at_a_time_and_stops_at_eos(tiny_model):
+    from fusedvlm.eval.generate import greedy_batch
+    from fusedvlm.generation import GenerationConfig, decode, prefill
+
+    llm = tiny_model.llm
+    torch.manual_seed(1)
+    width = llm.get_input_embeddings().weight.shape[1]
+    embeds = [torch.randn(n, width) * 0.5 for n in (7, 3, 12, 3)]
+    gen = GenerationConfig(max_new_tokens=6)
+    alone = [decode(llm, prefill(llm, e), gen, set()).ids for e in embeds]
+    assert greedy_batch(llm, embeds, 6, eos_id=-1) == alone
+    eos = alone[2][1]  # the third prompt's second token ends it (and any other answer reaching it)
+    cut = [a[:a.index(eos) + 1] if eos in a else a for a in alone]
+    assert greedy_batch(llm, embeds, 6, eos_id=eos) == cut
+    assert len(cut[2]) == 2

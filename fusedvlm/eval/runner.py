@@ -36,7 +36,9 @@ class EvalConfig:
     n_l: tuple[int, ...]
     shared_prefix: bool = True
     images_per_batch: int = 4  # images whose prefixes share one vision / fusion forward
-    max_group_tokens: int = 8192  # question-group tokens per packed fusion forward
+    # Tokens per packed fusion forward, counting each entry's copy of its image's cached prefix
+    # (the decoder takes one KV segment per entry): bounds the memory of the copied keys/values.
+    max_fusion_tokens: int = 8192
     max_new_tokens_yes_no: int = 8
     max_new_tokens_mcq: int = 8
     llm_batch_size: int = 16  # answers decoded together; 1: one prompt at a time (prefill + decode)
@@ -48,7 +50,7 @@ class EvalConfig:
             raise ValueError(f"n_l values must be integers >= 1, got {list(self.n_l)}")
         if len(set(self.n_l)) != len(self.n_l):
             raise ValueError(f"n_l has repeated values: {list(self.n_l)}")
-        for name in ("images_per_batch", "max_group_tokens", "max_new_tokens_yes_no", "max_new_tokens_mcq", "llm_batch_size"):
+        for name in ("images_per_batch", "max_fusion_tokens", "max_new_tokens_yes_no", "max_new_tokens_mcq", "llm_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -180,11 +182,13 @@ class Evaluator:
         with self._stage("fusion"):
             cache = model.prefix_cache(vision)
             entries = [(i, j, n) for i in range(len(images)) for j in range(len(qids[i])) for n in n_ls[i][j]]
+            prefix = cache.lengths.tolist()
+            sizes = [prefix[i] + len(qids[i][j]) + n for i, j, n in entries]
             start = 0
             while start < len(entries):
-                stop, budget = start, 0
-                while stop < len(entries) and (stop == start or budget + self._group_len(qids, entries[stop]) <= self.cfg.max_group_tokens):
-                    budget += self._group_len(qids, entries[stop])
+                stop, budget = start + 1, sizes[start]
+                while stop < len(entries) and budget + sizes[stop] <= self.cfg.max_fusion_tokens:
+                    budget += sizes[stop]
                     stop += 1
                 chunk = entries[start:stop]
                 fused = model.fuse_single(cache, [i for i, _, _ in chunk], [qids[i][j] for i, j, _ in chunk], [n for _, _, n in chunk])
@@ -192,11 +196,6 @@ class Evaluator:
                     out[i][j][n] = tokens
                 start = stop
         return out
-
-    @staticmethod
-    def _group_len(qids, entry) -> int:
-        i, j, n = entry
-        return len(qids[i][j]) + n
 
     # ------------------------------------------------------------------ answers
     @torch.no_grad()
