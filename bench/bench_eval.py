@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     from fusedvlm.eval.runner import EvalConfig, Evaluator, PredictionStore
     from fusedvlm.model import FusedVLM
 
-    command = "OMP_NUM_THREADS=%s python bench/bench_eval.py %s" % (os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:]))
+    threads = os.environ.get("OMP_NUM_THREADS", "?")
+    command = f"OMP_NUM_THREADS={threads} python bench/bench_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.manual_seed(args.seed)
     model = FusedVLM.from_preset(args.preset).eval()
     bench = make_benchmark(max(args.images, args.answer_images), args.questions_per_image)

@@ -237,12 +237,14 @@ def load_benchmark(spec: str, name: str | None = None) -> Benchmark:
                 source = ("path", candidate)
             else:
                 source = ("base64", image)
-        elif _cell(row, "image_path") and "image" not in columns:
+        elif _cell(row, "image_path"):
+            # MME's image_path names the image; it is a file only in some copies of the data.
             p = _cell(row, "image_path")
             p = p if os.path.isabs(p) else os.path.join(base, p)
-            if not os.path.isfile(p):
-                error = f"image file not found: {p}"
-            source = ("path", p)
+            if os.path.isfile(p):
+                source = ("path", p)
+            else:
+                error = f"no image: 'image' is empty and image_path {p} is not a file" if "image" in columns else f"image file not found: {p}"
         else:
             error = "no image ('image' is empty)"
         if error is None:
