@@ -201,6 +201,9 @@ def test_cli_four_formats_end_to_end(tmp_path, capsys):
     assert metrics["benchmarks"]["POPE"]["per_n"]["16"]["metrics"].keys() >= {"Overall", "random", "popular", "adversarial"}
     assert os.path.getsize(os.path.join(out, "scores.png")) > 0
     assert "| MME/perception |" in open(os.path.join(out, "scores.md")).read()
+    with open(os.path.join(out, "MMBench_DEV_EN", "scored.jsonl")) as f:
+        scored = [json.loads(line) for line in f]
+    assert len(scored) == 12 and scored[0].keys() == {"index", "n_l", "prediction", "extracted", "answer", "correct"}
 
     # A second run finds everything done; more n_l only computes the new ones.
     capsys.readouterr()

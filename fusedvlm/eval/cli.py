@@ -14,8 +14,8 @@ def register(sub) -> None:
         "eval", help="score a model on VLMEvalKit-style benchmarks across n_l (shared vision prefix)",
         description="Benchmarks in the VLMEvalKit TSV layout (MME, POPE, HallusionBench, MMBench / SEED-Bench "
                     "multiple choice) at every n_l; each image's vision prefix is computed once. Writes per-item "
-                    "predictions (JSONL, resumable), metrics.json, scores.csv for `fusedvlm fit-scaling`, "
-                    "scores.md and scores.png.")
+                    "predictions (OUT/BENCH/predictions.jsonl, resumable) and their extracted answers (scored.jsonl), "
+                    "metrics.json, scores.csv for `fusedvlm fit-scaling`, scores.md and scores.png.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a preset (random weights but for its LLM)")
     src.add_argument("--checkpoint", help="trained weights: a file from fusedvlm.checkpoint.save_trainable")
@@ -122,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="item", desc=b.name, disable=args.no_progress) as bar:
             evaluator.run(b, store, args.on_error, skipped.append, bar)
         results[b.name] = {"kind": b.kind, "path": os.path.abspath(b.path),
-                           "per_n": benchmark_metrics(b, store.records, n_ls)}
+                           "per_n": benchmark_metrics(b, store.records, n_ls, os.path.join(args.out, b.name, "scored.jsonl"))}
     with open(os.path.join(args.out, "skipped.jsonl"), "w", encoding="utf-8") as f:
         for s in skipped:
             f.write(json.dumps({"benchmark": s.benchmark, "index": s.index, "error": s.error}, ensure_ascii=False) + "\n")
