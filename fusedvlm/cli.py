@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "fusedvlm.upstream",
     "fusedvlm.analysis.cli",
     "fusedvlm.benchmark.cli",
+    "fusedvlm.eval.cli",
     "fusedvlm.train.cli",
 ]
 

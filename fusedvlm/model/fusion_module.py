@@ -300,6 +300,38 @@ class FusionModule(nn.Module):
         out_mask, is_eos = self._output_mask(groups, sizes, [0] * len(groups), self.device)
         return self._finish(hidden[out_mask], sizes, is_eos, project), new_cache
 
+    def fuse_single(
+        self,
+        cache: FusionCache,
+        samples: Sequence[int],
+        question_ids: Sequence[Sequence[int]],
+        n_l: Sequence[int],
+        project: bool = True,
+    ) -> FusedTokens:
+        """Many independent single-question streams over cached vision prefixes, in one pack.
+
+        Entry j is ``[V_samples[j]][question_ids[j]][P0 .. P(n_l[j]-2)][EOS]``: the prefix of
+        cached sample ``samples[j]`` (repeats allowed) followed by one first-question group with
+        its own n_l. Every entry yields n_l[j] fused tokens, equal to :meth:`fuse` of that image
+        and question alone; an evaluation sweep encodes each image once and asks all its
+        (question, n_l) pairs here. ``cache`` is left unchanged."""
+        if not (len(samples) == len(question_ids) == len(n_l)):
+            raise ValueError(f"fuse_single needs one sample, question and n_l per entry, got "
+                             f"{len(samples)}, {len(question_ids)}, {len(n_l)}")
+        num_cached = cache.cu_seqlens.numel() - 1
+        bad = [s for s in samples if not 0 <= s < num_cached]
+        if bad:
+            raise ValueError(f"sample {bad[0]} is not in the cache of {num_cached} samples")
+        groups, sizes = [], []
+        for q, m in zip(question_ids, n_l):
+            m, _ = self.resolve_counts(int(m), None)
+            groups.append([self.group_ids(q, first=True, n_l=m)])
+            sizes.append([m])
+        emb, cu, _ = self._embed_stream(None, groups, self.device)
+        hidden, _ = self.decoder(emb, cu, cache=cache.select(list(samples)))
+        out_mask, is_eos = self._output_mask(groups, sizes, [0] * len(groups), self.device)
+        return self._finish(hidden[out_mask], sizes, is_eos, project)
+
     # ------------------------------------------------------------------ packed entry point
     def forward(
         self,

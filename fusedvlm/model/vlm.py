@@ -85,6 +85,9 @@ class FusedVLM(nn.Module):
     def fuse_next(self, cache: FusionCache, question_ids: list[list[int]], first: list[bool], **kw):
         return self.fuser.fuse_next(cache, question_ids, first, **kw)
 
+    def fuse_single(self, cache: FusionCache, samples, question_ids, n_l, **kw) -> FusedTokens:
+        return self.fuser.fuse_single(cache, samples, question_ids, n_l, **kw)
+
     # ------------------------------------------------------------------ vision
     def preprocess(self, images: Sequence) -> tuple[torch.Tensor, list[int]]:
         from fusedvlm.preprocess import hd_views_batch
