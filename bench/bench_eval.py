@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import environment, print_table, save_json  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json  # noqa: E402
 
 PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)
 OBJECTS = ("cat", "person", "cup", "car", "rocket", "dog", "chair", "book", "tree", "boat", "clock", "bird")

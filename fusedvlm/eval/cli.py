@@ -10,6 +10,8 @@ from fusedvlm.config import PAPER_N_L, PRESETS
 
 
 def register(sub) -> None:
+    from fusedvlm.device import add_device_arguments
+
     p = sub.add_parser(
         "eval", help="score a model on VLMEvalKit-style benchmarks across n_l (shared vision prefix)",
         description="Benchmarks in the VLMEvalKit TSV layout (MME, POPE, HallusionBench, MMBench / SEED-Bench "
@@ -32,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--recompute", action="store_true",
                    help="recompute vision and fusion for every (question, n_l), as the authors' harness does")
     p.add_argument("--seed", type=int, default=0, help="seeds the random initialisation of a preset")
-    p.add_argument("--device", default="cpu")
+    add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
@@ -48,21 +50,24 @@ def parse_n_l(text: str) -> tuple[int, ...]:
     return values
 
 
-def load_model(preset: str | None, checkpoint: str | None, seed: int, device: str):
+def load_model(preset: str | None, checkpoint: str | None, seed: int, device: str, dtype: str = "auto"):
     import torch
 
     from fusedvlm.checkpoint import load_trainable, read_config
     from fusedvlm.config import get_preset
+    from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.model import FusedVLM
 
-    if checkpoint is not None and os.path.isdir(checkpoint):
-        raise ValueError(f"--checkpoint {checkpoint} is a directory; give the .safetensors file written by save_trainable")
+    dev = resolve_device(device)
     torch.manual_seed(seed)
-    cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
-    model = FusedVLM(cfg).eval()
-    if checkpoint:
-        load_trainable(model, checkpoint)
-    return model.to(device)
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        model = FusedVLM.from_pretrained(checkpoint)
+    else:
+        cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
+        model = FusedVLM(cfg).eval()
+        if checkpoint:
+            load_trainable(model, checkpoint)
+    return model.to(device=dev, dtype=resolve_dtype(dtype, dev))
 
 
 def _check_run_meta(out: str, meta: dict) -> None:
@@ -112,7 +117,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "max_new_tokens_yes_no": cfg.max_new_tokens_yes_no, "max_new_tokens_mcq": cfg.max_new_tokens_mcq,
             "n_l": list(n_ls)}
     _check_run_meta(args.out, meta)
-    model = load_model(args.preset, args.checkpoint, args.seed, args.device)
+    model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype)
     evaluator = Evaluator(model, cfg)
 
     results = {}

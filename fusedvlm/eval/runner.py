@@ -166,7 +166,9 @@ class Evaluator:
         """Fused tokens (n_l, d_llm) of every question of every image at the asked n_l:
         ``result[i][j][n]`` for image i, its question j and n in ``n_ls[i][j]``."""
         model = self.model
-        qids = [[model.question_ids(p) for p in ps] for ps in prompts]
+        # The fusion decoder reads the question as the chat layout hands it over (the authors'
+        # pieces, e.g. Llama-2's "[INST] " when there is no system prompt).
+        qids = [[model.question_ids(model.layout.fusion_text(p, True)) for p in ps] for ps in prompts]
         out: list[list[dict[int, torch.Tensor]]] = [[{} for _ in ps] for ps in prompts]
         if not self.cfg.shared_prefix:
             for i, image in enumerate(images):
