@@ -108,51 +108,91 @@ class ChatSession:
 
     @torch.no_grad()
     def ask(self, question: str, generation: GenerationConfig | None = None) -> Answer:
-        generation = generation or GenerationConfig()
+        """Answer one question. A turn is a transaction: everything that can be checked up
+        front (question, sampling settings, the LLM's context) is checked before any state
+        changes, and if anything fails later (including Ctrl-C during decoding) the session is
+        left exactly as before the call, so the next question is answered as if this one had
+        never been asked."""
+        if generation is None:
+            generation = GenerationConfig()
+        elif not isinstance(generation, GenerationConfig):
+            raise ValueError(f"generation must be a GenerationConfig, got {type(generation).__name__}")
         model = self.model
-        timer = _Timer(model.device)
         qids = model.question_ids(question)
         first = not self.turns
-        # Validate the LLM prompt before any compute: empty question, context length.
         turn_tokens = self.layout.question(question, self.n_l if first else self.n_s, first)
-
         if self.reuse_prefix:
-            if self._vision is None:
-                self._vision = self._encode_image(timer)
+            tokens = Tokens().extend(self._pending).extend(turn_tokens)
+            past_len = self._llm_length
+        else:
+            counts = [self.n_l] + [self.n_s] * len(self.turns)
+            tokens = self.layout.conversation([(q, a) for q, a in self.turns] + [(question, None)], counts)
+            past_len = 0
+        model.check_llm_context(past_len + len(tokens), tokens.num_fused)
+        try:
+            return self._run_turn(question, qids, first, tokens, generation)
+        except BaseException:
+            self._rollback_llm_cache()
+            raise
+
+    def _rollback_llm_cache(self) -> None:
+        """Drop whatever a failed turn appended to the LLM's KV cache (prefill and decode grow
+        it in place); everything else a turn changes is only assigned once it has succeeded."""
+        past = self._llm_past
+        if past is None:
+            return
+        extra = past.get_seq_length() - self._llm_length
+        if extra > 0:
+            # A negative count removes that many tokens from the end: the meaning of
+            # DynamicCache.crop in transformers 4.x and 5.x alike (5.x refuses positive ones).
+            past.crop(-extra)
+        if past.get_seq_length() != self._llm_length:
+            # A cache that cannot be cut back would silently leak the failed turn into the next.
+            self._llm_past, self._llm_length, self._pending = None, 0, Tokens()
+            raise RuntimeError("the LLM cache could not be rolled back after a failed turn")
+
+    def _run_turn(self, question: str, qids: list[int], first: bool, tokens: Tokens, generation: GenerationConfig) -> Answer:
+        model = self.model
+        timer = _Timer(model.device)
+        vision, fusion_cache = self._vision, self._fusion_cache
+        if self.reuse_prefix:
+            if vision is None:
+                vision = self._encode_image(timer)
                 with timer("fusion"):
-                    self._fusion_cache = model.prefix_cache(self._vision)
+                    fusion_cache = model.prefix_cache(vision)
             with timer("fusion"):
-                fused, self._fusion_cache = model.fuse_next(self._fusion_cache, [qids], [first], n_l=self.n_l, n_s=self.n_s, project=False)
+                fused, fusion_cache = model.fuse_next(fusion_cache, [qids], [first], n_l=self.n_l, n_s=self.n_s, project=False)
             with timer("projection"):
                 new = model.fuser.projection(fused.hidden)
-            self._fused.append(new)
-            tokens = Tokens().extend(self._pending).extend(turn_tokens)
+            all_fused = self._fused + [new]
             past, past_len, fused_in = self._llm_past, self._llm_length, new
         else:
-            vision = self._encode_image(timer)
+            prefix = self._encode_image(timer)
             with timer("fusion"):
-                fused = model.fuse(vision, [self._question_ids + [qids]], n_l=self.n_l, n_s=self.n_s, project=False)
+                fused = model.fuse(prefix, [self._question_ids + [qids]], n_l=self.n_l, n_s=self.n_s, project=False)
             with timer("projection"):
-                all_fused = model.fuser.projection(fused.hidden)
-            self._fused = list(torch.split(all_fused, fused.group_sizes[0]))
-            new = self._fused[-1]
-            tokens = self.layout.conversation([(q, a) for q, a in self.turns] + [(question, None)], fused.group_sizes[0])
-            past, past_len, fused_in = None, 0, all_fused
-        self._question_ids.append(qids)
+                fused_in = model.fuser.projection(fused.hidden)
+            all_fused = list(torch.split(fused_in, fused.group_sizes[0]))
+            new = all_fused[-1]
+            past, past_len = None, 0
 
         embeds = model.llm_embeds(tokens, fused_in, past_length=past_len)
         with timer("llm_prefill"):
             state = prefill(model.llm, embeds, past, past_len)
         out = decode(model.llm, state, generation, {self.layout.eos_id})
         timer.timings["decode"] = out.seconds
+        text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
 
+        # Commit: nothing above changed the session (bar the LLM cache, rolled back by ask).
+        self._vision, self._fusion_cache = vision, fusion_cache
+        self._fused = all_fused
+        self._question_ids.append(qids)
         self.turns.append((question, out.ids))
         if self.reuse_prefix:
             closing = self.layout.answer(out.ids, labelled=False)
             cached = len(out.ids) - 1  # the last generated id was never fed back
             self._pending = Tokens(closing.ids[cached:], closing.fused[cached:], closing.labels[cached:])
             self._llm_past, self._llm_length = out.past_key_values, out.length
-        text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
         return Answer(text, out.ids, out.stopped_on_eos, new.shape[0], len(tokens), timer.timings, out.token_latencies_s)
 
     def fused_tokens(self) -> list[torch.Tensor]:

@@ -56,6 +56,7 @@ from fusedvlm.config import FusionConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
 from fusedvlm.packing import check_cu_seqlens, cu_seqlens_from_lengths
+from fusedvlm.text import check_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -191,8 +192,7 @@ class FusionModule(nn.Module):
     # ------------------------------------------------------------------ questions
     def question_ids(self, question: str) -> list[int]:
         """CLIP BPE ids of a question (no start/end token)."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("empty question")
+        check_text(question, "question")
         ids = clip_tokenizer().encode(question)
         if not ids:
             raise ValueError(f"question {question!r} has no CLIP tokens")

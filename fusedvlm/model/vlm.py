@@ -85,18 +85,23 @@ class FusedVLM(nn.Module):
         return self.encode_views(views, counts)
 
     # ------------------------------------------------------------------ LLM inputs
+    def check_llm_context(self, positions: int, num_fused: int) -> None:
+        """Refuse a prompt that needs more positions than the LLM has (``num_fused`` of them
+        fused tokens of this turn)."""
+        max_len = getattr(self.llm.config, "max_position_embeddings", None)
+        if max_len is not None and positions > max_len:
+            raise ValueError(
+                f"the conversation needs {positions} LLM positions ({num_fused} fused in this "
+                f"turn), more than the LLM's context of {max_len}"
+            )
+
     def llm_embeds(self, tokens: Tokens, fused: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         """(L,) template ids with fused slots -> (L, d_llm) input embeddings; the fused rows
         are put in order into the slots, and their number must match exactly. ``past_length``
         tokens already sit in the LLM's cache before these."""
         if tokens.num_fused != fused.shape[0]:
             raise ValueError(f"the prompt has {tokens.num_fused} fused slots but {fused.shape[0]} fused tokens were given")
-        max_len = getattr(self.llm.config, "max_position_embeddings", None)
-        if max_len is not None and past_length + len(tokens) > max_len:
-            raise ValueError(
-                f"the conversation needs {past_length + len(tokens)} LLM positions ({tokens.num_fused} fused in this "
-                f"turn), more than the LLM's context of {max_len}"
-            )
+        self.check_llm_context(past_length + len(tokens), tokens.num_fused)
         embed = self.llm.get_input_embeddings()
         ids = torch.tensor(tokens.ids, dtype=torch.long, device=embed.weight.device)
         mask = torch.tensor(tokens.fused, dtype=torch.bool, device=ids.device)
