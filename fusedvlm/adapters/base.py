@@ -144,12 +144,9 @@ class FusionAdapter(nn.Module, ABC):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The fusion module (``config.json``, ``model.safetensors``) and ``adapter.json`` (family
         and prompt format); the host is the user's and is not written."""
-        path = os.fspath(path)
-        self.fusion.save_pretrained(path)
-        tmp = os.path.join(path, f".{ADAPTER_CONFIG_NAME}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"family": self.family, "prompt": dataclasses.asdict(self.prompt)}, f, indent=2)
-        os.replace(tmp, os.path.join(path, ADAPTER_CONFIG_NAME))
+        # One directory switch for all three files: never a new module beside an old adapter.json.
+        meta = {"family": self.family, "prompt": dataclasses.asdict(self.prompt)}
+        self.fusion.save_pretrained(path, extra_json={ADAPTER_CONFIG_NAME: meta})
 
     @classmethod
     def from_pretrained(cls, host: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> "FusionAdapter":

@@ -156,8 +156,11 @@ def load_smollm2(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         os.makedirs(cache_dir(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-")
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the cache is the user's
         # save_pretrained refuses GGUF-loaded models; the dequantised weights are plain fp32.
         from safetensors.torch import save_model
+
+        from fusedvlm.checkpoint import umask
 
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -165,6 +168,8 @@ def load_smollm2(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
             json.dump(config, f)
         save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask())
         shutil.rmtree(converted, ignore_errors=True)
         os.replace(tmp, converted)
     tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
