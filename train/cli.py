@@ -145,7 +145,10 @@ def run_train(args) -> int:
     )
     metrics = os.path.join(args.out, "metrics.jsonl")
     if not args.resume and os.path.exists(metrics) and os.path.getsize(metrics):
-        raise ValueError(f"{args.out} already holds a run (metrics.jsonl); pass --resume or choose another --out")
+        raise ValueError(
+            f"{args.out} already holds a run (metrics.jsonl): pass --resume to continue it (from its newest intact "
+            "checkpoint, or from step 0 if it has none) or choose another --out"
+        )
     overrides = {k: v for k, v in (("n_l", args.n_l), ("n_s", args.n_s), ("hd_num", args.hd_num)) if v is not None}
     if args.drop_question:
         overrides["drop_question"] = True

@@ -69,6 +69,10 @@ def _parse_turns(conversation, index: int) -> tuple[tuple[str, str], ...]:
             continue
         if not isinstance(text, str):
             raise DataError(index, f"turn {j} has no text ('value' or 'content')")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a "\ud800" escape in the JSON decodes to a lone surrogate
+            raise DataError(index, f"turn {j} is not valid UTF-8 text: lone surrogate {text[e.start:e.end]!r} at character {e.start}") from None
         if role in _QUESTION_ROLES:
             if question is not None:
                 raise DataError(index, f"turn {j}: two questions in a row")
@@ -110,22 +114,26 @@ def parse_record(obj, index: int, image_root: str) -> Record:
 
 def _raw_objects(path: str) -> Iterator[tuple[int, object]]:
     """(record index, parsed object or DataError) for a JSON list or a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.lstrip().startswith(b"["):
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(-1, f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})", path) from None
         except json.JSONDecodeError as e:
             raise DataError(-1, f"not valid JSON: {e}", path) from None
         yield from enumerate(data)
         return
     index = 0
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # Line by line from bytes: one badly encoded line costs that record, not the file.
+    for line_no, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield index, json.loads(line)
+            yield index, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield index, DataError(index, f"line {line_no} is not UTF-8 text (byte {e.start}: {line[e.start:e.start + 1]!r})")
         except json.JSONDecodeError as e:
             yield index, DataError(index, f"line {line_no} is not valid JSON: {e.msg}")
         index += 1

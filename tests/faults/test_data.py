@@ -1,0 +1,160 @@
+"""Training data and training runs under faults: records that are all bad, runs killed before
+their first checkpoint, damaged checkpoints and a torn metrics file, badly encoded data."""
+
+import json
+import os
+
+import pytest
+
+from fusedvlm.cli import main
+from fusedvlm.train.data import read_records
+from fusedvlm.train.synthetic import write_dataset
+
+TINY = ["--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--lr", "1e-3", "--no-progress"]
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train(capsys, *args):
+    rc = main(["train", "stage2", *TINY, *map(str, args)])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return str(root), write_dataset(str(root), 6, seed=3, size=48)
+
+
+@pytest.fixture
+def mostly_broken(tmp_path, shapes):
+    """2 good records, then 6 whose image files exist but are not images."""
+    root, data = shapes
+    with open(data) as f:
+        good = [json.loads(line) for line in f][:2]
+    records = list(good)
+    for i in range(6):
+        bad = os.path.join(root, "images", f"broken-{i}.png")
+        with open(bad, "wb") as f:
+            f.write(b"this is not a png")
+        records.append({**good[0], "image": os.path.relpath(bad, root)})
+    path = tmp_path / "mostly_broken.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root, str(path)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_skip_a_micro_batch_made_only_of_bad_records(tmp_path, capsys, mostly_broken, accum):
+    root, data = mostly_broken
+    out = str(tmp_path / "run")
+    rc, log = _train(capsys, "--data", data, "--image-root", root, "--out", out, "--steps", 4,
+                     "--batch-size", 2, "--grad-accum", accum, "--on-error", "skip")
+    assert rc == 0, log
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert any(r.get("no_update") for r in rows) or accum == 2, "the data should give an all-bad micro-batch"
+    assert any(r["loss"] is not None for r in rows)
+    assert sum(r["skipped"] for r in rows) == 8 - sum(r["samples"] for r in rows)
+    assert "skipped record" in log and "record(s) skipped" in log
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step-00000004.safetensors"]
+
+
+def test_run_killed_before_its_first_checkpoint_is_not_stuck(tmp_path, capsys, shapes):
+    root, data = shapes
+    out = tmp_path / "run"
+    out.mkdir()
+    # What a run killed at step 2 of 3, before any checkpoint, leaves behind.
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
+    common = ["--data", data, "--image-root", root, "--out", str(out), "--steps", 2, "--batch-size", 2]
+    rc, log = _train(capsys, *common)
+    assert rc == 2 and "pass --resume to continue it" in log and "from step 0 if it has none" in log
+    rc, log = _train(capsys, *common, "--resume")
+    assert rc == 0, log
+    assert "no intact checkpoint" in log and "starting from step 0" in log
+    assert [r["step"] for r in _rows(out)] == [1, 2] and _rows(out)[0]["loss"] != 5.0
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys, shapes):
+    root, data = shapes
+    out = str(tmp_path / "run")
+    common = ["--data", data, "--image-root", root, "--out", out, "--steps", 3, "--batch-size", 2,
+              "--save-every", 1, "--keep-checkpoints", 3]
+    rc, log = _train(capsys, *common)
+    assert rc == 0, log
+    return out, common
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(capsys, finished_run):
+    out, common = finished_run
+    want = _rows(out)
+    newest = os.path.join(out, "checkpoints", "step-00000003.safetensors")
+    data = open(newest, "rb").read()
+    with open(newest, "wb") as f:
+        f.write(data[: len(data) // 2])  # a save cut short by a full disk
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # torn by the kill
+    rc, log = _train(capsys, *common, "--resume")
+    assert rc == 0, log
+    assert "skipping unreadable checkpoint" in log and "step-00000003.safetensors" in log
+    assert "dropping the torn last line" in log
+    got = _rows(out)  # every line parses again
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # step 3 redone bit for bit
+
+
+def test_truncated_checkpoint_given_to_resume_is_named(capsys, finished_run):
+    out, common = finished_run
+    newest = os.path.join(out, "checkpoints", "step-00000003.safetensors")
+    with open(newest, "r+b") as f:
+        f.truncate(100)
+    rc, log = _train(capsys, *common, "--resume", newest)
+    assert rc == 2
+    assert log.strip().splitlines()[-1].startswith("fusedvlm train: error: training checkpoint")
+    assert "step-00000003.safetensors is not a readable safetensors file" in log
+
+
+def test_damaged_metrics_line_in_the_middle_is_named(capsys, finished_run):
+    out, common = finished_run
+    path = os.path.join(out, "metrics.jsonl")
+    lines = open(path).read().splitlines()
+    lines[1] = lines[1][:10]
+    open(path, "w").write("\n".join(lines) + "\n")
+    rc, log = _train(capsys, *common, "--resume")
+    assert rc == 2 and "metrics.jsonl: line 2 is not a metrics row" in log
+
+
+# ------------------------------------------------------------------ badly encoded data
+def test_non_utf8_jsonl_line_skips_that_record(tmp_path, shapes):
+    root, data = shapes
+    lines = open(data, "rb").read().splitlines()
+    lines[1] = lines[1].replace(b"What", b"Wh\xe9t", 1) if b"What" in lines[1] else lines[1][:-2] + b"\xff\"}"
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    records, problems = read_records(str(path), root)
+    assert len(records) == len(lines) - 1
+    assert len(problems) == 1 and "record 1: line 2 is not UTF-8 text" in str(problems[0]) and str(path) in str(problems[0])
+
+
+def test_non_utf8_json_list_names_the_file(tmp_path, shapes):
+    root, _ = shapes
+    path = tmp_path / "bad.json"
+    path.write_bytes(b'[{"image": "x.png", "conversations": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"bad.json: record -1: not UTF-8 text"):
+        read_records(str(path), root)
+
+
+def test_lone_surrogate_in_a_record_skips_it(tmp_path, shapes):
+    root, data = shapes
+    recs = [json.loads(line) for line in open(data)]
+    recs[0]["conversations"][0]["value"] = "half \\ud83d an emoji?"
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("".join(json.dumps(r).replace("\\\\ud83d", "\\ud83d") + "\n" for r in recs))
+    records, problems = read_records(str(path), root)
+    assert len(records) == len(recs) - 1
+    assert "record 0: turn 0 is not valid UTF-8 text: lone surrogate" in str(problems[0])
