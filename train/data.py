@@ -264,7 +264,7 @@ class Batch:
     question_ids: list[list[list[int]]]
     turns: list[tuple[tuple[str, str], ...]]
     fusion_cu_seqlens: torch.Tensor
-    num_targets: int  # the micro-batch's weight in the step's mean: stage 2 labelled tokens, stage 1 one
+    num_targets: int  # the micro-batch's weight in the step's mean: stage 2 labelled tokens, stage 1 pairs
     llm_ids: torch.Tensor | None = None  # (B, L)
     llm_fused: torch.Tensor | None = None  # (B, L) bool
     llm_labels: torch.Tensor | None = None  # (B, L)
@@ -318,8 +318,8 @@ class Collator:
             ids = torch.zeros(len(rows), width, dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r)
-            # The contrastive loss is already a mean over the micro-batch's pairs: weight 1.
-            batch.answer_ids, batch.num_targets = ids, 1
+            # Stage 1's loss spans the whole step (Stage1Objective.whole_step); its targets are the pairs.
+            batch.answer_ids, batch.num_targets = ids, len(rows)
         else:
             width = max((len(it.llm) for it in items), default=1)
             n = len(items)

@@ -348,7 +348,9 @@ class Trainer:
         the DDP wrapper and averages the gradients over ranks itself (the same result)."""
         ctx = self.ctx
         usable = [b for b in micro_batches if b.size > 0]
-        stats = all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in usable)), float(len(micro_batches) - len(usable))]), ctx)
+        whole_step = getattr(self.objective, "whole_step", False)
+        holes = (not usable) if whole_step else len(micro_batches) - len(usable)
+        stats = all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in usable)), float(holes)]), ctx)
         total, holes = float(stats[0]), float(stats[1])
         if total == 0:
             return None
@@ -360,6 +362,13 @@ class Trainer:
                 "must run every micro-batch: fix or remove those records, or train without --fsdp"
             )
         module = self.objective if manual else self.module
+        if whole_step:
+            with self._autocast():
+                objective, loss = module(usable)
+            objective.backward()
+            if manual:
+                self._average_grads_by_hand()
+            return float(loss)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(usable):
             last = k == len(usable) - 1
@@ -372,12 +381,16 @@ class Trainer:
                 (loss * (ctx.world / total)).backward()
             loss_sum += loss.detach().double().cpu()
         if manual:
-            for _, p in self.named_params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(ctx.world)
+            self._average_grads_by_hand()
         return float(all_reduce_sum(loss_sum.reshape(1), ctx)[0]) / total
+
+    def _average_grads_by_hand(self) -> None:
+        """What DDP does after the backward, for a step that bypassed it."""
+        for _, p in self.named_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(self.ctx.world)
 
     def train_step(self, micro_batches) -> dict:
         """One optimiser step over this rank's micro-batches; returns the step's metrics. A

@@ -13,7 +13,7 @@ from fusedvlm.chat import ChatLayout, Tokens
 from fusedvlm.config import ModelConfig, get_preset
 from fusedvlm.model.fusion import FusionCache
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, VisionPrefix
-from fusedvlm.model.llm import load_llm
+from fusedvlm.model.llm import llm_hidden_size, load_llm
 from fusedvlm.model.vision import VisionTower
 
 
@@ -23,7 +23,11 @@ class FusedVLM(nn.Module):
         self.cfg = cfg
         if llm is None and load_language_model:
             llm, tokenizer = load_llm(cfg.llm)
-        d_llm = llm.get_input_embeddings().weight.shape[1] if llm is not None else cfg.llm.hidden_size
+        if llm is not None:
+            d_llm = llm.get_input_embeddings().weight.shape[1]
+        else:
+            # Without the LLM (stage 1) the projection still gets the width of the LLM it will feed.
+            d_llm = llm_hidden_size(cfg.llm)
         self.vision = VisionTower(cfg.vision)
         self.fuser = FusionModule(cfg.fusion_module(d_llm))
         self.llm = llm

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -112,3 +113,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_shapes, tmp_path)
         grads.append({n: p.grad for n, p in trainer.named_params})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _tiny_hf_llm(path, hidden: int) -> str:
+    """A random Llama of width ``hidden`` with the byte tokenizer, as a local HF directory."""
+    import dataclasses
+
+    from fusedvlm.model.llm import byte_tokenizer, random_llama
+
+    llm_cfg = dataclasses.replace(get_preset("tiny").llm, hidden_size=hidden, intermediate_size=2 * hidden)
+    random_llama(llm_cfg).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _stage1_then_stage2(tmp_path, root, data, *model_args):
+    from fusedvlm.cli import main
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    common = ["--data", data, "--image-root", root, "--steps", 1, "--batch-size", 2, "--hd-num", 1, "--n-l", 4,
+              "--no-progress", *model_args]
+    assert main(["train", "stage1", *map(str, common), "--out", str(s1), "--embed-dim", "32", "--text-width", "32"]) == 0
+    assert main(["train", "stage2", *map(str, common), "--out", str(s2), "--init", str(s1 / "model.safetensors")]) == 0
+    assert os.path.exists(s2 / "model.safetensors")
+    return s1 / "model.safetensors"
+
+
+def test_stage1_output_initialises_stage2_with_another_llm_width(small_shapes, tmp_path):
+    # The README's flow with --llm-path: stage 1 must build the projection with the width of
+    # that LLM (48 here, the tiny preset's own is 64), or stage 2's strict --init load fails.
+    root, data = small_shapes
+    llm = _tiny_hf_llm(tmp_path / "llm", 48)
+    weights = _stage1_then_stage2(tmp_path, root, data, "--preset", "tiny", "--llm-path", llm)
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_slice("fuser.projection.weight").get_shape()[0] == 48
+
+
+@pytest.mark.slow
+def test_stage1_to_stage2_on_smol(small_shapes, tmp_path):
+    """The README's stage 1 -> stage 2 flow on the real SmolLM2 (width 576)."""
+    root, data = small_shapes
+    weights = _stage1_then_stage2(tmp_path, root, data, "--preset", "smol")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_slice("fuser.projection.weight").get_shape()[0] == 576
