@@ -129,7 +129,7 @@ def run_train(args) -> int:
 
     import torch
 
-    from fusedvlm.checkpoint import CONFIG_KEY, atomic_save_safetensors
+    from fusedvlm.checkpoint import CONFIG_KEY, STAGE_KEY, atomic_save_safetensors
     from fusedvlm.config import get_preset
     from fusedvlm.train.distributed import init_distributed
     from fusedvlm.train.loop import TrainConfig
@@ -184,7 +184,7 @@ def run_train(args) -> int:
     state = trainer.full_model_state()
     if ctx.is_main:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict())})
+        atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict()), STAGE_KEY: args.stage})
         skipped = len(problems) + len(trainer.skipped)
         last = rows[-1] if rows else None
         summary = f"step {trainer.step}" + (f", loss {last['loss']:.4f}" if last else "") + f", {skipped} record(s) skipped"
