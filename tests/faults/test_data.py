@@ -90,6 +90,17 @@ def finished_run(tmp_path, capsys, shapes):
     return out, common
 
 
+def test_run_outputs_follow_the_umask(finished_run):
+    import stat
+
+    out, _ = finished_run
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in ("model.safetensors", "metrics.jsonl", "run.json", "checkpoints/step-00000003.safetensors"):
+        assert stat.S_IMODE(os.stat(os.path.join(out, path)).st_mode) == 0o666 & ~mask, path
+    assert stat.S_IMODE(os.stat(os.path.join(out, "checkpoints")).st_mode) == 0o777 & ~mask
+
+
 def test_resume_falls_back_to_the_newest_intact_checkpoint(capsys, finished_run):
     out, common = finished_run
     want = _rows(out)
