@@ -57,7 +57,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     # Everything that can be wrong with the input is refused before the model is loaded.
     for q in args.question:
-        check_text(q, "--question")
+        check_text(q, "question")
     if args.checkpoint and args.preset is not None:
         raise ValueError(f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
                          "config, so the preset would be ignored; drop --preset")

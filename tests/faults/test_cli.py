@@ -36,8 +36,8 @@ def test_info_refuses_a_question_count_below_one(capsys, questions):
 
 
 @pytest.mark.parametrize("question, match", [
-    ("caf\udce9?", r"--question is not valid UTF-8 text: undecodable byte(s) b'\xe9'"),  # argv in Latin-1
-    ("  ", "empty --question"),
+    ("caf\udce9?", r"question is not valid UTF-8 text: undecodable byte(s) b'\xe9'"),  # argv in Latin-1
+    ("  ", "empty question"),
 ])
 def test_chat_refuses_bad_question_text(capsys, question, match):
     line = _one_line_error(capsys, "chat", "--preset", "tiny", "--image", "sample:coffee", "--question", question)
