@@ -186,7 +186,7 @@ def run_train(args) -> int:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict()), STAGE_KEY: args.stage})
         skipped = len(problems) + len(trainer.skipped)
-        last = rows[-1] if rows else None
+        last = next((r for r in reversed(rows) if r["loss"] is not None), None)  # steps of only bad records have none
         summary = f"step {trainer.step}" + (f", loss {last['loss']:.4f}" if last else "") + f", {skipped} record(s) skipped"
         print(f"fusedvlm train {args.stage}: {summary}; weights in {os.path.join(args.out, 'model.safetensors')}", flush=True)
     if ctx.enabled:
