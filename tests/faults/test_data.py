@@ -169,3 +169,15 @@ def test_lone_surrogate_in_a_record_skips_it(tmp_path, shapes):
     records, problems = read_records(str(path), root)
     assert len(records) == len(recs) - 1
     assert "record 0: turn 0 is not valid UTF-8 text: lone surrogate" in str(problems[0])
+
+
+def test_a_run_whose_records_all_fail_to_encode_finishes_and_says_so(tmp_path, capsys, mostly_broken):
+    root, data = mostly_broken
+    lines = open(data).read().splitlines()[2:]  # only the records whose images are not images
+    path = tmp_path / "all_broken.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "run")
+    rc, log = _train(capsys, "--data", path, "--image-root", root, "--out", out, "--steps", 2, "--batch-size", 3)
+    assert rc == 0, log
+    assert all(r["no_update"] and r["loss"] is None for r in _rows(out))
+    assert "every record was skipped; no update" in log and "step 2, 6 record(s) skipped" in log
