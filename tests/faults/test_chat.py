@@ -136,3 +136,23 @@ def test_nan_temperature_is_refused_even_when_greedy():
 def test_bad_max_new_tokens(value):
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         GenerationConfig(max_new_tokens=value)
+
+
+@pytest.mark.slow
+def test_interrupted_turn_on_smol_leaves_no_trace(photo, monkeypatch):
+    """The issue's case on the real SmolLM2: a turn interrupted during decoding used to stay
+    in the LLM cache, and the next answer repeated an old one."""
+    from fusedvlm.model import FusedVLM
+
+    torch.manual_seed(0)
+    model = FusedVLM.from_preset("smol").eval()
+    gen = GenerationConfig(max_new_tokens=8)
+    fresh = ChatSession(model, photo)
+    expected = [fresh.ask(q, gen).ids for q in (Q1, Q3)]
+    session = ChatSession(model, photo)
+    assert session.ask(Q1, gen).ids == expected[0]
+    with monkeypatch.context() as m:
+        _interrupt(KeyboardInterrupt)(m, model, session)
+        with pytest.raises(KeyboardInterrupt):
+            session.ask(Q2, gen)
+    assert session.ask(Q3, gen).ids == expected[1]
