@@ -445,11 +445,11 @@ class Trainer:
                 if row.get("no_update") and self.ctx.is_main:
                     print(f"fusedvlm train: step {row['step']}: every record was skipped; no update", flush=True)
                 elapsed = time.perf_counter() - t0
-                tokens = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro))]), self.ctx)
-                samples = all_reduce_sum(torch.tensor([float(sum(b.size for b in micro))]), self.ctx)
+                counts = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro)), float(sum(b.size for b in micro)),
+                                                      float(sum(len(b.skipped) for b in micro))]), self.ctx)
                 row.update({
-                    "tokens_per_s": float(tokens[0]) / elapsed, "samples": int(samples[0]),
-                    "skipped": sum(len(b.skipped) for b in micro), "step_s": elapsed,
+                    "tokens_per_s": float(counts[0]) / elapsed, "samples": int(counts[1]),
+                    "skipped": int(counts[2]), "step_s": elapsed,  # all ranks
                 })
                 rows.append(row)
                 if self.ctx.is_main:

@@ -181,3 +181,35 @@ def test_a_run_whose_records_all_fail_to_encode_finishes_and_says_so(tmp_path, c
     assert rc == 0, log
     assert all(r["no_update"] and r["loss"] is None for r in _rows(out))
     assert "every record was skipped; no update" in log and "step 2, 6 record(s) skipped" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_ddp_rank_with_only_bad_records_matches_one_process(tmp_path, mostly_broken, stage):
+    """Two gloo ranks of one sample each: when one rank's sample is bad and the other's is
+    not, the step bypasses DDP (whose collectives need both ranks) and averages by hand;
+    losses and skip counts must equal one process running the same global batches."""
+    import subprocess
+    import sys
+
+    from tests.train.conftest import run_env
+
+    root, data = mostly_broken
+    extra = ["--embed-dim", "32", "--text-width", "32"] if stage == "stage1" else []
+    args = ["train", stage, *TINY, "--data", data, "--image-root", root, "--steps", "4", "--batch-size", "2", *extra]
+    single = subprocess.run([sys.executable, "-m", "fusedvlm.cli", *args, "--out", str(tmp_path / "one")],
+                            env=run_env(), capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fusedvlm.cli", *args, "--out", str(tmp_path / "two")],
+                         env=run_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert any(r["samples"] == 1 for r in one), "no step with one good and one bad sample"
+    for a, b in zip(one, two, strict=True):
+        assert (a["samples"], a["skipped"], a.get("no_update")) == (b["samples"], b["skipped"], b.get("no_update"))
+        if a["loss"] is None:
+            assert b["loss"] is None
+        else:
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
