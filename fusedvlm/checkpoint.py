@@ -104,6 +104,9 @@ def atomic_directory(path: str | os.PathLike):
     that the block did not write are carried over). If the block fails, or the process dies at
     any point, ``path`` is left exactly as it was."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.islink(path):
+        # Switch the directory the link points to; swapping the link itself would replace it.
+        path = os.path.realpath(path)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path} exists and is not a directory")
     parent = os.path.dirname(path)

@@ -158,8 +158,13 @@ class FusionAdapter(nn.Module, ABC):
         prompt = None
         meta_path = os.path.join(path, ADAPTER_CONFIG_NAME)
         if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    meta = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{meta_path} is not valid JSON (truncated or corrupt?): {e}") from None
+            if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), dict):
+                raise ValueError(f"{meta_path} is not an adapter config (no 'family' and 'prompt')")
             if meta.get("family") != cls.family:
                 raise ValueError(f"{path} holds a {meta.get('family')!r} adapter, not {cls.family!r}")
             prompt = PromptFormat(**meta["prompt"])

@@ -202,3 +202,28 @@ def test_malformed_config_metadata_names_the_file(tmp_path, tiny_model):
     ckpt.atomic_save_safetensors(tiny_model.trainable_state_dict(), str(path), {ckpt.CONFIG_KEY: '{"vision": '})
     with pytest.raises(ValueError, match=r"w.safetensors: malformed fusedvlm config"):
         ckpt.read_config(str(path))
+
+
+def test_save_pretrained_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    OLD.save_pretrained(real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    NEW.save_pretrained(link)
+    assert link.is_symlink() and _which(link) == "new" and _which(real) == "new"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+@pytest.mark.parametrize("text", ['{"family": "llava", "prom', '["llava"]'])
+def test_malformed_adapter_json_names_the_file(tmp_path, text):
+    from fusedvlm.adapters.llava import LlavaFusionAdapter
+    from tests.test_adapter_llava import FUSION as ADAPTER_FUSION
+    from tests.test_adapter_llava import N_L, tiny_llava
+
+    host = tiny_llava()
+    path = tmp_path / "fusion"
+    LlavaFusionAdapter.attach(host, ADAPTER_FUSION, n_l=N_L).save_pretrained(path)
+    assert sorted(os.listdir(path)) == ["adapter.json", CONFIG_NAME, WEIGHTS_NAME]
+    (path / "adapter.json").write_text(text)
+    with pytest.raises(ValueError, match=r"adapter.json is not (valid JSON|an adapter config)"):
+        LlavaFusionAdapter.from_pretrained(tiny_llava(), path)
