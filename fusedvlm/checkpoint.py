@@ -31,6 +31,15 @@ _TEMP = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]
 
 
 def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (setting it to read it
+    back would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
