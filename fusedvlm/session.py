@@ -182,17 +182,19 @@ class ChatSession:
         out = decode(model.llm, state, generation, {self.layout.eos_id})
         timer.timings["decode"] = out.seconds
         text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
-
-        # Commit: nothing above changed the session (bar the LLM cache, rolled back by ask).
-        self._vision, self._fusion_cache = vision, fusion_cache
-        self._fused = all_fused
-        self._question_ids.append(qids)
-        self.turns.append((question, out.ids))
         if self.reuse_prefix:
             closing = self.layout.answer(out.ids, labelled=False)
             cached = len(out.ids) - 1  # the last generated id was never fed back
-            self._pending = Tokens(closing.ids[cached:], closing.fused[cached:], closing.labels[cached:])
-            self._llm_past, self._llm_length = out.past_key_values, out.length
+            pending = Tokens(closing.ids[cached:], closing.fused[cached:], closing.labels[cached:])
+            llm_past, llm_length = out.past_key_values, out.length
+        else:
+            pending, llm_past, llm_length = self._pending, None, 0
+
+        # Commit: nothing above changed the session (bar the LLM cache, rolled back by ask).
+        self._vision, self._fusion_cache, self._fused = vision, fusion_cache, all_fused
+        self._question_ids.append(qids)
+        self.turns.append((question, out.ids))
+        self._pending, self._llm_past, self._llm_length = pending, llm_past, llm_length
         return Answer(text, out.ids, out.stopped_on_eos, new.shape[0], len(tokens), timer.timings, out.token_latencies_s)
 
     def fused_tokens(self) -> list[torch.Tensor]:
