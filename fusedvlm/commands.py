@@ -13,7 +13,8 @@ def register(sub) -> None:
     from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
 
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
-    p.add_argument("--preset", default="smol", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model preset (default smol); not with --checkpoint, which carries its own config")
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
     p.add_argument("--checkpoint", help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
@@ -57,24 +58,38 @@ def _open_image(spec: str):
 def run_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedvlm.checkpoint import load_trainable, read_config
+    from fusedvlm.checkpoint import STAGE_KEY, load_trainable, read_config, read_metadata
     from fusedvlm.config import get_preset
     from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.session import ChatSession
+    from fusedvlm.text import check_text
 
+    # Everything that can be wrong with the input is refused before the model is loaded.
+    for q in args.question:
+        check_text(q, "question")
+    if args.checkpoint and args.preset is not None:
+        raise ValueError(f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
+                         "config, so the preset would be ignored; drop --preset")
     image = _open_image(args.image)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
+    model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
+    if args.checkpoint and not model_dir:
+        cfg = read_config(args.checkpoint)
+        if read_metadata(args.checkpoint).get(STAGE_KEY) == "stage1":
+            raise ValueError(f"{args.checkpoint} is a stage-1 output: its projection into the LLM is untrained (stage 1 "
+                             "aligns the fusion with text only); train stage 2 with --init on it and chat with that")
+    elif not model_dir:
+        cfg = get_preset(args.preset or "smol")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.checkpoint and os.path.isdir(args.checkpoint):
+    if model_dir:
         model = FusedVLM.from_pretrained(args.checkpoint)
     else:
-        cfg = read_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
         model = FusedVLM(cfg).eval()
         if args.checkpoint:
             load_trainable(model, args.checkpoint)
@@ -106,6 +121,9 @@ def run_info(args: argparse.Namespace) -> int:
     from fusedvlm.model.llm import meta_llm
     from fusedvlm.preprocess import num_views
 
+    for flag, value in (("--questions", args.questions), ("--width", args.width), ("--height", args.height)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     cfg = get_preset(args.preset)
     n_l, n_s = cfg.n_l if args.n_l is None else args.n_l, args.n_s
     cfg = cfg.with_queries(n_l, n_s)

@@ -7,6 +7,7 @@ top-p) until EOS or ``max_new_tokens``. Timings synchronise CUDA so that they ar
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,10 +26,11 @@ class GenerationConfig:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        # Written as `not x > 0` so that NaN is refused too (every comparison with NaN is False).
+        if not math.isfinite(self.temperature) or (self.do_sample and not self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

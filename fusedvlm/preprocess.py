@@ -59,6 +59,7 @@ __all__ = [
     "hd_views",
     "hd_views_batch",
     "load_image",
+    "upright",
     "num_views",
     "num_vision_tokens",
     "to_rgb",
@@ -353,4 +354,19 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         # UnidentifiedImageError is an OSError; truncated files raise OSError or SyntaxError.
         raise ValueError(f"cannot read image {path}: {exc}") from None
     _check_image_size(*image.size)
-    return image
+    return upright(image, path)
+
+
+def upright(image: Image.Image, path: str | None = None) -> Image.Image:
+    """The image as it is meant to be seen: phone cameras store the sensor's pixels and record
+    the rotation in the EXIF Orientation tag, which viewers apply (PIL does not)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as exc:
+        # A broken EXIF block should not cost the picture: keep the stored orientation.
+        import warnings
+
+        warnings.warn(f"image {path or ''}: unreadable EXIF orientation ({exc}); using the pixels as stored", stacklevel=2)
+        return image

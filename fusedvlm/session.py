@@ -16,6 +16,10 @@ rest is prefilled). Both are exact because attention is causal: earlier fused to
 change when questions are appended (SPEC section 5). ``reuse_prefix=False`` recomputes the
 whole fusion stream and the whole LLM prompt every turn, as the authors' code does; it
 exists to measure the difference.
+
+A turn is a transaction: what can be checked up front is checked before any state changes,
+and a turn that fails later (an exception, Ctrl-C during decoding) leaves the session as it
+was, so the next question is answered as if the failed one had never been asked.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from fusedvlm.chat import Tokens
 from fusedvlm.generation import GenerationConfig, decode, prefill
 from fusedvlm.model.vlm import FusedVLM, VisionPrefix
+from fusedvlm.text import check_text
 
 STAGES = ("preprocess", "vision", "merge", "fusion", "projection", "llm_prefill")
 
@@ -116,58 +121,101 @@ class ChatSession:
 
     @torch.no_grad()
     def ask(self, question: str, generation: GenerationConfig | None = None) -> Answer:
-        generation = generation or GenerationConfig()
+        """Answer one question (a transaction: see the module docstring)."""
+        if generation is None:
+            generation = GenerationConfig()
+        elif not isinstance(generation, GenerationConfig):
+            raise ValueError(f"generation must be a GenerationConfig, got {type(generation).__name__}")
+        check_text(question, "question")
         model = self.model
-        timer = _Timer(model.device)
         first = not self.turns
         qids = model.question_ids(self.layout.fusion_text(question, first))
         counts = [self.n_l] + [self.n_s] * len(self.turns)
-        # Validate the LLM prompt before any compute: empty question, context length.
         prompt = self.layout.conversation(list(self.turns) + [(question, None)], counts)
+        model.check_llm_context(len(prompt), prompt.num_fused)
+        keep = _common_prefix(self._llm_tokens, prompt) if self._llm_past is not None else 0
+        try:
+            self._crop_llm_cache(keep)
+            return self._run_turn(question, qids, first, prompt, keep, generation)
+        except BaseException:
+            self._rollback_llm_cache()
+            raise
 
+    def _crop_llm_cache(self, keep: int) -> None:
+        """Cut the LLM cache back to the first ``keep`` tokens of what it holds (where the new
+        prompt diverges from it). The shorter cache is a consistent state of its own, so a turn
+        that fails after this still leaves a session whose next answer is exact."""
+        past = self._llm_past
+        if past is None:
+            return
+        if past.get_seq_length() > keep:
+            # Hugging Face's Cache API: a negative count removes that many tokens.
+            past.crop(keep - past.get_seq_length())
+        held = self._llm_tokens
+        self._llm_tokens = Tokens(held.ids[:keep], held.fused[:keep], [])
+
+    def _rollback_llm_cache(self) -> None:
+        """Drop whatever a failed turn appended to the LLM's KV cache (prefill and decode grow
+        it in place); everything else a turn changes is only assigned once it has succeeded."""
+        past = self._llm_past
+        if past is None:
+            return
+        extra = past.get_seq_length() - len(self._llm_tokens)
+        if extra > 0:
+            past.crop(-extra)
+        if past.get_seq_length() != len(self._llm_tokens):
+            # A cache that cannot be cut back would silently leak the failed turn into the next.
+            self._llm_past, self._llm_tokens = None, Tokens()
+            raise RuntimeError("the LLM cache could not be rolled back after a failed turn")
+
+    def _run_turn(self, question: str, qids: list[int], first: bool, prompt: Tokens, keep: int,
+                  generation: GenerationConfig) -> Answer:
+        model = self.model
+        timer = _Timer(model.device)
+        vision, fusion_cache = self._vision, self._fusion_cache
         if self.reuse_prefix:
-            if self._vision is None:
-                self._vision = self._encode_image(timer)
+            if vision is None:
+                vision = self._encode_image(timer)
                 with timer("fusion"):
-                    self._fusion_cache = model.prefix_cache(self._vision)
+                    fusion_cache = model.prefix_cache(vision)
             with timer("fusion"):
-                fused, self._fusion_cache = model.fuse_next(self._fusion_cache, [qids], [first], n_l=self.n_l, n_s=self.n_s, project=False)
+                fused, fusion_cache = model.fuse_next(fusion_cache, [qids], [first], n_l=self.n_l, n_s=self.n_s, project=False)
             with timer("projection"):
                 new = model.fuser.projection(fused.hidden)
-            self._fused.append(new)
-            keep = _common_prefix(self._llm_tokens, prompt)
+            all_fused = self._fused + [new]
             past = self._llm_past
-            if past is not None and keep < past.get_seq_length():
-                # Hugging Face's Cache API: a negative count removes that many tokens.
-                past.crop(keep - past.get_seq_length())
         else:
-            vision = self._encode_image(timer)
+            prefix = self._encode_image(timer)
             with timer("fusion"):
-                fused = model.fuse(vision, [self._question_ids + [qids]], n_l=self.n_l, n_s=self.n_s, project=False)
+                fused = model.fuse(prefix, [self._question_ids + [qids]], n_l=self.n_l, n_s=self.n_s, project=False)
             with timer("projection"):
-                all_fused = model.fuser.projection(fused.hidden)
-            self._fused = list(torch.split(all_fused, fused.group_sizes[0]))
-            new = self._fused[-1]
-            keep, past = 0, None
-        self._question_ids.append(qids)
+                projected = model.fuser.projection(fused.hidden)
+            all_fused = list(torch.split(projected, fused.group_sizes[0]))
+            new = all_fused[-1]
+            past = None
 
         tail = Tokens(prompt.ids[keep:], prompt.fused[keep:], prompt.labels[keep:])
-        all_fused = torch.cat(self._fused)
-        fused_in = all_fused[all_fused.shape[0] - tail.num_fused:]
+        stacked = torch.cat(all_fused)
+        fused_in = stacked[stacked.shape[0] - tail.num_fused:]
         embeds = model.llm_embeds(tail, fused_in, past_length=keep)
         with timer("llm_prefill"):
             state = prefill(model.llm, embeds, past, keep)
         first_logits = state.logits
         out = decode(model.llm, state, generation, {self.layout.eos_id})
         timer.timings["decode"] = out.seconds
-
         text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
-        self.turns.append((question, text))
         if self.reuse_prefix:
             # The cache now holds the prompt and every generated id but the last.
             gen = out.ids[:-1]
-            self._llm_tokens = Tokens(prompt.ids + gen, prompt.fused + [False] * len(gen), [])
-            self._llm_past = out.past_key_values
+            llm_tokens, llm_past = Tokens(prompt.ids + gen, prompt.fused + [False] * len(gen), []), out.past_key_values
+        else:
+            llm_tokens, llm_past = Tokens(), None
+
+        # Commit: nothing above changed the session (bar the LLM cache, rolled back by ask).
+        self._vision, self._fusion_cache, self._fused = vision, fusion_cache, all_fused
+        self._question_ids.append(qids)
+        self.turns.append((question, text))
+        self._llm_tokens, self._llm_past = llm_tokens, llm_past
         return Answer(
             text, out.ids, out.stopped_on_eos, new.shape[0], len(tail), prompt, keep, first_logits,
             timer.timings, out.token_latencies_s,

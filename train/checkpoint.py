@@ -22,7 +22,7 @@ import re
 import numpy as np
 import torch
 
-from fusedvlm.checkpoint import atomic_save_safetensors
+from fusedvlm.checkpoint import atomic_save_safetensors, read_safetensors, safetensors_metadata
 
 _STEP_FILE = re.compile(r"step-(\d+)\.safetensors$")
 
@@ -104,18 +104,20 @@ def save_training_checkpoint(
 
 def load_training_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, dict, dict]:
     """-> (model state, other tensors, trainer meta, optimiser meta, rng meta)."""
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != "fusedvlm-train-1":
-            raise ValueError(f"{path} is not a fusedvlm training checkpoint")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata = safetensors_metadata(path, "training checkpoint")
+    if metadata.get("format") != "fusedvlm-train-1":
+        raise ValueError(f"{path} is not a fusedvlm training checkpoint")
+    # Reading every tensor is what proves the file whole (a truncated file fails here).
+    tensors = read_safetensors(path, "training checkpoint")
+    try:
+        parts = [json.loads(metadata[k]) for k in ("trainer", "optimizer", "rng")]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"training checkpoint {path} has damaged metadata: {e}") from None
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     other = {k: v for k, v in tensors.items() if not k.startswith("model/")}
-    return model, other, json.loads(metadata["trainer"]), json.loads(metadata["optimizer"]), json.loads(metadata["rng"])
+    return model, other, *parts
 
 
 def checkpoint_path(directory: str, step: int) -> str:
@@ -130,8 +132,3 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), path))
     return sorted(found)
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None

@@ -110,7 +110,7 @@ def run_train(args) -> int:
 
     import torch
 
-    from fusedvlm.checkpoint import CONFIG_KEY, atomic_save_safetensors
+    from fusedvlm.checkpoint import CONFIG_KEY, STAGE_KEY, atomic_save_safetensors
     from fusedvlm.config import get_preset
     from fusedvlm.device import resolve_dtype
     from fusedvlm.options import from_options
@@ -123,7 +123,10 @@ def run_train(args) -> int:
     train_cfg = from_options(TrainConfig, args)
     metrics = os.path.join(args.out, "metrics.jsonl")
     if not args.resume and os.path.exists(metrics) and os.path.getsize(metrics):
-        raise ValueError(f"{args.out} already holds a run (metrics.jsonl); pass --resume or choose another --out")
+        raise ValueError(
+            f"{args.out} already holds a run (metrics.jsonl): pass --resume to continue it (from its newest intact "
+            "checkpoint, or from step 0 if it has none) or choose another --out"
+        )
     overrides = {k: v for k, v in (("n_l", args.n_l), ("n_s", args.n_s), ("hd_num", args.hd_num)) if v is not None}
     if args.drop_question:
         overrides["drop_question"] = True
@@ -157,9 +160,9 @@ def run_train(args) -> int:
     state = trainer.full_model_state()
     if ctx.is_main:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict())})
+        atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict()), STAGE_KEY: args.stage})
         skipped = len(problems) + len(trainer.skipped)
-        last = rows[-1] if rows else None
+        last = next((r for r in reversed(rows) if r["loss"] is not None), None)  # steps of only bad records have none
         summary = f"step {trainer.step}" + (f", loss {last['loss']:.4f}" if last else "") + f", {skipped} record(s) skipped"
         print(f"fusedvlm train {args.stage}: {summary}; weights in {os.path.join(args.out, 'model.safetensors')}", flush=True)
     if ctx.enabled:

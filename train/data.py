@@ -69,6 +69,10 @@ def _parse_turns(conversation, index: int) -> tuple[tuple[str, str], ...]:
             continue
         if not isinstance(text, str):
             raise DataError(index, f"turn {j} has no text ('value' or 'content')")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a "\ud800" escape in the JSON decodes to a lone surrogate
+            raise DataError(index, f"turn {j} is not valid UTF-8 text: lone surrogate {text[e.start:e.end]!r} at character {e.start}") from None
         if role in _QUESTION_ROLES:
             if question is not None:
                 raise DataError(index, f"turn {j}: two questions in a row")
@@ -110,22 +114,26 @@ def parse_record(obj, index: int, image_root: str) -> Record:
 
 def _raw_objects(path: str) -> Iterator[tuple[int, object]]:
     """(record index, parsed object or DataError) for a JSON list or a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.lstrip().startswith(b"["):
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(-1, f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})", path) from None
         except json.JSONDecodeError as e:
             raise DataError(-1, f"not valid JSON: {e}", path) from None
         yield from enumerate(data)
         return
     index = 0
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # Line by line from bytes: one badly encoded line costs that record, not the file.
+    for line_no, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield index, json.loads(line)
+            yield index, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield index, DataError(index, f"line {line_no} is not UTF-8 text (byte {e.start}: {line[e.start:e.start + 1]!r})")
         except json.JSONDecodeError as e:
             yield index, DataError(index, f"line {line_no} is not valid JSON: {e.msg}")
         index += 1
@@ -256,7 +264,7 @@ class Batch:
     question_ids: list[list[list[int]]]
     turns: list[tuple[tuple[str, str], ...]]
     fusion_cu_seqlens: torch.Tensor
-    num_targets: int  # the micro-batch's weight in the step's mean: stage 2 labelled tokens, stage 1 one
+    num_targets: int  # the micro-batch's weight in the step's mean: stage 2 labelled tokens, stage 1 pairs
     llm_ids: torch.Tensor | None = None  # (B, L)
     llm_fused: torch.Tensor | None = None  # (B, L) bool
     llm_labels: torch.Tensor | None = None  # (B, L)
@@ -305,9 +313,9 @@ class Collator:
             skipped=skipped,
         )
         if enc.stage == 1:
-            # The contrastive loss is already a mean over the micro-batch's pairs: weight 1.
+            # Stage 1's loss spans the whole step (Stage1Objective.whole_step); its targets are the pairs.
             batch.answer_ids, _ = pad_rows([a for it in items for a in it.answer_ids], 0)
-            batch.num_targets = 1
+            batch.num_targets = batch.answer_ids.shape[0]
         else:
             padded = pad_tokens([it.llm for it in items], self.pad_id)
             batch.llm_ids, batch.llm_fused, batch.llm_labels, batch.llm_attention_mask = padded

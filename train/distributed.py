@@ -91,3 +91,39 @@ def average_replicated_grads(params, ctx: DistContext) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(ctx.world)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, in rank order, with gradients: the backward sums every rank's gradient
+    of the gathered tensor (all_reduce, which gloo and NCCL both have) and keeps this rank's
+    rows. Ranks may hold different numbers of rows (none, too)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+        ctx.counts, ctx.rank = counts, rank
+        width = max(counts)
+        padded = local.new_zeros((width, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None, None
+
+
+def gather_rows(local: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """(n_r, ...) on every rank -> (sum n_r, ...) everywhere, differentiable. Each rank's
+    backward adds every rank's gradient of the result, so when every rank computes the same
+    loss from the gathered rows the local rows get ``world`` times its gradient: exactly what
+    DDP's averaging over ranks then divides back out."""
+    if not ctx.enabled:
+        return local
+    n = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(n) for _ in range(ctx.world)]
+    dist.all_gather(sizes, n)
+    return _GatherRows.apply(local, [int(s) for s in sizes], ctx.rank)

@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fusedvlm.train.checkpoint import (
     checkpoint_path,
-    latest_checkpoint,
     list_checkpoints,
     load_optimizer,
     load_training_checkpoint,
@@ -205,11 +204,29 @@ class Trainer:
         return path
 
     def resume(self, path: str | None = None) -> int:
-        """Load ``path`` (default: the newest checkpoint of the run); returns its step."""
-        path = path or latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.ckpt_dir}")
-        model_state, other, meta, opt_meta, rng_meta = load_training_checkpoint(path)
+        """Load ``path`` (default: the newest intact checkpoint of the run); returns its step.
+
+        Without ``path``, a checkpoint that cannot be read (a save cut short by a full disk, a
+        damaged file) is reported and the next older one is tried; a run that was stopped
+        before its first checkpoint starts again from step 0."""
+        if path is not None:
+            loaded = load_training_checkpoint(path)
+        else:
+            loaded, path = None, None
+            for _, candidate in reversed(list_checkpoints(self.ckpt_dir)):
+                try:
+                    loaded, path = load_training_checkpoint(candidate), candidate
+                    break
+                except (ValueError, OSError) as e:
+                    if self.ctx.is_main:
+                        print(f"fusedvlm train: warning: skipping unreadable checkpoint: {e}", flush=True)
+            if loaded is None:
+                if self.ctx.is_main:
+                    print(f"fusedvlm train: warning: no intact checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
+                    self._truncate_metrics(0)
+                barrier(self.ctx)
+                return 0
+        model_state, other, meta, opt_meta, rng_meta = loaded
         saved = meta["train_config"]
         for key in ("batch_size", "grad_accum", "seed"):
             if saved[key] != getattr(self.cfg, key):
@@ -233,12 +250,30 @@ class Trainer:
         return self.step
 
     def _truncate_metrics(self, step: int) -> None:
+        """Keep the rows up to ``step`` and rewrite the file whole. A last line cut short by a
+        kill is dropped with a warning; a damaged line anywhere else is an error."""
         if not os.path.exists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.metrics_path, "w") as f:
+        with open(self.metrics_path, "rb") as f:
+            lines = f.read().splitlines()
+        rows = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+                row_step = row["step"]
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                if n == len(lines):
+                    print(f"fusedvlm train: warning: dropping the torn last line {n} of {self.metrics_path} ({e})", flush=True)
+                    continue
+                raise ValueError(f"{self.metrics_path}: line {n} is not a metrics row ({e})") from None
+            if row_step <= step:
+                rows.append(json.dumps(row) + "\n")
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(rows)
+        os.replace(tmp, self.metrics_path)
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
@@ -255,36 +290,72 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
 
-    def accumulate_gradients(self, micro_batches) -> float:
+    def accumulate_gradients(self, micro_batches) -> float | None:
         """Forward and backward over this rank's micro-batches of one step, leaving in
-        ``.grad`` the gradient of the step's global mean loss; returns that loss."""
+        ``.grad`` the gradient of the step's global mean loss; returns that loss, or None when
+        no rank has a usable sample (every record of the step was skipped).
+
+        A micro-batch whose records were all skipped is left out. DDP needs every rank to run
+        the same forward/backward sequence, so when any rank has such a hole the step bypasses
+        the DDP wrapper and averages the gradients over ranks itself (the same result)."""
         ctx = self.ctx
-        for b in micro_batches:
-            if b.size == 0:
-                raise ValueError(f"a micro-batch has no usable sample (skipped records {[s.index for s in b.skipped]})")
-        counts = all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in micro_batches))]), ctx)
-        total = float(counts[0])
+        usable = [b for b in micro_batches if b.size > 0]
+        whole_step = getattr(self.objective, "whole_step", False)
+        holes = (not usable) if whole_step else len(micro_batches) - len(usable)
+        stats = all_reduce_sum(torch.tensor([float(sum(b.num_targets for b in usable)), float(holes)]), ctx)
+        total, holes = float(stats[0]), float(stats[1])
         if total == 0:
-            raise ValueError("the step's batches have no training targets")
+            return None
+        manual = ctx.enabled and holes > 0
+        if manual and self.cfg.fsdp:
+            bad = [s.index for b in micro_batches if b.size == 0 for s in b.skipped]
+            raise ValueError(
+                f"a micro-batch has no usable sample on some rank (skipped records here: {bad}); under --fsdp every rank "
+                "must run every micro-batch: fix or remove those records, or train without --fsdp"
+            )
+        module = self.objective if manual else self.module
+        if whole_step:
+            with self._autocast():
+                objective, loss = module(usable)
+            objective.backward()
+            if manual:
+                self._average_grads_by_hand()
+            return float(loss)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for k, batch in enumerate(micro_batches):
-            last = k == len(micro_batches) - 1
+        for k, batch in enumerate(usable):
+            last = k == len(usable) - 1
             # FSDP reduce-scatters every micro-batch into the sharded gradients: skipping the
             # sync would hold unsharded gradients, which is what sharding is meant to avoid.
-            sync = contextlib.nullcontext() if (last or not ctx.enabled or self.cfg.fsdp) else self.module.no_sync()
+            sync = contextlib.nullcontext() if (manual or last or not ctx.enabled or self.cfg.fsdp) else self.module.no_sync()
             with sync:
                 with self._autocast():
-                    loss = self.module(batch)
+                    loss = module(batch)
                 (loss * (ctx.world / total)).backward()
             loss_sum += loss.detach().double().cpu()
+        if manual:
+            self._average_grads_by_hand()
         return float(all_reduce_sum(loss_sum.reshape(1), ctx)[0]) / total
 
+    def _average_grads_by_hand(self) -> None:
+        """What DDP does after the backward, for a step that bypassed it."""
+        for _, p in self.named_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(self.ctx.world)
+
     def train_step(self, micro_batches) -> dict:
-        """One optimiser step over this rank's micro-batches; returns the step's metrics."""
+        """One optimiser step over this rank's micro-batches; returns the step's metrics. A
+        step whose records were all skipped changes no weight but still counts (the data
+        position and the schedule move on, so a resumed run sees the same batches)."""
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.accumulate_gradients(micro_batches)
+        if loss is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return {"step": self.step, "loss": None, "lr": lr, "grad_norm": None, "no_update": True}
         average_replicated_grads(self.replicated, self.ctx)
         params = [p for _, p in self.named_params]
         if self.cfg.max_grad_norm > 0:
@@ -323,12 +394,14 @@ class Trainer:
                         print(f"fusedvlm train: skipped record {s.index}: {s.reason}", flush=True)
                         self.skipped.append(s)
                 row = self.train_step(micro)
+                if row.get("no_update") and self.ctx.is_main:
+                    print(f"fusedvlm train: step {row['step']}: every record was skipped; no update", flush=True)
                 elapsed = time.perf_counter() - t0
-                tokens = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro))]), self.ctx)
-                samples = all_reduce_sum(torch.tensor([float(sum(b.size for b in micro))]), self.ctx)
+                counts = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro)), float(sum(b.size for b in micro)),
+                                                      float(sum(len(b.skipped) for b in micro))]), self.ctx)
                 row.update({
-                    "tokens_per_s": float(tokens[0]) / elapsed, "samples": int(samples[0]),
-                    "skipped": sum(len(b.skipped) for b in micro), "step_s": elapsed,
+                    "tokens_per_s": float(counts[0]) / elapsed, "samples": int(counts[1]),
+                    "skipped": int(counts[2]), "step_s": elapsed,  # all ranks
                 })
                 rows.append(row)
                 if self.ctx.is_main:
@@ -336,7 +409,8 @@ class Trainer:
                         f.write(json.dumps(row) + "\n")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    if row["loss"] is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 if self.step == self.cfg.steps or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
                     self.save()
                 if on_step is not None:

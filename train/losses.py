@@ -53,6 +53,13 @@ def orthogonality_loss(hidden: torch.Tensor, is_eos: torch.Tensor, group_sizes: 
     """Mean over groups of MSE(Z Z^T, I) = ||Z Z^T - I||_F^2 / n^2, Z the L2-normalised
     non-EOS query outputs of the group (n = group size - 1; single-token groups have none
     and are skipped). ``hidden`` (T_f, C) packs the groups in order, EOS last in each."""
+    total, count = orthogonality_terms(hidden, is_eos, group_sizes)
+    return total / count if count else total
+
+
+def orthogonality_terms(hidden: torch.Tensor, is_eos: torch.Tensor, group_sizes: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """(sum over groups of MSE(Z Z^T, I), number of groups counted): the parts of
+    :func:`orthogonality_loss` that add up over micro-batches and ranks."""
     sizes = [m for sample in group_sizes for m in sample]
     if sum(sizes) != hidden.shape[0] or is_eos.shape[0] != hidden.shape[0]:
         raise ValueError(f"group sizes sum to {sum(sizes)} but there are {hidden.shape[0]} fused outputs")
@@ -71,4 +78,4 @@ def orthogonality_loss(hidden: torch.Tensor, is_eos: torch.Tensor, group_sizes: 
         index = torch.tensor(group_starts, device=z_all.device)[:, None] + torch.arange(n, device=z_all.device)
         total = total + (orthogonality_sq_error(z_all[index]) / n**2).sum()
         count += len(group_starts)
-    return total / count if count else total
+    return total, count

@@ -1,12 +1,16 @@
-"""The two training stages as modules whose ``forward(batch)`` returns the micro-batch's loss
-summed over its ``batch.num_targets`` targets: the trainer divides by the global count (summed
-over micro-batches and ranks), so one big batch, gradient accumulation and DDP all give the
-same gradients.
+"""The two training stages. One big batch, gradient accumulation and DDP/FSDP all give the
+same loss and gradients:
 
 * :class:`Stage2Objective`: answer cross-entropy through the frozen LLM (SPEC section 7).
+  ``forward(batch)`` returns the micro-batch's loss summed over its ``batch.num_targets``
+  targets; the trainer divides by the global count (summed over micro-batches and ranks).
 * :class:`Stage1Objective`: CLIP InfoNCE between each question group's EOS output and the
-  text tower's embedding of its answer, plus the orthogonality term; a mean over the
-  micro-batch's pairs, whose target count is 1.
+  text tower's embedding of its answer, plus the orthogonality term. A contrastive loss does
+  not add up over micro-batches (every pair is a negative for every other), so its
+  ``forward`` takes all of a step's micro-batches at once (``whole_step``) and gathers the
+  embeddings of every rank, with gradients: the negatives are the whole global batch, as in
+  one process with one batch. The price is that gradient accumulation saves no activation
+  memory in stage 1.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
 from fusedvlm.train.data import Batch
 from fusedvlm.train.config import Stage1Config
-from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_loss
+from fusedvlm.train.distributed import DistContext, all_reduce_sum, gather_rows
+from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_terms
 
 TEXT_CONTEXT = 512  # SPEC section 7: CLIP text positions extended from 77
 CLIP_CONTEXT = 77
@@ -167,13 +172,44 @@ class Stage1Objective(nn.Module):
         if freeze_vision:
             model.vision.clip.requires_grad_(False)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    whole_step = True  # the trainer passes all of a step's micro-batches to one forward
+
+    def forward(self, micro_batches: Batch | list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (what to backpropagate, the step's loss). The loss is InfoNCE over every pair of
+        the step on every rank plus the orthogonality term averaged over every group; what to
+        backpropagate carries the ``world`` factor that DDP's gradient averaging removes."""
+        if isinstance(micro_batches, Batch):
+            micro_batches = [micro_batches]
         model = self.model
         device = model.device
-        vision = model.encode_views(batch.views.to(device), batch.num_views)
-        fused = model.fuse(vision, batch.question_ids, n_l=self.n_l, n_s=self.n_s, project=False)
-        image = F.normalize(self.head(fused.hidden[fused.is_eos]).float(), dim=-1)
-        text = F.normalize(self.text(batch.answer_ids.to(device)).float(), dim=-1)
+        ctx = _dist_context(device)
+        images, texts = [], []
+        orth_sum, groups = torch.zeros((), device=device), 0
+        for batch in micro_batches:
+            vision = model.encode_views(batch.views.to(device), batch.num_views)
+            fused = model.fuse(vision, batch.question_ids, n_l=self.n_l, n_s=self.n_s, project=False)
+            images.append(F.normalize(self.head(fused.hidden[fused.is_eos]).float(), dim=-1))
+            texts.append(F.normalize(self.text(batch.answer_ids.to(device)).float(), dim=-1))
+            part, count = orthogonality_terms(fused.hidden, fused.is_eos, fused.group_sizes)
+            orth_sum, groups = orth_sum + part, groups + count
+        if images:
+            image, text = torch.cat(images), torch.cat(texts)
+        else:  # this rank's records were all skipped: it still joins the gathers (and their backward)
+            width = self.head.out_features
+            image = torch.zeros(0, width, device=device, requires_grad=True)
+            text = torch.zeros(0, width, device=device, requires_grad=True)
+        image, text = gather_rows(image, ctx), gather_rows(text, ctx)
         contrastive = clip_infonce(image, text, self.logit_scale.clamp(max=MAX_LOGIT_SCALE))
-        orth = orthogonality_loss(fused.hidden, fused.is_eos, fused.group_sizes)
-        return contrastive + self.orthogonality_weight * orth
+        sums = all_reduce_sum(torch.stack([orth_sum.detach().float(), torch.tensor(float(groups), device=device)]), ctx)
+        total_groups = max(float(sums[1]), 1.0)
+        objective = contrastive + self.orthogonality_weight * orth_sum * (ctx.world / total_groups)
+        loss = contrastive.detach() + self.orthogonality_weight * sums[0] / total_groups
+        return objective, loss
+
+
+def _dist_context(device: torch.device) -> DistContext:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), 0, device)
+    return DistContext(device=device)

@@ -145,12 +145,9 @@ class FusionAdapter(nn.Module, ABC):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The fusion module (``config.json``, ``model.safetensors``) and ``adapter.json`` (family
         and prompt format); the host is the user's and is not written."""
-        path = os.fspath(path)
-        self.fusion.save_pretrained(path)
-        tmp = os.path.join(path, f".{ADAPTER_CONFIG_NAME}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"family": self.family, "prompt": dataclasses.asdict(self.prompt)}, f, indent=2)
-        os.replace(tmp, os.path.join(path, ADAPTER_CONFIG_NAME))
+        # One directory switch for all three files: never a new module beside an old adapter.json.
+        meta = {"family": self.family, "prompt": dataclasses.asdict(self.prompt)}
+        self.fusion.save_pretrained(path, extra_json={ADAPTER_CONFIG_NAME: meta})
 
     @classmethod
     def from_pretrained(cls, host: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> "FusionAdapter":
@@ -162,8 +159,13 @@ class FusionAdapter(nn.Module, ABC):
         prompt = None
         meta_path = os.path.join(path, ADAPTER_CONFIG_NAME)
         if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    meta = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{meta_path} is not valid JSON (truncated or corrupt?): {e}") from None
+            if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), dict):
+                raise ValueError(f"{meta_path} is not an adapter config (no 'family' and 'prompt')")
             if meta.get("family") != cls.family:
                 raise ValueError(f"{path} holds a {meta.get('family')!r} adapter, not {cls.family!r}")
             prompt = PromptFormat(**meta["prompt"])

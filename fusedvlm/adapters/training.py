@@ -74,12 +74,14 @@ class AdapterDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> AdapterItem | Skipped:
         from PIL import Image, UnidentifiedImageError
 
+        from fusedvlm.preprocess import upright
+
         rec = self.records[i]
         try:
             for q, _ in rec.turns:
                 self.question_ids(q)
             with Image.open(rec.image) as im:
-                pixels = self.image_processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                pixels = self.image_processor(images=upright(im, rec.image).convert("RGB"), return_tensors="pt")["pixel_values"][0]
         except (OSError, UnidentifiedImageError, ValueError) as e:
             return Skipped(rec.index, str(e))
         return AdapterItem(rec.index, pixels, tuple(rec.turns))

@@ -86,9 +86,29 @@ def load_images(specs: list[str]) -> list[tuple[str, object]]:
     return out
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Refuse bad settings before any model is built: a sweep can take many minutes, and its
+    results must not be thrown away at the end (e.g. because --out is a file)."""
+    import os
+
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--repeats", args.repeats, 1),
+                               ("--questions", args.questions, 1), ("--warmup", args.warmup, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; bench writes a directory (results.json, results.csv, results.md, plots)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create the output directory: {e.strerror}") from None
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: the output directory is not writable")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import time
 
+    check_bench_args(args)
     t_start = time.perf_counter()
     import torch
 

@@ -42,19 +42,18 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fusedvlm.checkpoint import check_state_dict
+from fusedvlm.checkpoint import atomic_directory, check_state_dict, read_safetensors
 from fusedvlm.config import FusionModuleConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
 from fusedvlm.packing import check_cu_seqlens, cu_seqlens_from_lengths
+from fusedvlm.text import check_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -166,8 +165,7 @@ class FusionModule(nn.Module):
     # ------------------------------------------------------------------ questions
     def question_ids(self, question: str) -> list[int]:
         """CLIP BPE ids of a question (no start/end token)."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("empty question")
+        check_text(question, "question")
         ids = (self.text_tokenizer or clip_tokenizer()).encode(question)
         if not ids:
             raise ValueError(f"question {question!r} has no CLIP tokens")
@@ -421,39 +419,25 @@ class FusionModule(nn.Module):
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path``. Both files are
-        written beside their final names and moved into place with os.replace, so a crash never
-        leaves a half-written file (a new directory appears whole)."""
+    def save_pretrained(self, path: str | os.PathLike, extra_json: dict[str, dict] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (and ``extra_json``: more JSON files by
+        name) into directory ``path`` as one atomic switch of the whole directory
+        (:func:`fusedvlm.checkpoint.atomic_directory`): a crash at any point leaves the old
+        directory or the new one, never new weights beside an old config."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.cfg.to_dict()}
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".fusion-module-", dir=parent)
-        try:
+        with atomic_directory(path) as tmp:
             save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
-            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-                json.dump(meta, f, indent=2)
-            if not os.path.exists(path):
-                os.rename(tmp, path)
-                return
-            if not os.path.isdir(path):
-                raise NotADirectoryError(f"save_pretrained: {path} exists and is not a directory")
-            # Weights first: a reader that sees the new config also sees the weights it describes.
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for name, payload in {CONFIG_NAME: meta, **(extra_json or {})}.items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(payload, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "FusionModule":
         """Rebuild a module saved by :meth:`save_pretrained`; the weights keep their saved
         dtype unless ``dtype`` is given."""
-        from safetensors.torch import load_file
-
         path = os.fspath(path)
         cfg = load_config(path)
         weights = os.path.join(path, WEIGHTS_NAME)
@@ -461,7 +445,7 @@ class FusionModule(nn.Module):
             raise FileNotFoundError(f"fusion module checkpoint {path} has no {WEIGHTS_NAME}")
         with torch.device("meta"):
             module = cls(cfg)
-        state = load_file(weights, device=str(device))
+        state = read_safetensors(weights, "fusion module weights", device=str(device))
         check_state_dict(module.state_dict(), state, weights)
         module.load_state_dict(state, assign=True)
         return module.to(dtype) if dtype is not None else module
@@ -475,13 +459,16 @@ def load_config(path: str | os.PathLike) -> FusionModuleConfig:
     config = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config):
         raise FileNotFoundError(f"fusion module checkpoint {path} has no {CONFIG_NAME}")
-    with open(config) as f:
-        meta = json.load(f)
+    try:
+        with open(config, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON (truncated or corrupt?): {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{config} is not a {CHECKPOINT_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {CHECKPOINT_VERSION}")
     try:
         return FusionModuleConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{config}: bad config: {e}") from None

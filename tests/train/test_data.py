@@ -136,7 +136,7 @@ def test_stage1_answers_are_clip_tokenized(shapes):
     items = [ConversationDataset(records, enc)[i] for i in range(2)]
     batch = Collator(enc, TPV)(items)
     assert batch.answer_ids.shape[0] == sum(len(it.turns) for it in items)
-    assert batch.num_targets == 1  # the contrastive loss is a mean over the micro-batch
+    assert batch.num_targets == batch.answer_ids.shape[0]  # one target per (question group, answer) pair
     assert (batch.answer_ids[:, 0] == 49406).all()
     assert (batch.answer_ids.max(1).values == 49407).all()  # EOT, where the text tower pools
 

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -128,3 +129,50 @@ def test_tiny_stage2_trains_on_a_small_data_set_with_the_default_batch(tmp_path)
 
     run = json.loads((out / "run.json").read_text())
     assert run["args"]["batch_size"] == 8 and (out / "model.safetensors").exists()
+
+
+def _tiny_hf_llm(path, hidden: int) -> str:
+    """A random Llama of width ``hidden`` with the byte tokenizer, as a local HF directory."""
+    import dataclasses
+
+    from fusedvlm.model.llm import byte_tokenizer, random_llama
+
+    llm_cfg = dataclasses.replace(get_preset("tiny").llm, hidden_size=hidden, intermediate_size=2 * hidden)
+    random_llama(llm_cfg).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _stage1_then_stage2(tmp_path, root, data, *model_args):
+    from fusedvlm.cli import main
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    common = ["--data", data, "--image-root", root, "--steps", 1, "--batch-size", 2, "--hd-num", 1, "--n-l", 4,
+              "--no-progress", *model_args]
+    assert main(["train", "stage1", *map(str, common), "--out", str(s1), "--embed-dim", "32", "--text-width", "32"]) == 0
+    assert main(["train", "stage2", *map(str, common), "--out", str(s2), "--init", str(s1 / "model.safetensors")]) == 0
+    assert os.path.exists(s2 / "model.safetensors")
+    return s1 / "model.safetensors"
+
+
+def test_stage1_output_initialises_stage2_with_another_llm_width(small_shapes, tmp_path):
+    # The README's flow with --llm-path: stage 1 must build the projection with the width of
+    # that LLM (48 here, the tiny preset's own is 64), or stage 2's strict --init load fails.
+    root, data = small_shapes
+    llm = _tiny_hf_llm(tmp_path / "llm", 48)
+    weights = _stage1_then_stage2(tmp_path, root, data, "--preset", "tiny", "--llm-path", llm)
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_slice("fuser.projection.weight").get_shape()[0] == 48
+
+
+@pytest.mark.slow
+def test_stage1_to_stage2_on_smol(small_shapes, tmp_path):
+    """The README's stage 1 -> stage 2 flow on the real SmolLM2 (width 576)."""
+    root, data = small_shapes
+    weights = _stage1_then_stage2(tmp_path, root, data, "--preset", "smol")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_slice("fuser.projection.weight").get_shape()[0] == 576
