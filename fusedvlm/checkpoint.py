@@ -318,3 +318,19 @@ def load_trainable(model: nn.Module, path: str) -> None:
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(state[k])
+
+
+# The authors' (tensorfusionvlm) top-level model type; their directories go through
+# ``fusedvlm convert-upstream`` first.
+UPSTREAM_MODEL_TYPE = "modeling_query_adapt_clip_llm"
+
+
+def is_upstream_checkpoint(path: str) -> bool:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config) as f:
+            return json.load(f).get("model_type") == UPSTREAM_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False

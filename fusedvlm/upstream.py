@@ -38,12 +38,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import torch
 
-UPSTREAM_MODEL_TYPE = "modeling_query_adapt_clip_llm"
+from fusedvlm.checkpoint import UPSTREAM_MODEL_TYPE
+
 HD_IMGQUE_TYPE = "modeling_image_hd_multi_query_clip"
 FUSION_NAME = "img_multi_que_clip_fusion_linear"
 VISION = "imgque_backbone.clip_model.vision_model."
@@ -55,17 +55,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class UpstreamError(ValueError):
     """An authors' checkpoint directory that cannot be read; the message names the file or key."""
-
-
-def is_upstream_checkpoint(path: str) -> bool:
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return False
-    try:
-        with open(config) as f:
-            return json.load(f).get("model_type") == UPSTREAM_MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _read_json(path: str) -> dict:
@@ -330,10 +319,10 @@ def _is_non_llm(name: str) -> bool:
 
 def convert(src: str, out: str, *, template: str | None = None, drop_question: bool | None = None, log=print) -> None:
     """Convert the authors' checkpoint directory ``src`` into a fusedvlm directory ``out``
-    (written into a temporary sibling, then moved into place)."""
+    (written into a temporary sibling, then switched into place atomically)."""
     from safetensors.torch import save_file
 
-    from fusedvlm.checkpoint import check_state_dict
+    from fusedvlm.checkpoint import atomic_directory, check_state_dict
     from fusedvlm.clip_text import write_bpe
     from fusedvlm.model.vlm import FusedVLM, write_model_dir
 
@@ -346,10 +335,7 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
     shards = weight_shards(src)
     llm_cfg = _need(config, "llm_config", os.path.join(src, "config.json"))
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-upstream-", dir=parent)
-    try:
+    with atomic_directory(out) as tmp:
         llm_dir = os.path.join(tmp, "llm")
         os.makedirs(llm_dir)
         non_llm: dict[str, torch.Tensor] = {}
@@ -397,10 +383,6 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
         check_state_dict(expected, state, f"converted weights of {src}")
         write_bpe(os.path.join(tmp, "clip"), vocab, merges)
         write_model_dir(tmp, cfg, state, source={"upstream": src, "ignored_keys": ignored[:20]})
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} (n_l={cfg.n_l}, n_s={cfg.n_s}, HD-{cfg.hd_num}, template {cfg.llm.chat_template}"
         f"{', drop question' if cfg.drop_question else ''})")
 
@@ -419,19 +401,6 @@ def _pin_fast_tokenizer(folder: str) -> None:
     conf["tokenizer_class"] = "PreTrainedTokenizerFast"
     with open(tc, "w", encoding="utf-8") as f:
         json.dump(conf, f, indent=1, ensure_ascii=False)
-
-
-def _swap_into_place(tmp: str, out: str) -> None:
-    """Move the finished directory ``tmp`` to ``out``, replacing an existing one."""
-    if os.path.lexists(out):
-        if not os.path.isdir(out):
-            raise UpstreamError(f"output path {out} exists and is not a directory")
-        old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "d"))
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def register(sub) -> None:

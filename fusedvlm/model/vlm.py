@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -137,12 +135,9 @@ class FusedVLM(nn.Module):
         only once the new one is complete."""
         from dataclasses import replace
 
-        from fusedvlm.upstream import _swap_into_place
+        from fusedvlm.checkpoint import atomic_directory
 
-        path = os.path.abspath(os.fspath(path))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".fusedvlm-", dir=os.path.dirname(path))
-        try:
+        with atomic_directory(path) as tmp:
             cfg = self.cfg
             if self.llm is not None:
                 self.llm.save_pretrained(os.path.join(tmp, "llm"))
@@ -156,10 +151,6 @@ class FusedVLM(nn.Module):
                 model = json.loads(tok.hf.backend_tokenizer.to_str())["model"]
                 write_bpe(os.path.join(tmp, "clip"), model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
             write_model_dir(tmp, cfg, self.trainable_state_dict())
-            _swap_into_place(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "FusedVLM":
@@ -210,7 +201,7 @@ def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor
 
 def read_model_config(path: str) -> ModelConfig:
     """The ModelConfig of a model directory; an authors' directory gets a pointer to the converter."""
-    from fusedvlm.upstream import is_upstream_checkpoint
+    from fusedvlm.checkpoint import is_upstream_checkpoint
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
