@@ -29,6 +29,7 @@ from torch import nn
 from fusedvlm.config import ModelConfig
 
 CONFIG_KEY = "fusedvlm_config"
+CONFIG_NAME = "config.json"  # the JSON beside the weights of a save_pretrained / model directory
 _TEMP = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
@@ -281,8 +282,6 @@ def save_trainable(model: nn.Module, path: str, stage: str | None = None) -> Non
 def read_metadata(path: str) -> dict[str, str]:
     """The metadata of a checkpoint written by :func:`save_trainable`; a directory written by
     ``save_pretrained`` or a file without a fusedvlm config is refused with a hint."""
-    from fusedvlm.model.fusion_module import CONFIG_NAME
-
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, CONFIG_NAME)):
             raise ValueError(

@@ -322,6 +322,8 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
     (written into a temporary sibling, then switched into place atomically)."""
     from safetensors.torch import save_file
 
+    from dataclasses import replace
+
     from fusedvlm.checkpoint import atomic_directory, check_state_dict
     from fusedvlm.clip_text import write_bpe
     from fusedvlm.model.vlm import FusedVLM, write_model_dir
@@ -379,7 +381,8 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
         state = map_non_llm(non_llm, cfg, query_ids)
         del non_llm
         with torch.device("meta"):
-            expected = FusedVLM(cfg, load_language_model=False).trainable_state_dict()
+            # The LLM's width comes from the directory just written (cfg names it relative to out).
+            expected = FusedVLM(replace(cfg, llm=replace(cfg.llm, path=llm_dir)), load_language_model=False).trainable_state_dict()
         check_state_dict(expected, state, f"converted weights of {src}")
         write_bpe(os.path.join(tmp, "clip"), vocab, merges)
         write_model_dir(tmp, cfg, state, source={"upstream": src, "ignored_keys": ignored[:20]})

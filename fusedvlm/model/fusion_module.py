@@ -48,14 +48,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusedvlm.checkpoint import atomic_directory, check_state_dict, read_safetensors
+from fusedvlm.checkpoint import CONFIG_NAME, atomic_directory, check_state_dict, read_safetensors
 from fusedvlm.config import FusionModuleConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
 from fusedvlm.packing import check_cu_seqlens, cu_seqlens_from_lengths
 from fusedvlm.text import check_text
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_FORMAT = "fusedvlm.FusionModule"
 CHECKPOINT_VERSION = 1

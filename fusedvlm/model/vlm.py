@@ -22,7 +22,7 @@ from fusedvlm.chat import ChatLayout, Tokens
 from fusedvlm.checkpoint import drop_frozen
 from fusedvlm.config import ModelConfig, get_preset
 from fusedvlm.model.fusion import FusionCache
-from fusedvlm.model.fusion_module import FusedTokens, FusionModule, VisionPrefix
+from fusedvlm.model.fusion_module import CHECKPOINT_FORMAT as FUSION_MODULE_FORMAT, FusedTokens, FusionModule, VisionPrefix
 from fusedvlm.model.llm import llm_hidden_size, load_llm
 from fusedvlm.model.vision import VisionTower
 
@@ -212,9 +212,19 @@ def read_model_config(path: str) -> ModelConfig:
         )
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
+        weights = os.path.join(path, "model.safetensors")
+        if os.path.isfile(weights):
+            raise FileNotFoundError(f"{path} has no config.json, so it is not a model directory; "
+                                    f"for the weights a training run wrote, pass the file {weights}")
         raise FileNotFoundError(f"model directory {path} has no config.json")
-    with open(config) as f:
-        meta = json.load(f)
+    try:
+        with open(config, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{config} is not readable JSON: {e}") from None
+    if isinstance(meta, dict) and meta.get("format") == FUSION_MODULE_FORMAT:
+        raise ValueError(f"{path} is a save_pretrained directory of a FusionModule alone (FusionModule.from_pretrained "
+                         "reads it); a model directory comes from FusedVLM.save_pretrained or fusedvlm convert-upstream")
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{config} is not a {MODEL_FORMAT} config")
     if meta.get("version") != MODEL_VERSION:

@@ -23,7 +23,7 @@ class Boom(Exception):
 
 def _fail_before_fusion(monkeypatch, model, session):
     # The LLM's context cannot take the turn: must be refused before anything is computed.
-    limit = session._llm_length + 3
+    limit = len(session._llm_tokens) + 3
     monkeypatch.setattr(model.llm.config, "max_position_embeddings", limit)
     return ValueError
 
@@ -84,7 +84,7 @@ def test_failed_turn_leaves_the_session_as_before(tiny_model, photo, monkeypatch
     assert len(session.turns) == 1 and len(session.fused_tokens()) == 1
     assert session.num_fused_total == tiny_model.num_fused(1)
     if reuse:
-        assert session._llm_past.get_seq_length() == session._llm_length
+        assert session._llm_past.get_seq_length() == len(session._llm_tokens)
     assert _answers(session, [Q3]) == expected[1:]
     torch.testing.assert_close(session.fused_tokens()[-1], fresh.fused_tokens()[-1])
     assert session.num_fused_total == fresh.num_fused_total
