@@ -36,7 +36,7 @@ def test_fsdp_two_process_gloo_matches_one_process(small_shapes, tmp_path):
     root, data = small_shapes
     args = ["train", "stage2", "--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--data", data, "--image-root", root,
             "--steps", 3, "--batch-size", 4, "--grad-accum", 2, "--lr", "1e-3", "--warmup-ratio", "0",
-            "--max-grad-norm", "0.1", "--device", "cpu", "--no-progress"]
+            "--max-grad-norm", "0.03", "--device", "cpu", "--no-progress"]
     single_out, fsdp_out = str(tmp_path / "single"), str(tmp_path / "fsdp")
     single = subprocess.Popen([sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", single_out], env=run_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -53,7 +53,7 @@ def test_fsdp_two_process_gloo_matches_one_process(small_shapes, tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3]
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close([r[key] for r in b], [r[key] for r in a], rtol=1e-5, atol=0, msg=key)
-    assert all(r["grad_norm"] > 0.1 for r in a)  # clipping was active
+    assert all(r["grad_norm"] > 0.03 for r in a)  # clipping was active
     assert a[-1]["loss"] < a[0]["loss"]
 
     ckpt = os.path.join("checkpoints", "step-00000003.safetensors")
