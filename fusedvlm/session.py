@@ -33,8 +33,9 @@ class Answer:
     stopped_on_eos: bool
     num_fused: int  # fused tokens this question put before its text
     num_prompt_tokens: int  # LLM tokens fed in this turn's prefill
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "decode"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "decode" and "compile"
     token_latencies_s: list[float] = field(default_factory=list)
+    decode_path: str = "hf"  # the decode engine that ran (fusedvlm.decoding)
 
     @property
     def ttft_s(self) -> float:
@@ -75,7 +76,7 @@ class _Stage:
 class ChatSession:
     def __init__(
         self, model: FusedVLM, image, *, system: str | None = None, reuse_prefix: bool = True,
-        n_l: int | None = None, n_s: int | None = None,
+        n_l: int | None = None, n_s: int | None = None, decode: str = "auto", compile: bool = True,
     ):
         if model.llm is None or model.layout is None:
             raise ValueError("a chat session needs a model with its LLM and tokenizer loaded")
@@ -83,6 +84,8 @@ class ChatSession:
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         self.image = image
         self.reuse_prefix = reuse_prefix
+        # The decode engine picks the lean static-cache path when the LLM allows it (fusedvlm.decoding).
+        self.engine = model.decode_engine(decode, compile)
         self.layout = model.layout if system is None else type(model.layout)(model.layout.template, model.tokenizer, system)
         self.turns: list[tuple[str, list[int]]] = []
         self._question_ids: list[list[int]] = []
@@ -142,9 +145,11 @@ class ChatSession:
 
         embeds = model.llm_embeds(tokens, fused_in, past_length=past_len)
         with timer("llm_prefill"):
-            state = prefill(model.llm, embeds, past, past_len)
-        out = decode(model.llm, state, generation, {self.layout.eos_id})
+            state = prefill(self.engine, embeds, past, past_len)
+        out = decode(self.engine, state, generation, {self.layout.eos_id})
         timer.timings["decode"] = out.seconds
+        if out.compile_s:
+            timer.timings["compile"] = out.compile_s
 
         self.turns.append((question, out.ids))
         if self.reuse_prefix:
@@ -153,7 +158,7 @@ class ChatSession:
             self._pending = Tokens(closing.ids[cached:], closing.fused[cached:], closing.labels[cached:])
             self._llm_past, self._llm_length = out.past_key_values, out.length
         text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
-        return Answer(text, out.ids, out.stopped_on_eos, new.shape[0], len(tokens), timer.timings, out.token_latencies_s)
+        return Answer(text, out.ids, out.stopped_on_eos, new.shape[0], len(tokens), timer.timings, out.token_latencies_s, out.path)
 
     def fused_tokens(self) -> list[torch.Tensor]:
         """The fused embeddings of every question so far, in order."""

@@ -84,6 +84,19 @@ class FusedVLM(nn.Module):
         views, counts = self.preprocess(images)
         return self.encode_views(views, counts)
 
+    # ------------------------------------------------------------------ LLM decoding
+    def decode_engine(self, decode: str = "auto", compile: bool = True):
+        """The LLM's decode engine (fusedvlm.decoding), built once per (path, compile) and kept, so
+        that its compiled steps serve every later chat; rebuilt if the LLM moved device or dtype."""
+        from fusedvlm.decoding import make_engine
+
+        weight = self.llm.get_input_embeddings().weight
+        key = (decode, compile, weight.device, weight.dtype)
+        engines = self.__dict__.setdefault("_decode_engines", {})
+        if key not in engines:
+            engines[key] = make_engine(self.llm, decode, compile)
+        return engines[key]
+
     # ------------------------------------------------------------------ LLM inputs
     def llm_embeds(self, tokens: Tokens, fused: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         """(L,) template ids with fused slots -> (L, d_llm) input embeddings; the fused rows
