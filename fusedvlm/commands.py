@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds random initialisation and sampling")
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
+    add_decode_args(p)
     p.set_defaults(func=run_chat)
 
     p = sub.add_parser("info", help="parameter counts and token budgets of a preset")
@@ -32,6 +33,14 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, default=640, help="image width for the vision-token budget")
     p.add_argument("--height", type=int, default=480)
     p.set_defaults(func=run_info)
+
+
+def add_decode_args(p) -> None:
+    from fusedvlm.decoding import DECODE_PATHS
+
+    p.add_argument("--decode", default="auto", choices=DECODE_PATHS,
+                   help="LLM decode path: auto (lean static-cache step where the LLM allows, else HF), lean, hf (Hugging Face forward)")
+    p.add_argument("--no-compile", action="store_true", help="run the lean decode step without torch.compile (no compile time)")
 
 
 def _open_image(spec: str):
@@ -49,6 +58,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     from fusedvlm.checkpoint import load_trainable, read_config
     from fusedvlm.config import get_preset
+    from fusedvlm.decoding import compile_cache_dir
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.session import ChatSession
@@ -62,12 +72,18 @@ def run_chat(args: argparse.Namespace) -> int:
     model = FusedVLM(cfg).eval()
     if args.checkpoint:
         load_trainable(model, args.checkpoint)
-    session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s)
+    session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s, decode=args.decode,
+                          compile=not args.no_compile)
+    engine = session.engine
+    print(f"[decode path: {engine.path} ({engine.reason})]")
     for q in args.question:
         answer = session.ask(q, gen)
+        if "compile" in answer.timings:
+            print(f"[compiled the decode step in {answer.timings['compile']:.1f} s, once per cache bucket; "
+                  f"cached under {compile_cache_dir()}]")
         print(f"Q: {q}\nA: {answer.text}")
         if args.timings:
-            stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in answer.timings.items())
+            stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in answer.timings.items() if k != "compile")
             print(f"   [{answer.num_fused} fused tokens; ttft {answer.ttft_s * 1e3:.1f} ms; {stages}; "
                   f"{answer.decode_tokens_per_s:.1f} tok/s]")
     return 0

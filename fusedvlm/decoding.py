@@ -173,22 +173,24 @@ class LeanLlama(torch.nn.Module):
         return x * cos + rotated * sin
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                last_only: bool = True) -> torch.Tensor:
+                start: int | None = None) -> torch.Tensor:
         """x (B, T, d) embeddings at positions pos .. pos + T - 1 (``pos`` a 1-element long tensor);
-        writes their K/V into the caches and returns fp32 logits of the last position (B, V), or
-        of every position (B, T, V) when ``last_only`` is False.
+        writes their K/V into the caches and returns fp32 logits of the last position (B, V).
 
-        Attention runs over the whole cache bucket with a mask, so the shapes, and therefore the
-        compiled graph, depend only on (B, T, capacity), never on the position."""
+        ``start`` is None in the decode step: attention then runs over the whole cache bucket
+        with a mask, so the shapes, and therefore the compiled graph, depend only on
+        (B, T, capacity), never on the position. Prefill passes ``start`` (= pos, as an int) and
+        attends with SDPA to the filled part of the cache only."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
-        G = H // Hkv
-        cap = k_cache.shape[3]
         positions = pos + torch.arange(T, device=x.device)
         cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
-        # key j is visible to query t when j <= pos + t
-        visible = torch.arange(cap, device=x.device)[None, :] <= positions[:, None]  # (T, cap)
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
+        if start is None:
+            # key j is visible to query t when j <= pos + t
+            visible = torch.arange(k_cache.shape[3], device=x.device)[None, :] <= positions[:, None]
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
+        elif start:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         for i, (wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd, ln1, ln2) in enumerate(self.layers):
             h = self._rms(x, ln1)
             q = F.linear(h, wq, bq).view(B, T, H, D).transpose(1, 2)
@@ -197,18 +199,28 @@ class LeanLlama(torch.nn.Module):
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache[i].index_copy_(2, positions, k)
             v_cache[i].index_copy_(2, positions, v)
-            # GQA without expanding the cache: the G query heads of one KV head share a matmul.
-            qg = q.reshape(B, Hkv, G * T, D)
-            scores = torch.matmul(qg, k_cache[i].transpose(-1, -2)).float() * self.scale  # (B, Hkv, G*T, cap)
-            scores = scores.view(B, Hkv, G, T, cap) + bias
-            probs = scores.softmax(-1).to(x.dtype).view(B, Hkv, G * T, cap)
-            o = torch.matmul(probs, v_cache[i]).view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-            x = x + F.linear(o, wo, bo)
+            if start is None:
+                o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
+            else:
+                keys, values = k_cache[i][:, :, : start + T], v_cache[i][:, :, : start + T]
+                if Hkv != H:
+                    keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask if start else None,
+                                                   is_causal=not start, scale=self.scale)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), wo, bo)
             h = self._rms(x, ln2)
             x = x + F.linear(self.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
-        if last_only:
-            x = x[:, -1]
-        return F.linear(self._rms(x, self.norm), self.lm_head, self.lm_head_bias).float()
+        return F.linear(self._rms(x[:, -1], self.norm), self.lm_head, self.lm_head_bias).float()
+
+    def _attend_bucket(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D) over a whole cache bucket (B, Hkv, cap, D); the G query heads of one KV
+        head share a matmul, so the cache is never expanded."""
+        B, H, T, D = q.shape
+        Hkv, cap = keys.shape[1], keys.shape[2]
+        G = H // Hkv
+        scores = torch.matmul(q.reshape(B, Hkv, G * T, D), keys.transpose(-1, -2)).float() * self.scale
+        probs = (scores.view(B, Hkv, G, T, cap) + bias).softmax(-1).to(q.dtype)
+        return torch.matmul(probs.view(B, Hkv, G * T, cap), values).view(B, H, T, D)
 
     def step(self, tokens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
@@ -272,7 +284,7 @@ class LeanEngine:
         start = cache.get_seq_length()
         cache.reserve(start + embeds.shape[1])
         pos = torch.tensor([start], device=self.device)
-        logits = self.model(embeds.to(self.model.dtype), cache.k, cache.v, pos)
+        logits = self.model(embeds.to(self.model.dtype), cache.k, cache.v, pos, start)
         cache.length = start + embeds.shape[1]
         return logits
 
