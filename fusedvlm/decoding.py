@@ -42,33 +42,34 @@ LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 # ------------------------------------------------------------------------------------ cache
 
 class StaticKVCache:
-    """Keys and values of every layer in two preallocated tensors, (layers, B, kv_heads, capacity,
-    head_dim). Positions >= ``get_seq_length()`` are stale and masked out, so ``crop`` only moves
-    the length. Capacity grows by doubling buckets up to ``max_capacity`` (copying once per bucket)."""
+    """Keys and values of every layer in preallocated tensors, one (B, kv_heads, capacity,
+    head_dim) pair per layer: the compiled step writes each in place (one tensor spanning all
+    layers would make inductor copy it whole at every write). Positions >= ``get_seq_length()``
+    are stale and masked out, so ``crop`` only moves the length. Capacity grows by doubling
+    buckets up to ``max_capacity`` (copying once per bucket)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, max_capacity: int,
                  dtype: torch.dtype, device: torch.device, capacity: int = FIRST_BUCKET):
         self.max_capacity = max_capacity
         self.length = 0
-        cap = min(capacity, max_capacity)
-        shape = (num_layers, batch, kv_heads, cap, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, kv_heads, min(capacity, max_capacity), head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._mark_static()
 
     def _mark_static(self) -> None:
         # CUDA graphs need the cache at a fixed address; the step mutates it in place.
-        if self.k.device.type == "cuda":
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
+        if self.k[0].device.type == "cuda":
+            for t in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -91,11 +92,11 @@ class StaticKVCache:
         while cap < needed:
             cap *= 2
         cap = min(cap, self.max_capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], cap, old.shape[4])
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros(*old.shape[:2], cap, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                tensors[i] = new
         self._mark_static()
 
 
@@ -172,7 +173,7 @@ class LeanLlama(torch.nn.Module):
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+    def forward(self, x: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor,
                 start: int | None = None) -> torch.Tensor:
         """x (B, T, d) embeddings at positions pos .. pos + T - 1 (``pos`` a 1-element long tensor);
         writes their K/V into the caches and returns fp32 logits of the last position (B, V).
@@ -187,7 +188,7 @@ class LeanLlama(torch.nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
         if start is None:
             # key j is visible to query t when j <= pos + t
-            visible = torch.arange(k_cache.shape[3], device=x.device)[None, :] <= positions[:, None]
+            visible = torch.arange(k_cache[0].shape[2], device=x.device)[None, :] <= positions[:, None]
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
         elif start:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
@@ -197,8 +198,8 @@ class LeanLlama(torch.nn.Module):
             k = F.linear(h, wk, bk).view(B, T, Hkv, D).transpose(1, 2)
             v = F.linear(h, wv, bv).view(B, T, Hkv, D).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            k_cache[i].index_copy_(2, positions, k)
-            v_cache[i].index_copy_(2, positions, v)
+            k_cache[i][:, :, positions] = k
+            v_cache[i][:, :, positions] = v
             if start is None:
                 o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
             else:
@@ -222,7 +223,7 @@ class LeanLlama(torch.nn.Module):
         probs = (scores.view(B, Hkv, G, T, cap) + bias).softmax(-1).to(q.dtype)
         return torch.matmul(probs.view(B, Hkv, G * T, cap), values).view(B, H, T, D)
 
-    def step(self, tokens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
         """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
         return self.forward(F.embedding(tokens[:, None], self.embed), k_cache, v_cache, pos)
 
@@ -242,7 +243,8 @@ def compile_cache_dir() -> str:
 
 
 def _enable_compile_cache() -> None:
-    """Keep inductor's compiled artefacts under ~/.cache/fusedvlm so a second run skips codegen."""
+    """Keep inductor's compiled artefacts under ~/.cache/fusedvlm so a second run skips codegen
+    (unless TORCHINDUCTOR_CACHE_DIR is set already, by the user or an earlier inductor import)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
     try:
         import torch._inductor.config as inductor_config
@@ -376,6 +378,8 @@ def make_engine(hf, decode: str = "auto", compile: bool = True):
         if decode == "lean":
             raise ValueError(f"--decode lean: {why_not}")
         return HFEngine(hf, reason=f"lean step unsupported: {why_not}")
+    if compile:
+        _enable_compile_cache()  # before inductor's first import, which fixes its cache directory
     if compile and not _compile_available():
         return LeanEngine(hf, compile=False, reason="torch.compile is unavailable here (no C++ compiler / inductor)")
     reason = "Llama-family config" + ("" if compile else "; compilation off (--no-compile)")
