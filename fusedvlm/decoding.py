@@ -133,6 +133,7 @@ class LeanLlama(torch.nn.Module):
         self.act = LEAN_ACTIVATIONS[getattr(c, "hidden_act", "silu")]
         self.max_positions = c.max_position_embeddings
         self.scale = self.head_dim ** -0.5
+        self.fuse_attention = False  # set by a compiling engine (see _attend_bucket)
         base = hf.model
         self.embed = base.embed_tokens.weight
         self.norm = base.norm.weight
@@ -215,13 +216,23 @@ class LeanLlama(torch.nn.Module):
 
     def _attend_bucket(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, D) over a whole cache bucket (B, Hkv, cap, D); the G query heads of one KV
-        head share a matmul, so the cache is never expanded."""
+        head share it, so the cache is never expanded. Traced for the compiler, the products are
+        written as broadcast multiply + sum, which inductor fuses into one pass over the cache
+        (a batched GEMM with 1-row operands runs far below bandwidth on a CPU)."""
         B, H, T, D = q.shape
         Hkv, cap = keys.shape[1], keys.shape[2]
         G = H // Hkv
-        scores = torch.matmul(q.reshape(B, Hkv, G * T, D), keys.transpose(-1, -2)).float() * self.scale
-        probs = (scores.view(B, Hkv, G, T, cap) + bias).softmax(-1).to(q.dtype)
-        return torch.matmul(probs.view(B, Hkv, G * T, cap), values).view(B, H, T, D)
+        if self.fuse_attention:
+            qg = q.view(B, Hkv, G * T, 1, D)
+            scores = (qg * keys[:, :, None]).sum(-1).float() * self.scale  # (B, Hkv, G*T, cap)
+        else:
+            scores = torch.matmul(q.reshape(B, Hkv, G * T, D), keys.transpose(-1, -2)).float() * self.scale
+        probs = (scores.view(B, Hkv, G, T, cap) + bias).softmax(-1).to(q.dtype).view(B, Hkv, G * T, cap)
+        if self.fuse_attention:
+            o = (probs[..., None] * values[:, :, None]).sum(-2)
+        else:
+            o = torch.matmul(probs, values)
+        return o.view(B, H, T, D)
 
     def step(self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
         """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
@@ -267,6 +278,7 @@ class LeanEngine:
         self.compile_stats = CompileStats()
         self._seen: set[tuple[int, int]] = set()
         self._step = self.model.step
+        self.model.fuse_attention = compile
         if compile:
             _enable_compile_cache()
             # One graph per (batch, bucket): more than dynamo's default 8 recompiles of one function.
