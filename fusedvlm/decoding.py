@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -327,10 +328,17 @@ class LeanEngine:
         tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=self.device)
         pos = torch.tensor([cache.get_seq_length()], device=self.device)
         t0 = time.perf_counter()
-        # CUDA graphs warm up on the first call and record on the next ones.
-        for _ in range(3 if self.device.type == "cuda" else 1):
-            self._step(tokens, cache.k, cache.v, pos)
-        _sync(self.device)
+        try:
+            # CUDA graphs warm up on the first call and record on the next ones.
+            for _ in range(3 if self.device.type == "cuda" else 1):
+                self._step(tokens, cache.k, cache.v, pos)
+            _sync(self.device)
+        except Exception as e:  # noqa: BLE001 - any compiler failure leaves the eager step, which is exact
+            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2)
+            self.compile, self._step, self.path = False, self.model.step, "lean-eager"
+            self.model.fuse_attention = False
+            self.reason += f"; compiling failed ({type(e).__name__})"
+            return 0.0
         seconds = time.perf_counter() - t0
         self._seen.add(key)
         self.compile_stats.seconds += seconds
@@ -401,8 +409,6 @@ def make_engine(hf, decode: str = "auto", compile: bool = True):
 def _compile_available() -> bool:
     import shutil
 
-    if os.environ.get("FUSEDVLM_NO_COMPILE", "") not in ("", "0"):
-        return False
     try:
         import torch._inductor  # noqa: F401
     except ImportError:

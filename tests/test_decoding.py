@@ -167,3 +167,18 @@ def test_smol_greedy_matches_hugging_face():
     ref = _conversation(make_engine(smol, "hf"), [first, second], gen)
     assert [ids for ids, _ in got] == [ids for ids, _ in ref]
     assert "Paris" in tokenizer.decode(got[0][0])
+
+
+def test_compiler_failure_falls_back_to_the_eager_step(llm):
+    engine = LeanEngine(llm, compile=False)
+    engine.compile, engine.path = True, "lean-compiled"
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    engine._step = broken
+    embeds = torch.randn(6, llm.config.hidden_size)
+    with pytest.warns(UserWarning, match="decoding uncompiled"):
+        out = decode(engine, prefill(engine, embeds), GREEDY, eos_ids=set())
+    assert engine.path == "lean-eager" and "compiling failed (RuntimeError)" in engine.reason and out.compile_s == 0
+    assert out.ids == decode(llm, prefill(llm, embeds), GREEDY, eos_ids=set()).ids

@@ -98,7 +98,6 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
     else:
         log(f"lean decode unavailable: {lean.reason}")
 
-    rows, answers, prefill_ms = [], {}, {}
     # HF generate, as a user of transformers would decode: new tokens minus a 1-token run (its prefill).
     def generate(n: int) -> float:
         _sync(device)
@@ -108,33 +107,35 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
         _sync(device)
         return time.perf_counter() - t0
 
+    # Warm-up (and compilation) first; then the timed runs go round every path in turn, so that a
+    # machine whose load drifts biases no path.
     generate(2)
+    compile_s, answers = {}, {}
+    for engine in engines:
+        out = decode(engine, prefill(engine, embeds), gen, eos_ids=set())
+        compile_s[engine.path] = out.compile_s
+        answers[engine.path] = out.ids
     gen_tps = []
+    tps = {e.path: [] for e in engines}
+    lat = {e.path: [] for e in engines}
+    pre = {e.path: [] for e in engines}
     for _ in range(cfg.repeats):
         gen_tps.append((cfg.new_tokens - 1) / max(generate(cfg.new_tokens) - generate(1), 1e-9))
-    rows.append(_row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy"))
-    rows[-1]["latency_ms"] = {k: float("nan") for k in rows[-1]["latency_ms"]}
-    log(f"decode: HF generate {rows[-1]['tokens_per_s']:.1f} tok/s")
-
-    for engine in engines:
-        name = {"hf": "HF forward loop", "lean-eager": "lean, eager", "lean-compiled": "lean, compiled"}[engine.path]
-        prefill(engine, embeds)  # warm-up
-        tps, lat, pre, compile_s = [], [], [], 0.0
-        for _ in range(cfg.repeats + 1):
+        for engine in engines:
             state = prefill(engine, embeds)
             out = decode(engine, state, gen, eos_ids=set())
-            compile_s += out.compile_s
-            pre.append(state.seconds)
-            if out.compile_s:
-                continue  # the compiling run is the warm-up
-            tps.append(len(out.token_latencies_s) / sum(out.token_latencies_s))
-            lat += out.token_latencies_s
-            answers[engine.path] = out.ids
-        if len(tps) > cfg.repeats:  # nothing compiled: drop the first run as warm-up
-            tps, lat = tps[1:], lat[len(lat) // (cfg.repeats + 1):]
-        rows.append(_row(name, engine.path, lat, tps, bytes_per_token, bw, compile_s, engine.reason))
-        prefill_ms[engine.path] = statistics.median(pre) * 1e3
-        log(f"decode: {name} {rows[-1]['tokens_per_s']:.1f} tok/s (compile {compile_s:.1f} s)")
+            pre[engine.path].append(state.seconds)
+            tps[engine.path].append(len(out.token_latencies_s) / sum(out.token_latencies_s))
+            lat[engine.path] += out.token_latencies_s
+    rows = [_row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy")]
+    rows[-1]["latency_ms"] = {k: float("nan") for k in rows[-1]["latency_ms"]}
+    names = {"hf": "HF forward loop", "lean-eager": "lean, eager", "lean-compiled": "lean, compiled"}
+    for engine in engines:
+        rows.append(_row(names[engine.path], engine.path, lat[engine.path], tps[engine.path], bytes_per_token, bw,
+                         compile_s[engine.path], engine.reason))
+    for r in rows:
+        log(f"decode: {r['name']} {r['tokens_per_s']:.1f} tok/s (compile {r['compile_s']:.1f} s)")
+    prefill_ms = {p: statistics.median(v) * 1e3 for p, v in pre.items()}
 
     base = {r["path"]: r["tokens_per_s"] for r in rows}
     for r in rows:
