@@ -40,7 +40,8 @@ def add_decode_args(p) -> None:
 
     p.add_argument("--decode", default="auto", choices=DECODE_PATHS,
                    help="LLM decode path: auto (lean static-cache step where the LLM allows, else HF), lean, hf (Hugging Face forward)")
-    p.add_argument("--no-compile", action="store_true", help="run the lean decode step without torch.compile (no compile time)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the lean decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)")
 
 
 def _open_image(spec: str):
@@ -73,7 +74,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.checkpoint:
         load_trainable(model, args.checkpoint)
     session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s, decode=args.decode,
-                          compile=not args.no_compile)
+                          compile=False if args.no_compile else None)
     engine = session.engine
     print(f"[decode path: {engine.path} ({engine.reason})]")
     for q in args.question:

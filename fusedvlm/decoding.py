@@ -386,9 +386,18 @@ class HFEngine:
 
 
 
-def make_engine(hf, decode: str = "auto", compile: bool = True):
+def compile_default() -> bool:
+    """Whether the lean step compiles unless told otherwise: yes, but ``FUSEDVLM_COMPILE=0`` turns
+    it off for a whole process (the test suite does, keeping compilation to its own tests)."""
+    return os.environ.get("FUSEDVLM_COMPILE", "1") != "0"
+
+
+def make_engine(hf, decode: str = "auto", compile: bool | None = None):
     """The decode engine for a HF causal LM: ``decode`` is ``auto`` (lean when the config allows,
-    else HF), ``lean`` (error when unsupported) or ``hf``. ``engine.reason`` says why."""
+    else HF), ``lean`` (error when unsupported) or ``hf``; ``compile`` None means
+    :func:`compile_default`. ``engine.reason`` says why."""
+    if compile is None:
+        compile = compile_default()
     if decode not in DECODE_PATHS:
         raise ValueError(f"unknown decode path {decode!r}; choose from {DECODE_PATHS}")
     if decode == "hf":
@@ -402,7 +411,7 @@ def make_engine(hf, decode: str = "auto", compile: bool = True):
         _enable_compile_cache()  # before inductor's first import, which fixes its cache directory
     if compile and not _compile_available():
         return LeanEngine(hf, compile=False, reason="torch.compile is unavailable here (no C++ compiler / inductor)")
-    reason = "Llama-family config" + ("" if compile else "; compilation off (--no-compile)")
+    reason = "Llama-family config" + ("" if compile else "; compilation off (--no-compile or FUSEDVLM_COMPILE=0)")
     return LeanEngine(hf, compile=compile, reason=reason)
 
 

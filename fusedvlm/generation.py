@@ -128,7 +128,8 @@ def decode(llm, state: PrefillResult, cfg: GenerationConfig, eos_ids: set[int]) 
     ids: list[int] = []
     latencies: list[float] = []
     logits, cache, length = state.logits, state.past_key_values, state.length
-    compile_s = engine.prepare(cache, length + cfg.max_new_tokens - 1)
+    # No step follows when one token is asked for (it comes from the prefill logits).
+    compile_s = engine.prepare(cache, length + cfg.max_new_tokens - 1) if cfg.max_new_tokens > 1 else 0.0
     _sync(device)
     t_start = time.perf_counter()
     tok = next_token(logits, cfg, generator)

@@ -76,7 +76,7 @@ class _Stage:
 class ChatSession:
     def __init__(
         self, model: FusedVLM, image, *, system: str | None = None, reuse_prefix: bool = True,
-        n_l: int | None = None, n_s: int | None = None, decode: str = "auto", compile: bool = True,
+        n_l: int | None = None, n_s: int | None = None, decode: str = "auto", compile: bool | None = None,
     ):
         if model.llm is None or model.layout is None:
             raise ValueError("a chat session needs a model with its LLM and tokenizer loaded")

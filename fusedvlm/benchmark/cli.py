@@ -124,7 +124,7 @@ def run_bench(args: argparse.Namespace) -> int:
         preset=args.preset, n_l=tuple(n_ls), n_s=args.n_s, questions=args.questions,
         max_new_tokens=args.max_new_tokens or (GPU_MAX_NEW_TOKENS if device.type == "cuda" else CPU_MAX_NEW_TOKENS),
         repeats=args.repeats or (3 if device.type == "cuda" else 2), warmup=args.warmup,
-        decode=args.decode, compile=not args.no_compile,
+        decode=args.decode, compile=False if args.no_compile else None,
     )
     decode_batches = parse_batches(args.decode_compare)
     images = load_images(args.images or list(DEFAULT_IMAGES))
@@ -148,10 +148,11 @@ def run_bench(args: argparse.Namespace) -> int:
     decode_paths = None
     if decode_batches:
         from fusedvlm.benchmark.decode import DecodeBenchConfig, prompt_embeds, run_decode_bench
+        from fusedvlm.decoding import compile_default
 
         decode_cfg = DecodeBenchConfig(
             new_tokens=args.decode_new_tokens or (256 if device.type == "cuda" else 64),
-            repeats=3, batches=decode_batches, compile=not args.no_compile,
+            repeats=3, batches=decode_batches, compile=not args.no_compile and compile_default(),
         )
         bw = sweep["bandwidth"]
         decode_paths = run_decode_bench(model.llm, prompt_embeds(model.llm, model.layout), decode_cfg, log,

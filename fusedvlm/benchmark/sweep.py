@@ -40,7 +40,7 @@ class SweepConfig:
     repeats: int = 3
     warmup: int = 1
     decode: str = "auto"  # LLM decode path (fusedvlm.decoding)
-    compile: bool = True
+    compile: bool | None = None  # None: fusedvlm.decoding.compile_default()
 
     def __post_init__(self):
         if not self.n_l:
@@ -93,7 +93,7 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def run_session(model, image, n_l: int, n_s: int | None, questions: Sequence[str], generation,
-                decode: str = "auto", compile: bool = True) -> dict:
+                decode: str = "auto", compile: bool | None = None) -> dict:
     from fusedvlm.session import ChatSession
 
     device = model.device

@@ -85,11 +85,12 @@ class FusedVLM(nn.Module):
         return self.encode_views(views, counts)
 
     # ------------------------------------------------------------------ LLM decoding
-    def decode_engine(self, decode: str = "auto", compile: bool = True):
+    def decode_engine(self, decode: str = "auto", compile: bool | None = None):
         """The LLM's decode engine (fusedvlm.decoding), built once per (path, compile) and kept, so
         that its compiled steps serve every later chat; rebuilt if the LLM moved device or dtype."""
-        from fusedvlm.decoding import make_engine
+        from fusedvlm.decoding import compile_default, make_engine
 
+        compile = compile_default() if compile is None else compile
         weight = self.llm.get_input_embeddings().weight
         key = (decode, compile, weight.device, weight.dtype)
         engines = self.__dict__.setdefault("_decode_engines", {})
