@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per turn: question, answer, answer_ids "
                    "(generated LLM ids), prompt_ids (the turn's whole LLM prompt, each fused slot -1), prefill_start "
                    "(how many of those came from the LLM cache), num_fused")
+    add_decode_args(p)
     p.set_defaults(func=run_chat)
 
     p = sub.add_parser("info", help="parameter counts and token budgets of a preset")
@@ -43,6 +44,15 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, default=640, help="image width for the vision-token budget")
     p.add_argument("--height", type=int, default=480)
     p.set_defaults(func=run_info)
+
+
+def add_decode_args(p) -> None:
+    from fusedvlm.decoding import DECODE_PATHS
+
+    p.add_argument("--decode", default="auto", choices=DECODE_PATHS,
+                   help="LLM decode path: auto (lean static-cache step where the LLM allows, else HF), lean, hf (Hugging Face forward)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the lean decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)")
 
 
 def _open_image(spec: str):
@@ -61,6 +71,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from fusedvlm.checkpoint import STAGE_KEY, load_trainable, read_config, read_metadata
     from fusedvlm.config import get_preset
     from fusedvlm.device import resolve_device, resolve_dtype
+    from fusedvlm.decoding import compile_cache_dir
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.session import ChatSession
@@ -96,9 +107,16 @@ def run_chat(args: argparse.Namespace) -> int:
     model.to(device=device, dtype=dtype)
     if args.llm_dtype is not None:
         model.llm.to(resolve_dtype(args.llm_dtype, device))
-    session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s)
+    session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s, decode=args.decode,
+                          compile=False if args.no_compile else None)
+    engine = session.engine
+    if not args.json:
+        print(f"[decode path: {engine.path} ({engine.reason})]")
     for q in args.question:
         answer = session.ask(q, gen)
+        if "compile" in answer.timings and not args.json:
+            print(f"[compiled the decode step in {answer.timings['compile']:.1f} s, once per cache bucket; "
+                  f"cached under {compile_cache_dir()}]")
         if args.json:
             print(json.dumps({
                 "question": q, "answer": answer.text, "answer_ids": answer.ids, "prompt_ids": answer.prompt.prompt_ids(),
@@ -107,7 +125,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         print(f"Q: {q}\nA: {answer.text}")
         if args.timings:
-            stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in answer.timings.items())
+            stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in answer.timings.items() if k != "compile")
             print(f"   [{answer.num_fused} fused tokens; ttft {answer.ttft_s * 1e3:.1f} ms; {stages}; "
                   f"{answer.decode_tokens_per_s:.1f} tok/s]")
     return 0

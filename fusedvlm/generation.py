@@ -55,6 +55,8 @@ class DecodeResult:
     past_key_values: object
     length: int  # tokens now in the cache
     token_latencies_s: list[float] = field(default_factory=list)
+    compile_s: float = 0.0  # compiling the decode step for this answer's cache bucket, not in ``seconds``
+    path: str = "hf"  # the decode engine that ran (fusedvlm.decoding)
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,23 +68,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def as_engine(llm):
+    """A decode engine (fusedvlm.decoding) as is; a Hugging Face model wrapped in today's HF path."""
+    if hasattr(llm, "step") and hasattr(llm, "new_cache"):
+        return llm
+    from fusedvlm.decoding import HFEngine
+
+    return HFEngine(llm, reason="called with a Hugging Face model")
+
+
 @torch.no_grad()
 def prefill(llm, inputs_embeds: torch.Tensor, past_key_values=None, past_length: int = 0) -> PrefillResult:
-    """inputs_embeds (L, d) appended after ``past_length`` cached tokens -> next-token logits."""
+    """inputs_embeds (L, d) appended after ``past_length`` cached tokens -> next-token logits.
+
+    ``llm`` is a Hugging Face causal LM or a decode engine; ``past_key_values`` is a cache it
+    made (None: a new one)."""
+    engine = as_engine(llm)
+    cache = engine.new_cache() if past_key_values is None else past_key_values
+    if cache.get_seq_length() != past_length:
+        raise ValueError(f"past_length {past_length} but the KV cache holds {cache.get_seq_length()} tokens")
     device = inputs_embeds.device
     _sync(device)
     t0 = time.perf_counter()
-    length = past_length + inputs_embeds.shape[0]
-    out = llm(
-        inputs_embeds=inputs_embeds[None],
-        past_key_values=past_key_values,
-        use_cache=True,
-        position_ids=torch.arange(past_length, length, device=device)[None],
-        logits_to_keep=1,
-    )
-    logits = out.logits[0, -1].float()
+    logits = engine.prefill(inputs_embeds[None], cache)[0]
     _sync(device)
-    return PrefillResult(logits, out.past_key_values, length, time.perf_counter() - t0)
+    return PrefillResult(logits, cache, past_length + inputs_embeds.shape[0], time.perf_counter() - t0)
 
 
 def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> int:
@@ -105,8 +115,12 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gen
 
 @torch.no_grad()
 def decode(llm, state: PrefillResult, cfg: GenerationConfig, eos_ids: set[int]) -> DecodeResult:
-    """Generate from a prefilled state until EOS or ``max_new_tokens``."""
-    device = llm.get_input_embeddings().weight.device
+    """Generate from a prefilled state until EOS or ``max_new_tokens``.
+
+    Compilation for the cache bucket this answer needs happens before the clock starts and is
+    reported apart (``DecodeResult.compile_s``)."""
+    engine = as_engine(llm)
+    device = engine.device
     if cfg.ignore_eos:
         eos_ids = set()
     generator = None
@@ -115,24 +129,21 @@ def decode(llm, state: PrefillResult, cfg: GenerationConfig, eos_ids: set[int]) 
         generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     ids: list[int] = []
     latencies: list[float] = []
-    logits, past, length = state.logits, state.past_key_values, state.length
+    logits, cache, length = state.logits, state.past_key_values, state.length
+    # No step follows when one token is asked for (it comes from the prefill logits).
+    compile_s = engine.prepare(cache, length + cfg.max_new_tokens - 1) if cfg.max_new_tokens > 1 else 0.0
     _sync(device)
     t_start = time.perf_counter()
     tok = next_token(logits, cfg, generator)
     ids.append(tok)
     while tok not in eos_ids and len(ids) < cfg.max_new_tokens:
         t0 = time.perf_counter()
-        out = llm(
-            input_ids=torch.tensor([[tok]], device=device),
-            past_key_values=past,
-            use_cache=True,
-            position_ids=torch.tensor([[length]], device=device),
-        )
-        past, length = out.past_key_values, length + 1
-        tok = next_token(out.logits[0, -1].float(), cfg, generator)
+        logits = engine.step(torch.tensor([tok], device=device), cache)
+        length += 1
+        tok = next_token(logits[0], cfg, generator)
         ids.append(tok)
         _sync(device)
         latencies.append(time.perf_counter() - t0)
     _sync(device)
     seconds = time.perf_counter() - t_start
-    return DecodeResult(ids, ids[-1] in eos_ids, seconds, past, length, latencies)
+    return DecodeResult(ids, ids[-1] in eos_ids, seconds, cache, length, latencies, compile_s, engine.path)

@@ -47,8 +47,9 @@ class Answer:
     prompt: Tokens | None = None  # the whole conversation up to this turn's generation prompt
     prefill_start: int = 0  # prompt tokens that were already in the LLM's cache
     first_logits: torch.Tensor | None = None  # (vocab,) logits of the first generated token
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "decode"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "decode" and "compile"
     token_latencies_s: list[float] = field(default_factory=list)
+    decode_path: str = "hf"  # the decode engine that ran (fusedvlm.decoding)
 
     @property
     def ttft_s(self) -> float:
@@ -89,7 +90,7 @@ class _Stage:
 class ChatSession:
     def __init__(
         self, model: FusedVLM, image, *, system: str | None = None, reuse_prefix: bool = True,
-        n_l: int | None = None, n_s: int | None = None,
+        n_l: int | None = None, n_s: int | None = None, decode: str = "auto", compile: bool | None = None,
     ):
         if model.llm is None or model.layout is None:
             raise ValueError("a chat session needs a model with its LLM and tokenizer loaded")
@@ -97,6 +98,8 @@ class ChatSession:
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         self.image = image
         self.reuse_prefix = reuse_prefix
+        # The decode engine picks the lean static-cache path when the LLM allows it (fusedvlm.decoding).
+        self.engine = model.decode_engine(decode, compile)
         self.layout = model.layout if system is None else type(model.layout)(model.layout.template, model.tokenizer, system)
         self.turns: list[tuple[str, str]] = []  # (question, answer text)
         self._question_ids: list[list[int]] = []
@@ -199,10 +202,12 @@ class ChatSession:
         fused_in = stacked[stacked.shape[0] - tail.num_fused:]
         embeds = model.llm_embeds(tail, fused_in, past_length=keep)
         with timer("llm_prefill"):
-            state = prefill(model.llm, embeds, past, keep)
+            state = prefill(self.engine, embeds, past, keep)
         first_logits = state.logits
-        out = decode(model.llm, state, generation, {self.layout.eos_id})
+        out = decode(self.engine, state, generation, {self.layout.eos_id})
         timer.timings["decode"] = out.seconds
+        if out.compile_s:
+            timer.timings["compile"] = out.compile_s
         text = model.tokenizer.decode(out.ids, skip_special_tokens=True).strip()
         if self.reuse_prefix:
             # The cache now holds the prompt and every generated id but the last.
@@ -218,7 +223,7 @@ class ChatSession:
         self._llm_tokens, self._llm_past = llm_tokens, llm_past
         return Answer(
             text, out.ids, out.stopped_on_eos, new.shape[0], len(tail), prompt, keep, first_logits,
-            timer.timings, out.token_latencies_s,
+            timer.timings, out.token_latencies_s, out.path,
         )
 
     def fused_tokens(self) -> list[torch.Tensor]:

@@ -12,6 +12,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Chat sessions decode through the lean static-cache step uncompiled: a cold inductor compile
+# costs 20-80 s on 2 cores; tests/test_decoding.py compiles it once on purpose.
+os.environ.setdefault("FUSEDVLM_COMPILE", "0")
 
 
 def _select_interpreter() -> None:

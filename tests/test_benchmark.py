@@ -223,10 +223,12 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
 
     out = tmp_path / "bench"
     rc = main(["bench", "--preset", "tiny", "--n-l", "16,1", "--images", "chelsea", "page", "--repeats", "1",
-               "--warmup", "0", "--max-new-tokens", "3", "--questions", "2", "--out", str(out), "--quiet"])
+               "--warmup", "0", "--max-new-tokens", "3", "--questions", "2", "--out", str(out), "--quiet",
+               "--no-compile", "--decode-compare", "1,2", "--decode-new-tokens", "4"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "TTFT ms" in printed and "wall time" in printed
+    assert "decode path of the sweep: lean-eager" in printed and "HF generate" in printed and "lean, eager" in printed
     for name in ("results.json", "results.csv", "results.md", "prefill_vs_nl.png", "decode_vs_nl.png", "stage_breakdown.png"):
         assert (out / name).stat().st_size > 0, name
     payload = json.loads((out / "results.json").read_text())
@@ -249,3 +251,9 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert "prefill_ms.llm_prefill" in header and "prefill_tflops.total" in header
     assert os.path.getsize(out / "results.md") > 200
+    decode = payload["decode_paths"]
+    assert [r["path"] for r in decode["rows"]] == ["hf-generate", "hf", "lean-eager"]
+    assert decode["greedy_ids_match_hf"] == {"hf": True, "lean-eager": True}
+    assert [r["batch"] for r in decode["batch_rows"]] == [1, 2] and all(r["aggregate_tokens_per_s"] > 0 for r in decode["batch_rows"])
+    assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode["rows"])
+    assert "## Decode paths" in (out / "results.md").read_text()

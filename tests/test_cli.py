@@ -34,10 +34,11 @@ def test_info_paper_counts_without_allocating(capsys):
 
 def test_chat_tiny_answers_every_question(capsys):
     argv = ["chat", "--preset", "tiny", "--image", "sample:coffee", "--question", "what is it?",
-            "--question", "and the colour?", "--max-new-tokens", "4", "--timings"]
+            "--question", "and the colour?", "--max-new-tokens", "4", "--timings", "--no-compile"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 2 and out.count("A: ") == 2 and "16 fused tokens" in out and "8 fused tokens" in out
+    assert "[decode path: lean-eager (Llama-family config; compilation off (--no-compile or FUSEDVLM_COMPILE=0))]" in out
 
 
 @pytest.mark.parametrize(

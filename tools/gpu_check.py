@@ -78,20 +78,25 @@ def plan(out: str, python: str = sys.executable) -> list[Step]:
     return [
         Step("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
                             f"--junitxml={out}/cuda-tests.xml", *tests],
-             150, outputs=["cuda-tests.xml"]),
+             125, outputs=["cuda-tests.xml"]),
         Step("local-merge", [python, f"{bench}/bench_local_merge.py", "--repeats", "20", "--out", f"{out}/local_merge.json"],
-             30, outputs=["local_merge.json"]),
+             25, outputs=["local_merge.json"]),
         Step("packed-attn", [python, f"{bench}/bench_packed_attention.py", "--samples", "2", "8", "--backward-samples", "2",
                              "--repeats", "5", "--out", f"{out}/packed_attention.json"],
-             70, outputs=["packed_attention.json"]),
+             55, outputs=["packed_attention.json"]),
         Step("pairwise", [python, f"{bench}/bench_pairwise_cosine.py", "--dtype", "bfloat16", "--out", f"{out}/pairwise_cosine.json"],
-             20, outputs=["pairwise_cosine.json"]),
+             15, outputs=["pairwise_cosine.json"]),
         Step("paper-bench", [python, "-m", "fusedvlm.cli", "bench", "--preset", "paper", "--n-l", "768,256,64,1",
                              "--device", "cuda", "--dtype", "bf16", "--images", "astronaut", "chelsea",
-                             "--max-new-tokens", "64", "--repeats", "2", "--quiet", "--out", f"{out}/paper-bench"],
-             140, needs=("open_clip",), outputs=["paper-bench"]),
+                             "--max-new-tokens", "64", "--repeats", "2", "--decode-compare", "none", "--quiet",
+                             "--out", f"{out}/paper-bench"],
+             120, needs=("open_clip",), outputs=["paper-bench"]),
+        # The 7B LLM's decode paths side by side (target: >= 70 % of the HBM bandwidth limit).
+        Step("decode", [python, f"{bench}/bench_decode.py", "--preset", "paper", "--device", "cuda", "--new-tokens", "128",
+                        "--repeats", "2", "--batches", "1,4,16", "--out", f"{out}/decode.json"],
+             95, outputs=["decode.json"]),
         Step("fusion-train", [python, os.path.abspath(__file__), "--fusion-train", f"{out}/fusion_train.json"],
-             50, outputs=["fusion_train.json"]),
+             40, outputs=["fusion_train.json"]),
     ]
 
 

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--images", nargs="+", default=None,
                    help="sample names (fusedvlm.samples) or image files (default: astronaut chelsea grace_hopper page)")
     on_device = {k: f"{getattr(SweepConfig, k)} on GPU, {v} on CPU" for k, v in CPU_SWEEP_DEFAULTS.items()}
-    add_options(p, SweepConfig, exclude=("preset", "n_l"), defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS), helps=on_device)
+    add_options(p, SweepConfig, exclude=("preset", "n_l", "decode", "compile"), defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS), helps=on_device)
     add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights")
@@ -42,6 +42,14 @@ def register(sub) -> None:
     p.add_argument("--flops-table", action="store_true",
                    help="print fvcore's per-module FLOP table of one prefill (first image, first n_l) beside the "
                         "bench's own counts, and exit (needs fvcore: pip install 'fusedvlm[bench]')")
+    from fusedvlm.commands import add_decode_args
+
+    add_decode_args(p)
+    p.add_argument("--decode-compare", default="1,4,16", metavar="BATCHES",
+                   help="after the sweep, decode with every path on one prompt and step these batch sizes "
+                        "together (comma-separated; 'none' skips it)")
+    p.add_argument("--decode-new-tokens", type=int, default=None,
+                   help="tokens per run of the decode comparison (default 256 on GPU, 64 on CPU)")
     p.set_defaults(func=run_bench)
 
 
@@ -144,7 +152,9 @@ def run_bench(args: argparse.Namespace) -> int:
     n_ls, skipped = resolve_n_l(parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset)
     on_device = {} if device.type == "cuda" else CPU_SWEEP_DEFAULTS
     unset = {k: on_device.get(k, getattr(SweepConfig, k)) for k in CPU_SWEEP_DEFAULTS if getattr(args, k) is None}
-    sweep_cfg = from_options(SweepConfig, args, preset=args.preset, n_l=tuple(n_ls), **unset)
+    sweep_cfg = from_options(SweepConfig, args, preset=args.preset, n_l=tuple(n_ls), decode=args.decode,
+                             compile=False if args.no_compile else None, **unset)
+    decode_batches = parse_batches(args.decode_compare)
     images = load_images(args.images or list(DEFAULT_IMAGES))
     if args.checkpoint:
         from fusedvlm.model import FusedVLM as _Model
@@ -177,6 +187,18 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{env['torch_threads']} thread(s), {dtype_name}; n_l {n_ls}; {len(images)} image(s) x {sweep_cfg.repeats} repeat(s), "
         f"{sweep_cfg.max_new_tokens} new tokens")
     sweep = run_sweep(model, images, sweep_cfg, log)
+    decode_paths = None
+    if decode_batches:
+        from fusedvlm.benchmark.decode import DecodeBenchConfig, prompt_embeds, run_decode_bench
+        from fusedvlm.decoding import compile_default
+
+        decode_cfg = DecodeBenchConfig(
+            new_tokens=args.decode_new_tokens or (256 if device.type == "cuda" else 64),
+            repeats=3, batches=decode_batches, compile=not args.no_compile and compile_default(),
+        )
+        bw = sweep["bandwidth"]
+        decode_paths = run_decode_bench(model.llm, prompt_embeds(model.llm, model.layout), decode_cfg, log,
+                                        bandwidth=(bw["bytes_per_s"], bw["source"]), engine_for=model.decode_engine)
     payload = {
         "environment": env,
         "config": {
@@ -186,15 +208,34 @@ def run_bench(args: argparse.Namespace) -> int:
             "dtype": dtype_name, "seed": args.seed, "parameters": req["parameters"], "ignore_eos": True,
         },
         **sweep,
+        "decode_paths": decode_paths,
         "wall_time_s": time.perf_counter() - t_start,
     }
     print()
     print("\n".join(table_lines(payload["results"])))
     worst = max(abs(r["fusion_llm_flops_rel_diff"]) for r in payload["results"])
     print(f"\nFLOP check: fusion + projection + LLM prefill counted vs closed form, worst relative difference {worst:.2e}")
+    print(f"decode path of the sweep: {sweep['decode_path']} ({sweep['decode_reason']}); compile {sweep['compile_s']:.1f} s, paid once, not in any timing")
+    if decode_paths is not None:
+        from fusedvlm.benchmark.decode import table_lines as decode_table
+
+        print()
+        print("\n".join(decode_table(decode_paths)))
     paths = write_all(payload, args.out)
     print(f"\nwall time {payload['wall_time_s']:.0f} s; wrote {', '.join(paths)}")
     return 0
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--decode-compare must be comma-separated batch sizes or 'none', got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--decode-compare batch sizes must be >= 1, got {text!r}")
+    return values
 
 
 def _default_n_l() -> str:

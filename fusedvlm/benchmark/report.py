@@ -87,6 +87,13 @@ def markdown(payload: dict) -> str:
     lines += ["| " + " | ".join([str(r["n_l"])] + [f"{r['prefill_tflops'][s] * 1e3:.3f}" for s in STAGES]) + " |" for r in payload["results"]]
     bw = payload["bandwidth"]
     lines += ["", f"Memory bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['source']}); peak memory: {payload['peak_mem_method']}.", ""]
+    if "decode_path" in payload:
+        lines += [f"LLM decode path of the sweep: {payload['decode_path']} ({payload['decode_reason']}); compiling it took "
+                  f"{payload['compile_s']:.1f} s, paid once and outside every timing.", ""]
+    if payload.get("decode_paths"):
+        from fusedvlm.benchmark.decode import markdown_lines
+
+        lines += markdown_lines(payload["decode_paths"])
     return "\n".join(lines)
 
 

@@ -105,6 +105,20 @@ class FusedVLM(nn.Module):
         views, counts = self.preprocess(images)
         return self.encode_views(views, counts)
 
+    # ------------------------------------------------------------------ LLM decoding
+    def decode_engine(self, decode: str = "auto", compile: bool | None = None):
+        """The LLM's decode engine (fusedvlm.decoding), built once per (path, compile) and kept, so
+        that its compiled steps serve every later chat; rebuilt if the LLM moved device or dtype."""
+        from fusedvlm.decoding import compile_default, make_engine
+
+        compile = compile_default() if compile is None else compile
+        weight = self.llm.get_input_embeddings().weight
+        key = (decode, compile, weight.device, weight.dtype)
+        engines = self.__dict__.setdefault("_decode_engines", {})
+        if key not in engines:
+            engines[key] = make_engine(self.llm, decode, compile)
+        return engines[key]
+
     # ------------------------------------------------------------------ LLM inputs
     def check_llm_context(self, positions: int, num_fused: int) -> None:
         """Refuse a prompt that needs more positions than the LLM has (``num_fused`` of them

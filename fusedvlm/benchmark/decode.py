@@ -1,0 +1,214 @@
+"""Decode paths side by side on one prompt: Hugging Face ``generate``, today's HF decode loop,
+the lean static-cache step uncompiled and compiled; then batches of concurrent chats stepping
+together, and LLM prefill through each path. Used by ``fusedvlm bench`` and bench/bench_decode.py.
+
+Every row is measured in the same run, so the ratios hold on a noisy machine even when the
+absolute numbers do not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fusedvlm.benchmark.system import percentile
+from fusedvlm.benchmark.system import kv_bytes_per_position, memory_bandwidth, unique_parameter_bytes
+
+QUESTION = (
+    "Describe a busy harbour at dawn: the boats, the people, the light on the water and the sounds. "
+    "Then explain how the tides shape the work of the fishermen there."
+)
+
+
+@dataclass(frozen=True)
+class DecodeBenchConfig:
+    new_tokens: int = 64
+    repeats: int = 3
+    batches: tuple[int, ...] = (1, 4, 16)
+    batch_tokens: int = 32
+    compile: bool = True
+
+    def __post_init__(self):
+        if self.new_tokens < 4:
+            raise ValueError(f"new_tokens must be >= 4 (latency percentiles need a few steps), got {self.new_tokens}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {list(self.batches)}")
+        if self.batch_tokens < 2:
+            raise ValueError(f"batch_tokens must be >= 2, got {self.batch_tokens}")
+
+
+def prompt_embeds(llm, layout, question: str = QUESTION) -> torch.Tensor:
+    """(L, d) embeddings of a first chat turn in the model's template, without fused tokens."""
+    ids = torch.tensor(layout.question(question, 0, True).ids, device=llm.get_input_embeddings().weight.device)
+    with torch.no_grad():
+        return llm.get_input_embeddings()(ids)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _row(name: str, path: str, latencies: list[float], tokens_per_s: list[float], bytes_per_token: float,
+         bandwidth: float, compile_s: float, reason: str = "") -> dict:
+    tps = statistics.median(tokens_per_s)
+    return {
+        "name": name, "path": path, "reason": reason,
+        "tokens_per_s": tps,
+        "bandwidth_fraction": bytes_per_token * tps / bandwidth,
+        "latency_ms": {p: percentile(latencies, q) * 1e3 for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
+        "compile_s": compile_s,
+    }
+
+
+def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Callable[[str], None] = print,
+                     bandwidth: tuple[float, str] | None = None, engine_for: Callable | None = None) -> dict:
+    """Every path on the prompt ``embeds`` (L, d); returns rows, batch rows, prefill rows, ratios.
+    ``engine_for(decode, compile)`` supplies the engines (default: new ones from make_engine); pass
+    ``FusedVLM.decode_engine`` to reuse steps a chat already compiled."""
+    from fusedvlm.decoding import HFEngine, make_engine
+
+    if engine_for is None:
+        def engine_for(decode: str, compile: bool):
+            return make_engine(llm, decode, compile)
+    from fusedvlm.generation import GenerationConfig, decode, prefill
+
+    device = embeds.device
+    dtype = llm.get_input_embeddings().weight.dtype
+    bw, bw_source = bandwidth or memory_bandwidth(device)
+    llm_bytes = unique_parameter_bytes(llm)
+    kv_pos = kv_bytes_per_position(llm, dtype)
+    prompt_len = embeds.shape[0]
+    # Every decode step streams the weights once and the KV cache so far (mean context).
+    bytes_per_token = llm_bytes + kv_pos * (prompt_len + cfg.new_tokens / 2)
+    gen = GenerationConfig(max_new_tokens=cfg.new_tokens, ignore_eos=True)
+
+    engines = [HFEngine(llm, reason="today's path: HF forward + DynamicCache")]
+    lean = engine_for("auto", False)
+    if lean.path != "hf":
+        engines.append(lean)
+        if cfg.compile:
+            engines.append(engine_for("auto", True))
+    else:
+        log(f"lean decode unavailable: {lean.reason}")
+
+    # HF generate, as a user of transformers would decode: new tokens minus a 1-token run (its prefill).
+    def generate(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        llm.generate(inputs_embeds=embeds[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     pad_token_id=llm.config.eos_token_id if llm.config.pad_token_id is None else llm.config.pad_token_id)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    # Warm-up (and compilation) first; then the timed runs go round every path in turn, so that a
+    # machine whose load drifts biases no path.
+    generate(2)
+    compile_s, answers = {}, {}
+    for engine in engines:
+        out = decode(engine, prefill(engine, embeds), gen, eos_ids=set())
+        compile_s[engine.path] = out.compile_s
+        answers[engine.path] = out.ids
+    gen_tps = []
+    tps = {e.path: [] for e in engines}
+    lat = {e.path: [] for e in engines}
+    pre = {e.path: [] for e in engines}
+    for _ in range(cfg.repeats):
+        gen_tps.append((cfg.new_tokens - 1) / max(generate(cfg.new_tokens) - generate(1), 1e-9))
+        for engine in engines:
+            state = prefill(engine, embeds)
+            out = decode(engine, state, gen, eos_ids=set())
+            pre[engine.path].append(state.seconds)
+            tps[engine.path].append(len(out.token_latencies_s) / sum(out.token_latencies_s))
+            lat[engine.path] += out.token_latencies_s
+    rows = [_row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy")]
+    rows[-1]["latency_ms"] = {k: float("nan") for k in rows[-1]["latency_ms"]}
+    names = {"hf": "HF forward loop", "lean-eager": "lean, eager", "lean-compiled": "lean, compiled"}
+    for engine in engines:
+        rows.append(_row(names[engine.path], engine.path, lat[engine.path], tps[engine.path], bytes_per_token, bw,
+                         compile_s[engine.path], engine.reason))
+    for r in rows:
+        log(f"decode: {r['name']} {r['tokens_per_s']:.1f} tok/s (compile {r['compile_s']:.1f} s)")
+    prefill_ms = {p: statistics.median(v) * 1e3 for p, v in pre.items()}
+
+    base = {r["path"]: r["tokens_per_s"] for r in rows}
+    for r in rows:
+        r["x_hf_generate"] = r["tokens_per_s"] / base["hf-generate"]
+        r["x_hf_loop"] = r["tokens_per_s"] / base["hf"]
+    same = {p: ids == answers["hf"] for p, ids in answers.items()}
+
+    best = engines[-1]
+    batch_rows = []
+    for b in cfg.batches:
+        cache = best.new_cache(b)
+        best.prefill(embeds[None].expand(b, -1, -1), cache)
+        compile_s = best.prepare(cache, prompt_len + cfg.batch_tokens + 1)
+        tokens = torch.zeros(b, dtype=torch.long, device=device)
+        best.step(tokens, cache)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg.batch_tokens):
+            tokens = best.step(tokens, cache).argmax(-1)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        batch_rows.append({"batch": b, "path": best.path, "aggregate_tokens_per_s": b * cfg.batch_tokens / seconds,
+                           "step_ms": seconds / cfg.batch_tokens * 1e3, "compile_s": compile_s})
+        log(f"decode: batch {b} ({best.path}) {batch_rows[-1]['aggregate_tokens_per_s']:.1f} tok/s aggregate")
+    for r in batch_rows:
+        r["x_batch_1"] = r["aggregate_tokens_per_s"] / batch_rows[0]["aggregate_tokens_per_s"] if cfg.batches[0] == 1 else float("nan")
+
+    # Prefill FLOPs: every matmul weight once per prompt token (embedding lookups excluded), and
+    # causal attention (QK^T and PV, half the square).
+    c = llm.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    matmul_params = sum(p.numel() for n, p in llm.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    if getattr(c, "tie_word_embeddings", False):
+        matmul_params += llm.get_input_embeddings().weight.numel()
+    # logits_to_keep: the LM head runs on the last position only.
+    lm_head = llm.get_output_embeddings().weight.numel()
+    flops = 2 * (matmul_params - lm_head) * prompt_len + 2 * lm_head
+    flops += 2 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim * prompt_len * (prompt_len + 1) / 2
+    prefill_rows = [{"path": p, "ms": ms, "gflops_per_s": flops / (ms / 1e3) / 1e9, "x_hf": prefill_ms["hf"] / ms}
+                    for p, ms in prefill_ms.items()]
+    return {
+        "bandwidth": {"bytes_per_s": bw, "source": bw_source},
+        "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
+        "llm_parameter_bytes": llm_bytes, "bytes_per_token": bytes_per_token,
+        "limit_tokens_per_s": bw / bytes_per_token,
+        "rows": rows, "greedy_ids_match_hf": same, "batch_rows": batch_rows,
+        "prefill_flops": flops, "prefill_rows": prefill_rows,
+    }
+
+
+def table_lines(res: dict) -> list[str]:
+    bw = res["bandwidth"]["bytes_per_s"]
+    lines = [
+        f"decode, {res['prompt_tokens']}-token prompt, {res['new_tokens']} new tokens, median of {res['repeats']}; "
+        f"{res['bytes_per_token'] / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s -> limit {res['limit_tokens_per_s']:.1f} tok/s",
+        f"{'path':<16} {'tok/s':>7} {'BW frac':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'compile s':>9} {'x generate':>10} {'x HF loop':>9}",
+    ]
+    for r in res["rows"]:
+        lat = r["latency_ms"]
+        lines.append(f"{r['name']:<16} {r['tokens_per_s']:>7.1f} {r['bandwidth_fraction']:>7.2f} {lat['p50']:>7.1f} "
+                     f"{lat['p90']:>7.1f} {lat['p99']:>7.1f} {r['compile_s']:>9.1f} {r['x_hf_generate']:>10.2f} {r['x_hf_loop']:>9.2f}")
+    lines.append("greedy ids equal to the HF loop: " + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in res["greedy_ids_match_hf"].items()))
+    lines.append("")
+    lines.append(f"{'batch':>5} {'path':<14} {'agg tok/s':>9} {'ms/step':>8} {'x B=1':>6} {'compile s':>9}")
+    for r in res["batch_rows"]:
+        lines.append(f"{r['batch']:>5} {r['path']:<14} {r['aggregate_tokens_per_s']:>9.1f} {r['step_ms']:>8.1f} "
+                     f"{r['x_batch_1']:>6.2f} {r['compile_s']:>9.1f}")
+    lines.append("")
+    lines.append(f"LLM prefill ({res['prefill_flops'] / 1e9:.2f} GFLOP): " + "; ".join(
+        f"{r['path']} {r['ms']:.1f} ms = {r['gflops_per_s']:.1f} GFLOP/s ({r['x_hf']:.2f}x HF)" for r in res["prefill_rows"]))
+    return lines
+
+
+def markdown_lines(res: dict) -> list[str]:
+    lines = ["", "## Decode paths", "", "\n".join(table_lines(res)).join(["```\n", "\n```"]), ""]
+    return lines

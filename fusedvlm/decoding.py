@@ -1,0 +1,427 @@
+"""LLM decode engines: a lean Llama decoder over a static KV cache (compiled once per
+(batch, cache bucket), gpt-fast style), with Hugging Face eager as the fallback.
+
+Why a lean decoder: one decode step of a small LLM is a chain of GEMVs that only have to
+stream the weights once. Hugging Face's forward spends most of a step in Python (module
+calls, cache bookkeeping, mask building) and its dynamic cache reallocates every step, so it
+reaches a third of the memory-bandwidth limit on a CPU. The lean step reads the HF weights in
+place (no copy), writes K/V into preallocated buffers and is traced by ``torch.compile`` into
+one graph: inductor C++ on a CPU, CUDA graphs (``mode="reduce-overhead"``) on a GPU.
+
+Paths, chosen by :func:`make_engine` and reported as ``engine.path`` / ``engine.reason``:
+
+* ``lean-compiled``: Llama-family config (Llama-2, Vicuna, SmolLM2), compiled step;
+* ``lean-eager``: the same step uncompiled (``--no-compile``, or torch.compile unavailable);
+* ``hf``: Hugging Face forward with its DynamicCache (any causal LM; also ``--decode hf``).
+
+Every engine keeps the KV cache in an object with the Hugging Face cache API the chat session
+relies on for rollback: ``get_seq_length()`` and ``crop(n)``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fusedvlm.generation import _sync
+
+DECODE_PATHS = ("auto", "lean", "hf")
+# The static cache grows in buckets of this many positions (doubling), so one compiled step
+# serves every context length up to its bucket and a conversation recompiles a few times at most.
+FIRST_BUCKET = 256
+# RoPE variants whose frequencies do not depend on the sequence length: one table serves all.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+# SPEC-compatible activations of the Llama MLP.
+LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+# ------------------------------------------------------------------------------------ cache
+
+class StaticKVCache:
+    """Keys and values of every layer in preallocated tensors, one (B, kv_heads, capacity,
+    head_dim) pair per layer: the compiled step writes each in place (one tensor spanning all
+    layers would make inductor copy it whole at every write). Positions >= ``get_seq_length()``
+    are stale and masked out, so ``crop`` only moves the length. Capacity grows by doubling
+    buckets up to ``max_capacity`` (copying once per bucket)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, max_capacity: int,
+                 dtype: torch.dtype, device: torch.device, capacity: int = FIRST_BUCKET):
+        self.max_capacity = max_capacity
+        self.length = 0
+        shape = (batch, kv_heads, min(capacity, max_capacity), head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # CUDA graphs need the cache at a fixed address; the step mutates it in place.
+        if self.k[0].device.type == "cuda":
+            for t in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(t)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop that many), as DynamicCache.crop."""
+        if max_length < 0:
+            max_length = self.length - abs(max_length)
+        if max_length < 0:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens by more than its length")
+        self.length = min(self.length, max_length)
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions in all (the next bucket that holds them)."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_capacity:
+            raise ValueError(f"the conversation needs {needed} LLM positions, more than the LLM's context of {self.max_capacity}")
+        cap = self.capacity
+        while cap < needed:
+            cap *= 2
+        cap = min(cap, self.max_capacity)
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros(*old.shape[:2], cap, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                tensors[i] = new
+        self._mark_static()
+
+
+# ------------------------------------------------------------------------------------ lean Llama
+
+def lean_unsupported(config) -> str | None:
+    """Why the lean Llama step cannot run this HF config, or None when it can."""
+    if getattr(config, "model_type", None) != "llama":
+        return f"model_type {getattr(config, 'model_type', None)!r} is not in the Llama family"
+    act = getattr(config, "hidden_act", "silu")
+    if act not in LEAN_ACTIVATIONS:
+        return f"hidden_act {act!r} is not one of {sorted(LEAN_ACTIVATIONS)}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"RoPE type {rope_type!r} depends on the sequence length (lean step supports {STATIC_ROPE_TYPES})"
+    return None
+
+
+class LeanLlama(torch.nn.Module):
+    """A Llama decoder over the weights of a Hugging Face ``LlamaForCausalLM``, shared, not copied.
+
+    The per-layer weights sit in plain Python lists so the traced graph reads each one exactly
+    where HF keeps it; RoPE cos/sin come from HF's own rotary module (RoPE scaling included)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        c = hf.config
+        self.num_layers = c.num_hidden_layers
+        self.num_heads = c.num_attention_heads
+        self.kv_heads = c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.eps = c.rms_norm_eps
+        self.act = LEAN_ACTIVATIONS[getattr(c, "hidden_act", "silu")]
+        self.max_positions = c.max_position_embeddings
+        self.scale = self.head_dim ** -0.5
+        self.fuse_attention = False  # set by a compiling engine (see _attend_bucket)
+        base = hf.model
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm.weight
+        self.lm_head = hf.lm_head.weight
+        self.lm_head_bias = hf.lm_head.bias
+        self.layers = []
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(tuple(
+                t for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+                for t in (lin.weight, lin.bias)
+            ) + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
+        with torch.no_grad():
+            pos = torch.arange(self.max_positions, device=self.embed.device)[None]
+            probe = torch.empty(0, dtype=self.embed.dtype, device=self.embed.device)
+            cos, sin = base.rotary_emb(probe, pos)
+        self.register_buffer("cos", cos[0].contiguous(), persistent=False)  # (positions, head_dim)
+        self.register_buffer("sin", sin[0].contiguous(), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def new_cache(self, batch: int = 1, capacity: int = FIRST_BUCKET) -> StaticKVCache:
+        return StaticKVCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_capacity=self.max_positions,
+                             dtype=self.dtype, device=self.embed.device, capacity=capacity)
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # As HF LlamaRMSNorm: statistics in fp32, scale after casting back.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * x.to(dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, x: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor,
+                start: int | None = None) -> torch.Tensor:
+        """x (B, T, d) embeddings at positions pos .. pos + T - 1 (``pos`` a 1-element long tensor);
+        writes their K/V into the caches and returns fp32 logits of the last position (B, V).
+
+        ``start`` is None in the decode step: attention then runs over the whole cache bucket
+        with a mask, so the shapes, and therefore the compiled graph, depend only on
+        (B, T, capacity), never on the position. Prefill passes ``start`` (= pos, as an int) and
+        attends with SDPA to the filled part of the cache only."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
+        positions = pos + torch.arange(T, device=x.device)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
+        if start is None:
+            # key j is visible to query t when j <= pos + t
+            visible = torch.arange(k_cache[0].shape[2], device=x.device)[None, :] <= positions[:, None]
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
+        elif start:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        for i, (wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd, ln1, ln2) in enumerate(self.layers):
+            h = self._rms(x, ln1)
+            q = F.linear(h, wq, bq).view(B, T, H, D).transpose(1, 2)
+            k = F.linear(h, wk, bk).view(B, T, Hkv, D).transpose(1, 2)
+            v = F.linear(h, wv, bv).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            k_cache[i][:, :, positions] = k
+            v_cache[i][:, :, positions] = v
+            if start is None:
+                o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
+            else:
+                keys, values = k_cache[i][:, :, : start + T], v_cache[i][:, :, : start + T]
+                if Hkv != H:
+                    keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask if start else None,
+                                                   is_causal=not start, scale=self.scale)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), wo, bo)
+            h = self._rms(x, ln2)
+            x = x + F.linear(self.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
+        return F.linear(self._rms(x[:, -1], self.norm), self.lm_head, self.lm_head_bias).float()
+
+    def _attend_bucket(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D) over a whole cache bucket (B, Hkv, cap, D); the G query heads of one KV
+        head share it, so the cache is never expanded. Traced for the compiler, the products are
+        written as broadcast multiply + sum, which inductor fuses into one pass over the cache
+        (a batched GEMM with 1-row operands runs far below bandwidth on a CPU)."""
+        B, H, T, D = q.shape
+        Hkv, cap = keys.shape[1], keys.shape[2]
+        G = H // Hkv
+        if self.fuse_attention:
+            qg = q.view(B, Hkv, G * T, 1, D)
+            scores = (qg * keys[:, :, None]).sum(-1).float() * self.scale  # (B, Hkv, G*T, cap)
+        else:
+            scores = torch.matmul(q.reshape(B, Hkv, G * T, D), keys.transpose(-1, -2)).float() * self.scale
+        probs = (scores.view(B, Hkv, G, T, cap) + bias).softmax(-1).to(q.dtype).view(B, Hkv, G * T, cap)
+        if self.fuse_attention:
+            o = (probs[..., None] * values[:, :, None]).sum(-2)
+        else:
+            o = torch.matmul(probs, values)
+        return o.view(B, H, T, D)
+
+    def step(self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+        """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
+        return self.forward(F.embedding(tokens[:, None], self.embed), k_cache, v_cache, pos)
+
+
+# ------------------------------------------------------------------------------------ engines
+
+@dataclass
+class CompileStats:
+    seconds: float = 0.0  # first-call (trace + compile) time of every compiled shape
+    graphs: int = 0
+
+
+def compile_cache_dir() -> str:
+    from fusedvlm.model.llm import cache_dir
+
+    return os.path.join(cache_dir(), "inductor")
+
+
+def _enable_compile_cache() -> None:
+    """Keep inductor's compiled artefacts under ~/.cache/fusedvlm so a second run skips codegen
+    (unless TORCHINDUCTOR_CACHE_DIR is set already, by the user or an earlier inductor import)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+    except ImportError:  # pragma: no cover - torch without inductor
+        pass
+
+
+class LeanEngine:
+    """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`."""
+
+    def __init__(self, hf, *, compile: bool = True, reason: str = ""):
+        self.hf = hf
+        self.model = LeanLlama(hf)
+        self.device = self.model.embed.device
+        self.compile = compile
+        self.path = "lean-compiled" if compile else "lean-eager"
+        self.reason = reason
+        self.compile_stats = CompileStats()
+        self._seen: set[tuple[int, int]] = set()
+        self._step = self.model.step
+        self.model.fuse_attention = compile
+        if compile:
+            _enable_compile_cache()
+            # One graph per (batch, bucket): more than dynamo's default 8 recompiles of one function.
+            limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+            torch._dynamo.config.recompile_limit = limit
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(self.model.step, mode=mode, dynamic=False, fullgraph=True)
+
+    def new_cache(self, batch: int = 1) -> StaticKVCache:
+        return self.model.new_cache(batch)
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """embeds (B, L, d) appended to the cache -> fp32 next-token logits (B, V). Uncompiled:
+        prompt lengths vary, and prefill is GEMM-bound, so the Python overhead is small."""
+        start = cache.get_seq_length()
+        cache.reserve(start + embeds.shape[1])
+        pos = torch.tensor([start], device=self.device)
+        logits = self.model(embeds.to(self.model.dtype), cache.k, cache.v, pos, start)
+        cache.length = start + embeds.shape[1]
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """tokens (B,) fed at the cache's length -> fp32 logits (B, V)."""
+        start = cache.get_seq_length()
+        cache.reserve(start + 1)
+        pos = torch.tensor([start], device=self.device)
+        logits = self._step(tokens, cache.k, cache.v, pos)
+        cache.length = start + 1
+        # CUDA graph outputs live in a pool that the next replay overwrites.
+        return logits.clone() if self.device.type == "cuda" else logits
+
+    @torch.no_grad()
+    def prepare(self, cache: StaticKVCache, upto: int) -> float:
+        """Grow the cache to the bucket holding ``upto`` positions (capped at the context) and
+        compile the step for it once; returns the seconds spent compiling (0 when cached).
+
+        The warm-up calls write K/V at the first free position, which is masked until a real
+        step overwrites it, so the cache's contents are untouched."""
+        cache.reserve(min(upto, cache.max_capacity))
+        key = (cache.batch_size, cache.capacity)
+        if not self.compile or key in self._seen or cache.get_seq_length() >= cache.capacity:
+            return 0.0
+        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=self.device)
+        pos = torch.tensor([cache.get_seq_length()], device=self.device)
+        t0 = time.perf_counter()
+        try:
+            # CUDA graphs warm up on the first call and record on the next ones.
+            for _ in range(3 if self.device.type == "cuda" else 1):
+                self._step(tokens, cache.k, cache.v, pos)
+            _sync(self.device)
+        except Exception as e:  # noqa: BLE001 - any compiler failure leaves the eager step, which is exact
+            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2)
+            self.compile, self._step, self.path = False, self.model.step, "lean-eager"
+            self.model.fuse_attention = False
+            self.reason += f"; compiling failed ({type(e).__name__})"
+            return 0.0
+        seconds = time.perf_counter() - t0
+        self._seen.add(key)
+        self.compile_stats.seconds += seconds
+        self.compile_stats.graphs += 1
+        return seconds
+
+
+class HFEngine:
+    """Hugging Face forward with its own (dynamic) cache: today's path, for any causal LM."""
+
+    def __init__(self, hf, *, reason: str = ""):
+        self.hf = hf
+        self.device = hf.get_input_embeddings().weight.device
+        self.path = "hf"
+        self.reason = reason
+        self.compile_stats = CompileStats()
+
+    def new_cache(self, batch: int = 1):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, cache) -> torch.Tensor:
+        start = cache.get_seq_length()
+        end = start + embeds.shape[1]
+        out = self.hf(
+            inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+            position_ids=torch.arange(start, end, device=self.device)[None].expand(embeds.shape[0], -1),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        start = cache.get_seq_length()
+        out = self.hf(
+            input_ids=tokens[:, None], past_key_values=cache, use_cache=True,
+            position_ids=torch.full((tokens.shape[0], 1), start, device=self.device),
+        )
+        return out.logits[:, -1].float()
+
+    def prepare(self, cache, upto: int) -> float:
+        return 0.0
+
+
+
+def compile_default() -> bool:
+    """Whether the lean step compiles unless told otherwise: yes, but ``FUSEDVLM_COMPILE=0`` turns
+    it off for a whole process (the test suite does, keeping compilation to its own tests)."""
+    return os.environ.get("FUSEDVLM_COMPILE", "1") != "0"
+
+
+def make_engine(hf, decode: str = "auto", compile: bool | None = None):
+    """The decode engine for a HF causal LM: ``decode`` is ``auto`` (lean when the config allows,
+    else HF), ``lean`` (error when unsupported) or ``hf``; ``compile`` None means
+    :func:`compile_default`. ``engine.reason`` says why."""
+    if compile is None:
+        compile = compile_default()
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"unknown decode path {decode!r}; choose from {DECODE_PATHS}")
+    if decode == "hf":
+        return HFEngine(hf, reason="requested (--decode hf)")
+    why_not = lean_unsupported(hf.config)
+    if why_not is not None:
+        if decode == "lean":
+            raise ValueError(f"--decode lean: {why_not}")
+        return HFEngine(hf, reason=f"lean step unsupported: {why_not}")
+    if compile:
+        _enable_compile_cache()  # before inductor's first import, which fixes its cache directory
+    if compile and not _compile_available():
+        return LeanEngine(hf, compile=False, reason="torch.compile is unavailable here (no C++ compiler / inductor)")
+    reason = "Llama-family config" + ("" if compile else "; compilation off (--no-compile or FUSEDVLM_COMPILE=0)")
+    return LeanEngine(hf, compile=compile, reason=reason)
+
+
+def _compile_available() -> bool:
+    import shutil
+
+    try:
+        import torch._inductor  # noqa: F401
+    except ImportError:
+        return False
+    # Inductor's CPU backend generates C++; without a compiler it fails at the first call.
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None or torch.cuda.is_available()
+
