@@ -193,8 +193,10 @@ def test_cli_defaults_are_read_from_the_sweep_config():
 
     args = build_parser().parse_args(["bench"])
     for f in dataclasses.fields(SweepConfig):
-        if f.name not in ("preset", "n_l"):  # --preset and --n-l are the command's own
+        # --preset and --n-l are the command's own; --decode / --no-compile are shared with chat.
+        if f.name not in ("preset", "n_l", "decode", "compile"):
             assert getattr(args, f.name) == (None if f.name in CPU_SWEEP_DEFAULTS else f.default), f.name
+    assert args.decode == SweepConfig.decode and args.no_compile is False  # compile=None: the default rule
 
 
 def test_cli_validates_n_l():

@@ -35,7 +35,7 @@ def test_refuses_clearly_without_cuda(tmp_path):
 
 def test_plan_fits_the_time_budget_and_names_real_files(gpu_check, tmp_path):
     steps = gpu_check.plan(str(tmp_path))
-    assert [s.name for s in steps] == ["cuda-tests", "local-merge", "packed-attn", "pairwise", "paper-bench", "fusion-train"]
+    assert [s.name for s in steps] == ["cuda-tests", "local-merge", "packed-attn", "pairwise", "paper-bench", "decode", "fusion-train"]
     assert sum(s.timeout_s for s in steps) < 8 * 60
     for step in steps:
         scripts = [a for a in step.argv if a.endswith(".py") and not a.startswith("tests/")]
