@@ -1,6 +1,10 @@
-// Python entry points of the CPU kernels. The fusedvlm:: operator schemas, fake kernels, autograd
-// and FLOP formulas are registered in Python (kernels/*.py) so that they exist, with a torch
-// fallback, on machines that cannot build this extension.
+// Registers the CPU kernels as operators of the private namespace fusedvlm_cpu (called from
+// Python as torch.ops.fusedvlm_cpu.*). The public fusedvlm:: schemas, fake kernels, autograd
+// and FLOP formulas are registered in Python (kernels/*.py), so that they exist, with a torch
+// fallback, on machines that cannot build this extension. torch/library.h rather than
+// torch/extension.h (pybind11 and the C++ frontend) keeps the build to about a minute.
+#include <torch/library.h>
+
 #include "common.h"
 
 namespace fusedvlm {
@@ -13,9 +17,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(const at::Te
 at::Tensor pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 }  // namespace fusedvlm
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("packed_attention_fwd", &fusedvlm::packed_attention_fwd);
-  m.def("packed_attention_bwd", &fusedvlm::packed_attention_bwd);
-  m.def("pairwise_cosine_stats", &fusedvlm::pairwise_cosine_stats);
-  m.def("have_blas", &fusedvlm::have_blas);
+TORCH_LIBRARY(fusedvlm_cpu, m) {
+  m.def("packed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, bool causal, float scale)"
+        " -> (Tensor, Tensor)",
+        &fusedvlm::packed_attention_fwd);
+  m.def("packed_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_q,"
+        " Tensor cu_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+        &fusedvlm::packed_attention_bwd);
+  m.def("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) -> Tensor",
+        &fusedvlm::pairwise_cosine_stats);
+  m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
 }

@@ -1,7 +1,16 @@
 // Shared helpers of the fusedvlm CPU kernels: a raw row-major SGEMM and a vectorisable exp.
 #pragma once
 
-#include <torch/extension.h>
+// Only the headers of the ops used: the full torch/extension.h (pybind11 and every operator) is
+// included by bindings.cpp alone, which keeps the first build near a minute on two cores.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>

@@ -116,4 +116,21 @@ def run_info(args: argparse.Namespace) -> int:
     ]
     for label, value in budget:
         print(f"  {label:<40s} {value:>12,d}")
+    print_kernel_implementations()
     return 0
+
+
+def print_kernel_implementations() -> None:
+    """Which implementation each fusedvlm:: op runs here (CPU, and CUDA when present)."""
+    import torch
+
+    from fusedvlm import native
+    from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("kernels (" + ", ".join(devices) + "):")
+    for name, module in (("packed_attention", packed_attention), ("local_merge", local_merge),
+                         ("pairwise_cosine_stats", pairwise_cosine)):
+        impls = [module.implementation(torch.empty(0, device=d)) for d in devices]
+        print(f"  {name:<40s} {' / '.join(impls):>12s}")
+    print(f"  C++ CPU kernels: {native.status()}")

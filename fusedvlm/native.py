@@ -78,10 +78,11 @@ def _load():
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / f"{name}.so").exists():
             print(f"fusedvlm: building the C++ CPU kernels once into {directory} (about a minute)", file=sys.stderr)
-        return cpp_extension.load(
+        cpp_extension.load(
             name=name, sources=[str(src / f) for f in _SOURCES], extra_cflags=flags, extra_include_paths=[str(src)],
-            build_directory=str(directory), verbose=False,
+            build_directory=str(directory), verbose=False, is_python_module=False,
         )
+        return torch.ops.fusedvlm_cpu
     except Exception as exc:  # noqa: BLE001 - any build failure means the torch paths
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
         first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
@@ -89,7 +90,7 @@ def _load():
 
 
 def load():
-    """The compiled module; raises :class:`NativeUnavailable` naming why it is missing."""
+    """``torch.ops.fusedvlm_cpu``, the compiled kernels; raises :class:`NativeUnavailable` naming why it is missing."""
     mod = _load()
     if isinstance(mod, Exception):
         raise mod
@@ -116,4 +117,4 @@ def status() -> str:
     if isinstance(mod, Exception):
         return f"unavailable ({mod})"
     blas = "MKL/OpenBLAS sgemm" if mod.have_blas() else "at::addmm tiles"
-    return f"built ({Path(mod.__file__).parent}; GEMM tiles via {blas})"
+    return f"built ({build_dir(_cflags())[1]}; GEMM tiles via {blas})"
