@@ -726,7 +726,8 @@ def packed_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if implementation(q) == "torch":
+    # A compiled graph always holds the op; its kernel picks the implementation at run time.
+    if not torch.compiler.is_compiling() and implementation(q) == "torch":
         offsets_q, offsets_k = _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
         return _torch_packed_attention(q, k, v, offsets_q, offsets_k, causal, scale)
     return torch.ops.fusedvlm.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
