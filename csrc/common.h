@@ -44,7 +44,12 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 inline float exp_approx(float x) {
   float xc = x < -87.33654f ? -87.33654f : x;
   xc = xc > 88.72283f ? 88.72283f : xc;
-  float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
+  // floor through an integer conversion, which vectorises (floorf is a libm call without
+  // -ffast-math); |xc| < 89 keeps it in range.
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(t);
+  n -= static_cast<float>(n) > t ? 1 : 0;
+  const float fx = static_cast<float>(n);
   float r = xc - fx * 0.693359375f;
   r = r + fx * 2.12194440e-4f;
   float r2 = r * r;
@@ -55,7 +60,7 @@ inline float exp_approx(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r2 + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
+  int32_t e = (n + 127) << 23;
   float p2;
   std::memcpy(&p2, &e, sizeof(p2));
   float res = y * p2;
@@ -64,5 +69,12 @@ inline float exp_approx(float x) {
   res = x != x ? x : res;
   return res;
 }
+
+// row[j] = exp(row[j] - base) for j < n; returns the sum. NaN propagates, the max of a row is
+// taken by the caller with NaN ignored, so a NaN score makes its row's sum NaN.
+float exp_sub_sum(float* row, int64_t n, float base);
+
+// max(init, row[0..n)) ignoring NaN entries.
+float row_max(const float* row, int64_t n, float init);
 
 }  // namespace fusedvlm

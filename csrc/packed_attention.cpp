@@ -24,7 +24,7 @@ namespace fusedvlm {
 namespace {
 
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 128;
+constexpr int64_t kBlockN = 256;
 
 struct Geometry {
   std::vector<int64_t> cq, ck;  // offsets on the host (the tensors live on the CPU already)
@@ -116,17 +116,10 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
           // Columns past this row's causal limit are invisible.
           const int64_t vis = std::max<int64_t>(0, std::min(cn, key_limit(causal, w.row0 + i, shift, lk) - c0));
           for (int64_t j = vis; j < cn; ++j) row[j] = -kInf;
-          float mx = m[i];
-          for (int64_t j = 0; j < vis; ++j) mx = row[j] > mx ? row[j] : mx;
+          const float mx = row_max(row, vis, m[i]);
           // A row that has seen no visible key keeps m = -inf; shift by 0 to avoid inf - inf.
           const float base = mx == -kInf ? 0.0f : mx;
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < cn; ++j) {
-            const float p = exp_approx(row[j] - base);
-            row[j] = p;
-            sum += p;
-          }
+          const float sum = exp_sub_sum(row, cn, base);
           const float a = exp_approx(m[i] - base);
           alpha[i] = a;
           l[i] = l[i] * a + sum;
@@ -204,14 +197,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
               float* pr = p + i * kBlockN;
               float* dpr = dp + i * kBlockN;
               const int64_t vis = std::max<int64_t>(0, std::min(cn, key_limit(causal, r0 + i, shift, lk) - c0));
-              const float li = lrow[i], di = delta[i];
-#pragma omp simd
-              for (int64_t j = 0; j < cn; ++j) {
-                // Invisible entries are zeroed, not multiplied: their scores may be NaN.
-                const float pj = j < vis ? exp_approx(pr[j] - li) : 0.0f;
-                pr[j] = pj;
-                dpr[j] = j < vis ? pj * (dpr[j] - di) : 0.0f;
-              }
+              const float di = delta[i];
+              exp_sub_sum(pr, vis, lrow[i]);
+              for (int64_t j = 0; j < vis; ++j) dpr[j] = pr[j] * (dpr[j] - di);
+              // Invisible entries are zeroed, not multiplied: their scores may be NaN.
+              for (int64_t j = vis; j < cn; ++j) pr[j] = dpr[j] = 0.0f;
             }
             // dV += P^T dO, dQ += scale dS K, dK += scale dS^T Q.
             gemm(true, false, cn, d, bm, 1.0f, p, kBlockN, dob, ldq, 1.0f, dvb + c0 * ldk, ldk);

@@ -40,7 +40,7 @@ def source_dir() -> Path:
 
 
 def _cflags() -> list[str]:
-    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
+    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64"):
         try:
             cpu = Path("/proc/cpuinfo").read_text()
