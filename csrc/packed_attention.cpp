@@ -1,7 +1,7 @@
 // Packed (varlen) block-diagonal attention on the CPU, forward and backward, one call per pack.
 //
-// Work is split into (segment, head, block of kBlockM queries) items run by at::parallel_for.
-// Each item streams its segment's keys in chunks of kBlockN up to its causal limit (bottom-right:
+// Work is split into (segment, head, block of queries) items run by at::parallel_for.
+// Each item streams its segment's keys in chunks up to its causal limit (bottom-right:
 // query i of Lq sees keys j <= i + Lk - Lq) with the flash-attention online softmax: S = scale
 // Q K^T and P V are SGEMMs on the packed tensors in place (row stride H * D), so no segment is
 // copied, padded or masked beyond its diagonal band. The backward runs one item per (segment,
@@ -23,8 +23,12 @@
 namespace fusedvlm {
 namespace {
 
-constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 256;
+// Query block and key chunk: small for short segments (less causal waste, more items to share
+// between threads), large for long ones (fewer, larger SGEMMs and fewer softmax rescales).
+constexpr int64_t kBlockM = 128;
+constexpr int64_t kBlockN = 512;
+inline int64_t block_m(int64_t lq) { return lq >= 512 ? 128 : 64; }
+inline int64_t block_n(int64_t lk) { return lk >= 1024 ? 512 : 256; }
 
 struct Geometry {
   std::vector<int64_t> cq, ck;  // offsets on the host (the tensors live on the CPU already)
@@ -91,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
   for (int64_t s = 0; s + 1 < static_cast<int64_t>(g.cq.size()); ++s) {
     const int64_t lq = g.cq[s + 1] - g.cq[s];
     for (int64_t h = 0; h < hq; ++h)
-      for (int64_t r = 0; r < lq; r += kBlockM) items.push_back({s, h, r});
+      for (int64_t r = 0; r < lq; r += block_m(lq)) items.push_back({s, h, r});
   }
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
@@ -99,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     for (int64_t it = begin; it < end; ++it) {
       const Item w = items[it];
       const int64_t q0 = g.cq[w.seg], lq = g.cq[w.seg + 1] - q0, k0 = g.ck[w.seg], lk = g.ck[w.seg + 1] - k0;
-      const int64_t shift = lk - lq, bm = std::min(kBlockM, lq - w.row0), kvh = w.head / group;
+      const int64_t shift = lk - lq, bm = std::min(block_m(lq), lq - w.row0), kvh = w.head / group;
+      const int64_t bn = block_n(lk);
       const float* qb = qp + ((q0 + w.row0) * hq + w.head) * d;
       const float* kb = kp + (k0 * hkv + kvh) * d;
       const float* vb = vp + (k0 * hkv + kvh) * d;
@@ -107,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
       std::fill(m.begin(), m.end(), -kInf);
       std::fill(l.begin(), l.end(), 0.0f);
       const int64_t hi = key_limit(causal, w.row0 + bm - 1, shift, lk);
-      for (int64_t c0 = 0; c0 < hi; c0 += kBlockN) {
-        const int64_t cn = std::min(kBlockN, hi - c0);
+      for (int64_t c0 = 0; c0 < hi; c0 += bn) {
+        const int64_t cn = std::min(bn, hi - c0);
         float* s = sbuf.data();
-        gemm(false, true, bm, cn, d, scale, qb, ldq, kb + c0 * ldk, ldk, 0.0f, s, kBlockN);
+        gemm(false, true, bm, cn, d, scale, qb, ldq, kb + c0 * ldk, ldk, 0.0f, s, bn);
         for (int64_t i = 0; i < bm; ++i) {
-          float* row = s + i * kBlockN;
+          float* row = s + i * bn;
           // Columns past this row's causal limit are invisible.
           const int64_t vis = std::max<int64_t>(0, std::min(cn, key_limit(causal, w.row0 + i, shift, lk) - c0));
           for (int64_t j = vis; j < cn; ++j) row[j] = -kInf;
@@ -128,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
           if (a != 1.0f)
             for (int64_t e = 0; e < d; ++e) accr[e] *= a;
         }
-        gemm(false, false, bm, d, cn, 1.0f, s, kBlockN, vb + c0 * ldk, ldk, 1.0f, acc.data(), d);
+        gemm(false, false, bm, d, cn, 1.0f, s, bn, vb + c0 * ldk, ldk, 1.0f, acc.data(), d);
       }
       for (int64_t i = 0; i < bm; ++i) {
         const int64_t row = q0 + w.row0 + i;
@@ -172,8 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
       float* dkb = dkp + (k0 * hkv + kvh) * d;
       float* dvb = dvp + (k0 * hkv + kvh) * d;
       for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-        for (int64_t r0 = 0; r0 < lq; r0 += kBlockM) {
-          const int64_t bm = std::min(kBlockM, lq - r0);
+        const int64_t bm_max = block_m(lq), bn = block_n(lk);
+        for (int64_t r0 = 0; r0 < lq; r0 += bm_max) {
+          const int64_t bm = std::min(bm_max, lq - r0);
           const int64_t base = (q0 + r0) * hq + h;
           const float* qb = qp + base * d;
           const float* dob = dop + base * d;
@@ -187,15 +193,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
             lrow[i] = lp[h * tq + q0 + r0 + i];
           }
           const int64_t hi = key_limit(causal, r0 + bm - 1, shift, lk);
-          for (int64_t c0 = 0; c0 < hi; c0 += kBlockN) {
-            const int64_t cn = std::min(kBlockN, hi - c0);
+          for (int64_t c0 = 0; c0 < hi; c0 += bn) {
+            const int64_t cn = std::min(bn, hi - c0);
             float* p = pbuf.data();
             float* dp = dpbuf.data();
-            gemm(false, true, bm, cn, d, scale, qb, ldq, kb + c0 * ldk, ldk, 0.0f, p, kBlockN);
-            gemm(false, true, bm, cn, d, 1.0f, dob, ldq, vb + c0 * ldk, ldk, 0.0f, dp, kBlockN);
+            gemm(false, true, bm, cn, d, scale, qb, ldq, kb + c0 * ldk, ldk, 0.0f, p, bn);
+            gemm(false, true, bm, cn, d, 1.0f, dob, ldq, vb + c0 * ldk, ldk, 0.0f, dp, bn);
             for (int64_t i = 0; i < bm; ++i) {
-              float* pr = p + i * kBlockN;
-              float* dpr = dp + i * kBlockN;
+              float* pr = p + i * bn;
+              float* dpr = dp + i * bn;
               const int64_t vis = std::max<int64_t>(0, std::min(cn, key_limit(causal, r0 + i, shift, lk) - c0));
               const float di = delta[i];
               exp_sub_sum(pr, vis, lrow[i]);
@@ -204,9 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
               for (int64_t j = vis; j < cn; ++j) pr[j] = dpr[j] = 0.0f;
             }
             // dV += P^T dO, dQ += scale dS K, dK += scale dS^T Q.
-            gemm(true, false, cn, d, bm, 1.0f, p, kBlockN, dob, ldq, 1.0f, dvb + c0 * ldk, ldk);
-            gemm(false, false, bm, d, cn, scale, dp, kBlockN, kb + c0 * ldk, ldk, 1.0f, dqb, ldq);
-            gemm(true, false, cn, d, bm, scale, dp, kBlockN, qb, ldq, 1.0f, dkb + c0 * ldk, ldk);
+            gemm(true, false, cn, d, bm, 1.0f, p, bn, dob, ldq, 1.0f, dvb + c0 * ldk, ldk);
+            gemm(false, false, bm, d, cn, scale, dp, bn, kb + c0 * ldk, ldk, 1.0f, dqb, ldq);
+            gemm(true, false, cn, d, bm, scale, dp, bn, qb, ldq, 1.0f, dkb + c0 * ldk, ldk);
           }
         }
       }
