@@ -98,7 +98,10 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
       for (int64_t r = 0; r < lq; r += block_m(lq)) items.push_back({s, h, r});
   }
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  // A tiny pack runs on the calling thread: waking the pool costs more than the work.
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t grain = tq * d * hq < (1 << 15) ? std::max<int64_t>(n_items, 1) : 1;
+  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> sbuf(kBlockM * kBlockN), acc(kBlockM * d), m(kBlockM), l(kBlockM), alpha(kBlockM);
     for (int64_t it = begin; it < end; ++it) {
       const Item w = items[it];
@@ -166,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const int64_t n_seg = static_cast<int64_t>(g.cq.size()) - 1;
 
-  at::parallel_for(0, n_seg * hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tq * d * hq < (1 << 15) ? std::max<int64_t>(n_seg * hkv, 1) : 1;
+  at::parallel_for(0, n_seg * hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> pbuf(kBlockM * kBlockN), dpbuf(kBlockM * kBlockN), delta(kBlockM), lrow(kBlockM);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t seg = it / hkv, kvh = it % hkv;

@@ -69,7 +69,9 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
   const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* up = u.data();
 
-  at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
+  // A tiny input runs on the calling thread: waking the pool costs more than the work.
+  const bool small = total * d < (1 << 15);
+  at::parallel_for(0, total, small ? total : 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float* ua = up + 2 * t * d;
       float* ub = ua + d;
@@ -87,7 +89,8 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
     std::vector<Item> items;
     for (int64_t p = 0; p < n_pair; ++p)
       for (int64_t r = off[p]; r < off[p + 1]; r += kTile) items.push_back({p, r});
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    at::parallel_for(0, n_items, small ? std::max<int64_t>(n_items, 1) : 1, [&](int64_t begin, int64_t end) {
       std::vector<float> gbuf(4 * kTile * kTile);
       for (int64_t it = begin; it < end; ++it) {
         const Item w = items[it];
@@ -118,7 +121,7 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
   }
 
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n_pair, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_pair, small ? std::max<int64_t>(n_pair, 1) : 1, [&](int64_t begin, int64_t end) {
     std::vector<double> sa(d), sb(d), sdiff(d);
     for (int64_t p = begin; p < end; ++p) {
       std::fill(sa.begin(), sa.end(), 0.0);

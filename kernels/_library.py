@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from fusedvlm.backend import requested_backend, use_triton
+from fusedvlm import native
+from fusedvlm.backend import interpreter_enabled, requested_backend, use_triton
 
 LIB = torch.library.Library("fusedvlm", "DEF")
 
 
 def cpu_implementation(*tensors: torch.Tensor) -> str:
-    """"triton" (the interpreter), "cpp" or "torch": what a CPU op kernel runs on these tensors."""
-    if requested_backend() == "torch":
-        return "torch"
-    if use_triton(*tensors):
-        return "triton"
-    from fusedvlm import native
+    """"triton" (the interpreter), "cpp" or "torch": what a CPU op kernel runs on these tensors.
 
+    Called on every op call, so it reads the environment twice and nothing else on the common
+    path (the C++ build is looked up once, then cached)."""
+    choice = requested_backend()
+    if choice == "torch":
+        return "torch"
+    if choice != "cpp" and interpreter_enabled() and use_triton(*tensors):
+        return "triton"
     return "cpp" if native.available() else "torch"

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm.backend import interpreter_enabled, use_triton
+from fusedvlm import native
 from fusedvlm.kernels._library import LIB, cpu_implementation
 
 _LOG2E = 1.4426950408889634
@@ -591,8 +592,6 @@ def _forward_cpu(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         _host_offsets(q, k, cu_q, cu_k, causal)
         return _triton_forward(_inner_contig(q), _inner_contig(k), _inner_contig(v), cu_q, cu_k, causal, scale, max_q)
     if impl == "cpp":
-        from fusedvlm import native
-
         return native.load().packed_attention_fwd(q, k, v, cu_q, cu_k, causal, scale)
     return _fallback_forward(q, k, v, cu_q, cu_k, causal, scale)
 
@@ -603,8 +602,6 @@ def _backward_cpu(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale
         return _triton_backward(do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k,
                                 causal, scale, max_q, max_k)
     if impl == "cpp":
-        from fusedvlm import native
-
         return native.load().packed_attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
     return _fallback_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
 
@@ -693,7 +690,9 @@ def _backward_flops(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, sca
 
 def implementation(q: torch.Tensor) -> str:
     """"triton", "cpp" or "torch": what :func:`packed_attention` runs on tensors like ``q``."""
-    return "triton" if use_triton(q) else cpu_implementation(q) if q.device.type == "cpu" else "torch"
+    if q.device.type == "cpu":
+        return cpu_implementation(q)
+    return "triton" if use_triton(q) else "torch"
 
 
 def packed_attention(

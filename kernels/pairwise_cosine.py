@@ -57,6 +57,7 @@ import functools
 import torch
 
 from fusedvlm.backend import interpreter_enabled, requested_backend, use_triton
+from fusedvlm import native
 from fusedvlm.kernels._library import LIB, cpu_implementation
 from fusedvlm.packing import check_cu_seqlens
 from fusedvlm.ref.pairwise_cosine import PsiStats, unit_rows
@@ -371,8 +372,6 @@ def _stats_cpu(h_a, h_b, cu_seqlens, positive):
     if impl == "triton":
         return _stacked(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
     if impl == "cpp":
-        from fusedvlm import native
-
         return native.load().pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
     return _stacked(_torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
 
@@ -392,7 +391,9 @@ def _stats_fake(h_a, h_b, cu_seqlens, positive):
 
 def implementation(h_a: torch.Tensor) -> str:
     """"triton", "cpp" or "torch": what :func:`pairwise_cosine_stats` runs on tensors like ``h_a``."""
-    return "triton" if use_triton(h_a) else cpu_implementation(h_a) if h_a.device.type == "cpu" else "torch"
+    if h_a.device.type == "cpu":
+        return cpu_implementation(h_a)
+    return "triton" if use_triton(h_a) else "torch"
 
 
 # --------------------------------------------------------------------------- public op
