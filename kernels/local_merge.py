@@ -38,6 +38,11 @@ grid (no copy). Large fp32 problems, where the CPU time is all GEMM at near peak
 a polyphase Winograd F(2, 2) form of the same convolution (``_WinogradConv``) that needs
 6.25/9 of the multiplies, forward and backward.
 
+Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the torch path above on CPU) with
+``fusedvlm::local_merge_backward`` (Triton, or ``aten.convolution_backward``), fake kernels and
+FLOP formulas. A CPU call that needs gradients, or writes into ``out``, runs the torch path
+directly, so that autograd uses the Winograd form's own backward.
+
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
 """

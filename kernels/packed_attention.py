@@ -26,23 +26,28 @@ On the GPU fp16/bf16 operands feed ``tl.dot`` directly (fp32 accumulation; fp32 
 precision); under ``TRITON_INTERPRET=1`` every load is upcast to fp32 straight away because the
 interpreter has no usable bf16 arithmetic.
 
-CPU path (no Triton): one ``scaled_dot_product_attention`` call per segment on strided views
-(the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else an explicit (Lq, Lk) bottom-right
-mask of that segment only), results concatenated; autograd flows through SDPA. Chosen by
-measurement (``OMP_NUM_THREADS=1 python bench/bench_packed_attention.py``: fp32, 16 heads x 64,
-one thread on a shared 2-core machine; times from one run), forward at 2 / 4 / 8 packed samples
-(3302 / 8126 / 15186 tokens), and peak memory at 8:
+CPU: the C++ kernel of csrc/packed_attention.cpp, one call for the whole pack (parallel over
+segment x head x query block, SGEMM tiles with the same online softmax; backward parallel over
+segment x key/value head). ``bench/bench_packed_attention.py`` compares it with the torch path
+below (``x_vs_sdpa_loop``; the issue-13 commands are in that file's docstring).
 
-    this path (per-segment SDPA, is_causal, views)      0.58 / 1.7 / 2.7 s     297 MiB
+Torch path (``FUSEDVLM_BACKEND=torch``, or no C++ compiler): one ``scaled_dot_product_attention``
+call per segment on strided views (the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else
+an explicit (Lq, Lk) bottom-right mask of that segment only), results concatenated; autograd
+flows through SDPA. It was chosen over FlexAttention and dense masked SDPA by measurement
+(fp32, 16 heads x 64, one thread on a shared 2-core machine), forward at 2 / 4 / 8 packed
+samples (3302 / 8126 / 15186 tokens), and peak memory at 8:
+
+    per-segment SDPA, is_causal, views (torch path)     0.58 / 1.7 / 2.7 s     297 MiB
     per-segment SDPA with an (L, L) bool mask (ref)     0.84 / 3.1 / 5.7 s     289 MiB
     FlexAttention + block mask, torch.compile           0.75 / 2.2 / 5.2 s     178 MiB
         (not timed: 16-21 s compile and 0.3-6.5 s block-mask build per new packing)
     dense masked SDPA over the whole pack               2.0 / 12 / 38 s      1460 MiB
 
-FlexAttention was faster only on a tiny pack (618 tokens: 81 vs 107 ms), recompiles for every new packing
-length (every batch in the fusion decoder) and has no CPU backward in torch 2.14; per-segment
-SDPA with is_causal is the fastest from a few thousand tokens up, differentiable, and compiles
-nothing.
+The op (``torch.ops.fusedvlm.packed_attention``, defined at the end of this file) returns
+(out, lse); its backward is ``fusedvlm::packed_attention_backward``. Both have fake kernels
+(torch.compile) and FLOP formulas (FlopCounterMode), and a CPU fallback kernel (explicit
+softmax per segment) for machines without the C++ build.
 """
 
 from __future__ import annotations
