@@ -70,7 +70,16 @@ class NativeUnavailable(RuntimeError):
 def _load():
     """The extension module, or the exception that kept it from loading (cached either way)."""
     try:
-        from torch.utils import cpp_extension
+        import logging
+
+        # Its import logs "No CUDA runtime is found" on CPU machines: noise for a CPU build.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            log.setLevel(level)
 
         src = source_dir()
         flags = _cflags()
