@@ -40,7 +40,9 @@ def source_dir() -> Path:
 
 
 def _cflags() -> list[str]:
-    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is inline OpenMP in the headers (without it every kernel runs
+    # on one thread); the library links the libgomp torch itself loads (see _ldflags).
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64"):
         try:
             cpu = Path("/proc/cpuinfo").read_text()
@@ -50,6 +52,12 @@ def _cflags() -> list[str]:
         if " avx2" in cpu and " fma" in cpu:
             flags += ["-mavx2", "-mfma"]
     return flags
+
+
+def _ldflags() -> list[str]:
+    # The OpenMP runtime torch ships and has already loaded (one runtime per process), as
+    # torch.compile's own C++ kernels link it.
+    return [f"-L{Path(torch.__file__).parent / 'lib'}", "-lgomp"]
 
 
 def build_dir(flags: list[str]) -> tuple[str, Path]:
@@ -88,7 +96,7 @@ def _load():
         if not (directory / f"{name}.so").exists():
             print(f"fusedvlm: building the C++ CPU kernels once into {directory} (about a minute)", file=sys.stderr)
         cpp_extension.load(
-            name=name, sources=[str(src / f) for f in _SOURCES], extra_cflags=flags, extra_include_paths=[str(src)],
+            name=name, sources=[str(src / f) for f in _SOURCES], extra_cflags=flags, extra_ldflags=_ldflags(), extra_include_paths=[str(src)],
             build_directory=str(directory), verbose=False, is_python_module=False,
         )
         return torch.ops.fusedvlm_cpu
