@@ -40,8 +40,7 @@ a polyphase Winograd F(2, 2) form of the same convolution (``_WinogradConv``) th
 
 Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the torch path above on CPU) with
 ``fusedvlm::local_merge_backward`` (Triton, or ``aten.convolution_backward``), fake kernels and
-FLOP formulas. A CPU call that needs gradients, or writes into ``out``, runs the torch path
-directly, so that autograd uses the Winograd form's own backward.
+FLOP formulas. An eager CPU call runs the torch path directly (see :func:`local_merge`).
 
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 
 from torch.utils.flop_counter import register_flop_formula
 
-from fusedvlm.backend import interpreter_enabled, requested_backend, use_triton
+from fusedvlm.backend import interpreter_enabled, use_triton
 from fusedvlm.kernels._library import LIB
 from fusedvlm.ref.local_merge import grid_shape, merged_tokens_per_view
 
@@ -712,12 +711,11 @@ def local_merge(
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
     weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, lf_token, bias))
-    if not use_triton(x, weight, lf_token, bias, out) and (tracked or out is not None or requested_backend() == "torch"):
-        # Training on the CPU differentiates through the torch ops themselves (the Winograd
-        # form's hand-written backward beats the convolution's weight gradient there), and
-        # ``out`` is written in place.
+    if not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out):
+        # Eager CPU calls run the torch path directly: training differentiates through its own
+        # ops (the Winograd form's hand-written backward beats the convolution's weight
+        # gradient), ``out`` is written in place, and a small merge skips the op's Python
+        # dispatch (FlopCounterMode still counts the convolution). Compiled graphs hold the op.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
     y = torch.ops.fusedvlm.local_merge(x, weight, lf_token, bias, residual, h, w)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
