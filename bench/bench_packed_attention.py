@@ -2,8 +2,11 @@
 
 For 2, 4 and 8 packed samples of 1500-2600 tokens (seeded), 16 heads x 64, rows:
 
-* ``fusedvlm``      : ``fusedvlm.kernels.packed_attention`` (Triton on GPU; on CPU its torch
-                      path, one fused SDPA call per segment on strided views)
+* ``fusedvlm``      : ``fusedvlm.kernels.packed_attention``: the ``fusedvlm::packed_attention``
+                      op (Triton on GPU, the C++ kernel of csrc/ on CPU)
+* ``sdpa_loop``     : the torch path (``FUSEDVLM_BACKEND=torch``, and the CPU path before csrc):
+                      one fused CPU SDPA call per segment on strided views, from a Python loop
+                      -- ``x_vs_sdpa_loop`` is every row's speed-up over it
 * ``dense_masked``  : upstream's way: one SDPA over the whole pack with the dense (T, T)
                       block-diagonal causal mask (built inside the timed call, as upstream does
                       per batch) -- the baseline every ratio is against
@@ -25,6 +28,13 @@ unprofiled call is the probe: a method slower than SLOW_S is timed by that call 
 one ``--repeats`` more times (the probe serving as warm-up).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py
+
+Issue 13's two CPU shapes (fp32, 2 threads; dense_masked is left out, it needs (T, T) masks):
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py --samples 64 --min-len 16 \
+        --max-len 300 --backward-samples 64 --only fusedvlm sdpa_loop flex --out bench/results/packed_attention_short.json
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py --samples 8 \
+        --backward-samples 8 --only fusedvlm sdpa_loop flex --out bench/results/packed_attention_long.json
 """
 
 from __future__ import annotations
@@ -42,9 +52,9 @@ if __package__ in (None, ""):
 
 from fusedvlm.backend import backend_name  # noqa: E402
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
-from fusedvlm.kernels.packed_attention import packed_attention  # noqa: E402
-from fusedvlm.packing import segment_ids  # noqa: E402
+from fusedvlm.kernels.packed_attention import _torch_packed_attention, packed_attention  # noqa: E402
 from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
+from fusedvlm.packing import segment_ids  # noqa: E402
 from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,8 +95,11 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
             return out
         return call
 
+    offsets = cu.tolist()
+    scale = head_dim**-0.5
     out: dict[str, tuple] = {
         "fusedvlm": (None, run(lambda: packed_attention(q, k, v, cu))),
+        "sdpa_loop": (None, run(lambda: _torch_packed_attention(q, k, v, offsets, offsets, True, scale))),
         "dense_masked": (None, run(lambda: dense_masked_attention(q, k, v, mask))),
         "per_segment": (None, run(lambda: per_segment_attention(q, k, v, cu))),
     }
@@ -171,10 +184,11 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
         rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
                          method=name, ms=t.median_ms, iqr_ms=t.iqr_ms, repeats=t.repeats,
                          peak_mib=None if peak is None else peak / 2**20, note=note))
-    base = next((r for r in rows if r["method"] == "dense_masked" and "ms" in r), None)
-    for r in rows:
-        if base is not None and "ms" in r:
-            r["x_vs_dense"] = base["ms"] / r["ms"]
+    for base_name, column in (("dense_masked", "x_vs_dense"), ("sdpa_loop", "x_vs_sdpa_loop")):
+        base = next((r for r in rows if r["method"] == base_name and "ms" in r), None)
+        for r in rows:
+            if base is not None and "ms" in r:
+                r[column] = base["ms"] / r["ms"]
     return rows
 
 
@@ -210,7 +224,7 @@ def main(argv=None) -> int:
         if n in args.backward_samples:
             rows += bench_packing(lengths, args, device, with_grad=True)
         print_table([r for r in rows if r["samples"] == n],
-                    ["samples", "tokens", "mode", "method", "ms", "iqr_ms", "repeats", "peak_mib", "x_vs_dense", "note"],
+                    ["samples", "tokens", "mode", "method", "ms", "iqr_ms", "repeats", "peak_mib", "x_vs_dense", "x_vs_sdpa_loop", "note"],
                     title=f"{n} packed samples")
     save_json(args.out, dict(env=env, args=vars(args), rows=rows))
     print(f"\nsaved {args.out}")

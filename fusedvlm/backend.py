@@ -2,9 +2,11 @@
 
 Triton runs on CUDA tensors, or on CPU tensors when the Triton interpreter is enabled
 (``TRITON_INTERPRET=1`` set before any kernel module is imported). Everything else takes
-the torch path. ``FUSEDVLM_BACKEND=torch`` forces the torch path everywhere (useful to
-compare both on one GPU); ``FUSEDVLM_BACKEND=triton`` makes a missing Triton an error
-instead of a silent fallback.
+the C++ CPU kernels of csrc/ (:mod:`fusedvlm.native`, built on first use), or the torch path
+where those cannot be built. ``FUSEDVLM_BACKEND=torch`` forces the torch path everywhere
+(useful to compare); ``FUSEDVLM_BACKEND=triton`` makes a missing Triton an error instead of a
+silent fallback; ``FUSEDVLM_BACKEND=cpp`` keeps CPU tensors off the Triton interpreter (the C++
+kernels, or the torch path with one warning where they cannot be built), CUDA ones on Triton.
 
 Nothing here initialises CUDA: the decision looks at a tensor's ``device`` attribute.
 """
@@ -18,7 +20,7 @@ import os
 
 import torch
 
-_CHOICES = ("auto", "torch", "triton")
+_CHOICES = ("auto", "torch", "triton", "cpp")
 
 
 def interpreter_enabled() -> bool:
@@ -43,7 +45,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if choice == "torch":
         return False
     devices = {t.device.type for t in tensors if t is not None}
-    supported = devices == {"cuda"} or (devices <= {"cpu"} and interpreter_enabled())
+    interpret = interpreter_enabled() and choice != "cpp"
+    supported = devices == {"cuda"} or (devices <= {"cpu"} and interpret)
     ok = supported and triton_available()
     if choice == "triton" and not ok:
         raise RuntimeError(
@@ -76,7 +79,15 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def backend_name(*tensors: torch.Tensor) -> str:
-    return "triton" if use_triton(*tensors) else "torch"
+    """"triton", "cpp" or "torch": the implementation an op runs on these tensors."""
+    if use_triton(*tensors):
+        return "triton"
+    if requested_backend() != "torch" and all(t.device.type == "cpu" for t in tensors if t is not None):
+        from fusedvlm import native
+
+        if native.available():
+            return "cpp"
+    return "torch"
 
 
 # Tile configurations forced by name (tests): each kernel module lists the configurations its

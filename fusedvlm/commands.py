@@ -164,6 +164,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"preset {args.preset}: {total / 1e6:,.1f} M parameters, {(total - rows[-1][1]) / 1e6:,.1f} M trainable")
     for name, n in rows:
         print(f"  {name:<40s} {n / 1e6:>12,.2f} M")
+    print_kernel_implementations()
     views = num_views(args.width, args.height, cfg.hd_num, cfg.view_size)
     k = args.questions
     n_s = cfg.resolved_n_s
@@ -178,3 +179,22 @@ def run_info(args: argparse.Namespace) -> int:
     for label, value in budget:
         print(f"  {label:<40s} {value:>12,d}")
     return 0
+
+
+def print_kernel_implementations() -> None:
+    """Which implementation each fusedvlm:: op runs here (CPU, and CUDA when present)."""
+    import importlib
+
+    import torch
+
+    from fusedvlm import native
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("kernels (" + ", ".join(devices) + "):")
+    # By module path: fusedvlm.kernels re-exports functions under the submodules' names.
+    for name, module in (("packed_attention", "packed_attention"), ("local_merge", "local_merge"),
+                         ("pairwise_cosine_stats", "pairwise_cosine")):
+        implementation = importlib.import_module(f"fusedvlm.kernels.{module}").implementation
+        impls = [implementation(torch.empty(0, device=d)) for d in devices]
+        print(f"  {name:<40s} {' / '.join(impls):>12s}")
+    print(f"  C++ CPU kernels: {native.status()}")

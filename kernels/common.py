@@ -38,6 +38,11 @@ class PsiStats(NamedTuple):
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm; zero rows stay zero, so their cosines are 0, never NaN."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1), 0)
+    """Rows scaled to unit norm; zero rows stay zero (their cosines are 0), NaN rows stay NaN.
+
+    Each row is divided by its largest |entry| before its norm is taken, so rows of 1e20 or
+    1e-30 give their direction (the squares would overflow or underflow in fp32)."""
+    amax = x.abs().amax(-1, keepdim=True)
+    y = x / torch.where(amax > 0, amax, 1)
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    return torch.where(norm == 0, 0, y / norm)

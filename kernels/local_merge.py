@@ -38,6 +38,10 @@ grid (no copy). Large fp32 problems, where the CPU time is all GEMM at near peak
 a polyphase Winograd F(2, 2) form of the same convolution (``_WinogradConv``) that needs
 6.25/9 of the multiplies, forward and backward.
 
+Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the torch path above on CPU) with
+``fusedvlm::local_merge_backward`` (Triton, or ``aten.convolution_backward``), fake kernels and
+FLOP formulas. An eager CPU call runs the torch path directly (see :func:`local_merge`).
+
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
 """
@@ -49,7 +53,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from torch.utils.flop_counter import register_flop_formula
+
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
+from fusedvlm.kernels._library import LIB
 from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -311,34 +318,6 @@ def _triton_local_merge(x, weight, lf_token, bias, residual, h, w, out):
         out = x.new_empty(v, merged_tokens_per_view(h, w), c_out)
     _triton_forward(x, w9, lf_token, bias, residual, h, w, out.view(v, -1, c_out))
     return out
-
-
-class _LocalMergeTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, lf_token, bias, residual, h, w):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = (residual, h, w, bias is not None)
-        return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        residual, h, w, has_bias = ctx.geometry
-        v, _, c_in = x.shape
-        c_out = weight.shape[0]
-        g = grad_out
-        p = g.shape[1] - 1
-        dx = dw = dlf = db = None
-        if ctx.needs_input_grad[0]:
-            w9t = weight.permute(2, 3, 0, 1).reshape(9, c_out, c_in).contiguous()
-            dx = _triton_grad_x(g, w9t, residual, h, w, c_in)
-        if ctx.needs_input_grad[1]:
-            dw = _triton_grad_weight(x, g, h, w, c_out).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            dlf = g[:, p].sum(0, dtype=torch.float32).to(weight.dtype)
-        if has_bias and ctx.needs_input_grad[3]:
-            db = g[:, :p].sum((0, 1), dtype=torch.float32).to(weight.dtype)
-        return dx, dw, dlf, db, None, None, None
 
 
 # C_in * C_out from which the Winograd form beats one F.conv2d on CPU (fp32, 24x24 and 14x14
@@ -605,6 +584,123 @@ def _check(x, weight, lf_token, bias, residual, grid, out) -> tuple[int, int]:
     return h, w
 
 
+# --------------------------------------------------------------------------- fusedvlm:: operator
+
+LIB.define("local_merge(Tensor x, Tensor weight, Tensor lf_token, Tensor? bias, bool residual, int h, int w) -> Tensor")
+LIB.define(
+    "local_merge_backward(Tensor grad, Tensor x, Tensor weight, bool has_bias, bool residual, int h, int w, "
+    "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _merge_cpu(x, weight, lf_token, bias, residual, h, w):
+    if use_triton(x, weight, lf_token, bias):
+        return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
+    return _torch_forward(x, weight, lf_token, bias, residual, h, w, None)
+
+
+def _merge_cuda(x, weight, lf_token, bias, residual, h, w):
+    return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
+
+
+def _bias_and_lf_grads(g, p, has_bias, weight):
+    dlf = g[:, p].sum(0, dtype=torch.float32).to(weight.dtype)
+    db = g[:, :p].sum((0, 1), dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
+    return dlf, db
+
+
+def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
+    if use_triton(g, x, weight):
+        return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
+    v, _, c_in = x.shape
+    c_out = weight.shape[0]
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    p = ho * wo
+    need_x, need_w, _ = output_mask
+    # (V, ho, wo, C_out) viewed as NCHW is channels-last, as the forward's convolution output was.
+    gy = g[:, :p].unflatten(1, (ho, wo)).permute(0, 3, 1, 2)
+    nchw = x.reshape(v, h, w, c_in).permute(0, 3, 1, 2)
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        gy, nchw, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+    if need_x:
+        if residual:
+            dx[:, :, ::2, ::2] += gy
+        dx = dx.permute(0, 2, 3, 1).reshape(v, h * w, c_in)
+    else:
+        dx = x.new_empty(0)
+    dlf, db = _bias_and_lf_grads(g, p, has_bias, weight)
+    return dx, dw if need_w else weight.new_empty(0), dlf, db
+
+
+def _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask):
+    v, _, c_in = x.shape
+    c_out = weight.shape[0]
+    p = g.shape[1] - 1
+    need_x, need_w, _ = output_mask
+    dx = dw = None
+    if need_x:
+        w9t = weight.permute(2, 3, 0, 1).reshape(9, c_out, c_in).contiguous()
+        dx = _triton_grad_x(g, w9t, residual, h, w, c_in)
+    if need_w:
+        dw = _triton_grad_weight(x, g, h, w, c_out).to(weight.dtype)
+    dlf, db = _bias_and_lf_grads(g, p, has_bias, weight)
+    return (x.new_empty(0) if dx is None else dx), (weight.new_empty(0) if dw is None else dw), dlf, db
+
+
+LIB.impl("local_merge", _merge_cpu, "CPU")
+LIB.impl("local_merge", _merge_cuda, "CUDA")
+LIB.impl("local_merge_backward", _merge_backward_cpu, "CPU")
+LIB.impl("local_merge_backward", _merge_backward_cuda, "CUDA")
+
+
+@torch.library.register_fake("fusedvlm::local_merge", lib=LIB)
+def _merge_fake(x, weight, lf_token, bias, residual, h, w):
+    return x.new_empty((x.shape[0], merged_tokens_per_view(h, w), weight.shape[0]))
+
+
+@torch.library.register_fake("fusedvlm::local_merge_backward", lib=LIB)
+def _merge_backward_fake(g, x, weight, has_bias, residual, h, w, output_mask):
+    need_x, need_w, _ = output_mask
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            weight.new_empty(weight.shape[0]), weight.new_empty(weight.shape[0] if has_bias else 0))
+
+
+def _merge_setup_context(ctx, inputs, output):
+    x, weight, lf_token, bias, residual, h, w = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (bias is not None, residual, h, w)
+
+
+def _merge_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    has_bias, residual, h, w = ctx.geometry
+    need = ctx.needs_input_grad
+    dx, dw, dlf, db = torch.ops.fusedvlm.local_merge_backward(
+        grad.contiguous(), x, weight, has_bias, residual, h, w, [need[0], need[1], need[2]])
+    return (dx if need[0] else None, dw if need[1] else None, dlf if need[2] else None,
+            db if has_bias and need[3] else None, None, None, None)
+
+
+torch.library.register_autograd("fusedvlm::local_merge", _merge_backward, setup_context=_merge_setup_context, lib=LIB)
+
+
+@register_flop_formula(torch.ops.fusedvlm.local_merge)
+def _merge_flops(x_shape, weight_shape, lf_shape, bias_shape, residual, h, w, out_shape=None) -> int:
+    # The convolution's convention: every 3x3 tap of every output pixel, padding included.
+    return 2 * x_shape[0] * ((h + 1) // 2) * ((w + 1) // 2) * weight_shape[0] * weight_shape[1] * 9
+
+
+@register_flop_formula(torch.ops.fusedvlm.local_merge_backward)
+def _merge_backward_flops(g_shape, x_shape, weight_shape, has_bias, residual, h, w, output_mask, out_shape=None) -> int:
+    forward = 2 * x_shape[0] * ((h + 1) // 2) * ((w + 1) // 2) * weight_shape[0] * weight_shape[1] * 9
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def implementation(x: torch.Tensor) -> str:
+    """"triton" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
+    return "triton" if use_triton(x) else "torch"
+
+
 def local_merge(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -627,13 +723,13 @@ def local_merge(
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
     weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
-    if not use_triton(x, weight, lf_token, bias, out):
+    if not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out):
+        # Eager CPU calls run the torch path directly: training differentiates through its own
+        # ops (the Winograd form's hand-written backward beats the convolution's weight
+        # gradient), ``out`` is written in place, and a small merge skips the op's Python
+        # dispatch (FlopCounterMode still counts the convolution). Compiled graphs hold the op.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, lf_token, bias))
-    if not tracked:
-        return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, out)
-    y = _LocalMergeTriton.apply(x, weight, lf_token, bias, residual, h, w)
-    # Autograd cannot rebase a custom Function's in-place write into a view of a buffer that
-    # does not itself require grad, so a tracked call with ``out`` pays one copy of the output.
+    y = torch.ops.fusedvlm.local_merge(x, weight, lf_token, bias, residual, h, w)
+    # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
+    # grad, so a call with ``out`` on Triton pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))

@@ -26,23 +26,28 @@ On the GPU fp16/bf16 operands feed ``tl.dot`` directly (fp32 accumulation; fp32 
 precision); under ``TRITON_INTERPRET=1`` every load is upcast to fp32 straight away because the
 interpreter has no usable bf16 arithmetic.
 
-CPU path (no Triton): one ``scaled_dot_product_attention`` call per segment on strided views
-(the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else an explicit (Lq, Lk) bottom-right
-mask of that segment only), results concatenated; autograd flows through SDPA. Chosen by
-measurement (``OMP_NUM_THREADS=1 python bench/bench_packed_attention.py``: fp32, 16 heads x 64,
-one thread on a shared 2-core machine; times from one run), forward at 2 / 4 / 8 packed samples
-(3302 / 8126 / 15186 tokens), and peak memory at 8:
+CPU: the C++ kernel of csrc/packed_attention.cpp, one call for the whole pack (parallel over
+segment x head x query block, SGEMM tiles with the same online softmax; backward parallel over
+segment x key/value head). ``bench/bench_packed_attention.py`` compares it with the torch path
+below (``x_vs_sdpa_loop``; the issue-13 commands are in that file's docstring).
 
-    this path (per-segment SDPA, is_causal, views)      0.58 / 1.7 / 2.7 s     297 MiB
+Torch path (``FUSEDVLM_BACKEND=torch``, or no C++ compiler): one ``scaled_dot_product_attention``
+call per segment on strided views (the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else
+an explicit (Lq, Lk) bottom-right mask of that segment only), results concatenated; autograd
+flows through SDPA. It was chosen over FlexAttention and dense masked SDPA by measurement
+(fp32, 16 heads x 64, one thread on a shared 2-core machine), forward at 2 / 4 / 8 packed
+samples (3302 / 8126 / 15186 tokens), and peak memory at 8:
+
+    per-segment SDPA, is_causal, views (torch path)     0.58 / 1.7 / 2.7 s     297 MiB
     per-segment SDPA with an (L, L) bool mask (ref)     0.84 / 3.1 / 5.7 s     289 MiB
     FlexAttention + block mask, torch.compile           0.75 / 2.2 / 5.2 s     178 MiB
         (not timed: 16-21 s compile and 0.3-6.5 s block-mask build per new packing)
     dense masked SDPA over the whole pack               2.0 / 12 / 38 s      1460 MiB
 
-FlexAttention was faster only on a tiny pack (618 tokens: 81 vs 107 ms), recompiles for every new packing
-length (every batch in the fusion decoder) and has no CPU backward in torch 2.14; per-segment
-SDPA with is_causal is the fastest from a few thousand tokens up, differentiable, and compiles
-nothing.
+The op (``torch.ops.fusedvlm.packed_attention``, defined at the end of this file) returns
+(out, lse); its backward is ``fusedvlm::packed_attention_backward``. Both have fake kernels
+(torch.compile) and FLOP formulas (FlopCounterMode), and a CPU fallback kernel (explicit
+softmax per segment) for machines without the C++ build.
 """
 
 from __future__ import annotations
@@ -53,7 +58,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch.utils.flop_counter import register_flop_formula
+
+from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
+from fusedvlm.kernels._library import LIB, cpu_implementation
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -62,8 +71,8 @@ _MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(q, k, v, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
-    """Raise a ValueError naming the problem, else return both offset vectors on the host."""
+def _check_args(q, k, v, cu_q, cu_k) -> None:
+    """Shapes, dtypes and devices: metadata only, nothing leaves the device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
@@ -89,7 +98,14 @@ def _validate(q, k, v, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match")
-    # One device -> host copy checks every offset at once.
+
+
+def _host_offsets(q, k, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
+    """Check every offset (one device -> host copy) and return both vectors on the host.
+
+    Called by the CPU paths, where reading the offsets is free; on CUDA the values are checked
+    once where the pack is built (``check_cu_seqlens`` in the fusion decoder and
+    :func:`fusedvlm.packing.pack`), not in every layer's call."""
     both = torch.stack([cu_q, cu_k]).to("cpu", torch.int64)
     for row, name, total in ((both[0], "cu_seqlens_q", q.shape[0]), (both[1], "cu_seqlens_k", k.shape[0])):
         if int(row[0]) != 0:
@@ -111,7 +127,19 @@ def _validate(q, k, v, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
 
 
 def _torch_packed_attention(q, k, v, cq: list[int], ck: list[int], causal: bool, scale: float) -> torch.Tensor:
-    """One fused CPU SDPA call per segment on strided views; differentiable."""
+    """One fused CPU SDPA call per segment on strided views; differentiable.
+
+    Two gaps of the CPU flash SDPA kernel are closed here so that every path agrees: it returns
+    NaN for a scale <= 0 (so q is pre-scaled and SDPA runs at scale 1), and a NaN in a query row
+    gives 0 (so such rows are set to NaN afterwards; NaN keys and values propagate already)."""
+    if scale <= 0:
+        q, scale = q * scale, 1.0
+    out = _sdpa_segments(q, k, v, cq, ck, causal, scale)
+    nan_rows = torch.isnan(q).any(-1, keepdim=True)
+    return torch.where(nan_rows, float("nan"), out)
+
+
+def _sdpa_segments(q, k, v, cq, ck, causal, scale):
     hq, hkv = q.shape[1], k.shape[1]
     gqa = hq // hkv
     outs = []
@@ -410,15 +438,18 @@ def _block_config(head_dim: int, elem_bytes: int, backward: bool) -> tuple[int, 
     return _LAST_RESORT_BLOCKS
 
 
-def _tile_table(cu: torch.Tensor, total: int, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tile_table(cu: torch.Tensor, total: int, block: int, max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every tile of every segment -> (segment, tile index in the segment), built on device.
 
     The grid size is the bound cdiv(total, block) + n >= sum_s cdiv(L_s, block), known from the
-    tensor shapes, so no offset comes back to the host; programs past the last tile read
+    tensor shapes (or n * cdiv(max_seqlen, block) when the caller knows the longest segment and
+    that is smaller), so no offset comes back to the host; programs past the last tile read
     segment n and exit.
     """
     n = cu.numel() - 1
     grid = -(-total // block) + n
+    if max_seqlen is not None:
+        grid = min(grid, n * -(-max_seqlen // block))
     lens = (cu[1:] - cu[:-1]).to(torch.int64)
     cu_tiles = torch.zeros(n + 1, dtype=torch.int64, device=cu.device)
     torch.cumsum((lens + block - 1) // block, 0, out=cu_tiles[1:])
@@ -436,18 +467,18 @@ def _inner_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_forward(q, k, v, cu_q, cu_k, causal, scale):
+def _triton_forward(q, k, v, cu_q, cu_k, causal, scale, max_seqlen_q=None):
     import triton
 
     fwd, _, _ = _kernels(interpreter_enabled())
     tq, hq, d = q.shape
     group = hq // k.shape[1]
     block_m, block_n, warps, stages = _block_config(d, q.element_size(), backward=False)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     if tq == 0:
         return out, lse
-    seg, blk, grid = _tile_table(cu_q, tq, block_m)
+    seg, blk, grid = _tile_table(cu_q, tq, block_m, max_seqlen_q)
     fwd[(grid, hq)](
         q, k, v, out, lse, cu_q, cu_k, seg, blk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -459,7 +490,7 @@ def _triton_forward(q, k, v, cu_q, cu_k, causal, scale):
     return out, lse
 
 
-def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
+def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqlen_q=None, max_seqlen_k=None):
     import triton
 
     _, dkdv, dqk = _kernels(interpreter_enabled())
@@ -470,15 +501,15 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
     do = _inner_contig(do)
     # delta_i = rowsum(dO_i * O_i), laid out like lse: (Hq, Tq) fp32.
     delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = q.new_empty(q.shape)
+    dk = k.new_empty(k.shape)
+    dv = v.new_empty(v.shape)
     n_seg = cu_q.numel() - 1
     common = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=interpreter_enabled(),
                   PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     if tk:
-        seg, blk, grid = _tile_table(cu_k, tk, block_n)
+        seg, blk, grid = _tile_table(cu_k, tk, block_n, max_seqlen_k)
         dkdv[(grid, hkv)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, seg, blk,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -486,7 +517,7 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
             lse.stride(0), n_seg, d, scale * _LOG2E, scale, **common,
         )
     if tq:
-        seg, blk, grid = _tile_table(cu_q, tq, block_m)
+        seg, blk, grid = _tile_table(cu_q, tq, block_m, max_seqlen_q)
         dqk[(grid, hq)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k, seg, blk,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -496,22 +527,185 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
     return dq, dk, dv
 
 
-class _PackedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, causal, scale):
-        out, lse = _triton_forward(q, k, v, cu_q, cu_k, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.causal, ctx.scale = causal, scale
-        return out
+# --------------------------------------------------------------------------- torch fallback of the op
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+
+def _segment_scores(q, k, cq, ck, s, causal, scale):
+    """fp32 masked scores (Hq, Lq, Lk) of segment s, and its query / key row ranges."""
+    q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+    group = q.shape[1] // k.shape[1]
+    qs = q[q0:q1].float().transpose(0, 1)
+    ks = k[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
+    scores = scale * qs @ ks.transpose(1, 2)
+    if causal:
+        lq, lk = q1 - q0, k1 - k0
+        visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores, (q0, q1), (k0, k1)
+
+
+def _fallback_forward(q, k, v, cu_q, cu_k, causal, scale):
+    """The op's CPU kernel where the C++ one cannot be built: explicit softmax per segment."""
+    cq, ck = _host_offsets(q, k, cu_q, cu_k, causal)
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"))
+    for s in range(len(cq) - 1):
+        if cq[s + 1] == cq[s] or ck[s + 1] == ck[s]:
+            continue
+        scores, (q0, q1), (k0, k1) = _segment_scores(q, k, cq, ck, s, causal, scale)
+        seg_lse = torch.logsumexp(scores, -1)
+        vs = v[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
+        out[q0:q1] = (torch.exp(scores - seg_lse[..., None]) @ vs).transpose(0, 1)
+        lse[:, q0:q1] = seg_lse
+    return out.to(q.dtype), lse
+
+
+def _fallback_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
+    cq, ck = _host_offsets(q, k, cu_q, cu_k, causal)
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    dq = torch.zeros(q.shape, dtype=torch.float32)
+    dk = torch.zeros(k.shape, dtype=torch.float32)
+    dv = torch.zeros(v.shape, dtype=torch.float32)
+    for s in range(len(cq) - 1):
+        if cq[s + 1] == cq[s] or ck[s + 1] == ck[s]:
+            continue
+        scores, (q0, q1), (k0, k1) = _segment_scores(q, k, cq, ck, s, causal, scale)
+        p = torch.exp(scores - lse[:, q0:q1, None])
+        dos = do[q0:q1].float().transpose(0, 1)
+        vs = v[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
+        ks = k[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
+        qs = q[q0:q1].float().transpose(0, 1)
+        delta = (dos * out[q0:q1].float().transpose(0, 1)).sum(-1, keepdim=True)
+        ds = p * (dos @ vs.transpose(1, 2) - delta)
+        dq[q0:q1] = (scale * ds @ ks).transpose(0, 1)
+        # Key/value heads collect the gradients of their G query heads.
+        dk[k0:k1] = (scale * ds.transpose(1, 2) @ qs).unflatten(0, (hkv, group)).sum(1).transpose(0, 1)
+        dv[k0:k1] = (p.transpose(1, 2) @ dos).unflatten(0, (hkv, group)).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------- fusedvlm:: operator
+
+LIB.define(
+    "packed_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "int? max_seqlen_q, int? max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)"
+)
+LIB.define(
+    "packed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, bool causal, float scale) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+def _forward_cpu(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    impl = cpu_implementation(q, k, v)
+    if impl == "triton":
+        _host_offsets(q, k, cu_q, cu_k, causal)
+        return _triton_forward(_inner_contig(q), _inner_contig(k), _inner_contig(v), cu_q, cu_k, causal, scale, max_q)
+    if impl == "cpp":
+        return native.load().packed_attention_fwd(q, k, v, cu_q, cu_k, causal, scale)
+    return _fallback_forward(q, k, v, cu_q, cu_k, causal, scale)
+
+
+def _backward_cpu(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    impl = cpu_implementation(q, k, v)
+    if impl == "triton":
+        return _triton_backward(do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k,
+                                causal, scale, max_q, max_k)
+    if impl == "cpp":
+        return native.load().packed_attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
+    return _fallback_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
+
+
+def _forward_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    return _triton_forward(_inner_contig(q), _inner_contig(k), _inner_contig(v), cu_q, cu_k, causal, scale, max_q)
+
+
+def _backward_cuda(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    return _triton_backward(do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k,
+                            causal, scale, max_q, max_k)
+
+
+LIB.impl("packed_attention", _forward_cpu, "CPU")
+LIB.impl("packed_attention_backward", _backward_cpu, "CPU")
+LIB.impl("packed_attention", _forward_cuda, "CUDA")
+LIB.impl("packed_attention_backward", _backward_cuda, "CUDA")
+
+
+@torch.library.register_fake("fusedvlm::packed_attention", lib=LIB)
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("fusedvlm::packed_attention_backward", lib=LIB)
+def _backward_fake(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fusedvlm.packed_attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedvlm::packed_attention", _backward, setup_context=_setup_context, lib=LIB)
+
+
+def causal_pairs(len_q: int, len_k: int, bottom_right: bool = True) -> int:
+    """Unmasked (query, key) pairs of one causal segment.
+
+    Bottom-right (flash-attn / packed attention): query i of len_q sees len_k - len_q + i + 1
+    keys. Top-left (SDPA ``is_causal``): query i sees min(i + 1, len_k) keys."""
+    if len_q < 0 or len_k < 0:
+        raise ValueError(f"negative segment length ({len_q}, {len_k})")
+    if bottom_right:
+        if len_k < len_q:
+            raise ValueError(f"bottom-right causal needs len_k >= len_q, got {len_k} < {len_q}")
+        return len_q * (len_k - len_q) + len_q * (len_q + 1) // 2
+    full = min(len_q, len_k)
+    return full * (full + 1) // 2 + (len_q - full) * len_k
+
+
+def packed_attention_flops(cu_q, cu_k, heads: int, head_dim: int, causal: bool = True) -> int:
+    """Forward FLOPs over packed segments: QK^T and PV, 2 * D each per visible pair and head."""
+    cu_q, cu_k = [int(x) for x in cu_q], [int(x) for x in cu_k]
+    pairs = 0
+    for s in range(len(cu_q) - 1):
+        lq, lk = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
+        pairs += causal_pairs(lq, lk) if causal else lq * lk
+    return 4 * heads * head_dim * pairs
+
+
+@register_flop_formula(torch.ops.fusedvlm.packed_attention, get_raw=True)
+def _forward_flops(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, out_val=None) -> int:
+    return packed_attention_flops(cu_q.tolist(), cu_k.tolist(), q.shape[1], q.shape[2], causal)
+
+
+@register_flop_formula(torch.ops.fusedvlm.packed_attention_backward, get_raw=True)
+def _backward_flops(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, out_val=None) -> int:
+    # dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: twice the forward (torch's convention
+    # for SDPA; the recomputed Q K^T is not counted).
+    return 2 * packed_attention_flops(cu_q.tolist(), cu_k.tolist(), q.shape[1], q.shape[2], causal)
 
 
 # --------------------------------------------------------------------------- public op
+
+
+def implementation(q: torch.Tensor) -> str:
+    """"triton", "cpp" or "torch": what :func:`packed_attention` runs on tensors like ``q``."""
+    if q.device.type == "cpu":
+        return cpu_implementation(q)
+    return "triton" if use_triton(q) else "torch"
 
 
 def packed_attention(
@@ -523,13 +717,23 @@ def packed_attention(
     *,
     causal: bool = True,
     scale: float | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Block-diagonal (bottom-right causal) attention over a packed stream.
 
-    q (Tq, Hq, D), k/v (Tk, Hkv, D), cu_seqlens_* int32 (n + 1,) -> (Tq, Hq, D). Triton on
-    CUDA or under ``TRITON_INTERPRET=1``, else per-segment SDPA (see the module docstring).
+    q (Tq, Hq, D), k/v (Tk, Hkv, D), cu_seqlens_* int32 (n + 1,) -> (Tq, Hq, D), softmax(scale
+    q k^T) v for any finite ``scale`` (default D^-1/2); a NaN in a row's inputs gives NaN in that
+    row on every path. Runs ``torch.ops.fusedvlm.packed_attention`` (Triton on CUDA or under
+    ``TRITON_INTERPRET=1``, the C++ kernel on CPU), or per-segment SDPA where neither is
+    available or ``FUSEDVLM_BACKEND=torch`` (see the module docstring). ``max_seqlen_*``, the
+    longest segment, is optional as in flash-attn: on CUDA it can shrink the launch grid.
+
     Computes (and returns) in :func:`fusedvlm.backend.compute_dtype` of q, k, v: the autocast
     dtype under autocast, else the widest of theirs; softmax statistics stay fp32.
+
+    Offsets are checked on the CPU paths (free there) and, for CUDA tensors, once where the pack
+    is built (:func:`fusedvlm.packing.check_cu_seqlens`), not in every call.
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
@@ -538,9 +742,13 @@ def packed_attention(
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
         dtype = compute_dtype(q, k, v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    offsets_q, offsets_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, causal)
+    _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if use_triton(q, k, v):
-        q, k, v = _inner_contig(q), _inner_contig(k), _inner_contig(v)
-        return _PackedAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    return _torch_packed_attention(q, k, v, offsets_q, offsets_k, causal, scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    # A compiled graph always holds the op; its kernel picks the implementation at run time.
+    if not torch.compiler.is_compiling() and implementation(q) == "torch":
+        offsets_q, offsets_k = _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
+        return _torch_packed_attention(q, k, v, offsets_q, offsets_k, causal, scale)
+    return torch.ops.fusedvlm.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               causal, scale)[0]

@@ -34,7 +34,8 @@ A per-pair cumulative sum of the increments (torch, float64) then gives every pr
 GPU fp16/bf16 operands feed ``tl.dot`` directly (fp32 inputs use IEEE precision); under the
 interpreter every load is upcast to fp32 at once (no usable bf16 arithmetic there).
 
-CPU path (no Triton):
+CPU: the C++ kernel of csrc/pairwise_cosine.cpp (the same tiles, one SGEMM per lower-triangle
+tile pair of interleaved unit rows, parallel over tiles), else this torch path:
 
 * ``positive=True``: the same increments, per pair, from one matmul per lower-triangle tile
   pair of the stacked unit rows [A_I; B_I] [A_J; B_J]^T (a (2 t) x (2 t) block holding all four
@@ -55,7 +56,9 @@ import functools
 
 import torch
 
-from fusedvlm.backend import forced_tiles, interpreter_enabled, use_triton
+from fusedvlm import native
+from fusedvlm.backend import forced_tiles, interpreter_enabled, requested_backend, use_triton
+from fusedvlm.kernels._library import LIB, cpu_implementation
 from fusedvlm.kernels.common import PsiStats, unit_rows
 from fusedvlm.packing import check_cu_seqlens
 
@@ -123,7 +126,9 @@ def _torch_segment(a: torch.Tensor, b: torch.Tensor, positive: bool) -> PsiStats
                 bj = xj.shape[0] // 2
                 g = (xi @ xj.T).clamp_min_(0).view(2, bi, 2, bj)
                 if tj == ti:
-                    g.mul_(torch.ones(bi, bj, dtype=torch.bool, device=a.device).tril_(-1)[None, :, None, :])
+                    # Select, not multiply: a NaN above the diagonal must not reach earlier rows.
+                    lower = torch.ones(bi, bj, dtype=torch.bool, device=a.device).tril_(-1)[None, :, None, :]
+                    g = torch.where(lower, g, 0.0)
                 inc[:, ti * t:ti * t + bi] += g.sum(-1)
         inc = inc.double()
         ab_sum = (inc[0, :, 1] + inc[1, :, 0]).cumsum(0)
@@ -242,10 +247,11 @@ def _kernels(interpret: bool):
             c_aa = g_aa * inv_ai[:, None] * inv_aj[None, :]
             c_bb = g_bb * inv_bi[:, None] * inv_bj[None, :]
             if POSITIVE:
-                c_ab = tl.maximum(c_ab, 0.0)
-                c_ba = tl.maximum(c_ba, 0.0)
-                c_aa = tl.maximum(c_aa, 0.0)
-                c_bb = tl.maximum(c_bb, 0.0)
+                # Not tl.maximum: it drops NaN on the GPU, and a NaN cosine must propagate.
+                c_ab = tl.where(c_ab < 0.0, 0.0, c_ab)
+                c_ba = tl.where(c_ba < 0.0, 0.0, c_ba)
+                c_aa = tl.where(c_aa < 0.0, 0.0, c_aa)
+                c_bb = tl.where(c_bb < 0.0, 0.0, c_bb)
             # Strictly below the diagonal; a valid row implies every such column is valid.
             lower = offs_n[None, :] < offs_m[:, None]
             inc_ab += tl.sum(tl.where(lower, c_ab + c_ba, 0.0), 1)
@@ -296,6 +302,13 @@ def _segment_cumsum(x: torch.Tensor, cu: torch.Tensor, seg: torch.Tensor) -> tor
     return c - base[..., seg]
 
 
+def _pow2_scaled(x: torch.Tensor) -> torch.Tensor:
+    """x * 2^-e per row with 2^e the power of two at or below max|entry| (NaN and inf rows: NaN)."""
+    amax = x.abs().amax(1, keepdim=True).float()
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)), 0.0)
+    return (x.float() * torch.exp2(-exponent)).to(x.dtype)
+
+
 def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiStats:
     import triton
 
@@ -305,19 +318,28 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
     dev = h_a.device
     if total == 0:
         return PsiStats(*(torch.empty(0, dtype=torch.float32, device=dev) for _ in PsiStats._fields))
-    a = h_a if h_a.stride(1) == 1 else h_a.contiguous()
-    b = h_b if h_b.stride(1) == 1 else h_b.contiguous()
     n_seg = cu_seqlens.numel() - 1
 
     rbm, rbd = forced_tiles("pairwise_cosine_row") or (_INTERPRET_ROW if interpret else _GPU_ROW)
     chunks = triton.cdiv(d, rbd)
-    part = torch.empty((4, chunks, total), dtype=torch.float32, device=dev)
-    row_kernel[(n_seg, chunks)](a, b, part, cu_seqlens, a.stride(0), b.stride(0), part.stride(0), part.stride(1), d,
-                                BLOCK_M=rbm, BLOCK_D=rbd)
-    sq_a, sq_b, dot_ab, div_sq = part.sum(1)
+
+    def rows(x, y):
+        x = x if x.stride(1) == 1 else x.contiguous()
+        y = y if y.stride(1) == 1 else y.contiguous()
+        part = torch.empty((4, chunks, total), dtype=torch.float32, device=dev)
+        row_kernel[(n_seg, chunks)](x, y, part, cu_seqlens, x.stride(0), y.stride(0), part.stride(0), part.stride(1), d,
+                                    BLOCK_M=rbm, BLOCK_D=rbd)
+        return x, y, part.sum(1)
+
+    # Cosines come from rows scaled by a power of two near 1 / max|entry| (exact, direction
+    # unchanged), so fp32 squares of rows of 1e20 or 1e-30 neither overflow nor underflow; the
+    # divergence needs the rows as given.
+    a, b, (sq_a, sq_b, dot_ab, _) = rows(_pow2_scaled(h_a), _pow2_scaled(h_b))
+    div_sq = rows(h_a, h_b)[2][3]
     norm_a, norm_b = sq_a.sqrt(), sq_b.sqrt()
-    inv_a = torch.where(norm_a > 0, 1.0 / norm_a, 0.0)
-    inv_b = torch.where(norm_b > 0, 1.0 / norm_b, 0.0)
+    # A zero row has cosine 0; a NaN row keeps NaN (1 / NaN).
+    inv_a = torch.where(norm_a == 0, 0.0, 1.0 / norm_a)
+    inv_b = torch.where(norm_b == 0, 0.0, 1.0 / norm_b)
     eq_terms = dot_ab * inv_a * inv_b
     if positive:
         eq_terms = eq_terms.clamp_min(0)
@@ -336,6 +358,44 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
     return _finish(sums[0], sums[1], sums[2], sums[3], div_sq.sqrt(), n)
 
 
+# --------------------------------------------------------------------------- fusedvlm:: operator
+
+LIB.define("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) -> Tensor")
+
+
+def _stacked(stats: PsiStats) -> torch.Tensor:
+    return torch.stack(list(stats))
+
+
+def _stats_cpu(h_a, h_b, cu_seqlens, positive):
+    impl = cpu_implementation(h_a, h_b)
+    if impl == "triton":
+        return _stacked(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+    if impl == "cpp":
+        return native.load().pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
+    return _stacked(_torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+
+
+def _stats_cuda(h_a, h_b, cu_seqlens, positive):
+    return _stacked(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+
+
+LIB.impl("pairwise_cosine_stats", _stats_cpu, "CPU")
+LIB.impl("pairwise_cosine_stats", _stats_cuda, "CUDA")
+
+
+@torch.library.register_fake("fusedvlm::pairwise_cosine_stats", lib=LIB)
+def _stats_fake(h_a, h_b, cu_seqlens, positive):
+    return h_a.new_empty((len(PsiStats._fields), h_a.shape[0]), dtype=torch.float32)
+
+
+def implementation(h_a: torch.Tensor) -> str:
+    """"triton", "cpp" or "torch": what :func:`pairwise_cosine_stats` runs on tensors like ``h_a``."""
+    if h_a.device.type == "cpu":
+        return cpu_implementation(h_a)
+    return "triton" if use_triton(h_a) else "torch"
+
+
 # --------------------------------------------------------------------------- public op
 
 
@@ -351,13 +411,15 @@ def pairwise_cosine_stats(
 
     h_a, h_b: (T, d) float32/float16/bfloat16, packed with ``cu_seqlens`` (int32 (n + 1,)).
     Returns :class:`PsiStats` of (T,) float32 tensors (see the module docstring); the cross
-    terms ab, aa, bb are NaN at the first token of every pair.
+    terms ab, aa, bb are NaN at the first token of every pair, and every statistic whose
+    prefix holds a NaN row is NaN. Runs ``torch.ops.fusedvlm.pairwise_cosine_stats`` (Triton on
+    CUDA or under the interpreter, C++ on CPU), the torch path under ``FUSEDVLM_BACKEND=torch``.
     """
     if isinstance(h_a, torch.Tensor) and isinstance(h_b, torch.Tensor) and h_a.dtype != h_b.dtype:
         # Statistics, not activations: mixed branches meet in the wider dtype, autocast or not.
         common = torch.promote_types(h_a.dtype, h_b.dtype)
         h_a, h_b = h_a.to(common), h_b.to(common)
     _validate(h_a, h_b, cu_seqlens)
-    if use_triton(h_a, h_b, cu_seqlens):
-        return _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-    return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
+    if requested_backend() == "torch":
+        return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
+    return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive).unbind(0))

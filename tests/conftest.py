@@ -25,7 +25,7 @@ def _select_interpreter() -> None:
     if torch.cuda.is_available():
         return  # kernel tests run natively on a GPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("FUSEDVLM_BACKEND", "torch")
+    os.environ.setdefault("FUSEDVLM_BACKEND", "cpp")
 
 
 _select_interpreter()

@@ -4,10 +4,20 @@ import torch
 from fusedvlm import backend
 
 
-def test_cpu_without_interpreter_takes_torch(monkeypatch):
+def test_cpu_without_interpreter_takes_cpp_or_torch(monkeypatch):
+    from fusedvlm import native
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FUSEDVLM_BACKEND", raising=False)
+    assert backend.backend_name(torch.zeros(1)) == ("cpp" if native.available() else "torch")
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     assert backend.backend_name(torch.zeros(1)) == "torch"
+
+
+def test_cpp_choice_keeps_cpu_off_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "cpp")
+    assert not backend.use_triton(torch.zeros(1))
 
 
 def test_interpreter_selects_triton_on_cpu(monkeypatch):

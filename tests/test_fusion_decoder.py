@@ -92,3 +92,21 @@ def test_bad_inputs():
     _, cache = dec(torch.randn(3, CFG.hidden_size), cu_seqlens_from_lengths([3]), use_cache=True)
     with pytest.raises(ValueError, match="cache holds 1 samples"):
         dec(torch.randn(2, CFG.hidden_size), cu_seqlens_from_lengths([1, 1]), cache=cache)
+
+
+def test_compiles_fullgraph_with_the_fusedvlm_ops():
+    """torch.compile(fullgraph=True) sees packed_attention as one fusedvlm:: op (fake kernel,
+    autograd): no graph break, and the same outputs and gradients as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dec = FusionDecoder(CFG)
+    cu = cu_seqlens_from_lengths([5, 1, 9])
+    x = torch.randn(15, CFG.hidden_size, requires_grad=True)
+    compiled = torch.compile(lambda e: dec(e, cu)[0], fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    got.sum().backward()
+    grad, x.grad = x.grad, None
+    want = dec(x, cu)[0]
+    want.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, x.grad)

@@ -29,6 +29,8 @@ def test_wheel_contains_kernels_and_train_under_fusedvlm(tmp_path):
         z.extractall(tmp_path / "site")
     assert "fusedvlm/kernels/__init__.py" in names and "fusedvlm/train/__init__.py" in names
     assert not any(n.startswith(("kernels/", "train/")) for n in names), "top-level kernels/ or train/ would shadow other packages"
+    # The C++ sources ship, so an installed copy can build its CPU kernels.
+    assert {"fusedvlm/csrc/packed_attention.cpp", "fusedvlm/csrc/common.h"} <= set(names)
     # The regular install imports from the wheel's files alone (run outside the repo).
     code = "import fusedvlm, fusedvlm.kernels, fusedvlm.train, fusedvlm.model; print(fusedvlm.__file__)"
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); {code}"],

@@ -7,9 +7,9 @@ the registered GPU ones count the full L x S score matrix even when causal. So e
 op is re-registered here with a formula that counts only the query-key pairs the mask lets
 through, from ``is_causal`` (top-left aligned, as SDPA does) or from the mask itself.
 
-Triton kernels are invisible to a dispatch mode. While counting, :func:`count_flops` wraps
-the two kernels the model calls (packed attention, local merge) so that a Triton launch adds
-its analytic count; the torch paths are seen op by op and need nothing extra.
+The model's own ops (``fusedvlm::packed_attention``, ``fusedvlm::local_merge``) are dispatcher
+operators with FLOP formulas registered beside them (kernels/*.py), so a dispatch mode counts
+them on every backend (Triton, C++, torch) and at every call site, with nothing patched.
 
 One multiply-add is 2 FLOPs. Attention forward: QK^T and PV, 2 * D each per unmasked pair
 and query head, so ``4 * D * heads * pairs``.
@@ -28,31 +28,8 @@ aten = torch.ops.aten
 
 # ---------------------------------------------------------------------------- pair counts
 
-
-def causal_pairs(len_q: int, len_k: int, bottom_right: bool = True) -> int:
-    """Unmasked (query, key) pairs of one causal segment.
-
-    Bottom-right (flash-attn / packed attention): query i of len_q sees len_k - len_q + i + 1
-    keys. Top-left (SDPA ``is_causal``): query i sees min(i + 1, len_k) keys."""
-    if len_q < 0 or len_k < 0:
-        raise ValueError(f"negative segment length ({len_q}, {len_k})")
-    if bottom_right:
-        if len_k < len_q:
-            raise ValueError(f"bottom-right causal needs len_k >= len_q, got {len_k} < {len_q}")
-        return len_q * (len_k - len_q) + len_q * (len_q + 1) // 2
-    full = min(len_q, len_k)
-    return full * (full + 1) // 2 + (len_q - full) * len_k
-
-
-def packed_attention_flops(cu_q: Sequence[int], cu_k: Sequence[int], heads: int, head_dim: int, causal: bool = True) -> int:
-    """Forward FLOPs of :func:`fusedvlm.kernels.packed_attention` over packed segments."""
-    cu_q, cu_k = [int(x) for x in cu_q], [int(x) for x in cu_k]
-    pairs = 0
-    for s in range(len(cu_q) - 1):
-        lq, lk = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
-        pairs += causal_pairs(lq, lk) if causal else lq * lk
-    return 4 * heads * head_dim * pairs
-
+# The fusedvlm:: ops register their own formulas (kernels/*.py); these count the same pairs.
+from fusedvlm.kernels.packed_attention import causal_pairs, packed_attention_flops  # noqa: E402
 
 def _sdpa_pairs(q_shape, k_shape, is_causal: bool, mask) -> int:
     """Unmasked pairs summed over batch and query heads of one SDPA call."""
@@ -124,61 +101,16 @@ class FlopCount:
     by_op: dict[str, int] = field(default_factory=dict)
 
 
-class _Triton:
-    """Analytic counts of Triton launches seen while counting (the dispatch mode sees none)."""
-
-    def __init__(self):
-        self.attention = 0
-        self.merge = 0
-
-    def packed_attention(self, original):
-        from fusedvlm.backend import use_triton
-
-        def wrapped(q, k, v, cu_q, cu_k=None, *, causal=True, scale=None):
-            if use_triton(q, k, v):
-                ck = cu_q if cu_k is None else cu_k
-                self.attention += packed_attention_flops(cu_q.tolist(), ck.tolist(), q.shape[1], q.shape[2], causal)
-            return original(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
-
-        return wrapped
-
-    def local_merge(self, original):
-        from fusedvlm.backend import use_triton
-
-        def wrapped(x, weight, lf_token, **kw):
-            if use_triton(x, weight, lf_token):
-                # The same convention as the conv formula: every 3x3 tap, padding included.
-                g = kw.get("grid")
-                h, w = g if g is not None else (int(round(x.shape[1] ** 0.5)),) * 2
-                out_pixels = ((h + 1) // 2) * ((w + 1) // 2)
-                self.merge += 2 * x.shape[0] * out_pixels * weight.shape[0] * weight.shape[1] * weight.shape[2] * weight.shape[3]
-            return original(x, weight, lf_token, **kw)
-
-        return wrapped
-
-
 @contextlib.contextmanager
 def count_flops():
     """``with count_flops() as c: ...`` -> ``c.total``, ``c.attention``, ``c.by_op``."""
-    import fusedvlm.model.fusion as fusion
-    import fusedvlm.model.fusion_module as fusion_module
+    import fusedvlm.kernels  # noqa: F401 - registers the fusedvlm:: ops and their FLOP formulas
 
     result = FlopCount()
-    triton = _Triton()
-    saved = fusion.packed_attention, fusion_module.local_merge
-    fusion.packed_attention = triton.packed_attention(saved[0])
-    fusion_module.local_merge = triton.local_merge(saved[1])
     counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
-    try:
-        with counter:
-            yield result
-    finally:
-        fusion.packed_attention, fusion_module.local_merge = saved
+    with counter:
+        yield result
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
-    if triton.attention:
-        by_op["triton.packed_attention"] = triton.attention
-    if triton.merge:
-        by_op["triton.local_merge"] = triton.merge
     result.by_op = by_op
     result.total = sum(by_op.values())
     result.attention = sum(v for k, v in by_op.items() if "attention" in k)

@@ -179,6 +179,105 @@ def test_bad_input_is_named(change, message):
         packed_attention(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"])
 
 
+# --------------------------------------------------------------------------- C++ CPU kernel
+
+needs_cpp = pytest.mark.skipif("not __import__('fusedvlm.native').native.available()",
+                               reason="the C++ CPU kernels could not be built here")
+
+
+@pytest.fixture
+def cpp(monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("lq,lk,hq,hkv,d,dtype", CASES)
+def test_cpp_matches_fp64_reference(lq, lk, hq, hkv, d, dtype, cpp):
+    check_against_fp64(lq, lk or lq, hq, hkv, d, dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("seed", range(4))
+def test_cpp_random_packings(seed, cpp):
+    lq, lk, hq, hkv, d, dtype = _random_packing(200 + seed)
+    check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=seed)
+
+
+@needs_cpp
+def test_cpp_long_segments_span_many_tiles(cpp):
+    """Several query blocks and key chunks per segment, a long cached prefix, GQA."""
+    check_against_fp64([300, 129, 1], [700, 129, 65], 4, 2, 64, torch.float32)
+
+
+@needs_cpp
+def test_cpp_non_causal_with_empty_key_segment(cpp):
+    check_against_fp64([9, 4, 20], [17, 0, 20], 2, 1, 32, torch.float32, causal=False)
+
+
+@needs_cpp
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_cpp_empty_pack(lengths, cpp):
+    cu = cu_seqlens_from_lengths(lengths)
+    q = torch.zeros(0, 2, 32, requires_grad=True)
+    out = packed_attention(q, q, q, cu)
+    assert out.shape == (0, 2, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+@needs_cpp
+def test_cpp_matches_dense_masked_sdpa_on_strided_inputs(cpp):
+    lq, lk = [3, 30, 1], [19, 30, 1]
+    q, k, v, do = (t.float() for t in _inputs(lq, lk, 4, 2, 32, torch.float32, 7)[:4])
+    mask = BlockDiagonalCausalMask.from_seqlens(lq, lk)
+    fused = torch.cat([q.reshape(q.shape[0], -1), torch.zeros(q.shape[0], 8)], 1).requires_grad_()
+    qv = fused[:, : 4 * 32].view(-1, 4, 32)
+    kt, vt = k.clone().requires_grad_(), v.clone().requires_grad_()
+    got = packed_attention(qv, kt, vt, mask.cu_seqlens_q, mask.cu_seqlens_k)
+    got.backward(do)
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    want = dense_masked_attention(qd, kd, vd, mask)
+    want.backward(do)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.grad[:, : 4 * 32].view(-1, 4, 32), qd.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kt.grad, kd.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vt.grad, vd.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(cu_q=cu_seqlens_from_lengths([4, 5])), "but the tensor has 10 tokens"),
+        (dict(cu_q=cu_seqlens_from_lengths([7, 3]), cu_k=cu_seqlens_from_lengths([4, 6])), "segment 0: 4 keys < 7 queries"),
+        (dict(cu_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32), cu_k=torch.tensor([0, 6, 4, 10], dtype=torch.int32)),
+         "must be non-decreasing"),
+    ],
+)
+def test_bad_offsets_are_named_on_every_cpu_path(backend, change, message, monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
+    args = dict(q=torch.zeros(10, 4, 16), k=torch.zeros(10, 2, 16), v=torch.zeros(10, 2, 16),
+                cu_q=cu_seqlens_from_lengths([4, 6]), cu_k=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        packed_attention(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_opcheck(backend, monkeypatch):
+    """Schema, fake kernel, autograd registration and (for "torch") the op's own fallback."""
+    monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
+    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([5, 1, 0, 12], [9, 1, 3, 12], 4, 2, 16, torch.float32, 11))
+    for causal in (True, False):
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 12, 12, causal, 0.25)
+        torch.library.opcheck(torch.ops.fusedvlm.packed_attention.default, args)
+
+
+def test_max_seqlen_is_accepted():
+    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([6, 9], [6, 9], 2, 2, 32, torch.float32, 5))
+    torch.testing.assert_close(packed_attention(q, k, v, cu_q, max_seqlen_q=9, max_seqlen_k=9), packed_attention(q, k, v, cu_q))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [32, 64, 128])

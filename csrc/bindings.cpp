@@ -1,0 +1,30 @@
+// Registers the CPU kernels as operators of the private namespace fusedvlm_cpu (called from
+// Python as torch.ops.fusedvlm_cpu.*). The public fusedvlm:: schemas, fake kernels, autograd
+// and FLOP formulas are registered in Python (kernels/*.py), so that they exist, with a torch
+// fallback, on machines that cannot build this extension. torch/library.h rather than
+// torch/extension.h (pybind11 and the C++ frontend) keeps the build to about a minute.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace fusedvlm {
+std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const at::Tensor&, const at::Tensor&, bool, double);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&, bool, double);
+at::Tensor pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+}  // namespace fusedvlm
+
+TORCH_LIBRARY(fusedvlm_cpu, m) {
+  m.def("packed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, bool causal, float scale)"
+        " -> (Tensor, Tensor)",
+        &fusedvlm::packed_attention_fwd);
+  m.def("packed_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_q,"
+        " Tensor cu_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+        &fusedvlm::packed_attention_bwd);
+  m.def("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) -> Tensor",
+        &fusedvlm::pairwise_cosine_stats);
+  m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
+}

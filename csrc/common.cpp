@@ -1,0 +1,130 @@
+#include "common.h"
+
+#include <dlfcn.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace fusedvlm {
+namespace {
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+
+// libtorch_cpu is loaded RTLD_LOCAL by Python, so its BLAS is found through the library that
+// holds a known ATen symbol rather than the global namespace.
+sgemm_fn find_sgemm() {
+  Dl_info info;
+  if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) || info.dli_fname == nullptr) return nullptr;
+  void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) return nullptr;
+  return reinterpret_cast<sgemm_fn>(dlsym(handle, "sgemm_"));
+}
+
+sgemm_fn sgemm_ptr() {
+  static sgemm_fn fn = find_sgemm();
+  return fn;
+}
+
+}  // namespace
+
+bool have_blas() { return sgemm_ptr() != nullptr; }
+
+#ifdef __AVX2__
+namespace {
+
+// exp_approx on eight lanes (the same Cephes polynomial, so both give the same values).
+inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.72283f), lo = _mm256_set1_ps(-87.33654f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fmadd_ps(fx, _mm256_set1_ps(2.12194440e-4f), r);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, r2, r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  __m256 res = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  res = _mm256_blendv_ps(res, _mm256_set1_ps(kInf), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+}  // namespace
+#endif
+
+float exp_sub_sum(float* row, int64_t n, float base) {
+  int64_t j = 0;
+  float sum = 0.0f;
+#ifdef __AVX2__
+  const __m256 b = _mm256_set1_ps(base);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), b));
+    _mm256_storeu_ps(row + j, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  sum = hsum(acc);
+#endif
+  for (; j < n; ++j) {
+    row[j] = exp_approx(row[j] - base);
+    sum += row[j];
+  }
+  return sum;
+}
+
+float row_max(const float* row, int64_t n, float init) {
+  int64_t j = 0;
+  float mx = init;
+#ifdef __AVX2__
+  __m256 acc = _mm256_set1_ps(init);
+  // max_ps(x, acc) returns acc when x is NaN: NaN entries are skipped.
+  for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(_mm256_loadu_ps(row + j), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float l : lanes) mx = l > mx ? l : mx;
+#endif
+  for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  return mx;
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  if (auto fn = sgemm_ptr()) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    fn(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto view = [&](const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    auto x = at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, trans_a);
+  at::Tensor B = view(b, trans_b ? n : k, trans_b ? k : n, ldb, trans_b);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(C, C, A, B, beta, alpha);
+}
+
+}  // namespace fusedvlm

@@ -1,0 +1,80 @@
+// Shared helpers of the fusedvlm CPU kernels: a raw row-major SGEMM and a vectorisable exp.
+#pragma once
+
+// Only the headers of the ops used: the full torch/extension.h (pybind11 and every operator) is
+// included by bindings.cpp alone, which keeps the first build near a minute on two cores.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace fusedvlm {
+
+// Row-major C (m x n, ldc) = alpha * op(A) op(B) + beta * C, float32. op(X) = X^T when trans_x.
+// Runs MKL/OpenBLAS sgemm when libtorch exports one (looked up once at load), else at::mm on
+// views of the same memory (slower per call, same result).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+bool have_blas();
+
+// "[0, 3, 5]" for error messages.
+inline std::string join(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// exp(x) to ~1 ulp (Cephes expf), written so that GCC vectorises loops over it. NaN stays NaN,
+// -inf gives 0 and +inf gives +inf (the softmax relies on all three).
+inline float exp_approx(float x) {
+  float xc = x < -87.33654f ? -87.33654f : x;
+  xc = xc > 88.72283f ? 88.72283f : xc;
+  // floor through an integer conversion, which vectorises (floorf is a libm call without
+  // -ffast-math); |xc| < 89 keeps it in range.
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(t);
+  n -= static_cast<float>(n) > t ? 1 : 0;
+  const float fx = static_cast<float>(n);
+  float r = xc - fx * 0.693359375f;
+  r = r + fx * 2.12194440e-4f;
+  float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  int32_t e = (n + 127) << 23;
+  float p2;
+  std::memcpy(&p2, &e, sizeof(p2));
+  float res = y * p2;
+  res = x < -87.33654f ? 0.0f : res;
+  res = x > 88.72283f ? kInf : res;
+  res = x != x ? x : res;
+  return res;
+}
+
+// row[j] = exp(row[j] - base) for j < n; returns the sum. NaN propagates, the max of a row is
+// taken by the caller with NaN ignored, so a NaN score makes its row's sum NaN.
+float exp_sub_sum(float* row, int64_t n, float base);
+
+// max(init, row[0..n)) ignoring NaN entries.
+float row_max(const float* row, int64_t n, float init);
+
+}  // namespace fusedvlm
