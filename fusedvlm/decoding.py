@@ -200,8 +200,9 @@ class LeanLlama(torch.nn.Module):
             k = F.linear(h, wk, bk).view(B, T, Hkv, D).transpose(1, 2)
             v = F.linear(h, wv, bv).view(B, T, Hkv, D).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            k_cache[i][:, :, positions] = k
-            v_cache[i][:, :, positions] = v
+            # Under autocast k/v come out in the autocast dtype; the cache keeps the weights'.
+            k_cache[i][:, :, positions] = k.to(k_cache[i].dtype)
+            v_cache[i][:, :, positions] = v.to(v_cache[i].dtype)
             if start is None:
                 o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
             else:

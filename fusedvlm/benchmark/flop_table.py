@@ -16,6 +16,8 @@ fvcore is imported only here, lazily.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -154,7 +156,18 @@ def prefill_flop_analysis(model, image, question: str, n_l: int, n_s: int | None
 
         analysis = JitModelAnalysis(module, (views.to(model.device),)).set_op_handle(**handles())
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        analysis.total()
+        # fvcore sees only shapes in its trace: one fusedvlm::packed_attention node hides its
+        # segments (the values of cu_seqlens), so trace the torch path, whose per-segment SDPA
+        # calls carry them in their shapes.
+        saved = os.environ.get("FUSEDVLM_BACKEND")
+        os.environ["FUSEDVLM_BACKEND"] = "torch"
+        try:
+            analysis.total()
+        finally:
+            if saved is None:
+                del os.environ["FUSEDVLM_BACKEND"]
+            else:
+                os.environ["FUSEDVLM_BACKEND"] = saved
     return analysis
 
 
