@@ -40,6 +40,7 @@ def register(subparsers) -> None:
 
 
 def _load_model(name: str, device, dtype):
+    """(model, tokenizer, chat layout of its prompts)."""
     from fusedvlm.config import PRESETS, LLMConfig
     from fusedvlm.model.llm import load_llm
 
@@ -51,7 +52,7 @@ def _load_model(name: str, device, dtype):
         cfg = LLMConfig(source="pretrained", path=name)
     else:
         raise ValueError(f"--model {name!r}: expected 'smollm2', 'random' or an existing model directory")
-    return load_llm(cfg, device=device, dtype=dtype)
+    return (*load_llm(cfg, device=device, dtype=dtype), cfg.chat_template)
 
 
 def _psi(args) -> int:
@@ -70,7 +71,7 @@ def _psi(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = _load_model(args.model, device, dtype)
+    model, tokenizer, template = _load_model(args.model, device, dtype)
     t_load = time.perf_counter() - t0
     print(f"model {args.model}: loaded in {t_load:.1f} s ({dtype_name(dtype)} on {device})")
     if args.data:
@@ -83,13 +84,13 @@ def _psi(args) -> int:
         t1 = time.perf_counter()
         pairs = generate_pairs(model, tokenizer, prompts, max_new_tokens=args.max_n + 8, min_new_tokens=args.max_n + 8,
                                temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                               seed=args.seed, progress=not args.no_progress)
+                               seed=args.seed, progress=not args.no_progress, template=template)
         print(f"generated {len(pairs)} pairs in {time.perf_counter() - t1:.1f} s")
         save_pairs(pairs, os.path.join(args.out, "pairs.jsonl"))
         source = f"generated ({args.prompts or 'built-in prompts'}, seed {args.seed})"
     torch.manual_seed(args.seed)
     result = run_psi(model, tokenizer, pairs, max_n=args.max_n, batch_size=args.batch_size, positive=not args.signed,
-                     beta=args.beta, out_dir=args.out, progress=not args.no_progress,
+                     beta=args.beta, out_dir=args.out, progress=not args.no_progress, template=template,
                      meta=dict(model=args.model, source=source, load_seconds=round(t_load, 2),
                                device=str(device), dtype=dtype_name(dtype)))
     print("\n".join(summary_lines(result)))

@@ -104,26 +104,17 @@ def load_prompts(path: str | None = None) -> list[dict]:
     return prompts
 
 
-def prefix_text(tokenizer, question: str, system: str | None) -> str:
-    """The shared prefix as text: the tokenizer's chat template with the generation prompt,
-    or ``{system}\\n\\n{question}\\n`` for tokenizers without one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (f"{system}\n\n" if system else "") + f"{question}\n"
+def prefix_ids(tokenizer, question: str, system: str | None, template: str | None = None) -> list[int]:
+    """The shared prefix: the question turn up to the assistant's answer in the chat layout
+    ``template`` (default: the tokenizer's own chat template; see :class:`fusedvlm.chat.ChatLayout`)."""
+    from fusedvlm.chat import ChatLayout
 
-
-def prefix_ids(tokenizer, question: str, system: str | None) -> list[int]:
-    ids = tokenizer(prefix_text(tokenizer, question, system), add_special_tokens=False)["input_ids"]
-    # A chat template writes its own start tokens into the text; the plain layout gets BOS here.
-    if getattr(tokenizer, "chat_template", None) or tokenizer.bos_token_id is None:
-        return ids
-    return [tokenizer.bos_token_id] + ids
+    return ChatLayout(template, tokenizer, system).question(question, 0, True).ids
 
 
 def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, min_new_tokens: int = 0,
                    temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 8, seed: int = 0,
-                   progress: bool = True) -> list[Pair]:
+                   progress: bool = True, template: str | None = None) -> list[Pair]:
     """Two sampled answers per prompt (A = "chosen", B = "rejected"), offline.
 
     ``min_new_tokens`` holds back EOS so that both branches reach the lengths the analysis
@@ -143,7 +134,7 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     bar = tqdm(total=len(prompts), desc="generating pairs", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = [prefix_ids(tokenizer, p["question"], p.get("system")) for p in chunk]
+        ids = [prefix_ids(tokenizer, p["question"], p.get("system"), template) for p in chunk]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
