@@ -25,6 +25,11 @@ Layouts (``{F}`` = the fused embeddings; ``|`` separates pieces that are tokenis
   (the generation prompt ends ``ASSISTANT:``, an answered turn ``ASSISTANT: |{A}|</s>``).
 * ``llama3`` (their ``llama-3-vision``): ``<|begin_of_text|>|<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>|<|start_header_id|>user<|end_header_id|>\\n\\n|{F}|{Q}|<|eot_id|>|<|start_header_id|>assistant<|end_header_id|>\\n\\n|{A}|<|eot_id|>``
 * ``phi3`` (their ``phi-3``): ``{system}|<|user|>\\n|{F}|{Q}|<|end|>\\n|<|assistant|>\\n|{A}|<|end|>\\n``
+* ``llava`` (LLaVA-1.5's prompt, which its tokenizer does not ship; the drop-in adapters'
+  default for LLaVA hosts)::
+
+    <s>|{system} |USER: |{F}|\n{Q1} ASSISTANT:| {A1}|</s>|USER: |{F}|\n{Q2} ASSISTANT:
+
 * ``None``: the LLM tokenizer's own chat template (``tokenizer.chat_template``, e.g. SmolLM2's
   ChatML). It is rendered once with sentinel strings in place of the system prompt, questions
   and answers and cut at the sentinels into the same kind of pieces::
@@ -52,12 +57,12 @@ AUTHORS_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 # The hand-written layouts (the authors' pieces); None selects the tokenizer's own template.
-TEMPLATES = ("llama2", "vicuna", "llama3", "phi3")
+TEMPLATES = ("llama2", "vicuna", "llama3", "phi3", "llava")
 # Default system prompt per template when none is given (None: no system part, or for the
 # tokenizer's template whatever it writes without a system message).
 DEFAULT_SYSTEM = {
     None: None, "llama2": AUTHORS_SYSTEM, "vicuna": AUTHORS_SYSTEM,
-    "llama3": "You are a helpful assistant.", "phi3": "You are a helpful assistant.",
+    "llama3": "You are a helpful assistant.", "phi3": "You are a helpful assistant.", "llava": None,
 }
 # The authors' template names (their checkpoints' eval configs) -> ours.
 UPSTREAM_TEMPLATES = {
@@ -241,6 +246,12 @@ class ChatLayout:
                 t.extend(self._control("ASSISTANT:"))
             else:
                 t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
+        elif self.template == "llava":
+            if first:
+                t.extend(self._control(self.bos)).extend(self._piece(sys or "", after=" "))
+            t.extend(self._control("USER: ")).extend(self._fused(n_fused)).extend(self._piece(question, before="\n", after=" ASSISTANT:"))
+            if answer is not None:
+                t.extend(self._answer(answer, before=" ")).extend(self._control(self._close, labelled=True))
         elif self.template == "llama3":
             if first:
                 t.extend(self._control(self.bos))
@@ -268,11 +279,11 @@ class ChatLayout:
                 t.extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
         return t
 
-    def _answer(self, answer: str | list[int], after: str = "") -> Tokens:
+    def _answer(self, answer: str | list[int], after: str = "", before: str = "") -> Tokens:
         """An answer as text (one piece with ``after``), or as the ids the LLM generated
         (``after`` then follows as its own piece); labelled, as training targets."""
         if isinstance(answer, str):
-            return self._piece(answer, after=after, labelled=True)
+            return self._piece(answer, before=before, after=after, labelled=True)
         ids = list(answer)
         if ids and ids[-1] == self.eos_id:
             ids = ids[:-1]
@@ -285,7 +296,7 @@ class ChatLayout:
         if self.template == "llama2":
             t = self._answer(answer, after=f" {self.eos}")
         else:
-            t = self._answer(answer).extend(self._control(self._close, labelled=True))
+            t = self._answer(answer, before=" " if self.template == "llava" else "").extend(self._control(self._close, labelled=True))
         if not labelled:
             t.labels = [IGNORE_INDEX] * len(t.ids)
         return t

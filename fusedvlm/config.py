@@ -80,7 +80,7 @@ class FusionConfig:
         return self.text_vocab_size + i
 
 
-ChatTemplate = Literal["llama2", "vicuna", "llama3", "phi3"]
+ChatTemplate = Literal["llama2", "vicuna", "llama3", "phi3", "llava"]
 
 
 @dataclass(frozen=True)
