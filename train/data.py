@@ -29,6 +29,7 @@ import torch
 
 from fusedvlm.chat import IGNORE_INDEX, ChatLayout, Tokens
 from fusedvlm.config import CLIP_EOT_ID, CLIP_SOT_ID
+from fusedvlm.text import check_text
 
 log = logging.getLogger("fusedvlm.train")
 
@@ -69,10 +70,11 @@ def _parse_turns(conversation, index: int) -> tuple[tuple[str, str], ...]:
             continue
         if not isinstance(text, str):
             raise DataError(index, f"turn {j} has no text ('value' or 'content')")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a "\ud800" escape in the JSON decodes to a lone surrogate
-            raise DataError(index, f"turn {j} is not valid UTF-8 text: lone surrogate {text[e.start:e.end]!r} at character {e.start}") from None
+        if text.strip():
+            try:  # a "\ud800" escape in the JSON decodes to a lone surrogate
+                check_text(text, f"turn {j}")
+            except ValueError as e:
+                raise DataError(index, str(e)) from None
         if role in _QUESTION_ROLES:
             if question is not None:
                 raise DataError(index, f"turn {j}: two questions in a row")
@@ -206,7 +208,7 @@ class SampleEncoder:
         return (0 if self.drop_question else len(question_ids)) + m
 
     def encode(self, record: Record) -> Item:
-        from fusedvlm.model.fusion_module import clip_tokenizer
+        from fusedvlm.clip_text import clip_tokenizer
         from fusedvlm.preprocess import hd_views, load_image
 
         try:
@@ -216,12 +218,11 @@ class SampleEncoder:
         tok = clip_tokenizer()
         qids = []
         for j, (q, _) in enumerate(record.turns):
-            ids = tok.encode(self.layout.fusion_text(q, j == 0) if self.layout is not None else q)
-            if not ids:
-                raise DataError(record.index, f"question {j} has no CLIP tokens")
-            if self.max_question_tokens is not None and len(ids) > self.max_question_tokens:
-                raise DataError(record.index, f"question {j} has {len(ids)} CLIP tokens, more than {self.max_question_tokens}")
-            qids.append(ids)
+            try:
+                qids.append(tok.question_ids(self.layout.fusion_text(q, j == 0) if self.layout is not None else q,
+                                             self.max_question_tokens))
+            except ValueError as e:
+                raise DataError(record.index, f"question {j}: {e}") from None
         item = Item(record.index, views, qids, record.turns)
         if self.stage == 1:
             item.answer_ids = []

@@ -174,7 +174,7 @@ class FusedVLM(nn.Module):
         from safetensors.torch import load_file
 
         from fusedvlm.checkpoint import check_state_dict
-        from fusedvlm.model.fusion_module import ClipText
+        from fusedvlm.clip_text import ClipText, load_clip_tokenizer
 
         path = os.path.abspath(os.fspath(path))
         cfg = read_model_config(path)
@@ -194,8 +194,6 @@ class FusedVLM(nn.Module):
             raise ValueError(f"{weights} left tensors unset: {on_meta[:5]}")
         clip_dir = os.path.join(path, "clip")
         if os.path.isdir(clip_dir):
-            from fusedvlm.clip_text import load_clip_tokenizer
-
             model.fuser.text_tokenizer = ClipText(load_clip_tokenizer(clip_dir))
         return model.eval()
 
