@@ -254,8 +254,32 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------- batches
+class BatchCounts:
+    """What the trainer counts of any micro-batch (:class:`Batch`, the adapters'
+    ``AdapterBatch``): its records and the tokens processed, the fusion stream's
+    (``fusion_tokens``) plus the LLM's unpadded ones (``llm_attention_mask``, None without LLM)."""
+
+    indices: list[int]
+    llm_attention_mask: torch.Tensor | None
+
+    @property
+    def fusion_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_tokens(self) -> int:
+        if not self.indices:
+            return 0
+        mask = self.llm_attention_mask
+        return self.fusion_tokens + (int(mask.sum()) if mask is not None else 0)
+
+
 @dataclass
-class Batch:
+class Batch(BatchCounts):
     """A micro-batch. The fusion side is one packed stream (``fusion_cu_seqlens``, no padding);
     the LLM side (stage 2) is right-padded with an attention mask."""
 
@@ -274,14 +298,8 @@ class Batch:
     skipped: list[Skipped] = field(default_factory=list)
 
     @property
-    def size(self) -> int:
-        return len(self.indices)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens processed: the fusion stream plus the LLM's unpadded tokens."""
-        n = int(self.fusion_cu_seqlens[-1])
-        return n + (int(self.llm_attention_mask.sum()) if self.llm_attention_mask is not None else 0)
+    def fusion_tokens(self) -> int:
+        return int(self.fusion_cu_seqlens[-1])
 
 
 class Collator:
