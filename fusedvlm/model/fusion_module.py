@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusedvlm.checkpoint import CONFIG_NAME, atomic_directory, check_state_dict, read_safetensors
+from fusedvlm.checkpoint import CONFIG_NAME, atomic_directory, check_state_dict, read_config_json, read_safetensors
 from fusedvlm.clip_text import ClipText, clip_tokenizer
 from fusedvlm.config import FusionModuleConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
@@ -432,16 +432,4 @@ def load_config(path: str | os.PathLike) -> FusionModuleConfig:
     config = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config):
         raise FileNotFoundError(f"fusion module checkpoint {path} has no {CONFIG_NAME}")
-    try:
-        with open(config, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON (truncated or corrupt?): {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{config} is not a {CHECKPOINT_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {CHECKPOINT_VERSION}")
-    try:
-        return FusionModuleConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{config}: bad config: {e}") from None
+    return read_config_json(config, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, parse=FusionModuleConfig.from_dict)
