@@ -123,6 +123,8 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     import torch
     from tqdm.auto import tqdm
 
+    from fusedvlm.packing import pad_rows
+
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {min_new_tokens}, {max_new_tokens}")
     if batch_size < 1:
@@ -135,9 +137,8 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids = [prefix_ids(tokenizer, p["question"], p.get("system"), template) for p in chunk]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        input_ids, mask = pad_rows(ids, pad, side="left", device=device)
+        width = input_ids.shape[1]
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
