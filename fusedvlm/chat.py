@@ -145,8 +145,8 @@ class ChatLayout:
         """Cut the tokenizer's chat template into the pieces of a turn (see the module doc)."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
-            raise ValueError("the LLM tokenizer has no chat template of its own; set llm.chat_template to one of "
-                             f"{TEMPLATES} (the authors' layouts)")
+            raise ValueError("the LLM tokenizer has no chat template of its own; choose a layout (llm.chat_template, "
+                             f"psi --chat-template) from {TEMPLATES}")
         marks = {k: f"\ue000{k}\ue001" for k in ("SYS", "Q1", "A1", "Q2")}
         messages = [{"role": "user", "content": marks["Q1"]}, {"role": "assistant", "content": marks["A1"]},
                     {"role": "user", "content": marks["Q2"]}]
