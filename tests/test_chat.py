@@ -82,7 +82,7 @@ def test_tokenizer_template_layout():
 
 
 def test_tokenizer_without_template_asks_for_a_layout():
-    with pytest.raises(ValueError, match="no chat template of its own; set llm.chat_template"):
+    with pytest.raises(ValueError, match="no chat template of its own; choose a layout"):
         ChatLayout(None, TOK)
 
 
