@@ -36,6 +36,17 @@ def _pair_from_record(rec: dict, where: str) -> Pair:
     return Pair(question=rec["question"], chosen=rec["chosen"], rejected=rec["rejected"], system=rec.get("system") or None)
 
 
+def _jsonl(lines, where: str):
+    """(``where:lineno``, record) for every non-blank line; a line that is not JSON is an error naming it."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{where}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
     """Pairs from a ``.jsonl`` or ``.parquet`` file of {system?, question, chosen, rejected}."""
     if not os.path.exists(path):
@@ -44,14 +55,8 @@ def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
     if ext in (".jsonl", ".json"):
         pairs = []
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                pairs.append(_pair_from_record(rec, f"{path}:{lineno}"))
+            for where, rec in _jsonl(f, path):
+                pairs.append(_pair_from_record(rec, where))
                 if limit is not None and len(pairs) >= limit:
                     break
     elif ext == ".parquet":
@@ -89,15 +94,9 @@ def load_prompts(path: str | None = None) -> list[dict]:
             text = f.read()
         where = path
     prompts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+    for at, rec in _jsonl(text.splitlines(), where):
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
-            raise ValueError(f"{where}:{lineno}: a prompt needs a string field 'question'")
+            raise ValueError(f"{at}: a prompt needs a string field 'question'")
         prompts.append({"question": rec["question"], "system": rec.get("system") or None})
     if not prompts:
         raise ValueError(f"{where}: no prompts in the file")
