@@ -1,7 +1,7 @@
 """Conversation layouts for the LLM (SPEC section 6), built piece by piece as token ids.
 
-This is the one prompt builder of fusedvlm: chat sessions, training targets and benchmarks
-all take their LLM ids from :class:`ChatLayout`.
+This is the one prompt builder of fusedvlm: chat sessions, training targets, benchmarks,
+the drop-in adapters and the psi analysis all take their LLM ids from :class:`ChatLayout`.
 
 A conversation is a list of turns; every turn is one question with its fused tokens placed
 immediately **before** the question text and, once answered, its answer and the template's
@@ -248,7 +248,9 @@ class ChatLayout:
                 t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
         elif self.template == "llava":
             if first:
-                t.extend(self._control(self.bos)).extend(self._piece(sys or "", after=" "))
+                t.extend(self._control(self.bos))
+                if sys:
+                    t.extend(self._piece(sys, after=" "))
             t.extend(self._control("USER: ")).extend(self._fused(n_fused)).extend(self._piece(question, before="\n", after=" ASSISTANT:"))
             if answer is not None:
                 t.extend(self._answer(answer, before=" ")).extend(self._control(self._close, labelled=True))

@@ -43,6 +43,12 @@ def test_vicuna_layout_with_default_system():
     assert _render(t).endswith("questions. USER: FFQ1? ASSISTANT: A1.</s>USER: FQ2? ASSISTANT:")
 
 
+def test_llava_layout():
+    t = ChatLayout("llava", TOK).conversation([("Q1?", "A1."), ("Q2?", None)], [2, 1])
+    assert _render(t) == "<s>USER: FF\nQ1? ASSISTANT: A1.</s>USER: F\nQ2? ASSISTANT:"
+    assert TOK.decode([i for i in t.labels if i != IGNORE_INDEX]) == " A1.</s>"
+
+
 # SmolLM2's ChatML template, which writes its own system prompt when none is given.
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -86,7 +92,7 @@ def test_tokenizer_without_template_asks_for_a_layout():
         ChatLayout(None, TOK)
 
 
-@pytest.mark.parametrize("template", ["llama2", "vicuna", None, "llama3", "phi3"])
+@pytest.mark.parametrize("template", ["llama2", "vicuna", "llava", None, "llama3", "phi3"])
 def test_turns_concatenate_to_the_conversation(template):
     tok = _llama3_phi3_tokenizer() if template in ("llama3", "phi3") else _chatml_tokenizer() if template is None else TOK
     layout = ChatLayout(template, tok, "s")
