@@ -212,9 +212,15 @@ class ModelConfig(QueryConfig):
         return cls(
             vision=VisionConfig(**d["vision"]),
             fusion=FusionConfig(**d["fusion"]),
-            llm=LLMConfig(**d["llm"]),
+            llm=LLMConfig(**_read_llm(d["llm"])),
             **{k: v for k, v in d.items() if k not in ("vision", "fusion", "llm")},
         )
+
+
+def _read_llm(d: dict) -> dict:
+    # Configs saved before the hand-written ChatML layout gave way to the tokenizer's own
+    # template (SmolLM2's is ChatML) name it "chatml".
+    return {**d, "chat_template": None} if d.get("chat_template") == "chatml" else d
 
 
 def check_query_counts(n_l: int, n_s: int, max_queries: int) -> None:

@@ -188,3 +188,13 @@ def test_layout_errors():
         layout.conversation([("a", "b"), ("c", None)], [1])
     with pytest.raises(ValueError, match="no answer but is not the last"):
         layout.conversation([("a", None), ("c", None)], [1, 1])
+
+
+def test_presets_and_saved_configs_choose_layouts():
+    from fusedvlm.config import LLMConfig, ModelConfig, get_preset
+
+    # No pretrained LLM defaults to the Llama-2 layout: the tokenizer's own template unless named.
+    assert LLMConfig().chat_template is None and get_preset("smol").llm.chat_template is None
+    saved = get_preset("smol").to_dict()
+    saved["llm"]["chat_template"] = "chatml"  # written before the hand ChatML layout was dropped
+    assert ModelConfig.from_dict(saved).llm.chat_template is None
