@@ -76,13 +76,12 @@ def run(args) -> dict:
     pixels = torch.randn(1, 3, 336, 336, device=device, dtype=dtype)
     lm = host.model.language_model
 
-    def text(s):
-        return tok.encode(s, add_special_tokens=False)
-
     # Every (row, metric) -> the call to time; built first so that the timing rounds interleave them.
     calls: dict[tuple[str, str], object] = {}
     rows = []
-    ids = torch.tensor([[256] + text("USER: ") + [IMAGE_ID] * 576 + text("\n" + QUESTION + " ASSISTANT:")], device=device)
+    # The host's own path: the same llava prompt as the adapters', with 576 image tokens.
+    prompt = LlavaFusionAdapter.default_prompt.layout(tok).question(QUESTION, 576, True)
+    ids = torch.tensor([[IMAGE_ID if f else i for i, f in zip(prompt.ids, prompt.fused)]], device=device)
     mask = torch.ones_like(ids)
     embeds = host.get_input_embeddings()(ids).detach()
     rows.append(dict(model="llava", n_l=None, llm_tokens=ids.shape[1]))

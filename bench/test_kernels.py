@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from fusedvlm.benchmark.system import sync
+from fusedvlm.timing import sync
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

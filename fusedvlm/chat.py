@@ -1,7 +1,7 @@
 """Conversation layouts for the LLM (SPEC section 6), built piece by piece as token ids.
 
-This is the one prompt builder of fusedvlm: chat sessions, training targets and benchmarks
-all take their LLM ids from :class:`ChatLayout`.
+This is the one prompt builder of fusedvlm: chat sessions, training targets, benchmarks,
+the drop-in adapters and the psi analysis all take their LLM ids from :class:`ChatLayout`.
 
 A conversation is a list of turns; every turn is one question with its fused tokens placed
 immediately **before** the question text and, once answered, its answer and the template's
@@ -25,9 +25,19 @@ Layouts (``{F}`` = the fused embeddings; ``|`` separates pieces that are tokenis
   (the generation prompt ends ``ASSISTANT:``, an answered turn ``ASSISTANT: |{A}|</s>``).
 * ``llama3`` (their ``llama-3-vision``): ``<|begin_of_text|>|<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>|<|start_header_id|>user<|end_header_id|>\\n\\n|{F}|{Q}|<|eot_id|>|<|start_header_id|>assistant<|end_header_id|>\\n\\n|{A}|<|eot_id|>``
 * ``phi3`` (their ``phi-3``): ``{system}|<|user|>\\n|{F}|{Q}|<|end|>\\n|<|assistant|>\\n|{A}|<|end|>\\n``
-* ``chatml`` (fusedvlm's own, for ChatML LLMs such as SmolLM2)::
+* ``llava`` (LLaVA-1.5's prompt, which its tokenizer does not ship; the drop-in adapters'
+  default for LLaVA hosts)::
 
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n|{F}|{Q1}<|im_end|>\\n<|im_start|>assistant\\n|{A1}|<|im_end|>|\\n<|im_start|>user\\n ...
+    <s>|{system} |USER: |{F}|\n{Q1} ASSISTANT:| {A1}|</s>|USER: |{F}|\n{Q2} ASSISTANT:
+
+* ``None``: the LLM tokenizer's own chat template (``tokenizer.chat_template``, e.g. SmolLM2's
+  ChatML). It is rendered once with sentinel strings in place of the system prompt, questions
+  and answers and cut at the sentinels into the same kind of pieces::
+
+    {head with system}|{F}|{Q1}{generation prompt}|{A1}|{EOS}|{rest of the close}{next user header}|{F}|{Q2}{generation prompt}
+
+  so fused slots and per-piece tokenisation work as for the hand-written layouts, which stay
+  only where the authors' pipeline needs their exact pieces.
 
 Text that users type (questions, answers, the system prompt) is tokenised as plain text:
 a control-token string in it (``</s>``, ``<|im_end|>``, or ``[INST]`` where the tokenizer
@@ -46,11 +56,13 @@ AUTHORS_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("llama2", "vicuna", "chatml", "llama3", "phi3")
-# Default system prompt per template when none is given (None: no system part).
+# The hand-written layouts (the authors' pieces); None selects the tokenizer's own template.
+TEMPLATES = ("llama2", "vicuna", "llama3", "phi3", "llava")
+# Default system prompt per template when none is given (None: no system part, or for the
+# tokenizer's template whatever it writes without a system message).
 DEFAULT_SYSTEM = {
-    "llama2": AUTHORS_SYSTEM, "vicuna": AUTHORS_SYSTEM, "chatml": None,
-    "llama3": "You are a helpful assistant.", "phi3": "You are a helpful assistant.",
+    None: None, "llama2": AUTHORS_SYSTEM, "vicuna": AUTHORS_SYSTEM,
+    "llama3": "You are a helpful assistant.", "phi3": "You are a helpful assistant.", "llava": None,
 }
 # The authors' template names (their checkpoints' eval configs) -> ours.
 UPSTREAM_TEMPLATES = {
@@ -90,10 +102,11 @@ class Tokens:
 class ChatLayout:
     """Builds the token ids of turns for one template and tokenizer."""
 
-    def __init__(self, template: str, tokenizer, system: str | None = None):
+    def __init__(self, template: str | None, tokenizer, system: str | None = None):
         template = UPSTREAM_TEMPLATES.get(template, template)
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; choose from {TEMPLATES} or {tuple(UPSTREAM_TEMPLATES)}")
+        if template is not None and template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; choose from {TEMPLATES} or {tuple(UPSTREAM_TEMPLATES)}, "
+                             "or None for the LLM tokenizer's own template")
         self.template = template
         self.tokenizer = tokenizer
         self.system = DEFAULT_SYSTEM[template] if system is None else system
@@ -109,6 +122,10 @@ class ChatLayout:
         elif template == "phi3":
             self.eos = "<|end|>"
             self.eos_id = self._control_id(self.eos)
+        # The labelled piece that closes an answer (llama2 writes " </s>" into the answer piece).
+        self._close = {"phi3": "<|end|>\n"}.get(template, self.eos)
+        if template is None:
+            self._split_tokenizer_template()
         # Fused positions carry a real id so that the ids tensor is valid for any embedding
         # table; its embedding is replaced before the LLM sees it (the authors use the pad id).
         self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -123,6 +140,42 @@ class ChatLayout:
         if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id:
             raise ValueError(f"the {self.template} layout needs the control token {token!r}, which the LLM tokenizer lacks")
         return tid
+
+    def _split_tokenizer_template(self) -> None:
+        """Cut the tokenizer's chat template into the pieces of a turn (see the module doc)."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("the LLM tokenizer has no chat template of its own; choose a layout (llm.chat_template, "
+                             f"psi --chat-template) from {TEMPLATES}")
+        marks = {k: f"\ue000{k}\ue001" for k in ("SYS", "Q1", "A1", "Q2")}
+        messages = [{"role": "user", "content": marks["Q1"]}, {"role": "assistant", "content": marks["A1"]},
+                    {"role": "user", "content": marks["Q2"]}]
+        if self.system is not None:
+            messages.insert(0, {"role": "system", "content": marks["SYS"] if self.system else ""})
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        parts, rest = [], text
+        for k in ("SYS", "Q1", "A1", "Q2"):
+            if k == "SYS" and not self.system:
+                continue
+            if rest.count(marks[k]) != 1:
+                raise ValueError(f"the LLM tokenizer's chat template does not write each message once ({k}); "
+                                 f"set llm.chat_template to one of {TEMPLATES}")
+            before, rest = rest.split(marks[k])
+            parts.append(before)
+        parts.append(rest)
+        if self.system:
+            self._sys_before, head = parts.pop(0), parts.pop(0)
+        else:
+            self._sys_before, head = "", parts.pop(0)
+        ask, between, ask2 = parts
+        close = between.find(self.eos)
+        if ask != ask2 or close < 0:
+            raise ValueError("the LLM tokenizer's chat template does not repeat the same turn pieces or does not close "
+                             f"answers with its EOS {self.eos!r}; set llm.chat_template to one of {TEMPLATES}")
+        # Only the closing token is a target (generation stops there); the rest of the close
+        # belongs to the next turn's header.
+        self._head, self._ask, self._close = head, ask, between[:close + len(self.eos)]
+        self._next = between[close + len(self.eos):]
 
     # ------------------------------------------------------------------ tokenising pieces
     def _encode(self, text: str, plain: bool = False) -> list[int]:
@@ -192,7 +245,15 @@ class ChatLayout:
             if answer is None:
                 t.extend(self._control("ASSISTANT:"))
             else:
-                t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(self._control(self.eos, labelled=True))
+                t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
+        elif self.template == "llava":
+            if first:
+                t.extend(self._control(self.bos))
+                if sys:
+                    t.extend(self._piece(sys, after=" "))
+            t.extend(self._control("USER: ")).extend(self._fused(n_fused)).extend(self._piece(question, before="\n", after=" ASSISTANT:"))
+            if answer is not None:
+                t.extend(self._answer(answer, before=" ")).extend(self._control(self._close, labelled=True))
         elif self.template == "llama3":
             if first:
                 t.extend(self._control(self.bos))
@@ -202,32 +263,29 @@ class ChatLayout:
             t.extend(self._piece(question)).extend(self._control("<|eot_id|>"))
             t.extend(self._control("<|start_header_id|>assistant<|end_header_id|>\n\n"))
             if answer is not None:
-                t.extend(self._answer(answer)).extend(self._control("<|eot_id|>", labelled=True))
+                t.extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
         elif self.template == "phi3":
             if first and sys:
                 t.extend(self._piece(sys))
             t.extend(self._control("<|user|>\n")).extend(self._fused(n_fused)).extend(self._piece(question))
             t.extend(self._control("<|end|>\n")).extend(self._control("<|assistant|>\n"))
             if answer is not None:
-                t.extend(self._answer(answer)).extend(self._control("<|end|>\n", labelled=True))
-        else:  # chatml
+                t.extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
+        else:  # the tokenizer's own template
             if first:
-                if sys:
-                    t.extend(self._piece(sys, before="<|im_start|>system\n", after="<|im_end|>\n<|im_start|>user\n"))
-                else:
-                    t.extend(self._control("<|im_start|>user\n"))
+                t.extend(self._piece(sys, before=self._sys_before, after=self._head) if sys else self._control(self._head))
             else:
-                t.extend(self._control("\n<|im_start|>user\n"))
-            t.extend(self._fused(n_fused)).extend(self._piece(question, after="<|im_end|>\n<|im_start|>assistant\n"))
+                t.extend(self._control(self._next))
+            t.extend(self._fused(n_fused)).extend(self._piece(question, after=self._ask))
             if answer is not None:
-                t.extend(self._answer(answer)).extend(self._control(self.eos, labelled=True))
+                t.extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
         return t
 
-    def _answer(self, answer: str | list[int], after: str = "") -> Tokens:
+    def _answer(self, answer: str | list[int], after: str = "", before: str = "") -> Tokens:
         """An answer as text (one piece with ``after``), or as the ids the LLM generated
         (``after`` then follows as its own piece); labelled, as training targets."""
         if isinstance(answer, str):
-            return self._piece(answer, after=after, labelled=True)
+            return self._piece(answer, before=before, after=after, labelled=True)
         ids = list(answer)
         if ids and ids[-1] == self.eos_id:
             ids = ids[:-1]
@@ -240,8 +298,7 @@ class ChatLayout:
         if self.template == "llama2":
             t = self._answer(answer, after=f" {self.eos}")
         else:
-            closing = {"llama3": "<|eot_id|>", "phi3": "<|end|>\n"}.get(self.template, self.eos)
-            t = self._answer(answer).extend(self._control(closing, labelled=True))
+            t = self._answer(answer, before=" " if self.template == "llava" else "").extend(self._control(self._close, labelled=True))
         if not labelled:
             t.labels = [IGNORE_INDEX] * len(t.ids)
         return t

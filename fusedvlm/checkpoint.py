@@ -33,6 +33,29 @@ CONFIG_NAME = "config.json"  # the JSON beside the weights of a save_pretrained 
 _TEMP = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
+def read_config_json(config: str, fmt: str, version: int, refused: dict[str, str] | None = None, parse=None):
+    """``parse(meta["config"])`` of a ``{"format": fmt, "version": version, "config": ...}`` JSON
+    file (the ``config`` dict itself without ``parse``), else one ValueError naming the file:
+    unreadable JSON, another format (``refused`` maps a known other format to what to say),
+    another version, or a config ``parse`` rejects."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{config} is not valid JSON (truncated or corrupt?): {e}") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found in (refused or {}):
+        raise ValueError(refused[found])
+    if found != fmt:
+        raise ValueError(f"{config} is not a {fmt} config (format={found!r})")
+    if meta.get("version") != version:
+        raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {version}")
+    try:
+        return meta["config"] if parse is None else parse(meta["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config}: bad config: {e}") from None
+
+
 def umask() -> int:
     """The process's umask, read without changing it where Linux allows (setting it to read it
     back would briefly affect files other threads create)."""

@@ -20,6 +20,8 @@ import gzip
 import json
 import os
 
+from fusedvlm.text import check_text
+
 VOCAB_NAME = "vocab.json"
 MERGES_NAME = "merges.txt"
 
@@ -86,6 +88,34 @@ def write_bpe(folder: str, vocab: dict[str, int], merges: list[str]) -> None:
 
 def load_clip_tokenizer(folder: str):
     return _build(*read_bpe(folder))
+
+
+class ClipText:
+    """Question text -> CLIP BPE ids, no start/end token: the one question tokenizer of the
+    fusion module, the training data and the converter."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return encode(self.hf, text)
+
+    def question_ids(self, question: str, max_tokens: int | None = None) -> list[int]:
+        """The ids of a question, or one ValueError naming what is wrong with it (not text,
+        empty, not UTF-8, no CLIP tokens, more than ``max_tokens``)."""
+        check_text(question, "question")
+        ids = self.encode(question)
+        if not ids:
+            raise ValueError(f"question {question!r} has no CLIP tokens")
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise ValueError(f"question has {len(ids)} CLIP tokens, more than max_question_tokens={max_tokens}")
+        return ids
+
+
+@functools.cache
+def clip_tokenizer() -> ClipText:
+    """The question tokenizer of OpenAI's vocabulary (every fusedvlm preset)."""
+    return ClipText(default_clip_tokenizer())
 
 
 def encode(tokenizer, text: str) -> list[int]:

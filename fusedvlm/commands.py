@@ -9,8 +9,15 @@ import os
 from fusedvlm.config import PRESETS
 
 
+# Chat's decoding defaults where they differ from GenerationConfig's (short answers; mild
+# sampling when --do-sample; a fixed seed, which also seeds random initialisation).
+CHAT_GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 0}
+
+
 def register(sub) -> None:
     from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
+    from fusedvlm.generation import GenerationConfig
+    from fusedvlm.options import add_options
 
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -21,11 +28,8 @@ def register(sub) -> None:
                    "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)")
     p.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question")
     p.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0, help="seeds random initialisation and sampling")
+    add_options(p, GenerationConfig, exclude=("ignore_eos",), defaults=CHAT_GENERATION_DEFAULTS,
+                helps={"seed": "%(default)s; also seeds random initialisation"})
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
     add_device_arguments(p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU")
@@ -74,6 +78,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from fusedvlm.decoding import compile_cache_dir
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
+    from fusedvlm.options import from_options
     from fusedvlm.session import ChatSession
     from fusedvlm.text import check_text
 
@@ -84,9 +89,7 @@ def run_chat(args: argparse.Namespace) -> int:
         raise ValueError(f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
                          "config, so the preset would be ignored; drop --preset")
     image = _open_image(args.image)
-    gen = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
+    gen = from_options(GenerationConfig, args)
     model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
     if args.checkpoint and not model_dir:
         cfg = read_config(args.checkpoint)

@@ -80,7 +80,7 @@ class FusionConfig:
         return self.text_vocab_size + i
 
 
-ChatTemplate = Literal["llama2", "vicuna", "chatml", "llama3", "phi3"]
+ChatTemplate = Literal["llama2", "vicuna", "llama3", "phi3", "llava"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ class LLMConfig:
     num_kv_heads: int = 32
     vocab_size: int = 32000
     max_position_embeddings: int = 4096
-    chat_template: ChatTemplate = "llama2"
+    # None: the LLM tokenizer's own chat template (an error for a tokenizer without one);
+    # the named layouts are the authors' (fusedvlm.chat).
+    chat_template: ChatTemplate | None = None
     # None: the template's default (for llama2 and vicuna the authors' system prompt).
     system_prompt: str | None = None
 
@@ -210,9 +212,15 @@ class ModelConfig(QueryConfig):
         return cls(
             vision=VisionConfig(**d["vision"]),
             fusion=FusionConfig(**d["fusion"]),
-            llm=LLMConfig(**d["llm"]),
+            llm=LLMConfig(**_read_llm(d["llm"])),
             **{k: v for k, v in d.items() if k not in ("vision", "fusion", "llm")},
         )
+
+
+def _read_llm(d: dict) -> dict:
+    # Configs saved before the hand-written ChatML layout gave way to the tokenizer's own
+    # template (SmolLM2's is ChatML) name it "chatml".
+    return {**d, "chat_template": None} if d.get("chat_template") == "chatml" else d
 
 
 def check_query_counts(n_l: int, n_s: int, max_queries: int) -> None:
@@ -254,7 +262,7 @@ _SMALL = ModelConfig(
 _SMOL = ModelConfig(
     vision=VisionConfig(image_size=224, patch_size=14, width=256, layers=4, heads=4),
     fusion=FusionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767),
-    llm=LLMConfig(source="smollm2", chat_template="chatml", system_prompt="You are a helpful AI assistant."),
+    llm=LLMConfig(source="smollm2", system_prompt="You are a helpful AI assistant."),
     n_l=64,
     hd_num=4,
 )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.generation import _sync
+from fusedvlm.timing import sync
 
 DECODE_PATHS = ("auto", "lean", "hf")
 # The static cache grows in buckets of this many positions (doubling), so one compiled step
@@ -333,7 +333,7 @@ class LeanEngine:
             # CUDA graphs warm up on the first call and record on the next ones.
             for _ in range(3 if self.device.type == "cuda" else 1):
                 self._step(tokens, cache.k, cache.v, pos)
-            _sync(self.device)
+            sync(self.device)
         except Exception as e:  # noqa: BLE001 - any compiler failure leaves the eager step, which is exact
             warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2)
             self.compile, self._step, self.path = False, self.model.step, "lean-eager"

@@ -13,15 +13,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedvlm.timing import sync
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    """How answers are decoded; ``fusedvlm chat`` takes its flags from these fields
+    (:mod:`fusedvlm.options`)."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens per answer"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding", "aliases": ("--sample",)})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature when sampling"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens only (0: all)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens with this probability"})
+    seed: int | None = field(default=None, metadata={"help": "seeds sampling"})
     # Generate exactly max_new_tokens (benchmarks: the paper decodes a fixed 256 tokens).
     ignore_eos: bool = False
 
@@ -63,11 +68,6 @@ class DecodeResult:
         return len(self.ids) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def as_engine(llm):
     """A decode engine (fusedvlm.decoding) as is; a Hugging Face model wrapped in today's HF path."""
     if hasattr(llm, "step") and hasattr(llm, "new_cache"):
@@ -88,10 +88,10 @@ def prefill(llm, inputs_embeds: torch.Tensor, past_key_values=None, past_length:
     if cache.get_seq_length() != past_length:
         raise ValueError(f"past_length {past_length} but the KV cache holds {cache.get_seq_length()} tokens")
     device = inputs_embeds.device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits = engine.prefill(inputs_embeds[None], cache)[0]
-    _sync(device)
+    sync(device)
     return PrefillResult(logits, cache, past_length + inputs_embeds.shape[0], time.perf_counter() - t0)
 
 
@@ -132,7 +132,7 @@ def decode(llm, state: PrefillResult, cfg: GenerationConfig, eos_ids: set[int]) 
     logits, cache, length = state.logits, state.past_key_values, state.length
     # No step follows when one token is asked for (it comes from the prefill logits).
     compile_s = engine.prepare(cache, length + cfg.max_new_tokens - 1) if cfg.max_new_tokens > 1 else 0.0
-    _sync(device)
+    sync(device)
     t_start = time.perf_counter()
     tok = next_token(logits, cfg, generator)
     ids.append(tok)
@@ -142,8 +142,8 @@ def decode(llm, state: PrefillResult, cfg: GenerationConfig, eos_ids: set[int]) 
         length += 1
         tok = next_token(logits[0], cfg, generator)
         ids.append(tok)
-        _sync(device)
+        sync(device)
         latencies.append(time.perf_counter() - t0)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t_start
     return DecodeResult(ids, ids[-1] in eos_ids, seconds, cache, length, latencies, compile_s, engine.path)

@@ -2,7 +2,7 @@
 once, in its dataclass, and a new field is a new option with nothing else to write.
 
 A field ``max_grad_norm: float = 1.0`` becomes ``--max-grad-norm`` (type float, default 1.0);
-its ``metadata`` may carry ``help`` and ``choices``. ``X | None`` takes an X; a ``Literal``
+its ``metadata`` may carry ``help``, ``choices`` and ``aliases`` (more spellings of the flag). ``X | None`` takes an X; a ``Literal``
 gives the choices; ``bool`` fields are switches (``--name`` when the default is False,
 ``--no-name`` when it is True); a field without a default is a required option.
 """
@@ -78,7 +78,7 @@ def add_options(
             kw = {"type": typ, "default": default}
         if choices is not None:
             kw["choices"] = choices
-        parser.add_argument(flag, dest=f.name, help=text or None, **kw)
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, help=text or None, **kw)
         added.append(f.name)
     return added
 

@@ -24,11 +24,11 @@ was, so the next question is answered as if the failed one had never been asked.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from fusedvlm.timing import timed
 from fusedvlm.chat import Tokens
 from fusedvlm.generation import GenerationConfig, decode, prefill
 from fusedvlm.model.vlm import FusedVLM, VisionPrefix
@@ -68,23 +68,7 @@ class _Timer:
         self.timings: dict[str, float] = {}
 
     def __call__(self, stage: str):
-        return _Stage(self, stage)
-
-
-class _Stage:
-    def __init__(self, timer: _Timer, stage: str):
-        self.timer, self.stage = timer, stage
-
-    def __enter__(self):
-        if self.timer.device.type == "cuda":
-            torch.cuda.synchronize(self.timer.device)
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.timer.device.type == "cuda":
-            torch.cuda.synchronize(self.timer.device)
-        t = self.timer.timings
-        t[self.stage] = t.get(self.stage, 0.0) + time.perf_counter() - self.t0
+        return timed(self.timings, stage, self.device)
 
 
 class ChatSession:

@@ -185,8 +185,10 @@ def test_errors(host, tokenizer, pixels):
         adapter.prepare_inputs(tokenizer, [[("a?", None), ("b?", None)]], pixels[:1])
     with pytest.raises(ValueError, match="2 images for 1 conversations"):
         adapter.prepare_inputs(tokenizer, [CONVS[0]], pixels)
-    with pytest.raises(ValueError, match="image placeholder id"):
-        adapter.prepare_inputs(tokenizer, [[("look at <image>", None)]], pixels[:1])
+    # "<image>" typed in a question is text (as every control token users type), never a placeholder.
+    typed = adapter.prepare_inputs(tokenizer, [[("look at <image>", None)]], pixels[:1])
+    assert (typed["input_ids"] == IMAGE_ID).sum() == N_L
+    assert "look at <image>" in tokenizer.decode(typed["input_ids"][0][typed["input_ids"][0] != IMAGE_ID])
     wrong = FusionModule(FusionModuleConfig(fusion=FUSION, output_size=48, n_l=N_L, input_size=32, grid=(24, 24)))
     with pytest.raises(ValueError, match="projects to 48, the host LLM is 64 wide"):
         LlavaFusionAdapter.attach(host, wrong)

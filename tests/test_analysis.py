@@ -187,7 +187,14 @@ def tiny_llm():
     from fusedvlm.model.llm import load_llm
 
     torch.manual_seed(0)
-    return load_llm(PRESETS["tiny"].llm)
+    model, tok = load_llm(PRESETS["tiny"].llm)
+    # The analysis builds prefixes with the tokenizer's own chat template; the byte
+    # tokenizer has none, so give it a plain one.
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}Answer: {{ m['content'] + eos_token }}"
+        "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Answer: {% endif %}"
+    )
+    return model, tok
 
 
 def test_cached_prefix_branches_match_full_forward(tiny_llm):

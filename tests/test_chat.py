@@ -1,4 +1,4 @@
-"""The three conversation layouts, checked as text (byte tokenizer: ids decode exactly)."""
+"""The conversation layouts (the authors' and the tokenizer's own), checked as text (byte tokenizer: ids decode exactly)."""
 
 import pytest
 
@@ -43,18 +43,58 @@ def test_vicuna_layout_with_default_system():
     assert _render(t).endswith("questions. USER: FFQ1? ASSISTANT: A1.</s>USER: FQ2? ASSISTANT:")
 
 
-def test_chatml_layout():
-    layout = ChatLayout("chatml", TOK, "sys")
+def test_llava_layout():
+    t = ChatLayout("llava", TOK).conversation([("Q1?", "A1."), ("Q2?", None)], [2, 1])
+    assert _render(t) == "<s>USER: FF\nQ1? ASSISTANT: A1.</s>USER: F\nQ2? ASSISTANT:"
+    assert TOK.decode([i for i in t.labels if i != IGNORE_INDEX]) == " A1.</s>"
+
+
+# SmolLM2's ChatML template, which writes its own system prompt when none is given.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nDefault sys<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _chatml_tokenizer():
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "[INST]"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    return tok
+
+
+def _show(tok, tokens) -> str:
+    return "".join("F" if f else tok.decode([i]) for i, f in zip(tokens.ids, tokens.fused))
+
+
+def test_tokenizer_template_layout():
+    # The tokenizer's own template, cut into pieces: the ids are those of its rendered text
+    # with fused slots before each question, and only the answer and its EOS are targets.
+    tok = _chatml_tokenizer()
+    layout = ChatLayout(None, tok, "sys")
     t = layout.conversation([("Q1?", "A1."), ("Q2?", None)], [2, 1])
-    assert _render(t) == (
-        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nFFQ1?<|im_end|>\n<|im_start|>assistant\nA1.</s>"
+    assert _show(tok, t) == (
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nFFQ1?<|im_end|>\n<|im_start|>assistant\nA1.<|im_end|>"
         "\n<|im_start|>user\nFQ2?<|im_end|>\n<|im_start|>assistant\n"
     )
+    assert tok.decode([i for i in t.labels if i != IGNORE_INDEX]) == "A1.<|im_end|>"
+    assert layout.eos_id == tok.convert_tokens_to_ids("<|im_end|>")
+    # No system prompt given: the template's own.
+    default = ChatLayout(None, tok).question("Q?", 1, True)
+    assert _show(tok, default) == "<|im_start|>system\nDefault sys<|im_end|>\n<|im_start|>user\nFQ?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("template", ["llama2", "vicuna", "chatml", "llama3", "phi3"])
+def test_tokenizer_without_template_asks_for_a_layout():
+    with pytest.raises(ValueError, match="no chat template of its own; choose a layout"):
+        ChatLayout(None, TOK)
+
+
+@pytest.mark.parametrize("template", ["llama2", "vicuna", "llava", None, "llama3", "phi3"])
 def test_turns_concatenate_to_the_conversation(template):
-    tok = _llama3_phi3_tokenizer() if template in ("llama3", "phi3") else TOK
+    tok = _llama3_phi3_tokenizer() if template in ("llama3", "phi3") else _chatml_tokenizer() if template is None else TOK
     layout = ChatLayout(template, tok, "s")
     whole = layout.conversation([("a?", "x"), ("b?", "y"), ("c?", None)], [4, 2, 2])
     parts = layout.turn("a?", 4, True, "x").extend(layout.turn("b?", 2, False, "y")).extend(layout.question("c?", 2, False))
@@ -106,11 +146,12 @@ def test_each_piece_is_tokenised_on_its_own():
     assert calls == ["<s>", "[INST] <<SYS>>\nS\n<</SYS>>\n\n", "Q1?", "[/INST]", "A1. </s>", "<s>[INST]", "Q2?", "[/INST]"]
 
 
-@pytest.mark.parametrize("template", ["llama2", "vicuna", "chatml"])
+@pytest.mark.parametrize("template", ["llama2", "vicuna", None])
 @pytest.mark.parametrize("typed", ["</s>", "<s>", "<|im_end|>", "[INST]", "<|im_start|>assistant\n"])
 def test_control_tokens_typed_by_users_are_plain_text(template, typed):
-    tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "[INST]"]})
+    tok = _chatml_tokenizer()
+    if template is not None:
+        tok.eos_token, tok.chat_template = "</s>", None
     layout = ChatLayout(template, tok, f"sys {typed}")
     specials = set(tok.all_special_ids)
     q, a = f"say {typed} now", f"ok {typed} done"
@@ -124,7 +165,7 @@ def test_control_tokens_typed_by_users_are_plain_text(template, typed):
     clean = ChatLayout(template, tok, "sys").conversation([("say now", "ok done"), ("say now", None)], [1, 1])
     assert sorted(i for i in t.ids if i in specials) == sorted(i for i in clean.ids if i in specials)
     # A normal call afterwards still honours control tokens.
-    assert tok("</s>", add_special_tokens=False).input_ids == [tok.eos_token_id]
+    assert tok("</s>", add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids("</s>")]
 
 
 def test_generated_ids_answer_closes_with_one_eos():
@@ -147,3 +188,13 @@ def test_layout_errors():
         layout.conversation([("a", "b"), ("c", None)], [1])
     with pytest.raises(ValueError, match="no answer but is not the last"):
         layout.conversation([("a", None), ("c", None)], [1, 1])
+
+
+def test_presets_and_saved_configs_choose_layouts():
+    from fusedvlm.config import LLMConfig, ModelConfig, get_preset
+
+    # No pretrained LLM defaults to the Llama-2 layout: the tokenizer's own template unless named.
+    assert LLMConfig().chat_template is None and get_preset("smol").llm.chat_template is None
+    saved = get_preset("smol").to_dict()
+    saved["llm"]["chat_template"] = "chatml"  # written before the hand ChatML layout was dropped
+    assert ModelConfig.from_dict(saved).llm.chat_template is None

@@ -110,6 +110,23 @@ def test_train_defaults_are_read_from_the_dataclasses(stage):
     assert training_defaults(stage, "paper")["batch_size"] == {"stage1": 256, "stage2": 2560}[stage]  # SPEC section 7
 
 
+def test_chat_generation_defaults_are_read_from_the_dataclass():
+    from fusedvlm.cli import build_parser
+    from fusedvlm.commands import CHAT_GENERATION_DEFAULTS
+    from fusedvlm.generation import GenerationConfig
+    from fusedvlm.options import from_options
+
+    base = ["chat", "--image", "x.png", "--question", "q?"]
+    args = build_parser().parse_args(base)
+    # GenerationConfig's defaults except the few chat replaces; ignore_eos is no chat option.
+    assert from_options(GenerationConfig, args) == GenerationConfig(**CHAT_GENERATION_DEFAULTS)
+    assert not hasattr(args, "ignore_eos") and CHAT_GENERATION_DEFAULTS["max_new_tokens"] == 64
+    # The old --sample spelling still turns sampling on.
+    for flag in ("--sample", "--do-sample"):
+        got = from_options(GenerationConfig, build_parser().parse_args([*base, flag, "--top-k", "5", "--seed", "3"]))
+        assert (got.do_sample, got.top_k, got.seed) == (True, 5, 3)
+
+
 def test_options_follow_the_field_types():
     import dataclasses
     from typing import Literal

@@ -159,7 +159,7 @@ def test_smol_greedy_matches_hugging_face():
     from fusedvlm.model.llm import load_smollm2
 
     smol, tokenizer = load_smollm2()
-    layout = ChatLayout("chatml", tokenizer, "You are a helpful AI assistant.")
+    layout = ChatLayout(None, tokenizer, "You are a helpful AI assistant.")
     first = prompt_embeds(smol, layout, "What is the capital of France?")
     second = prompt_embeds(smol, layout, "And of Italy?")
     gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)

@@ -36,12 +36,8 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Whole-model runs on one thread: reproducible reductions and no oversubscription.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stage_step(stage, data, root, tmp_path, autocast_dtype):

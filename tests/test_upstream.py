@@ -170,7 +170,7 @@ def test_save_pretrained_round_trip(tmp_path, photo):
 def test_clip_question_tokens_as_the_authors():
     from open_clip.tokenizer import SimpleTokenizer
 
-    from fusedvlm.model.fusion_module import clip_tokenizer
+    from fusedvlm.clip_text import clip_tokenizer
 
     tok, openclip = clip_tokenizer(), SimpleTokenizer()
     assert tok.encode("What is on the table?") == openclip.encode("What is on the table?")

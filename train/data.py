@@ -29,6 +29,7 @@ import torch
 
 from fusedvlm.chat import IGNORE_INDEX, ChatLayout, Tokens
 from fusedvlm.config import CLIP_EOT_ID, CLIP_SOT_ID
+from fusedvlm.text import check_text
 
 log = logging.getLogger("fusedvlm.train")
 
@@ -69,10 +70,11 @@ def _parse_turns(conversation, index: int) -> tuple[tuple[str, str], ...]:
             continue
         if not isinstance(text, str):
             raise DataError(index, f"turn {j} has no text ('value' or 'content')")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a "\ud800" escape in the JSON decodes to a lone surrogate
-            raise DataError(index, f"turn {j} is not valid UTF-8 text: lone surrogate {text[e.start:e.end]!r} at character {e.start}") from None
+        if text.strip():
+            try:  # a "\ud800" escape in the JSON decodes to a lone surrogate
+                check_text(text, f"turn {j}")
+            except ValueError as e:
+                raise DataError(index, str(e)) from None
         if role in _QUESTION_ROLES:
             if question is not None:
                 raise DataError(index, f"turn {j}: two questions in a row")
@@ -206,7 +208,7 @@ class SampleEncoder:
         return (0 if self.drop_question else len(question_ids)) + m
 
     def encode(self, record: Record) -> Item:
-        from fusedvlm.model.fusion_module import clip_tokenizer
+        from fusedvlm.clip_text import clip_tokenizer
         from fusedvlm.preprocess import hd_views, load_image
 
         try:
@@ -216,12 +218,11 @@ class SampleEncoder:
         tok = clip_tokenizer()
         qids = []
         for j, (q, _) in enumerate(record.turns):
-            ids = tok.encode(self.layout.fusion_text(q, j == 0) if self.layout is not None else q)
-            if not ids:
-                raise DataError(record.index, f"question {j} has no CLIP tokens")
-            if self.max_question_tokens is not None and len(ids) > self.max_question_tokens:
-                raise DataError(record.index, f"question {j} has {len(ids)} CLIP tokens, more than {self.max_question_tokens}")
-            qids.append(ids)
+            try:
+                qids.append(tok.question_ids(self.layout.fusion_text(q, j == 0) if self.layout is not None else q,
+                                             self.max_question_tokens))
+            except ValueError as e:
+                raise DataError(record.index, f"question {j}: {e}") from None
         item = Item(record.index, views, qids, record.turns)
         if self.stage == 1:
             item.answer_ids = []
@@ -253,8 +254,32 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------- batches
+class BatchCounts:
+    """What the trainer counts of any micro-batch (:class:`Batch`, the adapters'
+    ``AdapterBatch``): its records and the tokens processed, the fusion stream's
+    (``fusion_tokens``) plus the LLM's unpadded ones (``llm_attention_mask``, None without LLM)."""
+
+    indices: list[int]
+    llm_attention_mask: torch.Tensor | None
+
+    @property
+    def fusion_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_tokens(self) -> int:
+        if not self.indices:
+            return 0
+        mask = self.llm_attention_mask
+        return self.fusion_tokens + (int(mask.sum()) if mask is not None else 0)
+
+
 @dataclass
-class Batch:
+class Batch(BatchCounts):
     """A micro-batch. The fusion side is one packed stream (``fusion_cu_seqlens``, no padding);
     the LLM side (stage 2) is right-padded with an attention mask."""
 
@@ -273,14 +298,8 @@ class Batch:
     skipped: list[Skipped] = field(default_factory=list)
 
     @property
-    def size(self) -> int:
-        return len(self.indices)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens processed: the fusion stream plus the LLM's unpadded tokens."""
-        n = int(self.fusion_cu_seqlens[-1])
-        return n + (int(self.llm_attention_mask.sum()) if self.llm_attention_mask is not None else 0)
+    def fusion_tokens(self) -> int:
+        return int(self.fusion_cu_seqlens[-1])
 
 
 class Collator:

@@ -24,7 +24,8 @@ Contract of a model family (one small file, e.g. :mod:`fusedvlm.adapters.llava`)
 ``FusionAdapter`` and define
 
 * ``family`` (str) and ``model_types`` (the ``config.model_type`` values it serves);
-* ``default_prompt``: a :class:`~fusedvlm.adapters.base.PromptFormat` (the family's chat text);
+* ``default_prompt``: a :class:`~fusedvlm.adapters.base.PromptFormat` (the family's chat layout,
+  built by :class:`fusedvlm.chat.ChatLayout`, the one prompt builder);
 * ``check_host(host)`` (classmethod): raise a ValueError naming what the host lacks;
 * ``host_vision_layout(host)`` (classmethod) -> ``(width, grid)``: the width of the vision
   features the adapter hands over and their per-image ``(H, W)`` token grid (None if they are

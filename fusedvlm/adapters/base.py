@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fusedvlm.chat import IGNORE_INDEX
+from fusedvlm.chat import IGNORE_INDEX, ChatLayout
 from fusedvlm.config import FusionConfig
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig
 from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows
@@ -25,20 +25,16 @@ Turn = tuple[str, str | None]
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """The LLM text of a conversation around the fused tokens. Turn j is
+    """Which :class:`fusedvlm.chat.ChatLayout` builds the host LLM's prompts: ``template``, a
+    layout name or None for the host tokenizer's own chat template, and ``system`` (None: the
+    layout's default). The default is LLaVA-1.5's prompt
+    (``USER: <image>\\nQ ASSISTANT: A</s>USER: ...``)."""
 
-    ``user`` [fused tokens of question j] ``after_image`` question ``assistant``
-    then, for an answered turn, ``answer_prefix`` answer EOS.
+    template: str | None = "llava"
+    system: str | None = None
 
-    ``system`` opens the prompt (after BOS when ``bos``). The defaults are LLaVA-1.5's
-    (Vicuna v1.1): ``USER: <image>\\nQ ASSISTANT: A</s>USER: ...``."""
-
-    system: str = ""
-    user: str = "USER: "
-    after_image: str = "\n"
-    assistant: str = " ASSISTANT:"
-    answer_prefix: str = " "
-    bos: bool = True
+    def layout(self, tokenizer) -> ChatLayout:
+        return ChatLayout(self.template, tokenizer, self.system)
 
 
 class FusionAdapter(nn.Module, ABC):
@@ -168,7 +164,10 @@ class FusionAdapter(nn.Module, ABC):
                 raise ValueError(f"{meta_path} is not an adapter config (no 'family' and 'prompt')")
             if meta.get("family") != cls.family:
                 raise ValueError(f"{path} holds a {meta.get('family')!r} adapter, not {cls.family!r}")
-            prompt = PromptFormat(**meta["prompt"])
+            try:
+                prompt = PromptFormat(**meta["prompt"])
+            except TypeError:
+                raise ValueError(f"{meta_path}: prompt {meta['prompt']} is not a prompt format (template, system)") from None
         return cls(host, module, prompt)
 
     def train(self, mode: bool = True):
@@ -198,13 +197,12 @@ class FusionAdapter(nn.Module, ABC):
         ``conversations``: per image, its turns ``(question, answer or None)`` (only the last
         answer may be None: that turn is the generation prompt); a single list of turns is one
         conversation. Pass ``pixel_values`` (B, 3, H, W) or ``images`` with the host's
-        ``image_processor``. The text pieces are tokenized one by one (no special tokens) and
-        joined with ``n_l`` (first question) or ``n_s`` image placeholder ids before each
-        question. Returns ``input_ids``, ``attention_mask``, ``pixel_values``, the fusion inputs
+        ``image_processor``. The prompt is the :class:`~fusedvlm.chat.ChatLayout` of
+        ``self.prompt`` with ``n_l`` (first question) or ``n_s`` image placeholder ids before
+        each question. Returns ``input_ids``, ``attention_mask``, ``pixel_values``, the fusion inputs
         ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample`` and,
         when some turn has an answer, ``labels`` (IGNORE_INDEX except answers and their
-        closing EOS). Text pieces are tokenized separately, so a tokenizer that merges across
-        piece boundaries may split the prompt slightly differently from whole-string tokenization."""
+        closing EOS)."""
         if conversations and conversations[0] and isinstance(conversations[0][0], str):
             conversations = [conversations]  # one conversation: a sequence of (question, answer) turns
         if not conversations:
@@ -220,42 +218,25 @@ class FusionAdapter(nn.Module, ABC):
         if pixel_values.shape[0] != len(conversations):
             raise ValueError(f"{pixel_values.shape[0]} images for {len(conversations)} conversations (one image each)")
         n_l, n_s = self.fusion.resolve_counts(n_l, n_s)
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id (answers end with it)")
-
-        def text(piece: str) -> list[int]:
-            ids = tokenizer.encode(piece, add_special_tokens=False) if piece else []
-            if self.image_token_id in ids:
-                raise ValueError(f"text {piece!r} tokenizes to the image placeholder id {self.image_token_id}")
-            return ids
+        layout = self.prompt.layout(tokenizer)
 
         rows, labels, qids, per_sample = [], [], [], []
         for i, turns in enumerate(conversations):
             if not turns:
                 raise ValueError(f"conversation {i} has no turns")
-            ids: list[int] = []
-            if self.prompt.bos and tokenizer.bos_token_id is not None:
-                ids.append(tokenizer.bos_token_id)
-            ids += text(self.prompt.system)
-            lab = [IGNORE_INDEX] * len(ids)
-            for j, (question, answer) in enumerate(turns):
+            for j, (_, answer) in enumerate(turns):
                 if answer is None and j != len(turns) - 1:
                     raise ValueError(f"conversation {i}: only the last turn may be unanswered (turn {j} is)")
-                qids.append(self.fusion.question_ids(question))
-                m = n_l if j == 0 else n_s
-                prompt = text(self.prompt.user) + [self.image_token_id] * m + text(self.prompt.after_image + question + self.prompt.assistant)
-                ids += prompt
-                lab += [IGNORE_INDEX] * len(prompt)
-                if answer is not None:
-                    reply = text(self.prompt.answer_prefix + answer) + [eos]
-                    ids += reply
-                    lab += reply
-            rows.append(ids)
-            labels.append(lab)
+            tokens = layout.conversation(list(turns), [n_l] + [n_s] * (len(turns) - 1))
+            if any(t == self.image_token_id and not f for t, f in zip(tokens.ids, tokens.fused)):
+                raise ValueError(f"conversation {i}: its text tokenizes to the image placeholder id {self.image_token_id}")
+            # The host scatters the fused tokens over its image placeholders.
+            rows.append([self.image_token_id if f else t for t, f in zip(tokens.ids, tokens.fused)])
+            labels.append(tokens.labels)
+            qids += [self.fusion.question_ids(question) for question, _ in turns]
             per_sample.append(len(turns))
 
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         input_ids, attention = pad_rows(rows, pad, side=padding_side)
         label_t, _ = pad_rows(labels, IGNORE_INDEX, side=padding_side)
         inputs = {

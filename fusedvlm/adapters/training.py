@@ -27,7 +27,7 @@ from torch import nn
 from fusedvlm.adapters.base import FusionAdapter
 from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
-from fusedvlm.train.data import Skipped
+from fusedvlm.train.data import BatchCounts, Skipped
 
 
 @dataclass
@@ -38,7 +38,7 @@ class AdapterItem:
 
 
 @dataclass
-class AdapterBatch:
+class AdapterBatch(BatchCounts):
     """A micro-batch: ``inputs`` are :meth:`FusionAdapter.prepare_inputs`'s tensors (labels included)."""
 
     indices: list[int]
@@ -47,15 +47,13 @@ class AdapterBatch:
     skipped: list[Skipped] = field(default_factory=list)
 
     @property
-    def size(self) -> int:
-        return len(self.indices)
+    def llm_attention_mask(self) -> torch.Tensor | None:
+        return self.inputs.get("attention_mask")
 
     @property
-    def num_tokens(self) -> int:
-        """LLM tokens (unpadded) plus question tokens of the fusion stream."""
-        if not self.indices:
-            return 0
-        return int(self.inputs["attention_mask"].sum()) + int(self.inputs["fusion_question_ids"].numel())
+    def fusion_tokens(self) -> int:
+        """Question tokens of the fusion stream."""
+        return int(self.inputs["fusion_question_ids"].numel())
 
 
 class AdapterDataset(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ import os
 
 
 def register(subparsers) -> None:
+    from fusedvlm.chat import TEMPLATES
     from fusedvlm.device import add_device_arguments
 
     p = subparsers.add_parser(
@@ -18,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", help="JSONL prompts {system?, question} for --generate (default: the set shipped with fusedvlm)")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (SmolLM2-135M-Instruct, offline), 'random' (a tiny random Llama) or a local HF model directory")
+    p.add_argument("--chat-template", choices=TEMPLATES, default=None,
+                   help="prompt layout of a model directory whose tokenizer has no chat template of its own "
+                   "(default: the tokenizer's template)")
     p.add_argument("--max-n", type=int, default=128, help="answer tokens per branch at most (bounds memory)")
     p.add_argument("--max-pairs", type=int, help="use at most this many pairs of --data")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
@@ -39,7 +43,8 @@ def register(subparsers) -> None:
     f.set_defaults(func=_fit_scaling)
 
 
-def _load_model(name: str, device, dtype):
+def _load_model(name: str, device, dtype, chat_template: str | None = None):
+    """(model, tokenizer, chat layout of its prompts)."""
     from fusedvlm.config import PRESETS, LLMConfig
     from fusedvlm.model.llm import load_llm
 
@@ -48,10 +53,10 @@ def _load_model(name: str, device, dtype):
     elif name == "random":
         cfg = PRESETS["tiny"].llm
     elif os.path.isdir(name):
-        cfg = LLMConfig(source="pretrained", path=name)
+        cfg = LLMConfig(source="pretrained", path=name, chat_template=chat_template)
     else:
         raise ValueError(f"--model {name!r}: expected 'smollm2', 'random' or an existing model directory")
-    return load_llm(cfg, device=device, dtype=dtype)
+    return (*load_llm(cfg, device=device, dtype=dtype), cfg.chat_template)
 
 
 def _psi(args) -> int:
@@ -70,7 +75,7 @@ def _psi(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = _load_model(args.model, device, dtype)
+    model, tokenizer, template = _load_model(args.model, device, dtype, args.chat_template)
     t_load = time.perf_counter() - t0
     print(f"model {args.model}: loaded in {t_load:.1f} s ({dtype_name(dtype)} on {device})")
     if args.data:
@@ -83,13 +88,13 @@ def _psi(args) -> int:
         t1 = time.perf_counter()
         pairs = generate_pairs(model, tokenizer, prompts, max_new_tokens=args.max_n + 8, min_new_tokens=args.max_n + 8,
                                temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                               seed=args.seed, progress=not args.no_progress)
+                               seed=args.seed, progress=not args.no_progress, template=template)
         print(f"generated {len(pairs)} pairs in {time.perf_counter() - t1:.1f} s")
         save_pairs(pairs, os.path.join(args.out, "pairs.jsonl"))
         source = f"generated ({args.prompts or 'built-in prompts'}, seed {args.seed})"
     torch.manual_seed(args.seed)
     result = run_psi(model, tokenizer, pairs, max_n=args.max_n, batch_size=args.batch_size, positive=not args.signed,
-                     beta=args.beta, out_dir=args.out, progress=not args.no_progress,
+                     beta=args.beta, out_dir=args.out, progress=not args.no_progress, template=template,
                      meta=dict(model=args.model, source=source, load_seconds=round(t_load, 2),
                                device=str(device), dtype=dtype_name(dtype)))
     print("\n".join(summary_lines(result)))

@@ -30,14 +30,15 @@ class EncodedPair:
         return len(self.a)
 
 
-def encode_pair(tokenizer, pair: Pair, max_n: int) -> EncodedPair:
-    """Token ids of the prefix and of both answers, cut to n = min(len A, len B, max_n)."""
+def encode_pair(tokenizer, pair: Pair, max_n: int, template: str | None = None) -> EncodedPair:
+    """Token ids of the prefix (chat layout ``template``, see :func:`prefix_ids`) and of both
+    answers, cut to n = min(len A, len B, max_n)."""
     if max_n < 1:
         raise ValueError(f"max_n must be >= 1, got {max_n}")
     a = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"]
     b = tokenizer(pair.rejected, add_special_tokens=False)["input_ids"]
     n = min(len(a), len(b), max_n)
-    return EncodedPair(prefix_ids(tokenizer, pair.question, pair.system), a[:n], b[:n])
+    return EncodedPair(prefix_ids(tokenizer, pair.question, pair.system, template), a[:n], b[:n])
 
 
 @torch.no_grad()
@@ -68,7 +69,7 @@ def branch_hidden_states(model, batch: list[EncodedPair], pad_id: int = 0) -> li
 
 
 def iter_hidden_states(model, tokenizer, pairs: list[Pair], *, max_n: int, batch_size: int = 8,
-                       progress: bool = True) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+                       progress: bool = True, template: str | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per batch of pairs: (indices of the pairs used, h_a, h_b packed (T, d), cu_seqlens).
 
     Pairs whose shorter answer has no token are skipped (their indices never appear)."""
@@ -79,7 +80,7 @@ def iter_hidden_states(model, tokenizer, pairs: list[Pair], *, max_n: int, batch
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    encoded = [(i, encode_pair(tokenizer, p, max_n)) for i, p in enumerate(pairs)]
+    encoded = [(i, encode_pair(tokenizer, p, max_n, template)) for i, p in enumerate(pairs)]
     encoded = [(i, e) for i, e in encoded if e.n > 0]
     bar = tqdm(total=len(encoded), desc="hidden states", unit="pair", disable=not progress)
     for start in range(0, len(encoded), batch_size):

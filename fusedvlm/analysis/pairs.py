@@ -36,6 +36,17 @@ def _pair_from_record(rec: dict, where: str) -> Pair:
     return Pair(question=rec["question"], chosen=rec["chosen"], rejected=rec["rejected"], system=rec.get("system") or None)
 
 
+def _jsonl(lines, where: str):
+    """(``where:lineno``, record) for every non-blank line; a line that is not JSON is an error naming it."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{where}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
     """Pairs from a ``.jsonl`` or ``.parquet`` file of {system?, question, chosen, rejected}."""
     if not os.path.exists(path):
@@ -44,14 +55,8 @@ def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
     if ext in (".jsonl", ".json"):
         pairs = []
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                pairs.append(_pair_from_record(rec, f"{path}:{lineno}"))
+            for where, rec in _jsonl(f, path):
+                pairs.append(_pair_from_record(rec, where))
                 if limit is not None and len(pairs) >= limit:
                     break
     elif ext == ".parquet":
@@ -89,41 +94,26 @@ def load_prompts(path: str | None = None) -> list[dict]:
             text = f.read()
         where = path
     prompts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+    for at, rec in _jsonl(text.splitlines(), where):
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
-            raise ValueError(f"{where}:{lineno}: a prompt needs a string field 'question'")
+            raise ValueError(f"{at}: a prompt needs a string field 'question'")
         prompts.append({"question": rec["question"], "system": rec.get("system") or None})
     if not prompts:
         raise ValueError(f"{where}: no prompts in the file")
     return prompts
 
 
-def prefix_text(tokenizer, question: str, system: str | None) -> str:
-    """The shared prefix as text: the tokenizer's chat template with the generation prompt,
-    or ``{system}\\n\\n{question}\\n`` for tokenizers without one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (f"{system}\n\n" if system else "") + f"{question}\n"
+def prefix_ids(tokenizer, question: str, system: str | None, template: str | None = None) -> list[int]:
+    """The shared prefix: the question turn up to the assistant's answer in the chat layout
+    ``template`` (default: the tokenizer's own chat template; see :class:`fusedvlm.chat.ChatLayout`)."""
+    from fusedvlm.chat import ChatLayout
 
-
-def prefix_ids(tokenizer, question: str, system: str | None) -> list[int]:
-    ids = tokenizer(prefix_text(tokenizer, question, system), add_special_tokens=False)["input_ids"]
-    # A chat template writes its own start tokens into the text; the plain layout gets BOS here.
-    if getattr(tokenizer, "chat_template", None) or tokenizer.bos_token_id is None:
-        return ids
-    return [tokenizer.bos_token_id] + ids
+    return ChatLayout(template, tokenizer, system).question(question, 0, True).ids
 
 
 def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, min_new_tokens: int = 0,
                    temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 8, seed: int = 0,
-                   progress: bool = True) -> list[Pair]:
+                   progress: bool = True, template: str | None = None) -> list[Pair]:
     """Two sampled answers per prompt (A = "chosen", B = "rejected"), offline.
 
     ``min_new_tokens`` holds back EOS so that both branches reach the lengths the analysis
@@ -131,6 +121,8 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     """
     import torch
     from tqdm.auto import tqdm
+
+    from fusedvlm.packing import pad_rows
 
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
         raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {min_new_tokens}, {max_new_tokens}")
@@ -143,10 +135,9 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     bar = tqdm(total=len(prompts), desc="generating pairs", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = [prefix_ids(tokenizer, p["question"], p.get("system")) for p in chunk]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        ids = [prefix_ids(tokenizer, p["question"], p.get("system"), template) for p in chunk]
+        input_ids, mask = pad_rows(ids, pad, side="left", device=device)
+        width = input_ids.shape[1]
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,

@@ -12,7 +12,8 @@ from fusedvlm.analysis.psi import PsiResult, analyse, psi_from_hidden_states
 
 
 def run_psi(model, tokenizer, pairs: list[Pair], *, max_n: int, batch_size: int = 8, positive: bool = True,
-            beta: float = 1.0, out_dir: str | None = None, progress: bool = True, meta: dict | None = None) -> PsiResult:
+            beta: float = 1.0, out_dir: str | None = None, progress: bool = True, meta: dict | None = None,
+            template: str | None = None) -> PsiResult:
     """Curves and fits over ``pairs``; with ``out_dir``, also psi.json, psi_curves.png and
     divergence.png there. Hidden states are reduced batch by batch, so memory is bounded by
     ``batch_size`` pairs of at most ``max_n`` tokens."""
@@ -20,7 +21,8 @@ def run_psi(model, tokenizer, pairs: list[Pair], *, max_n: int, batch_size: int 
         raise ValueError("no pairs to analyse")
     t0 = time.perf_counter()
     packs = ((h_a, h_b, cu) for _, h_a, h_b, cu in
-             iter_hidden_states(model, tokenizer, pairs, max_n=max_n, batch_size=batch_size, progress=progress))
+             iter_hidden_states(model, tokenizer, pairs, max_n=max_n, batch_size=batch_size, progress=progress,
+                                template=template))
     curves = psi_from_hidden_states(packs, max_n, positive=positive)
     if curves.num_pairs == 0:
         raise ValueError("every pair has an empty answer after tokenization: nothing to analyse")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedvlm.benchmark.system import percentile
-from fusedvlm.benchmark.system import kv_bytes_per_position, memory_bandwidth, unique_parameter_bytes
+from fusedvlm.benchmark.system import kv_bytes_per_position, memory_bandwidth, percentile, unique_parameter_bytes
+from fusedvlm.timing import sync
 
 QUESTION = (
     "Describe a busy harbour at dawn: the boats, the people, the light on the water and the sounds. "
@@ -48,11 +48,6 @@ def prompt_embeds(llm, layout, question: str = QUESTION) -> torch.Tensor:
     ids = torch.tensor(layout.question(question, 0, True).ids, device=llm.get_input_embeddings().weight.device)
     with torch.no_grad():
         return llm.get_input_embeddings()(ids)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _row(name: str, path: str, latencies: list[float], tokens_per_s: list[float], bytes_per_token: float,
@@ -100,11 +95,11 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
 
     # HF generate, as a user of transformers would decode: new tokens minus a 1-token run (its prefill).
     def generate(n: int) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         llm.generate(inputs_embeds=embeds[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
                      pad_token_id=llm.config.eos_token_id if llm.config.pad_token_id is None else llm.config.pad_token_id)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     # Warm-up (and compilation) first; then the timed runs go round every path in turn, so that a
@@ -151,11 +146,11 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
         compile_s = best.prepare(cache, prompt_len + cfg.batch_tokens + 1)
         tokens = torch.zeros(b, dtype=torch.long, device=device)
         best.step(tokens, cache)  # warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(cfg.batch_tokens):
             tokens = best.step(tokens, cache).argmax(-1)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         batch_rows.append({"batch": b, "path": best.path, "aggregate_tokens_per_s": b * cfg.batch_tokens / seconds,
                            "step_ms": seconds / cfg.batch_tokens * 1e3, "compile_s": compile_s})

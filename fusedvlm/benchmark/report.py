@@ -69,22 +69,10 @@ def markdown(payload: dict) -> str:
         "|" + "|".join("---:" for _ in heads) + "|",
     ]
     lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in payload["results"]]
-    lines += [
-        "",
-        "Prefill time per stage (ms, medians):",
-        "",
-        "| n_l | " + " | ".join(STAGES) + " |",
-        "|" + "|".join("---:" for _ in range(len(STAGES) + 1)) + "|",
-    ]
-    lines += ["| " + " | ".join([str(r["n_l"])] + [f"{r['prefill_ms'][s]:.2f}" for s in STAGES]) + " |" for r in payload["results"]]
-    lines += [
-        "",
-        "Prefill GFLOPs per stage (attention included):",
-        "",
-        "| n_l | " + " | ".join(STAGES) + " |",
-        "|" + "|".join("---:" for _ in range(len(STAGES) + 1)) + "|",
-    ]
-    lines += ["| " + " | ".join([str(r["n_l"])] + [f"{r['prefill_tflops'][s] * 1e3:.3f}" for s in STAGES]) + " |" for r in payload["results"]]
+    for title, cell in (("Prefill time per stage (ms, medians):", lambda r, s: f"{r['prefill_ms'][s]:.2f}"),
+                        ("Prefill GFLOPs per stage (attention included):", lambda r, s: f"{r['prefill_tflops'][s] * 1e3:.3f}")):
+        lines += ["", title, "", "| n_l | " + " | ".join(STAGES) + " |", "|" + "|".join("---:" for _ in range(len(STAGES) + 1)) + "|"]
+        lines += ["| " + " | ".join([str(r["n_l"])] + [cell(r, s) for s in STAGES]) + " |" for r in payload["results"]]
     bw = payload["bandwidth"]
     lines += ["", f"Memory bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['source']}); peak memory: {payload['peak_mem_method']}.", ""]
     if "decode_path" in payload:

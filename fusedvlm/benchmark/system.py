@@ -1,6 +1,7 @@
 """The one set of benchmark helpers, for ``fusedvlm bench`` and every bench/*.py script:
-environment record, device synchronisation, quantiles, the timing harness, tables and JSON,
-memory bandwidth, peak memory, and whether a preset fits at all."""
+environment record, quantiles, the timing harness, tables and JSON,
+memory bandwidth, peak memory, and whether a preset fits at all. Device synchronisation
+lives in :mod:`fusedvlm.timing` (torch only, also used by generation and chat)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from fusedvlm.timing import sync
 
 # Peak HBM bandwidth from the vendors' data sheets, bytes/s, by a substring of the CUDA name.
 GPU_BANDWIDTH = {
@@ -90,12 +93,6 @@ def environment(device: torch.device | str | None = None) -> dict:
     except ImportError:
         env["triton"] = None
     return env
-
-
-def sync(device: torch.device | str | None) -> None:
-    """Wait for the device's queued work (a no-op off CUDA), so a clock read after it is honest."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -130,17 +130,25 @@ def _hallusion(scored: list[Scored]) -> dict[str, float]:
     }
 
 
-def hallusion_metrics(scored: list[Scored]) -> dict[str, dict[str, float]]:
-    """aAcc (all questions), fAcc (figures whose questions are all right), qAcc (questions
-    right on every figure they are asked about); overall, per category and per l2-category."""
-    out = {"Overall": _hallusion(scored)}
+def _by_category(scored: list[Scored]) -> dict[str, list[Scored]]:
+    """The scored items per category and per l2-category (one flat dict, sorted by name per
+    kind; an item without a value is in no group of that kind)."""
+    out: dict[str, list[Scored]] = {}
     for key in ("category", "l2-category"):
         groups: dict[str, list[Scored]] = defaultdict(list)
         for s in scored:
             value = s.item.category if key == "category" else s.item.fields.get(key, "")
             if value:
                 groups[value].append(s)
-        out.update({k: _hallusion(v) for k, v in sorted(groups.items())})
+        out.update(sorted(groups.items()))
+    return out
+
+
+def hallusion_metrics(scored: list[Scored]) -> dict[str, dict[str, float]]:
+    """aAcc (all questions), fAcc (figures whose questions are all right), qAcc (questions
+    right on every figure they are asked about); overall, per category and per l2-category."""
+    out = {"Overall": _hallusion(scored)}
+    out.update({k: _hallusion(v) for k, v in _by_category(scored).items()})
     return out
 
 
@@ -155,13 +163,7 @@ def mcq_metrics(scored: list[Scored]) -> dict[str, dict[str, float]]:
             circular[key].append(s.correct)
         overall["circular_acc"] = _pct(all(v) for v in circular.values())
     out = {"Overall": overall}
-    for key in ("category", "l2-category"):
-        groups: dict[str, list[Scored]] = defaultdict(list)
-        for s in scored:
-            value = s.item.category if key == "category" else s.item.fields.get(key, "")
-            if value:
-                groups[value].append(s)
-        out.update({k: {"acc": _pct(x.correct for x in v)} for k, v in sorted(groups.items())})
+    out.update({k: {"acc": _pct(x.correct for x in v)} for k, v in _by_category(scored).items()})
     return out
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from fusedvlm.timing import timed
 from fusedvlm.eval.data import Benchmark, BenchmarkError, Item
 from fusedvlm.eval.generate import greedy_batch
 from fusedvlm.generation import GenerationConfig, decode, prefill
@@ -132,21 +132,6 @@ class RunStats:
     seconds: dict[str, float] = field(default_factory=lambda: {"vision": 0.0, "fusion": 0.0, "llm": 0.0})
 
 
-class _Stage:
-    def __init__(self, stats: RunStats, name: str, device: torch.device):
-        self.stats, self.name, self.device = stats, name, device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats.seconds[self.name] += time.perf_counter() - self.t0
-
-
 class Evaluator:
     def __init__(self, model, cfg: EvalConfig):
         if model.llm is None or model.layout is None:
@@ -157,8 +142,8 @@ class Evaluator:
         self.cfg = cfg
         self.stats = RunStats()
 
-    def _stage(self, name: str) -> _Stage:
-        return _Stage(self.stats, name, self.model.device)
+    def _stage(self, name: str):
+        return timed(self.stats.seconds, name, self.model.device)
 
     # ------------------------------------------------------------------ fused tokens
     @torch.no_grad()

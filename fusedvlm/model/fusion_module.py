@@ -38,7 +38,6 @@ Checkpoints: :meth:`FusionModule.save_pretrained` writes ``config.json`` and
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -48,12 +47,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusedvlm.checkpoint import CONFIG_NAME, atomic_directory, check_state_dict, read_safetensors
+from fusedvlm.checkpoint import CONFIG_NAME, atomic_directory, check_state_dict, read_config_json, read_safetensors
+from fusedvlm.clip_text import ClipText, clip_tokenizer
 from fusedvlm.config import FusionModuleConfig, check_query_counts, n_s_for
 from fusedvlm.kernels import local_merge
 from fusedvlm.model.fusion import FusionCache, FusionDecoder
 from fusedvlm.packing import check_cu_seqlens, cu_seqlens_from_lengths
-from fusedvlm.text import check_text
 
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_FORMAT = "fusedvlm.FusionModule"
@@ -88,25 +87,6 @@ class FusedTokens:
     def per_sample(self) -> list[torch.Tensor]:
         cu = self.cu_seqlens.tolist()
         return [self.tokens[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
-
-
-class ClipText:
-    """Question text -> CLIP BPE ids (:mod:`fusedvlm.clip_text`), no start/end token."""
-
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        from fusedvlm.clip_text import encode
-
-        return encode(self.hf, text)
-
-
-@functools.cache
-def clip_tokenizer() -> ClipText:
-    from fusedvlm.clip_text import default_clip_tokenizer
-
-    return ClipText(default_clip_tokenizer())
 
 
 class LocalMerge(nn.Module):
@@ -164,13 +144,7 @@ class FusionModule(nn.Module):
     # ------------------------------------------------------------------ questions
     def question_ids(self, question: str) -> list[int]:
         """CLIP BPE ids of a question (no start/end token)."""
-        check_text(question, "question")
-        ids = (self.text_tokenizer or clip_tokenizer()).encode(question)
-        if not ids:
-            raise ValueError(f"question {question!r} has no CLIP tokens")
-        if self.cfg.max_question_tokens is not None and len(ids) > self.cfg.max_question_tokens:
-            raise ValueError(f"question has {len(ids)} CLIP tokens, more than max_question_tokens={self.cfg.max_question_tokens}")
-        return ids
+        return (self.text_tokenizer or clip_tokenizer()).question_ids(question, self.cfg.max_question_tokens)
 
     def group_ids(self, question_ids: Sequence[int], first: bool, n_l: int | None = None, n_s: int | None = None) -> list[int]:
         """[question ids][P0 .. P(m-2)][EOS], m = n_l for the first question else n_s."""
@@ -458,16 +432,4 @@ def load_config(path: str | os.PathLike) -> FusionModuleConfig:
     config = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config):
         raise FileNotFoundError(f"fusion module checkpoint {path} has no {CONFIG_NAME}")
-    try:
-        with open(config, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON (truncated or corrupt?): {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{config} is not a {CHECKPOINT_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {CHECKPOINT_VERSION}")
-    try:
-        return FusionModuleConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{config}: bad config: {e}") from None
+    return read_config_json(config, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, parse=FusionModuleConfig.from_dict)

@@ -174,7 +174,7 @@ class FusedVLM(nn.Module):
         from safetensors.torch import load_file
 
         from fusedvlm.checkpoint import check_state_dict
-        from fusedvlm.model.fusion_module import ClipText
+        from fusedvlm.clip_text import ClipText, load_clip_tokenizer
 
         path = os.path.abspath(os.fspath(path))
         cfg = read_model_config(path)
@@ -194,8 +194,6 @@ class FusedVLM(nn.Module):
             raise ValueError(f"{weights} left tensors unset: {on_meta[:5]}")
         clip_dir = os.path.join(path, "clip")
         if os.path.isdir(clip_dir):
-            from fusedvlm.clip_text import load_clip_tokenizer
-
             model.fuser.text_tokenizer = ClipText(load_clip_tokenizer(clip_dir))
         return model.eval()
 
@@ -215,7 +213,7 @@ def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor
 
 def read_model_config(path: str) -> ModelConfig:
     """The ModelConfig of a model directory; an authors' directory gets a pointer to the converter."""
-    from fusedvlm.checkpoint import is_upstream_checkpoint
+    from fusedvlm.checkpoint import is_upstream_checkpoint, read_config_json
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
@@ -231,19 +229,6 @@ def read_model_config(path: str) -> ModelConfig:
             raise FileNotFoundError(f"{path} has no config.json, so it is not a model directory; "
                                     f"for the weights a training run wrote, pass the file {weights}")
         raise FileNotFoundError(f"model directory {path} has no config.json")
-    try:
-        with open(config, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{config} is not readable JSON: {e}") from None
-    if isinstance(meta, dict) and meta.get("format") == FUSION_MODULE_FORMAT:
-        raise ValueError(f"{path} is a save_pretrained directory of a FusionModule alone (FusionModule.from_pretrained "
-                         "reads it); a model directory comes from FusedVLM.save_pretrained or fusedvlm convert-upstream")
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{config} is not a {MODEL_FORMAT} config")
-    if meta.get("version") != MODEL_VERSION:
-        raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {MODEL_VERSION}")
-    try:
-        return ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{config}: bad config: {e}") from None
+    alone = (f"{path} is a save_pretrained directory of a FusionModule alone (FusionModule.from_pretrained "
+             "reads it); a model directory comes from FusedVLM.save_pretrained or fusedvlm convert-upstream")
+    return read_config_json(config, MODEL_FORMAT, MODEL_VERSION, {FUSION_MODULE_FORMAT: alone}, ModelConfig.from_dict)

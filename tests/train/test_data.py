@@ -107,7 +107,7 @@ def test_collator_packs_fusion_streams_and_labels_answers(shapes, drop_question)
     enc = encoder(n_l=4, n_s=2, drop_question=drop_question)
     items = [ConversationDataset(records, enc)[i] for i in range(3)]
     batch = Collator(enc, TPV)(items)
-    from fusedvlm.model.fusion_module import clip_tokenizer
+    from fusedvlm.clip_text import clip_tokenizer
 
     want = []
     for it in items:

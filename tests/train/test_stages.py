@@ -10,12 +10,7 @@ from fusedvlm.train.loop import TrainConfig, lr_at
 from fusedvlm.train.objectives import build_text_tower, extend_positions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_text_positions_extend_to_512_from_the_old_rows_statistics():
