@@ -113,7 +113,6 @@ def main(argv=None) -> int:
     command = f"OMP_NUM_THREADS={threads} python bench/bench_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.manual_seed(args.seed)
     model = FusedVLM.from_preset(args.preset).eval()
-    bench = make_benchmark(max(args.images, args.answer_images), args.questions_per_image)
     q = args.questions_per_image
     print(f"preset={args.preset} threads={torch.get_num_threads()} n_l={list(n_ls)} questions/image={q}", flush=True)
 

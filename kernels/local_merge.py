@@ -613,7 +613,6 @@ def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
     if use_triton(g, x, weight):
         return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
     v, _, c_in = x.shape
-    c_out = weight.shape[0]
     ho, wo = (h + 1) // 2, (w + 1) // 2
     p = ho * wo
     need_x, need_w, _ = output_mask

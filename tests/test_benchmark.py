@@ -14,9 +14,9 @@ from fusedvlm.benchmark.flops import (
     analytic_fusion_llm_flops,
     causal_pairs,
     count_flops,
-    packed_attention_flops,
     prefill_flops,
 )
+from fusedvlm.kernels.packed_attention import packed_attention_flops
 from fusedvlm.benchmark.system import percentile, quantiles, time_fn
 from fusedvlm.kernels import packed_attention
 from fusedvlm.packing import cu_seqlens_from_lengths

@@ -29,7 +29,7 @@ aten = torch.ops.aten
 # ---------------------------------------------------------------------------- pair counts
 
 # The fusedvlm:: ops register their own formulas (kernels/*.py); these count the same pairs.
-from fusedvlm.kernels.packed_attention import causal_pairs, packed_attention_flops  # noqa: E402
+from fusedvlm.kernels.packed_attention import causal_pairs  # noqa: E402
 
 def _sdpa_pairs(q_shape, k_shape, is_causal: bool, mask) -> int:
     """Unmasked pairs summed over batch and query heads of one SDPA call."""

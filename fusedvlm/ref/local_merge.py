@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
+from fusedvlm.kernels.common import grid_shape
 
 
 def local_merge(
