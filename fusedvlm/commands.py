@@ -54,9 +54,10 @@ def add_decode_args(p) -> None:
     from fusedvlm.decoding import DECODE_PATHS
 
     p.add_argument("--decode", default="auto", choices=DECODE_PATHS,
-                   help="LLM decode path: auto (lean static-cache step where the LLM allows, else HF), lean, hf (Hugging Face forward)")
+                   help="LLM decode path: auto (lean static-cache step for Llama-family LLMs, else HF's forward over its "
+                        "static cache where the model supports one, else HF), lean, hf-static, hf (Hugging Face forward, dynamic cache)")
     p.add_argument("--no-compile", action="store_true",
-                   help="run the lean decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)")
+                   help="run the lean / hf-static decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)")
 
 
 def _open_image(spec: str):

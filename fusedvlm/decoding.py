@@ -12,6 +12,12 @@ Paths, chosen by :func:`make_engine` and reported as ``engine.path`` / ``engine.
 
 * ``lean-compiled``: Llama-family config (Llama-2, Vicuna, SmolLM2), compiled step;
 * ``lean-eager``: the same step uncompiled (``--no-compile``, or torch.compile unavailable);
+* ``hf-static-compiled``: any other HF causal LM whose cache can be static (Qwen2/3, Gemma,
+  GPT-NeoX, GPT-2, ...): HF's own forward over HF's ``StaticCache``, the one-token forward
+  compiled once per (batch, cache bucket). Less lean than our step (HF's Python and masks are
+  traced in), but the graph removes the per-step overhead all the same;
+* ``hf-static-eager``: the same uncompiled (``--decode hf-static --no-compile``; ``auto`` takes
+  ``hf`` instead, since a static cache only pays off compiled);
 * ``hf``: Hugging Face forward with its DynamicCache (any causal LM; also ``--decode hf``).
 
 Every engine keeps the KV cache in an object with the Hugging Face cache API the chat session
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 
 from fusedvlm.timing import sync
 
-DECODE_PATHS = ("auto", "lean", "hf")
+DECODE_PATHS = ("auto", "lean", "hf-static", "hf")
 # The static cache grows in buckets of this many positions (doubling), so one compiled step
 # serves every context length up to its bucket and a conversation recompiles a few times at most.
 FIRST_BUCKET = 256
@@ -41,6 +47,26 @@ LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 # ------------------------------------------------------------------------------------ cache
+
+def _cropped_length(length: int, max_length: int) -> int:
+    """The length after ``crop(max_length)`` with DynamicCache's meaning: keep the first
+    ``max_length`` positions, or, when negative, drop that many from the end."""
+    if max_length < 0:
+        max_length = length - abs(max_length)
+    if max_length < 0:
+        raise ValueError(f"cannot crop a cache of {length} tokens by more than its length")
+    return min(length, max_length)
+
+
+def _bucket_for(needed: int, capacity: int, max_capacity: int) -> int:
+    """The capacity (doubling from ``capacity``, capped at ``max_capacity``) that holds ``needed``."""
+    if needed > max_capacity:
+        raise ValueError(f"the conversation needs {needed} LLM positions, more than the LLM's context of {max_capacity}")
+    cap = capacity
+    while cap < needed:
+        cap *= 2
+    return min(cap, max_capacity)
+
 
 class StaticKVCache:
     """Keys and values of every layer in preallocated tensors, one (B, kv_heads, capacity,
@@ -77,22 +103,13 @@ class StaticKVCache:
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` positions (negative: drop that many), as DynamicCache.crop."""
-        if max_length < 0:
-            max_length = self.length - abs(max_length)
-        if max_length < 0:
-            raise ValueError(f"cannot crop a cache of {self.length} tokens by more than its length")
-        self.length = min(self.length, max_length)
+        self.length = _cropped_length(self.length, max_length)
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` positions in all (the next bucket that holds them)."""
         if needed <= self.capacity:
             return
-        if needed > self.max_capacity:
-            raise ValueError(f"the conversation needs {needed} LLM positions, more than the LLM's context of {self.max_capacity}")
-        cap = self.capacity
-        while cap < needed:
-            cap *= 2
-        cap = min(cap, self.max_capacity)
+        cap = _bucket_for(needed, self.capacity, self.max_capacity)
         for tensors in (self.k, self.v):
             for i, old in enumerate(tensors):
                 new = old.new_zeros(*old.shape[:2], cap, old.shape[3])
@@ -267,6 +284,17 @@ def _enable_compile_cache() -> None:
         pass
 
 
+def _compile_step(fn, device: torch.device):
+    """``fn`` compiled once per input shape: inductor C++ on a CPU, CUDA graphs on a GPU."""
+    _enable_compile_cache()
+    # One graph per (batch, bucket): more than dynamo's default 8 recompiles of one function.
+    limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, dynamic=False, fullgraph=True)
+
+
 class LeanEngine:
     """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`."""
 
@@ -282,13 +310,7 @@ class LeanEngine:
         self._step = self.model.step
         self.model.fuse_attention = compile
         if compile:
-            _enable_compile_cache()
-            # One graph per (batch, bucket): more than dynamo's default 8 recompiles of one function.
-            limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
-            torch._dynamo.config.recompile_limit = limit
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self.model.step, mode=mode, dynamic=False, fullgraph=True)
+            self._step = _compile_step(self.model.step, self.device)
 
     def new_cache(self, batch: int = 1) -> StaticKVCache:
         return self.model.new_cache(batch)
@@ -328,23 +350,44 @@ class LeanEngine:
             return 0.0
         tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=self.device)
         pos = torch.tensor([cache.get_seq_length()], device=self.device)
-        t0 = time.perf_counter()
-        try:
+
+        def warm():
             # CUDA graphs warm up on the first call and record on the next ones.
             for _ in range(3 if self.device.type == "cuda" else 1):
                 self._step(tokens, cache.k, cache.v, pos)
-            sync(self.device)
-        except Exception as e:  # noqa: BLE001 - any compiler failure leaves the eager step, which is exact
-            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2)
-            self.compile, self._step, self.path = False, self.model.step, "lean-eager"
-            self.model.fuse_attention = False
-            self.reason += f"; compiling failed ({type(e).__name__})"
-            return 0.0
-        seconds = time.perf_counter() - t0
-        self._seen.add(key)
-        self.compile_stats.seconds += seconds
-        self.compile_stats.graphs += 1
-        return seconds
+
+        return _first_calls(self, key, warm)
+
+    def _uncompile(self) -> None:
+        self.compile, self._step, self.path = False, self.model.step, "lean-eager"
+        self.model.fuse_attention = False
+
+
+def _first_calls(engine, key: tuple[int, int], warm) -> float:
+    """Run ``warm`` (the compiled step's first calls for the shape ``key``) and book its time as
+    compilation; on any compiler failure the engine goes back to its eager step, which is exact."""
+    t0 = time.perf_counter()
+    try:
+        warm()
+        sync(engine.device)
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager decoding still works
+        warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=3)
+        engine._uncompile()
+        engine.reason += f"; compiling failed ({type(e).__name__})"
+        return 0.0
+    seconds = time.perf_counter() - t0
+    engine._seen.add(key)
+    engine.compile_stats.seconds += seconds
+    engine.compile_stats.graphs += 1
+    return seconds
+
+
+def _cache_kwarg(hf) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.x (where
+    ``past_key_values`` is deprecated and warns), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
 class HFEngine:
@@ -356,6 +399,7 @@ class HFEngine:
         self.path = "hf"
         self.reason = reason
         self.compile_stats = CompileStats()
+        self._cache_kw = _cache_kwarg(hf)
 
     def new_cache(self, batch: int = 1):
         from transformers import DynamicCache
@@ -367,7 +411,7 @@ class HFEngine:
         start = cache.get_seq_length()
         end = start + embeds.shape[1]
         out = self.hf(
-            inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+            inputs_embeds=embeds, use_cache=True, **{self._cache_kw: cache},
             position_ids=torch.arange(start, end, device=self.device)[None].expand(embeds.shape[0], -1),
             logits_to_keep=1,
         )
@@ -377,7 +421,7 @@ class HFEngine:
     def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         start = cache.get_seq_length()
         out = self.hf(
-            input_ids=tokens[:, None], past_key_values=cache, use_cache=True,
+            input_ids=tokens[:, None], use_cache=True, **{self._cache_kw: cache},
             position_ids=torch.full((tokens.shape[0], 1), start, device=self.device),
         )
         return out.logits[:, -1].float()
@@ -385,6 +429,167 @@ class HFEngine:
     def prepare(self, cache, upto: int) -> float:
         return 0.0
 
+
+# ------------------------------------------------------------------------------------ HF static
+
+def hf_static_unsupported(hf) -> str | None:
+    """Why HF's forward cannot decode this causal LM over HF's ``StaticCache`` in one compiled
+    graph with exact turn rollback, or None when it can."""
+    cls = type(hf)
+    config = hf.config
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{cls.__name__} is an encoder-decoder model"
+    if not getattr(cls, "_supports_static_cache", True):  # transformers 4.x spelled support this way
+        return f"{cls.__name__} does not support a static cache"
+    if not getattr(cls, "_can_compile_fullgraph", False):
+        return f"{cls.__name__} does not declare its forward compilable in one graph (_can_compile_fullgraph)"
+    if hasattr(cls, "_supports_default_dynamic_cache") and not cls._supports_default_dynamic_cache():
+        return f"{cls.__name__} keeps a cache of its own kind"
+    attn = getattr(config, "_attn_implementation", None) or ""
+    if "flash" in attn:
+        return f"attention implementation {attn!r} does not compile over a static cache"
+    if not getattr(config, "max_position_embeddings", None):
+        return "the config gives no max_position_embeddings to bound the static cache"
+    try:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return "this transformers has no per-layer StaticCache (transformers >= 5 needed)"
+    try:
+        layers = StaticCache(config=config, max_cache_len=1).layers  # tensors are allocated lazily: cheap
+    except Exception as e:  # noqa: BLE001 - any config the cache cannot describe means no static path
+        return f"HF StaticCache cannot be built for this config ({type(e).__name__}: {e})"
+    # Sliding-window and linear-attention layers forget positions, so crop() cannot undo a turn.
+    other = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
+    if other:
+        return f"its cache layers {other} cannot be rolled back exactly (only full-attention StaticLayer can)"
+    return None
+
+
+class HFStaticCache:
+    """HF's ``StaticCache`` behind the session's cache API: ``get_seq_length()`` is a Python int
+    (HF's is a tensor, so that the compiled step never specialises on it) and ``crop`` moves
+    HF's length in place, leaving stale positions that the causal mask hides and the next
+    writes overwrite. Capacity grows by doubling buckets up to ``max_capacity``, copying the
+    cached positions once per bucket (a new bucket is a new shape: one more compiled graph)."""
+
+    def __init__(self, config, *, batch: int, max_capacity: int, capacity: int = FIRST_BUCKET):
+        from transformers import StaticCache
+
+        self._make = lambda cap: StaticCache(config=config, max_cache_len=cap)
+        self.batch_size = batch
+        self.max_capacity = max_capacity
+        self.length = 0
+        self.hf = self._make(min(capacity, max_capacity))
+
+    @property
+    def capacity(self) -> int:
+        return self.hf.layers[0].max_cache_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        for layer in self.hf.layers:
+            layer.cumulative_length.fill_(length)  # in place: compiled graphs hold its address
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop that many), as DynamicCache.crop."""
+        self._set_length(_cropped_length(self.length, max_length))
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions in all (the next bucket that holds them)."""
+        if needed <= self.capacity:
+            return
+        new = self._make(_bucket_for(needed, self.capacity, self.max_capacity))
+        n = self.length
+        for old, layer in zip(self.hf.layers, new.layers):
+            if old.is_initialized:  # allocated by the first forward, with its dtype and device
+                layer.lazy_initialization(old.keys[:, :, :0], old.values[:, :, :0])
+                layer.keys[:, :, :n] = old.keys[:, :, :n]
+                layer.values[:, :, :n] = old.values[:, :, :n]
+        self.hf = new
+        self._set_length(n)
+
+
+class HFStaticEngine:
+    """HF's own forward over :class:`HFStaticCache`, the one-token step compiled once per
+    (batch, bucket); prefill runs uncompiled (prompt lengths vary)."""
+
+    def __init__(self, hf, *, compile: bool = True, reason: str = ""):
+        self.hf = hf
+        self.device = hf.get_input_embeddings().weight.device
+        self.max_capacity = hf.config.max_position_embeddings
+        self.compile = compile
+        self.path = "hf-static-compiled" if compile else "hf-static-eager"
+        self.reason = reason
+        self.compile_stats = CompileStats()
+        self._seen: set[tuple[int, int]] = set()
+        self._cache_kw = _cache_kwarg(hf)
+        self._step = _compile_step(self._forward_step, self.device) if compile else self._forward_step
+
+    def new_cache(self, batch: int = 1) -> HFStaticCache:
+        return HFStaticCache(self.hf.config, batch=batch, max_capacity=self.max_capacity)
+
+    def _forward_step(self, tokens: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """tokens (B,) at positions (B, 1) through HF's forward -> fp32 logits (B, V). The
+        position is a tensor and HF's cache length too, so the graph depends on shapes only."""
+        out = self.hf(input_ids=tokens[:, None], position_ids=position, use_cache=True, **{self._cache_kw: cache})
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, cache: HFStaticCache) -> torch.Tensor:
+        """embeds (B, L, d) appended to the cache -> fp32 next-token logits (B, V)."""
+        start = cache.get_seq_length()
+        end = start + embeds.shape[1]
+        cache.reserve(end)
+        out = self.hf(
+            inputs_embeds=embeds, use_cache=True, **{self._cache_kw: cache.hf},
+            position_ids=torch.arange(start, end, device=self.device)[None].expand(embeds.shape[0], -1),
+            logits_to_keep=1,
+        )
+        cache.length = end
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: HFStaticCache) -> torch.Tensor:
+        """tokens (B,) fed at the cache's length -> fp32 logits (B, V)."""
+        start = cache.get_seq_length()
+        cache.reserve(start + 1)
+        logits = self._step(tokens, torch.full((tokens.shape[0], 1), start, device=self.device), cache.hf)
+        cache.length = start + 1
+        # CUDA graph outputs live in a pool that the next replay overwrites.
+        return logits.clone() if self.device.type == "cuda" else logits
+
+    @torch.no_grad()
+    def prepare(self, cache: HFStaticCache, upto: int) -> float:
+        """Grow the cache to the bucket holding ``upto`` positions (capped at the context) and
+        compile the step for it once; returns the seconds spent compiling (0 when cached).
+
+        The warm-up calls write K/V from the first free position on, which the causal mask hides
+        until real steps overwrite it; HF's length is put back after them."""
+        cache.reserve(min(upto, cache.max_capacity))
+        key = (cache.batch_size, cache.capacity)
+        start = cache.get_seq_length()
+        if not self.compile or key in self._seen or start >= cache.capacity:
+            return 0.0
+        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=self.device)
+        position = torch.full((cache.batch_size, 1), start, device=self.device)
+
+        def warm():
+            try:
+                # CUDA graphs warm up on the first call and record on the next ones; every
+                # call advances HF's write position, so no more calls than free positions.
+                for _ in range(min(3 if self.device.type == "cuda" else 1, cache.capacity - start)):
+                    self._step(tokens, position, cache.hf)
+            finally:
+                cache.crop(start)
+
+        return _first_calls(self, key, warm)
+
+    def _uncompile(self) -> None:
+        self.compile, self._step, self.path = False, self._forward_step, "hf-static-eager"
 
 
 def compile_default() -> bool:
@@ -395,7 +600,8 @@ def compile_default() -> bool:
 
 def make_engine(hf, decode: str = "auto", compile: bool | None = None):
     """The decode engine for a HF causal LM: ``decode`` is ``auto`` (lean when the config allows,
-    else HF), ``lean`` (error when unsupported) or ``hf``; ``compile`` None means
+    else HF's forward over a static cache when the model supports one and the step compiles,
+    else HF), ``lean`` / ``hf-static`` (error when unsupported) or ``hf``; ``compile`` None means
     :func:`compile_default`. ``engine.reason`` says why."""
     if compile is None:
         compile = compile_default()
@@ -403,17 +609,26 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None):
         raise ValueError(f"unknown decode path {decode!r}; choose from {DECODE_PATHS}")
     if decode == "hf":
         return HFEngine(hf, reason="requested (--decode hf)")
-    why_not = lean_unsupported(hf.config)
-    if why_not is not None:
-        if decode == "lean":
-            raise ValueError(f"--decode lean: {why_not}")
-        return HFEngine(hf, reason=f"lean step unsupported: {why_not}")
     if compile:
         _enable_compile_cache()  # before inductor's first import, which fixes its cache directory
-    if compile and not _compile_available():
-        return LeanEngine(hf, compile=False, reason="torch.compile is unavailable here (no C++ compiler / inductor)")
-    reason = "Llama-family config" + ("" if compile else "; compilation off (--no-compile or FUSEDVLM_COMPILE=0)")
-    return LeanEngine(hf, compile=compile, reason=reason)
+    compiler = "" if not compile or _compile_available() else "torch.compile is unavailable here (no C++ compiler / inductor)"
+    off = "compilation off (--no-compile or FUSEDVLM_COMPILE=0)"
+    why_not = lean_unsupported(hf.config) if decode != "hf-static" else "--decode hf-static"
+    if why_not is None:
+        return LeanEngine(hf, compile=compile and not compiler, reason=compiler or "Llama-family config" + ("" if compile else f"; {off}"))
+    if decode == "lean":
+        raise ValueError(f"--decode lean: {why_not}")
+    why_not_static = hf_static_unsupported(hf)
+    if decode == "hf-static":
+        if why_not_static is not None:
+            raise ValueError(f"--decode hf-static: {why_not_static}")
+        return HFStaticEngine(hf, compile=compile and not compiler, reason=f"requested (--decode hf-static){'; ' + (compiler or off) if compiler or not compile else ''}")
+    if why_not_static is not None:
+        return HFEngine(hf, reason=f"lean step unsupported: {why_not}; HF static cache unsupported: {why_not_static}")
+    if not compile or compiler:
+        # Uncompiled, HF's static cache only adds attention over the whole bucket.
+        return HFEngine(hf, reason=f"lean step unsupported: {why_not}; the HF static-cache step needs torch.compile: {compiler or off}")
+    return HFStaticEngine(hf, compile=True, reason=f"lean step unsupported: {why_not}; {type(hf).__name__} supports a static cache")
 
 
 def _compile_available() -> bool:

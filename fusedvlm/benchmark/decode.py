@@ -124,7 +124,8 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
             lat[engine.path] += out.token_latencies_s
     rows = [_row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy")]
     rows[-1]["latency_ms"] = {k: float("nan") for k in rows[-1]["latency_ms"]}
-    names = {"hf": "HF forward loop", "lean-eager": "lean, eager", "lean-compiled": "lean, compiled"}
+    names = {"hf": "HF forward loop", "lean-eager": "lean, eager", "lean-compiled": "lean, compiled",
+             "hf-static-eager": "HF static cache, eager", "hf-static-compiled": "HF static cache, compiled"}
     for engine in engines:
         rows.append(_row(names[engine.path], engine.path, lat[engine.path], tps[engine.path], bytes_per_token, bw,
                          compile_s[engine.path], engine.reason))
