@@ -1,5 +1,6 @@
-"""The lean static-cache decode path against today's Hugging Face path: same greedy ids, same
-seeded samples, the DynamicCache API the chat session rolls back through, engine choice."""
+"""The lean static-cache decode path and HF's forward over its StaticCache against today's
+Hugging Face path: same greedy ids, same seeded samples, the DynamicCache API the chat session
+rolls back through, engine choice."""
 
 import importlib.util
 import time
@@ -7,7 +8,8 @@ import time
 import pytest
 import torch
 
-from fusedvlm.decoding import HFEngine, LeanEngine, StaticKVCache, make_engine
+from fusedvlm.decoding import (HFEngine, HFStaticCache, HFStaticEngine, LeanEngine, StaticKVCache,
+                               hf_static_unsupported, make_engine)
 from fusedvlm.generation import GenerationConfig, decode, prefill
 
 GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True)
@@ -121,7 +123,7 @@ def test_engine_choice_is_reported(llm):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)).eval()
-    engine = make_engine(gpt2)
+    engine = make_engine(gpt2, compile=False)
     assert isinstance(engine, HFEngine) and "not in the Llama family" in engine.reason
     with pytest.raises(ValueError, match="--decode lean: model_type 'gpt2'"):
         make_engine(gpt2, "lean")
@@ -182,3 +184,137 @@ def test_compiler_failure_falls_back_to_the_eager_step(llm):
         out = decode(engine, prefill(engine, embeds), GREEDY, eos_ids=set())
     assert engine.path == "lean-eager" and "compiling failed (RuntimeError)" in engine.reason and out.compile_s == 0
     assert out.ids == decode(llm, prefill(llm, embeds), GREEDY, eos_ids=set()).ids
+
+
+# ------------------------------------------------------------------------------------ HF static cache
+
+@pytest.fixture(scope="module")
+def qwen2():
+    """A tiny random Qwen2 (biased q/k/v, GQA 4/2 heads): not Llama, supports a static cache."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _conversation_with_rollback(engine, d):
+    """Three turns, the second undone by crop(-n) as ChatSession does after a failed turn."""
+    torch.manual_seed(6)
+    first, failed, retry, last = (torch.randn(n, d) * 0.5 for n in (9, 6, 4, 3))
+    out = []
+    state = prefill(engine, first)
+    res = decode(engine, state, GREEDY, eos_ids=set())
+    out.append((res.ids, state.logits))
+    cache, n = res.past_key_values, res.length
+    bad = decode(engine, prefill(engine, failed, cache, n), GREEDY, eos_ids=set())
+    cache.crop(-(bad.length - n))
+    assert cache.get_seq_length() == n
+    for embeds in (retry, last):
+        state = prefill(engine, embeds, cache, n)
+        res = decode(engine, state, GREEDY, eos_ids=set())
+        out.append((res.ids, state.logits))
+        cache, n = res.past_key_values, res.length
+    return out
+
+
+def test_hf_static_greedy_matches_hugging_face_across_turns_and_rollback(qwen2):
+    static = make_engine(qwen2, "hf-static", compile=False)
+    assert isinstance(static, HFStaticEngine) and static.path == "hf-static-eager"
+    assert "requested (--decode hf-static)" in static.reason and "compilation off" in static.reason
+    got = _conversation_with_rollback(static, qwen2.config.hidden_size)
+    ref = _conversation_with_rollback(make_engine(qwen2, "hf"), qwen2.config.hidden_size)
+    for (ids, logits), (ref_ids, ref_logits) in zip(got, ref, strict=True):
+        assert ids == ref_ids
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_static_cache_grows_by_buckets_and_crops(qwen2):
+    torch.manual_seed(7)
+    embeds = torch.randn(13, qwen2.config.hidden_size) * 0.5
+    engine = HFStaticEngine(qwen2, compile=False)
+    cache = HFStaticCache(qwen2.config, batch=1, max_capacity=40, capacity=8)
+    state = prefill(engine, embeds, cache)
+    assert cache.capacity == 16 and cache.get_seq_length() == 13
+    gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    res = decode(engine, state, gen, eos_ids=set())
+    assert cache.capacity == 32 and cache.get_seq_length() == 13 + 19
+    assert int(cache.hf.layers[1].cumulative_length) == 32  # HF's own length follows ours
+    assert res.ids == decode(qwen2, prefill(qwen2, embeds), gen, eos_ids=set()).ids
+    cache.crop(-12)
+    assert cache.get_seq_length() == 20 and int(cache.hf.layers[0].cumulative_length) == 20
+    cache.crop(30)  # longer than cached: no-op, as DynamicCache
+    assert cache.get_seq_length() == 20
+    with pytest.raises(ValueError, match="more than its length"):
+        cache.crop(-21)
+    with pytest.raises(ValueError, match="more than the LLM's context of 40"):
+        cache.reserve(41)
+
+
+def test_hf_static_seeded_sampling_matches_hugging_face(qwen2):
+    torch.manual_seed(8)
+    embeds = [torch.randn(7, qwen2.config.hidden_size)]
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, seed=11, ignore_eos=True)
+    static = _conversation(make_engine(qwen2, "hf-static", compile=False), embeds, gen)[0][0]
+    assert static == _conversation(make_engine(qwen2, "hf"), embeds, gen)[0][0] and len(static) == 10
+
+
+def test_hf_static_engine_choice_and_fallbacks(qwen2, monkeypatch):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2ForCausalLM
+
+    import fusedvlm.decoding as decoding
+
+    monkeypatch.setattr(decoding, "_compile_available", lambda: True)
+    auto = make_engine(qwen2, compile=True)  # torch.compile wraps lazily: nothing compiles here
+    assert auto.path == "hf-static-compiled"
+    assert "'qwen2' is not in the Llama family" in auto.reason and "Qwen2ForCausalLM supports a static cache" in auto.reason
+    off = make_engine(qwen2, compile=False)
+    assert isinstance(off, HFEngine) and "needs torch.compile: compilation off" in off.reason
+    monkeypatch.setattr(decoding, "_compile_available", lambda: False)
+    assert isinstance(make_engine(qwen2, compile=True), HFEngine)
+    forced = make_engine(qwen2, "hf-static", compile=True)
+    assert forced.path == "hf-static-eager" and "torch.compile is unavailable" in forced.reason
+
+    # Sliding-window layers forget positions: no exact rollback, so HF's dynamic cache.
+    mistral = MistralForCausalLM(MistralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                               num_key_value_heads=2, vocab_size=300, max_position_embeddings=64, sliding_window=16))
+    engine = make_engine(mistral, compile=False)
+    assert isinstance(engine, HFEngine) and "['StaticSlidingWindowLayer'] cannot be rolled back" in engine.reason
+    with pytest.raises(ValueError, match="--decode hf-static: its cache layers"):
+        make_engine(mistral, "hf-static")
+    no_graph = type("NoGraphQwen2", (Qwen2ForCausalLM,), {"_can_compile_fullgraph": False})
+    assert "NoGraphQwen2 does not declare its forward compilable" in hf_static_unsupported(no_graph(qwen2.config))
+    with pytest.raises(ValueError, match="--decode lean: model_type 'qwen2'"):
+        make_engine(qwen2, "lean")
+
+
+def test_hf_static_compiler_failure_falls_back_to_the_eager_step(qwen2):
+    engine = HFStaticEngine(qwen2, compile=False)
+    engine.compile, engine.path = True, "hf-static-compiled"
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    engine._step = broken
+    embeds = torch.randn(6, qwen2.config.hidden_size)
+    state = prefill(engine, embeds)
+    with pytest.warns(UserWarning, match="decoding uncompiled"):
+        out = decode(engine, state, GREEDY, eos_ids=set())
+    assert engine.path == "hf-static-eager" and "compiling failed (RuntimeError)" in engine.reason and out.compile_s == 0
+    assert out.ids == decode(qwen2, prefill(qwen2, embeds), GREEDY, eos_ids=set()).ids
+
+
+@pytest.mark.slow  # a cold inductor compile of HF's tiny Qwen2 forward: tens of seconds on 2 loaded cores
+@pytest.mark.skipif(importlib.util.find_spec("torch._inductor") is None, reason="needs inductor")
+def test_hf_static_compiled_step_matches_eager(qwen2):
+    """One compiled graph (batch 1, first bucket) over two turns and a rollback: same ids as the
+    eager HF static step; compile time reported apart and paid once."""
+    compiled = HFStaticEngine(qwen2, compile=True)
+    t0 = time.perf_counter()
+    got = _conversation_with_rollback(compiled, qwen2.config.hidden_size)
+    if compiled.path != "hf-static-compiled":
+        pytest.skip(compiled.reason)
+    assert compiled.compile_stats.graphs == 1 and 0 < compiled.compile_stats.seconds <= time.perf_counter() - t0
+    ref = _conversation_with_rollback(HFStaticEngine(qwen2, compile=False), qwen2.config.hidden_size)
+    assert [ids for ids, _ in got] == [ids for ids, _ in ref]
