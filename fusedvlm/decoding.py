@@ -626,7 +626,8 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None):
     if why_not_static is not None:
         return HFEngine(hf, reason=f"lean step unsupported: {why_not}; HF static cache unsupported: {why_not_static}")
     if not compile or compiler:
-        # Uncompiled, HF's static cache only adds attention over the whole bucket.
+        # The static path exists for its compiled step: uncompiled, auto keeps the dynamic cache
+        # every causal LM had before (``--decode hf-static`` still runs it eagerly).
         return HFEngine(hf, reason=f"lean step unsupported: {why_not}; the HF static-cache step needs torch.compile: {compiler or off}")
     return HFStaticEngine(hf, compile=True, reason=f"lean step unsupported: {why_not}; {type(hf).__name__} supports a static cache")
 
