@@ -85,13 +85,14 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens, ignore_eos=True)
 
     engines = [HFEngine(llm, reason="today's path: HF forward + DynamicCache")]
-    lean = engine_for("auto", False)
-    if lean.path != "hf":
-        engines.append(lean)
-        if cfg.compile:
-            engines.append(engine_for("auto", True))
-    else:
-        log(f"lean decode unavailable: {lean.reason}")
+    # auto: the lean step (eager and compiled) for Llama, HF's static cache (compiled) for other
+    # LMs that support one; an engine already in the list (plain HF) is not timed twice.
+    for compiled in (False, True) if cfg.compile else (False,):
+        engine = engine_for("auto", compiled)
+        if engine.path in {e.path for e in engines}:
+            log(f"decode: auto{' compiled' if compiled else ''} gives {engine.path} ({engine.reason})")
+        else:
+            engines.append(engine)
 
     # HF generate, as a user of transformers would decode: new tokens minus a 1-token run (its prefill).
     def generate(n: int) -> float:
