@@ -17,7 +17,7 @@ Paths, chosen by :func:`make_engine` and reported as ``engine.path`` / ``engine.
   compiled once per (batch, cache bucket). Less lean than our step (HF's Python and masks are
   traced in), but the graph removes the per-step overhead all the same;
 * ``hf-static-eager``: the same uncompiled (``--decode hf-static --no-compile``; ``auto`` takes
-  ``hf`` instead, since a static cache only pays off compiled);
+  ``hf`` instead: the path is there for its compiled step);
 * ``hf``: Hugging Face forward with its DynamicCache (any causal LM; also ``--decode hf``).
 
 Every engine keeps the KV cache in an object with the Hugging Face cache API the chat session
@@ -463,6 +463,9 @@ def hf_static_unsupported(hf) -> str | None:
     other = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
     if other:
         return f"its cache layers {other} cannot be rolled back exactly (only full-attention StaticLayer can)"
+    if not all(hasattr(layer, "cumulative_length") for layer in layers):
+        # Older static layers are written at positions the caller passes; HFStaticCache moves this length.
+        return "this transformers' StaticLayer keeps no cumulative_length (transformers >= 5 needed)"
     return None
 
 
