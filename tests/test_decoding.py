@@ -318,3 +318,9 @@ def test_hf_static_compiled_step_matches_eager(qwen2):
     assert compiled.compile_stats.graphs == 1 and 0 < compiled.compile_stats.seconds <= time.perf_counter() - t0
     ref = _conversation_with_rollback(HFStaticEngine(qwen2, compile=False), qwen2.config.hidden_size)
     assert [ids for ids, _ in got] == [ids for ids, _ in ref]
+    # A new conversation (a new cache, same shapes) reuses the graph: no dynamo recompile.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert [ids for ids, _ in _conversation_with_rollback(compiled, qwen2.config.hidden_size)] == [ids for ids, _ in ref]
+    assert counters["stats"]["unique_graphs"] == graphs and compiled.compile_stats.graphs == 1
