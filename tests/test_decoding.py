@@ -111,11 +111,12 @@ def test_chat_session_answers_are_unchanged(tiny_model):
     image = sample_image("chelsea")
     gen = GenerationConfig(max_new_tokens=6)
     answers = {}
-    for path in ("hf", "lean"):
+    for path in ("hf", "lean", "hf-static"):
         session = ChatSession(tiny_model, image, decode=path, compile=False)
         answers[path] = [session.ask(q, gen) for q in ("What is this?", "And the colours?")]
-    assert [a.ids for a in answers["lean"]] == [a.ids for a in answers["hf"]]
+    assert [a.ids for a in answers["lean"]] == [a.ids for a in answers["hf"]] == [a.ids for a in answers["hf-static"]]
     assert {a.decode_path for a in answers["lean"]} == {"lean-eager"} and answers["hf"][0].decode_path == "hf"
+    assert {a.decode_path for a in answers["hf-static"]} == {"hf-static-eager"}
     assert all(len(a.token_latencies_s) == len(a.ids) - 1 for a in answers["lean"])
 
 
