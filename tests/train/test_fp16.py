@@ -12,9 +12,11 @@ from fusedvlm.train.cli import build_trainer
 from fusedvlm.train.config import TrainConfig
 from tests.train.conftest import cli
 
-# Measured on CPU, tiny preset, 6 steps at lr 1e-3: the largest per-step |fp16 - fp32| / fp32 of
-# the stage-2 loss was 1.3e-3 (torch 2.14); the bound leaves ~8x margin.
-FP16_LOSS_RTOL = 1e-2
+# Measured on CPU (torch 2.14), tiny preset, 6 steps at lr 1e-3: the largest per-step
+# |fp16 - fp32| / fp32 was 6.1e-6 for the stage-2 loss and 2.7e-4 for the logged gradient norm;
+# the bounds leave > 15x margin.
+FP16_LOSS_RTOL = 1e-4
+FP16_GRAD_NORM_RTOL = 5e-3
 
 
 class Killed(Exception):
@@ -62,7 +64,7 @@ def test_fp16_stage2_losses_stay_near_fp32(small_shapes, tmp_path):
     assert all(r["loss_scale"] == 2.0 ** 16 and r["overflow"] is False and r["overflow_skips"] == 0 for r in half)
     assert all(math.isfinite(r["grad_norm"]) for r in half)
     # The logged norm is the unscaled one: the scale (65536) would dwarf fp32's norm otherwise.
-    assert max(abs(h["grad_norm"] / r["grad_norm"] - 1) for h, r in zip(half, ref)) < 0.05
+    assert max(abs(h["grad_norm"] / r["grad_norm"] - 1) for h, r in zip(half, ref)) < FP16_GRAD_NORM_RTOL
     assert "loss_scale" not in ref[0]
 
 
