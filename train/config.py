@@ -31,7 +31,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
     precision: str = _opt("auto", "autocast dtype; weights stay fp32. auto: bf16 on GPUs that support it, else fp32. "
                                   "fp16: with dynamic loss scaling (a step whose gradients overflow is skipped and "
-                                  "logged); not with --fsdp", choices=PRECISIONS)
+                                  "logged)", choices=PRECISIONS)
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     fsdp: bool = _opt(False, "under torchrun (2+ processes): shard the trainable weights, gradients and optimiser "
                              "state with FSDP2 instead of replicating them with DDP; the frozen LLM stays replicated")
@@ -57,10 +57,6 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.fsdp and self.precision == "fp16":
-            # GradScaler decides to skip a step from the gradients it sees; under FSDP each rank
-            # sees only its shard, so the ranks could disagree and their weights drift apart.
-            raise ValueError("--precision fp16 is not supported with --fsdp (the loss scaler's overflow check is per shard): use bf16 or fp32")
         if self.save_every < 0 or self.keep_checkpoints < 1 or self.num_workers < 0:
             raise ValueError("save_every and num_workers must be >= 0 and keep_checkpoints >= 1")
 

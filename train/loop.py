@@ -17,6 +17,8 @@ unscaled before clipping, so ``grad_norm`` is the true one. A step whose gradien
 is skipped by the optimiser; its row says ``overflow: true`` (``grad_norm`` null) and
 ``overflow_skips`` counts them. The schedule follows the optimiser's updates, not the data
 steps, so a skipped step does not advance it. The scaler's state goes into the checkpoints.
+Under FSDP the scaler is ``ShardedGradScaler``, which all-reduces the overflow check: each rank
+sees only its gradient shard, and every rank must skip the same steps.
 
 ``TrainConfig.fsdp`` (``--fsdp``, under torchrun) shards the trainable sides with FSDP2
 instead of wrapping the objective in DDP (:func:`fusedvlm.train.distributed.shard_trainable`):
@@ -165,7 +167,14 @@ class Trainer:
         self.autocast_dtype = resolve_precision(cfg.precision, self.ctx.device)
         # fp16's narrow range underflows small gradients: scale the loss up, and skip the steps
         # whose scaled gradients overflow. bf16 has fp32's range and needs none of this.
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type) if self.autocast_dtype == torch.float16 else None
+        self.scaler = None
+        if self.autocast_dtype == torch.float16:
+            if cfg.fsdp:  # the ranks must agree on an overflow that only one shard holds
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.ctx.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.ctx.device.type)
         self.step = 0
         self.overflow_skips = 0  # steps the scaler skipped: the schedule is at step - overflow_skips
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")

@@ -4,13 +4,18 @@ import json
 import math
 import os
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fusedvlm.config import get_preset
 from fusedvlm.train.cli import build_trainer
 from fusedvlm.train.config import TrainConfig
-from tests.train.conftest import cli
+from tests.train.conftest import run_env
+
+FSDP_SCRIPT = os.path.join(os.path.dirname(__file__), "fsdp_fp16.py")
 
 # Measured on CPU (torch 2.14), tiny preset, 6 steps at lr 1e-3: the largest per-step
 # |fp16 - fp32| / fp32 was 6.1e-6 for the stage-2 loss and 2.7e-4 for the logged gradient norm;
@@ -111,11 +116,25 @@ def test_fp16_resume_restores_the_scaler_and_the_schedule(small_shapes, tmp_path
         (r["lr"], r["loss_scale"], r["overflow_skips"]) for r in want]
 
 
-def test_fsdp_with_fp16_is_refused(small_shapes, tmp_path):
-    with pytest.raises(ValueError, match="fp16 is not supported with --fsdp"):
-        TrainConfig(steps=1, precision="fp16", fsdp=True)
+@pytest.mark.slow
+def test_fsdp_fp16_ranks_agree_to_skip_an_overflow_on_one_shard(small_shapes, tmp_path):
+    """Under FSDP each rank sees only its gradient shard: the scaler (ShardedGradScaler) must
+    all-reduce its overflow check, or only the rank holding the inf would skip the step. Two gloo
+    ranks, an inf in rank 1's shard at step 2: both skip it, and the losses match one process
+    given the same overflow."""
     root, data = small_shapes
-    out = cli("train", "stage2", "--preset", "tiny", "--data", data, "--image-root", root, "--steps", 1,
-              "--precision", "fp16", "--fsdp", "--out", tmp_path, check=False)
-    assert out.returncode != 0
-    assert "--precision fp16 is not supported with --fsdp" in out.stderr + out.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FSDP_SCRIPT,
+         data, root, str(tmp_path)], env=run_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ranks = [torch.load(tmp_path / f"rows-{r}.pt") for r in (0, 1)]
+    for rows in ranks:
+        assert [(r["overflow"], r["overflow_skips"], r["loss_scale"]) for r in rows] == [
+            (False, 0, 2.0 ** 16), (True, 1, 2.0 ** 16), (False, 1, 2.0 ** 15)]
+    weights = torch.load(tmp_path / "weights.pt")
+    for n, w in weights[0].items():
+        assert torch.equal(weights[1][n], w), n
+    single = trainer_for(small_shapes, tmp_path / "single", "fp16", steps=3)
+    inject_overflow_at(single, 1)
+    want = [r["loss"] for r in single.fit()]
+    torch.testing.assert_close([r["loss"] for r in ranks[0]], want, rtol=5e-5, atol=0)
