@@ -49,7 +49,8 @@ def _stage_step(stage, data, root, tmp_path, autocast_dtype):
     cfg = get_preset("tiny", hd_num=1, n_l=4)
     train_cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, progress=False, precision="fp32")
     trainer, _, _ = build_trainer(stage, cfg, data, root, str(tmp_path), train_cfg, stage1={"embed_dim": 32, "text_width": 32})
-    # The trainer's own switch (``--precision``); fp16 is set directly to run the model under it too.
+    # Set directly, not through ``--precision``: fp16 there adds loss scaling, and the gradients
+    # compared here are the unscaled ones.
     trainer.autocast_dtype = autocast_dtype
     loss = trainer.accumulate_gradients([next(trainer._loader())])
     grads = [p.grad for _, p in trainer.named_params]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def _opt(default, text: str, **metadata):
@@ -29,7 +29,9 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2")
     eps: float = _opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
-    precision: str = _opt("auto", "auto: bf16 autocast on GPUs that support it", choices=PRECISIONS)
+    precision: str = _opt("auto", "autocast dtype; weights stay fp32. auto: bf16 on GPUs that support it, else fp32. "
+                                  "fp16: with dynamic loss scaling (a step whose gradients overflow is skipped and "
+                                  "logged)", choices=PRECISIONS)
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     fsdp: bool = _opt(False, "under torchrun (2+ processes): shard the trainable weights, gradients and optimiser "
                              "state with FSDP2 instead of replicating them with DDP; the frozen LLM stays replicated")

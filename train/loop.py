@@ -12,6 +12,14 @@ the same batches and bit-identical losses on the same hardware and thread count.
 JSONL gets one row per step (step, loss, lr, grad_norm, tokens_per_s, ...); on resume, rows
 after the checkpoint are dropped so the file reads as one uninterrupted run.
 
+``precision="fp16"`` adds dynamic loss scaling (``torch.amp.GradScaler``): the gradients are
+unscaled before clipping, so ``grad_norm`` is the true one. A step whose gradients hold inf/NaN
+is skipped by the optimiser; its row says ``overflow: true`` (``grad_norm`` null) and
+``overflow_skips`` counts them. The schedule follows the optimiser's updates, not the data
+steps, so a skipped step does not advance it. The scaler's state goes into the checkpoints.
+Under FSDP the scaler is ``ShardedGradScaler``, which all-reduces the overflow check: each rank
+sees only its gradient shard, and every rank must skip the same steps.
+
 ``TrainConfig.fsdp`` (``--fsdp``, under torchrun) shards the trainable sides with FSDP2
 instead of wrapping the objective in DDP (:func:`fusedvlm.train.distributed.shard_trainable`):
 weights, gradients and AdamW state are split over ranks, the frozen LLM stays replicated. The
@@ -63,6 +71,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     if precision == "bf16":
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
@@ -155,7 +165,18 @@ class Trainer:
             # device_ids=None: the objective moves each batch to its device itself.
             self.module = DistributedDataParallel(objective, device_ids=None)
         self.autocast_dtype = resolve_precision(cfg.precision, self.ctx.device)
+        # fp16's narrow range underflows small gradients: scale the loss up, and skip the steps
+        # whose scaled gradients overflow. bf16 has fp32's range and needs none of this.
+        self.scaler = None
+        if self.autocast_dtype == torch.float16:
+            if cfg.fsdp:  # the ranks must agree on an overflow that only one shard holds
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.ctx.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.ctx.device.type)
         self.step = 0
+        self.overflow_skips = 0  # steps the scaler skipped: the schedule is at step - overflow_skips
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.skipped: list = []
@@ -192,11 +213,13 @@ class Trainer:
             meta = {
                 "step": self.step,
                 "data_position": self.step * self.cfg.grad_accum,
-                "scheduler": {"kind": "warmup_cosine", "step": self.step},
+                "scheduler": {"kind": "warmup_cosine", "step": self.step - self.overflow_skips},
                 "train_config": asdict(self.cfg),
                 "world": self.ctx.world,
                 **self.run_info,
             }
+            if self.scaler is not None:
+                meta["grad_scaler"] = self.scaler.state_dict()
             save_training_checkpoint(path, model_state, optimizer, meta)
             for _, old in list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
                 os.remove(old)
@@ -244,6 +267,9 @@ class Trainer:
         load_optimizer(self._full_optimizer(), other, opt_meta)
         set_rng_state(other, rng_meta)
         self.step = meta["step"]
+        self.overflow_skips = self.step - meta["scheduler"]["step"]
+        if self.scaler is not None and "grad_scaler" in meta:
+            self.scaler.load_state_dict(meta["grad_scaler"])
         if self.ctx.is_main:
             self._truncate_metrics(self.step)
         barrier(self.ctx)
@@ -290,6 +316,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype)
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
     def accumulate_gradients(self, micro_batches) -> float | None:
         """Forward and backward over this rank's micro-batches of one step, leaving in
         ``.grad`` the gradient of the step's global mean loss; returns that loss, or None when
@@ -317,7 +346,7 @@ class Trainer:
         if whole_step:
             with self._autocast():
                 objective, loss = module(usable)
-            objective.backward()
+            self._backward(objective)
             if manual:
                 self._average_grads_by_hand()
             return float(loss)
@@ -330,7 +359,7 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss = module(batch)
-                (loss * (ctx.world / total)).backward()
+                self._backward(loss * (ctx.world / total))
             loss_sum += loss.detach().double().cpu()
         if manual:
             self._average_grads_by_hand()
@@ -348,7 +377,7 @@ class Trainer:
         """One optimiser step over this rank's micro-batches; returns the step's metrics. A
         step whose records were all skipped changes no weight but still counts (the data
         position and the schedule move on, so a resumed run sees the same batches)."""
-        lr = lr_at(self.step, self.cfg)
+        lr = lr_at(self.step - self.overflow_skips, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.accumulate_gradients(micro_batches)
@@ -357,6 +386,8 @@ class Trainer:
             self.step += 1
             return {"step": self.step, "loss": None, "lr": lr, "grad_norm": None, "no_update": True}
         average_replicated_grads(self.replicated, self.ctx)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # before clipping: clip and log the true gradient
         params = [p for _, p in self.named_params]
         if self.cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
@@ -364,10 +395,22 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if isinstance(grad_norm, DTensor):  # FSDP: the norm over sharded gradients
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update when a gradient is inf/NaN
+            self.scaler.update()
+            # update() backs the scale off exactly when the step was skipped for an overflow.
+            overflow = self.scaler.get_scale() < scale
+            self.overflow_skips += int(overflow)
+            row.update({"loss_scale": scale, "overflow": overflow, "overflow_skips": self.overflow_skips})
+            if overflow:
+                row["grad_norm"] = None  # inf/NaN, which JSON cannot hold
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        return row
 
     def fit(self, resume: bool | str = False, on_step=None) -> list[dict]:
         """Train to ``cfg.steps``; returns this call's metrics rows. ``on_step(trainer, row)``
@@ -396,6 +439,9 @@ class Trainer:
                 row = self.train_step(micro)
                 if row.get("no_update") and self.ctx.is_main:
                     print(f"fusedvlm train: step {row['step']}: every record was skipped; no update", flush=True)
+                if row.get("overflow") and self.ctx.is_main:
+                    print(f"fusedvlm train: step {row['step']}: inf/NaN gradient at loss scale {row['loss_scale']:g}; "
+                          f"update skipped, loss scale now {self.scaler.get_scale():g}", flush=True)
                 elapsed = time.perf_counter() - t0
                 counts = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro)), float(sum(b.size for b in micro)),
                                                       float(sum(len(b.skipped) for b in micro))]), self.ctx)
