@@ -18,6 +18,8 @@ reported with its record index (0-based position in the file) and, per ``on_erro
 
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import os
@@ -254,7 +256,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------- batches
-class BatchCounts:
+class BatchCounts(abc.ABC):
     """What the trainer counts of any micro-batch (:class:`Batch`, the adapters'
     ``AdapterBatch``): its records and the tokens processed, the fusion stream's
     (``fusion_tokens``) plus the LLM's unpadded ones (``llm_attention_mask``, None without LLM)."""
@@ -263,8 +265,9 @@ class BatchCounts:
     llm_attention_mask: torch.Tensor | None
 
     @property
+    @abc.abstractmethod
     def fusion_tokens(self) -> int:
-        raise NotImplementedError
+        """Tokens in the micro-batch's fusion-decoder stream."""
 
     @property
     def size(self) -> int:
