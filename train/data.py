@@ -19,7 +19,6 @@ reported with its record index (0-based position in the file) and, per ``on_erro
 from __future__ import annotations
 
 import abc
-
 import json
 import logging
 import os
