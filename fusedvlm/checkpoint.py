@@ -59,13 +59,11 @@ def read_config_json(config: str, fmt: str, version: int, refused: dict[str, str
 def umask() -> int:
     """The process's umask, read without changing it where Linux allows (setting it to read it
     back would briefly affect files other threads create)."""
-    try:
+    with contextlib.suppress(OSError):  # no /proc: read it the portable way below
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
-    except OSError:
-        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

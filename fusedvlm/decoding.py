@@ -26,6 +26,7 @@ relies on for rollback: ``get_seq_length()`` and ``crop(n)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -276,12 +277,10 @@ def _enable_compile_cache() -> None:
     """Keep inductor's compiled artefacts under ~/.cache/fusedvlm so a second run skips codegen
     (unless TORCHINDUCTOR_CACHE_DIR is set already, by the user or an earlier inductor import)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
-    try:
+    with contextlib.suppress(ImportError):  # torch without inductor: nothing to cache
         import torch._inductor.config as inductor_config
 
         inductor_config.fx_graph_cache = True
-    except ImportError:  # pragma: no cover - torch without inductor
-        pass
 
 
 def _compile_step(fn, device: torch.device):

@@ -17,8 +17,8 @@ from fusedvlm.upstream import FUSION, VISION, UpstreamError, convert
 CKPT = os.path.join(os.path.dirname(__file__), "fixtures", "upstream", "tiny-llama2", "checkpoint")
 
 
-def _quiet(*_):
-    pass
+def _quiet(*_) -> None:
+    """Swallows the converter's progress lines."""
 
 
 @pytest.fixture()

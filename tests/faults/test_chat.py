@@ -18,7 +18,7 @@ GEN = GenerationConfig(max_new_tokens=6, ignore_eos=True)
 
 
 class Boom(Exception):
-    pass
+    """A failure injected into one stage of a turn."""
 
 
 def _fail_before_fusion(monkeypatch, model, session):

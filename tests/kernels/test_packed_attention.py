@@ -270,7 +270,8 @@ def test_opcheck(backend, monkeypatch):
     q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([5, 1, 0, 12], [9, 1, 3, 12], 4, 2, 16, torch.float32, 11))
     for causal in (True, False):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 12, 12, causal, 0.25)
-        torch.library.opcheck(torch.ops.fusedvlm.packed_attention.default, args)
+        results = torch.library.opcheck(torch.ops.fusedvlm.packed_attention.default, args)
+        assert set(results.values()) == {"SUCCESS"}, results
 
 
 def test_max_seqlen_is_accepted():

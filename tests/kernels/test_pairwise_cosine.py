@@ -95,9 +95,10 @@ def test_opcheck():
     # cross terms of every first token as equal.
     a, b = torch.randn(40, 24), torch.randn(40, 24)
     for positive in (True, False):
-        torch.library.opcheck(torch.ops.fusedvlm.pairwise_cosine_stats.default,
-                              (a, b, cu_seqlens_from_lengths([1, 30, 0, 9]), positive),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        results = torch.library.opcheck(torch.ops.fusedvlm.pairwise_cosine_stats.default,
+                                        (a, b, cu_seqlens_from_lengths([1, 30, 0, 9]), positive),
+                                        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        assert set(results.values()) == {"SUCCESS"}, results
 
 
 @pytest.mark.parametrize("positive", [True, False], ids=["positive", "signed"])
