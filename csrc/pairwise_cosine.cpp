@@ -58,8 +58,11 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
   const int64_t total = a.size(0), d = a.size(1);
   auto cuc = cu.contiguous();
   std::vector<int64_t> off(cuc.data_ptr<int32_t>(), cuc.data_ptr<int32_t>() + cuc.numel());
-  TORCH_CHECK_VALUE(off[0] == 0 && off.back() == total, "cu_seqlens must run from 0 to ", total, ", got ", join(off));
-  for (size_t i = 1; i < off.size(); ++i) TORCH_CHECK_VALUE(off[i] >= off[i - 1], "cu_seqlens must be non-decreasing");
+  // fusedvlm.packing.check_cu_seqlens's messages.
+  TORCH_CHECK_VALUE(off[0] == 0, "cu_seqlens[0] must be 0, got ", off[0]);
+  for (size_t i = 1; i < off.size(); ++i)
+    TORCH_CHECK_VALUE(off[i] >= off[i - 1], "cu_seqlens must be non-decreasing, got ", join(off));
+  TORCH_CHECK_VALUE(off.back() == total, "cu_seqlens[-1] = ", off.back(), " but the pack has ", total, " tokens");
   const int64_t n_pair = static_cast<int64_t>(off.size()) - 1;
 
   at::Tensor out = at::empty({5, total}, a.options());

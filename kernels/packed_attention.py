@@ -62,7 +62,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -737,6 +737,17 @@ def packed_attention(
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
+    if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and type(cu_seqlens_q) is torch.Tensor and type(cu_seqlens_k) is torch.Tensor and q.dtype == k.dtype == v.dtype
+            and q.is_cpu and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and cpu_op_ready()):
+        # The common eager CPU call: the op's C++ kernel checks everything _check_args does.
+        if scale is None:
+            scale = q.shape[-1] ** -0.5 if q.dim() == 3 and q.shape[-1] > 0 else 1.0
+        elif not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+        return torch.ops.fusedvlm.packed_attention.default(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                           max_seqlen_k, causal, float(scale))[0]
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.

@@ -58,7 +58,7 @@ import torch
 
 from fusedvlm import native
 from fusedvlm.backend import forced_tiles, interpreter_enabled, requested_backend, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
 from fusedvlm.kernels.common import PsiStats, unit_rows
 from fusedvlm.packing import check_cu_seqlens
 
@@ -399,7 +399,6 @@ def implementation(h_a: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- public op
 
 
-@torch.no_grad()
 def pairwise_cosine_stats(
     h_a: torch.Tensor,
     h_b: torch.Tensor,
@@ -415,6 +414,16 @@ def pairwise_cosine_stats(
     prefix holds a NaN row is NaN. Runs ``torch.ops.fusedvlm.pairwise_cosine_stats`` (Triton on
     CUDA or under the interpreter, C++ on CPU), the torch path under ``FUSEDVLM_BACKEND=torch``.
     """
+    if type(h_a) is torch.Tensor and type(h_b) is torch.Tensor and type(cu_seqlens) is torch.Tensor \
+            and h_a.dtype == h_b.dtype and h_a.is_cpu and not torch.compiler.is_compiling() and cpu_op_ready():
+        # The common eager CPU call: the op's C++ kernel checks everything _validate does and
+        # returns tensors without a graph.
+        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive).unbind(0))
+    with torch.no_grad():
+        return _pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
+
+
+def _pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiStats:
     if isinstance(h_a, torch.Tensor) and isinstance(h_b, torch.Tensor) and h_a.dtype != h_b.dtype:
         # Statistics, not activations: mixed branches meet in the wider dtype, autocast or not.
         common = torch.promote_types(h_a.dtype, h_b.dtype)

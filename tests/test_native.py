@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fusedvlm import native
@@ -63,3 +64,75 @@ def test_built_once_and_cached():
     done = _run("from fusedvlm import native; import sys; assert native.available(); print(native.status())")
     assert done.returncode == 0, done.stderr
     assert "building" not in done.stderr
+
+
+def _counting(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def test_cpu_autograd_kernels_route_like_the_python_kernels(monkeypatch):
+    """Once the library is loaded, CPU calls enter its C++ autograd kernels (csrc/ops.cpp). They
+    run C++ only for the "cpp" choice: forced torch and the Triton interpreter still reach the
+    Python kernels, forward and backward, through the same public call."""
+    import sys
+
+    from fusedvlm.kernels import packed_attention, pairwise_cosine_stats
+    from fusedvlm.packing import cu_seqlens_from_lengths
+
+    if not native.available():
+        return
+    for op in ("packed_attention", "pairwise_cosine_stats"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedvlm::{op}", "AutogradCPU"), op
+    attention = sys.modules["fusedvlm.kernels.packed_attention"]
+    psi = sys.modules["fusedvlm.kernels.pairwise_cosine"]
+    fwd = _counting(monkeypatch, attention, "_fallback_forward")
+    bwd = _counting(monkeypatch, attention, "_fallback_backward")
+    stats = _counting(monkeypatch, psi, "_torch_pairwise_cosine_stats")
+    cu = cu_seqlens_from_lengths([3, 4])
+    q = torch.randn(7, 2, 8, requires_grad=True)
+    x = torch.randn(7, 16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for backend, python in (("cpp", False), ("auto", False), ("torch", True), ("bogus", None)):
+        monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
+        fwd.clear(), bwd.clear(), stats.clear()
+        if python is None:  # an invalid choice reaches Python, which names it
+            with pytest.raises(ValueError, match="FUSEDVLM_BACKEND"):
+                torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)
+            continue
+        torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)[0].sum().backward()
+        torch.ops.fusedvlm.pairwise_cosine_stats(x, x, cu, True)
+        assert (fwd, bwd, stats) == ((["_fallback_forward"], ["_fallback_backward"], ["_torch_pairwise_cosine_stats"])
+                                     if python else ([], [], [])), backend
+    # Under the interpreter (tests/kernels' interpreter marker) "auto" leaves CPU ops to Python.
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton = _counting(monkeypatch, attention, "_triton_forward")
+    if __import__("fusedvlm.backend").backend.triton_available():
+        packed_attention(q.detach(), q.detach(), q.detach(), cu)
+        pairwise_cosine_stats(x, x, cu)
+        assert triton == ["_triton_forward"]
+
+
+def test_flops_of_the_cpp_route_are_counted_forward_and_backward():
+    """FlopCounterMode (a Python mode) sees the op and its backward on the C++ route too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusedvlm.kernels import packed_attention
+    from fusedvlm.kernels.packed_attention import packed_attention_flops
+    from fusedvlm.packing import cu_seqlens_from_lengths
+
+    cu = cu_seqlens_from_lengths([5, 2, 9])
+    q = torch.randn(16, 2, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        packed_attention(q, q, q, cu).sum().backward()
+    forward = packed_attention_flops(cu.tolist(), cu.tolist(), 2, 8)
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"fusedvlm.packed_attention": forward, "fusedvlm.packed_attention_backward": 2 * forward}
