@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(const at::Te
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, const at::Tensor&,
                                                                     const at::Tensor&, const at::Tensor&, bool, double);
-at::Tensor pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+Stats pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 }  // namespace fusedvlm
 
 TORCH_LIBRARY(fusedvlm_cpu, m) {
@@ -24,7 +24,8 @@ TORCH_LIBRARY(fusedvlm_cpu, m) {
   m.def("packed_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_q,"
         " Tensor cu_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
         &fusedvlm::packed_attention_bwd);
-  m.def("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) -> Tensor",
+  m.def("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         &fusedvlm::pairwise_cosine_stats);
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
 }

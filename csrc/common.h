@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fusedvlm {
@@ -28,6 +29,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
 bool have_blas();
+
+// Prefix psi statistics (csrc/pairwise_cosine.cpp): eq, ab, aa, bb, div, each (T,) float32.
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // "[0, 3, 5]" for error messages.
 inline std::string join(const std::vector<int64_t>& v) {

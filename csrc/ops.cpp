@@ -29,7 +29,7 @@ namespace fusedvlm {
 
 std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                         const at::Tensor&, const at::Tensor&, bool, double);
-at::Tensor pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+Stats pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 
 namespace {
 
@@ -188,11 +188,11 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_autograd(c10::DispatchKeySet
 
 // ------------------------------------------------------------------------- pairwise cosine
 
-using StatsSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+using StatsSig = Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 
 // Statistics, never differentiated: the outputs carry no graph, as under the public function's
 // torch.no_grad().
-at::Tensor pairwise_cosine_stats_autograd(c10::DispatchKeySet ks, const at::Tensor& a, const at::Tensor& b,
+Stats pairwise_cosine_stats_autograd(c10::DispatchKeySet ks, const at::Tensor& a, const at::Tensor& b,
                                           const at::Tensor& cu, bool positive) {
   check_pairs(a, b, cu);
   at::AutoDispatchBelowADInplaceOrView guard;

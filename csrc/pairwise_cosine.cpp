@@ -50,8 +50,8 @@ void unit_row(const float* x, float* u, int64_t d) {
 
 }  // namespace
 
-// -> (5, T) float32: eq, ab, aa, bb, div (see PsiStats).
-at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cu, bool positive) {
+// -> five (T,) float32 tensors: eq, ab, aa, bb, div (see PsiStats).
+Stats pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cu, bool positive) {
   TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1,
                     "cu_seqlens must be a 1-D int32 tensor of n + 1 >= 1 offsets");
   at::Tensor a = a_in.to(at::kFloat).contiguous(), b = b_in.to(at::kFloat).contiguous();
@@ -65,7 +65,8 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
   TORCH_CHECK_VALUE(off.back() == total, "cu_seqlens[-1] = ", off.back(), " but the pack has ", total, " tokens");
   const int64_t n_pair = static_cast<int64_t>(off.size()) - 1;
 
-  at::Tensor out = at::empty({5, total}, a.options());
+  Stats out{at::empty({total}, a.options()), at::empty({total}, a.options()), at::empty({total}, a.options()),
+            at::empty({total}, a.options()), at::empty({total}, a.options())};
   if (total == 0) return out;
   std::vector<float> u(static_cast<size_t>(total) * 2 * d);
   std::vector<double> eq(total), inc_ab(total, 0.0), inc_aa(total, 0.0), inc_bb(total, 0.0);
@@ -123,7 +124,9 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
     });
   }
 
-  float* o = out.data_ptr<float>();
+  float *o_eq = std::get<0>(out).data_ptr<float>(), *o_ab = std::get<1>(out).data_ptr<float>(),
+        *o_aa = std::get<2>(out).data_ptr<float>(), *o_bb = std::get<3>(out).data_ptr<float>(),
+        *o_div = std::get<4>(out).data_ptr<float>();
   at::parallel_for(0, n_pair, small ? std::max<int64_t>(n_pair, 1) : 1, [&](int64_t begin, int64_t end) {
     std::vector<double> sa(d), sb(d), sdiff(d);
     for (int64_t p = begin; p < end; ++p) {
@@ -166,11 +169,11 @@ at::Tensor pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in,
           bb_sum = dbb - sq_b;
         }
         const double pairs = n * (n - 1);
-        o[t] = static_cast<float>(e_sum / n);
-        o[total + t] = pairs > 0 ? static_cast<float>(ab_sum / pairs) : kNaN;
-        o[2 * total + t] = pairs > 0 ? static_cast<float>(aa_sum / pairs) : kNaN;
-        o[3 * total + t] = pairs > 0 ? static_cast<float>(bb_sum / pairs) : kNaN;
-        o[4 * total + t] = static_cast<float>(std::sqrt(div2));
+        o_eq[t] = static_cast<float>(e_sum / n);
+        o_ab[t] = pairs > 0 ? static_cast<float>(ab_sum / pairs) : kNaN;
+        o_aa[t] = pairs > 0 ? static_cast<float>(aa_sum / pairs) : kNaN;
+        o_bb[t] = pairs > 0 ? static_cast<float>(bb_sum / pairs) : kNaN;
+        o_div[t] = static_cast<float>(std::sqrt(div2));
       }
     }
   });

@@ -360,24 +360,21 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
 
 # --------------------------------------------------------------------------- fusedvlm:: operator
 
-LIB.define("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) -> Tensor")
-
-
-def _stacked(stats: PsiStats) -> torch.Tensor:
-    return torch.stack(list(stats))
+LIB.define("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) "
+           "-> (Tensor eq, Tensor ab, Tensor aa, Tensor bb, Tensor div)")
 
 
 def _stats_cpu(h_a, h_b, cu_seqlens, positive):
     impl = cpu_implementation(h_a, h_b)
     if impl == "triton":
-        return _stacked(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+        return tuple(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
     if impl == "cpp":
         return native.load().pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-    return _stacked(_torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+    return tuple(_torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
 
 
 def _stats_cuda(h_a, h_b, cu_seqlens, positive):
-    return _stacked(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+    return tuple(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
 
 
 LIB.impl("pairwise_cosine_stats", _stats_cpu, "CPU")
@@ -386,7 +383,7 @@ LIB.impl("pairwise_cosine_stats", _stats_cuda, "CUDA")
 
 @torch.library.register_fake("fusedvlm::pairwise_cosine_stats", lib=LIB)
 def _stats_fake(h_a, h_b, cu_seqlens, positive):
-    return h_a.new_empty((len(PsiStats._fields), h_a.shape[0]), dtype=torch.float32)
+    return tuple(h_a.new_empty(h_a.shape[0], dtype=torch.float32) for _ in PsiStats._fields)
 
 
 def implementation(h_a: torch.Tensor) -> str:
@@ -418,7 +415,7 @@ def pairwise_cosine_stats(
             and h_a.dtype == h_b.dtype and h_a.is_cpu and not torch.compiler.is_compiling() and cpu_op_ready():
         # The common eager CPU call: the op's C++ kernel checks everything _validate does and
         # returns tensors without a graph.
-        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive).unbind(0))
+        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive))
     with torch.no_grad():
         return _pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
 
@@ -431,4 +428,4 @@ def _pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiStats:
     _validate(h_a, h_b, cu_seqlens)
     if requested_backend() == "torch":
         return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-    return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive).unbind(0))
+    return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
