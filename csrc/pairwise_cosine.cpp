@@ -94,8 +94,12 @@ Stats pairwise_cosine_stats(const at::Tensor& a_in, const at::Tensor& b_in, cons
     for (int64_t p = 0; p < n_pair; ++p)
       for (int64_t r = off[p]; r < off[p + 1]; r += kTile) items.push_back({p, r});
     const int64_t n_items = static_cast<int64_t>(items.size());
+    // Sized to the longest pair (a tile at most): zero-filling a full tile buffer would cost a
+    // short pack more than its products.
+    int64_t tile = 0;
+    for (int64_t p = 0; p < n_pair; ++p) tile = std::max(tile, std::min(kTile, off[p + 1] - off[p]));
     at::parallel_for(0, n_items, small ? std::max<int64_t>(n_items, 1) : 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> gbuf(4 * kTile * kTile);
+      std::vector<float> gbuf(4 * tile * tile);
       for (int64_t it = begin; it < end; ++it) {
         const Item w = items[it];
         const int64_t lo = off[w.pair], bi = std::min(kTile, off[w.pair + 1] - w.row0);
