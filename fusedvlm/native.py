@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _NAME = "fusedvlm_cpu"
-_SOURCES = ("common.cpp", "packed_attention.cpp", "pairwise_cosine.cpp", "bindings.cpp")
+_SOURCES = ("common.cpp", "packed_attention.cpp", "pairwise_cosine.cpp", "local_merge.cpp", "bindings.cpp")
 _HEADERS = ("common.h",)
 
 

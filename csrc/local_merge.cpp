@@ -1,0 +1,505 @@
+// Fused local merge on the CPU, forward and backward (kernels/local_merge.py has the maths):
+// x (V, H*W, C_in) raster tokens -> out (V, P+1, C_out), the 3x3 stride-2 pad-1 convolution plus
+// the nearest residual x[2oy, 2ox] and the bias per pixel, then one LF row per view.
+//
+// Everything computes in fp32 (fp16/bf16 inputs are upcast once; results are rounded once, when
+// stored) with two algorithms, chosen by the caller:
+//
+// * direct: the 9 taps gathered into one (V*P, 9*C_in) im2col block and a single SGEMM against
+//   the weight in its (C_out, 3, 3, C_in) order; the epilogue adds residual and bias while it
+//   writes the packed rows and the LF row. Backward: one SGEMM for the im2col gradient, gathered
+//   back per input pixel (at most 4 taps read a pixel), one SGEMM for the weight gradient.
+// * winograd: split by tap parity a stride-2 3x3 convolution is four stride-1 ones (centre x
+//   centre, centre x outer, outer x centre, outer x outer), and Winograd F(2, 2) along every
+//   outer axis leaves 16 (component x kernel) SGEMMs worth 6.25 of the direct form's 9. Per
+//   axis, component 0 is the centre tap and components 1-3 are, for the output pair (2q, 2q+1)
+//   with d0 = t[4q-1], d1 = t[4q+1], d2 = t[4q+3]: m0 = (d0 - d1) w0, m1 = d1 (w0 + w2),
+//   m2 = (d2 - d1) w2, and y[2q] = m0 + m1, y[2q+1] = m1 + m2. The input and output transforms (and their
+//   adjoints in the backward) are sums of at most 10 rows of C floats, run in parallel; the
+//   GEMMs run through gemm() (MKL threads). It wins where C_in * C_out is large (the GEMMs
+//   dominate); the direct form wins on small problems, where the transforms and 16 GEMM calls
+//   cost more than the multiplies they save.
+//
+// NaN semantics follow the convolution: a NaN token reaches exactly the outputs (and gradients)
+// whose taps read it, a NaN weight or bias every output; padding reads are zero and no zero
+// coefficient ever multiplies a value (a term is left out rather than scaled by 0).
+#include "common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace fusedvlm {
+namespace {
+
+struct Src {
+  const float* p;
+  float coef;
+};
+
+// dst[0..n) = sum of coef * src (zero when there is no term). Coefficients are +-1 and products
+// of them, so the common cases are plain copies and adds.
+void combine(float* dst, const Src* src, int n_src, int64_t n) {
+  if (n_src == 0) {
+    std::memset(dst, 0, n * sizeof(float));
+    return;
+  }
+  if (src[0].coef == 1.0f) {
+    std::memcpy(dst, src[0].p, n * sizeof(float));
+  } else {
+    const float k = src[0].coef, *s = src[0].p;
+    for (int64_t c = 0; c < n; ++c) dst[c] = k * s[c];
+  }
+  for (int t = 1; t < n_src; ++t) {
+    const float* s = src[t].p;
+    if (src[t].coef == 1.0f) {
+      for (int64_t c = 0; c < n; ++c) dst[c] += s[c];
+    } else if (src[t].coef == -1.0f) {
+      for (int64_t c = 0; c < n; ++c) dst[c] -= s[c];
+    } else {
+      const float k = src[t].coef;
+      for (int64_t c = 0; c < n; ++c) dst[c] += k * s[c];
+    }
+  }
+}
+
+// Lines of rows per parallel task: a task moves at least ~64K floats, so that a small merge
+// runs on the calling thread (waking the pool costs more than the work).
+inline int64_t grain(int64_t floats_per_line) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(floats_per_line, 1)); }
+
+struct Geo {
+  int64_t v, h, w, ho, wo, p, cin, cout;
+};
+
+Geo geometry(const at::Tensor& x, const at::Tensor& weight, int64_t h, int64_t w, bool residual) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "local_merge: x must be (V, H*W, C_in), got ", x.sizes());
+  TORCH_CHECK_VALUE(h > 0 && w > 0 && x.size(1) == h * w, "local_merge: grid (", h, ", ", w, ") does not hold ",
+                    x.size(1), " tokens");
+  TORCH_CHECK_VALUE(x.size(0) > 0 && x.size(2) > 0, "local_merge: x has an empty dimension: ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == x.size(2) && weight.size(2) == 3 && weight.size(3) == 3,
+                    "local_merge: weight must be (C_out, ", x.size(2), ", 3, 3), got ", weight.sizes());
+  Geo g{x.size(0), h, w, (h + 1) / 2, (w + 1) / 2, 0, x.size(2), weight.size(0)};
+  g.p = g.ho * g.wo;
+  TORCH_CHECK_VALUE(!residual || g.cin == g.cout, "local_merge: residual needs C_in == C_out, got ", g.cin, " -> ",
+                    g.cout);
+  return g;
+}
+
+at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
+}
+
+// ----------------------------------------------------------------------------- direct form
+
+// col (V*P, 9*C_in): row (v, oy, ox), column block tap = 3 dy + dx holds x[v, 2oy+dy-1, 2ox+dx-1]
+// or zeros outside the grid.
+void im2col(const float* x, const Geo& g, float* col) {
+  const int64_t k = 9 * g.cin;
+  at::parallel_for(0, g.v * g.p, grain(k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t v = r / g.p, o = r % g.p, oy = o / g.wo, ox = o % g.wo;
+      float* dst = col + r * k;
+      for (int64_t dy = 0; dy < 3; ++dy) {
+        const int64_t iy = 2 * oy + dy - 1;
+        for (int64_t dx = 0; dx < 3; ++dx) {
+          const int64_t ix = 2 * ox + dx - 1;
+          float* d = dst + (dy * 3 + dx) * g.cin;
+          if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w)
+            std::memset(d, 0, g.cin * sizeof(float));
+          else
+            std::memcpy(d, x + ((v * g.h + iy) * g.w + ix) * g.cin, g.cin * sizeof(float));
+        }
+      }
+    }
+  });
+}
+
+// (tap, output position) pairs that read input position i of an axis: an even i only through
+// the centre tap, an odd one through the outer taps of its two neighbours.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> direct_readers(int64_t n_in, int64_t n_out) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> r(n_in);
+  for (int64_t o = 0; o < n_out; ++o)
+    for (int64_t t = 0; t < 3; ++t) {
+      const int64_t i = 2 * o + t - 1;
+      if (i >= 0 && i < n_in) r[i].push_back({t, o});
+    }
+  return r;
+}
+
+// ----------------------------------------------------------------------------- Winograd form
+
+// Taps of the 3-tap axis kernel that component kind k combines: the centre tap, w0, w0 + w2, w2.
+inline float kind_sum(int k, float t0, float t1, float t2) {
+  switch (k) {
+    case 0: return t1;
+    case 1: return t0;
+    case 2: return t0 + t2;
+    default: return t2;
+  }
+}
+
+// One grid axis of n_in inputs and n_out outputs: its four components and their counts (the
+// centre has one per output, each outer one per output pair), which inputs form each component,
+// which component products form each output, and the adjoints of both maps.
+struct Axis {
+  int64_t count[4];
+  std::vector<std::vector<std::pair<int64_t, float>>> in[4];  // [kind][index] -> (input, coef)
+  std::vector<std::vector<std::pair<int, int64_t>>> out;      // [output] -> (kind, index)
+  std::vector<std::vector<std::tuple<int, int64_t, float>>> in_adj;  // [input] -> (kind, index, coef)
+  std::vector<std::vector<int64_t>> out_adj[4];                      // [kind][index] -> outputs
+
+  Axis(int64_t n_in, int64_t n_out) : out(n_out), in_adj(n_in) {
+    const int64_t pairs = (n_out + 1) / 2;
+    count[0] = n_out;
+    count[1] = count[2] = count[3] = pairs;
+    for (int k = 0; k < 4; ++k) {
+      in[k].resize(count[k]);
+      out_adj[k].resize(count[k]);
+    }
+    auto add = [&](int k, int64_t i, int64_t pos, float coef) {
+      if (pos >= 0 && pos < n_in) in[k][i].push_back({pos, coef});
+    };
+    for (int64_t i = 0; i < n_out; ++i) add(0, i, 2 * i, 1.0f);
+    for (int64_t q = 0; q < pairs; ++q) {
+      add(1, q, 4 * q - 1, 1.0f);
+      add(1, q, 4 * q + 1, -1.0f);
+      add(2, q, 4 * q + 1, 1.0f);
+      add(3, q, 4 * q + 3, 1.0f);
+      add(3, q, 4 * q + 1, -1.0f);
+    }
+    for (int64_t o = 0; o < n_out; ++o) {
+      out[o].push_back({0, o});
+      const int64_t q = o / 2;
+      out[o].push_back({o % 2 ? 2 : 1, q});
+      out[o].push_back({o % 2 ? 3 : 2, q});
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int64_t i = 0; i < count[k]; ++i)
+        for (auto [pos, coef] : in[k][i]) in_adj[pos].push_back({k, i, coef});
+    for (int64_t o = 0; o < n_out; ++o)
+      for (auto [k, i] : out[o]) out_adj[k][i].push_back(o);
+  }
+};
+
+// The 16 component blocks (row kind a, column kind b), stacked: block ab holds
+// V * rows.count[a] * cols.count[b] rows, row (v, i, j) at offset[ab] + (v * count_a + i) * count_b + j.
+struct Blocks {
+  const Axis rows, cols;
+  int64_t v;
+  std::array<int64_t, 17> offset;
+
+  Blocks(const Geo& g) : rows(g.h, g.ho), cols(g.w, g.wo), v(g.v) {
+    offset[0] = 0;
+    for (int ab = 0; ab < 16; ++ab) offset[ab + 1] = offset[ab] + v * rows.count[ab / 4] * cols.count[ab % 4];
+  }
+  int64_t size(int ab) const { return offset[ab + 1] - offset[ab]; }
+  int64_t row(int ab, int64_t v_, int64_t i, int64_t j) const {
+    return offset[ab] + (v_ * rows.count[ab / 4] + i) * cols.count[ab % 4] + j;
+  }
+  int64_t total() const { return offset[16]; }
+
+  // Runs fn(ab, v, i) over every (block, view, component row), in parallel: a line of
+  // cols.count[b] rows of `width` floats each.
+  template <typename Fn>
+  void for_lines(int64_t width, const Fn& fn) const {
+    std::vector<std::array<int64_t, 3>> lines;
+    for (int ab = 0; ab < 16; ++ab)
+      for (int64_t vv = 0; vv < v; ++vv)
+        for (int64_t i = 0; i < rows.count[ab / 4]; ++i) lines.push_back({ab, vv, i});
+    at::parallel_for(0, static_cast<int64_t>(lines.size()), grain(width * cols.count[1]), [&](int64_t b, int64_t e) {
+      for (int64_t l = b; l < e; ++l) fn(static_cast<int>(lines[l][0]), lines[l][1], lines[l][2]);
+    });
+  }
+};
+
+// A (total, C_in): every component row of x.
+void winograd_inputs(const float* x, const Geo& g, const Blocks& bl, float* a) {
+  bl.for_lines(g.cin, [&](int ab, int64_t v, int64_t i) {
+    const int ka = ab / 4, kb = ab % 4;
+    for (int64_t j = 0; j < bl.cols.count[kb]; ++j) {
+      Src src[4];
+      int n = 0;
+      for (auto [py, cy] : bl.rows.in[ka][i])
+        for (auto [px, cx] : bl.cols.in[kb][j]) src[n++] = {x + ((v * g.h + py) * g.w + px) * g.cin, cy * cx};
+      combine(a + bl.row(ab, v, i, j) * g.cin, src, n, g.cin);
+    }
+  });
+}
+
+// kernels (16, C_out, C_in): block ab = sum of the taps (ty, tx) with ty in kind a, tx in kind b.
+at::Tensor winograd_kernels(const at::Tensor& weight, const Geo& g) {
+  at::Tensor wt = as_float(weight);
+  at::Tensor k = at::empty({16, g.cout, g.cin}, wt.options());
+  const float* wp = wt.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  const int64_t block = g.cout * g.cin;
+  at::parallel_for(0, g.cout, grain(16 * g.cin), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t c = 0; c < g.cin; ++c) {
+        const float* t = wp + (n * g.cin + c) * 9;
+        for (int a = 0; a < 4; ++a) {
+          const float r0 = kind_sum(a, t[0], t[3], t[6]), r1 = kind_sum(a, t[1], t[4], t[7]),
+                      r2 = kind_sum(a, t[2], t[5], t[8]);
+          for (int b = 0; b < 4; ++b) kp[(a * 4 + b) * block + n * g.cin + c] = kind_sum(b, r0, r1, r2);
+        }
+      }
+  });
+  return k;
+}
+
+// Adjoint of winograd_kernels: dk (16, C_out, C_in) -> dweight (C_out, C_in, 3, 3).
+at::Tensor winograd_kernels_grad(const at::Tensor& dk, const Geo& g) {
+  at::Tensor dw = at::empty({g.cout, g.cin, 3, 3}, dk.options());
+  const float* kp = dk.data_ptr<float>();
+  float* wp = dw.data_ptr<float>();
+  const int64_t block = g.cout * g.cin;
+  // Taps of each kind: kind_sum's transpose.
+  auto spread = [](const float* k4, float* t3) {  // k4 by kind -> t3 by tap
+    t3[0] = k4[1] + k4[2];
+    t3[1] = k4[0];
+    t3[2] = k4[2] + k4[3];
+  };
+  at::parallel_for(0, g.cout, grain(16 * g.cin), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t c = 0; c < g.cin; ++c) {
+        float by_row[3][4];  // [row tap][column kind]
+        for (int b = 0; b < 4; ++b) {
+          float col[4], taps[3];
+          for (int a = 0; a < 4; ++a) col[a] = kp[(a * 4 + b) * block + n * g.cin + c];
+          spread(col, taps);
+          for (int ty = 0; ty < 3; ++ty) by_row[ty][b] = taps[ty];
+        }
+        float* t = wp + (n * g.cin + c) * 9;
+        for (int ty = 0; ty < 3; ++ty) spread(by_row[ty], t + 3 * ty);
+      }
+  });
+  return dw;
+}
+
+// ----------------------------------------------------------------------------- shared epilogue
+
+// Writes out[v, oy*wo+ox] = sum(sources) + residual + bias and the LF rows, in out's dtype.
+// sources(v, oy, ox, src) fills src and returns how many it wrote (at most 9).
+template <typename Sources>
+void write_output(at::Tensor& out, const Geo& g, const float* x, bool residual, const float* bias, const float* lf,
+                  const Sources& sources) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "local_merge_fwd", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, g.v * g.ho, grain(9 * g.wo * g.cout), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(g.cout);
+      for (int64_t line = begin; line < end; ++line) {
+        const int64_t v = line / g.ho, oy = line % g.ho;
+        for (int64_t ox = 0; ox < g.wo; ++ox) {
+          Src src[11];
+          int n = sources(v, oy, ox, src);
+          if (residual) src[n++] = {x + ((v * g.h + 2 * oy) * g.w + 2 * ox) * g.cin, 1.0f};
+          if (bias) src[n++] = {bias, 1.0f};
+          combine(buf.data(), src, n, g.cout);
+          store_row(op + (v * (g.p + 1) + oy * g.wo + ox) * g.cout, buf.data(), g.cout);
+        }
+      }
+    });
+    for (int64_t v = 0; v < g.v; ++v) store_row(op + (v * (g.p + 1) + g.p) * g.cout, lf, g.cout);
+  });
+}
+
+// Writes dx[v, iy*W+ix] = sum(sources) + (residual at even pixels) g[v, iy/2, ix/2], in dx's dtype.
+template <typename Sources>
+void write_grad_x(at::Tensor& dx, const Geo& g, const float* gp, bool residual, const Sources& sources) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "local_merge_bwd", [&] {
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, g.v * g.h, grain(4 * g.w * g.cin), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(g.cin);
+      for (int64_t line = begin; line < end; ++line) {
+        const int64_t v = line / g.h, iy = line % g.h;
+        for (int64_t ix = 0; ix < g.w; ++ix) {
+          Src src[10];
+          int n = sources(v, iy, ix, src);
+          if (residual && iy % 2 == 0 && ix % 2 == 0)
+            src[n++] = {gp + (v * (g.p + 1) + (iy / 2) * g.wo + ix / 2) * g.cout, 1.0f};
+          combine(buf.data(), src, n, g.cin);
+          store_row(dp + (v * g.h * g.w + iy * g.w + ix) * g.cin, buf.data(), g.cin);
+        }
+      }
+    });
+  });
+}
+
+// dlf = sum_v g[v, P]; db = sum_{v, p < P} g[v, p] (fp32 per view, double across views).
+std::pair<at::Tensor, at::Tensor> bias_and_lf_grads(const float* gp, const Geo& g, bool has_bias,
+                                                    const at::Tensor& weight) {
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor dlf = at::empty({g.cout}, f32), db = at::empty({has_bias ? g.cout : 0}, f32);
+  std::vector<double> lf_acc(g.cout, 0.0), b_acc(has_bias ? g.cout : 0, 0.0);
+  std::vector<float> view_acc(g.cout);
+  for (int64_t v = 0; v < g.v; ++v) {
+    const float* gv = gp + v * (g.p + 1) * g.cout;
+    for (int64_t c = 0; c < g.cout; ++c) lf_acc[c] += gv[g.p * g.cout + c];
+    if (!has_bias) continue;
+    std::fill(view_acc.begin(), view_acc.end(), 0.0f);
+    for (int64_t r = 0; r < g.p; ++r)
+      for (int64_t c = 0; c < g.cout; ++c) view_acc[c] += gv[r * g.cout + c];
+    for (int64_t c = 0; c < g.cout; ++c) b_acc[c] += view_acc[c];
+  }
+  float *lp = dlf.data_ptr<float>(), *bp = db.data_ptr<float>();
+  for (int64_t c = 0; c < g.cout; ++c) lp[c] = static_cast<float>(lf_acc[c]);
+  for (size_t c = 0; c < b_acc.size(); ++c) bp[c] = static_cast<float>(b_acc[c]);
+  return {dlf.to(weight.scalar_type()), db.to(weight.scalar_type())};
+}
+
+}  // namespace
+
+at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& lf_token,
+                           const std::optional<at::Tensor>& bias_in, bool residual, int64_t h, int64_t w,
+                           bool winograd) {
+  const Geo g = geometry(x_in, weight, h, w, residual);
+  TORCH_CHECK_VALUE(lf_token.dim() == 1 && lf_token.size(0) == g.cout, "local_merge: lf_token must be (", g.cout,
+                    ",), got ", lf_token.sizes());
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  TORCH_CHECK_VALUE(!has_bias || (bias_in->dim() == 1 && bias_in->size(0) == g.cout), "local_merge: bias must be (",
+                    g.cout, ",), got ", bias_in->sizes());
+  at::Tensor x = as_float(x_in), lf = as_float(lf_token);
+  at::Tensor bias = has_bias ? as_float(*bias_in) : at::Tensor();
+  const float* xp = x.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({g.v, g.p + 1, g.cout}, x_in.options());
+
+  if (!winograd) {
+    at::Tensor col = at::empty({g.v * g.p, 9 * g.cin}, x.options());
+    im2col(xp, g, col.data_ptr<float>());
+    at::Tensor wt = weight.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();  // (C_out, 3, 3, C_in)
+    at::Tensor y = at::empty({g.v * g.p, g.cout}, x.options());
+    const float* yp = y.data_ptr<float>();
+    gemm(false, true, g.v * g.p, g.cout, 9 * g.cin, 1.0f, col.data_ptr<float>(), 9 * g.cin, wt.data_ptr<float>(),
+         9 * g.cin, 0.0f, y.data_ptr<float>(), g.cout);
+    write_output(out, g, xp, residual, bp, lf.data_ptr<float>(), [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
+      src[0] = {yp + (v * g.p + oy * g.wo + ox) * g.cout, 1.0f};
+      return 1;
+    });
+    return out;
+  }
+
+  const Blocks bl(g);
+  at::Tensor a = at::empty({bl.total(), g.cin}, x.options());
+  winograd_inputs(xp, g, bl, a.data_ptr<float>());
+  at::Tensor k = winograd_kernels(weight, g);
+  at::Tensor prod = at::empty({bl.total(), g.cout}, x.options());
+  const float *ap = a.data_ptr<float>(), *kp = k.data_ptr<float>();
+  float* pp = prod.data_ptr<float>();
+  for (int ab = 0; ab < 16; ++ab)
+    gemm(false, true, bl.size(ab), g.cout, g.cin, 1.0f, ap + bl.offset[ab] * g.cin, g.cin,
+         kp + ab * g.cout * g.cin, g.cin, 0.0f, pp + bl.offset[ab] * g.cout, g.cout);
+  write_output(out, g, xp, residual, bp, lf.data_ptr<float>(), [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
+    int n = 0;
+    for (auto [ka, i] : bl.rows.out[oy])
+      for (auto [kb, j] : bl.cols.out[ox]) src[n++] = {pp + bl.row(ka * 4 + kb, v, i, j) * g.cout, 1.0f};
+    return n;
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const at::Tensor& grad_in,
+                                                                           const at::Tensor& x_in,
+                                                                           const at::Tensor& weight, bool has_bias,
+                                                                           bool residual, int64_t h, int64_t w,
+                                                                           bool need_x, bool need_w, bool winograd) {
+  const Geo g = geometry(x_in, weight, h, w, residual);
+  TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == g.v && grad_in.size(1) == g.p + 1 &&
+                        grad_in.size(2) == g.cout,
+                    "local_merge_backward: grad must be (", g.v, ", ", g.p + 1, ", ", g.cout, "), got ",
+                    grad_in.sizes());
+  at::Tensor gr = as_float(grad_in);
+  const float* gp = gr.data_ptr<float>();
+  at::Tensor x = need_w ? as_float(x_in) : at::Tensor();
+  at::Tensor dx = need_x ? at::empty({g.v, g.h * g.w, g.cin}, x_in.options()) : at::empty({0}, x_in.options());
+  at::Tensor dw = at::empty({0}, weight.options());
+  auto [dlf, db] = bias_and_lf_grads(gp, g, has_bias, weight);
+  const auto f32 = gr.options();
+
+  if (!winograd) {
+    // The pixel rows of every view, without the LF rows, as one GEMM operand.
+    at::Tensor gc = at::empty({g.v * g.p, g.cout}, f32);
+    float* gcp = gc.data_ptr<float>();
+    for (int64_t v = 0; v < g.v; ++v)
+      std::memcpy(gcp + v * g.p * g.cout, gp + v * (g.p + 1) * g.cout, g.p * g.cout * sizeof(float));
+    const int64_t kk = 9 * g.cin;
+    if (need_x) {
+      at::Tensor wt = weight.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();  // (C_out, 3, 3, C_in)
+      at::Tensor dcol = at::empty({g.v * g.p, kk}, f32);
+      const float* dcp = dcol.data_ptr<float>();
+      gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gcp, g.cout, wt.data_ptr<float>(), kk, 0.0f,
+           dcol.data_ptr<float>(), kk);
+      const auto ry = direct_readers(g.h, g.ho), rx = direct_readers(g.w, g.wo);
+      write_grad_x(dx, g, gp, residual, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
+        int n = 0;
+        for (auto [ty, oy] : ry[iy])
+          for (auto [tx, ox] : rx[ix]) src[n++] = {dcp + (v * g.p + oy * g.wo + ox) * kk + (ty * 3 + tx) * g.cin, 1.0f};
+        return n;
+      });
+    }
+    if (need_w) {
+      at::Tensor col = at::empty({g.v * g.p, kk}, f32);
+      im2col(x.data_ptr<float>(), g, col.data_ptr<float>());
+      at::Tensor dwt = at::empty({g.cout, 3, 3, g.cin}, f32);
+      gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gcp, g.cout, col.data_ptr<float>(), kk, 0.0f,
+           dwt.data_ptr<float>(), kk);
+      dw = dwt.permute({0, 3, 1, 2}).to(weight.scalar_type()).contiguous();
+    }
+    return {dx, dw, dlf, db};
+  }
+
+  const Blocks bl(g);
+  // dP: the output transform's adjoint, every component product's gradient.
+  at::Tensor dprod = at::empty({bl.total(), g.cout}, f32);
+  float* dpp = dprod.data_ptr<float>();
+  bl.for_lines(g.cout, [&](int ab, int64_t v, int64_t i) {
+    const int ka = ab / 4, kb = ab % 4;
+    for (int64_t j = 0; j < bl.cols.count[kb]; ++j) {
+      Src src[4];
+      int n = 0;
+      for (int64_t oy : bl.rows.out_adj[ka][i])
+        for (int64_t ox : bl.cols.out_adj[kb][j]) src[n++] = {gp + (v * (g.p + 1) + oy * g.wo + ox) * g.cout, 1.0f};
+      combine(dpp + bl.row(ab, v, i, j) * g.cout, src, n, g.cout);
+    }
+  });
+  if (need_x) {
+    at::Tensor k = winograd_kernels(weight, g);
+    at::Tensor da = at::empty({bl.total(), g.cin}, f32);
+    const float* kp = k.data_ptr<float>();
+    float* dap = da.data_ptr<float>();
+    for (int ab = 0; ab < 16; ++ab)
+      gemm(false, false, bl.size(ab), g.cin, g.cout, 1.0f, dpp + bl.offset[ab] * g.cout, g.cout,
+           kp + ab * g.cout * g.cin, g.cin, 0.0f, dap + bl.offset[ab] * g.cin, g.cin);
+    write_grad_x(dx, g, gp, residual, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
+      int n = 0;
+      for (auto [ka, i, cy] : bl.rows.in_adj[iy])
+        for (auto [kb, j, cx] : bl.cols.in_adj[ix]) src[n++] = {dap + bl.row(ka * 4 + kb, v, i, j) * g.cin, cy * cx};
+      return n;
+    });
+  }
+  if (need_w) {
+    at::Tensor a = at::empty({bl.total(), g.cin}, f32);
+    winograd_inputs(x.data_ptr<float>(), g, bl, a.data_ptr<float>());
+    at::Tensor dk = at::empty({16, g.cout, g.cin}, f32);
+    const float* ap = a.data_ptr<float>();
+    float* dkp = dk.data_ptr<float>();
+    for (int ab = 0; ab < 16; ++ab)
+      gemm(true, false, g.cout, g.cin, bl.size(ab), 1.0f, dpp + bl.offset[ab] * g.cout, g.cout,
+           ap + bl.offset[ab] * g.cin, g.cin, 0.0f, dkp + ab * g.cout * g.cin, g.cin);
+    dw = winograd_kernels_grad(dk, g).to(weight.scalar_type());
+  }
+  return {dx, dw, dlf, db};
+}
+
+}  // namespace fusedvlm
