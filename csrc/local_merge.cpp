@@ -14,15 +14,15 @@
 //   outer axis leaves 16 (component x kernel) SGEMMs worth 6.25 of the direct form's 9. Per
 //   axis, component 0 is the centre tap and components 1-3 are, for the output pair (2q, 2q+1)
 //   with d0 = t[4q-1], d1 = t[4q+1], d2 = t[4q+3]: m0 = (d0 - d1) w0, m1 = d1 (w0 + w2),
-//   m2 = (d2 - d1) w2, and y[2q] = m0 + m1, y[2q+1] = m1 + m2. The input and output transforms (and their
-//   adjoints in the backward) are sums of at most 10 rows of C floats, run in parallel; the
-//   GEMMs run through gemm() (MKL threads). It wins where C_in * C_out is large (the GEMMs
-//   dominate); the direct form wins on small problems, where the transforms and 16 GEMM calls
-//   cost more than the multiplies they save.
+//   m2 = (d2 - d1) w2, and y[2q] = m0 + m1, y[2q+1] = m1 + m2. The input and output transforms
+//   (and their adjoints in the backward) are sums of at most 11 rows of C floats, run in
+//   parallel; the GEMMs run through gemm() (MKL threads). It wins where both C_in * C_out and
+//   V * P are large (the GEMMs dominate); elsewhere the 16-block kernel transform, the row
+//   transforms and 16 smaller GEMMs cost more than the multiplies they save.
 //
 // NaN semantics follow the convolution: a NaN token reaches exactly the outputs (and gradients)
-// whose taps read it, a NaN weight or bias every output; padding reads are zero and no zero
-// coefficient ever multiplies a value (a term is left out rather than scaled by 0).
+// whose taps read it, a NaN weight or bias that output channel of every pixel; the transforms
+// leave a missing (padding) term out rather than scale it by 0.
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -71,9 +72,49 @@ void combine(float* dst, const Src* src, int n_src, int64_t n) {
   }
 }
 
-// Lines of rows per parallel task: a task moves at least ~64K floats, so that a small merge
-// runs on the calling thread (waking the pool costs more than the work).
-inline int64_t grain(int64_t floats_per_line) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(floats_per_line, 1)); }
+// Lines per parallel task, for lines that move floats_per_line floats each: a task moves at
+// least 128K floats, so a small merge runs on the calling thread (waking the pool costs more
+// than the work).
+inline int64_t grain(int64_t floats_per_line) {
+  return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(floats_per_line, 1));
+}
+
+// Large temporaries live in per-thread buffers that outlive the call. A fresh page costs a fault
+// on its first write (about 0.4 ms per MB on the 2-core test machine, more than the transforms
+// themselves), and glibc maps every block over 32 MB afresh on each call, so buffers allocated
+// per call would pay that on every merge. Three slots per calling thread, grown to the largest
+// merge seen (at the paper's shape, V10 24x24 1024->1024, 138 MB); a slot above kScratchKeep is
+// released after the call instead of kept.
+constexpr size_t kScratchKeep = size_t{192} << 20;
+
+class Scratch {
+ public:
+  enum Slot { kWeights, kRowsIn, kRowsOut };
+  ~Scratch() {
+    for (Buf& b : bufs())
+      if (b.size * sizeof(float) > kScratchKeep) b = Buf();
+  }
+  float* get(Slot s, int64_t n) {
+    Buf& b = bufs()[s];
+    const size_t want = static_cast<size_t>(std::max<int64_t>(n, 1));
+    if (want > b.size) {
+      b = Buf();
+      b.data.reset(new float[want]);
+      b.size = want;
+    }
+    return b.data.get();
+  }
+
+ private:
+  struct Buf {
+    std::unique_ptr<float[]> data;
+    size_t size = 0;
+  };
+  static std::array<Buf, 3>& bufs() {
+    thread_local std::array<Buf, 3> b;
+    return b;
+  }
+};
 
 struct Geo {
   int64_t v, h, w, ho, wo, p, cin, cout;
@@ -139,15 +180,8 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> direct_readers(int64_t n_i
 
 // ----------------------------------------------------------------------------- Winograd form
 
-// Taps of the 3-tap axis kernel that component kind k combines: the centre tap, w0, w0 + w2, w2.
-inline float kind_sum(int k, float t0, float t1, float t2) {
-  switch (k) {
-    case 0: return t1;
-    case 1: return t0;
-    case 2: return t0 + t2;
-    default: return t2;
-  }
-}
+// Taps (0, 1, 2) of the 3-tap axis kernel that component kind k sums: the centre tap, w0, w0 + w2, w2.
+constexpr int kKindTaps[4][2] = {{1, -1}, {0, -1}, {0, 2}, {2, -1}};
 
 // One grid axis of n_in inputs and n_out outputs: its four components and their counts (the
 // centre has one per output, each outer one per output pair), which inputs form each component,
@@ -237,52 +271,68 @@ void winograd_inputs(const float* x, const Geo& g, const Blocks& bl, float* a) {
   });
 }
 
-// kernels (16, C_out, C_in): block ab = sum of the taps (ty, tx) with ty in kind a, tx in kind b.
-at::Tensor winograd_kernels(const at::Tensor& weight, const Geo& g) {
-  at::Tensor wt = as_float(weight);
-  at::Tensor k = at::empty({16, g.cout, g.cin}, wt.options());
+// Calls fn(n, taps) for every output channel n, in parallel, with taps (9, C_in) = weight[n]
+// regrouped tap-major (taps[t * C_in + c] = weight[n, c, t / 3, t % 3]).
+template <typename Fn>
+void for_weight_rows(const at::Tensor& weight, const Geo& g, const Fn& fn) {
+  const at::Tensor wt = as_float(weight);
   const float* wp = wt.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  const int64_t block = g.cout * g.cin;
-  at::parallel_for(0, g.cout, grain(16 * g.cin), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t c = 0; c < g.cin; ++c) {
-        const float* t = wp + (n * g.cin + c) * 9;
-        for (int a = 0; a < 4; ++a) {
-          const float r0 = kind_sum(a, t[0], t[3], t[6]), r1 = kind_sum(a, t[1], t[4], t[7]),
-                      r2 = kind_sum(a, t[2], t[5], t[8]);
-          for (int b = 0; b < 4; ++b) kp[(a * 4 + b) * block + n * g.cin + c] = kind_sum(b, r0, r1, r2);
-        }
-      }
+  at::parallel_for(0, g.cout, grain(32 * g.cin), [&](int64_t begin, int64_t end) {
+    std::vector<float> taps(9 * g.cin);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = wp + n * g.cin * 9;
+      for (int64_t c = 0; c < g.cin; ++c)
+        for (int t = 0; t < 9; ++t) taps[t * g.cin + c] = row[c * 9 + t];
+      fn(n, taps.data());
+    }
   });
-  return k;
 }
 
-// Adjoint of winograd_kernels: dk (16, C_out, C_in) -> dweight (C_out, C_in, 3, 3).
-at::Tensor winograd_kernels_grad(const at::Tensor& dk, const Geo& g) {
-  at::Tensor dw = at::empty({g.cout, g.cin, 3, 3}, dk.options());
-  const float* kp = dk.data_ptr<float>();
+// Direct form's weight (C_out, 9 * C_in): row n is weight[n] tap-major, as im2col's columns.
+void direct_weight(const at::Tensor& weight, const Geo& g, float* wt) {
+  for_weight_rows(weight, g, [&](int64_t n, const float* taps) {
+    std::memcpy(wt + n * 9 * g.cin, taps, 9 * g.cin * sizeof(float));
+  });
+}
+
+// Winograd kernels (16, C_out, C_in): block ab = sum of the taps (ty, tx), ty in kind a, tx in kind b.
+void winograd_kernels(const at::Tensor& weight, const Geo& g, float* k) {
+  const int64_t block = g.cout * g.cin;
+  for_weight_rows(weight, g, [&](int64_t n, const float* taps) {
+    for (int ab = 0; ab < 16; ++ab) {
+      Src src[4];
+      int m = 0;
+      for (int ty : kKindTaps[ab / 4])
+        for (int tx : kKindTaps[ab % 4])
+          if (ty >= 0 && tx >= 0) src[m++] = {taps + (ty * 3 + tx) * g.cin, 1.0f};
+      combine(k + ab * block + n * g.cin, src, m, g.cin);
+    }
+  });
+}
+
+// Adjoint of winograd_kernels: dk (16, C_out, C_in) -> dweight (C_out, C_in, 3, 3) fp32.
+at::Tensor winograd_kernels_grad(const float* dk, const Geo& g) {
+  at::Tensor dw = at::empty({g.cout, g.cin, 3, 3}, at::TensorOptions().dtype(at::kFloat));
   float* wp = dw.data_ptr<float>();
   const int64_t block = g.cout * g.cin;
-  // Taps of each kind: kind_sum's transpose.
-  auto spread = [](const float* k4, float* t3) {  // k4 by kind -> t3 by tap
-    t3[0] = k4[1] + k4[2];
-    t3[1] = k4[0];
-    t3[2] = k4[2] + k4[3];
-  };
-  at::parallel_for(0, g.cout, grain(16 * g.cin), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t c = 0; c < g.cin; ++c) {
-        float by_row[3][4];  // [row tap][column kind]
-        for (int b = 0; b < 4; ++b) {
-          float col[4], taps[3];
-          for (int a = 0; a < 4; ++a) col[a] = kp[(a * 4 + b) * block + n * g.cin + c];
-          spread(col, taps);
-          for (int ty = 0; ty < 3; ++ty) by_row[ty][b] = taps[ty];
-        }
-        float* t = wp + (n * g.cin + c) * 9;
-        for (int ty = 0; ty < 3; ++ty) spread(by_row[ty], t + 3 * ty);
+  at::parallel_for(0, g.cout, grain(32 * g.cin), [&](int64_t begin, int64_t end) {
+    std::vector<float> taps(9 * g.cin);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int t = 0; t < 9; ++t) {
+        Src src[4];
+        int m = 0;
+        for (int ka = 0; ka < 4; ++ka)
+          for (int kb = 0; kb < 4; ++kb) {
+            const auto &ra = kKindTaps[ka], &rb = kKindTaps[kb];
+            if ((ra[0] == t / 3 || ra[1] == t / 3) && (rb[0] == t % 3 || rb[1] == t % 3))
+              src[m++] = {dk + (ka * 4 + kb) * block + n * g.cin, 1.0f};
+          }
+        combine(taps.data() + t * g.cin, src, m, g.cin);
       }
+      float* row = wp + n * g.cin * 9;
+      for (int64_t c = 0; c < g.cin; ++c)
+        for (int t = 0; t < 9; ++t) row[c * 9 + t] = taps[t * g.cin + c];
+    }
   });
   return dw;
 }
@@ -374,36 +424,36 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight, con
   const float* xp = x.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({g.v, g.p + 1, g.cout}, x_in.options());
+  Scratch scratch;
 
   if (!winograd) {
-    at::Tensor col = at::empty({g.v * g.p, 9 * g.cin}, x.options());
-    im2col(xp, g, col.data_ptr<float>());
-    at::Tensor wt = weight.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();  // (C_out, 3, 3, C_in)
-    at::Tensor y = at::empty({g.v * g.p, g.cout}, x.options());
-    const float* yp = y.data_ptr<float>();
-    gemm(false, true, g.v * g.p, g.cout, 9 * g.cin, 1.0f, col.data_ptr<float>(), 9 * g.cin, wt.data_ptr<float>(),
-         9 * g.cin, 0.0f, y.data_ptr<float>(), g.cout);
+    const int64_t kk = 9 * g.cin;
+    float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
+    im2col(xp, g, col);
+    float* wt = scratch.get(Scratch::kWeights, g.cout * kk);
+    direct_weight(weight, g, wt);
+    float* y = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
+    gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wt, kk, 0.0f, y, g.cout);
     write_output(out, g, xp, residual, bp, lf.data_ptr<float>(), [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
-      src[0] = {yp + (v * g.p + oy * g.wo + ox) * g.cout, 1.0f};
+      src[0] = {y + (v * g.p + oy * g.wo + ox) * g.cout, 1.0f};
       return 1;
     });
     return out;
   }
 
   const Blocks bl(g);
-  at::Tensor a = at::empty({bl.total(), g.cin}, x.options());
-  winograd_inputs(xp, g, bl, a.data_ptr<float>());
-  at::Tensor k = winograd_kernels(weight, g);
-  at::Tensor prod = at::empty({bl.total(), g.cout}, x.options());
-  const float *ap = a.data_ptr<float>(), *kp = k.data_ptr<float>();
-  float* pp = prod.data_ptr<float>();
+  float* a = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
+  winograd_inputs(xp, g, bl, a);
+  float* k = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
+  winograd_kernels(weight, g, k);
+  float* prod = scratch.get(Scratch::kRowsOut, bl.total() * g.cout);
   for (int ab = 0; ab < 16; ++ab)
-    gemm(false, true, bl.size(ab), g.cout, g.cin, 1.0f, ap + bl.offset[ab] * g.cin, g.cin,
-         kp + ab * g.cout * g.cin, g.cin, 0.0f, pp + bl.offset[ab] * g.cout, g.cout);
+    gemm(false, true, bl.size(ab), g.cout, g.cin, 1.0f, a + bl.offset[ab] * g.cin, g.cin, k + ab * g.cout * g.cin,
+         g.cin, 0.0f, prod + bl.offset[ab] * g.cout, g.cout);
   write_output(out, g, xp, residual, bp, lf.data_ptr<float>(), [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
     int n = 0;
     for (auto [ka, i] : bl.rows.out[oy])
-      for (auto [kb, j] : bl.cols.out[ox]) src[n++] = {pp + bl.row(ka * 4 + kb, v, i, j) * g.cout, 1.0f};
+      for (auto [kb, j] : bl.cols.out[ox]) src[n++] = {prod + bl.row(ka * 4 + kb, v, i, j) * g.cout, 1.0f};
     return n;
   });
   return out;
@@ -425,35 +475,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
   at::Tensor dx = need_x ? at::empty({g.v, g.h * g.w, g.cin}, x_in.options()) : at::empty({0}, x_in.options());
   at::Tensor dw = at::empty({0}, weight.options());
   auto [dlf, db] = bias_and_lf_grads(gp, g, has_bias, weight);
-  const auto f32 = gr.options();
+  Scratch scratch;
 
   if (!winograd) {
-    // The pixel rows of every view, without the LF rows, as one GEMM operand.
-    at::Tensor gc = at::empty({g.v * g.p, g.cout}, f32);
-    float* gcp = gc.data_ptr<float>();
-    for (int64_t v = 0; v < g.v; ++v)
-      std::memcpy(gcp + v * g.p * g.cout, gp + v * (g.p + 1) * g.cout, g.p * g.cout * sizeof(float));
     const int64_t kk = 9 * g.cin;
+    // The pixel rows of every view, without the LF rows, as one GEMM operand.
+    float* gc = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
+    for (int64_t v = 0; v < g.v; ++v)
+      std::memcpy(gc + v * g.p * g.cout, gp + v * (g.p + 1) * g.cout, g.p * g.cout * sizeof(float));
     if (need_x) {
-      at::Tensor wt = weight.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();  // (C_out, 3, 3, C_in)
-      at::Tensor dcol = at::empty({g.v * g.p, kk}, f32);
-      const float* dcp = dcol.data_ptr<float>();
-      gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gcp, g.cout, wt.data_ptr<float>(), kk, 0.0f,
-           dcol.data_ptr<float>(), kk);
+      float* wt = scratch.get(Scratch::kWeights, g.cout * kk);
+      direct_weight(weight, g, wt);
+      float* dcol = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
+      gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gc, g.cout, wt, kk, 0.0f, dcol, kk);
       const auto ry = direct_readers(g.h, g.ho), rx = direct_readers(g.w, g.wo);
       write_grad_x(dx, g, gp, residual, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
         int n = 0;
         for (auto [ty, oy] : ry[iy])
-          for (auto [tx, ox] : rx[ix]) src[n++] = {dcp + (v * g.p + oy * g.wo + ox) * kk + (ty * 3 + tx) * g.cin, 1.0f};
+          for (auto [tx, ox] : rx[ix]) src[n++] = {dcol + (v * g.p + oy * g.wo + ox) * kk + (ty * 3 + tx) * g.cin, 1.0f};
         return n;
       });
     }
     if (need_w) {
-      at::Tensor col = at::empty({g.v * g.p, kk}, f32);
-      im2col(x.data_ptr<float>(), g, col.data_ptr<float>());
-      at::Tensor dwt = at::empty({g.cout, 3, 3, g.cin}, f32);
-      gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gcp, g.cout, col.data_ptr<float>(), kk, 0.0f,
-           dwt.data_ptr<float>(), kk);
+      float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
+      im2col(x.data_ptr<float>(), g, col);
+      at::Tensor dwt = at::empty({g.cout, 3, 3, g.cin}, gr.options());
+      gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gc, g.cout, col, kk, 0.0f, dwt.data_ptr<float>(), kk);
       dw = dwt.permute({0, 3, 1, 2}).to(weight.scalar_type()).contiguous();
     }
     return {dx, dw, dlf, db};
@@ -461,8 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
 
   const Blocks bl(g);
   // dP: the output transform's adjoint, every component product's gradient.
-  at::Tensor dprod = at::empty({bl.total(), g.cout}, f32);
-  float* dpp = dprod.data_ptr<float>();
+  float* dprod = scratch.get(Scratch::kRowsOut, bl.total() * g.cout);
   bl.for_lines(g.cout, [&](int ab, int64_t v, int64_t i) {
     const int ka = ab / 4, kb = ab % 4;
     for (int64_t j = 0; j < bl.cols.count[kb]; ++j) {
@@ -470,33 +516,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
       int n = 0;
       for (int64_t oy : bl.rows.out_adj[ka][i])
         for (int64_t ox : bl.cols.out_adj[kb][j]) src[n++] = {gp + (v * (g.p + 1) + oy * g.wo + ox) * g.cout, 1.0f};
-      combine(dpp + bl.row(ab, v, i, j) * g.cout, src, n, g.cout);
+      combine(dprod + bl.row(ab, v, i, j) * g.cout, src, n, g.cout);
     }
   });
   if (need_x) {
-    at::Tensor k = winograd_kernels(weight, g);
-    at::Tensor da = at::empty({bl.total(), g.cin}, f32);
-    const float* kp = k.data_ptr<float>();
-    float* dap = da.data_ptr<float>();
+    float* k = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
+    winograd_kernels(weight, g, k);
+    float* da = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
     for (int ab = 0; ab < 16; ++ab)
-      gemm(false, false, bl.size(ab), g.cin, g.cout, 1.0f, dpp + bl.offset[ab] * g.cout, g.cout,
-           kp + ab * g.cout * g.cin, g.cin, 0.0f, dap + bl.offset[ab] * g.cin, g.cin);
+      gemm(false, false, bl.size(ab), g.cin, g.cout, 1.0f, dprod + bl.offset[ab] * g.cout, g.cout,
+           k + ab * g.cout * g.cin, g.cin, 0.0f, da + bl.offset[ab] * g.cin, g.cin);
     write_grad_x(dx, g, gp, residual, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
       int n = 0;
       for (auto [ka, i, cy] : bl.rows.in_adj[iy])
-        for (auto [kb, j, cx] : bl.cols.in_adj[ix]) src[n++] = {dap + bl.row(ka * 4 + kb, v, i, j) * g.cin, cy * cx};
+        for (auto [kb, j, cx] : bl.cols.in_adj[ix]) src[n++] = {da + bl.row(ka * 4 + kb, v, i, j) * g.cin, cy * cx};
       return n;
     });
   }
   if (need_w) {
-    at::Tensor a = at::empty({bl.total(), g.cin}, f32);
-    winograd_inputs(x.data_ptr<float>(), g, bl, a.data_ptr<float>());
-    at::Tensor dk = at::empty({16, g.cout, g.cin}, f32);
-    const float* ap = a.data_ptr<float>();
-    float* dkp = dk.data_ptr<float>();
+    // dA and the kernels are spent: their slots take A and dK.
+    float* a = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
+    winograd_inputs(x.data_ptr<float>(), g, bl, a);
+    float* dk = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
     for (int ab = 0; ab < 16; ++ab)
-      gemm(true, false, g.cout, g.cin, bl.size(ab), 1.0f, dpp + bl.offset[ab] * g.cout, g.cout,
-           ap + bl.offset[ab] * g.cin, g.cin, 0.0f, dkp + ab * g.cout * g.cin, g.cin);
+      gemm(true, false, g.cout, g.cin, bl.size(ab), 1.0f, dprod + bl.offset[ab] * g.cout, g.cout,
+           a + bl.offset[ab] * g.cin, g.cin, 0.0f, dk + ab * g.cout * g.cin, g.cin);
     dw = winograd_kernels_grad(dk, g).to(weight.scalar_type());
   }
   return {dx, dw, dlf, db};

@@ -55,8 +55,9 @@ import torch.nn.functional as F
 
 from torch.utils.flop_counter import register_flop_formula
 
+from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB
+from fusedvlm.kernels._library import LIB, cpu_implementation
 from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -593,8 +594,26 @@ LIB.define(
 )
 
 
+# When the C++ kernel (csrc/local_merge.cpp, fp32 maths for every dtype) takes its Winograd form
+# rather than its direct im2col GEMM: the Winograd form saves 2.75/9 of the GEMM work but pays a
+# 16-block kernel transform (O(C_in C_out)) and row transforms (O(V P C)), so it needs both wide
+# channels and enough output pixels V*P. Measured on 1 and 2 threads at 7x7 to 24x24 grids, 1 to
+# 10 views, 64 to 1024 channels; the backward, whose direct form is two large GEMMs plus an
+# im2col, gains from fewer rows.
+_CPP_WINOGRAD = {False: (256 * 256, 256), True: (128 * 128, 192)}  # backward -> (C_in * C_out, V * P)
+
+
+def _cpp_winograd(x: torch.Tensor, weight: torch.Tensor, h: int, w: int, backward: bool) -> bool:
+    channels, pixels = _CPP_WINOGRAD[backward]
+    return weight.shape[0] * weight.shape[1] >= channels and x.shape[0] * ((h + 1) // 2) * ((w + 1) // 2) >= pixels
+
+
 def _merge_cpu(x, weight, lf_token, bias, residual, h, w):
-    if use_triton(x, weight, lf_token, bias):
+    impl = cpu_implementation(x, weight, lf_token, bias)
+    if impl == "cpp":
+        return native.load().local_merge_fwd(x, weight, lf_token, bias, residual, h, w,
+                                             _cpp_winograd(x, weight, h, w, False))
+    if impl == "triton":
         return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
     return _torch_forward(x, weight, lf_token, bias, residual, h, w, None)
 
@@ -610,7 +629,11 @@ def _bias_and_lf_grads(g, p, has_bias, weight):
 
 
 def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
-    if use_triton(g, x, weight):
+    impl = cpu_implementation(g, x, weight)
+    if impl == "cpp":
+        return native.load().local_merge_bwd(g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1],
+                                             _cpp_winograd(x, weight, h, w, True))
+    if impl == "triton":
         return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
     v, _, c_in = x.shape
     ho, wo = (h + 1) // 2, (w + 1) // 2
@@ -696,7 +719,9 @@ def _merge_backward_flops(g_shape, x_shape, weight_shape, has_bias, residual, h,
 
 
 def implementation(x: torch.Tensor) -> str:
-    """"triton" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
+    """"triton", "cpp" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
+    if x.device.type == "cpu":
+        return cpu_implementation(x)
     return "triton" if use_triton(x) else "torch"
 
 
@@ -722,13 +747,15 @@ def local_merge(
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
     weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
-    if not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out):
-        # Eager CPU calls run the torch path directly: training differentiates through its own
-        # ops (the Winograd form's hand-written backward beats the convolution's weight
-        # gradient), ``out`` is written in place, and a small merge skips the op's Python
-        # dispatch (FlopCounterMode still counts the convolution). Compiled graphs hold the op.
+    if (not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out)
+            and (x.device.type != "cpu" or cpu_implementation(x, weight, lf_token, bias) == "torch")):
+        # Where the op's kernel would be the torch path anyway (FUSEDVLM_BACKEND=torch, or no
+        # C++ build), eager calls run it directly: training differentiates through its own ops
+        # (the Winograd form's hand-written backward beats the convolution's weight gradient)
+        # and ``out`` is written in place. The C++ kernel and Triton run through the op, which
+        # compiled graphs hold too.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
     y = torch.ops.fusedvlm.local_merge(x, weight, lf_token, bias, residual, h, w)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
-    # grad, so a call with ``out`` on Triton pays one copy of the output.
+    # grad, so a call with ``out`` pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))
