@@ -116,6 +116,10 @@ class Scratch {
   }
 };
 
+struct Range {
+  int64_t begin, end;
+};
+
 struct Geo {
   int64_t v, h, w, ho, wo, p, cin, cout;
 };
@@ -271,119 +275,140 @@ void winograd_inputs(const float* x, const Geo& g, const Blocks& bl, float* a) {
   });
 }
 
-// Calls fn(n, taps) for every output channel n, in parallel, with taps (9, C_in) = weight[n]
-// regrouped tap-major (taps[t * C_in + c] = weight[n, c, t / 3, t % 3]).
-template <typename Fn>
-void for_weight_rows(const at::Tensor& weight, const Geo& g, const Fn& fn) {
-  const at::Tensor wt = as_float(weight);
-  const float* wp = wt.data_ptr<float>();
-  at::parallel_for(0, g.cout, grain(32 * g.cin), [&](int64_t begin, int64_t end) {
-    std::vector<float> taps(9 * g.cin);
-    for (int64_t n = begin; n < end; ++n) {
-      const float* row = wp + n * g.cin * 9;
-      for (int64_t c = 0; c < g.cin; ++c)
-        for (int t = 0; t < 9; ++t) taps[t * g.cin + c] = row[c * 9 + t];
-      fn(n, taps.data());
-    }
-  });
+// ----------------------------------------------------------------------------- weights
+
+// taps (9, c1 - c0) = weight[n, c0:c1] regrouped tap-major: taps[t * (c1 - c0) + c - c0] = weight[n, c, t / 3, t % 3].
+inline void tap_major(const float* wp, const Geo& g, int64_t n, Range cols, float* taps) {
+  const int64_t width = cols.end - cols.begin;
+  const float* row = wp + n * g.cin * 9;
+  for (int64_t c = cols.begin; c < cols.end; ++c)
+    for (int t = 0; t < 9; ++t) taps[t * width + c - cols.begin] = row[c * 9 + t];
 }
 
 // Direct form's weight (C_out, 9 * C_in): row n is weight[n] tap-major, as im2col's columns.
-void direct_weight(const at::Tensor& weight, const Geo& g, float* wt) {
-  for_weight_rows(weight, g, [&](int64_t n, const float* taps) {
-    std::memcpy(wt + n * 9 * g.cin, taps, 9 * g.cin * sizeof(float));
+void direct_weight(const float* wp, const Geo& g, float* wt) {
+  at::parallel_for(0, g.cout, grain(18 * g.cin), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) tap_major(wp, g, n, {0, g.cin}, wt + n * 9 * g.cin);
   });
 }
 
-// Winograd kernels (16, C_out, C_in): block ab = sum of the taps (ty, tx), ty in kind a, tx in kind b.
-void winograd_kernels(const at::Tensor& weight, const Geo& g, float* k) {
-  const int64_t block = g.cout * g.cin;
-  for_weight_rows(weight, g, [&](int64_t n, const float* taps) {
+// Winograd kernels (16, C_out, C_in), rows `rows` and columns `cols` of every block: block ab
+// sums the taps (ty, tx) with ty in kind a and tx in kind b.
+void winograd_kernels(const float* wp, const Geo& g, Range rows, Range cols, float* k) {
+  const int64_t width = cols.end - cols.begin, block = g.cout * g.cin;
+  std::vector<float> taps(9 * width);
+  for (int64_t n = rows.begin; n < rows.end; ++n) {
+    tap_major(wp, g, n, cols, taps.data());
     for (int ab = 0; ab < 16; ++ab) {
       Src src[4];
       int m = 0;
       for (int ty : kKindTaps[ab / 4])
         for (int tx : kKindTaps[ab % 4])
-          if (ty >= 0 && tx >= 0) src[m++] = {taps + (ty * 3 + tx) * g.cin, 1.0f};
-      combine(k + ab * block + n * g.cin, src, m, g.cin);
+          if (ty >= 0 && tx >= 0) src[m++] = {taps.data() + (ty * 3 + tx) * width, 1.0f};
+      combine(k + ab * block + n * g.cin + cols.begin, src, m, width);
     }
-  });
+  }
 }
 
-// Adjoint of winograd_kernels: dk (16, C_out, C_in) -> dweight (C_out, C_in, 3, 3) fp32.
-at::Tensor winograd_kernels_grad(const float* dk, const Geo& g) {
-  at::Tensor dw = at::empty({g.cout, g.cin, 3, 3}, at::TensorOptions().dtype(at::kFloat));
-  float* wp = dw.data_ptr<float>();
+// Adjoint of winograd_kernels for output channels `rows`: dk (16, C_out, C_in) -> dw (C_out, C_in, 3, 3).
+void winograd_kernels_grad(const float* dk, const Geo& g, Range rows, float* dw) {
   const int64_t block = g.cout * g.cin;
-  at::parallel_for(0, g.cout, grain(32 * g.cin), [&](int64_t begin, int64_t end) {
-    std::vector<float> taps(9 * g.cin);
-    for (int64_t n = begin; n < end; ++n) {
-      for (int t = 0; t < 9; ++t) {
-        Src src[4];
-        int m = 0;
-        for (int ka = 0; ka < 4; ++ka)
-          for (int kb = 0; kb < 4; ++kb) {
-            const auto &ra = kKindTaps[ka], &rb = kKindTaps[kb];
-            if ((ra[0] == t / 3 || ra[1] == t / 3) && (rb[0] == t % 3 || rb[1] == t % 3))
-              src[m++] = {dk + (ka * 4 + kb) * block + n * g.cin, 1.0f};
-          }
-        combine(taps.data() + t * g.cin, src, m, g.cin);
-      }
-      float* row = wp + n * g.cin * 9;
-      for (int64_t c = 0; c < g.cin; ++c)
-        for (int t = 0; t < 9; ++t) row[c * 9 + t] = taps[t * g.cin + c];
+  std::vector<float> taps(9 * g.cin);
+  for (int64_t n = rows.begin; n < rows.end; ++n) {
+    for (int t = 0; t < 9; ++t) {
+      Src src[4];
+      int m = 0;
+      for (int ka = 0; ka < 4; ++ka)
+        for (int kb = 0; kb < 4; ++kb) {
+          const auto &ra = kKindTaps[ka], &rb = kKindTaps[kb];
+          if ((ra[0] == t / 3 || ra[1] == t / 3) && (rb[0] == t % 3 || rb[1] == t % 3))
+            src[m++] = {dk + (ka * 4 + kb) * block + n * g.cin, 1.0f};
+        }
+      combine(taps.data() + t * g.cin, src, m, g.cin);
     }
-  });
-  return dw;
+    float* row = dw + n * g.cin * 9;
+    for (int64_t c = 0; c < g.cin; ++c)
+      for (int t = 0; t < 9; ++t) row[c * 9 + t] = taps[t * g.cin + c];
+  }
 }
 
-// ----------------------------------------------------------------------------- shared epilogue
+// ----------------------------------------------------------------------------- per-thread stages
 
-// Writes out[v, oy*wo+ox] = sum(sources) + residual + bias and the LF rows, in out's dtype.
-// sources(v, oy, ox, src) fills src and returns how many it wrote (at most 9).
-template <typename Sources>
-void write_output(at::Tensor& out, const Geo& g, const float* x, bool residual, const float* bias, const float* lf,
-                  const Sources& sources) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "local_merge_fwd", [&] {
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, g.v * g.ho, grain(9 * g.wo * g.cout), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(g.cout);
-      for (int64_t line = begin; line < end; ++line) {
-        const int64_t v = line / g.ho, oy = line % g.ho;
-        for (int64_t ox = 0; ox < g.wo; ++ox) {
-          Src src[11];
-          int n = sources(v, oy, ox, src);
-          if (residual) src[n++] = {x + ((v * g.h + 2 * oy) * g.w + 2 * ox) * g.cin, 1.0f};
-          if (bias) src[n++] = {bias, 1.0f};
-          combine(buf.data(), src, n, g.cout);
-          store_row(op + (v * (g.p + 1) + oy * g.wo + ox) * g.cout, buf.data(), g.cout);
-        }
-      }
-    });
-    for (int64_t v = 0; v < g.v; ++v) store_row(op + (v * (g.p + 1) + g.p) * g.cout, lf, g.cout);
+// Channel ranges, one per thread, cut at multiples of 16 floats so that no two threads write
+// one cache line.
+std::vector<Range> channel_chunks(int64_t c) {
+  const int64_t lines = (c + 15) / 16;
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), lines));
+  std::vector<Range> r;
+  for (int64_t i = 0; i < n; ++i) r.push_back({std::min(c, lines * i / n * 16), std::min(c, lines * (i + 1) / n * 16)});
+  return r;
+}
+
+// Runs fn(range) for every chunk, one chunk per thread. gemm() inside runs on its calling
+// thread (MKL is sequential inside a parallel region), so a stage of 16 GEMMs and its
+// transforms meets one barrier rather than one per GEMM: on a busy machine every barrier waits
+// for a descheduled thread.
+template <typename Fn>
+void for_chunks(const std::vector<Range>& chunks, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(chunks[i]);
   });
 }
 
-// Writes dx[v, iy*W+ix] = sum(sources) + (residual at even pixels) g[v, iy/2, ix/2], in dx's dtype.
-template <typename Sources>
-void write_grad_x(at::Tensor& dx, const Geo& g, const float* gp, bool residual, const Sources& sources) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "local_merge_bwd", [&] {
-    scalar_t* dp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, g.v * g.h, grain(4 * g.w * g.cin), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(g.cin);
-      for (int64_t line = begin; line < end; ++line) {
-        const int64_t v = line / g.h, iy = line % g.h;
-        for (int64_t ix = 0; ix < g.w; ++ix) {
-          Src src[10];
-          int n = sources(v, iy, ix, src);
-          if (residual && iy % 2 == 0 && ix % 2 == 0)
-            src[n++] = {gp + (v * (g.p + 1) + (iy / 2) * g.wo + ix / 2) * g.cout, 1.0f};
-          combine(buf.data(), src, n, g.cin);
-          store_row(dp + (v * g.h * g.w + iy * g.w + ix) * g.cin, buf.data(), g.cin);
-        }
-      }
-    });
+// fn(typed data pointer of t), for the three dtypes a merge stores.
+template <typename Fn>
+void with_typed(const at::Tensor& t, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "local_merge", [&] {
+    fn(t.data_ptr<scalar_t>());
   });
+}
+
+// out[v, oy*wo+ox, ch] = sum(sources) + residual + bias over output lines (v, oy) in
+// [line0, line1), channels ch. sources(v, oy, ox, src) writes at most 9 full-row sources.
+template <typename T, typename Sources>
+void output_rows(T* op, const Geo& g, const float* x, bool residual, const float* bias, int64_t line0,
+                 int64_t line1, Range ch, const Sources& sources) {
+  const int64_t width = ch.end - ch.begin;
+  std::vector<float> buf(width);
+  for (int64_t line = line0; line < line1; ++line) {
+    const int64_t v = line / g.ho, oy = line % g.ho;
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      Src src[11];
+      int n = sources(v, oy, ox, src);
+      if (residual) src[n++] = {x + ((v * g.h + 2 * oy) * g.w + 2 * ox) * g.cin, 1.0f};
+      if (bias) src[n++] = {bias, 1.0f};
+      for (int i = 0; i < n; ++i) src[i].p += ch.begin;
+      combine(buf.data(), src, n, width);
+      store_row(op + (v * (g.p + 1) + oy * g.wo + ox) * g.cout + ch.begin, buf.data(), width);
+    }
+  }
+}
+
+template <typename T>
+void lf_rows(T* op, const Geo& g, const float* lf, Range ch) {
+  for (int64_t v = 0; v < g.v; ++v)
+    store_row(op + (v * (g.p + 1) + g.p) * g.cout + ch.begin, lf + ch.begin, ch.end - ch.begin);
+}
+
+// dx[v, iy*W+ix, ch] = sum(sources) + (residual, at even pixels) g[v, iy/2, ix/2, ch] over input
+// lines (v, iy) in [line0, line1). sources(v, iy, ix, src) writes at most 9 full-row sources.
+template <typename T, typename Sources>
+void grad_x_rows(T* dp, const Geo& g, const float* gp, bool residual, int64_t line0, int64_t line1, Range ch,
+                 const Sources& sources) {
+  const int64_t width = ch.end - ch.begin;
+  std::vector<float> buf(width);
+  for (int64_t line = line0; line < line1; ++line) {
+    const int64_t v = line / g.h, iy = line % g.h;
+    for (int64_t ix = 0; ix < g.w; ++ix) {
+      Src src[10];
+      int n = sources(v, iy, ix, src);
+      if (residual && iy % 2 == 0 && ix % 2 == 0)
+        src[n++] = {gp + (v * (g.p + 1) + (iy / 2) * g.wo + ix / 2) * g.cout, 1.0f};
+      for (int i = 0; i < n; ++i) src[i].p += ch.begin;
+      combine(buf.data(), src, n, width);
+      store_row(dp + (v * g.h * g.w + iy * g.w + ix) * g.cin + ch.begin, buf.data(), width);
+    }
+  }
 }
 
 // dlf = sum_v g[v, P]; db = sum_{v, p < P} g[v, p] (fp32 per view, double across views).
@@ -410,18 +435,18 @@ std::pair<at::Tensor, at::Tensor> bias_and_lf_grads(const float* gp, const Geo& 
 
 }  // namespace
 
-at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& lf_token,
+at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& lf_token,
                            const std::optional<at::Tensor>& bias_in, bool residual, int64_t h, int64_t w,
                            bool winograd) {
-  const Geo g = geometry(x_in, weight, h, w, residual);
+  const Geo g = geometry(x_in, weight_in, h, w, residual);
   TORCH_CHECK_VALUE(lf_token.dim() == 1 && lf_token.size(0) == g.cout, "local_merge: lf_token must be (", g.cout,
                     ",), got ", lf_token.sizes());
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   TORCH_CHECK_VALUE(!has_bias || (bias_in->dim() == 1 && bias_in->size(0) == g.cout), "local_merge: bias must be (",
                     g.cout, ",), got ", bias_in->sizes());
-  at::Tensor x = as_float(x_in), lf = as_float(lf_token);
-  at::Tensor bias = has_bias ? as_float(*bias_in) : at::Tensor();
-  const float* xp = x.data_ptr<float>();
+  const at::Tensor x = as_float(x_in), weight = as_float(weight_in), lf = as_float(lf_token);
+  const at::Tensor bias = has_bias ? as_float(*bias_in) : at::Tensor();
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *lp = lf.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({g.v, g.p + 1, g.cout}, x_in.options());
   Scratch scratch;
@@ -431,12 +456,17 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight, con
     float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
     im2col(xp, g, col);
     float* wt = scratch.get(Scratch::kWeights, g.cout * kk);
-    direct_weight(weight, g, wt);
+    direct_weight(wp, g, wt);
     float* y = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
     gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wt, kk, 0.0f, y, g.cout);
-    write_output(out, g, xp, residual, bp, lf.data_ptr<float>(), [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
-      src[0] = {y + (v * g.p + oy * g.wo + ox) * g.cout, 1.0f};
-      return 1;
+    with_typed(out, [&](auto* op) {
+      at::parallel_for(0, g.v * g.ho, grain(3 * g.wo * g.cout), [&](int64_t begin, int64_t end) {
+        output_rows(op, g, xp, residual, bp, begin, end, {0, g.cout}, [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
+          src[0] = {y + (v * g.p + oy * g.wo + ox) * g.cout, 1.0f};
+          return 1;
+        });
+      });
+      lf_rows(op, g, lp, {0, g.cout});
     });
     return out;
   }
@@ -445,36 +475,44 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight, con
   float* a = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
   winograd_inputs(xp, g, bl, a);
   float* k = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
-  winograd_kernels(weight, g, k);
   float* prod = scratch.get(Scratch::kRowsOut, bl.total() * g.cout);
-  for (int ab = 0; ab < 16; ++ab)
-    gemm(false, true, bl.size(ab), g.cout, g.cin, 1.0f, a + bl.offset[ab] * g.cin, g.cin, k + ab * g.cout * g.cin,
-         g.cin, 0.0f, prod + bl.offset[ab] * g.cout, g.cout);
-  write_output(out, g, xp, residual, bp, lf.data_ptr<float>(), [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
-    int n = 0;
-    for (auto [ka, i] : bl.rows.out[oy])
-      for (auto [kb, j] : bl.cols.out[ox]) src[n++] = {prod + bl.row(ka * 4 + kb, v, i, j) * g.cout, 1.0f};
-    return n;
+  // Each thread owns a range of output channels: its rows of the kernels, its columns of every
+  // product and of the output.
+  with_typed(out, [&](auto* op) {
+    for_chunks(channel_chunks(g.cout), [&](Range ch) {
+      winograd_kernels(wp, g, ch, {0, g.cin}, k);
+      for (int ab = 0; ab < 16; ++ab)
+        gemm(false, true, bl.size(ab), ch.end - ch.begin, g.cin, 1.0f, a + bl.offset[ab] * g.cin, g.cin,
+             k + (ab * g.cout + ch.begin) * g.cin, g.cin, 0.0f, prod + bl.offset[ab] * g.cout + ch.begin, g.cout);
+      output_rows(op, g, xp, residual, bp, 0, g.v * g.ho, ch, [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
+        int n = 0;
+        for (auto [ka, i] : bl.rows.out[oy])
+          for (auto [kb, j] : bl.cols.out[ox]) src[n++] = {prod + bl.row(ka * 4 + kb, v, i, j) * g.cout, 1.0f};
+        return n;
+      });
+      lf_rows(op, g, lp, ch);
+    });
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const at::Tensor& grad_in,
                                                                            const at::Tensor& x_in,
-                                                                           const at::Tensor& weight, bool has_bias,
+                                                                           const at::Tensor& weight_in, bool has_bias,
                                                                            bool residual, int64_t h, int64_t w,
                                                                            bool need_x, bool need_w, bool winograd) {
-  const Geo g = geometry(x_in, weight, h, w, residual);
+  const Geo g = geometry(x_in, weight_in, h, w, residual);
   TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == g.v && grad_in.size(1) == g.p + 1 &&
                         grad_in.size(2) == g.cout,
                     "local_merge_backward: grad must be (", g.v, ", ", g.p + 1, ", ", g.cout, "), got ",
                     grad_in.sizes());
-  at::Tensor gr = as_float(grad_in);
+  const at::Tensor gr = as_float(grad_in);
   const float* gp = gr.data_ptr<float>();
-  at::Tensor x = need_w ? as_float(x_in) : at::Tensor();
+  const at::Tensor x = need_w ? as_float(x_in) : at::Tensor();
+  const at::Tensor weight = need_x ? as_float(weight_in) : at::Tensor();
   at::Tensor dx = need_x ? at::empty({g.v, g.h * g.w, g.cin}, x_in.options()) : at::empty({0}, x_in.options());
-  at::Tensor dw = at::empty({0}, weight.options());
-  auto [dlf, db] = bias_and_lf_grads(gp, g, has_bias, weight);
+  at::Tensor dw = at::empty({0}, weight_in.options());
+  auto [dlf, db] = bias_and_lf_grads(gp, g, has_bias, weight_in);
   Scratch scratch;
 
   if (!winograd) {
@@ -485,15 +523,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
       std::memcpy(gc + v * g.p * g.cout, gp + v * (g.p + 1) * g.cout, g.p * g.cout * sizeof(float));
     if (need_x) {
       float* wt = scratch.get(Scratch::kWeights, g.cout * kk);
-      direct_weight(weight, g, wt);
+      direct_weight(weight.data_ptr<float>(), g, wt);
       float* dcol = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
       gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gc, g.cout, wt, kk, 0.0f, dcol, kk);
       const auto ry = direct_readers(g.h, g.ho), rx = direct_readers(g.w, g.wo);
-      write_grad_x(dx, g, gp, residual, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
-        int n = 0;
-        for (auto [ty, oy] : ry[iy])
-          for (auto [tx, ox] : rx[ix]) src[n++] = {dcol + (v * g.p + oy * g.wo + ox) * kk + (ty * 3 + tx) * g.cin, 1.0f};
-        return n;
+      with_typed(dx, [&](auto* dp) {
+        at::parallel_for(0, g.v * g.h, grain(5 * g.w * g.cin), [&](int64_t begin, int64_t end) {
+          grad_x_rows(dp, g, gp, residual, begin, end, {0, g.cin}, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
+            int n = 0;
+            for (auto [ty, oy] : ry[iy])
+              for (auto [tx, ox] : rx[ix])
+                src[n++] = {dcol + (v * g.p + oy * g.wo + ox) * kk + (ty * 3 + tx) * g.cin, 1.0f};
+            return n;
+          });
+        });
       });
     }
     if (need_w) {
@@ -501,12 +544,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
       im2col(x.data_ptr<float>(), g, col);
       at::Tensor dwt = at::empty({g.cout, 3, 3, g.cin}, gr.options());
       gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gc, g.cout, col, kk, 0.0f, dwt.data_ptr<float>(), kk);
-      dw = dwt.permute({0, 3, 1, 2}).to(weight.scalar_type()).contiguous();
+      dw = dwt.permute({0, 3, 1, 2}).to(weight_in.scalar_type()).contiguous();
     }
     return {dx, dw, dlf, db};
   }
 
   const Blocks bl(g);
+  const int64_t block = g.cout * g.cin;
   // dP: the output transform's adjoint, every component product's gradient.
   float* dprod = scratch.get(Scratch::kRowsOut, bl.total() * g.cout);
   bl.for_lines(g.cout, [&](int ab, int64_t v, int64_t i) {
@@ -520,28 +564,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
     }
   });
   if (need_x) {
-    float* k = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
-    winograd_kernels(weight, g, k);
+    // Each thread owns a range of input channels: its columns of the kernels, of dA and of dx.
+    float* k = scratch.get(Scratch::kWeights, 16 * block);
     float* da = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
-    for (int ab = 0; ab < 16; ++ab)
-      gemm(false, false, bl.size(ab), g.cin, g.cout, 1.0f, dprod + bl.offset[ab] * g.cout, g.cout,
-           k + ab * g.cout * g.cin, g.cin, 0.0f, da + bl.offset[ab] * g.cin, g.cin);
-    write_grad_x(dx, g, gp, residual, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
-      int n = 0;
-      for (auto [ka, i, cy] : bl.rows.in_adj[iy])
-        for (auto [kb, j, cx] : bl.cols.in_adj[ix]) src[n++] = {da + bl.row(ka * 4 + kb, v, i, j) * g.cin, cy * cx};
-      return n;
+    const float* wp = weight.data_ptr<float>();
+    with_typed(dx, [&](auto* dp) {
+      for_chunks(channel_chunks(g.cin), [&](Range ch) {
+        winograd_kernels(wp, g, {0, g.cout}, ch, k);
+        for (int ab = 0; ab < 16; ++ab)
+          gemm(false, false, bl.size(ab), ch.end - ch.begin, g.cout, 1.0f, dprod + bl.offset[ab] * g.cout, g.cout,
+               k + ab * block + ch.begin, g.cin, 0.0f, da + bl.offset[ab] * g.cin + ch.begin, g.cin);
+        grad_x_rows(dp, g, gp, residual, 0, g.v * g.h, ch, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
+          int n = 0;
+          for (auto [ka, i, cy] : bl.rows.in_adj[iy])
+            for (auto [kb, j, cx] : bl.cols.in_adj[ix]) src[n++] = {da + bl.row(ka * 4 + kb, v, i, j) * g.cin, cy * cx};
+          return n;
+        });
+      });
     });
   }
   if (need_w) {
-    // dA and the kernels are spent: their slots take A and dK.
+    // dA and the kernels are spent: their slots take A and dK. Each thread owns a range of
+    // output channels: its rows of dK and of the weight gradient.
     float* a = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
     winograd_inputs(x.data_ptr<float>(), g, bl, a);
-    float* dk = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
-    for (int ab = 0; ab < 16; ++ab)
-      gemm(true, false, g.cout, g.cin, bl.size(ab), 1.0f, dprod + bl.offset[ab] * g.cout, g.cout,
-           a + bl.offset[ab] * g.cin, g.cin, 0.0f, dk + ab * g.cout * g.cin, g.cin);
-    dw = winograd_kernels_grad(dk, g).to(weight.scalar_type());
+    float* dk = scratch.get(Scratch::kWeights, 16 * block);
+    at::Tensor dwf = at::empty({g.cout, g.cin, 3, 3}, gr.options());
+    float* dwp = dwf.data_ptr<float>();
+    for_chunks(channel_chunks(g.cout), [&](Range ch) {
+      for (int ab = 0; ab < 16; ++ab)
+        gemm(true, false, ch.end - ch.begin, g.cin, bl.size(ab), 1.0f, dprod + bl.offset[ab] * g.cout + ch.begin,
+             g.cout, a + bl.offset[ab] * g.cin, g.cin, 0.0f, dk + ab * block + ch.begin * g.cin, g.cin);
+      winograd_kernels_grad(dk, g, ch, dwp);
+    });
+    dw = dwf.to(weight_in.scalar_type());
   }
   return {dx, dw, dlf, db};
 }
