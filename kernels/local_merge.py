@@ -30,17 +30,24 @@ Precision: fp32 accumulation everywhere. fp16/bf16 tiles feed tl.dot directly on
 Triton interpreter (no bf16 arithmetic) bf16 tiles are upcast to fp32 right after the load.
 fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` lets F.conv2d use it.
 
-Torch path (CPU, or FUSEDVLM_BACKEND=torch): the convolution result is written once into the
-packed output (or the caller's ``out``), the residual and bias are added there in place and the
-LF row filled, with no grid transpose and no concatenation. Small problems and half precision
-run one F.conv2d on x.view(V, H, W, C).permute(0, 3, 1, 2), which is already a channels-last
-grid (no copy). Large fp32 problems, where the CPU time is all GEMM at near peak FLOP rate, use
-a polyphase Winograd F(2, 2) form of the same convolution (``_WinogradConv``) that needs
-6.25/9 of the multiplies, forward and backward.
+C++ path (CPU, csrc/local_merge.cpp): fp32 maths for every dtype (fp16/bf16 are upcast once and
+rounded once when stored), in one of two forms picked by size (``_cpp_winograd``): a direct
+im2col block and one SGEMM, or the polyphase Winograd F(2, 2) form below with its transforms in
+C++ and its 16 GEMMs split across threads by channel range. The epilogue adds residual and bias
+and writes the LF rows straight into the packed output. Backward: dX (the im2col gradient
+gathered back per pixel, or the Winograd adjoints), dW, dlf and db in one call.
 
-Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the torch path above on CPU) with
-``fusedvlm::local_merge_backward`` (Triton, or ``aten.convolution_backward``), fake kernels and
-FLOP formulas. An eager CPU call runs the torch path directly (see :func:`local_merge`).
+Torch path (FUSEDVLM_BACKEND=torch, or where the C++ kernels cannot be built): the convolution
+result is written once into the packed output (or the caller's ``out``), the residual and bias
+are added there in place and the LF row filled, with no grid transpose and no concatenation.
+Small problems and half precision run one F.conv2d on x.view(V, H, W, C).permute(0, 3, 1, 2),
+which is already a channels-last grid (no copy). Large fp32 problems, where the CPU time is all
+GEMM at near peak FLOP rate, use a polyphase Winograd F(2, 2) form of the same convolution
+(``_WinogradConv``) that needs 6.25/9 of the multiplies, forward and backward.
+
+Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the C++ kernel, else the torch path, on
+CPU) with ``fusedvlm::local_merge_backward``, fake kernels and FLOP formulas. Eager calls go
+through the op, except where its kernel would be the torch path (see :func:`local_merge`).
 
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
