@@ -6,9 +6,10 @@
 // stored) with two algorithms, chosen by the caller:
 //
 // * direct: the 9 taps gathered into one (V*P, 9*C_in) im2col block and a single SGEMM against
-//   the weight in its (C_out, 3, 3, C_in) order; the epilogue adds residual and bias while it
-//   writes the packed rows and the LF row. Backward: one SGEMM for the im2col gradient, gathered
-//   back per input pixel (at most 4 taps read a pixel), one SGEMM for the weight gradient.
+//   the weight read in place, as (C_out, C_in*9) rows; the epilogue adds residual and bias while
+//   it writes the packed rows and the LF row. Backward: one SGEMM for the im2col gradient,
+//   gathered back per input pixel (at most 4 taps read a pixel), one SGEMM for the weight
+//   gradient, written in the weight's layout.
 // * winograd: split by tap parity a stride-2 3x3 convolution is four stride-1 ones (centre x
 //   centre, centre x outer, outer x centre, outer x outer), and Winograd F(2, 2) along every
 //   outer axis leaves 16 (component x kernel) SGEMMs worth 6.25 of the direct form's 9. Per
@@ -147,11 +148,12 @@ inline void store_row(T* dst, const float* src, int64_t n) {
 
 // ----------------------------------------------------------------------------- direct form
 
-// col (V*P, 9*C_in): row (v, oy, ox), column block tap = 3 dy + dx holds x[v, 2oy+dy-1, 2ox+dx-1]
-// or zeros outside the grid.
+// col (V*P, 9*C_in): row (v, oy, ox) holds x[v, 2oy+dy-1, 2ox+dx-1, c] (zero outside the grid)
+// at column 9 c + 3 dy + dx, the order of the weight's own (C_out, C_in, 3, 3) rows, so the
+// GEMMs read the weight (and write its gradient) in place.
 void im2col(const float* x, const Geo& g, float* col) {
   const int64_t k = 9 * g.cin;
-  at::parallel_for(0, g.v * g.p, grain(k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.v * g.p, grain(2 * k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t v = r / g.p, o = r % g.p, oy = o / g.wo, ox = o % g.wo;
       float* dst = col + r * k;
@@ -159,11 +161,13 @@ void im2col(const float* x, const Geo& g, float* col) {
         const int64_t iy = 2 * oy + dy - 1;
         for (int64_t dx = 0; dx < 3; ++dx) {
           const int64_t ix = 2 * ox + dx - 1;
-          float* d = dst + (dy * 3 + dx) * g.cin;
-          if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w)
-            std::memset(d, 0, g.cin * sizeof(float));
-          else
-            std::memcpy(d, x + ((v * g.h + iy) * g.w + ix) * g.cin, g.cin * sizeof(float));
+          float* d = dst + dy * 3 + dx;
+          if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
+            for (int64_t c = 0; c < g.cin; ++c) d[9 * c] = 0.0f;
+          } else {
+            const float* s = x + ((v * g.h + iy) * g.w + ix) * g.cin;
+            for (int64_t c = 0; c < g.cin; ++c) d[9 * c] = s[c];
+          }
         }
       }
     }
@@ -283,13 +287,6 @@ inline void tap_major(const float* wp, const Geo& g, int64_t n, Range cols, floa
   const float* row = wp + n * g.cin * 9;
   for (int64_t c = cols.begin; c < cols.end; ++c)
     for (int t = 0; t < 9; ++t) taps[t * width + c - cols.begin] = row[c * 9 + t];
-}
-
-// Direct form's weight (C_out, 9 * C_in): row n is weight[n] tap-major, as im2col's columns.
-void direct_weight(const float* wp, const Geo& g, float* wt) {
-  at::parallel_for(0, g.cout, grain(18 * g.cin), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) tap_major(wp, g, n, {0, g.cin}, wt + n * 9 * g.cin);
-  });
 }
 
 // Winograd kernels (16, C_out, C_in), rows `rows` and columns `cols` of every block: block ab
@@ -455,10 +452,8 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, 
     const int64_t kk = 9 * g.cin;
     float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
     im2col(xp, g, col);
-    float* wt = scratch.get(Scratch::kWeights, g.cout * kk);
-    direct_weight(wp, g, wt);
     float* y = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
-    gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wt, kk, 0.0f, y, g.cout);
+    gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wp, kk, 0.0f, y, g.cout);
     with_typed(out, [&](auto* op) {
       at::parallel_for(0, g.v * g.ho, grain(3 * g.wo * g.cout), [&](int64_t begin, int64_t end) {
         output_rows(op, g, xp, residual, bp, begin, end, {0, g.cout}, [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
@@ -509,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
   const at::Tensor gr = as_float(grad_in);
   const float* gp = gr.data_ptr<float>();
   const at::Tensor x = need_w ? as_float(x_in) : at::Tensor();
-  const at::Tensor weight = need_x ? as_float(weight_in) : at::Tensor();
+  const at::Tensor weight = need_x ? as_float(weight_in) : at::Tensor();  // (C_out, C_in * 9) rows
   at::Tensor dx = need_x ? at::empty({g.v, g.h * g.w, g.cin}, x_in.options()) : at::empty({0}, x_in.options());
   at::Tensor dw = at::empty({0}, weight_in.options());
   auto [dlf, db] = bias_and_lf_grads(gp, g, has_bias, weight_in);
@@ -522,29 +517,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
     for (int64_t v = 0; v < g.v; ++v)
       std::memcpy(gc + v * g.p * g.cout, gp + v * (g.p + 1) * g.cout, g.p * g.cout * sizeof(float));
     if (need_x) {
-      float* wt = scratch.get(Scratch::kWeights, g.cout * kk);
-      direct_weight(weight.data_ptr<float>(), g, wt);
       float* dcol = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
-      gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gc, g.cout, wt, kk, 0.0f, dcol, kk);
+      gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gc, g.cout, weight.data_ptr<float>(), kk, 0.0f, dcol, kk);
+      // dx[pixel] gathers the im2col gradient of the (at most 4) taps that read the pixel.
       const auto ry = direct_readers(g.h, g.ho), rx = direct_readers(g.w, g.wo);
       with_typed(dx, [&](auto* dp) {
         at::parallel_for(0, g.v * g.h, grain(5 * g.w * g.cin), [&](int64_t begin, int64_t end) {
-          grad_x_rows(dp, g, gp, residual, begin, end, {0, g.cin}, [&](int64_t v, int64_t iy, int64_t ix, Src* src) {
-            int n = 0;
-            for (auto [ty, oy] : ry[iy])
-              for (auto [tx, ox] : rx[ix])
-                src[n++] = {dcol + (v * g.p + oy * g.wo + ox) * kk + (ty * 3 + tx) * g.cin, 1.0f};
-            return n;
-          });
+          std::vector<float> buf(g.cin);
+          for (int64_t line = begin; line < end; ++line) {
+            const int64_t v = line / g.h, iy = line % g.h;
+            for (int64_t ix = 0; ix < g.w; ++ix) {
+              const float* taps[4];
+              int n = 0;
+              for (auto [ty, oy] : ry[iy])
+                for (auto [tx, ox] : rx[ix]) taps[n++] = dcol + (v * g.p + oy * g.wo + ox) * kk + ty * 3 + tx;
+              float* b = buf.data();
+              if (n == 0) std::fill(buf.begin(), buf.end(), 0.0f);
+              for (int64_t c = 0; n > 0 && c < g.cin; ++c) b[c] = taps[0][9 * c];
+              for (int t = 1; t < n; ++t)
+                for (int64_t c = 0; c < g.cin; ++c) b[c] += taps[t][9 * c];
+              if (residual && iy % 2 == 0 && ix % 2 == 0) {
+                const float* r = gp + (v * (g.p + 1) + (iy / 2) * g.wo + ix / 2) * g.cout;
+                for (int64_t c = 0; c < g.cin; ++c) b[c] += r[c];
+              }
+              store_row(dp + (v * g.h * g.w + iy * g.w + ix) * g.cin, b, g.cin);
+            }
+          }
         });
       });
     }
     if (need_w) {
       float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
       im2col(x.data_ptr<float>(), g, col);
-      at::Tensor dwt = at::empty({g.cout, 3, 3, g.cin}, gr.options());
-      gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gc, g.cout, col, kk, 0.0f, dwt.data_ptr<float>(), kk);
-      dw = dwt.permute({0, 3, 1, 2}).to(weight_in.scalar_type()).contiguous();
+      at::Tensor dwf = at::empty({g.cout, g.cin, 3, 3}, gr.options());
+      gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gc, g.cout, col, kk, 0.0f, dwf.data_ptr<float>(), kk);
+      dw = dwf.to(weight_in.scalar_type());
     }
     return {dx, dw, dlf, db};
   }
