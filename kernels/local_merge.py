@@ -602,24 +602,27 @@ LIB.define(
 
 
 # When the C++ kernel (csrc/local_merge.cpp, fp32 maths for every dtype) takes its Winograd form
-# rather than its direct im2col GEMM: the Winograd form saves 2.75/9 of the GEMM work but pays a
-# 16-block kernel transform (O(C_in C_out)) and row transforms (O(V P C)), so it needs both wide
-# channels and enough output pixels V*P. Measured on 1 and 2 threads at 7x7 to 24x24 grids, 1 to
-# 10 views, 64 to 1024 channels; the backward, whose direct form is two large GEMMs plus an
-# im2col, gains from fewer rows.
-_CPP_WINOGRAD = {False: (256 * 256, 256), True: (128 * 128, 192)}  # backward -> (C_in * C_out, V * P)
+# rather than its direct im2col GEMM, forward and backward alike: the Winograd form saves 2.75/9
+# of the GEMM work but pays a 16-block kernel transform (O(C_in C_out) per call, where the direct
+# form reads the weight in place) and row transforms (O(V P C)), so it needs many output pixels
+# V*P and not too few channels. Measured on one thread (CPU time) at 7x7 to 24x24 grids, 1 to 10
+# views, 64 to 1024 channels: at 1024 channels the forms tie near V*P = 576 (4 views of 24x24),
+# at V*P = 1440 (the paper's 10 views) the Winograd form wins from 128 channels up.
+_CPP_WINOGRAD_MIN_CHANNELS = 128 * 128
+_CPP_WINOGRAD_MIN_PIXELS = 640
 
 
-def _cpp_winograd(x: torch.Tensor, weight: torch.Tensor, h: int, w: int, backward: bool) -> bool:
-    channels, pixels = _CPP_WINOGRAD[backward]
-    return weight.shape[0] * weight.shape[1] >= channels and x.shape[0] * ((h + 1) // 2) * ((w + 1) // 2) >= pixels
+def _cpp_winograd(x: torch.Tensor, weight: torch.Tensor, h: int, w: int) -> bool:
+    """Whether the C++ kernel runs its Winograd form on this merge (forward or backward)."""
+    pixels = x.shape[0] * ((h + 1) // 2) * ((w + 1) // 2)
+    return weight.shape[0] * weight.shape[1] >= _CPP_WINOGRAD_MIN_CHANNELS and pixels >= _CPP_WINOGRAD_MIN_PIXELS
 
 
 def _merge_cpu(x, weight, lf_token, bias, residual, h, w):
     impl = cpu_implementation(x, weight, lf_token, bias)
     if impl == "cpp":
         return native.load().local_merge_fwd(x, weight, lf_token, bias, residual, h, w,
-                                             _cpp_winograd(x, weight, h, w, False))
+                                             _cpp_winograd(x, weight, h, w))
     if impl == "triton":
         return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
     return _torch_forward(x, weight, lf_token, bias, residual, h, w, None)
@@ -639,7 +642,7 @@ def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
     impl = cpu_implementation(g, x, weight)
     if impl == "cpp":
         return native.load().local_merge_bwd(g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1],
-                                             _cpp_winograd(x, weight, h, w, True))
+                                             _cpp_winograd(x, weight, h, w))
     if impl == "triton":
         return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
     v, _, c_in = x.shape
