@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["bfloat16", "float16", "float32"] if on_gpu else ["float32"])
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per row and round (default: 20 on GPU; on CPU 3 for the paper shape, 20 for small)")
+                   help="timed calls per row and round (default: 20 on GPU; on CPU 3 for the paper shape, "
+                        "20 for small)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the three ops (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
