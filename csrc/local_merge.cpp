@@ -31,6 +31,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <array>
 #include <memory>
@@ -120,6 +122,39 @@ class Scratch {
 struct Range {
   int64_t begin, end;
 };
+
+// MKL threads even a GEMM of a few MFLOP, where waking the second thread costs about as much as
+// it saves and, on a machine busy with other jobs, its barrier waits milliseconds for a
+// descheduled thread. Within this guard's scope MKL runs this thread's GEMMs on this thread
+// (MKL_Set_Num_Threads_Local, looked up beside sgemm_ in libtorch; a no-op without MKL).
+class SequentialBlas {
+ public:
+  explicit SequentialBlas(bool active) : fn_(active ? set_local() : nullptr) {
+    if (fn_) previous_ = fn_(1);
+  }
+  ~SequentialBlas() {
+    if (fn_) fn_(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  using set_fn = int (*)(int);
+  static set_fn set_local() {
+    static const set_fn fn = [] {
+      Dl_info info;
+      if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) || info.dli_fname == nullptr) return set_fn{};
+      void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+      return handle ? reinterpret_cast<set_fn>(dlsym(handle, "MKL_Set_Num_Threads_Local")) : set_fn{};
+    }();
+    return fn;
+  }
+  set_fn fn_;
+  int previous_ = 0;
+};
+
+// Multiply-adds below which a GEMM runs on one thread (about 50 us of one core).
+constexpr int64_t kSmallGemm = int64_t{1} << 22;
 
 struct Geo {
   int64_t v, h, w, ho, wo, p, cin, cout;
@@ -453,7 +488,10 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, 
     float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
     im2col(xp, g, col);
     float* y = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
-    gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wp, kk, 0.0f, y, g.cout);
+    {
+      SequentialBlas one_thread(g.v * g.p * kk * g.cout < kSmallGemm);
+      gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wp, kk, 0.0f, y, g.cout);
+    }
     with_typed(out, [&](auto* op) {
       at::parallel_for(0, g.v * g.ho, grain(3 * g.wo * g.cout), [&](int64_t begin, int64_t end) {
         output_rows(op, g, xp, residual, bp, begin, end, {0, g.cout}, [&](int64_t v, int64_t oy, int64_t ox, Src* src) {
@@ -512,6 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
 
   if (!winograd) {
     const int64_t kk = 9 * g.cin;
+    SequentialBlas one_thread(g.v * g.p * kk * g.cout < kSmallGemm);
     // The pixel rows of every view, without the LF rows, as one GEMM operand.
     float* gc = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
     for (int64_t v = 0; v < g.v; ++v)
