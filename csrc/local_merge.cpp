@@ -188,23 +188,20 @@ inline void store_row(T* dst, const float* src, int64_t n) {
 // GEMMs read the weight (and write its gradient) in place.
 void im2col(const float* x, const Geo& g, float* col) {
   const int64_t k = 9 * g.cin;
+  const std::vector<float> zeros(g.cin, 0.0f);
   at::parallel_for(0, g.v * g.p, grain(2 * k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t v = r / g.p, o = r % g.p, oy = o / g.wo, ox = o % g.wo;
-      float* dst = col + r * k;
-      for (int64_t dy = 0; dy < 3; ++dy) {
-        const int64_t iy = 2 * oy + dy - 1;
-        for (int64_t dx = 0; dx < 3; ++dx) {
-          const int64_t ix = 2 * ox + dx - 1;
-          float* d = dst + dy * 3 + dx;
-          if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
-            for (int64_t c = 0; c < g.cin; ++c) d[9 * c] = 0.0f;
-          } else {
-            const float* s = x + ((v * g.h + iy) * g.w + ix) * g.cin;
-            for (int64_t c = 0; c < g.cin; ++c) d[9 * c] = s[c];
-          }
-        }
+      const float* src[9];
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t iy = 2 * oy + t / 3 - 1, ix = 2 * ox + t % 3 - 1;
+        const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+        src[t] = inside ? x + ((v * g.h + iy) * g.w + ix) * g.cin : zeros.data();
       }
+      // Channel-major so that the stores run in order.
+      float* dst = col + r * k;
+      for (int64_t c = 0; c < g.cin; ++c)
+        for (int t = 0; t < 9; ++t) dst[9 * c + t] = src[t][c];
     }
   });
 }
