@@ -5,7 +5,7 @@ gradients for every input):
 
 * ``fused``  : ``fusedvlm.kernels.local_merge`` (Triton on GPU; on CPU the C++ kernel of
                csrc/local_merge.cpp: a direct im2col SGEMM on small problems, the Winograd
-               F(2, 2) form on wide ones; FUSEDVLM_BACKEND=torch times the torch path instead)
+               F(2, 2) form on many output pixels; FUSEDVLM_BACKEND=torch times the torch path)
 * ``eager``  : ``fusedvlm.ref.local_merge``, the chain it replaces: tokens -> NCHW grid copy ->
                conv2d -> + nearest downsample -> flatten -> append LF -> concatenate
 * ``conv2d`` : ``F.conv2d`` alone on a ready NCHW grid: no layout work, residual, LF or packing

@@ -16,10 +16,11 @@
 //   axis, component 0 is the centre tap and components 1-3 are, for the output pair (2q, 2q+1)
 //   with d0 = t[4q-1], d1 = t[4q+1], d2 = t[4q+3]: m0 = (d0 - d1) w0, m1 = d1 (w0 + w2),
 //   m2 = (d2 - d1) w2, and y[2q] = m0 + m1, y[2q+1] = m1 + m2. The input and output transforms
-//   (and their adjoints in the backward) are sums of at most 11 rows of C floats, run in
-//   parallel; the GEMMs run through gemm() (MKL threads). It wins where both C_in * C_out and
-//   V * P are large (the GEMMs dominate); elsewhere the 16-block kernel transform, the row
-//   transforms and 16 smaller GEMMs cost more than the multiplies they save.
+//   (and their adjoints in the backward) are sums of at most 11 rows of C floats; each thread
+//   runs the kernel transform, the 16 GEMMs and the output-side transform for its own range of
+//   channels. It wins where V * P is large (the GEMMs dominate); elsewhere the 16-block kernel
+//   transform (the direct form reads the weight in place), the row transforms and 16 smaller
+//   GEMMs cost more than the multiplies they save.
 //
 // NaN semantics follow the convolution: a NaN token reaches exactly the outputs (and gradients)
 // whose taps read it, a NaN weight or bias that output channel of every pixel; the transforms
