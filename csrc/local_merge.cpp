@@ -24,7 +24,9 @@
 //
 // NaN semantics follow the convolution: a NaN token reaches exactly the outputs (and gradients)
 // whose taps read it, a NaN weight or bias that output channel of every pixel; the transforms
-// leave a missing (padding) term out rather than scale it by 0.
+// leave a missing (padding) term out rather than scale it by 0. An infinite token can give NaN
+// in the Winograd form where the convolution gives +-inf (a transform subtracts it from itself),
+// as in the torch path's Winograd form.
 #include "common.h"
 
 #include <ATen/Dispatch.h>
