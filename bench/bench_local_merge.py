@@ -3,22 +3,24 @@
 Rows, for V views of an H x W token grid, C_in -> C_out (forward, and forward+backward with
 gradients for every input):
 
-* ``fused``  : ``fusedvlm.kernels.local_merge`` (Triton on GPU; on CPU the torch path: one
-               channels-last F.conv2d at small widths, the Winograd F(2, 2) form at large ones)
+* ``fused``  : ``fusedvlm.kernels.local_merge`` (Triton on GPU; on CPU the C++ kernel of
+               csrc/local_merge.cpp: a direct im2col SGEMM on small problems, the Winograd
+               F(2, 2) form on many output pixels; FUSEDVLM_BACKEND=torch times the torch path)
 * ``eager``  : ``fusedvlm.ref.local_merge``, the chain it replaces: tokens -> NCHW grid copy ->
                conv2d -> + nearest downsample -> flatten -> append LF -> concatenate
 * ``conv2d`` : ``F.conv2d`` alone on a ready NCHW grid: no layout work, residual, LF or packing
                (the yardstick the fused op should come close to)
 
 ``vs_eager`` = eager time / this row's time (speed-up over the chain); ``vs_conv2d`` = this row's
-time / conv2d time (overhead over the bare convolution). All ratios come from the same run.
+time / conv2d time (overhead over the bare convolution). All ratios come from the same run, the
+three ops timed in interleaved rounds (``--rounds``).
 
     python bench/bench_local_merge.py                  # CPU: fp32, paper and small shape
     python bench/bench_local_merge.py --threads 1 --clock cpu   # CPU time: robust on a busy machine
 
-On a machine shared with other jobs, multi-threaded wall-clock times of the torch path are
-unreliable: every op's thread-pool barrier waits for a descheduled worker, which hurts a
-many-op path (the Winograd form) far more than a single convolution.
+On a machine shared with other jobs, multi-threaded wall-clock times are unreliable: every
+thread-pool barrier waits for a descheduled worker, which hurts a many-op path (the torch
+path's Winograd form) far more than a single convolution.
     python bench/bench_local_merge.py --out bench/results/local_merge.json
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -81,7 +84,10 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backward: bool = True,
-                clock: str = "wall") -> list[dict]:
+                clock: str = "wall", rounds: int = 3) -> list[dict]:
+    """Each pass times the three ops in turn, ``rounds`` times over (``repeats`` calls each), so
+    that a slow spell of a shared machine hits them alike; a row's median is the median of its
+    rounds' medians, its iqr the spread (max - min) of those."""
     v, side, c_in, c_out = SHAPES[name]
     cases = _cases(v, side, c_in, c_out, dtype, device)
     fwd, bwd = cases["fused"][0](), cases["eager"][0]()
@@ -89,29 +95,36 @@ def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backwa
     passes = ["fwd", "fwd+bwd"] if backward else ["fwd"]
     rows = []
     for i, pass_name in enumerate(passes):
-        timings = {}
+        medians: dict[str, list[float]] = {op: [] for op in cases}
+        peaks = {}
         with torch.set_grad_enabled(pass_name == "fwd+bwd"):
-            for op, fns in cases.items():
-                timings[op] = time_fn(fns[i], name=op, warmup=1, repeats=repeats, device=device, clock=CLOCKS[clock])
-        for op, t in timings.items():
+            for r in range(rounds):
+                for op, fns in cases.items():
+                    t = time_fn(fns[i], name=op, warmup=1 if r == 0 else 0, repeats=repeats, device=device,
+                                clock=CLOCKS[clock])
+                    medians[op].append(t.median_ms)
+                    peaks[op] = t.peak_mem_bytes
+        median = {op: statistics.median(m) for op, m in medians.items()}
+        for op, m in medians.items():
             rows.append(dict(
                 shape=f"{name} V{v} {side}x{side} {c_in}->{c_out}", pass_=pass_name, op=op,
-                median_ms=t.median_ms, iqr_ms=t.iqr_ms,
-                vs_eager=timings["eager"].median_ms / t.median_ms,
-                vs_conv2d=t.median_ms / timings["conv2d"].median_ms,
-                peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
+                median_ms=median[op], iqr_ms=max(m) - min(m),
+                vs_eager=median["eager"] / median[op],
+                vs_conv2d=median[op] / median["conv2d"],
+                peak_mem_mb=None if peaks[op] is None else peaks[op] / 2**20,
             ))
     for r in rows:
         r["pass"] = r.pop("pass_")
     return rows
 
 
-def run(shapes: list[str], dtypes: list[str], device: str, repeats: dict[str, int], clock: str = "wall") -> dict:
+def run(shapes: list[str], dtypes: list[str], device: str, repeats: dict[str, int], clock: str = "wall",
+        rounds: int = 3) -> dict:
     probe = torch.empty(0, device=device)
     rows = []
     for dtype_name in dtypes:
         for shape in shapes:
-            for r in bench_shape(shape, DTYPES[dtype_name], device, repeats[shape], clock=clock):
+            for r in bench_shape(shape, DTYPES[dtype_name], device, repeats[shape], clock=clock, rounds=rounds):
                 rows.append(dict(dtype=dtype_name, **r))
     return dict(environment=environment(), backend=backend_name(probe), rows=rows)
 
@@ -124,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=["bfloat16", "float16", "float32"] if on_gpu else ["float32"])
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per row (default: 20 on GPU; on CPU 3 for the paper shape, 20 for small)")
+                   help="timed calls per row and round (default: 20 on GPU; on CPU 3 for the paper shape, "
+                        "20 for small)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the three ops (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="CPU timing clock: wall, or process CPU time (with --threads 1, robust on a shared machine)")
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = {s: args.repeats or (20 if gpu or s != "paper" else 3) for s in args.shapes}
-    result = run(args.shapes, args.dtypes, args.device, repeats, clock=args.clock)
+    result = run(args.shapes, args.dtypes, args.device, repeats, clock=args.clock, rounds=args.rounds)
     title = (f"local_merge on {args.device} ({result['backend']} path), {torch.get_num_threads()} threads, "
              f"{args.clock} clock; vs_eager = speed-up over the eager chain, vs_conv2d = time / F.conv2d alone")
     print_table(result["rows"], ["dtype"] + COLUMNS, title)

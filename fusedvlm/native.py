@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _NAME = "fusedvlm_cpu"
-_SOURCES = ("common.cpp", "packed_attention.cpp", "pairwise_cosine.cpp", "ops.cpp", "bindings.cpp")
+_SOURCES = ("common.cpp", "packed_attention.cpp", "pairwise_cosine.cpp", "local_merge.cpp", "ops.cpp", "bindings.cpp")
 _HEADERS = ("common.h",)
 
 

@@ -30,17 +30,24 @@ Precision: fp32 accumulation everywhere. fp16/bf16 tiles feed tl.dot directly on
 Triton interpreter (no bf16 arithmetic) bf16 tiles are upcast to fp32 right after the load.
 fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` lets F.conv2d use it.
 
-Torch path (CPU, or FUSEDVLM_BACKEND=torch): the convolution result is written once into the
-packed output (or the caller's ``out``), the residual and bias are added there in place and the
-LF row filled, with no grid transpose and no concatenation. Small problems and half precision
-run one F.conv2d on x.view(V, H, W, C).permute(0, 3, 1, 2), which is already a channels-last
-grid (no copy). Large fp32 problems, where the CPU time is all GEMM at near peak FLOP rate, use
-a polyphase Winograd F(2, 2) form of the same convolution (``_WinogradConv``) that needs
-6.25/9 of the multiplies, forward and backward.
+C++ path (CPU, csrc/local_merge.cpp): fp32 maths for every dtype (fp16/bf16 are upcast once and
+rounded once when stored), in one of two forms picked by size (``_cpp_winograd``): a direct
+im2col block and one SGEMM, or the polyphase Winograd F(2, 2) form below with its transforms in
+C++ and its 16 GEMMs split across threads by channel range. The epilogue adds residual and bias
+and writes the LF rows straight into the packed output. Backward: dX (the im2col gradient
+gathered back per pixel, or the Winograd adjoints), dW, dlf and db in one call.
 
-Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the torch path above on CPU) with
-``fusedvlm::local_merge_backward`` (Triton, or ``aten.convolution_backward``), fake kernels and
-FLOP formulas. An eager CPU call runs the torch path directly (see :func:`local_merge`).
+Torch path (FUSEDVLM_BACKEND=torch, or where the C++ kernels cannot be built): the convolution
+result is written once into the packed output (or the caller's ``out``), the residual and bias
+are added there in place and the LF row filled, with no grid transpose and no concatenation.
+Small problems and half precision run one F.conv2d on x.view(V, H, W, C).permute(0, 3, 1, 2),
+which is already a channels-last grid (no copy). Large fp32 problems, where the CPU time is all
+GEMM at near peak FLOP rate, use a polyphase Winograd F(2, 2) form of the same convolution
+(``_WinogradConv``) that needs 6.25/9 of the multiplies, forward and backward.
+
+Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the C++ kernel, else the torch path, on
+CPU) with ``fusedvlm::local_merge_backward``, fake kernels and FLOP formulas. Eager calls go
+through the op, except where its kernel would be the torch path (see :func:`local_merge`).
 
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
@@ -55,8 +62,9 @@ import torch.nn.functional as F
 
 from torch.utils.flop_counter import register_flop_formula
 
+from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB
+from fusedvlm.kernels._library import LIB, cpu_implementation
 from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -593,8 +601,29 @@ LIB.define(
 )
 
 
+# When the C++ kernel (csrc/local_merge.cpp, fp32 maths for every dtype) takes its Winograd form
+# rather than its direct im2col GEMM, forward and backward alike: the Winograd form saves 2.75/9
+# of the GEMM work but pays a 16-block kernel transform (O(C_in C_out) per call, where the direct
+# form reads the weight in place) and row transforms (O(V P C)), so it needs many output pixels
+# V*P and not too few channels. Measured on one thread (CPU time) at 7x7 to 24x24 grids, 1 to 10
+# views, 64 to 1024 channels: at 1024 channels the forms tie near V*P = 576 (4 views of 24x24),
+# at V*P = 1440 (the paper's 10 views) the Winograd form wins from 128 channels up.
+_CPP_WINOGRAD_MIN_CHANNELS = 128 * 128
+_CPP_WINOGRAD_MIN_PIXELS = 640
+
+
+def _cpp_winograd(x: torch.Tensor, weight: torch.Tensor, h: int, w: int) -> bool:
+    """Whether the C++ kernel runs its Winograd form on this merge (forward or backward)."""
+    pixels = x.shape[0] * ((h + 1) // 2) * ((w + 1) // 2)
+    return weight.shape[0] * weight.shape[1] >= _CPP_WINOGRAD_MIN_CHANNELS and pixels >= _CPP_WINOGRAD_MIN_PIXELS
+
+
 def _merge_cpu(x, weight, lf_token, bias, residual, h, w):
-    if use_triton(x, weight, lf_token, bias):
+    impl = cpu_implementation(x, weight, lf_token, bias)
+    if impl == "cpp":
+        return native.load().local_merge_fwd(x, weight, lf_token, bias, residual, h, w,
+                                             _cpp_winograd(x, weight, h, w))
+    if impl == "triton":
         return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
     return _torch_forward(x, weight, lf_token, bias, residual, h, w, None)
 
@@ -610,7 +639,11 @@ def _bias_and_lf_grads(g, p, has_bias, weight):
 
 
 def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
-    if use_triton(g, x, weight):
+    impl = cpu_implementation(g, x, weight)
+    if impl == "cpp":
+        return native.load().local_merge_bwd(g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1],
+                                             _cpp_winograd(x, weight, h, w))
+    if impl == "triton":
         return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
     v, _, c_in = x.shape
     ho, wo = (h + 1) // 2, (w + 1) // 2
@@ -696,7 +729,9 @@ def _merge_backward_flops(g_shape, x_shape, weight_shape, has_bias, residual, h,
 
 
 def implementation(x: torch.Tensor) -> str:
-    """"triton" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
+    """"triton", "cpp" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
+    if x.device.type == "cpu":
+        return cpu_implementation(x)
     return "triton" if use_triton(x) else "torch"
 
 
@@ -722,13 +757,15 @@ def local_merge(
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
     weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
-    if not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out):
-        # Eager CPU calls run the torch path directly: training differentiates through its own
-        # ops (the Winograd form's hand-written backward beats the convolution's weight
-        # gradient), ``out`` is written in place, and a small merge skips the op's Python
-        # dispatch (FlopCounterMode still counts the convolution). Compiled graphs hold the op.
+    if (not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out)
+            and (x.device.type != "cpu" or cpu_implementation(x, weight, lf_token, bias) == "torch")):
+        # Where the op's kernel would be the torch path anyway (FUSEDVLM_BACKEND=torch, or no
+        # C++ build), eager calls run it directly: training differentiates through its own ops
+        # (the Winograd form's hand-written backward beats the convolution's weight gradient)
+        # and ``out`` is written in place. The C++ kernel and Triton run through the op, which
+        # compiled graphs hold too.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
     y = torch.ops.fusedvlm.local_merge(x, weight, lf_token, bias, residual, h, w)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
-    # grad, so a call with ``out`` on Triton pays one copy of the output.
+    # grad, so a call with ``out`` pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))

@@ -6,8 +6,9 @@ The handles here count what :mod:`fusedvlm.benchmark.flops` counts, in its units
 multiply-add is 2 FLOPs; fvcore's own handles count it as 1): matmuls and convolutions, and
 attention by the query-key pairs its mask lets through. Our ops as the trace sees them: packed
 attention's torch path is one causal ``scaled_dot_product_attention`` per segment, the local
-merge a convolution or, on wide models, the ``_WinogradConv`` autograd function (an opaque
-``prim::PythonOp`` in the trace, counted as the GEMMs it runs). Norms, activations
+merge the ``fusedvlm::local_merge`` op (its C++ kernel, counted by the op's FLOP formula) or,
+on the torch path, a convolution or, on wide models, the ``_WinogradConv`` autograd function
+(an opaque ``prim::PythonOp`` in the trace, counted as the GEMMs it runs). Norms, activations
 and other elementwise ops count as zero, as in the bench's counter. Triton launches are
 invisible to a trace; fvcore is for CPU inspection (the GPU image does not ship it).
 
@@ -103,6 +104,14 @@ def _winograd_conv(inputs, outputs) -> int:
     return 2 * (5 * pr) * (5 * pc) * v * c_in * c_out
 
 
+def _local_merge_op(inputs, outputs) -> int:
+    """fusedvlm::local_merge(x, weight, lf_token, bias, residual, h, w), as FlopCounterMode counts it."""
+    from fusedvlm.kernels.local_merge import _merge_flops
+
+    return _merge_flops(_shape(inputs[0]), _shape(inputs[1]), None, None, None, _constant(inputs[5]),
+                        _constant(inputs[6]))
+
+
 def handles() -> dict:
     """fvcore op handles, by the traced op's name."""
     from fvcore.nn import jit_handles as j
@@ -113,7 +122,8 @@ def handles() -> dict:
         "aten::_convolution": j.conv_flop_jit,
     }
     return {**{name: _twice(h) for name, h in matmuls.items()}, "aten::scaled_dot_product_attention": _sdpa,
-            "aten::_native_multi_head_attention": _native_mha, "prim::PythonOp._WinogradConv": _winograd_conv}
+            "aten::_native_multi_head_attention": _native_mha, "prim::PythonOp._WinogradConv": _winograd_conv,
+            "fusedvlm::local_merge": _local_merge_op}
 
 
 class _Prefill(nn.Module):

@@ -1,8 +1,9 @@
-"""Local merge: Triton kernel (interpreter, and GPU when present) and torch path vs the eager
-reference chain, forward and every gradient, tolerances from tests/kernels/tolerances.py.
+"""Local merge: Triton kernel (interpreter, and GPU when present), C++ CPU kernel (direct and
+Winograd forms) and torch path vs the eager reference chain, forward and every gradient,
+tolerances from tests/kernels/tolerances.py.
 
-The reference runs with ``upcast=True`` (fp32 maths) on the same dtype-rounded inputs, so the
-tolerance covers the implementation's rounding in its own dtype.
+The reference runs with ``upcast=True`` (fp32 maths; fp64 for the C++ kernel) on the same
+dtype-rounded inputs, so the tolerance covers the implementation's rounding in its own dtype.
 """
 
 from __future__ import annotations
@@ -54,11 +55,15 @@ def _run(fn, x, weight, lf, b, grad, device="cpu", **kw):
     return [out.detach().cpu().float()] + [g.cpu().float() for g in grads]
 
 
-def check_matches_reference(case, device="cpu", strided=False):
+def check_matches_reference(case, device="cpu", strided=False, exact_reference=False):
+    """``exact_reference``: the reference computes in fp64 (else in fp32) on the same inputs."""
     v, h, w, c_in, c_out, residual, bias, dtype = case
     x, weight, lf, b, grad = _inputs(v, h, w, c_in, c_out, bias, dtype)
     kw = dict(residual=residual, grid=(h, w))
-    want = _run(ref_local_merge, x, weight, lf, b, grad, upcast=True, **kw)
+    if exact_reference:
+        want = _run(ref_local_merge, *[t if t is None else t.double() for t in (x, weight, lf, b, grad)], **kw)
+    else:
+        want = _run(ref_local_merge, x, weight, lf, b, grad, upcast=True, **kw)
     if strided:  # x and the output gradient stored token-major, read through strided views
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
         grad = grad.transpose(0, 1).contiguous().transpose(0, 1)
@@ -103,6 +108,7 @@ TORCH_CASES = [(case, path) for case in CPU_CASES for path in TORCH_PATHS if pat
 
 @pytest.mark.parametrize("case, path", TORCH_CASES, ids=lambda c: c if isinstance(c, str) else "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
 def test_torch_path_matches_reference(case, path, monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
     check_matches_reference(case)
@@ -110,6 +116,7 @@ def test_torch_path_matches_reference(case, path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(TORCH_PATHS))
 def test_torch_path_strided_and_frozen_weight(path, monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
     check_matches_reference((2, 3, 3, 16, 16, True, True, F32), strided=True)
@@ -154,14 +161,16 @@ def test_out_buffer_triton(monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(TORCH_PATHS))
 def test_out_buffer_torch(path, monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: TORCH_PATHS[path] and x.dtype == F32)
     _check_out_buffer()
 
 
-def test_paper_shape_torch_path():
+def test_paper_shape_torch_path(monkeypatch):
     # 10 views of 24x24 -> 145 tokens per view, 1450 in all (SPEC section 4), at a width that
     # takes the Winograd form by default.
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     x, weight, lf, _, _ = _inputs(10, 24, 24, 512, 512, False, F32)
     assert lm._use_winograd(x, weight)
     out = local_merge(x, weight, lf)
@@ -191,6 +200,7 @@ def test_mixed_dtypes_triton(monkeypatch):
 
 
 def test_mixed_dtypes_torch(monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     _check_mixed_dtypes()
 
@@ -293,22 +303,161 @@ def test_triton_gpu_tiles_match_reference(cfg, case, monkeypatch):
         check_matches_reference(case)
 
 
+# --------------------------------------------------------------------------- C++ CPU kernel
+
+needs_cpp = pytest.mark.skipif("not __import__('fusedvlm.native').native.available()",
+                               reason="the C++ CPU kernels could not be built here")
+# The C++ kernel's two forms (kernels/local_merge.py _cpp_winograd picks one by size), each
+# forced in turn; "torch" is the op's fallback kernel (FUSEDVLM_BACKEND=torch).
+CPP_FORMS = {"cpp-direct": False, "cpp-winograd": True}
+
+
+class _NativeSpy:
+    """Stands in for ``torch.ops.fusedvlm_cpu`` and records which kernels ran."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return fn(*args)
+
+        return call
+
+
+def _use_path(path, monkeypatch):
+    """Runs the op on ``path``; returns the spy on the C++ kernels (None for "torch")."""
+    monkeypatch.setattr(lm, "_kernels", _no_triton)
+    if path == "torch":
+        monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
+        return None
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "cpp")
+    monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
+    monkeypatch.setattr(lm, "_cpp_winograd", lambda x, weight, h, w: CPP_FORMS[path])
+    spy = _NativeSpy(lm.native.load())
+    monkeypatch.setattr(lm.native, "load", lambda: spy)
+    return spy
+
+
+@pytest.fixture(params=sorted(CPP_FORMS))
+def cpp_form(request, monkeypatch):
+    return _use_path(request.param, monkeypatch)
+
+
+_CASE_ID = "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format
+# (V, H, W, C_in, C_out, residual, bias, dtype): odd and even sides, 1x1 and one-row grids,
+# non-square grids, one and several views, C_in != C_out without residual, every dtype.
+CPP_CASES = [
+    (2, 7, 7, 40, 40, True, True, F32),
+    (1, 1, 1, 8, 8, True, True, F32),
+    (1, 1, 2, 8, 8, True, False, F32),
+    (2, 2, 1, 8, 8, False, True, F32),
+    (3, 3, 5, 12, 12, True, True, F32),
+    (2, 6, 4, 16, 16, True, False, F32),
+    (1, 5, 8, 24, 36, False, True, F32),
+    (2, 9, 7, 16, 16, True, True, F32),
+    (1, 24, 24, 16, 16, True, False, F32),
+    (2, 7, 7, 40, 40, True, True, BF16),
+    (2, 5, 5, 40, 40, True, True, F16),
+    (1, 4, 6, 24, 36, False, False, F16),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", CPP_CASES, ids=lambda c: _CASE_ID(*c[:7], str(c[7])[6:]))
+def test_cpp_matches_fp64_reference(case, cpp_form):
+    check_matches_reference(case, exact_reference=True)
+    assert cpp_form.calls == ["local_merge_fwd", "local_merge_bwd"]
+
+
+@needs_cpp
+def test_cpp_strided_inputs_and_partial_gradients(cpp_form):
+    check_matches_reference((2, 3, 3, 16, 16, True, True, F32), strided=True, exact_reference=True)
+    x, weight, lf, b, grad = _inputs(2, 5, 7, 16, 16, True, F32)
+    want_x, want_w = torch.autograd.grad(
+        ref_local_merge(x.requires_grad_(), weight.requires_grad_(), lf, bias=b, grid=(5, 7)), (x, weight), grad)
+    for leaf, want in ((x, want_x), (weight, want_w)):  # only one of x and weight needs a gradient
+        leaves = [t.detach().clone().requires_grad_(t is leaf) for t in (x, weight)]
+        out = local_merge(*leaves, lf, bias=b, grid=(5, 7))
+        (got,) = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad)
+        torch.testing.assert_close(got, want, **tol(OP, F32))
+
+
+@needs_cpp
+def test_cpp_out_buffer(cpp_form):
+    _check_out_buffer()
+
+
+@needs_cpp
+def test_cpp_mixed_dtypes(cpp_form):
+    _check_mixed_dtypes()
+
+
+@needs_cpp
+def test_cpp_paper_shape():
+    """The paper's merge (10 views of 24x24, 145 tokens each), where the C++ kernel picks its
+    Winograd form. The weight gradient sums 1440 pixels to
+    entries of ~100, where fp32 itself errs by more than the table's atol: each output's error
+    against fp64 is bounded by the fp32 eager chain's own (F.conv2d) plus that atol."""
+    x, weight, lf, b, grad = _inputs(10, 24, 24, 256, 256, True, F32)
+    assert lm._cpp_winograd(x, weight, 24, 24)
+    assert lm.implementation(x) == "cpp"
+    got = _run(local_merge, x, weight, lf, b, grad)
+    exact = _run(ref_local_merge, *[t.double() for t in (x, weight, lf, b, grad)])
+    fp32 = _run(ref_local_merge, x, weight, lf, b, grad)
+    for name, g, e, r in zip(["out", "dx", "dweight", "dlf", "dbias"], got, exact, fp32):
+        err, ref_err = (g - e).abs().max().item(), (r - e).abs().max().item()
+        assert err <= ref_err + tol(OP, F32)["atol"], f"{name}: {err:.3g} vs the fp32 chain's {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("path", ["torch"] + sorted(CPP_FORMS))
+def test_nan_reaches_exactly_the_outputs_that_read_it(path, monkeypatch):
+    """A NaN token makes NaN exactly the merged tokens whose taps (or residual) read it; a NaN
+    output gradient makes NaN exactly the token gradients of the pixels that output read, its
+    channel of the weight gradient and bias gradient; as the fp64 reference chain does."""
+    if path != "torch" and not lm.native.available():
+        pytest.skip("the C++ CPU kernels could not be built here")
+    _use_path(path, monkeypatch)
+    monkeypatch.setattr(lm, "_use_winograd", lambda x, weight: True)  # the torch path's Winograd form
+    v, h, w, c = 2, 9, 7, 8
+    x, weight, lf, b, grad = _inputs(v, h, w, c, c, True, F32)
+    for iy, ix in ((3, 5), (4, 2), (0, 0), (8, 6)):
+        xn, gn = x.clone(), grad.clone()
+        xn[1, iy * w + ix, 2] = float("nan")
+        gn[0, (iy // 2) * ((w + 1) // 2) + ix // 2, 5] = float("nan")
+        for inputs in ((xn, grad), (x, gn)):
+            got = _run(local_merge, inputs[0], weight, lf, b, inputs[1], grid=(h, w))
+            want = _run(ref_local_merge, *[t.double() for t in (inputs[0], weight, lf, b, inputs[1])], grid=(h, w))
+            assert want[1 if inputs[0] is x else 0].isnan().any()  # a NaN token reaches out, a NaN grad dx
+            for name, g, r in zip(["out", "dx", "dweight", "dlf", "dbias"], got, want):
+                assert torch.equal(g.isnan(), r.isnan()), f"{name}, NaN at {(iy, ix)}"
+                torch.testing.assert_close(g.nan_to_num(), r.nan_to_num(), **tol(OP, F32))
+
+
+@pytest.mark.parametrize("path", ["torch"] + sorted(CPP_FORMS))
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_op_opcheck_and_gradients_match_reference(with_bias):
+def test_op_opcheck_and_gradients_match_reference(with_bias, path, monkeypatch):
     """The fusedvlm::local_merge op itself (what compiled graphs and FLOP counting see), its
     CPU backward included: opcheck, then gradients against the eager reference chain."""
-    from fusedvlm.ref.local_merge import local_merge as ref_merge
-
+    if path != "torch" and not lm.native.available():
+        pytest.skip("the C++ CPU kernels could not be built here")
+    spy = _use_path(path, monkeypatch)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5 * 3, 8, generator=g, requires_grad=True)
     w = torch.randn(8, 8, 3, 3, generator=g, requires_grad=True)
     lf = torch.randn(8, generator=g, requires_grad=True)
     b = torch.randn(8, generator=g, requires_grad=True) if with_bias else None
-    torch.library.opcheck(torch.ops.fusedvlm.local_merge.default, (x, w, lf, b, True, 5, 3))
+    results = torch.library.opcheck(torch.ops.fusedvlm.local_merge.default, (x, w, lf, b, True, 5, 3))
+    assert set(results.values()) == {"SUCCESS"}, results
     got = torch.ops.fusedvlm.local_merge(x, w, lf, b, True, 5, 3)
     leaves = [t for t in (x, w, lf, b) if t is not None]
     grads = torch.autograd.grad(got.square().sum(), leaves)
-    want = ref_merge(x, w, lf, bias=b, residual=True, grid=(5, 3))
+    want = ref_local_merge(x, w, lf, bias=b, residual=True, grid=(5, 3))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, e in zip(grads, torch.autograd.grad(want.square().sum(), leaves)):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    if spy is not None:
+        assert {"local_merge_fwd", "local_merge_bwd"} <= set(spy.calls)
