@@ -16,10 +16,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(const at::Te
                                                                     const at::Tensor&, const at::Tensor&, bool, double);
 Stats pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 at::Tensor local_merge_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           bool, int64_t, int64_t, bool);
+                           bool, int64_t, int64_t, std::optional<bool>);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const at::Tensor&, const at::Tensor&,
                                                                            const at::Tensor&, bool, bool, int64_t,
-                                                                           int64_t, bool, bool, bool);
+                                                                           int64_t, bool, bool, std::optional<bool>);
+bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);
 }  // namespace fusedvlm
 
 TORCH_LIBRARY(fusedvlm_cpu, m) {
@@ -33,10 +34,11 @@ TORCH_LIBRARY(fusedvlm_cpu, m) {
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         &fusedvlm::pairwise_cosine_stats);
   m.def("local_merge_fwd(Tensor x, Tensor weight, Tensor lf_token, Tensor? bias, bool residual, int h, int w,"
-        " bool winograd) -> Tensor",
+        " bool? winograd) -> Tensor",
         &fusedvlm::local_merge_fwd);
   m.def("local_merge_bwd(Tensor grad, Tensor x, Tensor weight, bool has_bias, bool residual, int h, int w,"
-        " bool need_x, bool need_w, bool winograd) -> (Tensor, Tensor, Tensor, Tensor)",
+        " bool need_x, bool need_w, bool? winograd) -> (Tensor, Tensor, Tensor, Tensor)",
         &fusedvlm::local_merge_bwd);
+  m.def("local_merge_winograd(int v, int h, int w, int c_in, int c_out) -> bool", &fusedvlm::winograd_form);
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
 }

@@ -3,7 +3,7 @@
 // the nearest residual x[2oy, 2ox] and the bias per pixel, then one LF row per view.
 //
 // Everything computes in fp32 (fp16/bf16 inputs are upcast once; results are rounded once, when
-// stored) with two algorithms, chosen by the caller:
+// stored) with two algorithms, picked by size (winograd_form below) unless the caller names one:
 //
 // * direct: the 9 taps gathered into one (V*P, 9*C_in) im2col block and a single SGEMM against
 //   the weight read in place, as (C_out, C_in*9) rows; the epilogue adds residual and bias while
@@ -37,6 +37,8 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <strings.h>
 #include <array>
 #include <memory>
 #include <optional>
@@ -467,10 +469,29 @@ std::pair<at::Tensor, at::Tensor> bias_and_lf_grads(const float* gp, const Geo& 
 
 }  // namespace
 
+// The Winograd form saves 2.75/9 of the GEMM work but pays a 16-block kernel transform (O(C_in
+// C_out) per call, where the direct form reads the weight in place) and row transforms (O(V P C)),
+// so it needs many output pixels V*P and not too few channels. Measured on one thread (CPU time)
+// at 7x7 to 24x24 grids, 1 to 10 views, 64 to 1024 channels: at 1024 channels the forms tie near
+// V*P = 576 (4 views of 24x24); at V*P = 1440 (the paper's 10 views) Winograd wins from 128
+// channels up. FUSEDVLM_MERGE_FORM=direct|winograd forces one form (benchmarks and tests).
+bool winograd_form(int64_t v, int64_t h, int64_t w, int64_t c_in, int64_t c_out) {
+  const char* forced = std::getenv("FUSEDVLM_MERGE_FORM");
+  if (forced != nullptr && *forced != '\0' && strcasecmp(forced, "auto") != 0) {
+    if (strcasecmp(forced, "direct") == 0) return false;
+    TORCH_CHECK_VALUE(strcasecmp(forced, "winograd") == 0, "FUSEDVLM_MERGE_FORM=", forced,
+                      ": expected auto, direct or winograd");
+    return true;
+  }
+  constexpr int64_t kMinChannels = 128 * 128, kMinPixels = 640;
+  return c_in * c_out >= kMinChannels && v * ((h + 1) / 2) * ((w + 1) / 2) >= kMinPixels;
+}
+
 at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& lf_token,
                            const std::optional<at::Tensor>& bias_in, bool residual, int64_t h, int64_t w,
-                           bool winograd) {
+                           std::optional<bool> form) {
   const Geo g = geometry(x_in, weight_in, h, w, residual);
+  const bool winograd = form.has_value() ? *form : winograd_form(g.v, g.h, g.w, g.cin, g.cout);
   TORCH_CHECK_VALUE(lf_token.dim() == 1 && lf_token.size(0) == g.cout, "local_merge: lf_token must be (", g.cout,
                     ",), got ", lf_token.sizes());
   const bool has_bias = bias_in.has_value() && bias_in->defined();
@@ -533,8 +554,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
                                                                            const at::Tensor& x_in,
                                                                            const at::Tensor& weight_in, bool has_bias,
                                                                            bool residual, int64_t h, int64_t w,
-                                                                           bool need_x, bool need_w, bool winograd) {
+                                                                           bool need_x, bool need_w,
+                                                                           std::optional<bool> form) {
   const Geo g = geometry(x_in, weight_in, h, w, residual);
+  const bool winograd = form.has_value() ? *form : winograd_form(g.v, g.h, g.w, g.cin, g.cout);
   TORCH_CHECK_VALUE(grad_in.dim() == 3 && grad_in.size(0) == g.v && grad_in.size(1) == g.p + 1 &&
                         grad_in.size(2) == g.cout,
                     "local_merge_backward: grad must be (", g.v, ", ", g.p + 1, ", ", g.cout, "), got ",

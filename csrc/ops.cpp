@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -30,6 +31,8 @@ namespace fusedvlm {
 std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                         const at::Tensor&, const at::Tensor&, bool, double);
 Stats pairwise_cosine_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+at::Tensor local_merge_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           bool, int64_t, int64_t, std::optional<bool>);
 
 namespace {
 
@@ -109,6 +112,32 @@ void check_pairs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cu)
   TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", dtype_name(cu));
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.sym_numel() >= 1, "cu_seqlens must be 1-D with n + 1 >= 1 entries, got shape ",
                     cu.sym_sizes());
+}
+
+void check_merge(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lf,
+                 const std::optional<at::Tensor>& bias, bool residual) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "local_merge: x must be (V, H*W, C_in), got shape ", x.sym_sizes());
+  TORCH_CHECK_VALUE(x.sym_numel() > 0, "local_merge: x has an empty dimension: ", x.sym_sizes());
+  const auto c_in = x.sym_size(2);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.sym_size(1) == c_in && weight.sym_size(2) == 3 &&
+                        weight.sym_size(3) == 3,
+                    "local_merge: weight must be (C_out, ", c_in, ", 3, 3), got ", weight.sym_sizes());
+  const auto c_out = weight.sym_size(0);
+  TORCH_CHECK_VALUE(lf.dim() == 1 && lf.sym_size(0) == c_out, "local_merge: lf_token must be (", c_out, ",), got ",
+                    lf.sym_sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK_VALUE(!has_bias || (bias->dim() == 1 && bias->sym_size(0) == c_out), "local_merge: bias must be (",
+                    c_out, ",), got ", has_bias ? bias->sym_sizes() : c10::SymIntArrayRef());
+  TORCH_CHECK_VALUE(!residual || c_in == c_out, "local_merge: residual needs C_in == C_out, got ", c_in, " -> ",
+                    c_out);
+  TORCH_CHECK_TYPE(half_or_float(x), "local_merge: x dtype ", dtype_name(x), " not supported (fp32, fp16, bf16)");
+  const bool floating = weight.is_floating_point() && lf.is_floating_point() && (!has_bias || bias->is_floating_point());
+  TORCH_CHECK_TYPE(floating, "local_merge: all tensors must be floating point, got ", dtype_name(weight), ", ",
+                   dtype_name(lf), has_bias ? ", " + dtype_name(*bias) : std::string());
+  const bool one_device = weight.device() == x.device() && lf.device() == x.device() &&
+                          (!has_bias || bias->device() == x.device());
+  TORCH_CHECK_VALUE(one_device, "local_merge: tensors on different devices ", x.device(), ", ", weight.device(), ", ",
+                    lf.device());
 }
 
 bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
@@ -202,10 +231,69 @@ Stats pairwise_cosine_stats_autograd(c10::DispatchKeySet ks, const at::Tensor& a
   return op.redispatch(ks & c10::after_autograd_keyset, a, b, cu, positive);
 }
 
+// ------------------------------------------------------------------------- local merge
+
+using MergeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            bool, int64_t, int64_t);
+using MergeBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool, int64_t, int64_t, std::array<bool, 3>);
+
+at::Tensor merge_below_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& lf, const std::optional<at::Tensor>& bias, bool residual, int64_t h,
+                                int64_t w) {
+  if (plain_cpu(ks) && cpp_selected()) return local_merge_fwd(x, weight, lf, bias, residual, h, w, std::nullopt);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedvlm::local_merge", "").typed<MergeSig>();
+  return op.redispatch(ks & c10::after_autograd_keyset, x, weight, lf, bias, residual, h, w);
+}
+
+struct LocalMerge : public torch::autograd::Function<LocalMerge> {
+  static at::Tensor forward(AutogradContext* ctx, c10::DispatchKeySet ks, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& lf, const std::optional<at::Tensor>& bias,
+                            bool residual, int64_t h, int64_t w) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = merge_below_autograd(ks, x, weight, lf, bias, residual, h, w);
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["residual"] = residual;
+    ctx->saved_data["h"] = h;
+    ctx->saved_data["w"] = w;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fusedvlm::local_merge_backward", "")
+                               .typed<MergeBackwardSig>();
+    const auto s = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // Indices among the tensor inputs: x, weight, lf_token, then bias when there is one.
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_lf = ctx->needs_input_grad(2), need_b = has_bias && ctx->needs_input_grad(3);
+    auto [dx, dw, dlf, db] = op.call(grads[0].contiguous(), s[0], s[1], has_bias, ctx->saved_data["residual"].toBool(),
+                                     ctx->saved_data["h"].toInt(), ctx->saved_data["w"].toInt(),
+                                     {need_x, need_w, need_lf});
+    return {at::Tensor(), need_x ? dx : at::Tensor(), need_w ? dw : at::Tensor(), need_lf ? dlf : at::Tensor(),
+            need_b ? db : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor local_merge_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& lf, const std::optional<at::Tensor>& bias, bool residual, int64_t h,
+                                int64_t w) {
+  check_merge(x, weight, lf, bias, residual);
+  const at::Tensor none;
+  if (!any_requires_grad({&x, &weight, &lf, bias.has_value() ? &*bias : &none})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return merge_below_autograd(ks, x, weight, lf, bias, residual, h, w);
+  }
+  return LocalMerge::apply(ks, x, weight, lf, bias, residual, h, w);
+}
+
 }  // namespace
 }  // namespace fusedvlm
 
 TORCH_LIBRARY_IMPL(fusedvlm, AutogradCPU, m) {
+  m.impl("local_merge", TORCH_FN(fusedvlm::local_merge_autograd));
   m.impl("packed_attention", TORCH_FN(fusedvlm::packed_attention_autograd));
   m.impl("pairwise_cosine_stats", TORCH_FN(fusedvlm::pairwise_cosine_stats_autograd));
 }

@@ -31,7 +31,8 @@ Triton interpreter (no bf16 arithmetic) bf16 tiles are upcast to fp32 right afte
 fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` lets F.conv2d use it.
 
 C++ path (CPU, csrc/local_merge.cpp): fp32 maths for every dtype (fp16/bf16 are upcast once and
-rounded once when stored), in one of two forms picked by size (``_cpp_winograd``): a direct
+rounded once when stored), in one of two forms picked by size (``winograd_form`` there;
+``FUSEDVLM_MERGE_FORM=direct|winograd`` forces one): a direct
 im2col block and one SGEMM, or the polyphase Winograd F(2, 2) form below with its transforms in
 C++ and its 16 GEMMs split across threads by channel range. The epilogue adds residual and bias
 and writes the LF rows straight into the packed output. Backward: dX (the im2col gradient
@@ -47,7 +48,8 @@ GEMM at near peak FLOP rate, use a polyphase Winograd F(2, 2) form of the same c
 
 Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the C++ kernel, else the torch path, on
 CPU) with ``fusedvlm::local_merge_backward``, fake kernels and FLOP formulas. Eager calls go
-through the op, except where its kernel would be the torch path (see :func:`local_merge`).
+through the op (on CPU its C++ autograd kernel, csrc/ops.cpp), except where its kernel would be
+the torch path (see :func:`local_merge`).
 
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
@@ -64,7 +66,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
 from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -601,28 +603,10 @@ LIB.define(
 )
 
 
-# When the C++ kernel (csrc/local_merge.cpp, fp32 maths for every dtype) takes its Winograd form
-# rather than its direct im2col GEMM, forward and backward alike: the Winograd form saves 2.75/9
-# of the GEMM work but pays a 16-block kernel transform (O(C_in C_out) per call, where the direct
-# form reads the weight in place) and row transforms (O(V P C)), so it needs many output pixels
-# V*P and not too few channels. Measured on one thread (CPU time) at 7x7 to 24x24 grids, 1 to 10
-# views, 64 to 1024 channels: at 1024 channels the forms tie near V*P = 576 (4 views of 24x24),
-# at V*P = 1440 (the paper's 10 views) the Winograd form wins from 128 channels up.
-_CPP_WINOGRAD_MIN_CHANNELS = 128 * 128
-_CPP_WINOGRAD_MIN_PIXELS = 640
-
-
-def _cpp_winograd(x: torch.Tensor, weight: torch.Tensor, h: int, w: int) -> bool:
-    """Whether the C++ kernel runs its Winograd form on this merge (forward or backward)."""
-    pixels = x.shape[0] * ((h + 1) // 2) * ((w + 1) // 2)
-    return weight.shape[0] * weight.shape[1] >= _CPP_WINOGRAD_MIN_CHANNELS and pixels >= _CPP_WINOGRAD_MIN_PIXELS
-
-
 def _merge_cpu(x, weight, lf_token, bias, residual, h, w):
     impl = cpu_implementation(x, weight, lf_token, bias)
     if impl == "cpp":
-        return native.load().local_merge_fwd(x, weight, lf_token, bias, residual, h, w,
-                                             _cpp_winograd(x, weight, h, w))
+        return native.load().local_merge_fwd(x, weight, lf_token, bias, residual, h, w, None)
     if impl == "triton":
         return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
     return _torch_forward(x, weight, lf_token, bias, residual, h, w, None)
@@ -642,7 +626,7 @@ def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
     impl = cpu_implementation(g, x, weight)
     if impl == "cpp":
         return native.load().local_merge_bwd(g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1],
-                                             _cpp_winograd(x, weight, h, w))
+                                             None)
     if impl == "triton":
         return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
     v, _, c_in = x.shape
@@ -749,6 +733,14 @@ def local_merge(
 
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
+    if (out is None and type(x) is torch.Tensor and type(weight) is torch.Tensor and type(lf_token) is torch.Tensor
+            and (bias is None or type(bias) is torch.Tensor) and x.is_cpu and x.dim() == 3 and x.numel()
+            and x.dtype == weight.dtype == lf_token.dtype and (bias is None or bias.dtype == x.dtype)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and cpu_op_ready()):
+        # The common eager CPU call: once the grid is known, the op's C++ kernel checks what
+        # _check does.
+        h, w = grid_shape(x.shape[1], grid)
+        return torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
     if isinstance(x, torch.Tensor) and x.is_floating_point() and out is None:
         # Under autocast compute where F.conv2d would (the autocast dtype, fp32 accumulation);
         # a caller's ``out`` buffer fixes the dtype instead.

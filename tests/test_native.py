@@ -89,28 +89,31 @@ def test_cpu_autograd_kernels_route_like_the_python_kernels(monkeypatch):
 
     if not native.available():
         return
-    for op in ("packed_attention", "pairwise_cosine_stats"):
+    for op in ("packed_attention", "local_merge", "pairwise_cosine_stats"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedvlm::{op}", "AutogradCPU"), op
     attention = sys.modules["fusedvlm.kernels.packed_attention"]
     psi = sys.modules["fusedvlm.kernels.pairwise_cosine"]
     fwd = _counting(monkeypatch, attention, "_fallback_forward")
     bwd = _counting(monkeypatch, attention, "_fallback_backward")
     stats = _counting(monkeypatch, psi, "_torch_pairwise_cosine_stats")
+    merge = _counting(monkeypatch, sys.modules["fusedvlm.kernels.local_merge"], "_torch_forward")
     cu = cu_seqlens_from_lengths([3, 4])
     q = torch.randn(7, 2, 8, requires_grad=True)
     x = torch.randn(7, 16)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for backend, python in (("cpp", False), ("auto", False), ("torch", True), ("bogus", None)):
         monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
-        fwd.clear(), bwd.clear(), stats.clear()
+        fwd.clear(), bwd.clear(), stats.clear(), merge.clear()
         if python is None:  # an invalid choice reaches Python, which names it
             with pytest.raises(ValueError, match="FUSEDVLM_BACKEND"):
                 torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)
             continue
         torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)[0].sum().backward()
         torch.ops.fusedvlm.pairwise_cosine_stats(x, x, cu, True)
-        assert (fwd, bwd, stats) == ((["_fallback_forward"], ["_fallback_backward"], ["_torch_pairwise_cosine_stats"])
-                                     if python else ([], [], [])), backend
+        torch.ops.fusedvlm.local_merge(x.view(1, 7, 16), torch.randn(16, 16, 3, 3), x[0], None, True, 7, 1)
+        assert (fwd, bwd, stats, merge) == ((["_fallback_forward"], ["_fallback_backward"],
+                                             ["_torch_pairwise_cosine_stats"], ["_torch_forward"])
+                                            if python else ([], [], [], [])), backend
     # Under the interpreter (tests/kernels' interpreter marker) "auto" leaves CPU ops to Python.
     monkeypatch.setenv("FUSEDVLM_BACKEND", "auto")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -307,39 +307,21 @@ def test_triton_gpu_tiles_match_reference(cfg, case, monkeypatch):
 
 needs_cpp = pytest.mark.skipif("not __import__('fusedvlm.native').native.available()",
                                reason="the C++ CPU kernels could not be built here")
-# The C++ kernel's two forms (kernels/local_merge.py _cpp_winograd picks one by size), each
-# forced in turn; "torch" is the op's fallback kernel (FUSEDVLM_BACKEND=torch).
-CPP_FORMS = {"cpp-direct": False, "cpp-winograd": True}
-
-
-class _NativeSpy:
-    """Stands in for ``torch.ops.fusedvlm_cpu`` and records which kernels ran."""
-
-    def __init__(self, ops):
-        self.ops, self.calls = ops, []
-
-    def __getattr__(self, name):
-        fn = getattr(self.ops, name)
-
-        def call(*args):
-            self.calls.append(name)
-            return fn(*args)
-
-        return call
+# The C++ kernel's two forms (csrc/local_merge.cpp winograd_form picks one by size), each forced
+# in turn through FUSEDVLM_MERGE_FORM; "torch" is the op's fallback kernel (FUSEDVLM_BACKEND=torch).
+CPP_FORMS = {"cpp-direct": "direct", "cpp-winograd": "winograd"}
 
 
 def _use_path(path, monkeypatch):
-    """Runs the op on ``path``; returns the spy on the C++ kernels (None for "torch")."""
+    """Runs the op on ``path``: the torch path and Triton fail if called on a C++ path."""
     monkeypatch.setattr(lm, "_kernels", _no_triton)
     if path == "torch":
         monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
-        return None
+        return
     monkeypatch.setenv("FUSEDVLM_BACKEND", "cpp")
+    monkeypatch.setenv("FUSEDVLM_MERGE_FORM", CPP_FORMS[path])
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
-    monkeypatch.setattr(lm, "_cpp_winograd", lambda x, weight, h, w: CPP_FORMS[path])
-    spy = _NativeSpy(lm.native.load())
-    monkeypatch.setattr(lm.native, "load", lambda: spy)
-    return spy
+    assert lm.native.load().local_merge_winograd(2, 7, 7, 8, 8) == (CPP_FORMS[path] == "winograd")
 
 
 @pytest.fixture(params=sorted(CPP_FORMS))
@@ -370,7 +352,6 @@ CPP_CASES = [
 @pytest.mark.parametrize("case", CPP_CASES, ids=lambda c: _CASE_ID(*c[:7], str(c[7])[6:]))
 def test_cpp_matches_fp64_reference(case, cpp_form):
     check_matches_reference(case, exact_reference=True)
-    assert cpp_form.calls == ["local_merge_fwd", "local_merge_bwd"]
 
 
 @needs_cpp
@@ -403,7 +384,7 @@ def test_cpp_paper_shape():
     entries of ~100, where fp32 itself errs by more than the table's atol: each output's error
     against fp64 is bounded by the fp32 eager chain's own (F.conv2d) plus that atol."""
     x, weight, lf, b, grad = _inputs(10, 24, 24, 256, 256, True, F32)
-    assert lm._cpp_winograd(x, weight, 24, 24)
+    assert lm.native.load().local_merge_winograd(10, 24, 24, 256, 256)
     assert lm.implementation(x) == "cpp"
     got = _run(local_merge, x, weight, lf, b, grad)
     exact = _run(ref_local_merge, *[t.double() for t in (x, weight, lf, b, grad)])
@@ -444,7 +425,7 @@ def test_op_opcheck_and_gradients_match_reference(with_bias, path, monkeypatch):
     CPU backward included: opcheck, then gradients against the eager reference chain."""
     if path != "torch" and not lm.native.available():
         pytest.skip("the C++ CPU kernels could not be built here")
-    spy = _use_path(path, monkeypatch)
+    _use_path(path, monkeypatch)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5 * 3, 8, generator=g, requires_grad=True)
     w = torch.randn(8, 8, 3, 3, generator=g, requires_grad=True)
@@ -459,5 +440,3 @@ def test_op_opcheck_and_gradients_match_reference(with_bias, path, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, e in zip(grads, torch.autograd.grad(want.square().sum(), leaves)):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
-    if spy is not None:
-        assert {"local_merge_fwd", "local_merge_bwd"} <= set(spy.calls)
