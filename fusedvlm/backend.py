@@ -7,6 +7,8 @@ where those cannot be built. ``FUSEDVLM_BACKEND=torch`` forces the torch path ev
 (useful to compare); ``FUSEDVLM_BACKEND=triton`` makes a missing Triton an error instead of a
 silent fallback; ``FUSEDVLM_BACKEND=cpp`` keeps CPU tensors off the Triton interpreter (the C++
 kernels, or the torch path with one warning where they cannot be built), CUDA ones on Triton.
+The C++ autograd kernels of csrc/ops.cpp read the same two variables on every CPU call
+(``cpp_selected`` there), so a change of either takes effect at the next call on every path.
 
 Nothing here initialises CUDA: the decision looks at a tensor's ``device`` attribute.
 """
