@@ -1,11 +1,14 @@
 // Packed (varlen) block-diagonal attention on the CPU, forward and backward, one call per pack.
 //
-// Work is split into (segment, head, block of queries) items run by at::parallel_for.
-// Each item streams its segment's keys in chunks up to its causal limit (bottom-right:
-// query i of Lq sees keys j <= i + Lk - Lq) with the flash-attention online softmax: S = scale
-// Q K^T and P V are SGEMMs on the packed tensors in place (row stride H * D), so no segment is
-// copied, padded or masked beyond its diagonal band. The backward runs one item per (segment,
-// key/value head): it owns dK, dV of that head and dQ of the G query heads that read it, so no
+// Forward: work units (a short segment with all its heads, else a segment and one key/value
+// head, cut into row ranges when there are too few) are handed out largest first to the
+// threads. A unit packs its keys transposed and its values contiguously once (the pack's rows
+// are H * D apart), then runs blocks of queries through register-tiled AVX-512 / AVX2 kernels:
+// S = scale Q K^T, the flash-attention online softmax over key chunks, O += P V. Both kernels
+// follow the causal staircase (bottom-right: query i of Lq sees keys j <= i + Lk - Lq) one tile
+// of rows at a time, so the diagonal costs half a tile per row tile rather than half a block.
+// The backward runs one item per (segment, key/value head) through SGEMMs on the packed
+// tensors in place: it owns dK, dV of that head and dQ of the G query heads that read it, so no
 // two threads write the same row.
 //
 // Semantics shared with the Triton kernels and the torch path: any finite scale (zero and
@@ -25,8 +28,8 @@
 namespace fusedvlm {
 namespace {
 
-// Query block and key chunk: small for short segments (less causal waste, more items to share
-// between threads), large for long ones (fewer, larger SGEMMs and fewer softmax rescales).
+// Backward query block and key chunk: small for short segments (less causal waste, more items
+// to share between threads), large for long ones (fewer, larger SGEMMs).
 constexpr int64_t kBlockM = 128;
 constexpr int64_t kBlockN = 512;
 inline int64_t block_m(int64_t lq) { return lq >= 512 ? 128 : 64; }
@@ -144,6 +147,15 @@ constexpr PvFn kPv[kTileR][kTileC] = {{&pv_tile<1, 1>, &pv_tile<1, 2>, &pv_tile<
                                       {&pv_tile<3, 1>, &pv_tile<3, 2>, &pv_tile<3, 3>, &pv_tile<3, 4>},
                                       {&pv_tile<4, 1>, &pv_tile<4, 2>, &pv_tile<4, 3>, &pv_tile<4, 4>}};
 
+// Prefetches n floats from p into L1. The packing loops read row after row of the pack, each
+// row (all heads) on its own page, where the hardware prefetchers restart and lag: a row is
+// requested a few rows ahead instead.
+inline void prefetch_floats(const float* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * 4; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+constexpr int64_t kRowsAhead = 4;
+
 // For each of `heads` heads (src + h * d, dst + h * d * ldt): dst[e * ldt + j] = src[j * lds + e]
 // for j < rows, e < d; columns rows..ldt of dst are zeroed. Heads inner, so that a block of rows
 // is read once, in address order, whatever the number of heads.
@@ -156,6 +168,7 @@ void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t d, int6
                                            _mm512_set1_epi32(static_cast<int32_t>(lds)));
     for (; j0 < rows; j0 += 16) {
       const __mmask16 m = rows - j0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (rows - j0)) - 1u);
+      for (int64_t j = j0 + 16; j < std::min(rows, j0 + 32); ++j) prefetch_floats(src + j * lds, heads * d);
       for (int64_t h = 0; h < heads; ++h) {
         const float* base = src + j0 * lds + h * d;
         float* out = dst + h * d * ldt + j0;
@@ -172,12 +185,12 @@ void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t d, int6
   for (int64_t e = 0; e < heads * d; ++e) std::fill(dst + e * ldt + done, dst + (e + 1) * ldt, 0.0f);
 }
 
-// The forward's share of work: query rows [r0, r1) of one segment for the G query heads of
-// one key/value head, whose keys and values it packs once; or (kvh = kAllHeads) every head of
-// a short segment, whose rows it then reads and writes whole, in address order.
-constexpr int64_t kAllHeads = -1;
+// The forward's share of work: query rows [r0, r1) of one segment for the key/value heads
+// [kvh, kvh + kvn) and their query heads, whose keys and values it packs once. kvn is 1, or
+// every head of a short segment, whose rows the unit then reads and writes whole, in address
+// order (per head, a row is 256 bytes on its own page, which the hardware prefetchers miss).
 struct FwdUnit {
-  int64_t seg, kvh, r0, r1;
+  int64_t seg, kvh, kvn, r0, r1;
   double cost;
 };
 
@@ -267,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     const double whole = cost(s, 0, lq);
     total_cost += whole * hkv;
     if (n_seg >= 4 * threads && lk <= kWholeMaxKeys) {
-      units.push_back({s, kAllHeads, 0, lq, whole * hkv});
+      units.push_back({s, 0, hkv, 0, lq, whole * hkv});
       continue;
     }
     std::vector<int64_t> cuts{0};
@@ -281,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     }
     cuts.push_back(lq);
     for (int64_t h = 0; h < hkv; ++h)
-      for (size_t c = 0; c + 1 < cuts.size(); ++c) units.push_back({s, h, cuts[c], cuts[c + 1], cost(s, cuts[c], cuts[c + 1])});
+      for (size_t c = 0; c + 1 < cuts.size(); ++c) units.push_back({s, h, 1, cuts[c], cuts[c + 1], cost(s, cuts[c], cuts[c + 1])});
   }
   // Largest first, handed out one at a time: the threads finish together.
   std::stable_sort(units.begin(), units.end(), [](const FwdUnit& a, const FwdUnit& b) { return a.cost > b.cost; });
@@ -289,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
   auto prefetch = [&](const FwdUnit& u, RowPrefetcher& pf, int64_t steps) {
     pf.clear();
     // A whole segment is read in address order, which the hardware prefetchers follow.
-    if (u.kvh == kAllHeads) return;
+    if (u.kvn > 1) return;
     const int64_t q0 = g.cq[u.seg], k0 = g.ck[u.seg], lk = g.ck[u.seg + 1] - k0;
     const int64_t n_keys = key_limit(causal, u.r1 - 1, lk - (g.cq[u.seg + 1] - q0), lk);
     // The G query heads of a key/value head are adjacent: one run of G * D floats per row.
@@ -303,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     const int64_t q0 = g.cq[u.seg], lq = g.cq[u.seg + 1] - q0, k0 = g.ck[u.seg], lk = g.ck[u.seg + 1] - k0;
     const int64_t shift = lk - lq;
     const int64_t n_keys = key_limit(causal, u.r1 - 1, shift, lk);
-    const bool all = u.kvh == kAllHeads;
-    const int64_t kv_lo = all ? 0 : u.kvh, kv_n = all ? hkv : 1;
+    const bool all = u.kvn > 1;
+    const int64_t kv_lo = u.kvh, kv_n = u.kvn, h_lo = kv_lo * group, hn = kv_n * group;
     // K transposed (d x ldt) and V (n_keys x dp) of each key/value head, contiguous: the tiles
     // read them with unit stride instead of the pack's H * D, and pad columns are zero so every
     // tile is whole.
@@ -315,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     transpose_rows(kp + (k0 * hkv + kv_lo) * d, hkv * d, n_keys, d, kv_n, kt, ldt);
     for (int64_t j = 0; j < n_keys; ++j) {
       const float* vs = vp + ((k0 + j) * hkv + kv_lo) * d;
+      if (j + kRowsAhead < n_keys) prefetch_floats(vs + kRowsAhead * hkv * d, kv_n * d);
       for (int64_t c = 0; c < kv_n; ++c) {
         float* vd = vb + c * ldv + j * dp;
         std::memcpy(vd, vs + c * d, d * sizeof(float));
@@ -326,13 +340,15 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     float* qs = nullptr;
     float* os = nullptr;
     if (all) {
-      qs = sc.qall.get(hq * lq * d);
-      os = sc.oall.get(hq * lq * d);
-      for (int64_t i = 0; i < lq; ++i)
-        for (int64_t h = 0; h < hq; ++h) std::memcpy(qs + (h * lq + i) * d, qp + ((q0 + i) * hq + h) * d, d * sizeof(float));
+      qs = sc.qall.get(hn * lq * d);
+      os = sc.oall.get(hn * lq * d);
+      for (int64_t i = 0; i < lq; ++i) {
+        if (i + kRowsAhead < lq) prefetch_floats(qp + ((q0 + i + kRowsAhead) * hq + h_lo) * d, hn * d);
+        for (int64_t c = 0; c < hn; ++c) std::memcpy(qs + (c * lq + i) * d, qp + ((q0 + i) * hq + h_lo + c) * d, d * sizeof(float));
+      }
     }
-    auto q_row = [&](int64_t h, int64_t r) { return all ? qs + (h * lq + r) * d : qp + ((q0 + r) * hq + h) * d; };
-    auto o_row = [&](int64_t h, int64_t r) { return all ? os + (h * lq + r) * d : op + ((q0 + r) * hq + h) * d; };
+    auto q_row = [&](int64_t h, int64_t r) { return all ? qs + ((h - h_lo) * lq + r) * d : qp + ((q0 + r) * hq + h) * d; };
+    auto o_row = [&](int64_t h, int64_t r) { return all ? os + ((h - h_lo) * lq + r) * d : op + ((q0 + r) * hq + h) * d; };
 
     float* qb = sc.q.get(kFwdRows * d);
     float* sb = sc.s.get(kFwdRows * kFwdKeys);
@@ -418,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
     }
     if (all)
       for (int64_t i = 0; i < lq; ++i)
-        for (int64_t h = 0; h < hq; ++h) std::memcpy(op + ((q0 + i) * hq + h) * d, os + (h * lq + i) * d, d * sizeof(float));
+        for (int64_t c = 0; c < hn; ++c) std::memcpy(op + ((q0 + i) * hq + h_lo + c) * d, os + (c * lq + i) * d, d * sizeof(float));
   };
 
   const int64_t n_units = static_cast<int64_t>(units.size());
