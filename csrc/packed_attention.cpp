@@ -476,7 +476,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
 
   const int64_t grain = tq * d * hq < (1 << 15) ? std::max<int64_t>(n_seg * hkv, 1) : 1;
   at::parallel_for(0, n_seg * hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> pbuf(kBlockM * kBlockN), dpbuf(kBlockM * kBlockN), delta(kBlockM), lrow(kBlockM);
+    // Kept per thread: fresh buffers of this size would be new pages on every call.
+    static thread_local Scratch pscratch, dpscratch, rowscratch;
+    float* pbuf = pscratch.get(kBlockM * kBlockN);
+    float* dpbuf = dpscratch.get(kBlockM * kBlockN);
+    float* delta = rowscratch.get(2 * kBlockM);
+    float* lrow = delta + kBlockM;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t seg = it / hkv, kvh = it % hkv;
       const int64_t q0 = g.cq[seg], lq = g.cq[seg + 1] - q0, k0 = g.ck[seg], lk = g.ck[seg + 1] - k0;
@@ -504,8 +509,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
           const int64_t hi = key_limit(causal, r0 + bm - 1, shift, lk);
           for (int64_t c0 = 0; c0 < hi; c0 += bn) {
             const int64_t cn = std::min(bn, hi - c0);
-            float* p = pbuf.data();
-            float* dp = dpbuf.data();
+            float* p = pbuf;
+            float* dp = dpbuf;
             gemm(false, true, bm, cn, d, scale, qb, ldq, kb + c0 * ldk, ldk, 0.0f, p, bn);
             gemm(false, true, bm, cn, d, 1.0f, dob, ldq, vb + c0 * ldk, ldk, 0.0f, dp, bn);
             for (int64_t i = 0; i < bm; ++i) {
