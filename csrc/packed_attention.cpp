@@ -85,7 +85,8 @@ inline int64_t key_limit(bool causal, int64_t row, int64_t shift, int64_t lk) {
 namespace {
 
 // Forward register tiles: kTileR query rows x kTileC vectors of columns (scores) or of the
-// head dimension (P V); 16 accumulators leave room for the operands in AVX2's 16 registers too.
+// head dimension (P V): 16 accumulators and their operands in AVX-512's 32 registers (AVX2,
+// with 16, spills some: slower, same results).
 constexpr int64_t kTileR = 4;
 constexpr int64_t kTileC = 4;
 // Query rows per block (its Q, running max / sum and output accumulator stay in L1), keys per
@@ -188,7 +189,7 @@ void transpose_rows(const float* src, int64_t lds, int64_t rows, int64_t d, int6
 // The forward's share of work: query rows [r0, r1) of one segment for the key/value heads
 // [kvh, kvh + kvn) and their query heads, whose keys and values it packs once. kvn is 1, or
 // every head of a short segment, whose rows the unit then reads and writes whole, in address
-// order (per head, a row is 256 bytes on its own page, which the hardware prefetchers miss).
+// order (per head, a row is D floats H * D apart, a pattern the hardware prefetchers miss).
 struct FwdUnit {
   int64_t seg, kvh, kvn, r0, r1;
   double cost;
@@ -204,8 +205,8 @@ struct FwdScratch {
 
 // Prefetches (into L2), a few cache lines per step, the rows a unit will read, while the unit
 // before it computes. Those rows sit at the pack's H * D stride, each on its own 4 KB page,
-// where the hardware prefetchers do not follow: fetched on demand, every one would cost a DRAM
-// latency, which measured as much time as the arithmetic on packs of short segments.
+// where the hardware prefetchers do not follow: fetched on demand, every one costs a DRAM
+// latency (about a tenth of the forward's time on a pack of short segments, one unit per head).
 class RowPrefetcher {
  public:
   // Lines at most per unit: the next unit's rows share L2 with the current unit's buffers.
