@@ -2,6 +2,9 @@
 
 #include <dlfcn.h>
 
+#include <mutex>
+#include <utility>
+
 namespace fusedvlm {
 namespace {
 
@@ -26,6 +29,65 @@ sgemm_fn sgemm_ptr() {
 }  // namespace
 
 bool have_blas() { return sgemm_ptr() != nullptr; }
+
+namespace {
+
+// Freed output buffers, reused by the next output that fits (up to twice its size). Bounded by
+// entries; a buffer returned to a full pool is freed. Never destroyed: a tensor may be freed
+// after static destructors have run.
+struct OutputPool {
+  static constexpr size_t kMinBytes = size_t{1} << 20;
+  static constexpr size_t kMaxEntries = 4;
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> free;
+};
+
+OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool();
+  return *pool;
+}
+
+void pool_release(void* p, size_t bytes) {
+  OutputPool& pool = output_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.free.size() < OutputPool::kMaxEntries) {
+      pool.free.emplace_back(p, bytes);
+      return;
+    }
+  }
+  std::free(p);
+}
+
+}  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef sizes) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t need = static_cast<size_t>(numel) * sizeof(float);
+  if (need < OutputPool::kMinBytes) return at::empty(sizes, opts);
+  OutputPool& pool = output_pool();
+  void* p = nullptr;
+  size_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    auto best = pool.free.end();
+    for (auto it = pool.free.begin(); it != pool.free.end(); ++it)
+      if (it->second >= need && it->second <= 2 * need && (best == pool.free.end() || it->second < best->second)) best = it;
+    if (best != pool.free.end()) {
+      p = best->first;
+      bytes = best->second;
+      pool.free.erase(best);
+    }
+  }
+  if (p == nullptr) {
+    bytes = (need + 4095) / 4096 * 4096;
+    p = std::aligned_alloc(4096, bytes);
+    TORCH_CHECK(p != nullptr, "fusedvlm: could not allocate ", bytes, " bytes for an output");
+  }
+  return at::from_blob(p, sizes, [bytes](void* q) { pool_release(q, bytes); }, opts);
+}
 
 #ifdef __AVX512F__
 namespace {

@@ -35,6 +35,12 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 
 bool have_blas();
 
+// An uninitialised float32 tensor for a kernel's output. Outputs of 1 MiB and more take their
+// memory from a small per-process pool that their deleter refills: a pack's output (tens of MB,
+// past glibc's mmap threshold) otherwise arrives as fresh pages, whose faults and zeroing cost
+// a quarter of the attention forward on a pack of short segments.
+at::Tensor pooled_empty(at::IntArrayRef sizes);
+
 // "[0, 3, 5]" for error messages.
 inline std::string join(const std::vector<int64_t>& v) {
   std::string s = "[";

@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd(const at::Tensor& q_in, 
   const Geometry g = geometry(q_in, k_in, cu_q, cu_k, causal);
   at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in);
   const int64_t tq = q.size(0), hq = g.hq, hkv = g.hkv, d = g.d, group = g.group;
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = pooled_empty(q.sizes());
   at::Tensor lse = at::empty({hq, tq}, q.options());
   const float scale = static_cast<float>(scale_d);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();

@@ -321,6 +321,25 @@ def test_cpp_nan_key_reaches_only_the_rows_that_see_it(n_seg, cpp, two_threads):
     assert torch.isfinite(out[~nan]).all()
 
 
+@needs_cpp
+def test_cpp_pooled_output_is_never_handed_out_while_alive(cpp):
+    """Outputs of >= 1 MiB come from a pool that their deleter refills: a live output keeps its
+    values through later calls, and a recycled buffer gives the right answer, gradients included."""
+    lengths = [64] * 64  # 4096 tokens x 4 heads x 16 = 1 MiB of float32 output
+    cu = cu_seqlens_from_lengths(lengths)
+    g = torch.Generator().manual_seed(0)
+    q1, k1, v1, q2, k2, v2 = (torch.randn(4096, 4, 16, generator=g) for _ in range(6))
+    out1 = packed_attention(q1, k1, v1, cu)
+    kept = out1.clone()
+    for _ in range(3):
+        out2 = packed_attention(q2, k2, v2, cu)
+        assert out2.data_ptr() != out1.data_ptr()
+        torch.testing.assert_close(out2, ref_packed_attention(q2, k2, v2, cu), atol=1e-5, rtol=1e-5)
+        del out2
+    torch.testing.assert_close(out1, kept, atol=0, rtol=0)
+    check_against_fp64(lengths, lengths, 4, 2, 16, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize(
     "change,message",
