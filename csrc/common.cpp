@@ -2,9 +2,8 @@
 
 #include <dlfcn.h>
 
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include <mutex>
+#include <utility>
 
 namespace fusedvlm {
 namespace {
@@ -31,6 +30,126 @@ sgemm_fn sgemm_ptr() {
 
 bool have_blas() { return sgemm_ptr() != nullptr; }
 
+namespace {
+
+// Freed output buffers, reused by the next output that fits (up to twice its size). Bounded by
+// entries; a buffer returned to a full pool is freed. Never destroyed: a tensor may be freed
+// after static destructors have run.
+struct OutputPool {
+  static constexpr size_t kMinBytes = size_t{1} << 20;
+  static constexpr size_t kMaxEntries = 4;
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> free;
+};
+
+OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool();
+  return *pool;
+}
+
+void pool_release(void* p, size_t bytes) {
+  OutputPool& pool = output_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (pool.free.size() < OutputPool::kMaxEntries) {
+      pool.free.emplace_back(p, bytes);
+      return;
+    }
+  }
+  std::free(p);
+}
+
+}  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef sizes) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t need = static_cast<size_t>(numel) * sizeof(float);
+  if (need < OutputPool::kMinBytes) return at::empty(sizes, opts);
+  OutputPool& pool = output_pool();
+  void* p = nullptr;
+  size_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    auto best = pool.free.end();
+    for (auto it = pool.free.begin(); it != pool.free.end(); ++it)
+      if (it->second >= need && it->second <= 2 * need && (best == pool.free.end() || it->second < best->second)) best = it;
+    if (best != pool.free.end()) {
+      p = best->first;
+      bytes = best->second;
+      pool.free.erase(best);
+    }
+  }
+  if (p == nullptr) {
+    bytes = (need + 4095) / 4096 * 4096;
+    p = std::aligned_alloc(4096, bytes);
+    TORCH_CHECK(p != nullptr, "fusedvlm: could not allocate ", bytes, " bytes for an output");
+  }
+  return at::from_blob(p, sizes, [bytes](void* q) { pool_release(q, bytes); }, opts);
+}
+
+#ifdef __AVX512F__
+namespace {
+
+// exp_approx on sixteen lanes (the same Cephes polynomial as exp8 and exp_approx).
+inline __m512 exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.72283f), lo = _mm512_set1_ps(-87.33654f);
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  __m512 res = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+  res = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), res, _mm512_setzero_ps());
+  res = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), res, _mm512_set1_ps(kInf));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
+}
+
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+}  // namespace
+
+float exp_sub_sum(float* row, int64_t n, float base) {
+  const __m512 b = _mm512_set1_ps(base);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), b));
+    _mm512_storeu_ps(row + j, p);
+    acc = _mm512_add_ps(acc, p);
+  }
+  if (j < n) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), b));
+    _mm512_mask_storeu_ps(row + j, m, p);
+    acc = _mm512_mask_add_ps(acc, m, acc, p);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+float row_max(const float* row, int64_t n, float init) {
+  __m512 acc = _mm512_set1_ps(init);
+  int64_t j = 0;
+  // max_ps(x, acc) returns acc when x is NaN: NaN entries are skipped.
+  for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(_mm512_loadu_ps(row + j), acc);
+  if (j < n) {
+    const __mmask16 m = tail_mask(n - j);
+    acc = _mm512_mask_max_ps(acc, m, _mm512_maskz_loadu_ps(m, row + j), acc);
+  }
+  return _mm512_reduce_max_ps(acc);
+}
+
+#else
 #ifdef __AVX2__
 namespace {
 
@@ -99,6 +218,7 @@ float row_max(const float* row, int64_t n, float init) {
   for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
   return mx;
 }
+#endif  // __AVX512F__
 
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {

@@ -12,13 +12,19 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace fusedvlm {
 
@@ -32,6 +38,12 @@ bool have_blas();
 
 // Prefix psi statistics (csrc/pairwise_cosine.cpp): eq, ab, aa, bb, div, each (T,) float32.
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// An uninitialised float32 tensor for a kernel's output. Outputs of 1 MiB and more take their
+// memory from a small per-process pool that their deleter refills: a pack's output (tens of MB,
+// past glibc's mmap threshold) otherwise arrives as fresh pages, whose faults and zeroing cost
+// a quarter of the attention forward on a pack of short segments.
+at::Tensor pooled_empty(at::IntArrayRef sizes);
 
 // "[0, 3, 5]" for error messages.
 inline std::string join(const std::vector<int64_t>& v) {
@@ -80,5 +92,61 @@ float exp_sub_sum(float* row, int64_t n, float base);
 
 // max(init, row[0..n)) ignoring NaN entries.
 float row_max(const float* row, int64_t n, float init);
+
+// The widest float vector the build targets, for hand-tiled register kernels: AVX-512, AVX2 with
+// FMA, else GCC's generic four-lane vectors (any architecture; the compiler picks the FMA).
+#if defined(__AVX512F__)
+using vfloat = __m512;
+constexpr int64_t kLanes = 16;
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vset(float x) { return _mm512_set1_ps(x); }
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using vfloat = __m256;
+constexpr int64_t kLanes = 8;
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vset(float x) { return _mm256_set1_ps(x); }
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+#else
+typedef float vfloat __attribute__((vector_size(16)));
+constexpr int64_t kLanes = 4;
+inline vfloat vzero() { return vfloat{}; }
+inline vfloat vset(float x) { return vfloat{} + x; }
+inline vfloat vload(const float* p) { vfloat x; std::memcpy(&x, p, sizeof(x)); return x; }
+inline void vstore(float* p, vfloat x) { std::memcpy(p, &x, sizeof(x)); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+inline vfloat vmul(vfloat a, vfloat b) { return a * b; }
+#endif
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A 64-byte aligned float buffer that only grows. Kept thread_local by the kernels, so that a
+// call after the first reuses warm pages instead of faulting in a fresh mmap every time.
+class Scratch {
+ public:
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(p_); }
+  float* get(int64_t n) {
+    if (n > n_) {
+      std::free(p_);
+      n_ = round_up(std::max<int64_t>(n, 1024), 16);
+      p_ = static_cast<float*>(std::aligned_alloc(64, n_ * sizeof(float)));
+      TORCH_CHECK(p_ != nullptr, "fusedvlm: could not allocate ", n_ * sizeof(float), " bytes of scratch");
+    }
+    return p_;
+  }
+
+ private:
+  float* p_ = nullptr;
+  int64_t n_ = 0;
+};
 
 }  // namespace fusedvlm

@@ -48,9 +48,12 @@ def _cflags() -> list[str]:
             cpu = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpu = ""
-        # AVX2/FMA only where this CPU has them; they are part of the cache key below.
+        # AVX2/FMA, and AVX-512 (16-lane register tiles and exp), only where this CPU has them;
+        # they are part of the cache key below.
         if " avx2" in cpu and " fma" in cpu:
             flags += ["-mavx2", "-mfma"]
+            if all(f" {f}" in cpu for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl")):
+                flags += ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
     return flags
 
 

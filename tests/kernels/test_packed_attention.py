@@ -244,6 +244,102 @@ def test_cpp_matches_dense_masked_sdpa_on_strided_inputs(cpp):
     torch.testing.assert_close(vt.grad, vd.grad, atol=1e-5, rtol=1e-5)
 
 
+# The C++ forward's boundaries: row tiles of 4, column tiles of 64 keys (32 under AVX2), query
+# blocks of 64, P V key passes of 128, online-softmax chunks of 512; segments of at most 1024
+# keys are one unit with every head when a pack has >= 4 segments per thread, else a unit is a
+# (segment, kv head), cut into row ranges when there are fewer than 4 per thread. The thread
+# count is pinned so that each test reaches the path it names.
+STAIRCASE_LENGTHS = [1, 15, 16, 17, 31, 33, 63, 64, 65, 123]
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_cpp
+@pytest.mark.parametrize("shift", [0, 1, 15, 16, 17, 64, 65])
+def test_cpp_staircase_whole_segment_units(shift, cpp, two_threads):
+    """Many segments: whole-segment units, the staircase at every tile edge, cached prefixes
+    of len_k - len_q keys, GQA 2:1."""
+    lq = STAIRCASE_LENGTHS + [0] + STAIRCASE_LENGTHS[::-1]
+    check_against_fp64(lq, [n + shift for n in lq], 4, 2, 64, torch.float32, seed=shift)
+
+
+@needs_cpp
+@pytest.mark.parametrize("lq", STAIRCASE_LENGTHS)
+@pytest.mark.parametrize("shift", [0, 17, 64])
+def test_cpp_staircase_row_range_units(lq, shift, cpp, two_threads):
+    """One segment and one kv head: row-range units (a query block each from 65 rows on)."""
+    check_against_fp64([lq], [lq + shift], 2, 1, 64, torch.float32, seed=lq)
+
+
+@needs_cpp
+def test_cpp_key_chunks_and_long_segment_beside_short_ones(cpp, two_threads):
+    """Online softmax across 512-key chunks, in a whole-segment unit (<= 1024 keys) and in the
+    (segment, kv head) units of a segment past 1024 keys packed among short ones."""
+    lq = [511, 3, 5, 7, 9, 11, 13, 700, 1030]
+    lk = [513, 3, 5, 7, 9, 11, 1024, 1025, 1030]
+    check_against_fp64(lq, lk, 2, 1, 16, torch.float32)
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [8, 40, 80, 128])
+@pytest.mark.parametrize("n_seg", [1, 9])
+def test_cpp_head_dims_off_the_vector_width(d, n_seg, cpp, two_threads):
+    """D padded to the vector width inside the kernels (8, 40, 80) and D wider than one tile (80, 128)."""
+    lq = [37, 70, 5, 1, 64, 20, 9, 33, 2][:n_seg]
+    check_against_fp64(lq, [n + 3 for n in lq], 2, 2, d, torch.float32, seed=d)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n_seg", [2, 9])
+def test_cpp_non_causal_empty_key_segments(n_seg, cpp, two_threads):
+    lq = [9, 4, 20, 70, 1, 5, 6, 7, 8][:n_seg]
+    lk = [17, 0, 20, 3, 0, 5, 6, 7, 8][:n_seg]
+    check_against_fp64(lq, lk, 2, 1, 32, torch.float32, causal=False)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n_seg", [1, 9])
+def test_cpp_nan_key_reaches_only_the_rows_that_see_it(n_seg, cpp, two_threads):
+    """A NaN key inside a row tile's staircase but past some of its rows' limits: those rows,
+    which compute its score in the tile and must drop it, stay finite."""
+    lengths = [70] + [5] * (n_seg - 1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g) for _ in range(3))
+    k[41, 1] = float("nan")  # segment 0, key 41, kv head 1 (row tile 40..43)
+    q[66, 0, 3] = float("nan")  # segment 0, query 66, head 0
+    out = packed_attention(q, k, v, cu_seqlens_from_lengths(lengths))
+    nan = torch.zeros(out.shape[:2], dtype=torch.bool)
+    nan[41:70, 1] = True
+    nan[66, 0] = True
+    assert out[nan].isnan().all()
+    assert torch.isfinite(out[~nan]).all()
+
+
+@needs_cpp
+def test_cpp_pooled_output_is_never_handed_out_while_alive(cpp):
+    """Outputs of >= 1 MiB come from a pool that their deleter refills: a live output keeps its
+    values through later calls, and a recycled buffer gives the right answer, gradients included."""
+    lengths = [64] * 64  # 4096 tokens x 4 heads x 16 = 1 MiB of float32 output
+    cu = cu_seqlens_from_lengths(lengths)
+    g = torch.Generator().manual_seed(0)
+    q1, k1, v1, q2, k2, v2 = (torch.randn(4096, 4, 16, generator=g) for _ in range(6))
+    out1 = packed_attention(q1, k1, v1, cu)
+    kept = out1.clone()
+    for _ in range(3):
+        out2 = packed_attention(q2, k2, v2, cu)
+        assert out2.data_ptr() != out1.data_ptr()
+        torch.testing.assert_close(out2, ref_packed_attention(q2, k2, v2, cu), atol=1e-5, rtol=1e-5)
+        del out2
+    torch.testing.assert_close(out1, kept, atol=0, rtol=0)
+    check_against_fp64(lengths, lengths, 4, 2, 16, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize(
     "change,message",
