@@ -6,23 +6,23 @@
 #include <utility>
 
 namespace fusedvlm {
+
+// libtorch_cpu is loaded RTLD_LOCAL by Python, so its BLAS is found through the library that
+// holds a known ATen symbol rather than the global namespace.
+void* libtorch_symbol(const char* name) {
+  Dl_info info;
+  if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) || info.dli_fname == nullptr) return nullptr;
+  void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  return handle == nullptr ? nullptr : dlsym(handle, name);
+}
+
 namespace {
 
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                           const int*, const float*, const int*, const float*, float*, const int*);
 
-// libtorch_cpu is loaded RTLD_LOCAL by Python, so its BLAS is found through the library that
-// holds a known ATen symbol rather than the global namespace.
-sgemm_fn find_sgemm() {
-  Dl_info info;
-  if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) || info.dli_fname == nullptr) return nullptr;
-  void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-  if (handle == nullptr) return nullptr;
-  return reinterpret_cast<sgemm_fn>(dlsym(handle, "sgemm_"));
-}
-
 sgemm_fn sgemm_ptr() {
-  static sgemm_fn fn = find_sgemm();
+  static const sgemm_fn fn = reinterpret_cast<sgemm_fn>(libtorch_symbol("sgemm_"));
   return fn;
 }
 
@@ -33,13 +33,15 @@ bool have_blas() { return sgemm_ptr() != nullptr; }
 namespace {
 
 // Freed output buffers, reused by the next output that fits (up to twice its size). Bounded by
-// entries; a buffer returned to a full pool is freed. Never destroyed: a tensor may be freed
-// after static destructors have run.
+// entries and by bytes held (memory torch's allocator statistics do not see); a buffer returned
+// to a full pool is freed. Never destroyed: a tensor may be freed after static destructors have run.
 struct OutputPool {
   static constexpr size_t kMinBytes = size_t{1} << 20;
   static constexpr size_t kMaxEntries = 4;
+  static constexpr size_t kMaxBytes = size_t{128} << 20;
   std::mutex mu;
   std::vector<std::pair<void*, size_t>> free;
+  size_t held = 0;
 };
 
 OutputPool& output_pool() {
@@ -51,8 +53,9 @@ void pool_release(void* p, size_t bytes) {
   OutputPool& pool = output_pool();
   {
     std::lock_guard<std::mutex> lock(pool.mu);
-    if (pool.free.size() < OutputPool::kMaxEntries) {
+    if (pool.free.size() < OutputPool::kMaxEntries && pool.held + bytes <= OutputPool::kMaxBytes) {
       pool.free.emplace_back(p, bytes);
+      pool.held += bytes;
       return;
     }
   }
@@ -78,6 +81,7 @@ at::Tensor pooled_empty(at::IntArrayRef sizes) {
     if (best != pool.free.end()) {
       p = best->first;
       bytes = best->second;
+      pool.held -= bytes;
       pool.free.erase(best);
     }
   }

@@ -36,6 +36,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 
 bool have_blas();
 
+// A symbol of the libtorch_cpu this process loaded (its MKL/OpenBLAS entry points), or nullptr.
+void* libtorch_symbol(const char* name);
+
 // Prefix psi statistics (csrc/pairwise_cosine.cpp): eq, ab, aa, bb, div, each (T,) float32.
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -142,6 +145,14 @@ class Scratch {
       TORCH_CHECK(p_ != nullptr, "fusedvlm: could not allocate ", n_ * sizeof(float), " bytes of scratch");
     }
     return p_;
+  }
+  // Gives the memory back when it exceeds `bytes` (a huge call need not pin its buffer forever).
+  void release_above(size_t bytes) {
+    if (static_cast<size_t>(n_) * sizeof(float) > bytes) {
+      std::free(p_);
+      p_ = nullptr;
+      n_ = 0;
+    }
   }
 
  private:

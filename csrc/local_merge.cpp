@@ -34,13 +34,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <strings.h>
 #include <array>
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -95,31 +93,18 @@ inline int64_t grain(int64_t floats_per_line) {
 // released after the call instead of kept.
 constexpr size_t kScratchKeep = size_t{192} << 20;
 
-class Scratch {
+// Three slots per calling thread, each a thread_local fusedvlm::Scratch.
+class MergeScratch {
  public:
   enum Slot { kWeights, kRowsIn, kRowsOut };
-  ~Scratch() {
-    for (Buf& b : bufs())
-      if (b.size * sizeof(float) > kScratchKeep) b = Buf();
+  ~MergeScratch() {
+    for (Scratch& b : slots()) b.release_above(kScratchKeep);
   }
-  float* get(Slot s, int64_t n) {
-    Buf& b = bufs()[s];
-    const size_t want = static_cast<size_t>(std::max<int64_t>(n, 1));
-    if (want > b.size) {
-      b = Buf();
-      b.data.reset(new float[want]);
-      b.size = want;
-    }
-    return b.data.get();
-  }
+  float* get(Slot s, int64_t n) { return slots()[s].get(n); }
 
  private:
-  struct Buf {
-    std::unique_ptr<float[]> data;
-    size_t size = 0;
-  };
-  static std::array<Buf, 3>& bufs() {
-    thread_local std::array<Buf, 3> b;
+  static std::array<Scratch, 3>& slots() {
+    thread_local std::array<Scratch, 3> b;
     return b;
   }
 };
@@ -146,12 +131,7 @@ class SequentialBlas {
  private:
   using set_fn = int (*)(int);
   static set_fn set_local() {
-    static const set_fn fn = [] {
-      Dl_info info;
-      if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) || info.dli_fname == nullptr) return set_fn{};
-      void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-      return handle ? reinterpret_cast<set_fn>(dlsym(handle, "MKL_Set_Num_Threads_Local")) : set_fn{};
-    }();
+    static const set_fn fn = reinterpret_cast<set_fn>(libtorch_symbol("MKL_Set_Num_Threads_Local"));
     return fn;
   }
   set_fn fn_;
@@ -502,13 +482,13 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, 
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *lp = lf.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({g.v, g.p + 1, g.cout}, x_in.options());
-  Scratch scratch;
+  MergeScratch scratch;
 
   if (!winograd) {
     const int64_t kk = 9 * g.cin;
-    float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
+    float* col = scratch.get(MergeScratch::kRowsIn, g.v * g.p * kk);
     im2col(xp, g, col);
-    float* y = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
+    float* y = scratch.get(MergeScratch::kRowsOut, g.v * g.p * g.cout);
     {
       SequentialBlas one_thread(g.v * g.p * kk * g.cout < kSmallGemm);
       gemm(false, true, g.v * g.p, g.cout, kk, 1.0f, col, kk, wp, kk, 0.0f, y, g.cout);
@@ -526,10 +506,10 @@ at::Tensor local_merge_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, 
   }
 
   const Blocks bl(g);
-  float* a = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
+  float* a = scratch.get(MergeScratch::kRowsIn, bl.total() * g.cin);
   winograd_inputs(xp, g, bl, a);
-  float* k = scratch.get(Scratch::kWeights, 16 * g.cout * g.cin);
-  float* prod = scratch.get(Scratch::kRowsOut, bl.total() * g.cout);
+  float* k = scratch.get(MergeScratch::kWeights, 16 * g.cout * g.cin);
+  float* prod = scratch.get(MergeScratch::kRowsOut, bl.total() * g.cout);
   // Each thread owns a range of output channels: its rows of the kernels, its columns of every
   // product and of the output.
   with_typed(out, [&](auto* op) {
@@ -569,17 +549,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
   at::Tensor dx = need_x ? at::empty({g.v, g.h * g.w, g.cin}, x_in.options()) : at::empty({0}, x_in.options());
   at::Tensor dw = at::empty({0}, weight_in.options());
   auto [dlf, db] = bias_and_lf_grads(gp, g, has_bias, weight_in);
-  Scratch scratch;
+  MergeScratch scratch;
 
   if (!winograd) {
     const int64_t kk = 9 * g.cin;
     SequentialBlas one_thread(g.v * g.p * kk * g.cout < kSmallGemm);
     // The pixel rows of every view, without the LF rows, as one GEMM operand.
-    float* gc = scratch.get(Scratch::kRowsOut, g.v * g.p * g.cout);
+    float* gc = scratch.get(MergeScratch::kRowsOut, g.v * g.p * g.cout);
     for (int64_t v = 0; v < g.v; ++v)
       std::memcpy(gc + v * g.p * g.cout, gp + v * (g.p + 1) * g.cout, g.p * g.cout * sizeof(float));
     if (need_x) {
-      float* dcol = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
+      float* dcol = scratch.get(MergeScratch::kRowsIn, g.v * g.p * kk);
       gemm(false, false, g.v * g.p, kk, g.cout, 1.0f, gc, g.cout, weight.data_ptr<float>(), kk, 0.0f, dcol, kk);
       // dx[pixel] gathers the im2col gradient of the (at most 4) taps that read the pixel.
       const auto ry = direct_readers(g.h, g.ho), rx = direct_readers(g.w, g.wo);
@@ -609,7 +589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
       });
     }
     if (need_w) {
-      float* col = scratch.get(Scratch::kRowsIn, g.v * g.p * kk);
+      float* col = scratch.get(MergeScratch::kRowsIn, g.v * g.p * kk);
       im2col(x.data_ptr<float>(), g, col);
       at::Tensor dwf = at::empty({g.cout, g.cin, 3, 3}, gr.options());
       gemm(true, false, g.cout, kk, g.v * g.p, 1.0f, gc, g.cout, col, kk, 0.0f, dwf.data_ptr<float>(), kk);
@@ -621,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
   const Blocks bl(g);
   const int64_t block = g.cout * g.cin;
   // dP: the output transform's adjoint, every component product's gradient.
-  float* dprod = scratch.get(Scratch::kRowsOut, bl.total() * g.cout);
+  float* dprod = scratch.get(MergeScratch::kRowsOut, bl.total() * g.cout);
   bl.for_lines(g.cout, [&](int ab, int64_t v, int64_t i) {
     const int ka = ab / 4, kb = ab % 4;
     for (int64_t j = 0; j < bl.cols.count[kb]; ++j) {
@@ -634,8 +614,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
   });
   if (need_x) {
     // Each thread owns a range of input channels: its columns of the kernels, of dA and of dx.
-    float* k = scratch.get(Scratch::kWeights, 16 * block);
-    float* da = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
+    float* k = scratch.get(MergeScratch::kWeights, 16 * block);
+    float* da = scratch.get(MergeScratch::kRowsIn, bl.total() * g.cin);
     const float* wp = weight.data_ptr<float>();
     with_typed(dx, [&](auto* dp) {
       for_chunks(channel_chunks(g.cin), [&](Range ch) {
@@ -655,9 +635,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
   if (need_w) {
     // dA and the kernels are spent: their slots take A and dK. Each thread owns a range of
     // output channels: its rows of dK and of the weight gradient.
-    float* a = scratch.get(Scratch::kRowsIn, bl.total() * g.cin);
+    float* a = scratch.get(MergeScratch::kRowsIn, bl.total() * g.cin);
     winograd_inputs(x.data_ptr<float>(), g, bl, a);
-    float* dk = scratch.get(Scratch::kWeights, 16 * block);
+    float* dk = scratch.get(MergeScratch::kWeights, 16 * block);
     at::Tensor dwf = at::empty({g.cout, g.cin, 3, 3}, gr.options());
     float* dwp = dwf.data_ptr<float>();
     for_chunks(channel_chunks(g.cout), [&](Range ch) {
