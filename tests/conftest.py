@@ -34,13 +34,23 @@ import pytest
 import torch
 
 
+def _pinned_threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _pinned_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads: the C++ kernels' work splits that only exist with several threads."""
+    yield from _pinned_threads(2)
 
 
 @pytest.fixture(scope="session")

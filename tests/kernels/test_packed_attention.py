@@ -95,12 +95,11 @@ def test_triton_non_causal_with_empty_key_segment():
     check_against_fp64([9, 4, 20], [17, 0, 20], 2, 1, 32, torch.float32, causal=False)
 
 
-@pytest.mark.interpreter
-def test_triton_matches_dense_masked_sdpa_on_strided_inputs():
+def check_strided_inputs_match_dense_sdpa():
+    """q as a view into one fused projection, the way a decoder layer produces it."""
     lq, lk = [3, 30, 1], [19, 30, 1]
     q, k, v, do = (t.float() for t in _inputs(lq, lk, 4, 2, 32, torch.float32, 7)[:4])
     mask = BlockDiagonalCausalMask.from_seqlens(lq, lk)
-    # q as a view into one fused projection, the way a decoder layer produces it.
     fused = torch.cat([q.reshape(q.shape[0], -1), torch.zeros(q.shape[0], 8)], 1).requires_grad_()
     qv = fused[:, : 4 * 32].view(-1, 4, 32)
     assert not qv.is_contiguous()
@@ -115,6 +114,11 @@ def test_triton_matches_dense_masked_sdpa_on_strided_inputs():
     assert not fused.grad[:, 4 * 32:].any()
     torch.testing.assert_close(kt.grad, kd.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vt.grad, vd.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_triton_matches_dense_masked_sdpa_on_strided_inputs():
+    check_strided_inputs_match_dense_sdpa()
 
 
 @pytest.mark.interpreter
@@ -227,21 +231,7 @@ def test_cpp_empty_pack(lengths, cpp):
 
 @needs_cpp
 def test_cpp_matches_dense_masked_sdpa_on_strided_inputs(cpp):
-    lq, lk = [3, 30, 1], [19, 30, 1]
-    q, k, v, do = (t.float() for t in _inputs(lq, lk, 4, 2, 32, torch.float32, 7)[:4])
-    mask = BlockDiagonalCausalMask.from_seqlens(lq, lk)
-    fused = torch.cat([q.reshape(q.shape[0], -1), torch.zeros(q.shape[0], 8)], 1).requires_grad_()
-    qv = fused[:, : 4 * 32].view(-1, 4, 32)
-    kt, vt = k.clone().requires_grad_(), v.clone().requires_grad_()
-    got = packed_attention(qv, kt, vt, mask.cu_seqlens_q, mask.cu_seqlens_k)
-    got.backward(do)
-    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
-    want = dense_masked_attention(qd, kd, vd, mask)
-    want.backward(do)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fused.grad[:, : 4 * 32].view(-1, 4, 32), qd.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kt.grad, kd.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(vt.grad, vd.grad, atol=1e-5, rtol=1e-5)
+    check_strided_inputs_match_dense_sdpa()
 
 
 # The C++ forward's boundaries: row tiles of 4, column tiles of 64 keys (32 under AVX2), query
@@ -250,14 +240,6 @@ def test_cpp_matches_dense_masked_sdpa_on_strided_inputs(cpp):
 # (segment, kv head), cut into row ranges when there are fewer than 4 per thread. The thread
 # count is pinned so that each test reaches the path it names.
 STAIRCASE_LENGTHS = [1, 15, 16, 17, 31, 33, 63, 64, 65, 123]
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @needs_cpp

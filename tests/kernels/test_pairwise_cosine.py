@@ -38,7 +38,7 @@ def _scaled(stats: PsiStats, name: str, exact: PsiStats) -> torch.Tensor:
     return x / getattr(exact, name).double().abs().clamp_min(1) if name == "div" else x
 
 
-def _check(lengths, d, dtype, positive, seed=0, zero_rows=()):
+def check_matches_reference(lengths, d, dtype, positive, seed=0, zero_rows=()):
     a, b, cu = _pack(lengths, d, seed, zero_rows)
     a, b = a.to(dtype), b.to(dtype)
     exact = ref_stats(a, b, cu, positive=positive, upcast=True)
@@ -77,7 +77,7 @@ CASES = [
 @pytest.mark.parametrize("lengths,d,dtype", CASES)
 def test_triton_matches_reference(lengths, d, dtype, positive):
     assert use_triton(torch.zeros(1))
-    _check(lengths, d, dtype, positive)
+    check_matches_reference(lengths, d, dtype, positive)
 
 
 @pytest.mark.parametrize("positive", [True, False], ids=["positive", "signed"])
@@ -87,7 +87,7 @@ def test_cpu_paths_match_reference(lengths, d, dtype, positive, cpu_backend, mon
     monkeypatch.setenv("FUSEDVLM_BACKEND", cpu_backend)
     assert not use_triton(torch.zeros(1))
     # 600 and 257 tokens span several row tiles (256 in torch, 128 in C++), diagonal and off-diagonal.
-    _check(lengths, d, dtype, positive, seed=1)
+    check_matches_reference(lengths, d, dtype, positive, seed=1)
 
 
 def test_opcheck():
@@ -107,7 +107,7 @@ def test_zero_vectors_have_zero_cosine(backend, positive):
     assert use_triton(torch.zeros(1)) == (backend == "triton")
     # Rows 0 and 2 of a, 2 and 5 of b are zero: their cosines count as 0, nothing turns NaN.
     zero_rows = [("a", 0), ("a", 2), ("b", 2), ("b", 5)]
-    got = _check([4, 3], 20, torch.float32, positive, seed=2, zero_rows=zero_rows)
+    got = check_matches_reference([4, 3], 20, torch.float32, positive, seed=2, zero_rows=zero_rows)
     assert got.eq[0].item() == 0 and got.eq[2].item() == pytest.approx(got.eq[1].item() * 2 / 3, abs=1e-6)
     # All-zero pair: every statistic is exactly 0 (cross terms from n = 2 on).
     z = torch.zeros(3, 8)
@@ -200,7 +200,7 @@ def test_triton_gpu_tiles_match_reference(row, gram, lengths, d, dtype):
 
     with force_tiles(pairwise_cosine_row=row, pairwise_cosine_gram=gram):
         # positive for fp32, signed for bf16: both reductions at every tile config
-        _check(lengths, d, dtype, positive=dtype == torch.float32, seed=4)
+        check_matches_reference(lengths, d, dtype, positive=dtype == torch.float32, seed=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
