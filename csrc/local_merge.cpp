@@ -159,8 +159,6 @@ Geo geometry(const at::Tensor& x, const at::Tensor& weight, int64_t h, int64_t w
   return g;
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
 template <typename T>
 inline void store_row(T* dst, const float* src, int64_t n) {
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);

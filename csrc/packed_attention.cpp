@@ -73,8 +73,6 @@ Geometry geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu
   return g;
 }
 
-at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
 // Keys a query row sees in its segment: [0, limit) with limit = row + 1 + shift when causal.
 inline int64_t key_limit(bool causal, int64_t row, int64_t shift, int64_t lk) {
   return causal ? std::min(lk, row + 1 + shift) : lk;
@@ -465,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd(
     double scale_d) {
   const Geometry g = geometry(q_in, k_in, cu_q, cu_k, causal);
   at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in), dout = as_float(do_in),
-             o = as_float(out_in), lse = lse_in.to(at::kFloat).contiguous();
+             o = as_float(out_in), lse = as_float(lse_in);
   const int64_t tq = q.size(0), hq = g.hq, hkv = g.hkv, d = g.d, group = g.group;
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const float scale = static_cast<float>(scale_d);
