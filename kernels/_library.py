@@ -14,8 +14,6 @@ dispatcher hop rather than two Python kernels (see :func:`cpu_op_ready`).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fusedvlm import native
@@ -44,4 +42,4 @@ def cpu_op_ready() -> bool:
     is not forced: the op's C++ autograd kernel then checks the arguments with the public
     function's messages and picks the implementation (C++, or the Triton interpreter / torch
     kernels above when the environment asks for them), so the caller skips both steps."""
-    return os.environ.get("FUSEDVLM_BACKEND", "auto").lower() != "torch" and native.available()
+    return requested_backend() != "torch" and native.available()

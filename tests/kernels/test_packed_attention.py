@@ -121,15 +121,19 @@ def test_triton_matches_dense_masked_sdpa_on_strided_inputs():
     check_strided_inputs_match_dense_sdpa()
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("lengths", [[], [0, 0]])
-def test_triton_empty_pack(lengths):
+def check_empty_pack(lengths):
     cu = cu_seqlens_from_lengths(lengths)
     q = torch.zeros(0, 2, 32, requires_grad=True)
     out = packed_attention(q, q, q, cu)
     assert out.shape == (0, 2, 32)
     out.sum().backward()
     assert q.grad.shape == q.shape
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_triton_empty_pack(lengths):
+    check_empty_pack(lengths)
 
 
 @pytest.mark.parametrize("lq,lk,hq,hkv,d,dtype", CASES)
@@ -221,12 +225,7 @@ def test_cpp_non_causal_with_empty_key_segment(cpp):
 @needs_cpp
 @pytest.mark.parametrize("lengths", [[], [0, 0]])
 def test_cpp_empty_pack(lengths, cpp):
-    cu = cu_seqlens_from_lengths(lengths)
-    q = torch.zeros(0, 2, 32, requires_grad=True)
-    out = packed_attention(q, q, q, cu)
-    assert out.shape == (0, 2, 32)
-    out.sum().backward()
-    assert q.grad.shape == q.shape
+    check_empty_pack(lengths)
 
 
 @needs_cpp
