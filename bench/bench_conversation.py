@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.benchmark.system import environment, print_table, save_json  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json
 
 QUESTIONS = [
     "What is shown in this image?",
@@ -48,7 +48,9 @@ def synthetic_image(width: int, height: int, seed: int):
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1), 128 + 64 * np.sin(x / 17.0 + y / 23.0)], -1)
+    img = np.stack(
+        [255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1), 128 + 64 * np.sin(x / 17.0 + y / 23.0)], -1
+    )
     img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(img, "RGB")
 
@@ -60,15 +62,17 @@ def run_conversation(model, image, questions, reuse: bool, generation):
     turns = []
     for q in questions:
         ans = session.ask(q, generation)
-        turns.append(dict(
-            mode="reuse" if reuse else "recompute",
-            fusion_s=ans.timings.get("fusion", 0.0),
-            fusion_prefill_s=sum(ans.timings.get(s, 0.0) for s in FUSION_PREFILL),
-            ttft_s=ans.ttft_s,
-            llm_prompt_tokens=ans.num_prompt_tokens,
-            answer_tokens=len(ans.ids),
-            ids=ans.ids,
-        ))
+        turns.append(
+            dict(
+                mode="reuse" if reuse else "recompute",
+                fusion_s=ans.timings.get("fusion", 0.0),
+                fusion_prefill_s=sum(ans.timings.get(s, 0.0) for s in FUSION_PREFILL),
+                ttft_s=ans.ttft_s,
+                llm_prompt_tokens=ans.num_prompt_tokens,
+                answer_tokens=len(ans.ids),
+                ids=ans.ids,
+            )
+        )
     return turns, session.fused_tokens()
 
 
@@ -97,8 +101,11 @@ def main(argv=None) -> int:
     image = synthetic_image(*args.image_size, args.seed)
     questions = QUESTIONS[: args.questions]
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    print(f"preset={args.preset} device={device} threads={torch.get_num_threads()} questions={len(questions)} "
-          f"max_new_tokens={args.max_new_tokens} image={args.image_size[0]}x{args.image_size[1]}", flush=True)
+    print(
+        f"preset={args.preset} device={device} threads={torch.get_num_threads()} questions={len(questions)} "
+        f"max_new_tokens={args.max_new_tokens} image={args.image_size[0]}x{args.image_size[1]}",
+        flush=True,
+    )
 
     run_conversation(model, image, questions[:1], True, generation)  # warm-up: allocator, tokenizers, caches
 
@@ -106,20 +113,26 @@ def main(argv=None) -> int:
     ttft: dict[str, list[float]] = {"reuse": [], "recompute": []}
     last: dict[str, tuple] = {}
     for r in range(args.repeats):
-        for reuse in ((True, False) if r % 2 == 0 else (False, True)):
+        for reuse in (True, False) if r % 2 == 0 else (False, True):
             turns, fused = run_conversation(model, image, questions, reuse, generation)
             mode = turns[0]["mode"]
             totals[mode].append(sum(t["fusion_prefill_s"] for t in turns))
             ttft[mode].append(sum(t["ttft_s"] for t in turns))
             last[mode] = (turns, fused)
-            print(f"round {r + 1} {mode}: fusion+prefill {totals[mode][-1]:.3f} s, ttft {ttft[mode][-1]:.3f} s", flush=True)
+            print(
+                f"round {r + 1} {mode}: fusion+prefill {totals[mode][-1]:.3f} s, ttft {ttft[mode][-1]:.3f} s",
+                flush=True,
+            )
 
     rows = []
     for mode in ("recompute", "reuse"):
         for i, t in enumerate(last[mode][0]):
             rows.append(dict(mode=mode, turn=i + 1, **{k: v for k, v in t.items() if k not in ("mode", "ids")}))
-    print_table(rows, ["mode", "turn", "fusion_s", "fusion_prefill_s", "ttft_s", "llm_prompt_tokens", "answer_tokens"],
-                title="per turn (last round)")
+    print_table(
+        rows,
+        ["mode", "turn", "fusion_s", "fusion_prefill_s", "ttft_s", "llm_prompt_tokens", "answer_tokens"],
+        title="per turn (last round)",
+    )
 
     fused_reuse, fused_recompute = last["reuse"][1], last["recompute"][1]
     fused_diff = max(float((a - b).abs().max()) for a, b in zip(fused_reuse, fused_recompute))
@@ -134,14 +147,19 @@ def main(argv=None) -> int:
     )
     summary["speedup_fusion_prefill"] = summary["fusion_prefill_recompute_s"] / summary["fusion_prefill_reuse_s"]
     summary["speedup_ttft"] = summary["ttft_recompute_s"] / summary["ttft_reuse_s"]
-    print(f"\nfusion+projection+LLM prefill over {len(questions)} turns (median of {args.repeats}): "
-          f"recompute {summary['fusion_prefill_recompute_s']:.3f} s, reuse {summary['fusion_prefill_reuse_s']:.3f} s "
-          f"-> {summary['speedup_fusion_prefill']:.2f}x")
-    print(f"time to first token summed over turns: recompute {summary['ttft_recompute_s']:.3f} s, "
-          f"reuse {summary['ttft_reuse_s']:.3f} s -> {summary['speedup_ttft']:.2f}x")
-    print(f"fused tokens, reuse vs recompute: max |diff| = {fused_diff:.3g}; identical answers per turn: {same_answers}")
-    save_json(args.out, dict(env=environment(), args=vars(args), summary=summary, turns=rows,
-                             totals=totals, ttft=ttft))
+    print(
+        f"\nfusion+projection+LLM prefill over {len(questions)} turns (median of {args.repeats}): "
+        f"recompute {summary['fusion_prefill_recompute_s']:.3f} s, reuse {summary['fusion_prefill_reuse_s']:.3f} s "
+        f"-> {summary['speedup_fusion_prefill']:.2f}x"
+    )
+    print(
+        f"time to first token summed over turns: recompute {summary['ttft_recompute_s']:.3f} s, "
+        f"reuse {summary['ttft_reuse_s']:.3f} s -> {summary['speedup_ttft']:.2f}x"
+    )
+    print(
+        f"fused tokens, reuse vs recompute: max |diff| = {fused_diff:.3g}; identical answers per turn: {same_answers}"
+    )
+    save_json(args.out, dict(env=environment(), args=vars(args), summary=summary, turns=rows, totals=totals, ttft=ttft))
     print(f"saved {args.out}")
     return 0
 

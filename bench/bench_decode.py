@@ -20,7 +20,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.benchmark.system import environment, save_json  # noqa: E402
+from fusedvlm.benchmark.system import environment, save_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled lean path")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -50,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    cfg = DecodeBenchConfig(new_tokens=args.new_tokens, repeats=args.repeats, batches=batches,
-                            batch_tokens=args.batch_tokens, compile=not args.no_compile)
+    cfg = DecodeBenchConfig(
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        batches=batches,
+        batch_tokens=args.batch_tokens,
+        compile=not args.no_compile,
+    )
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     torch.manual_seed(0)
     llm_cfg = get_preset(args.preset).llm

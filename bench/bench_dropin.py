@@ -35,7 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
 
 IMAGE_ID = 260
 QUESTION = "What is the man holding in his left hand?"
@@ -48,19 +48,39 @@ def build(args, device, dtype):
     from fusedvlm.config import FusionConfig
     from fusedvlm.model.llm import byte_tokenizer
 
-    vision = CLIPVisionConfig(hidden_size=args.vision_width, intermediate_size=4 * args.vision_width,
-                              num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_width // 64,
-                              image_size=336, patch_size=14)
-    text = LlamaConfig(vocab_size=261, hidden_size=args.llm_width, intermediate_size=int(2.75 * args.llm_width),
-                       num_hidden_layers=args.llm_layers, num_attention_heads=args.llm_width // 64,
-                       num_key_value_heads=args.llm_width // 64, bos_token_id=256, eos_token_id=257, pad_token_id=259)
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_width,
+        intermediate_size=4 * args.vision_width,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_width // 64,
+        image_size=336,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        vocab_size=261,
+        hidden_size=args.llm_width,
+        intermediate_size=int(2.75 * args.llm_width),
+        num_hidden_layers=args.llm_layers,
+        num_attention_heads=args.llm_width // 64,
+        num_key_value_heads=args.llm_width // 64,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=259,
+    )
     torch.manual_seed(args.seed)
     with torch.device(device):
-        host = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID))
+        host = LlavaForConditionalGeneration(
+            LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
+        )
     host = host.to(dtype).eval()
-    fusion = FusionConfig(hidden_size=args.fusion_width, intermediate_size=4 * args.fusion_width,
-                          num_layers=args.fusion_layers, num_heads=args.fusion_width // 64,
-                          num_kv_heads=args.fusion_width // 64, max_queries=max(args.n_l) - 1)
+    fusion = FusionConfig(
+        hidden_size=args.fusion_width,
+        intermediate_size=4 * args.fusion_width,
+        num_layers=args.fusion_layers,
+        num_heads=args.fusion_width // 64,
+        num_kv_heads=args.fusion_width // 64,
+        max_queries=max(args.n_l) - 1,
+    )
     tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return host, fusion, tok
@@ -85,7 +105,9 @@ def run(args) -> dict:
     mask = torch.ones_like(ids)
     embeds = host.get_input_embeddings()(ids).detach()
     rows.append(dict(model="llava", n_l=None, llm_tokens=ids.shape[1]))
-    calls["llava", "prefill_ms"] = lambda: host(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    calls["llava", "prefill_ms"] = lambda: host(
+        input_ids=ids, pixel_values=pixels, attention_mask=mask, use_cache=True, logits_to_keep=1
+    )
     calls["llava", "vision_ms"] = lambda: host.model.get_image_features(pixel_values=pixels)
     calls["llava", "llm_ms"] = lambda e=embeds, m=mask: lm(inputs_embeds=e, attention_mask=m, use_cache=True)
     fusion_params = 0
@@ -102,24 +124,32 @@ def run(args) -> dict:
         rows.append(dict(model="fused", n_l=n_l, llm_tokens=inputs["input_ids"].shape[1]))
         calls[name, "prefill_ms"] = lambda a=adapter, i=inputs: a(**i, use_cache=True, logits_to_keep=1)
         calls[name, "vision_ms"] = lambda a=adapter: a.vision_features(pixels)
-        calls[name, "fusion_ms"] = lambda a=adapter, f=feats, c=cu: a.fusion(f, c, *fq)
-        calls[name, "llm_ms"] = lambda e=fused_embeds, m=inputs["attention_mask"]: lm(inputs_embeds=e, attention_mask=m, use_cache=True)
+        calls[name, "fusion_ms"] = lambda a=adapter, f=feats, c=cu, q=fq: a.fusion(f, c, *q)
+        calls[name, "llm_ms"] = lambda e=fused_embeds, m=inputs["attention_mask"]: lm(
+            inputs_embeds=e, attention_mask=m, use_cache=True
+        )
 
     # Interleaved rounds: on a shared machine a load spike then hits every row alike.
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     with torch.no_grad():
         for r in range(args.rounds):
             for key, fn in calls.items():
-                samples[key].append(time_fn(fn, name=" ".join(key), warmup=args.warmup if r == 0 else 0,
-                                            repeats=1, device=device).median_ms)
+                samples[key].append(
+                    time_fn(
+                        fn, name=" ".join(key), warmup=args.warmup if r == 0 else 0, repeats=1, device=device
+                    ).median_ms
+                )
     for row in rows:
         name = "llava" if row["model"] == "llava" else f"fused {row['n_l']}"
         for metric in ("prefill_ms", "vision_ms", "fusion_ms", "llm_ms"):
             row[metric] = statistics.median(samples[name, metric]) if (name, metric) in samples else None
         row["prefill_min_ms"] = min(samples[name, "prefill_ms"])
         row["vs_llava"] = rows[0]["prefill_ms"] / row["prefill_ms"]
-    return dict(rows=rows, samples={" ".join(k): v for k, v in samples.items()},
-                params=dict(host=sum(p.numel() for p in host.parameters()), fusion=fusion_params))
+    return dict(
+        rows=rows,
+        samples={" ".join(k): v for k, v in samples.items()},
+        params=dict(host=sum(p.numel() for p in host.parameters()), fusion=fusion_params),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     env = environment()
     result = run(args)
-    title = (f"drop-in fusion in a tiny LLaVA (24x24 grid, 576 image tokens), one question, {args.device} {args.dtype}, "
-             f"{torch.get_num_threads()} threads; vs_llava = unmodified prefill time / row time")
+    title = (
+        f"drop-in fusion in a tiny LLaVA (24x24 grid, 576 image tokens), one question, {args.device} {args.dtype}, "
+        f"{torch.get_num_threads()} threads; vs_llava = unmodified prefill time / row time"
+    )
     print_table(result["rows"], COLUMNS, title)
-    print(f"parameters: host {result['params']['host'] / 1e6:.1f} M, fusion module {result['params']['fusion'] / 1e6:.2f} M")
+    print(
+        f"parameters: host {result['params']['host'] / 1e6:.1f} M, fusion module {result['params']['fusion'] / 1e6:.2f} M"
+    )
     if args.out:
         save_json(args.out, dict(env=env, args=vars(args), **result))
         print(f"\nsaved {args.out}")

@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.benchmark.system import environment, print_table, save_json  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json
 
 PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)
 OBJECTS = ("cat", "person", "cup", "car", "rocket", "dog", "chair", "book", "tree", "boat", "clock", "bird")
@@ -53,8 +53,11 @@ def make_benchmark(num_images: int, questions_per_image: int):
         images[key] = crop
         for j in range(questions_per_image):
             q = f"Is there a {OBJECTS[(i + 5 * j) % len(OBJECTS)]} in the image?"
-            items.append(Item(f"{i}-{j}", key, q, _yes_no_prompt(q), "Yes" if (i + j) % 2 else "No", "random",
-                              {"split": "random"}))
+            items.append(
+                Item(
+                    f"{i}-{j}", key, q, _yes_no_prompt(q), "Yes" if (i + j) % 2 else "No", "random", {"split": "random"}
+                )
+            )
     bench = Benchmark("synthetic-pope", "pope", "<memory>", items, {k: ("memory", k) for k in images}, [])
     bench.open_image = images.__getitem__  # in memory: decoding is not what is measured
     return bench
@@ -64,9 +67,11 @@ def fusion_side(evaluator, bench, n_ls):
     keys = list(bench.images)
     fused = {}
     for b in range(0, len(keys), evaluator.cfg.images_per_batch):
-        batch = keys[b:b + evaluator.cfg.images_per_batch]
+        batch = keys[b : b + evaluator.cfg.images_per_batch]
         prompts = [[it.prompt for it in bench.items if it.image_key == k] for k in batch]
-        out = evaluator.fused_tokens([bench.open_image(k) for k in batch], prompts, [[list(n_ls)] * len(p) for p in prompts])
+        out = evaluator.fused_tokens(
+            [bench.open_image(k) for k in batch], prompts, [[list(n_ls)] * len(p) for p in prompts]
+        )
         for k, per_image in zip(batch, out):
             for j, per_n in enumerate(per_image):
                 for n, t in per_n.items():
@@ -110,16 +115,25 @@ def main(argv=None) -> int:
     from fusedvlm.model import FusedVLM
 
     threads = os.environ.get("OMP_NUM_THREADS", "?")
-    command = f"OMP_NUM_THREADS={threads} python bench/bench_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"OMP_NUM_THREADS={threads} python bench/bench_eval.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     torch.manual_seed(args.seed)
     model = FusedVLM.from_preset(args.preset).eval()
     q = args.questions_per_image
     print(f"preset={args.preset} threads={torch.get_num_threads()} n_l={list(n_ls)} questions/image={q}", flush=True)
 
     def evaluator(shared: bool) -> Evaluator:
-        return Evaluator(model, EvalConfig(n_l=n_ls, shared_prefix=shared, images_per_batch=args.images_per_batch,
-                                           llm_batch_size=args.llm_batch_size if shared else 1,
-                                           max_new_tokens_yes_no=args.max_new_tokens))
+        return Evaluator(
+            model,
+            EvalConfig(
+                n_l=n_ls,
+                shared_prefix=shared,
+                images_per_batch=args.images_per_batch,
+                llm_batch_size=args.llm_batch_size if shared else 1,
+                max_new_tokens_yes_no=args.max_new_tokens,
+            ),
+        )
 
     # Warm-up (allocator, tokenizers, first-call paths) on one image, both modes.
     warm = make_benchmark(1, 1)
@@ -135,8 +149,18 @@ def main(argv=None) -> int:
             fused[shared] = fusion_side(ev, fusion_bench, n_ls)
         seconds[shared], cpu[shared] = c.wall, c.cpu
         mode = "shared" if shared else "recompute"
-        rows.append(dict(part="fusion side", mode=mode, pairs=len(fused[shared]), seconds=c.wall, cpu_s=c.cpu,
-                         vision_s=ev.stats.seconds["vision"], fusion_s=ev.stats.seconds["fusion"], llm_s=0.0))
+        rows.append(
+            dict(
+                part="fusion side",
+                mode=mode,
+                pairs=len(fused[shared]),
+                seconds=c.wall,
+                cpu_s=c.cpu,
+                vision_s=ev.stats.seconds["vision"],
+                fusion_s=ev.stats.seconds["fusion"],
+                llm_s=0.0,
+            )
+        )
         print(f"fusion side, {mode}: {c.wall:.1f} s (cpu {c.cpu:.1f} s)", flush=True)
     diff = max(float((fused[True][k] - fused[False][k]).abs().max()) for k in fused[True])
     fusion_ratio, fusion_cpu_ratio = seconds[False] / seconds[True], cpu[False] / cpu[True]
@@ -155,23 +179,54 @@ def main(argv=None) -> int:
             e2e_s[shared], e2e_cpu[shared] = c.wall, c.cpu
             preds[shared] = store.records
             mode = "shared" if shared else "recompute"
-            rows.append(dict(part="end to end", mode=mode, pairs=len(store.records), seconds=c.wall, cpu_s=c.cpu,
-                             vision_s=ev.stats.seconds["vision"], fusion_s=ev.stats.seconds["fusion"], llm_s=ev.stats.seconds["llm"]))
+            rows.append(
+                dict(
+                    part="end to end",
+                    mode=mode,
+                    pairs=len(store.records),
+                    seconds=c.wall,
+                    cpu_s=c.cpu,
+                    vision_s=ev.stats.seconds["vision"],
+                    fusion_s=ev.stats.seconds["fusion"],
+                    llm_s=ev.stats.seconds["llm"],
+                )
+            )
             print(f"end to end, {mode}: {c.wall:.1f} s (cpu {c.cpu:.1f} s)", flush=True)
     same = preds[True] == preds[False]
     e2e_ratio, e2e_cpu_ratio = e2e_s[False] / e2e_s[True], e2e_cpu[False] / e2e_cpu[True]
 
-    print_table(rows, ["part", "mode", "pairs", "seconds", "cpu_s", "vision_s", "fusion_s", "llm_s"], title="(question, n_l) pairs")
-    print(f"\nfusion side: {args.images} images x {q} questions x {len(n_ls)} n_l = {len(fused[True])} pairs: "
-          f"recompute {seconds[False]:.1f} s, shared {seconds[True]:.1f} s -> {fusion_ratio:.2f}x "
-          f"(cpu time {fusion_cpu_ratio:.2f}x; fused tokens max |diff| {diff:.2g})")
-    print(f"end to end: {args.answer_images} images x {q} questions x {len(n_ls)} n_l = {len(preds[True])} answers: "
-          f"recompute {e2e_s[False]:.1f} s, shared {e2e_s[True]:.1f} s -> {e2e_ratio:.2f}x "
-          f"(cpu time {e2e_cpu_ratio:.2f}x); identical predictions: {same}")
-    save_json(args.out, dict(command=command, env=environment(), args=vars(args), rows=rows,
-                             summary=dict(fusion_side_ratio=fusion_ratio, end_to_end_ratio=e2e_ratio,
-                                          fusion_side_cpu_ratio=fusion_cpu_ratio, end_to_end_cpu_ratio=e2e_cpu_ratio,
-                                          fused_max_abs_diff=diff, identical_predictions=same)))
+    print_table(
+        rows,
+        ["part", "mode", "pairs", "seconds", "cpu_s", "vision_s", "fusion_s", "llm_s"],
+        title="(question, n_l) pairs",
+    )
+    print(
+        f"\nfusion side: {args.images} images x {q} questions x {len(n_ls)} n_l = {len(fused[True])} pairs: "
+        f"recompute {seconds[False]:.1f} s, shared {seconds[True]:.1f} s -> {fusion_ratio:.2f}x "
+        f"(cpu time {fusion_cpu_ratio:.2f}x; fused tokens max |diff| {diff:.2g})"
+    )
+    print(
+        f"end to end: {args.answer_images} images x {q} questions x {len(n_ls)} n_l = {len(preds[True])} answers: "
+        f"recompute {e2e_s[False]:.1f} s, shared {e2e_s[True]:.1f} s -> {e2e_ratio:.2f}x "
+        f"(cpu time {e2e_cpu_ratio:.2f}x); identical predictions: {same}"
+    )
+    save_json(
+        args.out,
+        dict(
+            command=command,
+            env=environment(),
+            args=vars(args),
+            rows=rows,
+            summary=dict(
+                fusion_side_ratio=fusion_ratio,
+                end_to_end_ratio=e2e_ratio,
+                fusion_side_cpu_ratio=fusion_cpu_ratio,
+                end_to_end_cpu_ratio=e2e_cpu_ratio,
+                fused_max_abs_diff=diff,
+                identical_predictions=same,
+            ),
+        ),
+    )
     print(f"saved {args.out}")
     return 0 if same and diff < 1e-3 else 1
 

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.backend import backend_name  # noqa: E402
-from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
-from fusedvlm.kernels import local_merge  # noqa: E402
-from fusedvlm.kernels.common import merged_tokens_per_view  # noqa: E402
-from fusedvlm.ref.local_merge import local_merge as eager_local_merge  # noqa: E402
+from fusedvlm.backend import backend_name
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
+from fusedvlm.kernels import local_merge
+from fusedvlm.kernels.common import merged_tokens_per_view
+from fusedvlm.ref.local_merge import local_merge as eager_local_merge
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # name -> (views, grid side, C_in, C_out); paper: 10 HD-9 views of 24x24 CLIP-L tokens (SPEC section 4).
@@ -83,8 +83,15 @@ def _cases(v: int, side: int, c_in: int, c_out: int, dtype: torch.dtype, device:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backward: bool = True,
-                clock: str = "wall", rounds: int = 3) -> list[dict]:
+def bench_shape(
+    name: str,
+    dtype: torch.dtype,
+    device: str,
+    repeats: int,
+    backward: bool = True,
+    clock: str = "wall",
+    rounds: int = 3,
+) -> list[dict]:
     """Each pass times the three ops in turn, ``rounds`` times over (``repeats`` calls each), so
     that a slow spell of a shared machine hits them alike; a row's median is the median of its
     rounds' medians, its iqr the spread (max - min) of those."""
@@ -100,26 +107,33 @@ def bench_shape(name: str, dtype: torch.dtype, device: str, repeats: int, backwa
         with torch.set_grad_enabled(pass_name == "fwd+bwd"):
             for r in range(rounds):
                 for op, fns in cases.items():
-                    t = time_fn(fns[i], name=op, warmup=1 if r == 0 else 0, repeats=repeats, device=device,
-                                clock=CLOCKS[clock])
+                    t = time_fn(
+                        fns[i], name=op, warmup=1 if r == 0 else 0, repeats=repeats, device=device, clock=CLOCKS[clock]
+                    )
                     medians[op].append(t.median_ms)
                     peaks[op] = t.peak_mem_bytes
         median = {op: statistics.median(m) for op, m in medians.items()}
         for op, m in medians.items():
-            rows.append(dict(
-                shape=f"{name} V{v} {side}x{side} {c_in}->{c_out}", pass_=pass_name, op=op,
-                median_ms=median[op], iqr_ms=max(m) - min(m),
-                vs_eager=median["eager"] / median[op],
-                vs_conv2d=median[op] / median["conv2d"],
-                peak_mem_mb=None if peaks[op] is None else peaks[op] / 2**20,
-            ))
+            rows.append(
+                dict(
+                    shape=f"{name} V{v} {side}x{side} {c_in}->{c_out}",
+                    pass_=pass_name,
+                    op=op,
+                    median_ms=median[op],
+                    iqr_ms=max(m) - min(m),
+                    vs_eager=median["eager"] / median[op],
+                    vs_conv2d=median[op] / median["conv2d"],
+                    peak_mem_mb=None if peaks[op] is None else peaks[op] / 2**20,
+                )
+            )
     for r in rows:
         r["pass"] = r.pop("pass_")
     return rows
 
 
-def run(shapes: list[str], dtypes: list[str], device: str, repeats: dict[str, int], clock: str = "wall",
-        rounds: int = 3) -> dict:
+def run(
+    shapes: list[str], dtypes: list[str], device: str, repeats: dict[str, int], clock: str = "wall", rounds: int = 3
+) -> dict:
     probe = torch.empty(0, device=device)
     rows = []
     for dtype_name in dtypes:
@@ -133,16 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     on_gpu = torch.cuda.is_available()
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["paper", "small"])
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
-                   default=["bfloat16", "float16", "float32"] if on_gpu else ["float32"])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=["bfloat16", "float16", "float32"] if on_gpu else ["float32"],
+    )
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per row and round (default: 20 on GPU; on CPU 3 for the paper shape, "
-                        "20 for small)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per row and round (default: 20 on GPU; on CPU 3 for the paper shape, 20 for small)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the three ops (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="CPU timing clock: wall, or process CPU time (with --threads 1, robust on a shared machine)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="CPU timing clock: wall, or process CPU time (with --threads 1, robust on a shared machine)",
+    )
     p.add_argument("--out", default=None, help="also save the results as JSON here")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -152,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     repeats = {s: args.repeats or (20 if gpu or s != "paper" else 3) for s in args.shapes}
     result = run(args.shapes, args.dtypes, args.device, repeats, clock=args.clock, rounds=args.rounds)
-    title = (f"local_merge on {args.device} ({result['backend']} path), {torch.get_num_threads()} threads, "
-             f"{args.clock} clock; vs_eager = speed-up over the eager chain, vs_conv2d = time / F.conv2d alone")
+    title = (
+        f"local_merge on {args.device} ({result['backend']} path), {torch.get_num_threads()} threads, "
+        f"{args.clock} clock; vs_eager = speed-up over the eager chain, vs_conv2d = time / F.conv2d alone"
+    )
     print_table(result["rows"], ["dtype"] + COLUMNS, title)
     if args.out:
         save_json(args.out, dict(args=vars(args), **result))

@@ -21,12 +21,12 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.benchmark.system import environment, print_table, save_json  # noqa: E402
-from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine_stats  # noqa: E402
-from fusedvlm.kernels.local_merge import implementation as merge_impl  # noqa: E402
-from fusedvlm.kernels.packed_attention import implementation as attention_impl  # noqa: E402
-from fusedvlm.kernels.pairwise_cosine import implementation as psi_impl  # noqa: E402
-from fusedvlm.packing import cu_seqlens_from_lengths  # noqa: E402
+from fusedvlm.benchmark.system import environment, print_table, save_json
+from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine_stats
+from fusedvlm.kernels.local_merge import implementation as merge_impl
+from fusedvlm.kernels.packed_attention import implementation as attention_impl
+from fusedvlm.kernels.pairwise_cosine import implementation as psi_impl
+from fusedvlm.packing import cu_seqlens_from_lengths
 
 
 def per_call_us(fn, calls: int, rounds: int) -> float:
@@ -50,16 +50,28 @@ def cases(grad: bool):
     w = torch.randn(8, 8, 3, 3, requires_grad=grad)
     lf = torch.randn(8, requires_grad=grad)
     a, b = torch.randn(4, 8), torch.randn(4, 8)
-    yield ("packed_attention", attention_impl(q), q,
-           lambda: packed_attention(q, k, v, cu),
-           lambda: torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25))
-    yield ("local_merge", merge_impl(x), x,
-           lambda: local_merge(x, w, lf),
-           lambda: torch.ops.fusedvlm.local_merge(x, w, lf, None, True, 2, 2))
+    yield (
+        "packed_attention",
+        attention_impl(q),
+        q,
+        lambda: packed_attention(q, k, v, cu),
+        lambda: torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25),
+    )
+    yield (
+        "local_merge",
+        merge_impl(x),
+        x,
+        lambda: local_merge(x, w, lf),
+        lambda: torch.ops.fusedvlm.local_merge(x, w, lf, None, True, 2, 2),
+    )
     if not grad:  # statistics: never differentiated
-        yield ("pairwise_cosine_stats", psi_impl(a), a,
-               lambda: pairwise_cosine_stats(a, b, cu),
-               lambda: torch.ops.fusedvlm.pairwise_cosine_stats(a, b, cu, True))
+        yield (
+            "pairwise_cosine_stats",
+            psi_impl(a),
+            a,
+            lambda: pairwise_cosine_stats(a, b, cu),
+            lambda: torch.ops.fusedvlm.pairwise_cosine_stats(a, b, cu, True),
+        )
 
 
 def main(argv=None) -> int:
@@ -72,14 +84,22 @@ def main(argv=None) -> int:
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             for name, impl, probe, public, op in cases(grad):
-                floor = per_call_us(lambda: probe + 1, args.calls, args.rounds)
-                row = dict(op=name, mode="grad" if grad else "no_grad", impl=impl, floor_us=floor,
-                           public_us=per_call_us(public, args.calls, args.rounds),
-                           torch_ops_us=per_call_us(op, args.calls, args.rounds))
+                floor = per_call_us(lambda p=probe: p + 1, args.calls, args.rounds)
+                row = dict(
+                    op=name,
+                    mode="grad" if grad else "no_grad",
+                    impl=impl,
+                    floor_us=floor,
+                    public_us=per_call_us(public, args.calls, args.rounds),
+                    torch_ops_us=per_call_us(op, args.calls, args.rounds),
+                )
                 row["public_minus_floor_us"] = row["public_us"] - floor
                 rows.append(row)
-    print_table(rows, ["op", "mode", "impl", "floor_us", "torch_ops_us", "public_us", "public_minus_floor_us"],
-                f"per-call overhead on tiny inputs, {torch.get_num_threads()} threads")
+    print_table(
+        rows,
+        ["op", "mode", "impl", "floor_us", "torch_ops_us", "public_us", "public_minus_floor_us"],
+        f"per-call overhead on tiny inputs, {torch.get_num_threads()} threads",
+    )
     save_json(args.out, dict(environment=environment(), args=vars(args), rows=rows))
     print(f"\nsaved {args.out}")
     return 0

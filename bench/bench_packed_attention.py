@@ -50,12 +50,12 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.backend import backend_name  # noqa: E402
-from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
-from fusedvlm.kernels.packed_attention import _torch_packed_attention, packed_attention  # noqa: E402
-from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention  # noqa: E402
-from fusedvlm.packing import segment_ids  # noqa: E402
-from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention  # noqa: E402
+from fusedvlm.backend import backend_name
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
+from fusedvlm.kernels.packed_attention import _torch_packed_attention, packed_attention
+from fusedvlm.packing import segment_ids
+from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention
+from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLOW_S = 2.0  # a call slower than this is timed once, after its probe call
@@ -84,7 +84,9 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
     cu = mask.cu_seqlens_q.to(device)
     total = sum(lengths)
     g = torch.Generator(device="cpu").manual_seed(total)
-    q, k, v = (torch.randn(total, heads, head_dim, generator=g).to(device, dtype).requires_grad_(with_grad) for _ in range(3))
+    q, k, v = (
+        torch.randn(total, heads, head_dim, generator=g).to(device, dtype).requires_grad_(with_grad) for _ in range(3)
+    )
 
     def run(f):
         def call():
@@ -93,6 +95,7 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
                 if with_grad:
                     out.float().sum().backward()
             return out
+
         return call
 
     offsets = cu.tolist()
@@ -139,14 +142,20 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
         try:
             from flash_attn import flash_attn_varlen_func
 
-            out["flash_varlen"] = (None, run(lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)))
+            out["flash_varlen"] = (
+                None,
+                run(lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)),
+            )
         except ImportError:
             out["flash_varlen"] = NOT_INSTALLED
         try:
             from xformers.ops import fmha
 
             bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths)
-            out["xformers"] = (None, run(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]))
+            out["xformers"] = (
+                None,
+                run(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]),
+            )
         except ImportError:
             out["xformers"] = NOT_INSTALLED
     return out
@@ -159,8 +168,15 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
         if args.only and name not in args.only:
             continue
         if entry is NOT_INSTALLED:
-            rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
-                             method=name, note="skipped: not installed"))
+            rows.append(
+                dict(
+                    samples=len(lengths),
+                    tokens=sum(lengths),
+                    mode="fwd+bwd" if with_grad else "fwd",
+                    method=name,
+                    note="skipped: not installed",
+                )
+            )
             continue
         prepare, call = entry[0], entry[1]
         note = ""
@@ -175,15 +191,36 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
             else:
                 probe = time_fn(call, name=name, warmup=0, repeats=1)
                 # A slow call is timed once (the probe); a fast one again after that warm-up.
-                t = probe if probe.median_ms > SLOW_S * 1e3 else time_fn(call, name=name, warmup=0, repeats=args.repeats)
+                t = (
+                    probe
+                    if probe.median_ms > SLOW_S * 1e3
+                    else time_fn(call, name=name, warmup=0, repeats=args.repeats)
+                )
                 peak = cpu_peak_bytes(call)
         except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as e:
-            rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
-                             method=name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
+            rows.append(
+                dict(
+                    samples=len(lengths),
+                    tokens=sum(lengths),
+                    mode="fwd+bwd" if with_grad else "fwd",
+                    method=name,
+                    note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}",
+                )
+            )
             continue
-        rows.append(dict(samples=len(lengths), tokens=sum(lengths), mode="fwd+bwd" if with_grad else "fwd",
-                         method=name, ms=t.median_ms, iqr_ms=t.iqr_ms, repeats=t.repeats,
-                         peak_mib=None if peak is None else peak / 2**20, note=note))
+        rows.append(
+            dict(
+                samples=len(lengths),
+                tokens=sum(lengths),
+                mode="fwd+bwd" if with_grad else "fwd",
+                method=name,
+                ms=t.median_ms,
+                iqr_ms=t.iqr_ms,
+                repeats=t.repeats,
+                peak_mib=None if peak is None else peak / 2**20,
+                note=note,
+            )
+        )
     for base_name, column in (("dense_masked", "x_vs_dense"), ("sdpa_loop", "x_vs_sdpa_loop")):
         base = next((r for r in rows if r["method"] == base_name and "ms" in r), None)
         for r in rows:
@@ -195,8 +232,7 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--backward-samples", type=int, nargs="*", default=[2],
-                   help="packings also timed forward+backward")
+    p.add_argument("--backward-samples", type=int, nargs="*", default=[2], help="packings also timed forward+backward")
     p.add_argument("--min-len", type=int, default=1500)
     p.add_argument("--max-len", type=int, default=2600)
     p.add_argument("--heads", type=int, default=16)
@@ -214,8 +250,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"need 1 <= --min-len <= --max-len, got {args.min_len}, {args.max_len}")
 
     env = environment()
-    print(f"device={device} dtype={args.dtype} heads={args.heads}x{args.head_dim} "
-          f"fusedvlm backend={backend_name(torch.empty(0, device=device))} threads={torch.get_num_threads()}")
+    print(
+        f"device={device} dtype={args.dtype} heads={args.heads}x{args.head_dim} "
+        f"fusedvlm backend={backend_name(torch.empty(0, device=device))} threads={torch.get_num_threads()}"
+    )
     rows = []
     for n in args.samples:
         lengths = packing(n, args.seed, args.min_len, args.max_len)
@@ -223,9 +261,23 @@ def main(argv=None) -> int:
         rows += bench_packing(lengths, args, device, with_grad=False)
         if n in args.backward_samples:
             rows += bench_packing(lengths, args, device, with_grad=True)
-        print_table([r for r in rows if r["samples"] == n],
-                    ["samples", "tokens", "mode", "method", "ms", "iqr_ms", "repeats", "peak_mib", "x_vs_dense", "x_vs_sdpa_loop", "note"],
-                    title=f"{n} packed samples")
+        print_table(
+            [r for r in rows if r["samples"] == n],
+            [
+                "samples",
+                "tokens",
+                "mode",
+                "method",
+                "ms",
+                "iqr_ms",
+                "repeats",
+                "peak_mib",
+                "x_vs_dense",
+                "x_vs_sdpa_loop",
+                "note",
+            ],
+            title=f"{n} packed samples",
+        )
     save_json(args.out, dict(env=env, args=vars(args), rows=rows))
     print(f"\nsaved {args.out}")
     return 0

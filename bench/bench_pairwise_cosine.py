@@ -30,11 +30,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fusedvlm.backend import backend_name  # noqa: E402
-from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn  # noqa: E402
-from fusedvlm.kernels.common import unit_rows  # noqa: E402
-from fusedvlm.kernels.pairwise_cosine import pairwise_cosine_stats  # noqa: E402
-from fusedvlm.packing import cu_seqlens_from_lengths  # noqa: E402
+from fusedvlm.backend import backend_name
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
+from fusedvlm.kernels.common import unit_rows
+from fusedvlm.kernels.pairwise_cosine import pairwise_cosine_stats
+from fusedvlm.packing import cu_seqlens_from_lengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,30 +55,55 @@ def naive_prefix_loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def bench_one(pairs: int, tokens: int, d: int, dtype: torch.dtype, device: str, repeats: int, naive_pairs: int) -> list[dict]:
+def bench_one(
+    pairs: int, tokens: int, d: int, dtype: torch.dtype, device: str, repeats: int, naive_pairs: int
+) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(d)
     a = torch.randn(pairs * tokens, d, generator=g).to(device, dtype)
     b = (0.5 * a.float() + torch.randn(pairs * tokens, d, generator=g).to(device)).to(dtype)
     cu = cu_seqlens_from_lengths([tokens] * pairs, device=device)
-    x = torch.cat([unit_rows(a.float()).view(pairs, tokens, d), unit_rows(b.float()).view(pairs, tokens, d)], 1).to(dtype)
+    x = torch.cat([unit_rows(a.float()).view(pairs, tokens, d), unit_rows(b.float()).view(pairs, tokens, d)], 1).to(
+        dtype
+    )
     xa, xb = x[:, :tokens], x[:, tokens:]
 
     timings = {
-        "fused": time_fn(lambda: pairwise_cosine_stats(a, b, cu, positive=True), name="fused",
-                         warmup=1, repeats=repeats, device=device),
-        "fused_signed": time_fn(lambda: pairwise_cosine_stats(a, b, cu, positive=False), name="fused_signed",
-                                warmup=1, repeats=repeats, device=device),
-        "gram_stacked": time_fn(lambda: torch.bmm(x, x.transpose(1, 2)), name="gram_stacked",
-                                warmup=1, repeats=repeats, device=device),
-        "gram_ab": time_fn(lambda: torch.bmm(xa, xb.transpose(1, 2)), name="gram_ab",
-                           warmup=1, repeats=repeats, device=device),
+        "fused": time_fn(
+            lambda: pairwise_cosine_stats(a, b, cu, positive=True),
+            name="fused",
+            warmup=1,
+            repeats=repeats,
+            device=device,
+        ),
+        "fused_signed": time_fn(
+            lambda: pairwise_cosine_stats(a, b, cu, positive=False),
+            name="fused_signed",
+            warmup=1,
+            repeats=repeats,
+            device=device,
+        ),
+        "gram_stacked": time_fn(
+            lambda x=x: torch.bmm(x, x.transpose(1, 2)), name="gram_stacked", warmup=1, repeats=repeats, device=device
+        ),
+        "gram_ab": time_fn(
+            lambda xa=xa, xb=xb: torch.bmm(xa, xb.transpose(1, 2)),
+            name="gram_ab",
+            warmup=1,
+            repeats=repeats,
+            device=device,
+        ),
     }
-    del x, xa, xb
+    del x, xa, xb  # the lambdas hold their own references until `timings` is built
 
     # The naive loop runs once on a few pairs (minutes per pair at d = 4096) and is scaled.
-    fused = pairwise_cosine_stats(a[: naive_pairs * tokens], b[: naive_pairs * tokens], cu[: naive_pairs + 1], positive=True)
+    fused = pairwise_cosine_stats(
+        a[: naive_pairs * tokens], b[: naive_pairs * tokens], cu[: naive_pairs + 1], positive=True
+    )
     t0 = time.perf_counter()
-    naive = [naive_prefix_loop(a[p * tokens:(p + 1) * tokens].cpu(), b[p * tokens:(p + 1) * tokens].cpu()) for p in range(naive_pairs)]
+    naive = [
+        naive_prefix_loop(a[p * tokens : (p + 1) * tokens].cpu(), b[p * tokens : (p + 1) * tokens].cpu())
+        for p in range(naive_pairs)
+    ]
     naive_ms = (time.perf_counter() - t0) * 1e3 * pairs / naive_pairs
     want = torch.stack([fused.eq, fused.ab, fused.aa, fused.bb], 1).cpu()
     torch.testing.assert_close(torch.cat(naive), want, atol=1e-4, rtol=1e-4, equal_nan=True)
@@ -86,10 +111,28 @@ def bench_one(pairs: int, tokens: int, d: int, dtype: torch.dtype, device: str, 
     gram = timings["gram_stacked"].median_ms
     rows = []
     for name, t in timings.items():
-        rows.append(dict(d=d, op=name, median_ms=t.median_ms, iqr_ms=t.iqr_ms, vs_gram_stacked=t.median_ms / gram,
-                         naive_speedup=naive_ms / t.median_ms, peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20))
-    rows.append(dict(d=d, op=f"naive_loop (x{pairs}/{naive_pairs} pairs)", median_ms=naive_ms, iqr_ms=None,
-                     vs_gram_stacked=naive_ms / gram, naive_speedup=1.0, peak_mem_mb=None))
+        rows.append(
+            dict(
+                d=d,
+                op=name,
+                median_ms=t.median_ms,
+                iqr_ms=t.iqr_ms,
+                vs_gram_stacked=t.median_ms / gram,
+                naive_speedup=naive_ms / t.median_ms,
+                peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
+            )
+        )
+    rows.append(
+        dict(
+            d=d,
+            op=f"naive_loop (x{pairs}/{naive_pairs} pairs)",
+            median_ms=naive_ms,
+            iqr_ms=None,
+            vs_gram_stacked=naive_ms / gram,
+            naive_speedup=1.0,
+            peak_mem_mb=None,
+        )
+    )
     return rows
 
 
@@ -102,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--naive-pairs", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pairwise_cosine.json"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pairwise_cosine.json")
+    )
     args = p.parse_args(argv)
     if not 1 <= args.naive_pairs <= args.pairs:
         raise SystemExit(f"--naive-pairs must be in 1..{args.pairs}, got {args.naive_pairs}")
@@ -111,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for d in args.dims:
         rows += bench_one(args.pairs, args.tokens, d, dtype, args.device, args.repeats, args.naive_pairs)
-    title = (f"pairwise_cosine_stats: {args.pairs} pairs x {args.tokens} tokens, {args.dtype}, "
-             f"{args.device} ({backend_name(probe)} path), {torch.get_num_threads()} threads")
+    title = (
+        f"pairwise_cosine_stats: {args.pairs} pairs x {args.tokens} tokens, {args.dtype}, "
+        f"{args.device} ({backend_name(probe)} path), {torch.get_num_threads()} threads"
+    )
     print_table(rows, ["d", "op", "median_ms", "iqr_ms", "vs_gram_stacked", "naive_speedup", "peak_mem_mb"], title)
     save_json(args.out, dict(environment=environment(), args=vars(args), backend=backend_name(probe), rows=rows))
     print(f"\nsaved {args.out}")

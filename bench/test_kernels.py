@@ -9,8 +9,8 @@ import importlib
 import pytest
 import torch
 
-from fusedvlm.timing import sync
 from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.timing import sync
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

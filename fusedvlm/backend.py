@@ -81,7 +81,7 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def backend_name(*tensors: torch.Tensor) -> str:
-    """"triton", "cpp" or "torch": the implementation an op runs on these tensors."""
+    """ "triton", "cpp" or "torch": the implementation an op runs on these tensors."""
     if use_triton(*tensors):
         return "triton"
     if requested_backend() != "torch" and all(t.device.type == "cpu" for t in tensors if t is not None):

@@ -61,12 +61,19 @@ TEMPLATES = ("llama2", "vicuna", "llama3", "phi3", "llava")
 # Default system prompt per template when none is given (None: no system part, or for the
 # tokenizer's template whatever it writes without a system message).
 DEFAULT_SYSTEM = {
-    None: None, "llama2": AUTHORS_SYSTEM, "vicuna": AUTHORS_SYSTEM,
-    "llama3": "You are a helpful assistant.", "phi3": "You are a helpful assistant.", "llava": None,
+    None: None,
+    "llama2": AUTHORS_SYSTEM,
+    "vicuna": AUTHORS_SYSTEM,
+    "llama3": "You are a helpful assistant.",
+    "phi3": "You are a helpful assistant.",
+    "llava": None,
 }
 # The authors' template names (their checkpoints' eval configs) -> ours.
 UPSTREAM_TEMPLATES = {
-    "llama-2-vision": "llama2", "vicuna_v1.1": "vicuna", "llama-3-vision": "llama3", "phi-3": "phi3",
+    "llama-2-vision": "llama2",
+    "vicuna_v1.1": "vicuna",
+    "llama-3-vision": "llama3",
+    "phi-3": "phi3",
 }
 
 
@@ -84,7 +91,7 @@ class Tokens:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def extend(self, other: "Tokens") -> "Tokens":
+    def extend(self, other: Tokens) -> Tokens:
         self.ids += other.ids
         self.fused += other.fused
         self.labels += other.labels
@@ -105,8 +112,10 @@ class ChatLayout:
     def __init__(self, template: str | None, tokenizer, system: str | None = None):
         template = UPSTREAM_TEMPLATES.get(template, template)
         if template is not None and template not in TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; choose from {TEMPLATES} or {tuple(UPSTREAM_TEMPLATES)}, "
-                             "or None for the LLM tokenizer's own template")
+            raise ValueError(
+                f"unknown chat template {template!r}; choose from {TEMPLATES} or {tuple(UPSTREAM_TEMPLATES)}, "
+                "or None for the LLM tokenizer's own template"
+            )
         self.template = template
         self.tokenizer = tokenizer
         self.system = DEFAULT_SYSTEM[template] if system is None else system
@@ -132,24 +141,32 @@ class ChatLayout:
         # Strings the tokenizer turns into added (control) tokens: typed by a user, they must
         # stay text.
         self._controls = tuple(
-            t.content if hasattr(t, "content") else str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+            t.content if hasattr(t, "content") else str(t)
+            for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
         )
 
     def _control_id(self, token: str) -> int:
         tid = self.tokenizer.convert_tokens_to_ids(token)
         if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id:
-            raise ValueError(f"the {self.template} layout needs the control token {token!r}, which the LLM tokenizer lacks")
+            raise ValueError(
+                f"the {self.template} layout needs the control token {token!r}, which the LLM tokenizer lacks"
+            )
         return tid
 
     def _split_tokenizer_template(self) -> None:
         """Cut the tokenizer's chat template into the pieces of a turn (see the module doc)."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
-            raise ValueError("the LLM tokenizer has no chat template of its own; choose a layout (llm.chat_template, "
-                             f"psi --chat-template) from {TEMPLATES}")
+            raise ValueError(
+                "the LLM tokenizer has no chat template of its own; choose a layout (llm.chat_template, "
+                f"psi --chat-template) from {TEMPLATES}"
+            )
         marks = {k: f"\ue000{k}\ue001" for k in ("SYS", "Q1", "A1", "Q2")}
-        messages = [{"role": "user", "content": marks["Q1"]}, {"role": "assistant", "content": marks["A1"]},
-                    {"role": "user", "content": marks["Q2"]}]
+        messages = [
+            {"role": "user", "content": marks["Q1"]},
+            {"role": "assistant", "content": marks["A1"]},
+            {"role": "user", "content": marks["Q2"]},
+        ]
         if self.system is not None:
             messages.insert(0, {"role": "system", "content": marks["SYS"] if self.system else ""})
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -158,8 +175,10 @@ class ChatLayout:
             if k == "SYS" and not self.system:
                 continue
             if rest.count(marks[k]) != 1:
-                raise ValueError(f"the LLM tokenizer's chat template does not write each message once ({k}); "
-                                 f"set llm.chat_template to one of {TEMPLATES}")
+                raise ValueError(
+                    f"the LLM tokenizer's chat template does not write each message once ({k}); "
+                    f"set llm.chat_template to one of {TEMPLATES}"
+                )
             before, rest = rest.split(marks[k])
             parts.append(before)
         parts.append(rest)
@@ -170,12 +189,14 @@ class ChatLayout:
         ask, between, ask2 = parts
         close = between.find(self.eos)
         if ask != ask2 or close < 0:
-            raise ValueError("the LLM tokenizer's chat template does not repeat the same turn pieces or does not close "
-                             f"answers with its EOS {self.eos!r}; set llm.chat_template to one of {TEMPLATES}")
+            raise ValueError(
+                "the LLM tokenizer's chat template does not repeat the same turn pieces or does not close "
+                f"answers with its EOS {self.eos!r}; set llm.chat_template to one of {TEMPLATES}"
+            )
         # Only the closing token is a target (generation stops there); the rest of the close
         # belongs to the next turn's header.
-        self._head, self._ask, self._close = head, ask, between[:close + len(self.eos)]
-        self._next = between[close + len(self.eos):]
+        self._head, self._ask, self._close = head, ask, between[: close + len(self.eos)]
+        self._next = between[close + len(self.eos) :]
 
     # ------------------------------------------------------------------ tokenising pieces
     def _encode(self, text: str, plain: bool = False) -> list[int]:
@@ -245,20 +266,26 @@ class ChatLayout:
             if answer is None:
                 t.extend(self._control("ASSISTANT:"))
             else:
-                t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
+                t.extend(self._control("ASSISTANT: ")).extend(self._answer(answer)).extend(
+                    self._control(self._close, labelled=True)
+                )
         elif self.template == "llava":
             if first:
                 t.extend(self._control(self.bos))
                 if sys:
                     t.extend(self._piece(sys, after=" "))
-            t.extend(self._control("USER: ")).extend(self._fused(n_fused)).extend(self._piece(question, before="\n", after=" ASSISTANT:"))
+            t.extend(self._control("USER: ")).extend(self._fused(n_fused)).extend(
+                self._piece(question, before="\n", after=" ASSISTANT:")
+            )
             if answer is not None:
                 t.extend(self._answer(answer, before=" ")).extend(self._control(self._close, labelled=True))
         elif self.template == "llama3":
             if first:
                 t.extend(self._control(self.bos))
                 if sys:
-                    t.extend(self._piece(sys, before="<|start_header_id|>system<|end_header_id|>\n\n", after="<|eot_id|>"))
+                    t.extend(
+                        self._piece(sys, before="<|start_header_id|>system<|end_header_id|>\n\n", after="<|eot_id|>")
+                    )
             t.extend(self._control("<|start_header_id|>user<|end_header_id|>\n\n")).extend(self._fused(n_fused))
             t.extend(self._piece(question)).extend(self._control("<|eot_id|>"))
             t.extend(self._control("<|start_header_id|>assistant<|end_header_id|>\n\n"))
@@ -273,7 +300,9 @@ class ChatLayout:
                 t.extend(self._answer(answer)).extend(self._control(self._close, labelled=True))
         else:  # the tokenizer's own template
             if first:
-                t.extend(self._piece(sys, before=self._sys_before, after=self._head) if sys else self._control(self._head))
+                t.extend(
+                    self._piece(sys, before=self._sys_before, after=self._head) if sys else self._control(self._head)
+                )
             else:
                 t.extend(self._control(self._next))
             t.extend(self._fused(n_fused)).extend(self._piece(question, after=self._ask))
@@ -298,7 +327,9 @@ class ChatLayout:
         if self.template == "llama2":
             t = self._answer(answer, after=f" {self.eos}")
         else:
-            t = self._answer(answer, before=" " if self.template == "llava" else "").extend(self._control(self._close, labelled=True))
+            t = self._answer(answer, before=" " if self.template == "llava" else "").extend(
+                self._control(self._close, labelled=True)
+            )
         if not labelled:
             t.labels = [IGNORE_INDEX] * len(t.ids)
         return t

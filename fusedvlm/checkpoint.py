@@ -203,7 +203,9 @@ def leave_frozen_out_of_state_dict(module: nn.Module, *submodules: str) -> None:
     module.register_state_dict_post_hook(hook)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save_file
 
     path = os.path.abspath(path)

@@ -8,8 +8,10 @@ import argparse
 import importlib
 import sys
 
-DESCRIPTION = ("The fused vision-question language model of arXiv 2412.18387: chat about an image, "
-               "inspect a preset, benchmark, analyse and train.")
+DESCRIPTION = (
+    "The fused vision-question language model of arXiv 2412.18387: chat about an image, "
+    "inspect a preset, benchmark, analyse and train."
+)
 # Modules that add subcommands, in --help order.
 COMMAND_MODULES = [
     "fusedvlm.commands",

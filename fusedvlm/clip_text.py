@@ -70,7 +70,9 @@ def read_bpe(folder: str) -> tuple[dict[str, int], list[str]]:
     vocab_path, merges_path = os.path.join(folder, VOCAB_NAME), os.path.join(folder, MERGES_NAME)
     for p in (vocab_path, merges_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"CLIP tokenizer folder {folder} has neither tokenizer.json nor {os.path.basename(p)}")
+            raise FileNotFoundError(
+                f"CLIP tokenizer folder {folder} has neither tokenizer.json nor {os.path.basename(p)}"
+            )
     with open(vocab_path, encoding="utf-8") as f:
         vocab = json.load(f)
     with open(merges_path, encoding="utf-8") as f:

@@ -8,7 +8,6 @@ import os
 
 from fusedvlm.config import PRESETS
 
-
 # Chat's decoding defaults where they differ from GenerationConfig's (short answers; mild
 # sampling when --do-sample; a fixed seed, which also seeds random initialisation).
 CHAT_GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 0}
@@ -20,23 +19,41 @@ def register(sub) -> None:
     from fusedvlm.options import add_options
 
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="model preset (default smol); not with --checkpoint, which carries its own config")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="model preset (default smol); not with --checkpoint, which carries its own config",
+    )
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
-    p.add_argument("--checkpoint", help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
-                   "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)")
+    p.add_argument(
+        "--checkpoint",
+        help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
+        "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)",
+    )
     p.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question")
     p.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
-    add_options(p, GenerationConfig, exclude=("ignore_eos",), defaults=CHAT_GENERATION_DEFAULTS,
-                helps={"seed": "%(default)s; also seeds random initialisation"})
+    add_options(
+        p,
+        GenerationConfig,
+        exclude=("ignore_eos",),
+        defaults=CHAT_GENERATION_DEFAULTS,
+        helps={"seed": "%(default)s; also seeds random initialisation"},
+    )
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
-    add_device_arguments(p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU")
+    add_device_arguments(
+        p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU"
+    )
     p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per turn: question, answer, answer_ids "
-                   "(generated LLM ids), prompt_ids (the turn's whole LLM prompt, each fused slot -1), prefill_start "
-                   "(how many of those came from the LLM cache), num_fused")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per turn: question, answer, answer_ids "
+        "(generated LLM ids), prompt_ids (the turn's whole LLM prompt, each fused slot -1), prefill_start "
+        "(how many of those came from the LLM cache), num_fused",
+    )
     add_decode_args(p)
     p.set_defaults(func=run_chat)
 
@@ -53,11 +70,18 @@ def register(sub) -> None:
 def add_decode_args(p) -> None:
     from fusedvlm.decoding import DECODE_PATHS
 
-    p.add_argument("--decode", default="auto", choices=DECODE_PATHS,
-                   help="LLM decode path: auto (lean static-cache step for Llama-family LLMs, else HF's forward over its "
-                        "static cache where the model supports one, else HF), lean, hf-static, hf (Hugging Face forward, dynamic cache)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="run the lean / hf-static decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)")
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=DECODE_PATHS,
+        help="LLM decode path: auto (lean static-cache step for Llama-family LLMs, else HF's forward over its "
+        "static cache where the model supports one, else HF), lean, hf-static, hf (Hugging Face forward, dynamic cache)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="run the lean / hf-static decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)",
+    )
 
 
 def _open_image(spec: str):
@@ -66,7 +90,7 @@ def _open_image(spec: str):
     if spec.startswith("sample:"):
         from fusedvlm.samples import sample_image
 
-        return sample_image(spec[len("sample:"):])
+        return sample_image(spec[len("sample:") :])
     return load_image(spec)
 
 
@@ -75,8 +99,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     from fusedvlm.checkpoint import STAGE_KEY, load_trainable, read_config, read_metadata
     from fusedvlm.config import get_preset
-    from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.decoding import compile_cache_dir
+    from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.options import from_options
@@ -87,16 +111,20 @@ def run_chat(args: argparse.Namespace) -> int:
     for q in args.question:
         check_text(q, "question")
     if args.checkpoint and args.preset is not None:
-        raise ValueError(f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
-                         "config, so the preset would be ignored; drop --preset")
+        raise ValueError(
+            f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
+            "config, so the preset would be ignored; drop --preset"
+        )
     image = _open_image(args.image)
     gen = from_options(GenerationConfig, args)
     model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
     if args.checkpoint and not model_dir:
         cfg = read_config(args.checkpoint)
         if read_metadata(args.checkpoint).get(STAGE_KEY) == "stage1":
-            raise ValueError(f"{args.checkpoint} is a stage-1 output: its projection into the LLM is untrained (stage 1 "
-                             "aligns the fusion with text only); train stage 2 with --init on it and chat with that")
+            raise ValueError(
+                f"{args.checkpoint} is a stage-1 output: its projection into the LLM is untrained (stage 1 "
+                "aligns the fusion with text only); train stage 2 with --init on it and chat with that"
+            )
     elif not model_dir:
         cfg = get_preset(args.preset or "smol")
     torch.manual_seed(args.seed)
@@ -111,27 +139,47 @@ def run_chat(args: argparse.Namespace) -> int:
     model.to(device=device, dtype=dtype)
     if args.llm_dtype is not None:
         model.llm.to(resolve_dtype(args.llm_dtype, device))
-    session = ChatSession(model, image, system=args.system, n_l=args.n_l, n_s=args.n_s, decode=args.decode,
-                          compile=False if args.no_compile else None)
+    session = ChatSession(
+        model,
+        image,
+        system=args.system,
+        n_l=args.n_l,
+        n_s=args.n_s,
+        decode=args.decode,
+        compile=False if args.no_compile else None,
+    )
     engine = session.engine
     if not args.json:
         print(f"[decode path: {engine.path} ({engine.reason})]")
     for q in args.question:
         answer = session.ask(q, gen)
         if "compile" in answer.timings and not args.json:
-            print(f"[compiled the decode step in {answer.timings['compile']:.1f} s, once per cache bucket; "
-                  f"cached under {compile_cache_dir()}]")
+            print(
+                f"[compiled the decode step in {answer.timings['compile']:.1f} s, once per cache bucket; "
+                f"cached under {compile_cache_dir()}]"
+            )
         if args.json:
-            print(json.dumps({
-                "question": q, "answer": answer.text, "answer_ids": answer.ids, "prompt_ids": answer.prompt.prompt_ids(),
-                "prefill_start": answer.prefill_start, "num_fused": answer.num_fused,
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "question": q,
+                        "answer": answer.text,
+                        "answer_ids": answer.ids,
+                        "prompt_ids": answer.prompt.prompt_ids(),
+                        "prefill_start": answer.prefill_start,
+                        "num_fused": answer.num_fused,
+                    }
+                ),
+                flush=True,
+            )
             continue
         print(f"Q: {q}\nA: {answer.text}")
         if args.timings:
             stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in answer.timings.items() if k != "compile")
-            print(f"   [{answer.num_fused} fused tokens; ttft {answer.ttft_s * 1e3:.1f} ms; {stages}; "
-                  f"{answer.decode_tokens_per_s:.1f} tok/s]")
+            print(
+                f"   [{answer.num_fused} fused tokens; ttft {answer.ttft_s * 1e3:.1f} ms; {stages}; "
+                f"{answer.decode_tokens_per_s:.1f} tok/s]"
+            )
     return 0
 
 
@@ -196,8 +244,11 @@ def print_kernel_implementations() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("kernels (" + ", ".join(devices) + "):")
     # By module path: fusedvlm.kernels re-exports functions under the submodules' names.
-    for name, module in (("packed_attention", "packed_attention"), ("local_merge", "local_merge"),
-                         ("pairwise_cosine_stats", "pairwise_cosine")):
+    for name, module in (
+        ("packed_attention", "packed_attention"),
+        ("local_merge", "local_merge"),
+        ("pairwise_cosine_stats", "pairwise_cosine"),
+    ):
         implementation = importlib.import_module(f"fusedvlm.kernels.{module}").implementation
         impls = [implementation(torch.empty(0, device=d)) for d in devices]
         print(f"  {name:<40s} {' / '.join(impls):>12s}")

@@ -162,7 +162,7 @@ class FusionModuleConfig(QueryConfig):
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FusionModuleConfig":
+    def from_dict(cls, d: dict) -> FusionModuleConfig:
         return cls(fusion=FusionConfig(**d["fusion"]), **{k: v for k, v in d.items() if k != "fusion"})
 
 
@@ -183,7 +183,9 @@ class ModelConfig(QueryConfig):
                 f"{self.fusion.hidden_size}: vision tokens enter the fusion decoder unprojected"
             )
         if self.vision.image_size % self.vision.patch_size:
-            raise ValueError(f"image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}")
+            raise ValueError(
+                f"image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}"
+            )
         if self.hd_num < 1:
             raise ValueError(f"hd_num must be >= 1, got {self.hd_num}")
         super().__post_init__()
@@ -201,14 +203,14 @@ class ModelConfig(QueryConfig):
         """The config of the fusion module that sits between this vision tower and the LLM."""
         return FusionModuleConfig(output_size=output_size, **self.query_settings())
 
-    def with_queries(self, n_l: int, n_s: int | None = None) -> "ModelConfig":
+    def with_queries(self, n_l: int, n_s: int | None = None) -> ModelConfig:
         return replace(self, n_l=n_l, n_s=n_s)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         return cls(
             vision=VisionConfig(**d["vision"]),
             fusion=FusionConfig(**d["fusion"]),
@@ -239,10 +241,19 @@ def check_query_counts(n_l: int, n_s: int, max_queries: int) -> None:
 
 _TINY = ModelConfig(
     vision=VisionConfig(image_size=112, patch_size=16, width=64, layers=2, heads=4),
-    fusion=FusionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4, max_queries=63),
+    fusion=FusionConfig(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4, max_queries=63
+    ),
     llm=LLMConfig(
-        source="random", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-        vocab_size=260, max_position_embeddings=2048, chat_template="llama2",
+        source="random",
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=260,
+        max_position_embeddings=2048,
+        chat_template="llama2",
     ),
     n_l=16,
     hd_num=4,
@@ -250,10 +261,19 @@ _TINY = ModelConfig(
 
 _SMALL = ModelConfig(
     vision=VisionConfig(image_size=224, patch_size=14, width=256, layers=4, heads=4),
-    fusion=FusionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767),
+    fusion=FusionConfig(
+        hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767
+    ),
     llm=LLMConfig(
-        source="random", hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4, num_kv_heads=4,
-        vocab_size=260, max_position_embeddings=4096, chat_template="llama2",
+        source="random",
+        hidden_size=256,
+        intermediate_size=704,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        vocab_size=260,
+        max_position_embeddings=4096,
+        chat_template="llama2",
     ),
     n_l=64,
     hd_num=4,
@@ -261,7 +281,9 @@ _SMALL = ModelConfig(
 
 _SMOL = ModelConfig(
     vision=VisionConfig(image_size=224, patch_size=14, width=256, layers=4, heads=4),
-    fusion=FusionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767),
+    fusion=FusionConfig(
+        hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_queries=767
+    ),
     llm=LLMConfig(source="smollm2", system_prompt="You are a helpful AI assistant."),
     n_l=64,
     hd_num=4,
@@ -269,7 +291,9 @@ _SMOL = ModelConfig(
 
 _PAPER = ModelConfig(
     # OpenAI's CLIP-L/336, which the authors fine-tune, uses QuickGELU.
-    vision=VisionConfig(model_name="ViT-L-14-336-quickgelu", image_size=336, patch_size=14, width=1024, layers=24, heads=16),
+    vision=VisionConfig(
+        model_name="ViT-L-14-336-quickgelu", image_size=336, patch_size=14, width=1024, layers=24, heads=16
+    ),
     fusion=FusionConfig(),
     llm=LLMConfig(source="random", chat_template="llama2"),
     n_l=256,

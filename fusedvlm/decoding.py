@@ -49,6 +49,7 @@ LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 # ------------------------------------------------------------------------------------ cache
 
+
 def _cropped_length(length: int, max_length: int) -> int:
     """The length after ``crop(max_length)`` with DynamicCache's meaning: keep the first
     ``max_length`` positions, or, when negative, drop that many from the end."""
@@ -62,7 +63,9 @@ def _cropped_length(length: int, max_length: int) -> int:
 def _bucket_for(needed: int, capacity: int, max_capacity: int) -> int:
     """The capacity (doubling from ``capacity``, capped at ``max_capacity``) that holds ``needed``."""
     if needed > max_capacity:
-        raise ValueError(f"the conversation needs {needed} LLM positions, more than the LLM's context of {max_capacity}")
+        raise ValueError(
+            f"the conversation needs {needed} LLM positions, more than the LLM's context of {max_capacity}"
+        )
     cap = capacity
     while cap < needed:
         cap *= 2
@@ -76,8 +79,18 @@ class StaticKVCache:
     are stale and masked out, so ``crop`` only moves the length. Capacity grows by doubling
     buckets up to ``max_capacity`` (copying once per bucket)."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *, max_capacity: int,
-                 dtype: torch.dtype, device: torch.device, capacity: int = FIRST_BUCKET):
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        max_capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int = FIRST_BUCKET,
+    ):
         self.max_capacity = max_capacity
         self.length = 0
         shape = (batch, kv_heads, min(capacity, max_capacity), head_dim)
@@ -121,6 +134,7 @@ class StaticKVCache:
 
 # ------------------------------------------------------------------------------------ lean Llama
 
+
 def lean_unsupported(config) -> str | None:
     """Why the lean Llama step cannot run this HF config, or None when it can."""
     if getattr(config, "model_type", None) != "llama":
@@ -151,7 +165,7 @@ class LeanLlama(torch.nn.Module):
         self.eps = c.rms_norm_eps
         self.act = LEAN_ACTIVATIONS[getattr(c, "hidden_act", "silu")]
         self.max_positions = c.max_position_embeddings
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.fuse_attention = False  # set by a compiling engine (see _attend_bucket)
         base = hf.model
         self.embed = base.embed_tokens.weight
@@ -161,10 +175,14 @@ class LeanLlama(torch.nn.Module):
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append(tuple(
-                t for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-                for t in (lin.weight, lin.bias)
-            ) + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
+            self.layers.append(
+                tuple(
+                    t
+                    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+                    for t in (lin.weight, lin.bias)
+                )
+                + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            )
         with torch.no_grad():
             pos = torch.arange(self.max_positions, device=self.embed.device)[None]
             probe = torch.empty(0, dtype=self.embed.dtype, device=self.embed.device)
@@ -177,8 +195,16 @@ class LeanLlama(torch.nn.Module):
         return self.embed.dtype
 
     def new_cache(self, batch: int = 1, capacity: int = FIRST_BUCKET) -> StaticKVCache:
-        return StaticKVCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_capacity=self.max_positions,
-                             dtype=self.dtype, device=self.embed.device, capacity=capacity)
+        return StaticKVCache(
+            self.num_layers,
+            batch,
+            self.kv_heads,
+            self.head_dim,
+            max_capacity=self.max_positions,
+            dtype=self.dtype,
+            device=self.embed.device,
+            capacity=capacity,
+        )
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # As HF LlamaRMSNorm: statistics in fp32, scale after casting back.
@@ -193,8 +219,14 @@ class LeanLlama(torch.nn.Module):
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def forward(self, x: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor,
-                start: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        k_cache: list[torch.Tensor],
+        v_cache: list[torch.Tensor],
+        pos: torch.Tensor,
+        start: int | None = None,
+    ) -> torch.Tensor:
         """x (B, T, d) embeddings at positions pos .. pos + T - 1 (``pos`` a 1-element long tensor);
         writes their K/V into the caches and returns fp32 logits of the last position (B, V).
 
@@ -227,14 +259,17 @@ class LeanLlama(torch.nn.Module):
                 keys, values = k_cache[i][:, :, : start + T], v_cache[i][:, :, : start + T]
                 if Hkv != H:
                     keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask if start else None,
-                                                   is_causal=not start, scale=self.scale)
+                o = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask if start else None, is_causal=not start, scale=self.scale
+                )
             x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), wo, bo)
             h = self._rms(x, ln2)
             x = x + F.linear(self.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
         return F.linear(self._rms(x[:, -1], self.norm), self.lm_head, self.lm_head_bias).float()
 
-    def _attend_bucket(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _attend_bucket(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
         """q (B, H, T, D) over a whole cache bucket (B, Hkv, cap, D); the G query heads of one KV
         head share it, so the cache is never expanded. Traced for the compiler, the products are
         written as broadcast multiply + sum, which inductor fuses into one pass over the cache
@@ -254,12 +289,15 @@ class LeanLlama(torch.nn.Module):
             o = torch.matmul(probs, values)
         return o.view(B, H, T, D)
 
-    def step(self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor
+    ) -> torch.Tensor:
         """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
         return self.forward(F.embedding(tokens[:, None], self.embed), k_cache, v_cache, pos)
 
 
 # ------------------------------------------------------------------------------------ engines
+
 
 @dataclass
 class CompileStats:
@@ -369,8 +407,10 @@ def _first_calls(engine, key: tuple[int, int], warm) -> float:
     try:
         warm()
         sync(engine.device)
-    except Exception as e:  # noqa: BLE001 - whatever the compiler raises, eager decoding still works
-        warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=3)
+    except Exception as e:
+        warnings.warn(
+            f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=3
+        )
         engine._uncompile()
         engine.reason += f"; compiling failed ({type(e).__name__})"
         return 0.0
@@ -410,7 +450,9 @@ class HFEngine:
         start = cache.get_seq_length()
         end = start + embeds.shape[1]
         out = self.hf(
-            inputs_embeds=embeds, use_cache=True, **{self._cache_kw: cache},
+            inputs_embeds=embeds,
+            use_cache=True,
+            **{self._cache_kw: cache},
             position_ids=torch.arange(start, end, device=self.device)[None].expand(embeds.shape[0], -1),
             logits_to_keep=1,
         )
@@ -420,7 +462,9 @@ class HFEngine:
     def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         start = cache.get_seq_length()
         out = self.hf(
-            input_ids=tokens[:, None], use_cache=True, **{self._cache_kw: cache},
+            input_ids=tokens[:, None],
+            use_cache=True,
+            **{self._cache_kw: cache},
             position_ids=torch.full((tokens.shape[0], 1), start, device=self.device),
         )
         return out.logits[:, -1].float()
@@ -430,6 +474,7 @@ class HFEngine:
 
 
 # ------------------------------------------------------------------------------------ HF static
+
 
 def hf_static_unsupported(hf) -> str | None:
     """Why HF's forward cannot decode this causal LM over HF's ``StaticCache`` in one compiled
@@ -456,7 +501,7 @@ def hf_static_unsupported(hf) -> str | None:
         return "this transformers has no per-layer StaticCache (transformers >= 5 needed)"
     try:
         layers = StaticCache(config=config, max_cache_len=1).layers  # tensors are allocated lazily: cheap
-    except Exception as e:  # noqa: BLE001 - any config the cache cannot describe means no static path
+    except Exception as e:
         return f"HF StaticCache cannot be built for this config ({type(e).__name__}: {e})"
     # Sliding-window and linear-attention layers forget positions, so crop() cannot undo a turn.
     other = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
@@ -547,7 +592,9 @@ class HFStaticEngine:
         end = start + embeds.shape[1]
         cache.reserve(end)
         out = self.hf(
-            inputs_embeds=embeds, use_cache=True, **{self._cache_kw: cache.hf},
+            inputs_embeds=embeds,
+            use_cache=True,
+            **{self._cache_kw: cache.hf},
             position_ids=torch.arange(start, end, device=self.device)[None].expand(embeds.shape[0], -1),
             logits_to_keep=1,
         )
@@ -613,34 +660,52 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None):
         return HFEngine(hf, reason="requested (--decode hf)")
     if compile:
         _enable_compile_cache()  # before inductor's first import, which fixes its cache directory
-    compiler = "" if not compile or _compile_available() else "torch.compile is unavailable here (no C++ compiler / inductor)"
+    compiler = (
+        "" if not compile or _compile_available() else "torch.compile is unavailable here (no C++ compiler / inductor)"
+    )
     off = "compilation off (--no-compile or FUSEDVLM_COMPILE=0)"
     why_not = lean_unsupported(hf.config) if decode != "hf-static" else "--decode hf-static"
     if why_not is None:
-        return LeanEngine(hf, compile=compile and not compiler, reason=compiler or "Llama-family config" + ("" if compile else f"; {off}"))
+        return LeanEngine(
+            hf,
+            compile=compile and not compiler,
+            reason=compiler or "Llama-family config" + ("" if compile else f"; {off}"),
+        )
     if decode == "lean":
         raise ValueError(f"--decode lean: {why_not}")
     why_not_static = hf_static_unsupported(hf)
     if decode == "hf-static":
         if why_not_static is not None:
             raise ValueError(f"--decode hf-static: {why_not_static}")
-        return HFStaticEngine(hf, compile=compile and not compiler, reason=f"requested (--decode hf-static){'; ' + (compiler or off) if compiler or not compile else ''}")
+        return HFStaticEngine(
+            hf,
+            compile=compile and not compiler,
+            reason=f"requested (--decode hf-static){'; ' + (compiler or off) if compiler or not compile else ''}",
+        )
     if why_not_static is not None:
         return HFEngine(hf, reason=f"lean step unsupported: {why_not}; HF static cache unsupported: {why_not_static}")
     if not compile or compiler:
         # The static path exists for its compiled step: uncompiled, auto keeps the dynamic cache
         # every causal LM had before (``--decode hf-static`` still runs it eagerly).
-        return HFEngine(hf, reason=f"lean step unsupported: {why_not}; the HF static-cache step needs torch.compile: {compiler or off}")
-    return HFStaticEngine(hf, compile=True, reason=f"lean step unsupported: {why_not}; {type(hf).__name__} supports a static cache")
+        return HFEngine(
+            hf,
+            reason=f"lean step unsupported: {why_not}; the HF static-cache step needs torch.compile: {compiler or off}",
+        )
+    return HFStaticEngine(
+        hf, compile=True, reason=f"lean step unsupported: {why_not}; {type(hf).__name__} supports a static cache"
+    )
 
 
 def _compile_available() -> bool:
     import shutil
 
     try:
-        import torch._inductor  # noqa: F401
+        import torch._inductor
     except ImportError:
         return False
     # Inductor's CPU backend generates C++; without a compiler it fails at the first call.
-    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None or torch.cuda.is_available()
-
+    return (
+        shutil.which(os.environ.get("CXX", "g++")) is not None
+        or shutil.which("c++") is not None
+        or torch.cuda.is_available()
+    )

@@ -11,8 +11,14 @@ from __future__ import annotations
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 # Long names are accepted too (results and older scripts spell dtypes the torch way).
-_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                "fp16": "float16", "float16": "float16"}
+_DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None):
@@ -55,11 +61,20 @@ def dtype_name(dtype) -> str:
 
 def add_device_arguments(parser, *, dtype: bool = True, dtype_help: str | None = None) -> None:
     """``--device`` and (optionally) ``--dtype``, spelled the same on every command."""
-    parser.add_argument("--device", default="auto", type=_device_arg, metavar="{auto,cpu,cuda,cuda:N}",
-                        help="auto: the GPU when CUDA is available, else the CPU")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        type=_device_arg,
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="auto: the GPU when CUDA is available, else the CPU",
+    )
     if dtype:
-        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                            help=dtype_help or "weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=DTYPE_CHOICES,
+            help=dtype_help or "weights and activations; auto: bf16 on a GPU, fp32 on the CPU",
+        )
 
 
 def _device_arg(text: str) -> str:

@@ -22,10 +22,14 @@ class GenerationConfig:
     (:mod:`fusedvlm.options`)."""
 
     max_new_tokens: int = field(default=256, metadata={"help": "most tokens per answer"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding", "aliases": ("--sample",)})
+    do_sample: bool = field(
+        default=False, metadata={"help": "sample instead of greedy decoding", "aliases": ("--sample",)}
+    )
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature when sampling"})
     top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens only (0: all)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens with this probability"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens with this probability"}
+    )
     seed: int | None = field(default=None, metadata={"help": "seeds sampling"})
     # Generate exactly max_new_tokens (benchmarks: the paper decodes a fixed 256 tokens).
     ignore_eos: bool = False

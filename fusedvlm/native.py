@@ -68,7 +68,8 @@ def build_dir(flags: list[str]) -> tuple[str, Path]:
     # ninja) when one changes; the directory separates what it cannot see: torch, Python, flags.
     name = f"{_NAME}_{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:8]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("FUSEDVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusedvlm")), "extensions")
+        os.environ.get("FUSEDVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusedvlm")), "extensions"
+    )
     tag = f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     return name, Path(root) / tag / name
 
@@ -99,11 +100,17 @@ def _load():
         if not (directory / f"{name}.so").exists():
             print(f"fusedvlm: building the C++ CPU kernels once into {directory} (about a minute)", file=sys.stderr)
         cpp_extension.load(
-            name=name, sources=[str(src / f) for f in _SOURCES], extra_cflags=flags, extra_ldflags=_ldflags(), extra_include_paths=[str(src)],
-            build_directory=str(directory), verbose=False, is_python_module=False,
+            name=name,
+            sources=[str(src / f) for f in _SOURCES],
+            extra_cflags=flags,
+            extra_ldflags=_ldflags(),
+            extra_include_paths=[str(src)],
+            build_directory=str(directory),
+            verbose=False,
+            is_python_module=False,
         )
         return torch.ops.fusedvlm_cpu
-    except Exception as exc:  # noqa: BLE001 - any build failure means the torch paths
+    except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
         first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
         return NativeUnavailable(f"{type(exc).__name__}: {first_error}")
@@ -125,7 +132,8 @@ def available() -> bool:
         warnings.warn(
             f"fusedvlm: the C++ CPU kernels could not be built ({mod}); CPU ops use the slower torch paths. "
             "Install a C++ compiler and ninja (pip install ninja) to build them.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
         return False
     return True

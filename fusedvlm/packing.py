@@ -72,7 +72,9 @@ def positions_in_segment(cu_seqlens: torch.Tensor, total: int | None = None) -> 
 def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """List of (L_i, ...) tensors -> ((sum L_i, ...), cu_seqlens)."""
     if len(tensors) == 0:
-        raise ValueError("pack() needs at least one tensor to know the trailing shape; pass an empty (0, ...) tensor for an empty pack")
+        raise ValueError(
+            "pack() needs at least one tensor to know the trailing shape; pass an empty (0, ...) tensor for an empty pack"
+        )
     trailing = tensors[0].shape[1:]
     for i, t in enumerate(tensors):
         if t.shape[1:] != trailing:
@@ -105,7 +107,9 @@ def interleave_index(cu_a: torch.Tensor, cu_b: torch.Tensor) -> tuple[torch.Tens
     return index_a, index_b, cu_m.to(torch.int32)
 
 
-def interleave(a: torch.Tensor, cu_a: torch.Tensor, b: torch.Tensor, cu_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def interleave(
+    a: torch.Tensor, cu_a: torch.Tensor, b: torch.Tensor, cu_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-segment concatenation of two packs: segment i = cat(a_i, b_i). Returns (merged, cu)."""
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"trailing shapes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
@@ -119,8 +123,9 @@ def interleave(a: torch.Tensor, cu_a: torch.Tensor, b: torch.Tensor, cu_b: torch
 # ---------------------------------------------------------------------------- padded batches
 
 
-def pad_rows(rows: Sequence[Sequence], value, *, side: str = "right", dtype: torch.dtype = torch.long,
-             device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: Sequence[Sequence], value, *, side: str = "right", dtype: torch.dtype = torch.long, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths -> (padded (n, width) tensor, attention mask (n, width) long,
     1 on every real entry); ``side`` says where the padding goes."""
     if side not in ("left", "right"):
@@ -136,7 +141,9 @@ def pad_rows(rows: Sequence[Sequence], value, *, side: str = "right", dtype: tor
     return out.to(device), mask.to(device)
 
 
-def pad_tokens(rows: Sequence, pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_tokens(
+    rows: Sequence, pad_id: int, *, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`fusedvlm.chat.Tokens` rows -> (ids, fused, labels, attention mask), each (n, width):
     ``pad_id`` pads the ids, False the fused slots, IGNORE_INDEX the labels."""
     from fusedvlm.chat import IGNORE_INDEX
@@ -145,4 +152,3 @@ def pad_tokens(rows: Sequence, pad_id: int, *, side: str = "right") -> tuple[tor
     fused, _ = pad_rows([t.fused for t in rows], False, side=side, dtype=torch.bool)
     labels, _ = pad_rows([t.labels for t in rows], IGNORE_INDEX, side=side)
     return ids, fused, labels, mask
-

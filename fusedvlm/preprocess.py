@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,9 +148,7 @@ def num_views(width: int, height: int, hd_num: int = 9, size: int = 336) -> int:
     return 1 + rows * cols
 
 
-def num_vision_tokens(
-    width: int, height: int, hd_num: int = 9, tokens_per_view: int = 145, size: int = 336
-) -> int:
+def num_vision_tokens(width: int, height: int, hd_num: int = 9, tokens_per_view: int = 145, size: int = 336) -> int:
     """Vision-prefix length of one image: ``num_views * tokens_per_view`` (145 = 12x12 + LF)."""
     tokens_per_view = _check_int("tokens_per_view", tokens_per_view, 1)
     return num_views(width, height, hd_num, size) * tokens_per_view
@@ -237,9 +236,7 @@ def to_rgb(image: Any, alpha: str = "drop") -> Image.Image:
         return _array_to_rgb(t.cpu().numpy(), "image tensor", alpha)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, "image array", alpha)
-    raise ValueError(
-        f"unsupported image type {type(image).__name__}: pass a PIL image, numpy array or torch tensor"
-    )
+    raise ValueError(f"unsupported image type {type(image).__name__}: pass a PIL image, numpy array or torch tensor")
 
 
 # (3, 256) lookup table of the normalised value of every 8-bit level: one gather per channel
@@ -368,5 +365,7 @@ def upright(image: Image.Image, path: str | None = None) -> Image.Image:
         # A broken EXIF block should not cost the picture: keep the stored orientation.
         import warnings
 
-        warnings.warn(f"image {path or ''}: unreadable EXIF orientation ({exc}); using the pixels as stored", stacklevel=2)
+        warnings.warn(
+            f"image {path or ''}: unreadable EXIF orientation ({exc}); using the pixels as stored", stacklevel=2
+        )
         return image

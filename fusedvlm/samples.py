@@ -12,7 +12,7 @@ are grayscale (PIL mode 'L'); the others are RGB.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image

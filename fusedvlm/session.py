@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusedvlm.timing import timed
 from fusedvlm.chat import Tokens
 from fusedvlm.generation import GenerationConfig, decode, prefill
 from fusedvlm.model.vlm import FusedVLM, VisionPrefix
 from fusedvlm.text import check_text
+from fusedvlm.timing import timed
 
 STAGES = ("preprocess", "vision", "merge", "fusion", "projection", "llm_prefill")
 
@@ -73,8 +73,16 @@ class _Timer:
 
 class ChatSession:
     def __init__(
-        self, model: FusedVLM, image, *, system: str | None = None, reuse_prefix: bool = True,
-        n_l: int | None = None, n_s: int | None = None, decode: str = "auto", compile: bool | None = None,
+        self,
+        model: FusedVLM,
+        image,
+        *,
+        system: str | None = None,
+        reuse_prefix: bool = True,
+        n_l: int | None = None,
+        n_s: int | None = None,
+        decode: str = "auto",
+        compile: bool | None = None,
     ):
         if model.llm is None or model.layout is None:
             raise ValueError("a chat session needs a model with its LLM and tokenizer loaded")
@@ -84,7 +92,9 @@ class ChatSession:
         self.reuse_prefix = reuse_prefix
         # The decode engine picks the lean static-cache path when the LLM allows it (fusedvlm.decoding).
         self.engine = model.decode_engine(decode, compile)
-        self.layout = model.layout if system is None else type(model.layout)(model.layout.template, model.tokenizer, system)
+        self.layout = (
+            model.layout if system is None else type(model.layout)(model.layout.template, model.tokenizer, system)
+        )
         self.turns: list[tuple[str, str]] = []  # (question, answer text)
         self._question_ids: list[list[int]] = []
         self._fused: list[torch.Tensor] = []
@@ -155,8 +165,9 @@ class ChatSession:
             self._llm_past, self._llm_tokens = None, Tokens()
             raise RuntimeError("the LLM cache could not be rolled back after a failed turn")
 
-    def _run_turn(self, question: str, qids: list[int], first: bool, prompt: Tokens, keep: int,
-                  generation: GenerationConfig) -> Answer:
+    def _run_turn(
+        self, question: str, qids: list[int], first: bool, prompt: Tokens, keep: int, generation: GenerationConfig
+    ) -> Answer:
         model = self.model
         timer = _Timer(model.device)
         vision, fusion_cache = self._vision, self._fusion_cache
@@ -166,7 +177,9 @@ class ChatSession:
                 with timer("fusion"):
                     fusion_cache = model.prefix_cache(vision)
             with timer("fusion"):
-                fused, fusion_cache = model.fuse_next(fusion_cache, [qids], [first], n_l=self.n_l, n_s=self.n_s, project=False)
+                fused, fusion_cache = model.fuse_next(
+                    fusion_cache, [qids], [first], n_l=self.n_l, n_s=self.n_s, project=False
+                )
             with timer("projection"):
                 new = model.fuser.projection(fused.hidden)
             all_fused = self._fused + [new]
@@ -183,7 +196,7 @@ class ChatSession:
 
         tail = Tokens(prompt.ids[keep:], prompt.fused[keep:], prompt.labels[keep:])
         stacked = torch.cat(all_fused)
-        fused_in = stacked[stacked.shape[0] - tail.num_fused:]
+        fused_in = stacked[stacked.shape[0] - tail.num_fused :]
         embeds = model.llm_embeds(tail, fused_in, past_length=keep)
         with timer("llm_prefill"):
             state = prefill(self.engine, embeds, past, keep)
@@ -206,8 +219,17 @@ class ChatSession:
         self.turns.append((question, text))
         self._llm_tokens, self._llm_past = llm_tokens, llm_past
         return Answer(
-            text, out.ids, out.stopped_on_eos, new.shape[0], len(tail), prompt, keep, first_logits,
-            timer.timings, out.token_latencies_s, out.path,
+            text,
+            out.ids,
+            out.stopped_on_eos,
+            new.shape[0],
+            len(tail),
+            prompt,
+            keep,
+            first_logits,
+            timer.timings,
+            out.token_latencies_s,
+            out.path,
         )
 
     def fused_tokens(self) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ def check_text(text, what: str = "text", where: str | None = None) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        chars = text[e.start:e.end]
+        chars = text[e.start : e.end]
         try:
             bad = f"undecodable byte(s) {chars.encode('utf-8', 'surrogateescape')!r}"
         except UnicodeEncodeError:

@@ -50,7 +50,13 @@ VISION = "imgque_backbone.clip_model.vision_model."
 FUSION = "imgque_backbone.imgque_model."
 PROJ = "fusion_backbone.imgque_proj.weight"
 LLM = "llm_backbone."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+)
 
 
 class UpstreamError(ValueError):
@@ -125,8 +131,11 @@ def iter_shard(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------- config
 def _infer_template(src: str, config: dict) -> str:
-    hints = [os.path.basename(os.path.normpath(src)).lower(), str(config.get("llm_model_name_or_path") or "").lower(),
-             str((config.get("llm_config") or {}).get("_name_or_path") or "").lower()]
+    hints = [
+        os.path.basename(os.path.normpath(src)).lower(),
+        str(config.get("llm_model_name_or_path") or "").lower(),
+        str((config.get("llm_config") or {}).get("_name_or_path") or "").lower(),
+    ]
     for hint in hints:
         if "vicuna" in hint:
             return "vicuna"
@@ -142,7 +151,9 @@ def _infer_template(src: str, config: dict) -> str:
     )
 
 
-def _clip_query_ids(clip_dir: str, n_queries: int, special_padding: bool, vocab: dict[str, int]) -> tuple[list[int], int]:
+def _clip_query_ids(
+    clip_dir: str, n_queries: int, special_padding: bool, vocab: dict[str, int]
+) -> tuple[list[int], int]:
     """(ids of the query tokens P0..P(n-1), EOS id) from the saved CLIP tokenizer."""
     added: dict[str, int] = {}
     tj = os.path.join(clip_dir, "tokenizer.json")
@@ -175,49 +186,72 @@ def _clip_query_ids(clip_dir: str, n_queries: int, special_padding: bool, vocab:
     for i in range(n_queries):
         name = f"<|placeholder_qed_{i}|>"
         if name not in table:
-            raise UpstreamError(f"{clip_dir}: the CLIP tokenizer has no query token {name!r} (append_special_padding is true)")
+            raise UpstreamError(
+                f"{clip_dir}: the CLIP tokenizer has no query token {name!r} (append_special_padding is true)"
+            )
         ids.append(table[name])
     return ids, table[eos]
 
 
-def build_config(src: str, config: dict, weights: dict[str, torch.Tensor], template: str | None, drop_question: bool | None):
+def build_config(
+    src: str, config: dict, weights: dict[str, torch.Tensor], template: str | None, drop_question: bool | None
+):
     """Our ModelConfig for their checkpoint, plus the query ids and CLIP BPE tables."""
     from fusedvlm.clip_text import read_bpe
     from fusedvlm.config import FusionConfig, LLMConfig, ModelConfig, VisionConfig
 
     where = os.path.join(src, "config.json")
     if config.get("model_type") != UPSTREAM_MODEL_TYPE:
-        raise UpstreamError(f"{where}: model_type {config.get('model_type')!r} is not the authors' {UPSTREAM_MODEL_TYPE!r}")
+        raise UpstreamError(
+            f"{where}: model_type {config.get('model_type')!r} is not the authors' {UPSTREAM_MODEL_TYPE!r}"
+        )
     if config.get("fusion_name") != FUSION_NAME:
-        raise UpstreamError(f"{where}: fusion_name {config.get('fusion_name')!r} is not supported (only {FUSION_NAME!r})")
+        raise UpstreamError(
+            f"{where}: fusion_name {config.get('fusion_name')!r} is not supported (only {FUSION_NAME!r})"
+        )
     imgque = _need(config, "imgque_config", where)
     if imgque.get("model_type") != HD_IMGQUE_TYPE:
-        raise UpstreamError(f"{where}: imgque_config.model_type {imgque.get('model_type')!r} is not the HD model {HD_IMGQUE_TYPE!r}")
+        raise UpstreamError(
+            f"{where}: imgque_config.model_type {imgque.get('model_type')!r} is not the HD model {HD_IMGQUE_TYPE!r}"
+        )
     vis = _need(imgque, "vision_config", f"{where} imgque_config")
     llm_cfg = _need(config, "llm_config", where)
-    for key, want in (("enable_local_merge", True), ("enable_token_crlf", True), ("vembed_merge_kernel_size", 3), ("vembed_merge_stride", 2)):
+    for key, want in (
+        ("enable_local_merge", True),
+        ("enable_token_crlf", True),
+        ("vembed_merge_kernel_size", 3),
+        ("vembed_merge_stride", 2),
+    ):
         if vis.get(key, want) != want:
             raise UpstreamError(f"{where}: vision_config.{key}={vis.get(key)!r} is not supported (only {want!r})")
     act = vis.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise UpstreamError(f"{where}: vision_config.hidden_act {act!r} is not supported (quick_gelu or gelu)")
     if abs(float(vis.get("layer_norm_eps", 1e-5)) - 1e-5) > 1e-12:
-        raise UpstreamError(f"{where}: vision_config.layer_norm_eps {vis.get('layer_norm_eps')} is not supported (only 1e-5)")
+        raise UpstreamError(
+            f"{where}: vision_config.layer_norm_eps {vis.get('layer_norm_eps')} is not supported (only 1e-5)"
+        )
     width = int(_need(vis, "hidden_size", "vision_config"))
     vhd = vis.get("vembed_hidden_size") or width
     if vhd != width:
         raise UpstreamError(f"{where}: vision_config.vembed_hidden_size {vhd} != hidden_size {width} is not supported")
     vision = VisionConfig(
-        image_size=int(vis.get("image_size", 224)), patch_size=int(vis.get("patch_size", 32)), width=width,
-        layers=int(_need(vis, "num_hidden_layers", "vision_config")), heads=int(_need(vis, "num_attention_heads", "vision_config")),
-        mlp_ratio=int(_need(vis, "intermediate_size", "vision_config")) / width, quick_gelu=(act == "quick_gelu"),
+        image_size=int(vis.get("image_size", 224)),
+        patch_size=int(vis.get("patch_size", 32)),
+        width=width,
+        layers=int(_need(vis, "num_hidden_layers", "vision_config")),
+        heads=int(_need(vis, "num_attention_heads", "vision_config")),
+        mlp_ratio=int(_need(vis, "intermediate_size", "vision_config")) / width,
+        quick_gelu=(act == "quick_gelu"),
     )
 
     n_l = int(_need(config, "length_que_end", where))
     short = config.get("length_que_end_short")
     n_s = n_l if short is None else int(short)
     if n_l < 1 or n_s < 1 or n_s > n_l:
-        raise UpstreamError(f"{where}: length_que_end={n_l}, length_que_end_short={short} are not usable (need 1 <= n_s <= n_l)")
+        raise UpstreamError(
+            f"{where}: length_que_end={n_l}, length_que_end_short={short} are not usable (need 1 <= n_s <= n_l)"
+        )
 
     clip_dir = os.path.join(src, "clip")
     if not os.path.isdir(clip_dir):
@@ -233,23 +267,31 @@ def build_config(src: str, config: dict, weights: dict[str, torch.Tensor], templ
     for i in query_ids + [eos_id]:
         if i >= emb.shape[0]:
             raise UpstreamError(f"CLIP token id {i} is outside the fusion embedding table ({emb.shape[0]} rows)")
-    num_layers = len({k[len(FUSION):].split(".")[1] for k in weights if k.startswith(FUSION + "layers.")})
+    num_layers = len({k[len(FUSION) :].split(".")[1] for k in weights if k.startswith(FUSION + "layers.")})
     hidden = emb.shape[1]
-    inner = (imgque.get("imgque_config") or {})
+    inner = imgque.get("imgque_config") or {}
     heads = int(inner.get("num_attention_heads") or hidden // 64)
     kv_heads = int(inner.get("num_key_value_heads") or heads)
     fusion = FusionConfig(
-        hidden_size=hidden, intermediate_size=weights[FUSION + "layers.0.mlp.gate_proj.weight"].shape[0] if num_layers else 4 * hidden,
-        num_layers=num_layers, num_heads=heads, num_kv_heads=kv_heads,
-        rope_theta=float(inner.get("rope_theta", 10000.0)), rms_norm_eps=float(inner.get("rms_norm_eps", 1e-6)),
-        text_vocab_size=len(vocab), eos_token_id=eos_id, max_queries=n_l - 1,
+        hidden_size=hidden,
+        intermediate_size=weights[FUSION + "layers.0.mlp.gate_proj.weight"].shape[0] if num_layers else 4 * hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        rope_theta=float(inner.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(inner.get("rms_norm_eps", 1e-6)),
+        text_vocab_size=len(vocab),
+        eos_token_id=eos_id,
+        max_queries=n_l - 1,
     )
     if inner.get("rope_scaling"):
         raise UpstreamError(f"{where}: imgque_config.rope_scaling {inner['rope_scaling']!r} is not supported")
 
     pre = _read_json(os.path.join(src, "preprocessor_config.json"))
     if "num_crops" not in pre:
-        raise UpstreamError(f"{os.path.join(src, 'preprocessor_config.json')} has no 'num_crops' (not the HD Phi-3-V processor)")
+        raise UpstreamError(
+            f"{os.path.join(src, 'preprocessor_config.json')} has no 'num_crops' (not the HD Phi-3-V processor)"
+        )
     name = os.path.basename(os.path.normpath(src)).lower()
     if drop_question is None:
         drop_question = "drop-query" in name or "drop_query" in name
@@ -257,14 +299,27 @@ def build_config(src: str, config: dict, weights: dict[str, torch.Tensor], templ
 
     template = UPSTREAM_TEMPLATES.get(template, template) if template else _infer_template(src, config)
     llm = LLMConfig(
-        source="pretrained", path="llm", hidden_size=int(llm_cfg.get("hidden_size", 4096)),
-        intermediate_size=int(llm_cfg.get("intermediate_size", 11008)), num_layers=int(llm_cfg.get("num_hidden_layers", 32)),
+        source="pretrained",
+        path="llm",
+        hidden_size=int(llm_cfg.get("hidden_size", 4096)),
+        intermediate_size=int(llm_cfg.get("intermediate_size", 11008)),
+        num_layers=int(llm_cfg.get("num_hidden_layers", 32)),
         num_heads=int(llm_cfg.get("num_attention_heads", 32)),
         num_kv_heads=int(llm_cfg.get("num_key_value_heads") or llm_cfg.get("num_attention_heads", 32)),
-        vocab_size=int(llm_cfg.get("vocab_size", 32000)), max_position_embeddings=int(llm_cfg.get("max_position_embeddings", 4096)),
-        chat_template=template, system_prompt=None,
+        vocab_size=int(llm_cfg.get("vocab_size", 32000)),
+        max_position_embeddings=int(llm_cfg.get("max_position_embeddings", 4096)),
+        chat_template=template,
+        system_prompt=None,
     )
-    cfg = ModelConfig(vision=vision, fusion=fusion, llm=llm, n_l=n_l, n_s=n_s, hd_num=int(pre["num_crops"]), drop_question=bool(drop_question))
+    cfg = ModelConfig(
+        vision=vision,
+        fusion=fusion,
+        llm=llm,
+        n_l=n_l,
+        n_s=n_s,
+        hd_num=int(pre["num_crops"]),
+        drop_question=bool(drop_question),
+    )
     return cfg, query_ids, (vocab, merges)
 
 
@@ -305,10 +360,12 @@ def map_non_llm(weights: dict[str, torch.Tensor], cfg, query_ids: list[int]) -> 
     out["fuser.merge.lf_token"] = take(v + "token_LF").reshape(-1)
     emb = take(FUSION + "embed_tokens.weight")
     text = cfg.fusion.text_vocab_size
-    out["fuser.decoder.embed_tokens.weight"] = torch.cat([emb[:text], emb[query_ids]]) if query_ids else emb[:text].clone()
+    out["fuser.decoder.embed_tokens.weight"] = (
+        torch.cat([emb[:text], emb[query_ids]]) if query_ids else emb[:text].clone()
+    )
     for k, t in weights.items():
         if k.startswith(FUSION) and k != FUSION + "embed_tokens.weight" and "rotary_emb" not in k:
-            out["fuser.decoder." + k[len(FUSION):]] = t
+            out["fuser.decoder." + k[len(FUSION) :]] = t
     out["fuser.projection.weight"] = take(PROJ)
     return out
 
@@ -320,9 +377,9 @@ def _is_non_llm(name: str) -> bool:
 def convert(src: str, out: str, *, template: str | None = None, drop_question: bool | None = None, log=print) -> None:
     """Convert the authors' checkpoint directory ``src`` into a fusedvlm directory ``out``
     (written into a temporary sibling, then switched into place atomically)."""
-    from safetensors.torch import save_file
-
     from dataclasses import replace
+
+    from safetensors.torch import save_file
 
     from fusedvlm.checkpoint import atomic_directory, check_state_dict
     from fusedvlm.clip_text import write_bpe
@@ -347,7 +404,7 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
             llm_part: dict[str, torch.Tensor] = {}
             for k, t in iter_shard(shard):
                 if k.startswith(LLM):
-                    llm_part[k[len(LLM):]] = t.contiguous()
+                    llm_part[k[len(LLM) :]] = t.contiguous()
                 elif _is_non_llm(k):
                     non_llm[k] = t
                 else:
@@ -382,12 +439,16 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
         del non_llm
         with torch.device("meta"):
             # The LLM's width comes from the directory just written (cfg names it relative to out).
-            expected = FusedVLM(replace(cfg, llm=replace(cfg.llm, path=llm_dir)), load_language_model=False).trainable_state_dict()
+            expected = FusedVLM(
+                replace(cfg, llm=replace(cfg.llm, path=llm_dir)), load_language_model=False
+            ).trainable_state_dict()
         check_state_dict(expected, state, f"converted weights of {src}")
         write_bpe(os.path.join(tmp, "clip"), vocab, merges)
         write_model_dir(tmp, cfg, state, source={"upstream": src, "ignored_keys": ignored[:20]})
-    log(f"wrote {out} (n_l={cfg.n_l}, n_s={cfg.n_s}, HD-{cfg.hd_num}, template {cfg.llm.chat_template}"
-        f"{', drop question' if cfg.drop_question else ''})")
+    log(
+        f"wrote {out} (n_l={cfg.n_l}, n_s={cfg.n_s}, HD-{cfg.hd_num}, template {cfg.llm.chat_template}"
+        f"{', drop question' if cfg.drop_question else ''})"
+    )
 
 
 def _pin_fast_tokenizer(folder: str) -> None:
@@ -408,17 +469,29 @@ def _pin_fast_tokenizer(folder: str) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "convert-upstream", help="convert an authors' (tensorfusionvlm) checkpoint directory",
+        "convert-upstream",
+        help="convert an authors' (tensorfusionvlm) checkpoint directory",
         description="Convert a checkpoint of the authors' code (ModelScope LiTenghui/scalingcapabilitytokenspace) "
         "into a fusedvlm model directory for `fusedvlm chat --checkpoint OUT_DIR`.",
     )
-    p.add_argument("src", metavar="SRC_DIR", help="the authors' checkpoint directory (config.json, weights, clip/, tokenizer)")
+    p.add_argument(
+        "src", metavar="SRC_DIR", help="the authors' checkpoint directory (config.json, weights, clip/, tokenizer)"
+    )
     p.add_argument("out", metavar="OUT_DIR", help="where to write the fusedvlm model directory")
-    p.add_argument("--template", default=None, choices=["llama-2-vision", "vicuna_v1.1", "llama-3-vision", "phi-3"],
-                   help="chat template (default: read from the directory or LLM name)")
+    p.add_argument(
+        "--template",
+        default=None,
+        choices=["llama-2-vision", "vicuna_v1.1", "llama-3-vision", "phi-3"],
+        help="chat template (default: read from the directory or LLM name)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--drop-question", dest="drop_question", action="store_true", default=None,
-                   help="drop-query variant: the fusion decoder reads no question text (default: 'drop-query' in the name)")
+    g.add_argument(
+        "--drop-question",
+        dest="drop_question",
+        action="store_true",
+        default=None,
+        help="drop-query variant: the fusion decoder reads no question text (default: 'drop-query' in the name)",
+    )
     g.add_argument("--keep-question", dest="drop_question", action="store_false")
     p.set_defaults(func=run)
 

@@ -23,7 +23,7 @@ LIB = torch.library.Library("fusedvlm", "DEF")
 
 
 def cpu_implementation(*tensors: torch.Tensor) -> str:
-    """"triton" (the interpreter), "cpp" or "torch": what a CPU op kernel runs on these tensors.
+    """ "triton" (the interpreter), "cpp" or "torch": what a CPU op kernel runs on these tensors.
 
     Called on every op call, so it reads the environment twice and nothing else on the common
     path (the C++ build is looked up once, then cached)."""

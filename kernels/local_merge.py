@@ -61,7 +61,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
@@ -83,12 +82,31 @@ def _kernels(interpret: bool):
 
     @triton.jit
     def _local_merge_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, lf_ptr, out_ptr,
-        H, W, Wo, P, ROWS, C_in, C_out,
-        sxv, sxt, sxc, sov, som, son,
-        HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        lf_ptr,
+        out_ptr,
+        H,
+        W,
+        Wo,
+        P,
+        ROWS,
+        C_in,
+        C_out,
+        sxv,
+        sxt,
+        sxc,
+        sov,
+        som,
+        son,
+        HAS_BIAS: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # Rows run over all views' packed tokens so that no tile is wasted on a view's tail.
         pid_m = tl.program_id(0)
@@ -116,7 +134,9 @@ def _kernels(interpret: bool):
                 kk = k0 + offs_k
                 k_ok = kk < C_in
                 a = tl.load(a_ptrs[:, None] + kk[None, :] * sxc, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_tap + kk[:, None] * C_out + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                b = tl.load(
+                    w_tap + kk[:, None] * C_out + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+                )
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -131,16 +151,37 @@ def _kernels(interpret: bool):
         lf = tl.load(lf_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc = tl.where((m == P)[:, None], lf[None, :], acc)
         o_ptrs = out_ptr + view.to(tl.int64) * sov + m * som
-        tl.store(o_ptrs[:, None] + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(
+            o_ptrs[:, None] + offs_n[None, :] * son,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & n_ok[None, :],
+        )
 
     @triton.jit
     def _local_merge_dx_kernel(
-        g_ptr, w_ptr, dx_ptr,
-        V, H, W, Ho, Wo, C_in, C_out, M_BLOCKS,
-        sgv, sgm, sgn, sdv, sdt, sdc,
-        RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        g_ptr,
+        w_ptr,
+        dx_ptr,
+        V,
+        H,
+        W,
+        Ho,
+        Wo,
+        C_in,
+        C_out,
+        M_BLOCKS,
+        sgv,
+        sgm,
+        sgn,
+        sdv,
+        sdt,
+        sdc,
+        RESIDUAL: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # Program axis 0 = parity class (py, px) x row block; rows are (view, pixel of the class).
         pid = tl.program_id(0)
@@ -182,7 +223,9 @@ def _kernels(interpret: bool):
                     kk = k0 + offs_k
                     k_ok = kk < C_out
                     a = tl.load(a_ptrs[:, None] + kk[None, :] * sgn, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(w_tap + kk[:, None] * C_in + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    b = tl.load(
+                        w_tap + kk[:, None] * C_in + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+                    )
                     if UPCAST:
                         a = a.to(tl.float32)
                         b = b.to(tl.float32)
@@ -194,16 +237,35 @@ def _kernels(interpret: bool):
             r = tl.load(r_ptrs[:, None] + offs_n[None, :] * sgn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc += r.to(tl.float32)
         d_ptrs = dx_ptr + view.to(tl.int64) * sdv + (iy * W + ix) * sdt
-        tl.store(d_ptrs[:, None] + offs_n[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(
+            d_ptrs[:, None] + offs_n[None, :] * sdc,
+            acc.to(dx_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & n_ok[None, :],
+        )
 
     @triton.jit
     def _local_merge_dw_kernel(
-        x_ptr, g_ptr, dw_ptr,
-        H, W, Wo, P, R, C_in, C_out,
-        sxv, sxt, sxc, sgv, sgm, sgn,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        g_ptr,
+        dw_ptr,
+        H,
+        W,
+        Wo,
+        P,
+        R,
+        C_in,
+        C_out,
+        sxv,
+        sxt,
+        sxc,
+        sgv,
+        sgm,
+        sgn,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # One (C_in x C_out) GEMM per tap, reducing over the R = V*P output pixels.
         pid_m = tl.program_id(0)
@@ -279,10 +341,24 @@ def _triton_forward(x, w9, lf_token, bias, residual, h, w, out):
     cfg = _config(x.dtype)
     launch = (_cdiv(rows, cfg["BLOCK_M"]), _cdiv(c_out, cfg["BLOCK_N"]))
     _kernels(interpreter_enabled())[0][launch](
-        x, w9, bias if bias is not None else lf_token, lf_token, out,
-        h, w, wo, p, rows, c_in, c_out,
-        *x.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, RESIDUAL=residual, **_dot_flags(x.dtype), **cfg,
+        x,
+        w9,
+        bias if bias is not None else lf_token,
+        lf_token,
+        out,
+        h,
+        w,
+        wo,
+        p,
+        rows,
+        c_in,
+        c_out,
+        *x.stride(),
+        *out.stride(),
+        HAS_BIAS=bias is not None,
+        RESIDUAL=residual,
+        **_dot_flags(x.dtype),
+        **cfg,
     )
 
 
@@ -295,10 +371,22 @@ def _triton_grad_x(g, w9t, residual, h, w, c_in):
     m_blocks = _cdiv(v * ho * wo, cfg["BLOCK_M"])
     launch = (4 * m_blocks, _cdiv(c_in, cfg["BLOCK_N"]))
     _kernels(interpreter_enabled())[1][launch](
-        g, w9t, dx,
-        v, h, w, ho, wo, c_in, c_out, m_blocks,
-        *g.stride(), *dx.stride(),
-        RESIDUAL=residual, **_dot_flags(g.dtype), **cfg,
+        g,
+        w9t,
+        dx,
+        v,
+        h,
+        w,
+        ho,
+        wo,
+        c_in,
+        c_out,
+        m_blocks,
+        *g.stride(),
+        *dx.stride(),
+        RESIDUAL=residual,
+        **_dot_flags(g.dtype),
+        **cfg,
     )
     return dx
 
@@ -312,10 +400,20 @@ def _triton_grad_weight(x, g, h, w, c_out):
     cfg = _config(x.dtype)
     launch = (_cdiv(c_in, cfg["BLOCK_M"]), _cdiv(c_out, cfg["BLOCK_N"]), 9)
     _kernels(interpreter_enabled())[2][launch](
-        x, g, dw9,
-        h, w, wo, p, v * p, c_in, c_out,
-        *x.stride(), *g.stride(),
-        **_dot_flags(x.dtype), **cfg,
+        x,
+        g,
+        dw9,
+        h,
+        w,
+        wo,
+        p,
+        v * p,
+        c_in,
+        c_out,
+        *x.stride(),
+        *g.stride(),
+        **_dot_flags(x.dtype),
+        **cfg,
     )
     return dw9.view(3, 3, c_in, c_out).permute(3, 2, 0, 1)
 
@@ -500,7 +598,7 @@ class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         saved = ctx.saved_tensors
-        kernels = [list(saved[4 * i:4 * i + 4]) for i in range(4)]
+        kernels = [list(saved[4 * i : 4 * i + 4]) for i in range(4)]
         inputs = iter(saved[16:])
         h, w, ho, wo = ctx.dims
         c_out, c_in = kernels[0][0].shape
@@ -587,8 +685,9 @@ def _check(x, weight, lf_token, bias, residual, grid, out) -> tuple[int, int]:
     if out is not None:
         tpv = merged_tokens_per_view(h, w)
         if tuple(out.shape) not in ((v, tpv, c_out), (v * tpv, c_out)):
-            raise ValueError(f"local_merge: out must be ({v}, {tpv}, {c_out}) or ({v * tpv}, {c_out}), "
-                             f"got {tuple(out.shape)}")
+            raise ValueError(
+                f"local_merge: out must be ({v}, {tpv}, {c_out}) or ({v * tpv}, {c_out}), got {tuple(out.shape)}"
+            )
         if out.dim() == 2 and out.stride(0) != c_out * out.stride(1):
             raise ValueError("local_merge: a 2-D out must have contiguous rows to be viewed per view")
     return h, w
@@ -625,8 +724,9 @@ def _bias_and_lf_grads(g, p, has_bias, weight):
 def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
     impl = cpu_implementation(g, x, weight)
     if impl == "cpp":
-        return native.load().local_merge_bwd(g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1],
-                                             None)
+        return native.load().local_merge_bwd(
+            g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1], None
+        )
     if impl == "triton":
         return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
     v, _, c_in = x.shape
@@ -637,7 +737,8 @@ def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
     gy = g[:, :p].unflatten(1, (ho, wo)).permute(0, 3, 1, 2)
     nchw = x.reshape(v, h, w, c_in).permute(0, 3, 1, 2)
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        gy, nchw, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+        gy, nchw, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+    )
     if need_x:
         if residual:
             dx[:, :, ::2, ::2] += gy
@@ -677,8 +778,12 @@ def _merge_fake(x, weight, lf_token, bias, residual, h, w):
 @torch.library.register_fake("fusedvlm::local_merge_backward", lib=LIB)
 def _merge_backward_fake(g, x, weight, has_bias, residual, h, w, output_mask):
     need_x, need_w, _ = output_mask
-    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
-            weight.new_empty(weight.shape[0]), weight.new_empty(weight.shape[0] if has_bias else 0))
+    return (
+        x.new_empty(x.shape if need_x else (0,)),
+        weight.new_empty(weight.shape if need_w else (0,)),
+        weight.new_empty(weight.shape[0]),
+        weight.new_empty(weight.shape[0] if has_bias else 0),
+    )
 
 
 def _merge_setup_context(ctx, inputs, output):
@@ -692,9 +797,17 @@ def _merge_backward(ctx, grad):
     has_bias, residual, h, w = ctx.geometry
     need = ctx.needs_input_grad
     dx, dw, dlf, db = torch.ops.fusedvlm.local_merge_backward(
-        grad.contiguous(), x, weight, has_bias, residual, h, w, [need[0], need[1], need[2]])
-    return (dx if need[0] else None, dw if need[1] else None, dlf if need[2] else None,
-            db if has_bias and need[3] else None, None, None, None)
+        grad.contiguous(), x, weight, has_bias, residual, h, w, [need[0], need[1], need[2]]
+    )
+    return (
+        dx if need[0] else None,
+        dw if need[1] else None,
+        dlf if need[2] else None,
+        db if has_bias and need[3] else None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("fusedvlm::local_merge", _merge_backward, setup_context=_merge_setup_context, lib=LIB)
@@ -713,7 +826,7 @@ def _merge_backward_flops(g_shape, x_shape, weight_shape, has_bias, residual, h,
 
 
 def implementation(x: torch.Tensor) -> str:
-    """"triton", "cpp" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
+    """ "triton", "cpp" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
     if x.device.type == "cpu":
         return cpu_implementation(x)
     return "triton" if use_triton(x) else "torch"
@@ -733,10 +846,21 @@ def local_merge(
 
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
-    if (out is None and type(x) is torch.Tensor and type(weight) is torch.Tensor and type(lf_token) is torch.Tensor
-            and (bias is None or type(bias) is torch.Tensor) and x.is_cpu and x.dim() == 3 and x.numel()
-            and x.dtype == weight.dtype == lf_token.dtype and (bias is None or bias.dtype == x.dtype)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and cpu_op_ready()):
+    if (
+        out is None
+        and type(x) is torch.Tensor
+        and type(weight) is torch.Tensor
+        and type(lf_token) is torch.Tensor
+        and (bias is None or type(bias) is torch.Tensor)
+        and x.is_cpu
+        and x.dim() == 3
+        and x.numel()
+        and x.dtype == weight.dtype == lf_token.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and cpu_op_ready()
+    ):
         # The common eager CPU call: once the grid is known, the op's C++ kernel checks what
         # _check does.
         h, w = grid_shape(x.shape[1], grid)
@@ -749,8 +873,11 @@ def local_merge(
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
     weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
-    if (not torch.compiler.is_compiling() and not use_triton(x, weight, lf_token, bias, out)
-            and (x.device.type != "cpu" or cpu_implementation(x, weight, lf_token, bias) == "torch")):
+    if (
+        not torch.compiler.is_compiling()
+        and not use_triton(x, weight, lf_token, bias, out)
+        and (x.device.type != "cpu" or cpu_implementation(x, weight, lf_token, bias) == "torch")
+    ):
         # Where the op's kernel would be the torch path anyway (FUSEDVLM_BACKEND=torch, or no
         # C++ build), eager calls run it directly: training differentiates through its own ops
         # (the Winograd form's hand-written backward beats the convolution's weight gradient)

@@ -57,7 +57,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
@@ -93,11 +92,15 @@ def _check_args(q, k, v, cu_q, cu_k) -> None:
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of n + 1 >= 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
+            raise ValueError(
+                f"{name} must be a 1-D int32 tensor of n + 1 >= 1 offsets, got {cu.dtype} {tuple(cu.shape)}"
+            )
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     if cu_q.numel() != cu_k.numel():
-        raise ValueError(f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match")
+        raise ValueError(
+            f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match"
+        )
 
 
 def _host_offsets(q, k, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
@@ -119,7 +122,9 @@ def _host_offsets(q, k, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
         bad = (lk < lq).nonzero().flatten()
         if bad.numel():
             s = int(bad[0])
-            raise ValueError(f"segment {s}: {int(lk[s])} keys < {int(lq[s])} queries; a causal segment needs len_k >= len_q")
+            raise ValueError(
+                f"segment {s}: {int(lk[s])} keys < {int(lq[s])} queries; a causal segment needs len_k >= len_q"
+            )
     return both[0].tolist(), both[1].tolist()
 
 
@@ -180,12 +185,36 @@ def _kernels(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, TILE_SEG, TILE_BLK,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, stride_lh, n_seg, head_dim, qk_scale,
-                    GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
+    def _fwd_kernel(
+        Q,
+        K,
+        V,
+        O,
+        LSE,
+        CU_Q,
+        CU_K,
+        TILE_SEG,
+        TILE_BLK,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_ot,
+        stride_oh,
+        stride_lh,
+        n_seg,
+        head_dim,
+        qk_scale,
+        GROUP: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_t = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.load(TILE_SEG + pid_t)
@@ -204,8 +233,11 @@ def _kernels(interpret: bool):
         m_valid = offs_m < lq
         d_valid = offs_d < head_dim
         rows = (q0 + offs_m).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        q = tl.load(
+            Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=m_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
         if UPCAST:
             q = q.to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -224,10 +256,16 @@ def _kernels(interpret: bool):
             n_idx = start_n + offs_n
             n_valid = n_idx < lk
             krows = (k0 + n_idx).to(tl.int64)
-            k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            k = tl.load(
+                K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -243,10 +281,16 @@ def _kernels(interpret: bool):
             n_idx = start_n + offs_n
             n_valid = n_idx < lk
             krows = (k0 + n_idx).to(tl.int64)
-            k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                        mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            k = tl.load(
+                K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -266,18 +310,52 @@ def _kernels(interpret: bool):
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        tl.store(
+            O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            out.to(O.dtype.element_ty),
+            mask=m_valid[:, None] & d_valid[None, :],
+        )
         tl.store(LSE + h * stride_lh + q0 + offs_m, lse, mask=m_valid)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, TILE_SEG, TILE_BLK,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                         stride_lh, n_seg, head_dim, qk_scale, scale,
-                         GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
+    def _bwd_dkdv_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        CU_Q,
+        CU_K,
+        TILE_SEG,
+        TILE_BLK,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dot,
+        stride_doh,
+        stride_dkt,
+        stride_dkh,
+        stride_dvt,
+        stride_dvh,
+        stride_lh,
+        n_seg,
+        head_dim,
+        qk_scale,
+        scale,
+        GROUP: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_t = tl.program_id(0)
         kvh = tl.program_id(1)
         seg = tl.load(TILE_SEG + pid_t)
@@ -316,7 +394,9 @@ def _kernels(interpret: bool):
                 qrows = (q0 + offs_m).to(tl.int64)
                 q_mask = m_valid[:, None] & d_valid[None, :]
                 q = tl.load(Q + qrows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(DO + qrows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(
+                    DO + qrows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0
+                )
                 if UPCAST:
                     q = q.to(tl.float32)
                     do = do.to(tl.float32)
@@ -332,17 +412,53 @@ def _kernels(interpret: bool):
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dk = dk * scale
-        tl.store(DK + krows[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + krows[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(
+            DK + krows[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=kv_mask,
+        )
+        tl.store(
+            DV + krows[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=kv_mask,
+        )
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_SEG, TILE_BLK,
-                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       stride_dot, stride_doh, stride_dqt, stride_dqh,
-                       stride_lh, n_seg, head_dim, qk_scale, scale,
-                       GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr):
+    def _bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        CU_Q,
+        CU_K,
+        TILE_SEG,
+        TILE_BLK,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dot,
+        stride_doh,
+        stride_dqt,
+        stride_dqh,
+        stride_lh,
+        n_seg,
+        head_dim,
+        qk_scale,
+        scale,
+        GROUP: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid_t = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.load(TILE_SEG + pid_t)
@@ -393,7 +509,9 @@ def _kernels(interpret: bool):
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = dq * scale
-        tl.store(DQ + qrows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(
+            DQ + qrows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask
+        )
 
     return _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 
@@ -438,7 +556,9 @@ def _block_config(head_dim: int, elem_bytes: int, backward: bool) -> tuple[int, 
     return _LAST_RESORT_BLOCKS
 
 
-def _tile_table(cu: torch.Tensor, total: int, block: int, max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tile_table(
+    cu: torch.Tensor, total: int, block: int, max_seqlen: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Every tile of every segment -> (segment, tile index in the segment), built on device.
 
     The grid size is the bound cdiv(total, block) + n >= sum_s cdiv(L_s, block), known from the
@@ -480,12 +600,36 @@ def _triton_forward(q, k, v, cu_q, cu_k, causal, scale, max_seqlen_q=None):
         return out, lse
     seg, blk, grid = _tile_table(cu_q, tq, block_m, max_seqlen_q)
     fwd[(grid, hq)](
-        q, k, v, out, lse, cu_q, cu_k, seg, blk,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), cu_q.numel() - 1, d, scale * _LOG2E,
-        GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=interpreter_enabled(),
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        seg,
+        blk,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        cu_q.numel() - 1,
+        d,
+        scale * _LOG2E,
+        GROUP=group,
+        CAUSAL=causal,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        UPCAST=interpreter_enabled(),
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     return out, lse
 
@@ -505,24 +649,81 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqle
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
     n_seg = cu_q.numel() - 1
-    common = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=interpreter_enabled(),
-                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    common = dict(
+        GROUP=group,
+        CAUSAL=causal,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        UPCAST=interpreter_enabled(),
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
     if tk:
         seg, blk, grid = _tile_table(cu_k, tk, block_n, max_seqlen_k)
         dkdv[(grid, hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, seg, blk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), n_seg, d, scale * _LOG2E, scale, **common,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            cu_q,
+            cu_k,
+            seg,
+            blk,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            do.stride(0),
+            do.stride(1),
+            dk.stride(0),
+            dk.stride(1),
+            dv.stride(0),
+            dv.stride(1),
+            lse.stride(0),
+            n_seg,
+            d,
+            scale * _LOG2E,
+            scale,
+            **common,
         )
     if tq:
         seg, blk, grid = _tile_table(cu_q, tq, block_m, max_seqlen_q)
         dqk[(grid, hq)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k, seg, blk,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            lse.stride(0), n_seg, d, scale * _LOG2E, scale, **common,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            cu_q,
+            cu_k,
+            seg,
+            blk,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            do.stride(0),
+            do.stride(1),
+            dq.stride(0),
+            dq.stride(1),
+            lse.stride(0),
+            n_seg,
+            d,
+            scale * _LOG2E,
+            scale,
+            **common,
         )
     return dq, dk, dv
 
@@ -612,8 +813,9 @@ def _forward_cpu(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 def _backward_cpu(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     impl = cpu_implementation(q, k, v)
     if impl == "triton":
-        return _triton_backward(do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k,
-                                causal, scale, max_q, max_k)
+        return _triton_backward(
+            do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k, causal, scale, max_q, max_k
+        )
     if impl == "cpp":
         return native.load().packed_attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
     return _fallback_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
@@ -624,8 +826,9 @@ def _forward_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 
 def _backward_cuda(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-    return _triton_backward(do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k,
-                            causal, scale, max_q, max_k)
+    return _triton_backward(
+        do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k, causal, scale, max_q, max_k
+    )
 
 
 LIB.impl("packed_attention", _forward_cpu, "CPU")
@@ -702,7 +905,7 @@ def _backward_flops(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, sca
 
 
 def implementation(q: torch.Tensor) -> str:
-    """"triton", "cpp" or "torch": what :func:`packed_attention` runs on tensors like ``q``."""
+    """ "triton", "cpp" or "torch": what :func:`packed_attention` runs on tensors like ``q``."""
     if q.device.type == "cpu":
         return cpu_implementation(q)
     return "triton" if use_triton(q) else "torch"
@@ -737,17 +940,26 @@ def packed_attention(
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and type(cu_seqlens_q) is torch.Tensor and type(cu_seqlens_k) is torch.Tensor and q.dtype == k.dtype == v.dtype
-            and q.is_cpu and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and cpu_op_ready()):
+    if (
+        type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and type(v) is torch.Tensor
+        and type(cu_seqlens_q) is torch.Tensor
+        and type(cu_seqlens_k) is torch.Tensor
+        and q.dtype == k.dtype == v.dtype
+        and q.is_cpu
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and cpu_op_ready()
+    ):
         # The common eager CPU call: the op's C++ kernel checks everything _check_args does.
         if scale is None:
             scale = q.shape[-1] ** -0.5 if q.dim() == 3 and q.shape[-1] > 0 else 1.0
         elif not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
-        return torch.ops.fusedvlm.packed_attention.default(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                           max_seqlen_k, causal, float(scale))[0]
+        return torch.ops.fusedvlm.packed_attention.default(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, float(scale)
+        )[0]
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
@@ -761,5 +973,6 @@ def packed_attention(
     if not torch.compiler.is_compiling() and implementation(q) == "torch":
         offsets_q, offsets_k = _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
         return _torch_packed_attention(q, k, v, offsets_q, offsets_k, causal, scale)
-    return torch.ops.fusedvlm.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                               causal, scale)[0]
+    return torch.ops.fusedvlm.packed_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )[0]

@@ -80,7 +80,9 @@ def _validate(h_a: torch.Tensor, h_b: torch.Tensor, cu_seqlens: torch.Tensor) ->
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if h_a.shape != h_b.shape:
-        raise ValueError(f"h_a and h_b must have one shape (pairs cut to the shorter branch), got {tuple(h_a.shape)} and {tuple(h_b.shape)}")
+        raise ValueError(
+            f"h_a and h_b must have one shape (pairs cut to the shorter branch), got {tuple(h_a.shape)} and {tuple(h_b.shape)}"
+        )
     if h_a.device != h_b.device:
         raise ValueError(f"h_a and h_b must be on one device, got {h_a.device} and {h_b.device}")
     if h_a.shape[1] == 0:
@@ -118,7 +120,7 @@ def _torch_segment(a: torch.Tensor, b: torch.Tensor, positive: bool) -> PsiStats
         eq_terms = eq_terms.clamp_min(0)
         inc = torch.zeros(2, n, 2, dtype=torch.float32, device=a.device)
         t = _TORCH_TILE
-        tiles = [torch.cat([ua[i:i + t], ub[i:i + t]]) for i in range(0, n, t)]
+        tiles = [torch.cat([ua[i : i + t], ub[i : i + t]]) for i in range(0, n, t)]
         for ti, xi in enumerate(tiles):
             bi = xi.shape[0] // 2
             for tj in range(ti + 1):
@@ -129,7 +131,7 @@ def _torch_segment(a: torch.Tensor, b: torch.Tensor, positive: bool) -> PsiStats
                     # Select, not multiply: a NaN above the diagonal must not reach earlier rows.
                     lower = torch.ones(bi, bj, dtype=torch.bool, device=a.device).tril_(-1)[None, :, None, :]
                     g = torch.where(lower, g, 0.0)
-                inc[:, ti * t:ti * t + bi] += g.sum(-1)
+                inc[:, ti * t : ti * t + bi] += g.sum(-1)
         inc = inc.double()
         ab_sum = (inc[0, :, 1] + inc[1, :, 0]).cumsum(0)
         aa_sum = 2 * inc[0, :, 0].cumsum(0)
@@ -167,8 +169,9 @@ def _kernels(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def _row_kernel(A, B, PART, CU, stride_a, stride_b, stride_pk, stride_pc, d,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_kernel(
+        A, B, PART, CU, stride_a, stride_b, stride_pk, stride_pc, d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         seg = tl.program_id(0)
         chunk = tl.program_id(1)
         start = tl.load(CU + seg)
@@ -193,9 +196,27 @@ def _kernels(interpret: bool):
             tl.store(base + 3 * stride_pk, tl.sum(prefix * prefix, 1), mask=r_valid)
 
     @triton.jit
-    def _gram_kernel(A, B, INV_A, INV_B, INC, CU, TILE_SEG, TILE_BLK, stride_a, stride_b, stride_inc,
-                     n_seg, d, POSITIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _gram_kernel(
+        A,
+        B,
+        INV_A,
+        INV_B,
+        INC,
+        CU,
+        TILE_SEG,
+        TILE_BLK,
+        stride_a,
+        stride_b,
+        stride_inc,
+        n_seg,
+        d,
+        POSITIVE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         seg = tl.load(TILE_SEG + pid)
         if seg >= n_seg:
@@ -327,8 +348,19 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
         x = x if x.stride(1) == 1 else x.contiguous()
         y = y if y.stride(1) == 1 else y.contiguous()
         part = torch.empty((4, chunks, total), dtype=torch.float32, device=dev)
-        row_kernel[(n_seg, chunks)](x, y, part, cu_seqlens, x.stride(0), y.stride(0), part.stride(0), part.stride(1), d,
-                                    BLOCK_M=rbm, BLOCK_D=rbd)
+        row_kernel[(n_seg, chunks)](
+            x,
+            y,
+            part,
+            cu_seqlens,
+            x.stride(0),
+            y.stride(0),
+            part.stride(0),
+            part.stride(1),
+            d,
+            BLOCK_M=rbm,
+            BLOCK_D=rbd,
+        )
         return x, y, part.sum(1)
 
     # Cosines come from rows scaled by a power of two near 1 / max|entry| (exact, direction
@@ -347,9 +379,29 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
     bm, bn, bd, warps, stages = forced_tiles("pairwise_cosine_gram") or (_INTERPRET_GRAM if interpret else _GPU_GRAM)
     inc = torch.empty((3, total), dtype=torch.float32, device=dev)
     tile_seg, tile_blk, grid = _tile_table(cu_seqlens, total, bm)
-    gram_kernel[(grid,)](a, b, inv_a, inv_b, inc, cu_seqlens, tile_seg, tile_blk, a.stride(0), b.stride(0), inc.stride(0),
-                         n_seg, d, POSITIVE=positive, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=interpret,
-                         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+    gram_kernel[(grid,)](
+        a,
+        b,
+        inv_a,
+        inv_b,
+        inc,
+        cu_seqlens,
+        tile_seg,
+        tile_blk,
+        a.stride(0),
+        b.stride(0),
+        inc.stride(0),
+        n_seg,
+        d,
+        POSITIVE=positive,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        UPCAST=interpret,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
 
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     seg = torch.repeat_interleave(torch.arange(n_seg, device=dev), lengths, output_size=total)
@@ -360,8 +412,10 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
 
 # --------------------------------------------------------------------------- fusedvlm:: operator
 
-LIB.define("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) "
-           "-> (Tensor eq, Tensor ab, Tensor aa, Tensor bb, Tensor div)")
+LIB.define(
+    "pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) "
+    "-> (Tensor eq, Tensor ab, Tensor aa, Tensor bb, Tensor div)"
+)
 
 
 def _stats_cpu(h_a, h_b, cu_seqlens, positive):
@@ -387,7 +441,7 @@ def _stats_fake(h_a, h_b, cu_seqlens, positive):
 
 
 def implementation(h_a: torch.Tensor) -> str:
-    """"triton", "cpp" or "torch": what :func:`pairwise_cosine_stats` runs on tensors like ``h_a``."""
+    """ "triton", "cpp" or "torch": what :func:`pairwise_cosine_stats` runs on tensors like ``h_a``."""
     if h_a.device.type == "cpu":
         return cpu_implementation(h_a)
     return "triton" if use_triton(h_a) else "torch"
@@ -411,8 +465,15 @@ def pairwise_cosine_stats(
     prefix holds a NaN row is NaN. Runs ``torch.ops.fusedvlm.pairwise_cosine_stats`` (Triton on
     CUDA or under the interpreter, C++ on CPU), the torch path under ``FUSEDVLM_BACKEND=torch``.
     """
-    if type(h_a) is torch.Tensor and type(h_b) is torch.Tensor and type(cu_seqlens) is torch.Tensor \
-            and h_a.dtype == h_b.dtype and h_a.is_cpu and not torch.compiler.is_compiling() and cpu_op_ready():
+    if (
+        type(h_a) is torch.Tensor
+        and type(h_b) is torch.Tensor
+        and type(cu_seqlens) is torch.Tensor
+        and h_a.dtype == h_b.dtype
+        and h_a.is_cpu
+        and not torch.compiler.is_compiling()
+        and cpu_op_ready()
+    ):
         # The common eager CPU call: the op's C++ kernel checks everything _validate does and
         # returns tensors without a graph.
         return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive))

@@ -19,13 +19,28 @@ def tiny_llava(strategy="default", layer=-2, seed=0):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     # 48 px / patch 2: a 24x24 grid, LLaVA-1.5's 576 image tokens per image.
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=48, patch_size=2)
-    text = LlamaConfig(vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, bos_token_id=256, eos_token_id=257, pad_token_id=259)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=2
+    )
+    text = LlamaConfig(
+        vocab_size=261,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=259,
+    )
     torch.manual_seed(seed)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
-                      vision_feature_select_strategy=strategy, vision_feature_layer=layer)
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=layer,
+    )
     return LlavaForConditionalGeneration(cfg).eval()
 
 
@@ -86,7 +101,7 @@ def test_llm_receives_n_l_plus_k_minus_1_n_s_fused_tokens_before_each_question(h
             j = i
             while row[j] == IMAGE_ID:
                 j += 1
-            runs.append((j - i, tokenizer.decode(row[j:j + 13])))
+            runs.append((j - i, tokenizer.decode(row[j : j + 13])))
             i = j
         else:
             i += 1
@@ -96,12 +111,18 @@ def test_llm_receives_n_l_plus_k_minus_1_n_s_fused_tokens_before_each_question(h
 
     seen = {}
     lm = host.model.language_model if hasattr(host, "model") else host.language_model
-    handle = lm.register_forward_pre_hook(lambda mod, args, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+    handle = lm.register_forward_pre_hook(
+        lambda mod, args, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             adapter(**inputs)
-            fused = adapter.fused_tokens(pixels, inputs["fusion_question_ids"], inputs["fusion_cu_seqlens"],
-                                         inputs["fusion_questions_per_sample"])
+            fused = adapter.fused_tokens(
+                pixels,
+                inputs["fusion_question_ids"],
+                inputs["fusion_cu_seqlens"],
+                inputs["fusion_questions_per_sample"],
+            )
     finally:
         handle.remove()
     assert seen["embeds"].shape[:2] == ids.shape
@@ -116,7 +137,7 @@ def test_generate_save_reload_identical(host, tokenizer, pixels, tmp_path):
     inputs = adapter.prepare_inputs(tokenizer, CONVS, pixels)
     out = adapter.generate(**inputs, **GREEDY)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
-    assert torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     # A left-padded batch decodes exactly as each conversation alone (positions, cache).
     prompt_only = adapter.prepare_inputs(tokenizer, CONVS[1:], pixels[1:])
     assert "labels" not in prompt_only and "labels" in inputs
@@ -150,8 +171,14 @@ def test_one_optimizer_step_changes_only_the_fusion_module(host, tokenizer, pixe
 
 def test_unmodified_host_path_still_takes_576_tokens(host, tokenizer, pixels):
     make_adapter(host)
-    ids = torch.tensor([[256] + tokenizer.encode("USER: ", add_special_tokens=False) + [IMAGE_ID] * 576
-                        + tokenizer.encode("\nWhat? ASSISTANT:", add_special_tokens=False)])
+    ids = torch.tensor(
+        [
+            [256]
+            + tokenizer.encode("USER: ", add_special_tokens=False)
+            + [IMAGE_ID] * 576
+            + tokenizer.encode("\nWhat? ASSISTANT:", add_special_tokens=False)
+        ]
+    )
     with torch.no_grad():
         assert host(input_ids=ids, pixel_values=pixels[:1]).logits.shape[1] == ids.shape[1]
 
@@ -194,8 +221,9 @@ def test_errors(host, tokenizer, pixels):
         LlavaFusionAdapter.attach(host, wrong)
     with pytest.raises(TypeError, match="n_l only apply when building from a FusionConfig"):
         LlavaFusionAdapter.attach(host, wrong, n_l=8)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=261, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=261, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match="not a LLaVA model"):
         LlavaFusionAdapter.attach(llama, FUSION)
     with pytest.raises(ValueError, match="no fusedvlm adapter for model_type 'llama'"):
@@ -212,17 +240,27 @@ def test_stage2_training_with_the_trainer_updates_and_saves_only_the_fusion_modu
     from fusedvlm.adapters.training import AdapterCollator, AdapterDataset, AdapterStage2Objective
     from fusedvlm.train.checkpoint import load_training_checkpoint
     from fusedvlm.train.data import read_records
-    from fusedvlm.train.loop import Trainer, TrainConfig
+    from fusedvlm.train.loop import TrainConfig, Trainer
 
     rng = np.random.default_rng(0)
     records = []
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        records.append({"image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": f"Thing {i}."},
-            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]})
+        records.append(
+            {
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is it?"},
+                    {"from": "gpt", "value": f"Thing {i}."},
+                    {"from": "human", "value": "Colour?"},
+                    {"from": "gpt", "value": "Grey."},
+                ],
+            }
+        )
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    records.append({"image": "bad.png", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    records.append(
+        {"image": "bad.png", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}
+    )
     (tmp_path / "data.json").write_text(json.dumps(records))
 
     host = tiny_llava(seed=4)
@@ -233,9 +271,13 @@ def test_stage2_training_with_the_trainer_updates_and_saves_only_the_fusion_modu
     recs, _ = read_records(str(tmp_path / "data.json"), str(tmp_path))
     dataset = AdapterDataset(recs, adapter, processor)
     assert dataset[4].reason and dataset[0].pixel_values.shape == (3, 48, 48)
-    trainer = Trainer(AdapterStage2Objective(adapter), dataset, AdapterCollator(adapter, tokenizer),
-                      TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0, progress=False),
-                      str(tmp_path / "run"))
+    trainer = Trainer(
+        AdapterStage2Objective(adapter),
+        dataset,
+        AdapterCollator(adapter, tokenizer),
+        TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_ratio=0.0, progress=False),
+        str(tmp_path / "run"),
+    )
     rows = trainer.fit()
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     for k, v in host.state_dict().items():

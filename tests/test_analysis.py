@@ -59,13 +59,16 @@ def test_scaling_fit_is_the_log_space_least_squares():
     assert fit.loss == pytest.approx(np.mean((np.log(score) - intercept - slope * np.log(n)) ** 2), rel=1e-4)
 
 
-@pytest.mark.parametrize("n,score,match", [
-    ([1, 2], [1.0], "one length"),
-    ([4, 4, 4], [1, 2, 3.0], "two distinct n"),
-    ([0, 2], [1, 2.0], "> 0"),
-    ([1, 2], [1, -2.0], "> 0"),
-    ([1, np.nan], [1, 2.0], "finite"),
-])
+@pytest.mark.parametrize(
+    "n,score,match",
+    [
+        ([1, 2], [1.0], "one length"),
+        ([4, 4, 4], [1, 2, 3.0], "two distinct n"),
+        ([0, 2], [1, 2.0], "> 0"),
+        ([1, 2], [1, -2.0], "> 0"),
+        ([1, np.nan], [1, 2.0], "finite"),
+    ],
+)
 def test_scaling_fit_rejects_bad_input(n, score, match):
     with pytest.raises(ValueError, match=match):
         fit_scaling_law(n, score)
@@ -121,8 +124,10 @@ def test_accumulator_matches_direct_statistics():
         cu = cu_seqlens_from_lengths(lengths)
         s = ref_stats(a, b, cu)
         acc.update(s, cu)
-        per_pair += [{k: getattr(s, k)[lo:hi].double().numpy() for k in ("eq", "ab", "div")}
-                     for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        per_pair += [
+            {k: getattr(s, k)[lo:hi].double().numpy() for k in ("eq", "ab", "div")}
+            for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist())
+        ]
     c = acc.curves()
     assert c.num_pairs == 4
     np.testing.assert_array_equal(c.count["eq"], [4, 3, 3, 2, 1, 0])
@@ -136,8 +141,9 @@ def test_accumulator_matches_direct_statistics():
                 assert c.std[k][i] == pytest.approx(np.std(vals, ddof=1), rel=1e-6, abs=1e-12)
     assert np.isnan(c.mean["eq"][5]) and np.isnan(c.std["eq"][4])
     with pytest.raises(ValueError, match="more than max_n"):
-        PsiAccumulator(2).update(ref_stats(torch.ones(3, 2), torch.ones(3, 2), cu_seqlens_from_lengths([3])),
-                                 cu_seqlens_from_lengths([3]))
+        PsiAccumulator(2).update(
+            ref_stats(torch.ones(3, 2), torch.ones(3, 2), cu_seqlens_from_lengths([3])), cu_seqlens_from_lengths([3])
+        )
 
 
 # --------------------------------------------------------------------------- pairs
@@ -150,9 +156,15 @@ def test_pairs_roundtrip_jsonl_and_parquet(tmp_path):
     pairs = [Pair("q1", "a1", "b1", system="sys"), Pair("q2", "a2", "b2")]
     save_pairs(pairs, str(tmp_path / "p.jsonl"))
     assert load_pairs(str(tmp_path / "p.jsonl")) == pairs
-    pq.write_table(pa.Table.from_pylist([{"system": "sys", "question": "q1", "chosen": "a1", "rejected": "b1"},
-                                         {"system": None, "question": "q2", "chosen": "a2", "rejected": "b2"}]),
-                   tmp_path / "p.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"system": "sys", "question": "q1", "chosen": "a1", "rejected": "b1"},
+                {"system": None, "question": "q2", "chosen": "a2", "rejected": "b2"},
+            ]
+        ),
+        tmp_path / "p.parquet",
+    )
     assert load_pairs(str(tmp_path / "p.parquet")) == pairs
     assert load_pairs(str(tmp_path / "p.parquet"), limit=1) == pairs[:1]
 
@@ -201,21 +213,26 @@ def test_cached_prefix_branches_match_full_forward(tiny_llm):
     # The prefix runs once, its cache serves both branches, several pairs share a padded batch:
     # every hidden state must equal a plain forward of prefix + branch.
     model, tok = tiny_llm
-    pairs = [Pair("What is up?", "Nothing much, you?", "The sky!"), Pair("A much longer question here", "ab", "abcdef", system="s"),
-             Pair("x", "hello world", "goodbye world")]
+    pairs = [
+        Pair("What is up?", "Nothing much, you?", "The sky!"),
+        Pair("A much longer question here", "ab", "abcdef", system="s"),
+        Pair("x", "hello world", "goodbye world"),
+    ]
     enc = [encode_pair(tok, p, max_n=8) for p in pairs]
     assert [e.n for e in enc] == [8, 2, 8]
     got = branch_hidden_states(model, enc, tok.pad_token_id)
     for e, (h_a, h_b) in zip(enc, got):
         for ids, h in ((e.a, h_a), (e.b, h_b)):
-            full = model.base_model(input_ids=torch.tensor([e.prefix + ids])).last_hidden_state[0, len(e.prefix):]
+            full = model.base_model(input_ids=torch.tensor([e.prefix + ids])).last_hidden_state[0, len(e.prefix) :]
             torch.testing.assert_close(h, full, atol=2e-5, rtol=1e-4)
 
 
 def test_pipeline_end_to_end_on_a_tiny_llm(tiny_llm, tmp_path):
     model, tok = tiny_llm
     prompts = load_prompts()[:5]
-    pairs = generate_pairs(model, tok, prompts, max_new_tokens=14, min_new_tokens=14, batch_size=2, seed=0, progress=False)
+    pairs = generate_pairs(
+        model, tok, prompts, max_new_tokens=14, min_new_tokens=14, batch_size=2, seed=0, progress=False
+    )
     assert len(pairs) == 5 and all(p.chosen and p.rejected for p in pairs)
     result = run_psi(model, tok, pairs, max_n=10, batch_size=3, out_dir=str(tmp_path), progress=False)
     # The curves equal the reference statistics of the same hidden states, averaged by hand.
@@ -244,10 +261,31 @@ def _cli(argv):
 
 
 def test_cli_psi_on_pairs_file(tmp_path, capsys):
-    save_pairs([Pair("Hi?", "Hello there, friend.", "Go away now, please."), Pair("Why?", "Because it is so.", "No idea, sorry.")],
-               str(tmp_path / "pairs.jsonl"))
-    assert _cli(["psi", "--model", "random", "--data", str(tmp_path / "pairs.jsonl"), "--max-n", "12", "--signed",
-                 "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    save_pairs(
+        [
+            Pair("Hi?", "Hello there, friend.", "Go away now, please."),
+            Pair("Why?", "Because it is so.", "No idea, sorry."),
+        ],
+        str(tmp_path / "pairs.jsonl"),
+    )
+    assert (
+        _cli(
+            [
+                "psi",
+                "--model",
+                "random",
+                "--data",
+                str(tmp_path / "pairs.jsonl"),
+                "--max-n",
+                "12",
+                "--signed",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "lambda =" in text and "psi_eq" in text
     out = json.loads((tmp_path / "o" / "psi.json").read_text())
@@ -256,7 +294,7 @@ def test_cli_psi_on_pairs_file(tmp_path, capsys):
 
 def test_cli_fit_scaling(tmp_path, capsys):
     n = [16, 64, 256, 576]
-    rows = ["n,score,group"] + [f"{x},{2.0 * x ** 0.1},a" for x in n] + [f"{x},{5.0 * x ** -0.2},b" for x in n]
+    rows = ["n,score,group"] + [f"{x},{2.0 * x**0.1},a" for x in n] + [f"{x},{5.0 * x**-0.2},b" for x in n]
     (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
     assert _cli(["fit-scaling", str(tmp_path / "s.csv")]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -16,9 +16,9 @@ from fusedvlm.benchmark.flops import (
     count_flops,
     prefill_flops,
 )
-from fusedvlm.kernels.packed_attention import packed_attention_flops
 from fusedvlm.benchmark.system import percentile, quantiles, time_fn
 from fusedvlm.kernels import packed_attention
+from fusedvlm.kernels.packed_attention import packed_attention_flops
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 QUESTION = "Describe the image in detail."
@@ -133,7 +133,11 @@ def test_flops_table_matches_the_bench_counts(capsys):
     assert main(["bench", "--preset", "tiny", "--n-l", "16", "--images", "astronaut", "--flops-table"]) == 0
     out = capsys.readouterr().out
     assert "| fuser.decoder " in out and "| llm.lm_head " in out  # fvcore's per-module table
-    rows = {line.split()[0]: line.split()[2:] for line in out.splitlines() if line.split()[:1] and line.split()[0] in STAGE_MODULES}
+    rows = {
+        line.split()[0]: line.split()[2:]
+        for line in out.splitlines()
+        if line.split()[:1] and line.split()[0] in STAGE_MODULES
+    }
     assert set(rows) == set(STAGE_MODULES)
     for stage, (fvcore_count, bench_count) in rows.items():
         assert int(fvcore_count.replace(",", "")) == int(bench_count.replace(",", "")) > 0, stage
@@ -178,7 +182,9 @@ def test_time_fn_reports_the_same_quantiles():
     t = time_fn(lambda: None, warmup=0, repeats=len(durations), clock=lambda: next(ticks))
     ms = [d * 1e3 for d in durations]
     q = quantiles(ms)
-    assert (t.median_ms, t.iqr_ms, t.min_ms, t.max_ms, t.repeats) == pytest.approx((q["median"], q["iqr"], 1.0, 30.0, 6))
+    assert (t.median_ms, t.iqr_ms, t.min_ms, t.max_ms, t.repeats) == pytest.approx(
+        (q["median"], q["iqr"], 1.0, 30.0, 6)
+    )
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -224,14 +230,46 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
     from fusedvlm.cli import main
 
     out = tmp_path / "bench"
-    rc = main(["bench", "--preset", "tiny", "--n-l", "16,1", "--images", "chelsea", "page", "--repeats", "1",
-               "--warmup", "0", "--max-new-tokens", "3", "--questions", "2", "--out", str(out), "--quiet",
-               "--no-compile", "--decode-compare", "1,2", "--decode-new-tokens", "4"])
+    rc = main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--n-l",
+            "16,1",
+            "--images",
+            "chelsea",
+            "page",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--max-new-tokens",
+            "3",
+            "--questions",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-compile",
+            "--decode-compare",
+            "1,2",
+            "--decode-new-tokens",
+            "4",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "TTFT ms" in printed and "wall time" in printed
     assert "decode path of the sweep: lean-eager" in printed and "HF generate" in printed and "lean, eager" in printed
-    for name in ("results.json", "results.csv", "results.md", "prefill_vs_nl.png", "decode_vs_nl.png", "stage_breakdown.png"):
+    for name in (
+        "results.json",
+        "results.csv",
+        "results.md",
+        "prefill_vs_nl.png",
+        "decode_vs_nl.png",
+        "stage_breakdown.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     payload = json.loads((out / "results.json").read_text())
     env = payload["environment"]
@@ -244,7 +282,9 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
             assert r[key] > 0, key
         for stage in ("total", "preprocess", "vision", "merge", "fusion", "projection", "llm_prefill"):
             assert stage in r["prefill_ms"] and stage in r["prefill_tflops"]
-        assert r["prefill_tflops"]["total"] == pytest.approx(sum(v for k, v in r["prefill_tflops"].items() if k != "total"))
+        assert r["prefill_tflops"]["total"] == pytest.approx(
+            sum(v for k, v in r["prefill_tflops"].items() if k != "total")
+        )
         assert r["runs"] == 2  # two images, one repeat
         assert abs(r["fusion_llm_flops_rel_diff"]) < 0.02
     assert rows[16]["prefill_tflops"]["total"] > rows[1]["prefill_tflops"]["total"]
@@ -256,6 +296,8 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
     decode = payload["decode_paths"]
     assert [r["path"] for r in decode["rows"]] == ["hf-generate", "hf", "lean-eager"]
     assert decode["greedy_ids_match_hf"] == {"hf": True, "lean-eager": True}
-    assert [r["batch"] for r in decode["batch_rows"]] == [1, 2] and all(r["aggregate_tokens_per_s"] > 0 for r in decode["batch_rows"])
+    assert [r["batch"] for r in decode["batch_rows"]] == [1, 2] and all(
+        r["aggregate_tokens_per_s"] > 0 for r in decode["batch_rows"]
+    )
     assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode["rows"])
     assert "## Decode paths" in (out / "results.md").read_text()

@@ -84,7 +84,10 @@ def test_tokenizer_template_layout():
     assert layout.eos_id == tok.convert_tokens_to_ids("<|im_end|>")
     # No system prompt given: the template's own.
     default = ChatLayout(None, tok).question("Q?", 1, True)
-    assert _show(tok, default) == "<|im_start|>system\nDefault sys<|im_end|>\n<|im_start|>user\nFQ?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        _show(tok, default)
+        == "<|im_start|>system\nDefault sys<|im_end|>\n<|im_start|>user\nFQ?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_tokenizer_without_template_asks_for_a_layout():
@@ -94,10 +97,14 @@ def test_tokenizer_without_template_asks_for_a_layout():
 
 @pytest.mark.parametrize("template", ["llama2", "vicuna", "llava", None, "llama3", "phi3"])
 def test_turns_concatenate_to_the_conversation(template):
-    tok = _llama3_phi3_tokenizer() if template in ("llama3", "phi3") else _chatml_tokenizer() if template is None else TOK
+    tok = (
+        _llama3_phi3_tokenizer() if template in ("llama3", "phi3") else _chatml_tokenizer() if template is None else TOK
+    )
     layout = ChatLayout(template, tok, "s")
     whole = layout.conversation([("a?", "x"), ("b?", "y"), ("c?", None)], [4, 2, 2])
-    parts = layout.turn("a?", 4, True, "x").extend(layout.turn("b?", 2, False, "y")).extend(layout.question("c?", 2, False))
+    parts = (
+        layout.turn("a?", 4, True, "x").extend(layout.turn("b?", 2, False, "y")).extend(layout.question("c?", 2, False))
+    )
     assert (parts.ids, parts.fused, parts.labels) == (whole.ids, whole.fused, whole.labels)
     if template != "vicuna":  # vicuna's generation prompt differs from an answered turn's
         parts = layout.question("a?", 4, True).extend(layout.answer("x")).extend(layout.question("b?", 2, False))
@@ -109,9 +116,19 @@ def _llama3_phi3_tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [
-        "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>", "<|end|>",
-    ]})
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<|user|>",
+                "<|assistant|>",
+                "<|end|>",
+            ]
+        }
+    )
     return tok
 
 
@@ -126,7 +143,10 @@ def test_llama3_and_phi3_layouts():
     )
     layout = ChatLayout("phi3", tok, "S")
     t = layout.conversation([("Q?", "A.")], [1])
-    assert "".join("F" if f else tok.decode([i]) for i, f in zip(t.ids, t.fused)) == "S<|user|>\nFQ?<|end|>\n<|assistant|>\nA.<|end|>\n"
+    assert (
+        "".join("F" if f else tok.decode([i]) for i, f in zip(t.ids, t.fused))
+        == "S<|user|>\nFQ?<|end|>\n<|assistant|>\nA.<|end|>\n"
+    )
     assert layout.eos_id == tok.convert_tokens_to_ids("<|end|>")
 
 
@@ -143,7 +163,16 @@ def test_each_piece_is_tokenised_on_its_own():
             return TOK(text, **kw)
 
     ChatLayout("llama2", Spy(), "S").conversation([("Q1?", "A1."), ("Q2?", None)], [1, 1])
-    assert calls == ["<s>", "[INST] <<SYS>>\nS\n<</SYS>>\n\n", "Q1?", "[/INST]", "A1. </s>", "<s>[INST]", "Q2?", "[/INST]"]
+    assert calls == [
+        "<s>",
+        "[INST] <<SYS>>\nS\n<</SYS>>\n\n",
+        "Q1?",
+        "[/INST]",
+        "A1. </s>",
+        "<s>[INST]",
+        "Q2?",
+        "[/INST]",
+    ]
 
 
 @pytest.mark.parametrize("template", ["llama2", "vicuna", None])

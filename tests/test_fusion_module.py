@@ -37,8 +37,10 @@ def test_forward_counts_order_and_packing_independence():
     q, cu_q = packed_questions(QS)
     with torch.no_grad():
         out = m(vision, cu_v, q, cu_q, [2, 1])
-        alone = [m(vision[:24], cu_seqlens_from_lengths([24]), *packed_questions(QS[:2]), [2]),
-                 m(vision[24:], cu_seqlens_from_lengths([48]), *packed_questions(QS[2:]))]
+        alone = [
+            m(vision[:24], cu_seqlens_from_lengths([24]), *packed_questions(QS[:2]), [2]),
+            m(vision[24:], cu_seqlens_from_lengths([48]), *packed_questions(QS[2:])),
+        ]
     n_s = 8
     assert out.group_sizes == [[8, n_s], [8]]
     assert out.cu_seqlens.tolist() == [0, 16, 24]
@@ -91,19 +93,22 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m, v, cu, q, cq: m(v[:, :5], cu, q, cq, [2, 1]), "width 5"),
-    (lambda m, v, cu, q, cq: m(v, cu, q, cq, [1, 1]), "sums to 2 but"),
-    (lambda m, v, cu, q, cq: m(v, cu, q, cq, [3, 0]), "at least one question"),
-    (lambda m, v, cu, q, cq: m(v, cu, q, cq), "questions_per_sample sums to 2"),
-    (lambda m, v, cu, q, cq: m(v, cu, q, cq, [1, 1, 1]), "3 entries for 2 samples"),
-    (lambda m, v, cu, q, cq: m(v, cu, q + 49408, cq, [2, 1]), "CLIP BPE ids"),
-    (lambda m, v, cu, q, cq: m(v, cu, q.float(), cq, [2, 1]), "integer token ids"),
-    (lambda m, v, cu, q, cq: m(v, cu_seqlens_from_lengths([16, 15]), q, cq, [2, 1]), "cu_seqlens_vision"),
-    (lambda m, v, cu, q, cq: m(v[:31], cu_seqlens_from_lengths([16, 15]), q, cq, [2, 1]), "square view"),
-    (lambda m, v, cu, q, cq: m(v, cu, q, cq, [2, 1], grid=(3, 3)), "whole number of 3x3 views"),
-    (lambda m, v, cu, q, cq: m(v, cu, q, cq.long(), [2, 1]), "int32"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, v, cu, q, cq: m(v[:, :5], cu, q, cq, [2, 1]), "width 5"),
+        (lambda m, v, cu, q, cq: m(v, cu, q, cq, [1, 1]), "sums to 2 but"),
+        (lambda m, v, cu, q, cq: m(v, cu, q, cq, [3, 0]), "at least one question"),
+        (lambda m, v, cu, q, cq: m(v, cu, q, cq), "questions_per_sample sums to 2"),
+        (lambda m, v, cu, q, cq: m(v, cu, q, cq, [1, 1, 1]), "3 entries for 2 samples"),
+        (lambda m, v, cu, q, cq: m(v, cu, q + 49408, cq, [2, 1]), "CLIP BPE ids"),
+        (lambda m, v, cu, q, cq: m(v, cu, q.float(), cq, [2, 1]), "integer token ids"),
+        (lambda m, v, cu, q, cq: m(v, cu_seqlens_from_lengths([16, 15]), q, cq, [2, 1]), "cu_seqlens_vision"),
+        (lambda m, v, cu, q, cq: m(v[:31], cu_seqlens_from_lengths([16, 15]), q, cq, [2, 1]), "square view"),
+        (lambda m, v, cu, q, cq: m(v, cu, q, cq, [2, 1], grid=(3, 3)), "whole number of 3x3 views"),
+        (lambda m, v, cu, q, cq: m(v, cu, q, cq.long(), [2, 1]), "int32"),
+    ],
+)
 def test_bad_inputs_name_the_problem(call, match):
     m = make()
     q, cu_q = packed_questions(QS)
@@ -154,8 +159,11 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     state["extra.bias"] = torch.zeros(3)
     state["merge.lf_token"] = torch.zeros(5)
     save_file(state, path / WEIGHTS_NAME)
-    with pytest.raises(ValueError, match=r"missing: projection.weight; unexpected: extra.bias; "
-                                         r"shape mismatch: merge.lf_token: checkpoint \(5,\) vs model \(32,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing: projection.weight; unexpected: extra.bias; "
+        r"shape mismatch: merge.lf_token: checkpoint \(5,\) vs model \(32,\)",
+    ):
         FusionModule.from_pretrained(path)
     os.remove(path / WEIGHTS_NAME)
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
@@ -166,6 +174,8 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
 
 
 def test_lazy_top_level_export_keeps_import_cheap():
-    code = ("import sys, fusedvlm; assert 'torch' not in sys.modules; "
-            "from fusedvlm.model.fusion_module import FusionModule; assert fusedvlm.FusionModule is FusionModule")
+    code = (
+        "import sys, fusedvlm; assert 'torch' not in sys.modules; "
+        "from fusedvlm.model.fusion_module import FusionModule; assert fusedvlm.FusionModule is FusionModule"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -26,8 +26,12 @@ def gpu_check():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_refuses_clearly_without_cuda(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "needs a CUDA GPU" in r.stderr and "nothing was run" in r.stderr
     assert not os.listdir(tmp_path)
@@ -35,7 +39,15 @@ def test_refuses_clearly_without_cuda(tmp_path):
 
 def test_plan_fits_the_time_budget_and_names_real_files(gpu_check, tmp_path):
     steps = gpu_check.plan(str(tmp_path))
-    assert [s.name for s in steps] == ["cuda-tests", "local-merge", "packed-attn", "pairwise", "paper-bench", "decode", "fusion-train"]
+    assert [s.name for s in steps] == [
+        "cuda-tests",
+        "local-merge",
+        "packed-attn",
+        "pairwise",
+        "paper-bench",
+        "decode",
+        "fusion-train",
+    ]
     assert sum(s.timeout_s for s in steps) < 8 * 60
     for step in steps:
         scripts = [a for a in step.argv if a.endswith(".py") and not a.startswith("tests/")]
@@ -67,6 +79,11 @@ def test_fusion_training_runs_without_open_clip_or_fvcore():
         "assert r['losses'][-1] < r['losses'][0] and r['tokens_per_s'] > 0, r\n"
         "print('ok', r['losses'])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]

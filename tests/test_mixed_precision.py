@@ -48,7 +48,9 @@ def _stage_step(stage, data, root, tmp_path, autocast_dtype):
     torch.manual_seed(0)
     cfg = get_preset("tiny", hd_num=1, n_l=4)
     train_cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, progress=False, precision="fp32")
-    trainer, _, _ = build_trainer(stage, cfg, data, root, str(tmp_path), train_cfg, stage1={"embed_dim": 32, "text_width": 32})
+    trainer, _, _ = build_trainer(
+        stage, cfg, data, root, str(tmp_path), train_cfg, stage1={"embed_dim": 32, "text_width": 32}
+    )
     # Set directly, not through ``--precision``: fp16 there adds loss scaling, and the gradients
     # compared here are the unscaled ones.
     trainer.autocast_dtype = autocast_dtype
@@ -121,14 +123,16 @@ def _adapter_step(tmp_path, precision):
     from fusedvlm.adapters.llava import LlavaFusionAdapter
     from fusedvlm.adapters.training import AdapterCollator, AdapterDataset, AdapterStage2Objective
     from fusedvlm.model.llm import byte_tokenizer
-    from fusedvlm.train.loop import Trainer, TrainConfig
+    from fusedvlm.train.loop import TrainConfig, Trainer
     from tests.test_adapter_llava import FUSION, N_L, tiny_llava
 
     rng = np.random.default_rng(0)
     records = []
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        records.append({"image": str(tmp_path / f"{i}.png"), "turns": [("What is it?", f"Thing {i}."), ("Colour?", "Grey.")]})
+        records.append(
+            {"image": str(tmp_path / f"{i}.png"), "turns": [("What is it?", f"Thing {i}."), ("Colour?", "Grey.")]}
+        )
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     host = tiny_llava(seed=4)
@@ -138,9 +142,13 @@ def _adapter_step(tmp_path, precision):
     from fusedvlm.train.data import Record
 
     recs = [Record(index=i, image=r["image"], turns=r["turns"]) for i, r in enumerate(records)]
-    trainer = Trainer(AdapterStage2Objective(adapter), AdapterDataset(recs, adapter, processor),
-                      AdapterCollator(adapter, tokenizer),
-                      TrainConfig(steps=1, batch_size=2, lr=1e-3, progress=False, precision=precision), str(tmp_path / precision))
+    trainer = Trainer(
+        AdapterStage2Objective(adapter),
+        AdapterDataset(recs, adapter, processor),
+        AdapterCollator(adapter, tokenizer),
+        TrainConfig(steps=1, batch_size=2, lr=1e-3, progress=False, precision=precision),
+        str(tmp_path / precision),
+    )
     loss = trainer.accumulate_gradients([next(trainer._loader())])
     grads = [p.grad for _, p in trainer.named_params]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
@@ -161,9 +169,33 @@ def test_cli_trains_stage2_in_bf16_with_a_bf16_llm(small_shapes, tmp_path):
     from tests.train.conftest import cli
 
     root, data = small_shapes
-    out = cli("train", "stage2", "--preset", "tiny", "--data", data, "--image-root", root, "--out", tmp_path,
-              "--steps", "2", "--batch-size", "4", "--hd-num", "1", "--n-l", "4", "--precision", "bf16",
-              "--llm-dtype", "bf16", "--device", "cpu", "--no-progress")
+    out = cli(
+        "train",
+        "stage2",
+        "--preset",
+        "tiny",
+        "--data",
+        data,
+        "--image-root",
+        root,
+        "--out",
+        tmp_path,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--hd-num",
+        "1",
+        "--n-l",
+        "4",
+        "--precision",
+        "bf16",
+        "--llm-dtype",
+        "bf16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert "step 2, loss" in out.stdout, out.stdout + out.stderr
 
 
@@ -171,8 +203,22 @@ def test_cli_trains_stage2_in_bf16_with_a_bf16_llm(small_shapes, tmp_path):
 def test_cli_chat_in_half_precision(flags, capsys):
     from fusedvlm.cli import main
 
-    argv = ["chat", "--preset", "tiny", "--image", "sample:coffee", "--question", "what is it?",
-            "--question", "and the colour?", "--max-new-tokens", "3", "--device", "cpu", *flags]
+    argv = [
+        "chat",
+        "--preset",
+        "tiny",
+        "--image",
+        "sample:coffee",
+        "--question",
+        "what is it?",
+        "--question",
+        "and the colour?",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        *flags,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 2 and out.count("A: ") == 2
@@ -184,7 +230,11 @@ def test_resolve_device_and_dtype():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert [resolve_dtype(n, torch.device("cpu")) for n in ("fp32", "bf16", "fp16", "bfloat16")] == [
-        torch.float32, torch.bfloat16, torch.float16, torch.bfloat16]
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.bfloat16,
+    ]
     assert dtype_name(torch.bfloat16) == "bf16"
     with pytest.raises(ValueError, match="--device must be"):
         resolve_device("gpu")
@@ -239,7 +289,9 @@ def test_local_merge_under_autocast_computes_where_conv2d_does(backend):
         out = local_merge(x, w, lf)
         conv = F.conv2d(x.view(2, 6, 6, 8).permute(0, 3, 1, 2), w, stride=2, padding=1)
     assert out.dtype == conv.dtype == torch.bfloat16
-    want = conv.float().permute(0, 2, 3, 1).reshape(2, 9, 8) + x.bfloat16().float().view(2, 6, 6, 8)[:, ::2, ::2].reshape(2, 9, 8)
+    want = conv.float().permute(0, 2, 3, 1).reshape(2, 9, 8) + x.bfloat16().float().view(2, 6, 6, 8)[
+        :, ::2, ::2
+    ].reshape(2, 9, 8)
     torch.testing.assert_close(out[:, :9].float(), want, atol=5e-2, rtol=2e-2)
     out.float().sum().backward()
     assert w.grad.dtype == torch.float32
@@ -260,8 +312,33 @@ def test_cli_bench_in_bf16(tmp_path):
     from fusedvlm.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", "--preset", "tiny", "--n-l", "4", "--images", "chelsea", "--repeats", "1", "--warmup", "0",
-                 "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bf16", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--preset",
+                "tiny",
+                "--n-l",
+                "4",
+                "--images",
+                "chelsea",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bf16",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     payload = json.loads((out / "results.json").read_text())
     assert json.dumps(payload).count('"bfloat16"') >= 1 and payload["results"][0]["decode_tokens_per_s"] > 0
 
@@ -272,7 +349,26 @@ def test_cli_psi_in_bf16(tmp_path, capsys):
     from fusedvlm.cli import main
 
     psi = tmp_path / "psi"
-    assert main(["psi", "--generate", "2", "--model", "random", "--max-n", "4", "--device", "cpu", "--dtype", "bf16",
-                 "--out", str(psi), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "psi",
+                "--generate",
+                "2",
+                "--model",
+                "random",
+                "--max-n",
+                "4",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bf16",
+                "--out",
+                str(psi),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "(bf16 on cpu)" in capsys.readouterr().out
     assert json.loads((psi / "psi.json").read_text())["meta"]["dtype"] == "bf16"

@@ -39,7 +39,9 @@ def test_fused_tokens_sit_before_each_question_token_by_token(tiny_model, photo)
         fused = model.fuse(vision, [[model.question_ids(q) for q in QUESTIONS]])
     assert fused.group_sizes == [[n_l, n_s, n_s]]
     assert fused.tokens.shape[0] == n_l + 2 * n_s == model.num_fused(3)
-    tokens = model.layout.conversation([(q, None if i == 2 else "an answer") for i, q in enumerate(QUESTIONS)], fused.group_sizes[0])
+    tokens = model.layout.conversation(
+        [(q, None if i == 2 else "an answer") for i, q in enumerate(QUESTIONS)], fused.group_sizes[0]
+    )
     assert tokens.num_fused == n_l + 2 * n_s
     embeds = model.llm_embeds(tokens, fused.tokens)
     table = model.llm.get_input_embeddings().weight
@@ -53,7 +55,7 @@ def test_fused_tokens_sit_before_each_question_token_by_token(tiny_model, photo)
         assert torch.equal(embeds[pos], table[tid])
         if run:
             # The tokens right after a block of fused embeddings are that turn's question.
-            text = model.tokenizer.decode(tokens.ids[pos:pos + 64])
+            text = model.tokenizer.decode(tokens.ids[pos : pos + 64])
             assert text.startswith(f"{QUESTIONS[qi]}[/INST]"), text
             run_sizes.append(run)
             run, qi = 0, qi + 1

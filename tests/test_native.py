@@ -111,9 +111,11 @@ def test_cpu_autograd_kernels_route_like_the_python_kernels(monkeypatch):
         torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)[0].sum().backward()
         torch.ops.fusedvlm.pairwise_cosine_stats(x, x, cu, True)
         torch.ops.fusedvlm.local_merge(x.view(1, 7, 16), torch.randn(16, 16, 3, 3), x[0], None, True, 7, 1)
-        assert (fwd, bwd, stats, merge) == ((["_fallback_forward"], ["_fallback_backward"],
-                                             ["_torch_pairwise_cosine_stats"], ["_torch_forward"])
-                                            if python else ([], [], [], [])), backend
+        assert (fwd, bwd, stats, merge) == (
+            (["_fallback_forward"], ["_fallback_backward"], ["_torch_pairwise_cosine_stats"], ["_torch_forward"])
+            if python
+            else ([], [], [], [])
+        ), backend
     # Under the interpreter (tests/kernels' interpreter marker) "auto" leaves CPU ops to Python.
     monkeypatch.setenv("FUSEDVLM_BACKEND", "auto")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

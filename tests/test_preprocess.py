@@ -45,7 +45,9 @@ def assemble(views: torch.Tensor, grid: tuple[int, int], size: int) -> np.ndarra
 
 def blocks(rows: int, cols: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """An image of rows x cols uniform size x size blocks, each a distinct colour."""
-    colours = np.array([[40 * r + 10, 30 * c + 20, 200 - 25 * (r * cols + c)] for r in range(rows) for c in range(cols)])
+    colours = np.array(
+        [[40 * r + 10, 30 * c + 20, 200 - 25 * (r * cols + c)] for r in range(rows) for c in range(cols)]
+    )
     colours = colours.astype(np.uint8).reshape(rows, cols, 3)
     image = np.repeat(np.repeat(colours, size, axis=0), size, axis=1)
     return image, colours
@@ -314,8 +316,14 @@ def test_rgb_input_types_agree(rgb_u8):
 def test_grayscale_inputs_replicate_channels(rgb_u8):
     gray = rgb_u8[..., 0]
     ref = _views(np.repeat(gray[..., None], 3, axis=2))
-    for image in [gray, gray[..., None], Image.fromarray(gray), torch.from_numpy(gray), torch.from_numpy(gray)[None],
-                  Image.fromarray(gray).convert("LA")]:
+    for image in [
+        gray,
+        gray[..., None],
+        Image.fromarray(gray),
+        torch.from_numpy(gray),
+        torch.from_numpy(gray)[None],
+        Image.fromarray(gray).convert("LA"),
+    ]:
         assert torch.equal(_views(image), ref)
 
 

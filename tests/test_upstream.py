@@ -115,12 +115,21 @@ def _drop_key(src: str, key: str) -> None:
         (lambda s: os.remove(os.path.join(s, "preprocessor_config.json")), "missing file .*/preprocessor_config.json"),
         (lambda s: os.remove(os.path.join(s, "tokenizer_config.json")), "missing file .*/tokenizer_config.json"),
         (lambda s: _drop_key(s, VISION + "pre_layrnorm.weight"), f"missing key {VISION}pre_layrnorm.weight"),
-        (lambda s: _drop_key(s, VISION + "encoder.layers.1.self_attn.k_proj.bias"), "missing key .*layers.1.self_attn.k_proj.bias"),
-        (lambda s: _drop_key(s, "fusion_backbone.imgque_proj.weight"), "missing key fusion_backbone.imgque_proj.weight"),
+        (
+            lambda s: _drop_key(s, VISION + "encoder.layers.1.self_attn.k_proj.bias"),
+            "missing key .*layers.1.self_attn.k_proj.bias",
+        ),
+        (
+            lambda s: _drop_key(s, "fusion_backbone.imgque_proj.weight"),
+            "missing key fusion_backbone.imgque_proj.weight",
+        ),
         (lambda s: _edit_config(s, model_type="llava"), "model_type 'llava' is not the authors'"),
         (lambda s: _edit_config(s, length_que_end=None), "has no 'length_que_end'"),
         (lambda s: _edit_config(s, length_que_end=4, length_que_end_short=6), "are not usable"),
-        (lambda s: open(os.path.join(s, "model.safetensors"), "wb").write(b"garbage"), "cannot read .*model.safetensors"),
+        (
+            lambda s: open(os.path.join(s, "model.safetensors"), "wb").write(b"garbage"),
+            "cannot read .*model.safetensors",
+        ),
     ],
 )
 def test_unreadable_directories_get_one_line_errors(src, tmp_path, capsys, damage, message):
@@ -189,7 +198,9 @@ def test_paper_tower_uses_quick_gelu():
 
     # OpenAI's CLIP-L/336 (what the authors fine-tune) was trained with QuickGELU.
     assert open_clip.get_model_config(get_preset("paper").vision.model_name)["quick_gelu"] is True
-    tower = build_clip_vision_tower(VisionConfig(image_size=28, patch_size=14, width=32, layers=1, heads=2, quick_gelu=True))
+    tower = build_clip_vision_tower(
+        VisionConfig(image_size=28, patch_size=14, width=32, layers=1, heads=2, quick_gelu=True)
+    )
     assert type(tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     tower = build_clip_vision_tower(VisionConfig(image_size=28, patch_size=14, width=32, layers=1, heads=2))
     assert isinstance(tower.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)

@@ -68,8 +68,16 @@ def _image(variant: str, name: str):
 def test_chat_json_reproduces_prompt_ids_and_answers(converted, capsys):
     variant, out, expected, _, _ = converted
     for name, image in expected["images"].items():
-        args = ["chat", "--checkpoint", out, "--image", os.path.join(variant, "images", name), "--json",
-                "--max-new-tokens", str(expected["generation"]["max_new_tokens"])]
+        args = [
+            "chat",
+            "--checkpoint",
+            out,
+            "--image",
+            os.path.join(variant, "images", name),
+            "--json",
+            "--max-new-tokens",
+            str(expected["generation"]["max_new_tokens"]),
+        ]
         for q in expected["questions"]:
             args += ["--question", q]
         capsys.readouterr()
@@ -83,7 +91,8 @@ def test_chat_json_reproduces_prompt_ids_and_answers(converted, capsys):
             assert ours["answer_ids"] == theirs["answer_ids"], where
             assert ours["answer"] == theirs["answer_text"], where
             assert ours["prompt_ids"].count(-1) == theirs["n_fused"] and ours["num_fused"] == (
-                expected["config"]["n_l"] if k == 0 else expected["config"]["n_s"]), where
+                expected["config"]["n_l"] if k == 0 else expected["config"]["n_s"]
+            ), where
         # The second turn reuses the LLM cache up to where its prompt departs from the first
         # turn's prompt + generated ids.
         assert 0 < turns[1]["prefill_start"] < len(turns[1]["prompt_ids"])

@@ -76,27 +76,119 @@ def plan(out: str, python: str = sys.executable) -> list[Step]:
     # dtype (single-threaded per process): with pytest-xdist the compiles spread over the cores.
     workers = ["-n", str(min(8, os.cpu_count() or 1))] if installed("xdist") and (os.cpu_count() or 1) >= 4 else []
     return [
-        Step("cuda-tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
-                            f"--junitxml={out}/cuda-tests.xml", *tests],
-             125, outputs=["cuda-tests.xml"]),
-        Step("local-merge", [python, f"{bench}/bench_local_merge.py", "--repeats", "20", "--out", f"{out}/local_merge.json"],
-             25, outputs=["local_merge.json"]),
-        Step("packed-attn", [python, f"{bench}/bench_packed_attention.py", "--samples", "2", "8", "--backward-samples", "2",
-                             "--repeats", "5", "--out", f"{out}/packed_attention.json"],
-             55, outputs=["packed_attention.json"]),
-        Step("pairwise", [python, f"{bench}/bench_pairwise_cosine.py", "--dtype", "bfloat16", "--out", f"{out}/pairwise_cosine.json"],
-             15, outputs=["pairwise_cosine.json"]),
-        Step("paper-bench", [python, "-m", "fusedvlm.cli", "bench", "--preset", "paper", "--n-l", "768,256,64,1",
-                             "--device", "cuda", "--dtype", "bf16", "--images", "astronaut", "chelsea",
-                             "--max-new-tokens", "64", "--repeats", "2", "--decode-compare", "none", "--quiet",
-                             "--out", f"{out}/paper-bench"],
-             120, needs=("open_clip",), outputs=["paper-bench"]),
+        Step(
+            "cuda-tests",
+            [
+                python,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                *workers,
+                f"--junitxml={out}/cuda-tests.xml",
+                *tests,
+            ],
+            125,
+            outputs=["cuda-tests.xml"],
+        ),
+        Step(
+            "local-merge",
+            [python, f"{bench}/bench_local_merge.py", "--repeats", "20", "--out", f"{out}/local_merge.json"],
+            25,
+            outputs=["local_merge.json"],
+        ),
+        Step(
+            "packed-attn",
+            [
+                python,
+                f"{bench}/bench_packed_attention.py",
+                "--samples",
+                "2",
+                "8",
+                "--backward-samples",
+                "2",
+                "--repeats",
+                "5",
+                "--out",
+                f"{out}/packed_attention.json",
+            ],
+            55,
+            outputs=["packed_attention.json"],
+        ),
+        Step(
+            "pairwise",
+            [
+                python,
+                f"{bench}/bench_pairwise_cosine.py",
+                "--dtype",
+                "bfloat16",
+                "--out",
+                f"{out}/pairwise_cosine.json",
+            ],
+            15,
+            outputs=["pairwise_cosine.json"],
+        ),
+        Step(
+            "paper-bench",
+            [
+                python,
+                "-m",
+                "fusedvlm.cli",
+                "bench",
+                "--preset",
+                "paper",
+                "--n-l",
+                "768,256,64,1",
+                "--device",
+                "cuda",
+                "--dtype",
+                "bf16",
+                "--images",
+                "astronaut",
+                "chelsea",
+                "--max-new-tokens",
+                "64",
+                "--repeats",
+                "2",
+                "--decode-compare",
+                "none",
+                "--quiet",
+                "--out",
+                f"{out}/paper-bench",
+            ],
+            120,
+            needs=("open_clip",),
+            outputs=["paper-bench"],
+        ),
         # The 7B LLM's decode paths side by side (target: >= 70 % of the HBM bandwidth limit).
-        Step("decode", [python, f"{bench}/bench_decode.py", "--preset", "paper", "--device", "cuda", "--new-tokens", "128",
-                        "--repeats", "2", "--batches", "1,4,16", "--out", f"{out}/decode.json"],
-             95, outputs=["decode.json"]),
-        Step("fusion-train", [python, os.path.abspath(__file__), "--fusion-train", f"{out}/fusion_train.json"],
-             40, outputs=["fusion_train.json"]),
+        Step(
+            "decode",
+            [
+                python,
+                f"{bench}/bench_decode.py",
+                "--preset",
+                "paper",
+                "--device",
+                "cuda",
+                "--new-tokens",
+                "128",
+                "--repeats",
+                "2",
+                "--batches",
+                "1,4,16",
+                "--out",
+                f"{out}/decode.json",
+            ],
+            95,
+            outputs=["decode.json"],
+        ),
+        Step(
+            "fusion-train",
+            [python, os.path.abspath(__file__), "--fusion-train", f"{out}/fusion_train.json"],
+            40,
+            outputs=["fusion_train.json"],
+        ),
     ]
 
 
@@ -111,7 +203,9 @@ def run_step(step: Step, out: str) -> Row:
         fh.write("$ " + " ".join(step.argv) + "\n")
         fh.flush()
         try:
-            rc = subprocess.run(step.argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=step.timeout_s).returncode
+            rc = subprocess.run(
+                step.argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=step.timeout_s
+            ).returncode
             status = "ok" if rc == 0 else f"failed (rc {rc})"
         except subprocess.TimeoutExpired:
             status = f"timed out after {step.timeout_s} s"
@@ -127,9 +221,15 @@ def install(wheels: str | None, out: str) -> Row:
         need = [pkg for mod, pkg in (("open_clip", "open_clip_torch"), ("ftfy", "ftfy")) if not installed(mod)]
         if need:
             cmds.append([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels, *need])
-    probe = subprocess.run([sys.executable, "-c", "import fusedvlm, os; print(os.path.dirname(fusedvlm.__file__))"],
-                           capture_output=True, text=True, cwd="/")
-    if probe.returncode != 0 or os.path.realpath(probe.stdout.strip()) != os.path.join(os.path.realpath(ROOT), "fusedvlm"):
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fusedvlm, os; print(os.path.dirname(fusedvlm.__file__))"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    if probe.returncode != 0 or os.path.realpath(probe.stdout.strip()) != os.path.join(
+        os.path.realpath(ROOT), "fusedvlm"
+    ):
         cmds.append([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", ROOT])
     status = "ok (already installed)" if not cmds else "ok"
     with open(log, "w") as fh:
@@ -144,16 +244,28 @@ def install(wheels: str | None, out: str) -> Row:
 
 
 def optional_rows() -> list[Row]:
-    return [Row(f"packed-attn: {label}", "ok: installed, in packed_attention.json" if installed(mod) else "skipped: not installed", 0.0)
-            for mod, label in OPTIONAL.items()]
+    return [
+        Row(
+            f"packed-attn: {label}",
+            "ok: installed, in packed_attention.json" if installed(mod) else "skipped: not installed",
+            0.0,
+        )
+        for mod, label in OPTIONAL.items()
+    ]
 
 
 def write_summary(rows: list[Row], out: str, header: dict) -> None:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(dict(header, steps=[asdict(r) for r in rows]), f, indent=1)
-    lines = [f"# gpu-check on {header['gpu']}", "",
-             f"torch {header['torch']}, triton {header['triton']}, CUDA {header['cuda']}, git {header['git']}, "
-             f"total {header['total_s']} s", "", "| step | status | seconds | log | outputs |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# gpu-check on {header['gpu']}",
+        "",
+        f"torch {header['torch']}, triton {header['triton']}, CUDA {header['cuda']}, git {header['git']}, "
+        f"total {header['total_s']} s",
+        "",
+        "| step | status | seconds | log | outputs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     lines += [f"| {r.step} | {r.status} | {r.seconds} | {r.log or ''} | {', '.join(r.outputs)} |" for r in rows]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -162,9 +274,19 @@ def write_summary(rows: list[Row], out: str, header: dict) -> None:
 # --------------------------------------------------------------------------- fusion training
 
 
-def fusion_training(steps: int = 30, device: str = "cuda", preset: str = "paper", images: int = 4, views: int = 10,
-                    questions: int = 2, question_tokens: int = 12, n_l: int = 64, lr: float = 1e-4, seed: int = 0,
-                    autocast_dtype=None) -> dict:
+def fusion_training(
+    steps: int = 30,
+    device: str = "cuda",
+    preset: str = "paper",
+    images: int = 4,
+    views: int = 10,
+    questions: int = 2,
+    question_tokens: int = 12,
+    n_l: int = 64,
+    lr: float = 1e-4,
+    seed: int = 0,
+    autocast_dtype=None,
+) -> dict:
     """AdamW steps of the preset's fusion module under autocast on random CLIP-shaped patch tokens
     (``views`` per image, the preset's grid and width) and random question ids; the loss is the MSE
     of the projected fused tokens to a fixed random target, so it must fall."""
@@ -183,7 +305,10 @@ def fusion_training(steps: int = 30, device: str = "cuda", preset: str = "paper"
     grid = cfg.vision.grid
     patches = torch.randn(images * views, grid * grid, cfg.vision.width, generator=g).to(device)
     vocab = cfg.fusion.text_vocab_size - 2  # leave CLIP's start/end ids out
-    qids = [[torch.randint(1, vocab, (question_tokens,), generator=g).tolist() for _ in range(questions)] for _ in range(images)]
+    qids = [
+        [torch.randint(1, vocab, (question_tokens,), generator=g).tolist() for _ in range(questions)]
+        for _ in range(images)
+    ]
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -208,11 +333,22 @@ def fusion_training(steps: int = 30, device: str = "cuda", preset: str = "paper"
     stream = images * (views * cfg.tokens_per_view + questions * question_tokens) + fused.tokens.shape[0]
     steady = sorted(times[1:] or times)
     median = steady[len(steady) // 2]
-    result = dict(preset=preset, steps=steps, images=images, views_per_image=views, questions=questions, n_l=n_l,
-                  autocast=str(autocast_dtype).removeprefix("torch."), parameters=sum(p.numel() for p in module.parameters()),
-                  fusion_stream_tokens=stream, first_step_s=times[0], median_step_s=median,
-                  tokens_per_s=stream / median, losses=losses,
-                  peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None)
+    result = dict(
+        preset=preset,
+        steps=steps,
+        images=images,
+        views_per_image=views,
+        questions=questions,
+        n_l=n_l,
+        autocast=str(autocast_dtype).removeprefix("torch."),
+        parameters=sum(p.numel() for p in module.parameters()),
+        fusion_stream_tokens=stream,
+        first_step_s=times[0],
+        median_step_s=median,
+        tokens_per_s=stream / median,
+        losses=losses,
+        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
+    )
     if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)):
         raise RuntimeError(f"non-finite loss in fusion training: {losses}")
     if not losses[-1] < losses[0]:
@@ -227,14 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="results folder (default bench/results/<gpu-name>)")
     p.add_argument("--only", nargs="+", default=None, help="run only these steps (install always runs)")
-    p.add_argument("--wheels", default=None, help="a folder of wheels for missing dependencies (open_clip_torch, ftfy) on offline machines")
+    p.add_argument(
+        "--wheels",
+        default=None,
+        help="a folder of wheels for missing dependencies (open_clip_torch, ftfy) on offline machines",
+    )
     p.add_argument("--fusion-train", metavar="JSON", help=argparse.SUPPRESS)  # the fusion-train step's own process
     args = p.parse_args(argv)
 
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu-check: needs a CUDA GPU, and torch.cuda.is_available() is False here; nothing was run", file=sys.stderr)
+        print(
+            "gpu-check: needs a CUDA GPU, and torch.cuda.is_available() is False here; nothing was run", file=sys.stderr
+        )
         return 2
     if args.fusion_train:
         result = fusion_training()
@@ -266,9 +408,17 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    header = dict(gpu=gpu, torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, git=git or "unknown",
-                  total_s=round(time.perf_counter() - t0, 1))
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    header = dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=torch.version.cuda,
+        git=git or "unknown",
+        total_s=round(time.perf_counter() - t0, 1),
+    )
     write_summary(rows, out, header)
     print(f"gpu-check: {header['total_s']} s; summary in {os.path.join(out, 'summary.md')}")
     failed = [r for r in rows if not (r.status.startswith("ok") or r.status.startswith("skipped"))]

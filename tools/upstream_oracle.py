@@ -37,6 +37,7 @@ A variant the tests have not seen (other sizes, n_l/n_s, HD-N, template, weights
         --vision-layers 3 --fusion-layers 3 --llm-width 128 --llm-layers 3 --llm-heads 4 \\
         --llm-kv-heads 2 --n-l 9 --n-s 4 --num-crops 4 --weights bin-sharded --seed 7
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,26 +71,50 @@ IMAGES = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--upstream", required=True, type=Path, help="checkout of tenghuilee/ScalingCapFusedVisionLM")
-    p.add_argument("--upstream-commit", default=None,
-                   help="commit of the checkout (default: git rev-parse, else UPSTREAM_COMMIT file in the checkout)")
-    p.add_argument("--out", required=True, type=Path,
-                   help="fixture directory to create (an existing one is replaced only if it holds expected.json)")
-    p.add_argument("--clip-bpe", default=DEFAULT_CLIP_BPE, type=Path,
-                   help="bpe_simple_vocab_16e6.txt.gz as shipped inside open_clip")
+    p.add_argument(
+        "--upstream-commit",
+        default=None,
+        help="commit of the checkout (default: git rev-parse, else UPSTREAM_COMMIT file in the checkout)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="fixture directory to create (an existing one is replaced only if it holds expected.json)",
+    )
+    p.add_argument(
+        "--clip-bpe",
+        default=DEFAULT_CLIP_BPE,
+        type=Path,
+        help="bpe_simple_vocab_16e6.txt.gz as shipped inside open_clip",
+    )
     p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--template", default="llama-2-vision",
-                   help="fastchat/tensorfusionvlm conversation template (llama-2-vision, vicuna_v1.1, ...)")
+    p.add_argument(
+        "--template",
+        default="llama-2-vision",
+        help="fastchat/tensorfusionvlm conversation template (llama-2-vision, vicuna_v1.1, ...)",
+    )
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
-    p.add_argument("--question", action="append", default=None,
-                   help="a question (repeat for each turn; default: two built-in questions)")
+    p.add_argument(
+        "--question",
+        action="append",
+        default=None,
+        help="a question (repeat for each turn; default: two built-in questions)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=10)
     # CLIP vision tower
-    p.add_argument("--vision-width", type=int, default=64,
-                   help="CLIP vision width = fusion width; a multiple of 64 (their fusion decoder has width//64 heads)")
+    p.add_argument(
+        "--vision-width",
+        type=int,
+        default=64,
+        help="CLIP vision width = fusion width; a multiple of 64 (their fusion decoder has width//64 heads)",
+    )
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--vision-heads", type=int, default=2)
     p.add_argument("--vision-mlp", type=int, default=128, help="CLIP vision (and fusion decoder) MLP width")
@@ -109,17 +134,31 @@ def parse_args(argv=None):
     p.add_argument("--n-l", type=int, default=6, help="length_que_end: fused tokens for the first question")
     p.add_argument("--n-s", type=int, default=3, help="length_que_end_short: fused tokens for later questions")
     p.add_argument("--num-crops", type=int, default=2, help="HD-N of their Phi3V image processor")
-    p.add_argument("--drop-query", action="store_true",
-                   help="their drop-query variant (_qed_replaced_query=''): the fusion decoder sees no question text")
-    p.add_argument("--no-special-padding", action="store_true",
-                   help="append_special_padding=False: query rows are the CLIP pad id instead of <|placeholder_qed_i|>")
-    p.add_argument("--contiguous-placeholders", action="store_true",
-                   help="add all placeholder tokens at once (default: an earlier stage added the first ones, "
-                        "then another token, so the placeholder ids are not contiguous)")
-    p.add_argument("--weights", choices=["safetensors", "bin", "bin-sharded", "safetensors-sharded"],
-                   default="safetensors")
-    p.add_argument("--saved-dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="dtype of the saved weights (their checkpoints are bf16); the run itself is fp32")
+    p.add_argument(
+        "--drop-query",
+        action="store_true",
+        help="their drop-query variant (_qed_replaced_query=''): the fusion decoder sees no question text",
+    )
+    p.add_argument(
+        "--no-special-padding",
+        action="store_true",
+        help="append_special_padding=False: query rows are the CLIP pad id instead of <|placeholder_qed_i|>",
+    )
+    p.add_argument(
+        "--contiguous-placeholders",
+        action="store_true",
+        help="add all placeholder tokens at once (default: an earlier stage added the first ones, "
+        "then another token, so the placeholder ids are not contiguous)",
+    )
+    p.add_argument(
+        "--weights", choices=["safetensors", "bin", "bin-sharded", "safetensors-sharded"], default="safetensors"
+    )
+    p.add_argument(
+        "--saved-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype of the saved weights (their checkpoints are bf16); the run itself is fp32",
+    )
     a = p.parse_args(argv)
     if a.vision_width % 64:
         p.error("--vision-width must be a multiple of 64: their fusion decoder uses width // 64 heads")
@@ -137,6 +176,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # deterministic inputs
 
+
 def make_images(out_dir: Path, seed: int):
     """High-frequency test images (gratings, checkers, rings); deterministic."""
     import numpy as np
@@ -145,16 +185,18 @@ def make_images(out_dir: Path, seed: int):
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 1234)
     paths = []
-    for k, (name, w, h, mode) in enumerate(IMAGES):
+    for name, w, h, mode in IMAGES:
         y, x = np.mgrid[0:h, 0:w].astype(np.float64)
         chans = []
         for c in range(3):
             fx, fy = rng.uniform(0.15, 0.9, size=2)
             ph = rng.uniform(0, 2 * math.pi)
             r = np.hypot(x - w * rng.uniform(0.2, 0.8), y - h * rng.uniform(0.2, 0.8))
-            v = (0.35 * np.sin(fx * x + ph) * np.cos(fy * y)
-                 + 0.25 * np.sign(np.sin(0.5 * x) * np.sin(0.5 * y + c))
-                 + 0.2 * np.sin(0.7 * r))
+            v = (
+                0.35 * np.sin(fx * x + ph) * np.cos(fy * y)
+                + 0.25 * np.sign(np.sin(0.5 * x) * np.sin(0.5 * y + c))
+                + 0.2 * np.sin(0.7 * r)
+            )
             chans.append(np.clip(127.5 + 127.5 * v, 0, 255))
         # multiples of 8 keep the PNGs small without removing high frequencies
         rgb = (np.stack(chans, -1) / 8).round().clip(0, 31).astype(np.uint8) * 8
@@ -175,14 +217,16 @@ def make_images(out_dir: Path, seed: int):
 
 def spm_training_text(seed: int, template_words):
     rnd = random.Random(seed + 99)
-    words = ("the a an of in on at with and or but is are was were be been this that these those what "
-             "which who where when why how picture image photo colour colours color shape shapes text "
-             "describe answer question one sentence left right top bottom red green blue yellow black "
-             "white small large round square wide tall there any it its shown assistant user chat "
-             "between curious artificial intelligence gives helpful detailed polite answers system "
-             "you are can see read write number two three four five object scene background light dark "
-             "sky tree house car person dog cat table window door street water line circle stripe "
-             "pattern grid dot corner edge middle centre center above below near far").split()
+    words = (
+        "the a an of in on at with and or but is are was were be been this that these those what "
+        "which who where when why how picture image photo colour colours color shape shapes text "
+        "describe answer question one sentence left right top bottom red green blue yellow black "
+        "white small large round square wide tall there any it its shown assistant user chat "
+        "between curious artificial intelligence gives helpful detailed polite answers system "
+        "you are can see read write number two three four five object scene background light dark "
+        "sky tree house car person dog cat table window door street water line circle stripe "
+        "pattern grid dot corner edge middle centre center above below near far"
+    ).split()
     lines = list(template_words)
     for _ in range(1500):
         n = rnd.randint(4, 16)
@@ -208,12 +252,24 @@ def train_llm_tokenizer(work: Path, vocab_size: int, seed: int, template_words):
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(spm_training_text(seed, template_words)),
-            model_prefix="llm_spm", vocab_size=vocab_size, model_type="bpe",
-            character_coverage=0.99995, byte_fallback=True, split_digits=True,
-            allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-            normalization_rule_name="identity", add_dummy_prefix=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-            max_sentence_length=4192, shuffle_input_sentence=False, minloglevel=2,
+            model_prefix="llm_spm",
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=0.99995,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            max_sentence_length=4192,
+            shuffle_input_sentence=False,
+            minloglevel=2,
         )
     finally:
         os.chdir(cwd)
@@ -227,7 +283,7 @@ def build_clip_tokenizer(work: Path, bpe_gz: Path):
 
     if not bpe_gz.is_file():
         sys.exit(f"CLIP BPE file not found: {bpe_gz} (pass --clip-bpe)")
-    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
@@ -237,9 +293,15 @@ def build_clip_tokenizer(work: Path, bpe_gz: Path):
     work.mkdir(parents=True, exist_ok=True)
     (work / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (work / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = CLIPTokenizerFast(vocab_file=str(work / "vocab.json"), merges_file=str(work / "merges.txt"),
-                            unk_token="<|endoftext|>", bos_token="<|startoftext|>",
-                            eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
+    tok = CLIPTokenizerFast(
+        vocab_file=str(work / "vocab.json"),
+        merges_file=str(work / "merges.txt"),
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
     return tok
 
 
@@ -304,8 +366,9 @@ def git_commit(upstream: Path, explicit):
     if explicit:
         return explicit
     try:
-        return subprocess.check_output(["git", "-C", str(upstream), "rev-parse", "HEAD"],
-                                       stderr=subprocess.DEVNULL, text=True).strip()
+        return subprocess.check_output(
+            ["git", "-C", str(upstream), "rev-parse", "HEAD"], stderr=subprocess.DEVNULL, text=True
+        ).strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         f = upstream / "UPSTREAM_COMMIT"
         if f.is_file():
@@ -314,28 +377,35 @@ def git_commit(upstream: Path, explicit):
 
 
 def build_and_save(a, ckpt: Path, work: Path):
-    import torch
-    from transformers import LlamaConfig, LlamaTokenizerFast
-
     import tensorfusionvlm  # noqa: F401  (registers their Auto classes)
+    import torch
     from tensorfusionvlm import data_utils
     from tensorfusionvlm.chat_parser import get_conv_template
     from tensorfusionvlm.model.image_processing_phi3_v import Phi3VImageProcessor
-    from tensorfusionvlm.model.modeling_imghd_multi_que_llm import (ImageMultiQueryCLIPLLMConfig,
-                                                                    ImageMultiQueryCLIPLLMModel)
+    from tensorfusionvlm.model.modeling_imghd_multi_que_llm import (
+        ImageMultiQueryCLIPLLMConfig,
+        ImageMultiQueryCLIPLLMModel,
+    )
     from tensorfusionvlm.model.modeling_query_adapt_clip import ImageHDMultiQueryCLIPConfig
+    from transformers import LlamaConfig, LlamaTokenizerFast
 
     conv = get_conv_template(a.template)
-    template_words = [conv.system_template.format(system_message=conv.system_message or ""),
-                      conv.system_message or "", " ".join(conv.roles), conv.sep or "", conv.sep2 or ""]
+    template_words = [
+        conv.system_template.format(system_message=conv.system_message or ""),
+        conv.system_message or "",
+        " ".join(conv.roles),
+        conv.sep or "",
+        conv.sep2 or "",
+    ]
     spm_model = train_llm_tokenizer(work, a.llm_vocab, a.seed, template_words + a.question)
     # Llama-2's hub tokenizer.json has the legacy normaliser (prepend "▁", spaces -> "▁") while its
     # tokenizer_config says legacy=false; build the same pair.
     # (add_prefix_space=True is needed for the converter to emit the Prepend("▁") normaliser; it
     # is dropped from the saved config below, as in the hub's files, so that loading uses
     # tokenizer.json as is.)
-    llm_tok = LlamaTokenizerFast(vocab_file=str(spm_model), legacy=True, add_prefix_space=True,
-                                 add_bos_token=True, add_eos_token=False)
+    llm_tok = LlamaTokenizerFast(
+        vocab_file=str(spm_model), legacy=True, add_prefix_space=True, add_bos_token=True, add_eos_token=False
+    )
 
     clip_tok = build_clip_tokenizer(work / "clip_src", a.clip_bpe)
     if not a.no_special_padding and not a.contiguous_placeholders and a.n_l >= 4:
@@ -347,30 +417,52 @@ def build_and_save(a, ckpt: Path, work: Path):
 
     w = a.vision_width
     clip_cfg = ImageHDMultiQueryCLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=w, intermediate_size=a.vision_mlp,
-                         num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=77,
-                         projection_dim=w),
-        vision_config=dict(hidden_size=w, intermediate_size=a.vision_mlp,
-                           num_hidden_layers=a.vision_layers, num_attention_heads=a.vision_heads,
-                           image_size=336, patch_size=a.patch_size, hidden_act="quick_gelu",
-                           projection_dim=w),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=w,
+            intermediate_size=a.vision_mlp,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            max_position_embeddings=77,
+            projection_dim=w,
+        ),
+        vision_config=dict(
+            hidden_size=w,
+            intermediate_size=a.vision_mlp,
+            num_hidden_layers=a.vision_layers,
+            num_attention_heads=a.vision_heads,
+            image_size=336,
+            patch_size=a.patch_size,
+            hidden_act="quick_gelu",
+            projection_dim=w,
+        ),
         projection_dim=w,
         num_hidden_layers=a.fusion_layers,
         vocab_size=clip_vocab,
-        length_que_end=a.n_l, length_que_end_short=a.n_s,
+        length_que_end=a.n_l,
+        length_que_end_short=a.n_s,
         append_special_padding=not a.no_special_padding,
     )
     llm_cfg = LlamaConfig(
-        vocab_size=len(llm_tok), hidden_size=a.llm_width, intermediate_size=a.llm_mlp,
-        num_hidden_layers=a.llm_layers, num_attention_heads=a.llm_heads,
-        num_key_value_heads=a.llm_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id, pad_token_id=None,
+        vocab_size=len(llm_tok),
+        hidden_size=a.llm_width,
+        intermediate_size=a.llm_mlp,
+        num_hidden_layers=a.llm_layers,
+        num_attention_heads=a.llm_heads,
+        num_key_value_heads=a.llm_kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=llm_tok.bos_token_id,
+        eos_token_id=llm_tok.eos_token_id,
+        pad_token_id=None,
         tie_word_embeddings=False,
     )
     cfg = ImageMultiQueryCLIPLLMConfig(
-        imgque_config=clip_cfg, llm_config=llm_cfg,
+        imgque_config=clip_cfg,
+        llm_config=llm_cfg,
         fusion_name="img_multi_que_clip_fusion_linear",
-        length_que_end=a.n_l, length_que_end_short=a.n_s,
+        length_que_end=a.n_l,
+        length_que_end_short=a.n_s,
         append_special_padding=not a.no_special_padding,
     )
     cfg._attn_implementation = "eager"
@@ -404,22 +496,25 @@ def run_oracle(a, ckpt: Path, image_paths):
     """Load the saved checkpoint with their loaders and chat with their code, recording everything."""
     import torch
     import transformers
-
     from tensorfusionvlm import data_utils
     from tensorfusionvlm.auto_models import AutoModelForImageMultiQuery, load_tokenizers_processor
     from tensorfusionvlm.chat_parser import get_conv_template
     from tensorfusionvlm.constants import EnumTokenType
 
     llm_tok, clip_tok, image_processor = load_tokenizers_processor(str(ckpt))
-    model = AutoModelForImageMultiQuery.from_pretrained(str(ckpt), torch_dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
+    model = AutoModelForImageMultiQuery.from_pretrained(
+        str(ckpt), torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32, (n, p.dtype)
     main_cfg = model.config
 
     parser = data_utils.UtilChatAndQueryParser(
-        tokenizer=llm_tok, query_tokenizer=clip_tok, image_processor=image_processor,
-        length_que_end=main_cfg.length_que_end, length_que_end_short=main_cfg.length_que_end_short,
+        tokenizer=llm_tok,
+        query_tokenizer=clip_tok,
+        image_processor=image_processor,
+        length_que_end=main_cfg.length_que_end,
+        length_que_end_short=main_cfg.length_que_end_short,
         append_special_padding=main_cfg.append_special_padding,
         _qed_replaced_query="" if a.drop_query else None,
     )
@@ -427,8 +522,13 @@ def run_oracle(a, ckpt: Path, image_paths):
     placeholder_ids = list(qp.placeholder_tokens_ids)
 
     eos = llm_tok.convert_tokens_to_ids("<|eot_id|>") if a.template == "llama-3-vision" else llm_tok.eos_token_id
-    gen_cfg = transformers.GenerationConfig(num_beams=1, do_sample=False, max_new_tokens=a.max_new_tokens,
-                                            eos_token_id=eos, pad_token_id=llm_tok.pad_token_id)
+    gen_cfg = transformers.GenerationConfig(
+        num_beams=1,
+        do_sample=False,
+        max_new_tokens=a.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=llm_tok.pad_token_id,
+    )
 
     captured = {}
 
@@ -468,13 +568,16 @@ def run_oracle(a, ckpt: Path, image_paths):
                 [{"role": "image", "content": str(path)}]
                 + ([{"role": "system", "content": a.system}] if a.system is not None else [])
                 + [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(history)]
-                + [{"role": "assistant", "content": ""}])
-            inputs = parser.parse_record(record, conv_template=a.template, enable_que_end=True,
-                                         dtype=torch.float32, device="cpu")
+                + [{"role": "assistant", "content": ""}]
+            )
+            inputs = parser.parse_record(
+                record, conv_template=a.template, enable_que_end=True, dtype=torch.float32, device="cpu"
+            )
             captured.clear()
             with torch.no_grad():
-                out = model.generate(generation_config=gen_cfg, output_logits=True,
-                                     return_dict_in_generate=True, **inputs)
+                out = model.generate(
+                    generation_config=gen_cfg, output_logits=True, return_dict_in_generate=True, **inputs
+                )
             input_len = inputs["input_ids"].shape[-1]
             answer_ids = out.sequences[0, input_len:].tolist()
             answer_text = llm_tok.decode(answer_ids, skip_special_tokens=True).strip()
@@ -490,7 +593,7 @@ def run_oracle(a, ckpt: Path, image_paths):
             emb = captured["llm_inputs_embeds"][0]
             assert torch.equal(emb[qed], fused), "fused rows are not what the LLM prefill received"
 
-            for step, lg in enumerate(out.logits):
+            for lg in out.logits:
                 top2 = torch.topk(lg[0].float(), 2).values
                 min_margin = min(min_margin, float(top2[0] - top2[1]))
 
@@ -501,19 +604,25 @@ def run_oracle(a, ckpt: Path, image_paths):
             if k == 0:
                 tensors[f"{name}/pixel_views"] = inputs["pixel_values"].float()
                 tensors[f"{name}/vision_tokens"] = captured["fusion_inputs"][0, :n_vis].float()
-            turns.append({
-                "question": q,
-                "fusion_input_ids": inputs["que_input_ids"].tolist(),
-                "fusion_input_types": inputs["que_input_tps"].tolist(),
-                "llm_prompt_ids": prompt_ids,
-                "llm_prompt_types": tps.tolist(),
-                "llm_prompt_pieces": [[s, t.name] for s, t in zip(
-                    record.apply_template(a.template).src_list, record.apply_template(a.template).tps_list)],
-                "n_fused": n_slots,
-                "answer_ids": answer_ids,
-                "answer_text": answer_text,
-                "stopped_on_eos": bool(answer_ids and answer_ids[-1] == eos),
-            })
+            turns.append(
+                {
+                    "question": q,
+                    "fusion_input_ids": inputs["que_input_ids"].tolist(),
+                    "fusion_input_types": inputs["que_input_tps"].tolist(),
+                    "llm_prompt_ids": prompt_ids,
+                    "llm_prompt_types": tps.tolist(),
+                    "llm_prompt_pieces": [
+                        [s, t.name]
+                        for s, t in zip(
+                            record.apply_template(a.template).src_list, record.apply_template(a.template).tps_list
+                        )
+                    ],
+                    "n_fused": n_slots,
+                    "answer_ids": answer_ids,
+                    "answer_text": answer_text,
+                    "stopped_on_eos": bool(answer_ids and answer_ids[-1] == eos),
+                }
+            )
         images_out[name] = {
             "num_views": int(tensors[f"{name}/pixel_views"].shape[0]),
             "size": list(__import__("PIL.Image", fromlist=["Image"]).open(path).size),
@@ -613,6 +722,7 @@ def main(argv=None):
     import numpy as np
     import torch
     import transformers
+
     transformers.logging.set_verbosity_error()
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
@@ -621,6 +731,7 @@ def main(argv=None):
 
     import shutil
     import tempfile
+
     from safetensors.torch import save_file
 
     out = a.out
@@ -636,21 +747,36 @@ def main(argv=None):
     rec, tensors = run_oracle(a, out / "checkpoint", image_paths)
 
     expected = {
-        "oracle": {"torch": torch.__version__, "transformers": transformers.__version__,
-                   "upstream_commit": commit},
+        "oracle": {"torch": torch.__version__, "transformers": transformers.__version__, "upstream_commit": commit},
         "template": a.template,
         "system": rec["system"],
         "questions": a.question,
-        "generation": {"max_new_tokens": a.max_new_tokens, "greedy": True, "min_new_tokens": 0,
-                       "eos_token_id": rec["llm_eos_id"],
-                       "answer_fed_back_as": "decode(answer_ids, skip_special_tokens=True).strip()"},
-        "config": {"n_l": a.n_l, "n_s": a.n_s, "num_crops": a.num_crops, "drop_query": a.drop_query,
-                   "append_special_padding": not a.no_special_padding, "weights": a.weights,
-                   "saved_dtype": a.saved_dtype, "vision_width": a.vision_width,
-                   "vision_layers": a.vision_layers, "vision_heads": a.vision_heads,
-                   "patch_size": a.patch_size, "fusion_layers": a.fusion_layers,
-                   "llm_width": a.llm_width, "llm_layers": a.llm_layers, "llm_heads": a.llm_heads,
-                   "llm_kv_heads": a.llm_kv_heads, "seed": a.seed},
+        "generation": {
+            "max_new_tokens": a.max_new_tokens,
+            "greedy": True,
+            "min_new_tokens": 0,
+            "eos_token_id": rec["llm_eos_id"],
+            "answer_fed_back_as": "decode(answer_ids, skip_special_tokens=True).strip()",
+        },
+        "config": {
+            "n_l": a.n_l,
+            "n_s": a.n_s,
+            "num_crops": a.num_crops,
+            "drop_query": a.drop_query,
+            "append_special_padding": not a.no_special_padding,
+            "weights": a.weights,
+            "saved_dtype": a.saved_dtype,
+            "vision_width": a.vision_width,
+            "vision_layers": a.vision_layers,
+            "vision_heads": a.vision_heads,
+            "patch_size": a.patch_size,
+            "fusion_layers": a.fusion_layers,
+            "llm_width": a.llm_width,
+            "llm_layers": a.llm_layers,
+            "llm_heads": a.llm_heads,
+            "llm_kv_heads": a.llm_kv_heads,
+            "seed": a.seed,
+        },
         "placeholder_ids": rec["placeholder_ids"],
         "clip_pad_id": rec["clip_pad_id"],
         "clip_eos_id": rec["clip_eos_id"],
@@ -664,12 +790,17 @@ def main(argv=None):
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({total / 1e6:.2f} MB); min top-2 logit margin {rec['min_top2_margin']:.4g}")
     if rec["min_top2_margin"] < 1e-3:
-        print("warning: a greedy step had a near tie (margin < 1e-3); answers may flip under rounding: "
-              "try another --seed", file=sys.stderr)
+        print(
+            "warning: a greedy step had a near tie (margin < 1e-3); answers may flip under rounding: "
+            "try another --seed",
+            file=sys.stderr,
+        )
     for name, im in rec["images"].items():
         for k, t in enumerate(im["turns"]):
-            print(f"  {name} turn{k}: views={im['num_views']} fused={t['n_fused']} "
-                  f"prompt={len(t['llm_prompt_ids'])} answer={t['answer_ids']} {t['answer_text']!r}")
+            print(
+                f"  {name} turn{k}: views={im['num_views']} fused={t['n_fused']} "
+                f"prompt={len(t['llm_prompt_ids'])} answer={t['answer_ids']} {t['answer_text']!r}"
+            )
 
 
 if __name__ == "__main__":

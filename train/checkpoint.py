@@ -98,7 +98,12 @@ def save_training_checkpoint(
     rng_tensors, rng_meta = rng_state()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
-    metadata = {"format": "fusedvlm-train-1", "trainer": json.dumps(meta), "optimizer": json.dumps(opt_meta), "rng": json.dumps(rng_meta)}
+    metadata = {
+        "format": "fusedvlm-train-1",
+        "trainer": json.dumps(meta),
+        "optimizer": json.dumps(opt_meta),
+        "rng": json.dumps(rng_meta),
+    }
     atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -115,7 +120,7 @@ def load_training_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[s
         parts = [json.loads(metadata[k]) for k in ("trainer", "optimizer", "rng")]
     except (KeyError, ValueError) as e:
         raise ValueError(f"training checkpoint {path} has damaged metadata: {e}") from None
-    model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     other = {k: v for k, v in tensors.items() if not k.startswith("model/")}
     return model, other, *parts
 

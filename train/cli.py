@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = "Train stage 1 (contrastive alignment) or stage 2 (answers through the frozen LLM) of SPEC section 7."
+
+
 def _common(p: argparse.ArgumentParser, stage: str) -> None:
     from fusedvlm.config import PRESETS
     from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
@@ -26,25 +28,53 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--data", required=True, help="LLaVA-style JSON or JSONL records")
     g.add_argument("--image-root", required=True, help="directory that relative image paths start from")
     g.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model.safetensors")
-    g.add_argument("--on-error", choices=("skip", "raise"), default="skip",
-                   help="malformed records, missing or corrupt images: report and skip, or stop")
+    g.add_argument(
+        "--on-error",
+        choices=("skip", "raise"),
+        default="skip",
+        help="malformed records, missing or corrupt images: report and skip, or stop",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question (preset default)")
     g.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
     g.add_argument("--hd-num", type=int, default=None, help="max local views per image (preset default)")
-    g.add_argument("--image-size", type=int, default=None, help="view size in pixels (preset default; a multiple of the patch size)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="view size in pixels (preset default; a multiple of the patch size)",
+    )
     g.add_argument("--drop-question", action="store_true", help="groups without question text (queries + EOS only)")
-    g.add_argument("--freeze-vision", action="store_true", help="keep the CLIP vision encoder fixed (its new LayerNorm still trains)")
-    g.add_argument("--llm-path", default=None, help="a local Hugging Face causal LM directory to use (frozen) instead of the preset's LLM")
+    g.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="keep the CLIP vision encoder fixed (its new LayerNorm still trains)",
+    )
+    g.add_argument(
+        "--llm-path",
+        default=None,
+        help="a local Hugging Face causal LM directory to use (frozen) instead of the preset's LLM",
+    )
     g.add_argument("--system", default=None, help="system prompt of the chat layout (default: the preset's)")
     g.add_argument("--init", default=None, help="start from trainable weights (model.safetensors of an earlier run)")
     g = p.add_argument_group("optimisation and runtime (TrainConfig)")
     batches = ", ".join(f"{preset} {training_defaults(stage, preset)['batch_size']}" for preset in sorted(PRESETS))
-    add_options(g, TrainConfig, defaults={**STAGE_DEFAULTS[stage], "batch_size": None}, helps={"batch_size": f"per preset: {batches}"})
-    g.add_argument("--resume", nargs="?", const=True, default=False, help="continue from the newest checkpoint in --out (or PATH)")
+    add_options(
+        g,
+        TrainConfig,
+        defaults={**STAGE_DEFAULTS[stage], "batch_size": None},
+        helps={"batch_size": f"per preset: {batches}"},
+    )
+    g.add_argument(
+        "--resume", nargs="?", const=True, default=False, help="continue from the newest checkpoint in --out (or PATH)"
+    )
     add_device_arguments(g, dtype=False)
-    g.add_argument("--llm-dtype", choices=DTYPE_CHOICES, default="fp32",
-                   help="weights of the frozen LLM (stage 2): bf16/fp16 halve its memory; auto: bf16 on a GPU")
+    g.add_argument(
+        "--llm-dtype",
+        choices=DTYPE_CHOICES,
+        default="fp32",
+        help="weights of the frozen LLM (stage 2): bf16/fp16 halve its memory; auto: bf16 on a GPU",
+    )
 
 
 def register(sub) -> None:
@@ -53,18 +83,35 @@ def register(sub) -> None:
 
     p = sub.add_parser("train", help="train stage 1 (contrastive) or stage 2 (answers)", description=DESCRIPTION)
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    s1 = stages.add_parser("stage1", help="contrastive alignment: fusion EOS outputs vs CLIP text embeddings of the answers")
+    s1 = stages.add_parser(
+        "stage1", help="contrastive alignment: fusion EOS outputs vs CLIP text embeddings of the answers"
+    )
     _common(s1, "stage1")
     add_options(s1.add_argument_group("stage 1 (Stage1Config)"), Stage1Config)
     s1.set_defaults(func=run_train)
-    s2 = stages.add_parser("stage2", help="answer generation through the frozen LLM (stage 3: the same on a subset with --init)")
+    s2 = stages.add_parser(
+        "stage2", help="answer generation through the frozen LLM (stage 3: the same on a subset with --init)"
+    )
     _common(s2, "stage2")
     s2.set_defaults(func=run_train)
 
 
-def build_trainer(stage: int, cfg, data: str, image_root: str, out: str, train_cfg, ctx=None, *, on_error: str = "skip",
-                  init: str | None = None, freeze_vision: bool = False, stage1=None, run_info: dict | None = None,
-                  llm_dtype=None):
+def build_trainer(
+    stage: int,
+    cfg,
+    data: str,
+    image_root: str,
+    out: str,
+    train_cfg,
+    ctx=None,
+    *,
+    on_error: str = "skip",
+    init: str | None = None,
+    freeze_vision: bool = False,
+    stage1=None,
+    run_info: dict | None = None,
+    llm_dtype=None,
+):
     """(trainer, model, problems found while reading the data) for one stage; the model is
     initialised from the current torch seed (or ``init``). ``stage1``: a Stage1Config, or a
     dict of its fields (the rest keep their defaults). ``llm_dtype``: the frozen LLM's
@@ -83,18 +130,32 @@ def build_trainer(stage: int, cfg, data: str, image_root: str, out: str, train_c
         load_trainable(model, init)
     records, problems = read_records(data, image_root, on_error)
     encoder = SampleEncoder(
-        stage=stage, hd_num=cfg.hd_num, view_size=cfg.view_size, n_l=cfg.n_l, n_s=cfg.resolved_n_s,
-        drop_question=cfg.drop_question, max_question_tokens=cfg.max_question_tokens, layout=model.layout,
+        stage=stage,
+        hd_num=cfg.hd_num,
+        view_size=cfg.view_size,
+        n_l=cfg.n_l,
+        n_s=cfg.resolved_n_s,
+        drop_question=cfg.drop_question,
+        max_question_tokens=cfg.max_question_tokens,
+        layout=model.layout,
     )
     if stage == 1:
         o = stage1 if isinstance(stage1, Stage1Config) else Stage1Config(**(stage1 or {}))
         text = build_text_tower(
-            o.embed_dim, o.text_width or cfg.fusion.hidden_size, o.text_layers, o.text_heads,
-            model_name=o.text_model or cfg.vision.model_name, checkpoint=o.text_checkpoint,
+            o.embed_dim,
+            o.text_width or cfg.fusion.hidden_size,
+            o.text_layers,
+            o.text_heads,
+            model_name=o.text_model or cfg.vision.model_name,
+            checkpoint=o.text_checkpoint,
         )
         objective = Stage1Objective(
-            model, text, embed_dim=o.embed_dim, temperature=o.temperature,
-            orthogonality_weight=o.orthogonality_weight, freeze_vision=freeze_vision,
+            model,
+            text,
+            embed_dim=o.embed_dim,
+            temperature=o.temperature,
+            orthogonality_weight=o.orthogonality_weight,
+            freeze_vision=freeze_vision,
         )
     else:
         objective = Stage2Objective(model, freeze_vision=freeze_vision)
@@ -145,8 +206,18 @@ def run_train(args) -> int:
     stage1 = from_options(Stage1Config, args) if stage == 1 else None
     run_info = {"stage": args.stage, "preset": args.preset, "model_config": cfg.to_dict()}
     trainer, model, problems = build_trainer(
-        stage, cfg, args.data, args.image_root, args.out, train_cfg, ctx, on_error=args.on_error, init=args.init,
-        freeze_vision=args.freeze_vision, stage1=stage1, run_info=run_info,
+        stage,
+        cfg,
+        args.data,
+        args.image_root,
+        args.out,
+        train_cfg,
+        ctx,
+        on_error=args.on_error,
+        init=args.init,
+        freeze_vision=args.freeze_vision,
+        stage1=stage1,
+        run_info=run_info,
         llm_dtype=resolve_dtype(args.llm_dtype, ctx.device),
     )
     if ctx.is_main:
@@ -160,11 +231,20 @@ def run_train(args) -> int:
     state = trainer.full_model_state()
     if ctx.is_main:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        atomic_save_safetensors(weights, os.path.join(args.out, "model.safetensors"), {CONFIG_KEY: json.dumps(model.cfg.to_dict()), STAGE_KEY: args.stage})
+        atomic_save_safetensors(
+            weights,
+            os.path.join(args.out, "model.safetensors"),
+            {CONFIG_KEY: json.dumps(model.cfg.to_dict()), STAGE_KEY: args.stage},
+        )
         skipped = len(problems) + len(trainer.skipped)
         last = next((r for r in reversed(rows) if r["loss"] is not None), None)  # steps of only bad records have none
-        summary = f"step {trainer.step}" + (f", loss {last['loss']:.4f}" if last else "") + f", {skipped} record(s) skipped"
-        print(f"fusedvlm train {args.stage}: {summary}; weights in {os.path.join(args.out, 'model.safetensors')}", flush=True)
+        summary = (
+            f"step {trainer.step}" + (f", loss {last['loss']:.4f}" if last else "") + f", {skipped} record(s) skipped"
+        )
+        print(
+            f"fusedvlm train {args.stage}: {summary}; weights in {os.path.join(args.out, 'model.safetensors')}",
+            flush=True,
+        )
     if ctx.enabled:
         torch.distributed.destroy_process_group()
     return 0

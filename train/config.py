@@ -29,12 +29,19 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2")
     eps: float = _opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
-    precision: str = _opt("auto", "autocast dtype; weights stay fp32. auto: bf16 on GPUs that support it, else fp32. "
-                                  "fp16: with dynamic loss scaling (a step whose gradients overflow is skipped and "
-                                  "logged)", choices=PRECISIONS)
+    precision: str = _opt(
+        "auto",
+        "autocast dtype; weights stay fp32. auto: bf16 on GPUs that support it, else fp32. "
+        "fp16: with dynamic loss scaling (a step whose gradients overflow is skipped and "
+        "logged)",
+        choices=PRECISIONS,
+    )
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
-    fsdp: bool = _opt(False, "under torchrun (2+ processes): shard the trainable weights, gradients and optimiser "
-                             "state with FSDP2 instead of replicating them with DDP; the frozen LLM stays replicated")
+    fsdp: bool = _opt(
+        False,
+        "under torchrun (2+ processes): shard the trainable weights, gradients and optimiser "
+        "state with FSDP2 instead of replicating them with DDP; the frozen LLM stays replicated",
+    )
     seed: int = _opt(0, "seeds the weights' initialisation and the data order")
     save_every: int = _opt(0, "checkpoint every N steps; 0: only at the end (always at the end)")
     keep_checkpoints: int = _opt(2, "newest checkpoints kept in the run directory")
@@ -48,7 +55,9 @@ class TrainConfig:
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.batch_size < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})"
+            )
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -73,9 +82,13 @@ class Stage1Config:
     embed_dim: int = field(default=768, metadata={"help": "joint embedding width (projection C -> this)"})
     temperature: float = field(default=0.07, metadata={"help": "initial InfoNCE temperature (learnable; CLIP's)"})
     orthogonality_weight: float = field(default=1.0, metadata={"help": "weight of MSE(Z Z^T, I)"})
-    text_model: str | None = field(default=None, metadata={
-        "help": "open_clip model config for the text tower (None: the vision tower's, or a small one)"})
-    text_checkpoint: str | None = field(default=None, metadata={"help": "open_clip CLIP weights for the text tower (local file)"})
+    text_model: str | None = field(
+        default=None,
+        metadata={"help": "open_clip model config for the text tower (None: the vision tower's, or a small one)"},
+    )
+    text_checkpoint: str | None = field(
+        default=None, metadata={"help": "open_clip CLIP weights for the text tower (local file)"}
+    )
     text_width: int | None = field(default=None, metadata={"help": "small text tower width (None: the fusion width)"})
     text_layers: int = field(default=2, metadata={"help": "small text tower layers"})
     text_heads: int = field(default=4, metadata={"help": "small text tower heads"})

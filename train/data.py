@@ -123,7 +123,7 @@ def _raw_objects(path: str) -> Iterator[tuple[int, object]]:
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise DataError(-1, f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})", path) from None
+            raise DataError(-1, f"not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})", path) from None
         except json.JSONDecodeError as e:
             raise DataError(-1, f"not valid JSON: {e}", path) from None
         yield from enumerate(data)
@@ -136,7 +136,10 @@ def _raw_objects(path: str) -> Iterator[tuple[int, object]]:
         try:
             yield index, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            yield index, DataError(index, f"line {line_no} is not UTF-8 text (byte {e.start}: {line[e.start:e.start + 1]!r})")
+            yield (
+                index,
+                DataError(index, f"line {line_no} is not UTF-8 text (byte {e.start}: {line[e.start : e.start + 1]!r})"),
+            )
         except json.JSONDecodeError as e:
             yield index, DataError(index, f"line {line_no} is not valid JSON: {e.msg}")
         index += 1
@@ -220,14 +223,17 @@ class SampleEncoder:
         qids = []
         for j, (q, _) in enumerate(record.turns):
             try:
-                qids.append(tok.question_ids(self.layout.fusion_text(q, j == 0) if self.layout is not None else q,
-                                             self.max_question_tokens))
+                qids.append(
+                    tok.question_ids(
+                        self.layout.fusion_text(q, j == 0) if self.layout is not None else q, self.max_question_tokens
+                    )
+                )
             except ValueError as e:
                 raise DataError(record.index, f"question {j}: {e}") from None
         item = Item(record.index, views, qids, record.turns)
         if self.stage == 1:
             item.answer_ids = []
-            for j, (_, a) in enumerate(record.turns):
+            for _, a in record.turns:
                 ids = tok.encode(a)[: self.text_context - 2]  # CLIP truncates long captions the same way
                 item.answer_ids.append([CLIP_SOT_ID] + ids + [CLIP_EOT_ID])
         else:
@@ -352,9 +358,20 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     of ``world`` takes its r-th contiguous share. Hence a single process and W ranks see the
     same global micro-batches, and restarting at ``start`` continues the same order."""
 
-    def __init__(self, num_records: int, global_micro_batch: int, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        num_records: int,
+        global_micro_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        shuffle: bool = True,
+    ):
         if global_micro_batch < 1 or global_micro_batch % world:
-            raise ValueError(f"the global micro-batch ({global_micro_batch}) must be a positive multiple of the world size ({world})")
+            raise ValueError(
+                f"the global micro-batch ({global_micro_batch}) must be a positive multiple of the world size ({world})"
+            )
         if num_records < global_micro_batch:
             raise ValueError(f"{num_records} records are fewer than one global micro-batch of {global_micro_batch}")
         self.n, self.global_micro_batch, self.seed = num_records, global_micro_batch, seed
@@ -375,5 +392,5 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             if epoch != order_epoch:
                 order_epoch, order = epoch, self.order(epoch)
             lo = j * self.global_micro_batch + self.rank * local
-            yield order[lo: lo + local].tolist()
+            yield order[lo : lo + local].tolist()
             position += 1

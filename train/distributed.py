@@ -113,7 +113,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start:start + ctx.counts[ctx.rank]], None, None
+        return grad[start : start + ctx.counts[ctx.rank]], None, None
 
 
 def gather_rows(local: torch.Tensor, ctx: DistContext) -> torch.Tensor:

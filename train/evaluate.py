@@ -48,7 +48,7 @@ def answer_accuracy(
     llm = model.llm
     try:
         for start in range(0, len(records), batch_size):
-            items = [encoder.encode(r) for r in records[start:start + batch_size]]
+            items = [encoder.encode(r) for r in records[start : start + batch_size]]
             views = torch.cat([it.views for it in items]).to(device)
             vision = model.encode_views(views, [it.views.shape[0] for it in items])
             fused = model.fuse(vision, [it.question_ids for it in items], n_l=encoder.n_l, n_s=encoder.n_s).per_sample()
@@ -60,7 +60,9 @@ def answer_accuracy(
                 emb = emb.masked_scatter(fused_slots.to(device)[..., None], torch.cat(pieces).to(emb.dtype))
                 logits = llm(inputs_embeds=emb, attention_mask=mask.to(device)).logits[:, :-1].float()
                 targets = labels[:, 1:].to(device)
-                logp = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+                logp = -F.cross_entropy(
+                    logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+                ).sum(1)
                 per_token = logp / (targets != IGNORE_INDEX).sum(1)
                 best: dict[int, tuple[float, str]] = {}
                 best_mean: dict[int, tuple[float, str]] = {}
@@ -76,4 +78,9 @@ def answer_accuracy(
                     chance += 1.0 / len(candidates(item.turns[j][0]))
     finally:
         model.train(was_training)
-    return {"accuracy": correct / total, "accuracy_per_token": correct_mean / total, "questions": total, "chance": chance / total}
+    return {
+        "accuracy": correct / total,
+        "accuracy_per_token": correct_mean / total,
+        "questions": total,
+        "chance": chance / total,
+    }

@@ -54,6 +54,7 @@ from fusedvlm.train.config import TrainConfig
 from fusedvlm.train.data import ResumableBatchSampler
 from fusedvlm.train.distributed import DistContext, all_reduce_sum, average_replicated_grads, barrier, shard_trainable
 
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ceil(warmup_ratio * steps) steps, then cosine to min_lr_ratio * lr."""
     warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
@@ -128,12 +129,23 @@ class _FullOptimizerState:
 
 
 class Trainer:
-    def __init__(self, objective: nn.Module, dataset, collator, cfg: TrainConfig, out_dir: str, ctx: DistContext | None = None, run_info: dict | None = None):
+    def __init__(
+        self,
+        objective: nn.Module,
+        dataset,
+        collator,
+        cfg: TrainConfig,
+        out_dir: str,
+        ctx: DistContext | None = None,
+        run_info: dict | None = None,
+    ):
         self.objective, self.dataset, self.collator, self.cfg = objective, dataset, collator, cfg
         self.out_dir, self.ctx = out_dir, ctx or DistContext()
         self.run_info = run_info or {}
         if cfg.micro_batch % self.ctx.world:
-            raise ValueError(f"the global micro-batch {cfg.micro_batch} (batch_size / grad_accum) must be a multiple of the world size {self.ctx.world}")
+            raise ValueError(
+                f"the global micro-batch {cfg.micro_batch} (batch_size / grad_accum) must be a multiple of the world size {self.ctx.world}"
+            )
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -156,9 +168,14 @@ class Trainer:
         no_decay = [(n, p) for n, p in self.named_params if not (p.dim() >= 2 and "embed" not in n)]
         self.optim_names = [n for n, _ in decay + no_decay]
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
-             {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True,
+            [
+                {"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+                {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            foreach=True,
         )
         self.module = objective
         if self.ctx.enabled and not cfg.fsdp:
@@ -245,7 +262,10 @@ class Trainer:
                         print(f"fusedvlm train: warning: skipping unreadable checkpoint: {e}", flush=True)
             if loaded is None:
                 if self.ctx.is_main:
-                    print(f"fusedvlm train: warning: no intact checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
+                    print(
+                        f"fusedvlm train: warning: no intact checkpoint in {self.ckpt_dir}; starting from step 0",
+                        flush=True,
+                    )
                     self._truncate_metrics(0)
                 barrier(self.ctx)
                 return 0
@@ -253,7 +273,9 @@ class Trainer:
         saved = meta["train_config"]
         for key in ("batch_size", "grad_accum", "seed"):
             if saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has {getattr(self.cfg, key)}")
+                raise ValueError(
+                    f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has {getattr(self.cfg, key)}"
+                )
         expected = _model_state(self.objective)  # a DTensor's shape is the unsharded one
         from fusedvlm.checkpoint import check_state_dict
 
@@ -261,7 +283,9 @@ class Trainer:
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.objective, model_state, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_model_state_dict(
+                self.objective, model_state, options=StateDictOptions(full_state_dict=True, strict=False)
+            )
         else:
             self.objective.load_state_dict(model_state, strict=False)
         load_optimizer(self._full_optimizer(), other, opt_meta)
@@ -291,7 +315,10 @@ class Trainer:
                 row_step = row["step"]
             except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 if n == len(lines):
-                    print(f"fusedvlm train: warning: dropping the torn last line {n} of {self.metrics_path} ({e})", flush=True)
+                    print(
+                        f"fusedvlm train: warning: dropping the torn last line {n} of {self.metrics_path} ({e})",
+                        flush=True,
+                    )
                     continue
                 raise ValueError(f"{self.metrics_path}: line {n} is not a metrics row ({e})") from None
             if row_step <= step:
@@ -304,12 +331,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self):
         sampler = ResumableBatchSampler(
-            len(self.dataset), self.cfg.micro_batch, seed=self.cfg.seed, rank=self.ctx.rank, world=self.ctx.world,
+            len(self.dataset),
+            self.cfg.micro_batch,
+            seed=self.cfg.seed,
+            rank=self.ctx.rank,
+            world=self.ctx.world,
             start=self.step * self.cfg.grad_accum,
         )
-        return iter(torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=self.collator, num_workers=self.cfg.num_workers,
-        ))
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                collate_fn=self.collator,
+                num_workers=self.cfg.num_workers,
+            )
+        )
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -355,7 +391,11 @@ class Trainer:
             last = k == len(usable) - 1
             # FSDP reduce-scatters every micro-batch into the sharded gradients: skipping the
             # sync would hold unsharded gradients, which is what sharding is meant to avoid.
-            sync = contextlib.nullcontext() if (manual or last or not ctx.enabled or self.cfg.fsdp) else self.module.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if (manual or last or not ctx.enabled or self.cfg.fsdp)
+                else self.module.no_sync()
+            )
             with sync:
                 with self._autocast():
                     loss = module(batch)
@@ -440,15 +480,30 @@ class Trainer:
                 if row.get("no_update") and self.ctx.is_main:
                     print(f"fusedvlm train: step {row['step']}: every record was skipped; no update", flush=True)
                 if row.get("overflow") and self.ctx.is_main:
-                    print(f"fusedvlm train: step {row['step']}: inf/NaN gradient at loss scale {row['loss_scale']:g}; "
-                          f"update skipped, loss scale now {self.scaler.get_scale():g}", flush=True)
+                    print(
+                        f"fusedvlm train: step {row['step']}: inf/NaN gradient at loss scale {row['loss_scale']:g}; "
+                        f"update skipped, loss scale now {self.scaler.get_scale():g}",
+                        flush=True,
+                    )
                 elapsed = time.perf_counter() - t0
-                counts = all_reduce_sum(torch.tensor([float(sum(b.num_tokens for b in micro)), float(sum(b.size for b in micro)),
-                                                      float(sum(len(b.skipped) for b in micro))]), self.ctx)
-                row.update({
-                    "tokens_per_s": float(counts[0]) / elapsed, "samples": int(counts[1]),
-                    "skipped": int(counts[2]), "step_s": elapsed,  # all ranks
-                })
+                counts = all_reduce_sum(
+                    torch.tensor(
+                        [
+                            float(sum(b.num_tokens for b in micro)),
+                            float(sum(b.size for b in micro)),
+                            float(sum(len(b.skipped) for b in micro)),
+                        ]
+                    ),
+                    self.ctx,
+                )
+                row.update(
+                    {
+                        "tokens_per_s": float(counts[0]) / elapsed,
+                        "samples": int(counts[1]),
+                        "skipped": int(counts[2]),
+                        "step_s": elapsed,  # all ranks
+                    }
+                )
                 rows.append(row)
                 if self.ctx.is_main:
                     with open(self.metrics_path, "a") as f:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from fusedvlm.train.config import Stage1Config
 
 
-
 def clip_infonce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """image, text (N, D) L2-normalised and paired row by row; logit_scale = log(1 / T).
     Mean of the image->text and text->image cross-entropies."""
@@ -57,7 +56,9 @@ def orthogonality_loss(hidden: torch.Tensor, is_eos: torch.Tensor, group_sizes: 
     return total / count if count else total
 
 
-def orthogonality_terms(hidden: torch.Tensor, is_eos: torch.Tensor, group_sizes: list[list[int]]) -> tuple[torch.Tensor, int]:
+def orthogonality_terms(
+    hidden: torch.Tensor, is_eos: torch.Tensor, group_sizes: list[list[int]]
+) -> tuple[torch.Tensor, int]:
     """(sum over groups of MSE(Z Z^T, I), number of groups counted): the parts of
     :func:`orthogonality_loss` that add up over micro-batches and ranks."""
     sizes = [m for sample in group_sizes for m in sample]

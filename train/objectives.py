@@ -23,8 +23,8 @@ from torch import nn
 
 from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.checkpoint import leave_frozen_out_of_state_dict
-from fusedvlm.train.data import Batch
 from fusedvlm.train.config import Stage1Config
+from fusedvlm.train.data import Batch
 from fusedvlm.train.distributed import DistContext, all_reduce_sum, gather_rows
 from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_terms
 
@@ -68,7 +68,9 @@ class Stage2Objective(nn.Module):
         ids = batch.llm_ids.to(device)
         fused_mask = batch.llm_fused.to(device)
         if int(fused_mask.sum()) != fused.tokens.shape[0]:
-            raise ValueError(f"the LLM batch has {int(fused_mask.sum())} fused slots but the fusion gave {fused.tokens.shape[0]}")
+            raise ValueError(
+                f"the LLM batch has {int(fused_mask.sum())} fused slots but the fusion gave {fused.tokens.shape[0]}"
+            )
         emb = llm.get_input_embeddings()(ids)
         emb = emb.masked_scatter(fused_mask[..., None], fused.tokens.to(emb.dtype))
         # Only labelled positions go through the LM head: (B, L, vocab) logits would dominate
@@ -80,7 +82,9 @@ class Stage2Objective(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
-def build_text_tower(embed_dim: int, width: int, layers: int, heads: int, model_name: str | None = None, checkpoint: str | None = None) -> nn.Module:
+def build_text_tower(
+    embed_dim: int, width: int, layers: int, heads: int, model_name: str | None = None, checkpoint: str | None = None
+) -> nn.Module:
     """An open_clip text transformer (random init, or a named open_clip config, optionally
     loaded from a local open_clip checkpoint) with its position table extended to 512."""
     from open_clip.model import CLIPTextCfg, _build_text_tower
@@ -93,7 +97,9 @@ def build_text_tower(embed_dim: int, width: int, layers: int, heads: int, model_
             raise ValueError(f"open_clip has no model config named {model_name!r}")
         text_cfg = CLIPTextCfg(**model_cfg["text_cfg"])
         if text_cfg.hf_model_name:
-            raise ValueError(f"{model_name!r} has a Hugging Face text tower; stage 1 needs an open_clip TextTransformer")
+            raise ValueError(
+                f"{model_name!r} has a Hugging Face text tower; stage 1 needs an open_clip TextTransformer"
+            )
         tower_dim = model_cfg["embed_dim"]
         quick_gelu = model_cfg.get("quick_gelu", False)
     else:

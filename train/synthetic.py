@@ -80,7 +80,10 @@ def draw_sample(rng: np.random.Generator, size: int = 112, background: str = "ge
     along = rng.uniform(0.20, 0.25)  # distance of the centre from its side, in image sides
     across = rng.uniform(0.35, 0.65)
     cx, cy = {
-        "left": (along, across), "right": (1 - along, across), "top": (across, along), "bottom": (across, 1 - along),
+        "left": (along, across),
+        "right": (1 - along, across),
+        "top": (across, along),
+        "bottom": (across, 1 - along),
     }[position]
     cx, cy = cx * size, cy * size
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
@@ -177,8 +180,8 @@ def pretrain_reader_llm(
     import torch.nn.functional as F
 
     from fusedvlm.chat import IGNORE_INDEX, ChatLayout
-    from fusedvlm.packing import pad_rows
     from fusedvlm.model.llm import byte_tokenizer, random_llama
+    from fusedvlm.packing import pad_rows
 
     if llm_cfg.source != "random":
         raise ValueError("pretrain_reader_llm builds a byte-level model from a random LLMConfig")
@@ -212,7 +215,9 @@ def pretrain_reader_llm(
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / (0.1 * steps))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

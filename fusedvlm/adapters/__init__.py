@@ -64,8 +64,11 @@ def attach(host, fusion=None, **kwargs):
 
 def __getattr__(name: str):
     # Lazy, so that importing fusedvlm.adapters does not pull in transformers or torch.
-    for module_name, class_name in (*_FAMILIES.values(), ("fusedvlm.adapters.base", "FusionAdapter"),
-                                    ("fusedvlm.adapters.base", "PromptFormat")):
+    for module_name, class_name in (
+        *_FAMILIES.values(),
+        ("fusedvlm.adapters.base", "FusionAdapter"),
+        ("fusedvlm.adapters.base", "PromptFormat"),
+    ):
         if name == class_name:
             return getattr(importlib.import_module(module_name), class_name)
     raise AttributeError(f"module 'fusedvlm.adapters' has no attribute {name!r}")

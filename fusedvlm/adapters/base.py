@@ -52,13 +52,17 @@ class FusionAdapter(nn.Module, ABC):
         self.check_host(host)
         width, grid = self.host_vision_layout(host)
         if fusion.vision_width != width:
-            raise ValueError(f"the fusion module takes vision width {fusion.vision_width}, the host's features are {width} wide")
+            raise ValueError(
+                f"the fusion module takes vision width {fusion.vision_width}, the host's features are {width} wide"
+            )
         if fusion.cfg.merge and grid is None:
             raise ValueError("the host's vision features are not a token grid: the fusion module needs merge=False")
         if fusion.cfg.merge and fusion.cfg.grid not in (None, grid):
             raise ValueError(f"the fusion module merges {fusion.cfg.grid} grids, the host's features form {grid}")
         if fusion.cfg.output_size != self.host_llm_width(host):
-            raise ValueError(f"the fusion module projects to {fusion.cfg.output_size}, the host LLM is {self.host_llm_width(host)} wide")
+            raise ValueError(
+                f"the fusion module projects to {fusion.cfg.output_size}, the host LLM is {self.host_llm_width(host)} wide"
+            )
         host.requires_grad_(False)
         self.host = host.eval()
         self.fusion = fusion
@@ -105,7 +109,7 @@ class FusionAdapter(nn.Module, ABC):
         max_question_tokens: int | None = None,
         prompt: PromptFormat | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "FusionAdapter":
+    ) -> FusionAdapter:
         """Wrap ``host`` with a fusion module: a given module as is, else a new one built from
         a :class:`FusionModuleConfig`, or from a :class:`FusionConfig` (default: the paper's
         decoder) plus the host's widths and grid and the options ``n_l`` (default 64), ``n_s``
@@ -113,27 +117,46 @@ class FusionAdapter(nn.Module, ABC):
         ``max_question_tokens`` (default: :class:`FusionModuleConfig`'s), which apply only there. The module goes to the host's
         device and ``dtype`` (default: the host's)."""
         cls.check_host(host)
-        options = dict(n_l=n_l, n_s=n_s, merge=merge, drop_question=drop_question, max_question_tokens=max_question_tokens)
+        options = dict(
+            n_l=n_l, n_s=n_s, merge=merge, drop_question=drop_question, max_question_tokens=max_question_tokens
+        )
         given = sorted(k for k, v in options.items() if v is not None)
         if isinstance(fusion, (FusionModule, FusionModuleConfig)):
             if given:
-                raise TypeError(f"{', '.join(given)} only apply when building from a FusionConfig; "
-                                f"this {type(fusion).__name__} already fixes them")
+                raise TypeError(
+                    f"{', '.join(given)} only apply when building from a FusionConfig; "
+                    f"this {type(fusion).__name__} already fixes them"
+                )
             module = fusion if isinstance(fusion, FusionModule) else FusionModule(fusion)
         elif fusion is None or isinstance(fusion, FusionConfig):
             merge = True if merge is None else merge
             width, grid = cls.host_vision_layout(host)
             if merge and grid is None:
-                raise ValueError(f"the {cls.family} host's vision features are not a token grid; attach with merge=False")
+                raise ValueError(
+                    f"the {cls.family} host's vision features are not a token grid; attach with merge=False"
+                )
             # Options left unset keep FusionModuleConfig's defaults (n_l: the adapters' own 64).
-            chosen = {k: v for k, v in dict(drop_question=drop_question, max_question_tokens=max_question_tokens).items() if v is not None}
-            module = FusionModule(FusionModuleConfig(
-                fusion=fusion if fusion is not None else FusionConfig(), output_size=cls.host_llm_width(host),
-                n_l=64 if n_l is None else n_l, n_s=n_s, merge=merge, grid=grid if merge else None, input_size=width,
-                **chosen,
-            ))
+            chosen = {
+                k: v
+                for k, v in dict(drop_question=drop_question, max_question_tokens=max_question_tokens).items()
+                if v is not None
+            }
+            module = FusionModule(
+                FusionModuleConfig(
+                    fusion=fusion if fusion is not None else FusionConfig(),
+                    output_size=cls.host_llm_width(host),
+                    n_l=64 if n_l is None else n_l,
+                    n_s=n_s,
+                    merge=merge,
+                    grid=grid if merge else None,
+                    input_size=width,
+                    **chosen,
+                )
+            )
         else:
-            raise TypeError(f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}")
+            raise TypeError(
+                f"fusion must be a FusionModule, FusionModuleConfig, FusionConfig or None, got {type(fusion).__name__}"
+            )
         ref = next(host.parameters())
         module.to(device=ref.device, dtype=dtype if dtype is not None else ref.dtype)
         return cls(host, module, prompt)
@@ -146,7 +169,9 @@ class FusionAdapter(nn.Module, ABC):
         self.fusion.save_pretrained(path, extra_json={ADAPTER_CONFIG_NAME: meta})
 
     @classmethod
-    def from_pretrained(cls, host: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> "FusionAdapter":
+    def from_pretrained(
+        cls, host: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None
+    ) -> FusionAdapter:
         """Attach a saved fusion module to ``host`` (the prompt format saved with it, if any)."""
         path = os.fspath(path)
         cls.check_host(host)
@@ -167,7 +192,9 @@ class FusionAdapter(nn.Module, ABC):
             try:
                 prompt = PromptFormat(**meta["prompt"])
             except TypeError:
-                raise ValueError(f"{meta_path}: prompt {meta['prompt']} is not a prompt format (template, system)") from None
+                raise ValueError(
+                    f"{meta_path}: prompt {meta['prompt']} is not a prompt format (template, system)"
+                ) from None
         return cls(host, module, prompt)
 
     def train(self, mode: bool = True):
@@ -229,7 +256,9 @@ class FusionAdapter(nn.Module, ABC):
                     raise ValueError(f"conversation {i}: only the last turn may be unanswered (turn {j} is)")
             tokens = layout.conversation(list(turns), [n_l] + [n_s] * (len(turns) - 1))
             if any(t == self.image_token_id and not f for t, f in zip(tokens.ids, tokens.fused)):
-                raise ValueError(f"conversation {i}: its text tokenizes to the image placeholder id {self.image_token_id}")
+                raise ValueError(
+                    f"conversation {i}: its text tokenizes to the image placeholder id {self.image_token_id}"
+                )
             # The host scatters the fused tokens over its image placeholders.
             rows.append([self.image_token_id if f else t for t, f in zip(tokens.ids, tokens.fused)])
             labels.append(tokens.labels)
@@ -265,8 +294,14 @@ class FusionAdapter(nn.Module, ABC):
         tokens, cu = self.vision_features(pixel_values)
         dev = self.fusion.device
         return self.fusion(
-            tokens.to(dev, self.fusion.projection.weight.dtype), cu.to(dev), fusion_question_ids.to(dev),
-            fusion_cu_seqlens.to(dev), fusion_questions_per_sample, n_l=n_l, n_s=n_s, grid=self.grid,
+            tokens.to(dev, self.fusion.projection.weight.dtype),
+            cu.to(dev),
+            fusion_question_ids.to(dev),
+            fusion_cu_seqlens.to(dev),
+            fusion_questions_per_sample,
+            n_l=n_l,
+            n_s=n_s,
+            grid=self.grid,
         )
 
     def inputs_embeds(
@@ -283,15 +318,19 @@ class FusionAdapter(nn.Module, ABC):
         order, over each row's image placeholders."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
-        fused = self.fused_tokens(pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s)
+        fused = self.fused_tokens(
+            pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s
+        )
         counts = (input_ids == self.image_token_id).sum(1).tolist()
         expected = fused.cu_seqlens.diff().tolist()
         if len(counts) != len(expected):
             raise ValueError(f"{len(counts)} prompt rows for {len(expected)} images (one image per row)")
         for i, (c, e) in enumerate(zip(counts, expected)):
             if c != e:
-                raise ValueError(f"row {i} has {c} image placeholder tokens but the fusion module made {e} fused tokens "
-                                 f"(n_l + (k-1)*n_s for its questions {fused.group_sizes[i]}); build prompts with prepare_inputs")
+                raise ValueError(
+                    f"row {i} has {c} image placeholder tokens but the fusion module made {e} fused tokens "
+                    f"(n_l + (k-1)*n_s for its questions {fused.group_sizes[i]}); build prompts with prepare_inputs"
+                )
         embeds = self.host.get_input_embeddings()(input_ids)
         mask = (input_ids == self.image_token_id).unsqueeze(-1).to(embeds.device)
         return embeds.masked_scatter(mask, fused.tokens.to(embeds.device, embeds.dtype))
@@ -310,8 +349,9 @@ class FusionAdapter(nn.Module, ABC):
         **host_kwargs,
     ):
         """The host's forward on fused embeddings (its output type; ``.loss`` with ``labels``)."""
-        embeds = self.inputs_embeds(input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens,
-                                    fusion_questions_per_sample, n_l, n_s)
+        embeds = self.inputs_embeds(
+            input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s
+        )
         if attention_mask is not None and "position_ids" not in host_kwargs:
             # Same positions as generate gives a left-padded prompt, so training and decoding agree.
             host_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -335,8 +375,11 @@ class FusionAdapter(nn.Module, ABC):
         run on the host's KV cache. Returns the prompt ids followed by the new ids, as
         ``host.generate`` does. ``labels`` (from prepare_inputs) is accepted and unused."""
         del labels
-        embeds = self.inputs_embeds(input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens,
-                                    fusion_questions_per_sample, n_l, n_s)
+        embeds = self.inputs_embeds(
+            input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.host.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return self.host.generate(
+            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+        )

@@ -37,12 +37,17 @@ class LlavaFusionAdapter(FusionAdapter):
     @classmethod
     def check_host(cls, host: nn.Module) -> None:
         cfg = getattr(host, "config", None)
-        missing = [name for name in ("vision_config", "text_config", "vision_feature_layer", "vision_feature_select_strategy")
-                   if getattr(cfg, name, None) is None]
+        missing = [
+            name
+            for name in ("vision_config", "text_config", "vision_feature_layer", "vision_feature_select_strategy")
+            if getattr(cfg, name, None) is None
+        ]
         if missing:
             raise ValueError(f"{type(host).__name__} is not a LLaVA model: its config lacks {', '.join(missing)}")
         if _vision_tower(host) is None:
-            raise ValueError(f"{type(host).__name__} has no vision_tower (looked at .model.vision_tower and .vision_tower)")
+            raise ValueError(
+                f"{type(host).__name__} has no vision_tower (looked at .model.vision_tower and .vision_tower)"
+            )
         if not hasattr(host, "get_input_embeddings") or not hasattr(host, "generate"):
             raise ValueError(f"{type(host).__name__} lacks get_input_embeddings/generate of a Hugging Face causal LM")
         if cfg.vision_feature_select_strategy not in ("default", "full"):

@@ -79,7 +79,9 @@ class AdapterDataset(torch.utils.data.Dataset):
             for q, _ in rec.turns:
                 self.question_ids(q)
             with Image.open(rec.image) as im:
-                pixels = self.image_processor(images=upright(im, rec.image).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                pixels = self.image_processor(images=upright(im, rec.image).convert("RGB"), return_tensors="pt")[
+                    "pixel_values"
+                ][0]
         except (OSError, UnidentifiedImageError, ValueError) as e:
             return Skipped(rec.index, str(e))
         return AdapterItem(rec.index, pixels, tuple(rec.turns))
@@ -96,8 +98,12 @@ class AdapterCollator:
         items = [it for it in items if isinstance(it, AdapterItem)]
         if not items:
             return AdapterBatch([], {}, 0, skipped)
-        inputs = self.adapter.prepare_inputs(self.tokenizer, [it.turns for it in items],
-                                             torch.stack([it.pixel_values for it in items]), padding_side="right")
+        inputs = self.adapter.prepare_inputs(
+            self.tokenizer,
+            [it.turns for it in items],
+            torch.stack([it.pixel_values for it in items]),
+            padding_side="right",
+        )
         targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         return AdapterBatch([it.index for it in items], inputs, targets, skipped)
 

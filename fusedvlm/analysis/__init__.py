@@ -22,7 +22,20 @@ from fusedvlm.analysis.psi import (
 )
 
 __all__ = [
-    "Pair", "generate_pairs", "load_pairs", "load_prompts", "save_pairs",
-    "PsiAccumulator", "PsiCurves", "PsiResult", "ScalingFit", "alpha_from_bound", "analyse", "balance_point",
-    "fit_lambda", "fit_scaling_law", "psi_from_hidden_states", "upsilon",
+    "Pair",
+    "generate_pairs",
+    "load_pairs",
+    "load_prompts",
+    "save_pairs",
+    "PsiAccumulator",
+    "PsiCurves",
+    "PsiResult",
+    "ScalingFit",
+    "alpha_from_bound",
+    "analyse",
+    "balance_point",
+    "fit_lambda",
+    "fit_scaling_law",
+    "psi_from_hidden_states",
+    "upsilon",
 ]

@@ -10,34 +10,54 @@ def register(subparsers) -> None:
     from fusedvlm.device import add_device_arguments
 
     p = subparsers.add_parser(
-        "psi", help="psi / divergence analysis of A/B answer pairs with a causal LM (SPEC section 8)",
+        "psi",
+        help="psi / divergence analysis of A/B answer pairs with a causal LM (SPEC section 8)",
         description="Hidden states of both answers of every pair (shared prefix computed once), per-prefix "
-                    "psi statistics and D(n), their means over pairs, lambda, the balance point and alpha(n).")
+        "psi statistics and D(n), their means over pairs, lambda, the balance point and alpha(n).",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="pairs: .jsonl or .parquet records {system?, question, chosen, rejected}")
     src.add_argument("--generate", type=int, metavar="N", help="generate N pairs by sampling two answers per prompt")
-    p.add_argument("--prompts", help="JSONL prompts {system?, question} for --generate (default: the set shipped with fusedvlm)")
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (SmolLM2-135M-Instruct, offline), 'random' (a tiny random Llama) or a local HF model directory")
-    p.add_argument("--chat-template", choices=TEMPLATES, default=None,
-                   help="prompt layout of a model directory whose tokenizer has no chat template of its own "
-                   "(default: the tokenizer's template)")
+    p.add_argument(
+        "--prompts", help="JSONL prompts {system?, question} for --generate (default: the set shipped with fusedvlm)"
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (SmolLM2-135M-Instruct, offline), 'random' (a tiny random Llama) or a local HF model directory",
+    )
+    p.add_argument(
+        "--chat-template",
+        choices=TEMPLATES,
+        default=None,
+        help="prompt layout of a model directory whose tokenizer has no chat template of its own "
+        "(default: the tokenizer's template)",
+    )
     p.add_argument("--max-n", type=int, default=128, help="answer tokens per branch at most (bounds memory)")
     p.add_argument("--max-pairs", type=int, help="use at most this many pairs of --data")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     p.add_argument("--signed", action="store_true", help="f = identity instead of max(0, .)")
-    p.add_argument("--beta", type=float, default=1.0, help="beta of alpha(n) = (beta/2) log_n((1+n_b)/(n+n_b)) - beta/2")
+    p.add_argument(
+        "--beta", type=float, default=1.0, help="beta of alpha(n) = (beta/2) log_n((1+n_b)/(n+n_b)) - beta/2"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    add_device_arguments(p, dtype_help="the LM's weights; auto: bf16 on a GPU, fp32 on the CPU (psi statistics accumulate in fp32 either way)")
-    p.add_argument("--out", default="out/psi", help="directory for psi.json, psi_curves.png, divergence.png (and pairs.jsonl)")
+    add_device_arguments(
+        p,
+        dtype_help="the LM's weights; auto: bf16 on a GPU, fp32 on the CPU (psi statistics accumulate in fp32 either way)",
+    )
+    p.add_argument(
+        "--out", default="out/psi", help="directory for psi.json, psi_curves.png, divergence.png (and pairs.jsonl)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_psi)
 
     f = subparsers.add_parser(
-        "fit-scaling", help="fit S(n) = c / n^alpha to a CSV of (n, score[, group])",
-        description="Least squares in log space (BFGS) per group; prints c and alpha and plots data and fit.")
+        "fit-scaling",
+        help="fit S(n) = c / n^alpha to a CSV of (n, score[, group])",
+        description="Least squares in log space (BFGS) per group; prints c and alpha and plots data and fit.",
+    )
     f.add_argument("csv", help="CSV with a header: n, score and optionally group")
     f.add_argument("--plot", help="PNG path (default: next to the CSV, <name>_fit.png)")
     f.set_defaults(func=_fit_scaling)
@@ -86,17 +106,38 @@ def _psi(args) -> int:
         prompts = [prompts[i % len(prompts)] for i in range(args.generate)]
         # A few tokens of slack: decoded text re-tokenizes to about, not exactly, the sampled length.
         t1 = time.perf_counter()
-        pairs = generate_pairs(model, tokenizer, prompts, max_new_tokens=args.max_n + 8, min_new_tokens=args.max_n + 8,
-                               temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                               seed=args.seed, progress=not args.no_progress, template=template)
+        pairs = generate_pairs(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=args.max_n + 8,
+            min_new_tokens=args.max_n + 8,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+            template=template,
+        )
         print(f"generated {len(pairs)} pairs in {time.perf_counter() - t1:.1f} s")
         save_pairs(pairs, os.path.join(args.out, "pairs.jsonl"))
         source = f"generated ({args.prompts or 'built-in prompts'}, seed {args.seed})"
     torch.manual_seed(args.seed)
-    result = run_psi(model, tokenizer, pairs, max_n=args.max_n, batch_size=args.batch_size, positive=not args.signed,
-                     beta=args.beta, out_dir=args.out, progress=not args.no_progress, template=template,
-                     meta=dict(model=args.model, source=source, load_seconds=round(t_load, 2),
-                               device=str(device), dtype=dtype_name(dtype)))
+    result = run_psi(
+        model,
+        tokenizer,
+        pairs,
+        max_n=args.max_n,
+        batch_size=args.batch_size,
+        positive=not args.signed,
+        beta=args.beta,
+        out_dir=args.out,
+        progress=not args.no_progress,
+        template=template,
+        meta=dict(
+            model=args.model, source=source, load_seconds=round(t_load, 2), device=str(device), dtype=dtype_name(dtype)
+        ),
+    )
     print("\n".join(summary_lines(result)))
     print(f"total {time.perf_counter() - t0:.1f} s; wrote {args.out}/psi.json, psi_curves.png, divergence.png")
     return 0
@@ -121,7 +162,9 @@ def read_scaling_csv(path: str) -> dict[str, tuple]:
             try:
                 n, s = float(row["n"]), float(row["score"])
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: n and score must be numbers, got {row['n']!r}, {row['score']!r}") from None
+                raise ValueError(
+                    f"{path}:{lineno}: n and score must be numbers, got {row['n']!r}, {row['score']!r}"
+                ) from None
             g = groups.setdefault(row.get("group", "") or "all", ([], []))
             g[0].append(n)
             g[1].append(s)

@@ -63,13 +63,23 @@ def branch_hidden_states(model, batch: list[EncodedPair], pad_id: int = 0) -> li
     mask = torch.cat([mask_p.repeat_interleave(2, 0), mask_n], 1)
     # Branch tokens continue the prefix's positions, whatever padding sits between them.
     pos = lp2[:, None] + torch.arange(width_n, device=device)[None]
-    h = base(input_ids=branch, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=False).last_hidden_state
+    h = base(
+        input_ids=branch, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=False
+    ).last_hidden_state
     h = h.float()
     return [(h[2 * i, : p.n], h[2 * i + 1, : p.n]) for i, p in enumerate(batch)]
 
 
-def iter_hidden_states(model, tokenizer, pairs: list[Pair], *, max_n: int, batch_size: int = 8,
-                       progress: bool = True, template: str | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+def iter_hidden_states(
+    model,
+    tokenizer,
+    pairs: list[Pair],
+    *,
+    max_n: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    template: str | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per batch of pairs: (indices of the pairs used, h_a, h_b packed (T, d), cu_seqlens).
 
     Pairs whose shorter answer has no token are skipped (their indices never appear)."""
@@ -84,7 +94,7 @@ def iter_hidden_states(model, tokenizer, pairs: list[Pair], *, max_n: int, batch
     encoded = [(i, e) for i, e in encoded if e.n > 0]
     bar = tqdm(total=len(encoded), desc="hidden states", unit="pair", disable=not progress)
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         hs = branch_hidden_states(model, [e for _, e in chunk], pad)
         h_a = torch.cat([a for a, _ in hs])
         h_b = torch.cat([b for _, b in hs])

@@ -29,11 +29,15 @@ def _pair_from_record(rec: dict, where: str) -> Pair:
         raise ValueError(f"{where}: expected an object with question/chosen/rejected, got {type(rec).__name__}")
     missing = [k for k in ("question", "chosen", "rejected") if rec.get(k) is None]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (a pair needs question, chosen, rejected; system is optional)")
+        raise ValueError(
+            f"{where}: missing field(s) {', '.join(missing)} (a pair needs question, chosen, rejected; system is optional)"
+        )
     for k in FIELDS:
         if rec.get(k) is not None and not isinstance(rec[k], str):
             raise ValueError(f"{where}: field {k!r} must be a string, got {type(rec[k]).__name__}")
-    return Pair(question=rec["question"], chosen=rec["chosen"], rejected=rec["rejected"], system=rec.get("system") or None)
+    return Pair(
+        question=rec["question"], chosen=rec["chosen"], rejected=rec["rejected"], system=rec.get("system") or None
+    )
 
 
 def _jsonl(lines, where: str):
@@ -111,9 +115,20 @@ def prefix_ids(tokenizer, question: str, system: str | None, template: str | Non
     return ChatLayout(template, tokenizer, system).question(question, 0, True).ids
 
 
-def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, min_new_tokens: int = 0,
-                   temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 8, seed: int = 0,
-                   progress: bool = True, template: str | None = None) -> list[Pair]:
+def generate_pairs(
+    model,
+    tokenizer,
+    prompts: list[dict],
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    template: str | None = None,
+) -> list[Pair]:
     """Two sampled answers per prompt (A = "chosen", B = "rejected"), offline.
 
     ``min_new_tokens`` holds back EOS so that both branches reach the lengths the analysis
@@ -125,7 +140,9 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     from fusedvlm.packing import pad_rows
 
     if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-        raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {min_new_tokens}, {max_new_tokens}")
+        raise ValueError(
+            f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got {min_new_tokens}, {max_new_tokens}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -134,19 +151,28 @@ def generate_pairs(model, tokenizer, prompts: list[dict], *, max_new_tokens: int
     pairs: list[Pair] = []
     bar = tqdm(total=len(prompts), desc="generating pairs", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         ids = [prefix_ids(tokenizer, p["question"], p.get("system"), template) for p in chunk]
         input_ids, mask = pad_rows(ids, pad, side="left", device=device)
         width = input_ids.shape[1]
         with torch.no_grad():
             out = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
-                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=2,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                num_return_sequences=2,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
             )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for i, p in enumerate(chunk):
-            pairs.append(Pair(question=p["question"], system=p.get("system"), chosen=texts[2 * i], rejected=texts[2 * i + 1]))
+            pairs.append(
+                Pair(question=p["question"], system=p.get("system"), chosen=texts[2 * i], rejected=texts[2 * i + 1])
+            )
         bar.update(len(chunk))
     bar.close()
     return pairs

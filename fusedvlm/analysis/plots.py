@@ -9,7 +9,13 @@ import numpy as np
 
 from fusedvlm.analysis.psi import PsiResult, ScalingFit
 
-_LABELS = {"eq": r"$\psi_{eq}$", "ab": r"$\psi_{AB}$", "aa": r"$\psi_{AA}$", "bb": r"$\psi_{BB}$", "cross": r"$\psi_{cross}$"}
+_LABELS = {
+    "eq": r"$\psi_{eq}$",
+    "ab": r"$\psi_{AB}$",
+    "aa": r"$\psi_{AA}$",
+    "bb": r"$\psi_{BB}$",
+    "cross": r"$\psi_{cross}$",
+}
 
 
 def _pyplot():

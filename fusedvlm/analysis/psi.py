@@ -46,8 +46,14 @@ class PsiAccumulator:
         pos = positions_in_segment(cu_seqlens.cpu(), stats.eq.shape[0])
         if pos.numel() and int(pos.max()) >= self.max_n:
             raise ValueError(f"a pair has {int(pos.max()) + 1} tokens, more than max_n = {self.max_n}")
-        values = {"eq": stats.eq, "ab": stats.ab, "aa": stats.aa, "bb": stats.bb,
-                  "cross": (stats.aa + stats.bb) / 2, "div": stats.div}
+        values = {
+            "eq": stats.eq,
+            "ab": stats.ab,
+            "aa": stats.aa,
+            "bb": stats.bb,
+            "cross": (stats.aa + stats.bb) / 2,
+            "div": stats.div,
+        }
         for k, v in values.items():
             v = v.detach().cpu().double()
             ok = torch.isfinite(v)
@@ -56,7 +62,7 @@ class PsiAccumulator:
             self._count[k].index_add_(0, pos[ok], torch.ones_like(v[ok]))
         self.num_pairs += int((lengths_from_cu_seqlens(cu_seqlens) > 0).sum())
 
-    def curves(self) -> "PsiCurves":
+    def curves(self) -> PsiCurves:
         mean, std, count = {}, {}, {}
         for k in STATS:
             c = self._count[k]
@@ -76,11 +82,16 @@ class PsiCurves:
     count: dict[str, np.ndarray]
     num_pairs: int
 
-    def trimmed(self) -> "PsiCurves":
+    def trimmed(self) -> PsiCurves:
         """Only the prefix lengths that at least one pair reaches."""
         keep = self.count["eq"] > 0
-        return PsiCurves(self.n[keep], {k: v[keep] for k, v in self.mean.items()},
-                         {k: v[keep] for k, v in self.std.items()}, {k: v[keep] for k, v in self.count.items()}, self.num_pairs)
+        return PsiCurves(
+            self.n[keep],
+            {k: v[keep] for k, v in self.mean.items()},
+            {k: v[keep] for k, v in self.std.items()},
+            {k: v[keep] for k, v in self.count.items()},
+            self.num_pairs,
+        )
 
 
 # --------------------------------------------------------------------------- the bound
@@ -123,7 +134,9 @@ def alpha_from_bound(n, n_b, beta: float) -> np.ndarray:
     n_b = np.broadcast_to(np.asarray(n_b, dtype=np.float64), n.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (1 + n_b) / (n + n_b)
-        log_n = np.where((ratio > 0) & (n > 1), np.log(np.where(ratio > 0, ratio, 1)) / np.log(np.where(n > 1, n, 2)), np.nan)
+        log_n = np.where(
+            (ratio > 0) & (n > 1), np.log(np.where(ratio > 0, ratio, 1)) / np.log(np.where(n > 1, n, 2)), np.nan
+        )
     return np.where(np.isinf(n_b), -beta / 2, (beta / 2) * log_n - beta / 2)
 
 
@@ -219,8 +232,16 @@ def analyse(curves: PsiCurves, beta: float = 1.0, meta: dict | None = None) -> P
     lam = fit_lambda(c.mean["div"], ups)
     nb_n = balance_point(eq, cross, ab)
     nb = float(nb_n[-1]) if c.n.size > 1 else math.inf
-    return PsiResult(curves=c, upsilon=ups, lam=lam, balance_point=nb, balance_point_n=nb_n, beta=beta,
-                     alpha=alpha_from_bound(c.n, nb, beta), meta=dict(meta or {}))
+    return PsiResult(
+        curves=c,
+        upsilon=ups,
+        lam=lam,
+        balance_point=nb,
+        balance_point_n=nb_n,
+        beta=beta,
+        alpha=alpha_from_bound(c.n, nb, beta),
+        meta=dict(meta or {}),
+    )
 
 
 def psi_from_hidden_states(batches, max_n: int, positive: bool = True) -> PsiCurves:

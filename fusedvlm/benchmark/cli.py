@@ -20,36 +20,70 @@ def register(sub) -> None:
     from fusedvlm.options import add_options
 
     p = sub.add_parser(
-        "bench", help="n_l sweep: TTFT, prefill time/FLOPs per stage, decode speed, memory",
+        "bench",
+        help="n_l sweep: TTFT, prefill time/FLOPs per stage, decode speed, memory",
         description="Sweep n_l over the paper's configuration space and write JSON, CSV, markdown and PNG plots.",
     )
-    p.add_argument("--preset", default="smol", choices=sorted(PRESETS),
-                   help="model preset (default smol: the largest that sweeps in about 5 min on a 2-core CPU; use paper on a GPU)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) instead of the preset's "
-                   "random weights; --n-l then defaults to the checkpoint's n_l")
-    p.add_argument("--n-l", default=",".join(map(str, PAPER_N_L)),
-                   help="comma-separated n_l values (default: the paper's 768,...,1; values the preset's fusion decoder cannot hold are skipped)")
-    p.add_argument("--images", nargs="+", default=None,
-                   help="sample names (fusedvlm.samples) or image files (default: astronaut chelsea grace_hopper page)")
+    p.add_argument(
+        "--preset",
+        default="smol",
+        choices=sorted(PRESETS),
+        help="model preset (default smol: the largest that sweeps in about 5 min on a 2-core CPU; use paper on a GPU)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) instead of the preset's "
+        "random weights; --n-l then defaults to the checkpoint's n_l",
+    )
+    p.add_argument(
+        "--n-l",
+        default=",".join(map(str, PAPER_N_L)),
+        help="comma-separated n_l values (default: the paper's 768,...,1; values the preset's fusion decoder cannot hold are skipped)",
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="sample names (fusedvlm.samples) or image files (default: astronaut chelsea grace_hopper page)",
+    )
     on_device = {k: f"{getattr(SweepConfig, k)} on GPU, {v} on CPU" for k, v in CPU_SWEEP_DEFAULTS.items()}
-    add_options(p, SweepConfig, exclude=("preset", "n_l", "decode", "compile"), defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS), helps=on_device)
+    add_options(
+        p,
+        SweepConfig,
+        exclude=("preset", "n_l", "decode", "compile"),
+        defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS),
+        helps=on_device,
+    )
     add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
-    p.add_argument("--flops-table", action="store_true",
-                   help="print fvcore's per-module FLOP table of one prefill (first image, first n_l) beside the "
-                        "bench's own counts, and exit (needs fvcore: pip install 'fusedvlm[bench]')")
+    p.add_argument(
+        "--flops-table",
+        action="store_true",
+        help="print fvcore's per-module FLOP table of one prefill (first image, first n_l) beside the "
+        "bench's own counts, and exit (needs fvcore: pip install 'fusedvlm[bench]')",
+    )
     from fusedvlm.commands import add_decode_args
 
     add_decode_args(p)
-    p.add_argument("--decode-compare", default="1,4,16", metavar="BATCHES",
-                   help="after the sweep, decode with every path on one prompt and step these batch sizes "
-                        "together (comma-separated; 'none' skips it)")
-    p.add_argument("--decode-new-tokens", type=int, default=None,
-                   help="tokens per run of the decode comparison (default 256 on GPU, 64 on CPU)")
+    p.add_argument(
+        "--decode-compare",
+        default="1,4,16",
+        metavar="BATCHES",
+        help="after the sweep, decode with every path on one prompt and step these batch sizes "
+        "together (comma-separated; 'none' skips it)",
+    )
+    p.add_argument(
+        "--decode-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per run of the decode comparison (default 256 on GPU, 64 on CPU)",
+    )
     p.set_defaults(func=run_bench)
 
 
@@ -71,7 +105,9 @@ def resolve_n_l(values: list[int], max_queries: int, explicit: bool, preset: str
     kept = [v for v in values if v - 1 <= max_queries]
     skipped = [v for v in values if v - 1 > max_queries]
     if skipped and explicit:
-        raise ValueError(f"preset {preset!r} has {max_queries} query tokens, so n_l <= {max_queries + 1}; got {skipped}")
+        raise ValueError(
+            f"preset {preset!r} has {max_queries} query tokens, so n_l <= {max_queries + 1}; got {skipped}"
+        )
     if not kept:
         raise ValueError(f"no n_l value fits preset {preset!r} (n_l <= {max_queries + 1})")
     return kept, skipped
@@ -99,12 +135,18 @@ def check_bench_args(args: argparse.Namespace) -> None:
     results must not be thrown away at the end (e.g. because --out is a file)."""
     import os
 
-    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--repeats", args.repeats, 1),
-                               ("--questions", args.questions, 1), ("--warmup", args.warmup, 0)):
+    for flag, value, least in (
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--repeats", args.repeats, 1),
+        ("--questions", args.questions, 1),
+        ("--warmup", args.warmup, 0),
+    ):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file; bench writes a directory (results.json, results.csv, results.md, plots)")
+        raise ValueError(
+            f"--out {args.out} is a file; bench writes a directory (results.json, results.csv, results.md, plots)"
+        )
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -149,11 +191,20 @@ def run_bench(args: argparse.Namespace) -> int:
         args.preset = f"checkpoint:{args.checkpoint}"
     else:
         cfg_model = get_preset(args.preset)
-    n_ls, skipped = resolve_n_l(parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset)
+    n_ls, skipped = resolve_n_l(
+        parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset
+    )
     on_device = {} if device.type == "cuda" else CPU_SWEEP_DEFAULTS
     unset = {k: on_device.get(k, getattr(SweepConfig, k)) for k in CPU_SWEEP_DEFAULTS if getattr(args, k) is None}
-    sweep_cfg = from_options(SweepConfig, args, preset=args.preset, n_l=tuple(n_ls), decode=args.decode,
-                             compile=False if args.no_compile else None, **unset)
+    sweep_cfg = from_options(
+        SweepConfig,
+        args,
+        preset=args.preset,
+        n_l=tuple(n_ls),
+        decode=args.decode,
+        compile=False if args.no_compile else None,
+        **unset,
+    )
     decode_batches = parse_batches(args.decode_compare)
     images = load_images(args.images or list(DEFAULT_IMAGES))
     if args.checkpoint:
@@ -170,7 +221,9 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     if skipped:
-        print(f"preset {args.preset}: skipping n_l {skipped} (its fusion decoder has {cfg_model.fusion.max_queries} query tokens)")
+        print(
+            f"preset {args.preset}: skipping n_l {skipped} (its fusion decoder has {cfg_model.fusion.max_queries} query tokens)"
+        )
 
     torch.manual_seed(args.seed)
     model = checkpoint_model if args.checkpoint else FusedVLM(cfg_model).eval().to(device=device, dtype=dtype)
@@ -183,9 +236,11 @@ def run_bench(args: argparse.Namespace) -> int:
         print(flop_report(model, image, QUESTIONS[0], n_ls[0], sweep_cfg.n_s_at(n_ls[0])))
         return 0
     env = environment(device)
-    log(f"fusedvlm bench: preset {args.preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
+    log(
+        f"fusedvlm bench: preset {args.preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
         f"{env['torch_threads']} thread(s), {dtype_name}; n_l {n_ls}; {len(images)} image(s) x {sweep_cfg.repeats} repeat(s), "
-        f"{sweep_cfg.max_new_tokens} new tokens")
+        f"{sweep_cfg.max_new_tokens} new tokens"
+    )
     sweep = run_sweep(model, images, sweep_cfg, log)
     decode_paths = None
     if decode_batches:
@@ -194,18 +249,35 @@ def run_bench(args: argparse.Namespace) -> int:
 
         decode_cfg = DecodeBenchConfig(
             new_tokens=args.decode_new_tokens or (256 if device.type == "cuda" else 64),
-            repeats=3, batches=decode_batches, compile=not args.no_compile and compile_default(),
+            repeats=3,
+            batches=decode_batches,
+            compile=not args.no_compile and compile_default(),
         )
         bw = sweep["bandwidth"]
-        decode_paths = run_decode_bench(model.llm, prompt_embeds(model.llm, model.layout), decode_cfg, log,
-                                        bandwidth=(bw["bytes_per_s"], bw["source"]), engine_for=model.decode_engine)
+        decode_paths = run_decode_bench(
+            model.llm,
+            prompt_embeds(model.llm, model.layout),
+            decode_cfg,
+            log,
+            bandwidth=(bw["bytes_per_s"], bw["source"]),
+            engine_for=model.decode_engine,
+        )
     payload = {
         "environment": env,
         "config": {
-            "preset": args.preset, "n_l": n_ls, "n_s": args.n_s, "questions": args.questions,
-            "images": [name for name, _ in images], "image_sizes": [list(im.size) for _, im in images],
-            "max_new_tokens": sweep_cfg.max_new_tokens, "repeats": sweep_cfg.repeats, "warmup": sweep_cfg.warmup,
-            "dtype": dtype_name, "seed": args.seed, "parameters": req["parameters"], "ignore_eos": True,
+            "preset": args.preset,
+            "n_l": n_ls,
+            "n_s": args.n_s,
+            "questions": args.questions,
+            "images": [name for name, _ in images],
+            "image_sizes": [list(im.size) for _, im in images],
+            "max_new_tokens": sweep_cfg.max_new_tokens,
+            "repeats": sweep_cfg.repeats,
+            "warmup": sweep_cfg.warmup,
+            "dtype": dtype_name,
+            "seed": args.seed,
+            "parameters": req["parameters"],
+            "ignore_eos": True,
         },
         **sweep,
         "decode_paths": decode_paths,
@@ -214,8 +286,12 @@ def run_bench(args: argparse.Namespace) -> int:
     print()
     print("\n".join(table_lines(payload["results"])))
     worst = max(abs(r["fusion_llm_flops_rel_diff"]) for r in payload["results"])
-    print(f"\nFLOP check: fusion + projection + LLM prefill counted vs closed form, worst relative difference {worst:.2e}")
-    print(f"decode path of the sweep: {sweep['decode_path']} ({sweep['decode_reason']}); compile {sweep['compile_s']:.1f} s, paid once, not in any timing")
+    print(
+        f"\nFLOP check: fusion + projection + LLM prefill counted vs closed form, worst relative difference {worst:.2e}"
+    )
+    print(
+        f"decode path of the sweep: {sweep['decode_path']} ({sweep['decode_reason']}); compile {sweep['compile_s']:.1f} s, paid once, not in any timing"
+    )
     if decode_paths is not None:
         from fusedvlm.benchmark.decode import table_lines as decode_table
 

@@ -50,11 +50,21 @@ def prompt_embeds(llm, layout, question: str = QUESTION) -> torch.Tensor:
         return llm.get_input_embeddings()(ids)
 
 
-def _row(name: str, path: str, latencies: list[float], tokens_per_s: list[float], bytes_per_token: float,
-         bandwidth: float, compile_s: float, reason: str = "") -> dict:
+def _row(
+    name: str,
+    path: str,
+    latencies: list[float],
+    tokens_per_s: list[float],
+    bytes_per_token: float,
+    bandwidth: float,
+    compile_s: float,
+    reason: str = "",
+) -> dict:
     tps = statistics.median(tokens_per_s)
     return {
-        "name": name, "path": path, "reason": reason,
+        "name": name,
+        "path": path,
+        "reason": reason,
         "tokens_per_s": tps,
         "bandwidth_fraction": bytes_per_token * tps / bandwidth,
         "latency_ms": {p: percentile(latencies, q) * 1e3 for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
@@ -62,16 +72,24 @@ def _row(name: str, path: str, latencies: list[float], tokens_per_s: list[float]
     }
 
 
-def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Callable[[str], None] = print,
-                     bandwidth: tuple[float, str] | None = None, engine_for: Callable | None = None) -> dict:
+def run_decode_bench(
+    llm,
+    embeds: torch.Tensor,
+    cfg: DecodeBenchConfig,
+    log: Callable[[str], None] = print,
+    bandwidth: tuple[float, str] | None = None,
+    engine_for: Callable | None = None,
+) -> dict:
     """Every path on the prompt ``embeds`` (L, d); returns rows, batch rows, prefill rows, ratios.
     ``engine_for(decode, compile)`` supplies the engines (default: new ones from make_engine); pass
     ``FusedVLM.decode_engine`` to reuse steps a chat already compiled."""
     from fusedvlm.decoding import HFEngine, make_engine
 
     if engine_for is None:
+
         def engine_for(decode: str, compile: bool):
             return make_engine(llm, decode, compile)
+
     from fusedvlm.generation import GenerationConfig, decode, prefill
 
     device = embeds.device
@@ -98,8 +116,13 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
     def generate(n: int) -> float:
         sync(device)
         t0 = time.perf_counter()
-        llm.generate(inputs_embeds=embeds[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                     pad_token_id=llm.config.eos_token_id if llm.config.pad_token_id is None else llm.config.pad_token_id)
+        llm.generate(
+            inputs_embeds=embeds[None],
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=llm.config.eos_token_id if llm.config.pad_token_id is None else llm.config.pad_token_id,
+        )
         sync(device)
         return time.perf_counter() - t0
 
@@ -123,13 +146,30 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
             pre[engine.path].append(state.seconds)
             tps[engine.path].append(len(out.token_latencies_s) / sum(out.token_latencies_s))
             lat[engine.path] += out.token_latencies_s
-    rows = [_row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy")]
+    rows = [
+        _row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy")
+    ]
     rows[-1]["latency_ms"] = {k: float("nan") for k in rows[-1]["latency_ms"]}
-    names = {"hf": "HF forward loop", "lean-eager": "lean, eager", "lean-compiled": "lean, compiled",
-             "hf-static-eager": "HF static cache, eager", "hf-static-compiled": "HF static cache, compiled"}
+    names = {
+        "hf": "HF forward loop",
+        "lean-eager": "lean, eager",
+        "lean-compiled": "lean, compiled",
+        "hf-static-eager": "HF static cache, eager",
+        "hf-static-compiled": "HF static cache, compiled",
+    }
     for engine in engines:
-        rows.append(_row(names[engine.path], engine.path, lat[engine.path], tps[engine.path], bytes_per_token, bw,
-                         compile_s[engine.path], engine.reason))
+        rows.append(
+            _row(
+                names[engine.path],
+                engine.path,
+                lat[engine.path],
+                tps[engine.path],
+                bytes_per_token,
+                bw,
+                compile_s[engine.path],
+                engine.reason,
+            )
+        )
     for r in rows:
         log(f"decode: {r['name']} {r['tokens_per_s']:.1f} tok/s (compile {r['compile_s']:.1f} s)")
     prefill_ms = {p: statistics.median(v) * 1e3 for p, v in pre.items()}
@@ -154,11 +194,22 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
             tokens = best.step(tokens, cache).argmax(-1)
         sync(device)
         seconds = time.perf_counter() - t0
-        batch_rows.append({"batch": b, "path": best.path, "aggregate_tokens_per_s": b * cfg.batch_tokens / seconds,
-                           "step_ms": seconds / cfg.batch_tokens * 1e3, "compile_s": compile_s})
+        batch_rows.append(
+            {
+                "batch": b,
+                "path": best.path,
+                "aggregate_tokens_per_s": b * cfg.batch_tokens / seconds,
+                "step_ms": seconds / cfg.batch_tokens * 1e3,
+                "compile_s": compile_s,
+            }
+        )
         log(f"decode: batch {b} ({best.path}) {batch_rows[-1]['aggregate_tokens_per_s']:.1f} tok/s aggregate")
     for r in batch_rows:
-        r["x_batch_1"] = r["aggregate_tokens_per_s"] / batch_rows[0]["aggregate_tokens_per_s"] if cfg.batches[0] == 1 else float("nan")
+        r["x_batch_1"] = (
+            r["aggregate_tokens_per_s"] / batch_rows[0]["aggregate_tokens_per_s"]
+            if cfg.batches[0] == 1
+            else float("nan")
+        )
 
     # Prefill FLOPs: every matmul weight once per prompt token (embedding lookups excluded), and
     # causal attention (QK^T and PV, half the square).
@@ -171,15 +222,23 @@ def run_decode_bench(llm, embeds: torch.Tensor, cfg: DecodeBenchConfig, log: Cal
     lm_head = llm.get_output_embeddings().weight.numel()
     flops = 2 * (matmul_params - lm_head) * prompt_len + 2 * lm_head
     flops += 2 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim * prompt_len * (prompt_len + 1) / 2
-    prefill_rows = [{"path": p, "ms": ms, "gflops_per_s": flops / (ms / 1e3) / 1e9, "x_hf": prefill_ms["hf"] / ms}
-                    for p, ms in prefill_ms.items()]
+    prefill_rows = [
+        {"path": p, "ms": ms, "gflops_per_s": flops / (ms / 1e3) / 1e9, "x_hf": prefill_ms["hf"] / ms}
+        for p, ms in prefill_ms.items()
+    ]
     return {
         "bandwidth": {"bytes_per_s": bw, "source": bw_source},
-        "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
-        "llm_parameter_bytes": llm_bytes, "bytes_per_token": bytes_per_token,
+        "prompt_tokens": prompt_len,
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "llm_parameter_bytes": llm_bytes,
+        "bytes_per_token": bytes_per_token,
         "limit_tokens_per_s": bw / bytes_per_token,
-        "rows": rows, "greedy_ids_match_hf": same, "batch_rows": batch_rows,
-        "prefill_flops": flops, "prefill_rows": prefill_rows,
+        "rows": rows,
+        "greedy_ids_match_hf": same,
+        "batch_rows": batch_rows,
+        "prefill_flops": flops,
+        "prefill_rows": prefill_rows,
     }
 
 
@@ -192,17 +251,29 @@ def table_lines(res: dict) -> list[str]:
     ]
     for r in res["rows"]:
         lat = r["latency_ms"]
-        lines.append(f"{r['name']:<16} {r['tokens_per_s']:>7.1f} {r['bandwidth_fraction']:>7.2f} {lat['p50']:>7.1f} "
-                     f"{lat['p90']:>7.1f} {lat['p99']:>7.1f} {r['compile_s']:>9.1f} {r['x_hf_generate']:>10.2f} {r['x_hf_loop']:>9.2f}")
-    lines.append("greedy ids equal to the HF loop: " + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in res["greedy_ids_match_hf"].items()))
+        lines.append(
+            f"{r['name']:<16} {r['tokens_per_s']:>7.1f} {r['bandwidth_fraction']:>7.2f} {lat['p50']:>7.1f} "
+            f"{lat['p90']:>7.1f} {lat['p99']:>7.1f} {r['compile_s']:>9.1f} {r['x_hf_generate']:>10.2f} {r['x_hf_loop']:>9.2f}"
+        )
+    lines.append(
+        "greedy ids equal to the HF loop: "
+        + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in res["greedy_ids_match_hf"].items())
+    )
     lines.append("")
     lines.append(f"{'batch':>5} {'path':<14} {'agg tok/s':>9} {'ms/step':>8} {'x B=1':>6} {'compile s':>9}")
     for r in res["batch_rows"]:
-        lines.append(f"{r['batch']:>5} {r['path']:<14} {r['aggregate_tokens_per_s']:>9.1f} {r['step_ms']:>8.1f} "
-                     f"{r['x_batch_1']:>6.2f} {r['compile_s']:>9.1f}")
+        lines.append(
+            f"{r['batch']:>5} {r['path']:<14} {r['aggregate_tokens_per_s']:>9.1f} {r['step_ms']:>8.1f} "
+            f"{r['x_batch_1']:>6.2f} {r['compile_s']:>9.1f}"
+        )
     lines.append("")
-    lines.append(f"LLM prefill ({res['prefill_flops'] / 1e9:.2f} GFLOP): " + "; ".join(
-        f"{r['path']} {r['ms']:.1f} ms = {r['gflops_per_s']:.1f} GFLOP/s ({r['x_hf']:.2f}x HF)" for r in res["prefill_rows"]))
+    lines.append(
+        f"LLM prefill ({res['prefill_flops'] / 1e9:.2f} GFLOP): "
+        + "; ".join(
+            f"{r['path']} {r['ms']:.1f} ms = {r['gflops_per_s']:.1f} GFLOP/s ({r['x_hf']:.2f}x HF)"
+            for r in res["prefill_rows"]
+        )
+    )
     return lines
 
 

@@ -25,8 +25,13 @@ from torch import nn
 from fusedvlm.benchmark.flops import _native_mha_flops, causal_pairs
 
 # Each of our stages (the keys of flops.prefill_flops) and the module that runs it in the trace.
-STAGE_MODULES = {"vision": "vision", "merge": "fuser.merge", "fusion": "fuser.decoder", "projection": "fuser.projection",
-                 "llm_prefill": "llm"}
+STAGE_MODULES = {
+    "vision": "vision",
+    "merge": "fuser.merge",
+    "fusion": "fuser.decoder",
+    "projection": "fuser.projection",
+    "llm_prefill": "llm",
+}
 
 
 def _shape(value) -> list[int]:
@@ -87,8 +92,18 @@ def _native_mha(inputs, outputs) -> int:
     mask = _constant(inputs[9]) if len(inputs) > 9 else None
     if mask is _COMPUTED:
         raise ValueError("cannot count a multi-head attention whose mask is computed in the trace")
-    return _native_mha_flops(torch.empty(query, device="meta"), torch.empty(key, device="meta"), None,
-                             _constant(inputs[3]), _constant(inputs[4]), None, None, None, None, mask=mask)
+    return _native_mha_flops(
+        torch.empty(query, device="meta"),
+        torch.empty(key, device="meta"),
+        None,
+        _constant(inputs[3]),
+        _constant(inputs[4]),
+        None,
+        None,
+        None,
+        None,
+        mask=mask,
+    )
 
 
 def _winograd_conv(inputs, outputs) -> int:
@@ -108,8 +123,9 @@ def _local_merge_op(inputs, outputs) -> int:
     """fusedvlm::local_merge(x, weight, lf_token, bias, residual, h, w), as FlopCounterMode counts it."""
     from fusedvlm.kernels.local_merge import _merge_flops
 
-    return _merge_flops(_shape(inputs[0]), _shape(inputs[1]), None, None, None, _constant(inputs[5]),
-                        _constant(inputs[6]))
+    return _merge_flops(
+        _shape(inputs[0]), _shape(inputs[1]), None, None, None, _constant(inputs[5]), _constant(inputs[6])
+    )
 
 
 def handles() -> dict:
@@ -117,13 +133,21 @@ def handles() -> dict:
     from fvcore.nn import jit_handles as j
 
     matmuls = {
-        "aten::addmm": j.addmm_flop_jit, "aten::bmm": j.bmm_flop_jit, "aten::mm": j.matmul_flop_jit,
-        "aten::matmul": j.matmul_flop_jit, "aten::linear": j.linear_flop_jit, "aten::einsum": j.einsum_flop_jit,
+        "aten::addmm": j.addmm_flop_jit,
+        "aten::bmm": j.bmm_flop_jit,
+        "aten::mm": j.matmul_flop_jit,
+        "aten::matmul": j.matmul_flop_jit,
+        "aten::linear": j.linear_flop_jit,
+        "aten::einsum": j.einsum_flop_jit,
         "aten::_convolution": j.conv_flop_jit,
     }
-    return {**{name: _twice(h) for name, h in matmuls.items()}, "aten::scaled_dot_product_attention": _sdpa,
-            "aten::_native_multi_head_attention": _native_mha, "prim::PythonOp._WinogradConv": _winograd_conv,
-            "fusedvlm::local_merge": _local_merge_op}
+    return {
+        **{name: _twice(h) for name, h in matmuls.items()},
+        "aten::scaled_dot_product_attention": _sdpa,
+        "aten::_native_multi_head_attention": _native_mha,
+        "prim::PythonOp._WinogradConv": _winograd_conv,
+        "fusedvlm::local_merge": _local_merge_op,
+    }
 
 
 class _Prefill(nn.Module):
@@ -136,7 +160,13 @@ class _Prefill(nn.Module):
         super().__init__()
         self.vision, self.fuser, self.llm = model.vision, model.fuser, model.llm
         self._embeds = model.llm_embeds  # a bound method: not registered as a child module
-        self.num_views, self.question_ids, self.llm_tokens, self.n_l, self.n_s = num_views, question_ids, llm_tokens, n_l, n_s
+        self.num_views, self.question_ids, self.llm_tokens, self.n_l, self.n_s = (
+            num_views,
+            question_ids,
+            llm_tokens,
+            n_l,
+            n_s,
+        )
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         vision = self.fuser.merge_views(self.vision(views), self.num_views)
@@ -155,7 +185,9 @@ def prefill_flop_analysis(model, image, question: str, n_l: int, n_s: int | None
 
     n_l, n_s = model.fuser.resolve_counts(n_l, n_s)
     views, num_views = model.preprocess([image])
-    module = _Prefill(model, num_views, model.question_ids(question), model.layout.question(question, n_l, True), n_l, n_s)
+    module = _Prefill(
+        model, num_views, model.question_ids(question), model.layout.question(question, n_l, True), n_l, n_s
+    )
     with warnings.catch_warnings():
         # fvcore's import and the tracer warn about torch.jit's deprecation and about tracing.
         warnings.simplefilter("ignore")

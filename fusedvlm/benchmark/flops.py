@@ -31,6 +31,7 @@ aten = torch.ops.aten
 # The fusedvlm:: ops register their own formulas (kernels/*.py); these count the same pairs.
 from fusedvlm.kernels.packed_attention import causal_pairs  # noqa: E402
 
+
 def _sdpa_pairs(q_shape, k_shape, is_causal: bool, mask) -> int:
     """Unmasked pairs summed over batch and query heads of one SDPA call."""
     *lead, lq, _ = q_shape
@@ -63,8 +64,22 @@ def _sdpa_formula(packet):
     return formula
 
 
-def _native_mha_flops(query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                      mask=None, need_weights=True, average_attn_weights=True, mask_type=None, out_val=None) -> int:
+def _native_mha_flops(
+    query,
+    key,
+    value,
+    embed_dim,
+    num_head,
+    qkv_weight,
+    qkv_bias,
+    proj_weight,
+    proj_bias,
+    mask=None,
+    need_weights=True,
+    average_attn_weights=True,
+    mask_type=None,
+    out_val=None,
+) -> int:
     """nn.MultiheadAttention's inference fast path (open_clip's ViT takes it): one fused op
     with the q/k/v input projection, attention and the output projection inside."""
     batch = query.shape[0] if query.dim() == 3 else 1
@@ -75,7 +90,11 @@ def _native_mha_flops(query, key, value, embed_dim, num_head, qkv_weight, qkv_bi
         pairs = batch * num_head * lq * lk
     else:
         allowed = ~mask if mask.dtype == torch.bool else torch.isfinite(mask)
-        pairs = int(allowed.expand(batch, num_head, lq, lk).sum()) if allowed.dim() != 2 else int(allowed.sum()) * batch * num_head
+        pairs = (
+            int(allowed.expand(batch, num_head, lq, lk).sum())
+            if allowed.dim() != 2
+            else int(allowed.sum()) * batch * num_head
+        )
     return proj + 4 * pairs * (e // num_head)
 
 
@@ -153,8 +172,14 @@ def prefill_flops(model, image, question: str, n_l: int, n_s: int | None = None)
 
 
 def decoder_flops(
-    positions: Sequence[tuple[int, int]], *, layers: int, hidden: int, intermediate: int, heads: int,
-    kv_heads: int, head_dim: int,
+    positions: Sequence[tuple[int, int]],
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
 ) -> int:
     """Forward FLOPs of a Llama-style decoder (SwiGLU MLP, no biases) on new tokens.
 
@@ -169,20 +194,35 @@ def decoder_flops(
     return total
 
 
-def analytic_fusion_llm_flops(model, vision_tokens: int, question_tokens: int, n_l: int, llm_prompt_tokens: int) -> dict[str, int]:
+def analytic_fusion_llm_flops(
+    model, vision_tokens: int, question_tokens: int, n_l: int, llm_prompt_tokens: int
+) -> dict[str, int]:
     """The n_l-dependent stages from the configs alone: fusion (vision prefix, then question,
     n_l - 1 queries and EOS), projection of the n_l fused tokens, LLM prefill of the prompt
     plus the LM head on its last position."""
     f = model.fuser.cfg.fusion
     fusion = decoder_flops(
-        [(0, vision_tokens), (vision_tokens, question_tokens + n_l)], layers=f.num_layers, hidden=f.hidden_size,
-        intermediate=f.intermediate_size, heads=f.num_heads, kv_heads=f.num_kv_heads, head_dim=f.head_dim,
+        [(0, vision_tokens), (vision_tokens, question_tokens + n_l)],
+        layers=f.num_layers,
+        hidden=f.hidden_size,
+        intermediate=f.intermediate_size,
+        heads=f.num_heads,
+        kv_heads=f.num_kv_heads,
+        head_dim=f.head_dim,
     )
     proj = model.fuser.projection.weight
     c = model.llm.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    llm = decoder_flops(
-        [(0, llm_prompt_tokens)], layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size,
-        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=head_dim,
-    ) + 2 * c.hidden_size * c.vocab_size
+    llm = (
+        decoder_flops(
+            [(0, llm_prompt_tokens)],
+            layers=c.num_hidden_layers,
+            hidden=c.hidden_size,
+            intermediate=c.intermediate_size,
+            heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads,
+            head_dim=head_dim,
+        )
+        + 2 * c.hidden_size * c.vocab_size
+    )
     return {"fusion": fusion, "projection": 2 * n_l * proj.shape[0] * proj.shape[1], "llm_prefill": llm}

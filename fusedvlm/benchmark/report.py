@@ -69,15 +69,30 @@ def markdown(payload: dict) -> str:
         "|" + "|".join("---:" for _ in heads) + "|",
     ]
     lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in payload["results"]]
-    for title, cell in (("Prefill time per stage (ms, medians):", lambda r, s: f"{r['prefill_ms'][s]:.2f}"),
-                        ("Prefill GFLOPs per stage (attention included):", lambda r, s: f"{r['prefill_tflops'][s] * 1e3:.3f}")):
-        lines += ["", title, "", "| n_l | " + " | ".join(STAGES) + " |", "|" + "|".join("---:" for _ in range(len(STAGES) + 1)) + "|"]
+    for title, cell in (
+        ("Prefill time per stage (ms, medians):", lambda r, s: f"{r['prefill_ms'][s]:.2f}"),
+        ("Prefill GFLOPs per stage (attention included):", lambda r, s: f"{r['prefill_tflops'][s] * 1e3:.3f}"),
+    ):
+        lines += [
+            "",
+            title,
+            "",
+            "| n_l | " + " | ".join(STAGES) + " |",
+            "|" + "|".join("---:" for _ in range(len(STAGES) + 1)) + "|",
+        ]
         lines += ["| " + " | ".join([str(r["n_l"])] + [cell(r, s) for s in STAGES]) + " |" for r in payload["results"]]
     bw = payload["bandwidth"]
-    lines += ["", f"Memory bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['source']}); peak memory: {payload['peak_mem_method']}.", ""]
+    lines += [
+        "",
+        f"Memory bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['source']}); peak memory: {payload['peak_mem_method']}.",
+        "",
+    ]
     if "decode_path" in payload:
-        lines += [f"LLM decode path of the sweep: {payload['decode_path']} ({payload['decode_reason']}); compiling it took "
-                  f"{payload['compile_s']:.1f} s, paid once and outside every timing.", ""]
+        lines += [
+            f"LLM decode path of the sweep: {payload['decode_path']} ({payload['decode_reason']}); compiling it took "
+            f"{payload['compile_s']:.1f} s, paid once and outside every timing.",
+            "",
+        ]
     if payload.get("decode_paths"):
         from fusedvlm.benchmark.decode import markdown_lines
 
@@ -118,8 +133,12 @@ def write_all(payload: dict, out_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------- plots
 
 STAGE_COLOURS = {
-    "preprocess": "#8c8c8c", "vision": "#4c72b0", "merge": "#64b5cd", "fusion": "#dd8452",
-    "projection": "#c44e52", "llm_prefill": "#55a868",
+    "preprocess": "#8c8c8c",
+    "vision": "#4c72b0",
+    "merge": "#64b5cd",
+    "fusion": "#dd8452",
+    "projection": "#c44e52",
+    "llm_prefill": "#55a868",
 }
 
 
@@ -151,7 +170,9 @@ def plot(payload: dict, out_dir: str) -> list[str]:
     # Prefill time and FLOPs against n_l.
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ttft = [r["ttft_ms"] for r in rows]
-    a1.errorbar(n_ls, ttft, yerr=[r["ttft_ms_iqr"] / 2 for r in rows], marker="o", capsize=3, label="time to first token")
+    a1.errorbar(
+        n_ls, ttft, yerr=[r["ttft_ms_iqr"] / 2 for r in rows], marker="o", capsize=3, label="time to first token"
+    )
     a1.plot(n_ls, [r["prefill_ms"]["llm_prefill"] for r in rows], marker="s", label="LLM prefill")
     a1.plot(n_ls, [r["prefill_ms"]["fusion"] for r in rows], marker="^", label="fusion decoder")
     a1.set_ylabel("milliseconds (median, bars: IQR)")
@@ -175,8 +196,13 @@ def plot(payload: dict, out_dir: str) -> list[str]:
 
     # Decode speed against n_l.
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a1.errorbar(n_ls, [r["decode_tokens_per_s"] for r in rows], yerr=[r["decode_tokens_per_s_iqr"] / 2 for r in rows],
-                marker="o", capsize=3)
+    a1.errorbar(
+        n_ls,
+        [r["decode_tokens_per_s"] for r in rows],
+        yerr=[r["decode_tokens_per_s_iqr"] / 2 for r in rows],
+        marker="o",
+        capsize=3,
+    )
     a1.set_ylabel("decode tokens/s (median, bars: IQR)")
     a1.set_ylim(bottom=0)
     _log_x(a1, n_ls)
@@ -199,8 +225,10 @@ def plot(payload: dict, out_dir: str) -> list[str]:
     # Stage breakdown: time and FLOPs, stacked per n_l.
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
     x = list(range(len(rows)))
-    for ax, key, scale, ylabel in ((a1, "prefill_ms", 1.0, "prefill time, ms (medians)"),
-                                   (a2, "prefill_tflops", 1e3, "prefill GFLOPs")):
+    for ax, key, scale, ylabel in (
+        (a1, "prefill_ms", 1.0, "prefill time, ms (medians)"),
+        (a2, "prefill_tflops", 1e3, "prefill GFLOPs"),
+    ):
         bottom = [0.0] * len(rows)
         for s in STAGES:
             vals = [r[key][s] * scale for r in rows]

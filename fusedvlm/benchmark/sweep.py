@@ -43,14 +43,26 @@ class SweepConfig:
 
     preset: str
     n_l: tuple[int, ...]
-    n_s: int | None = field(default=None, metadata={
-        "help": "fused tokens of later questions, min(n_s, n_l) at every n_l (None: the SPEC rule, 8 or n_l)"})
-    questions: int = field(default=1, metadata={"help": "questions per image (turn 1 gets n_l fused tokens, later turns n_s)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens decoded per answer, EOS ignored (the paper's 256)"})
+    n_s: int | None = field(
+        default=None,
+        metadata={
+            "help": "fused tokens of later questions, min(n_s, n_l) at every n_l (None: the SPEC rule, 8 or n_l)"
+        },
+    )
+    questions: int = field(
+        default=1, metadata={"help": "questions per image (turn 1 gets n_l fused tokens, later turns n_s)"}
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "tokens decoded per answer, EOS ignored (the paper's 256)"}
+    )
     repeats: int = field(default=3, metadata={"help": "timed runs per (image, n_l)"})
-    warmup: int = field(default=1, metadata={"help": "untimed full runs after the FLOP pass (which already warms every shape)"})
+    warmup: int = field(
+        default=1, metadata={"help": "untimed full runs after the FLOP pass (which already warms every shape)"}
+    )
     decode: str = field(default="auto", metadata={"help": "LLM decode path (fusedvlm.decoding)"})
-    compile: bool | None = field(default=None, metadata={"help": "compile the decode step (None: fusedvlm.decoding.compile_default())"})
+    compile: bool | None = field(
+        default=None, metadata={"help": "compile the decode step (None: fusedvlm.decoding.compile_default())"}
+    )
 
     def __post_init__(self):
         if not self.n_l:
@@ -66,7 +78,9 @@ class SweepConfig:
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if self.max_new_tokens < 2:
-            raise ValueError(f"--max-new-tokens must be >= 2 (decode speed needs at least one decode step), got {self.max_new_tokens}")
+            raise ValueError(
+                f"--max-new-tokens must be >= 2 (decode speed needs at least one decode step), got {self.max_new_tokens}"
+            )
 
     def n_s_at(self, n_l: int) -> int | None:
         return None if self.n_s is None else min(self.n_s, n_l)
@@ -87,12 +101,27 @@ class Run:
     answer: str = ""
 
 
-def run_session(model, image, n_l: int, n_s: int | None, questions: Sequence[str], generation,
-                decode: str = "auto", compile: bool | None = None) -> dict:
+def run_session(
+    model,
+    image,
+    n_l: int,
+    n_s: int | None,
+    questions: Sequence[str],
+    generation,
+    decode: str = "auto",
+    compile: bool | None = None,
+) -> dict:
     from fusedvlm.session import ChatSession
 
     device = model.device
-    out = {"stage_ms": [], "ttft_ms": [], "decode_ms": [], "decode_latencies_ms": [], "prompt_tokens": [], "compile_s": 0.0}
+    out = {
+        "stage_ms": [],
+        "ttft_ms": [],
+        "decode_ms": [],
+        "decode_latencies_ms": [],
+        "prompt_tokens": [],
+        "compile_s": 0.0,
+    }
     with PeakMemory(device) as mem:
         session = ChatSession(model, image, n_l=n_l, n_s=n_s, decode=decode, compile=compile)
         for q in questions:
@@ -114,7 +143,9 @@ def run_session(model, image, n_l: int, n_s: int | None, questions: Sequence[str
     return out
 
 
-def run_sweep(model, images: Sequence[tuple[str, object]], cfg: SweepConfig, log: Callable[[str], None] = print) -> dict:
+def run_sweep(
+    model, images: Sequence[tuple[str, object]], cfg: SweepConfig, log: Callable[[str], None] = print
+) -> dict:
     """Run the sweep; returns ``{"bandwidth": ..., "results": [per n_l], "runs": [...]}``."""
     from fusedvlm.generation import GenerationConfig
 
@@ -137,11 +168,15 @@ def run_sweep(model, images: Sequence[tuple[str, object]], cfg: SweepConfig, log
             if (num_views, n_l) not in by_views:
                 counts = prefill_flops(model, image, questions[0], n_l, cfg.n_s_at(n_l))
                 analytic = analytic_fusion_llm_flops(
-                    model, num_views * model.cfg.tokens_per_view, len(model.question_ids(questions[0])), n_l,
+                    model,
+                    num_views * model.cfg.tokens_per_view,
+                    len(model.question_ids(questions[0])),
+                    n_l,
                     len(model.layout.question(questions[0], n_l, True)),
                 )
                 by_views[num_views, n_l] = {s: c.total for s, c in counts.items()} | {
-                    "attention": sum(c.attention for c in counts.values()), "views": num_views,
+                    "attention": sum(c.attention for c in counts.values()),
+                    "views": num_views,
                     "analytic_fusion_llm": sum(analytic.values()),
                 }
             flops[name, n_l] = by_views[num_views, n_l]
@@ -153,7 +188,9 @@ def run_sweep(model, images: Sequence[tuple[str, object]], cfg: SweepConfig, log
     compile_s = 0.0
     for _ in range(cfg.warmup):
         for n_l in (max(cfg.n_l), min(cfg.n_l)):
-            compile_s += run_session(model, images[0][1], n_l, cfg.n_s_at(n_l), questions, generation, cfg.decode, cfg.compile)["compile_s"]
+            compile_s += run_session(
+                model, images[0][1], n_l, cfg.n_s_at(n_l), questions, generation, cfg.decode, cfg.compile
+            )["compile_s"]
     if compile_s:
         log(f"compiled the decode step in {compile_s:.1f} s (once per cache bucket, outside every timing)")
 
@@ -169,16 +206,38 @@ def run_sweep(model, images: Sequence[tuple[str, object]], cfg: SweepConfig, log
                 res = run_session(model, image, n_l, n_s, questions, generation, cfg.decode, cfg.compile)
                 compile_s += res["compile_s"]
                 resolved_n_s = model.fuser.resolve_counts(n_l, n_s)[1]
-                runs.append(Run(name, n_l, resolved_n_s, r, res["stage_ms"], res["ttft_ms"], res["decode_ms"],
-                                res["decode_latencies_ms"], res["prompt_tokens"], res["peak_mem_bytes"], res["answer"]))
-                log(f"[{len(runs)}/{total}] {name} n_l={n_l}: ttft {res['ttft_ms'][0]:.0f} ms, "
-                    f"decode {_tokens_per_s(res['decode_latencies_ms'][0]):.1f} tok/s ({time.perf_counter() - t0:.0f} s)")
+                runs.append(
+                    Run(
+                        name,
+                        n_l,
+                        resolved_n_s,
+                        r,
+                        res["stage_ms"],
+                        res["ttft_ms"],
+                        res["decode_ms"],
+                        res["decode_latencies_ms"],
+                        res["prompt_tokens"],
+                        res["peak_mem_bytes"],
+                        res["answer"],
+                    )
+                )
+                log(
+                    f"[{len(runs)}/{total}] {name} n_l={n_l}: ttft {res['ttft_ms'][0]:.0f} ms, "
+                    f"decode {_tokens_per_s(res['decode_latencies_ms'][0]):.1f} tok/s ({time.perf_counter() - t0:.0f} s)"
+                )
 
     llm_bytes = unique_parameter_bytes(model.llm)
     kv_pos = kv_bytes_per_position(model.llm, dtype)
     results = [
-        _aggregate(n_l, [r for r in runs if r.n_l == n_l], {k: v for k, v in flops.items() if k[1] == n_l},
-                   llm_bytes, kv_pos, cfg.max_new_tokens, bandwidth)
+        _aggregate(
+            n_l,
+            [r for r in runs if r.n_l == n_l],
+            {k: v for k, v in flops.items() if k[1] == n_l},
+            llm_bytes,
+            kv_pos,
+            cfg.max_new_tokens,
+            bandwidth,
+        )
         for n_l in cfg.n_l
     ]
     return {
@@ -200,7 +259,9 @@ def _tokens_per_s(latencies_ms: Sequence[float]) -> float:
     return 1e3 * len(latencies_ms) / sum(latencies_ms) if latencies_ms else float("nan")
 
 
-def _aggregate(n_l: int, runs: list[Run], flops: dict, llm_bytes: int, kv_pos: int, max_new_tokens: int, bandwidth: float) -> dict:
+def _aggregate(
+    n_l: int, runs: list[Run], flops: dict, llm_bytes: int, kv_pos: int, max_new_tokens: int, bandwidth: float
+) -> dict:
     first_stage = [r.stage_ms[0] for r in runs]
     prefill_total = [sum(s.values()) for s in first_stage]
     ttft = quantiles([r.ttft_ms[0] for r in runs])
@@ -238,7 +299,11 @@ def _aggregate(n_l: int, runs: list[Run], flops: dict, llm_bytes: int, kv_pos: i
         "prefill_ms_iqr": quantiles(prefill_total)["iqr"],
         "decode_tokens_per_s": tps["median"],
         "decode_tokens_per_s_iqr": tps["iqr"],
-        "decode_latency_ms": {"p50": lat["median"], "p90": percentile(latencies, 0.9), "p99": percentile(latencies, 0.99)},
+        "decode_latency_ms": {
+            "p50": lat["median"],
+            "p90": percentile(latencies, 0.9),
+            "p99": percentile(latencies, 0.99),
+        },
         "prefill_tflops": tflops,
         "prefill_attention_tflops": attention_tflops,
         "fusion_llm_tflops_analytic": analytic / 1e12,
@@ -254,4 +319,3 @@ def _aggregate(n_l: int, runs: list[Run], flops: dict, llm_bytes: int, kv_pos: i
         row["later_turn_ttft_ms"] = quantiles(later)["median"]
         row["later_turn_prefill_ms"] = quantiles([sum(s.values()) for r in runs for s in r.stage_ms[1:]])["median"]
     return row
-

@@ -35,8 +35,13 @@ GPU_BANDWIDTH = {
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -109,8 +114,12 @@ def percentile(values: Sequence[float], p: float) -> float:
 def quantiles(values: Sequence[float]) -> dict[str, float]:
     """Median, interquartile range (:func:`percentile` 75 - 25), min and max."""
     p25, p75 = percentile(values, 0.25), percentile(values, 0.75)
-    return {"median": percentile(values, 0.5), "iqr": p75 - p25, "min": min(values, default=float("nan")),
-            "max": max(values, default=float("nan"))}
+    return {
+        "median": percentile(values, 0.5),
+        "iqr": p75 - p25,
+        "min": min(values, default=float("nan")),
+        "max": max(values, default=float("nan")),
+    }
 
 
 @dataclass
@@ -239,7 +248,11 @@ class PeakMemory:
         self.device = device
         self.interval_s = interval_s
         self.peak_bytes = 0
-        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else f"process RSS sampled every {interval_s * 1e3:g} ms"
+        self.method = (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else f"process RSS sampled every {interval_s * 1e3:g} ms"
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -248,7 +261,7 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, _rss_bytes())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -13,26 +13,41 @@ def register(sub) -> None:
     from fusedvlm.device import add_device_arguments
 
     p = sub.add_parser(
-        "eval", help="score a model on VLMEvalKit-style benchmarks across n_l (shared vision prefix)",
+        "eval",
+        help="score a model on VLMEvalKit-style benchmarks across n_l (shared vision prefix)",
         description="Benchmarks in the VLMEvalKit TSV layout (MME, POPE, HallusionBench, MMBench / SEED-Bench "
-                    "multiple choice) at every n_l; each image's vision prefix is computed once. Writes per-item "
-                    "predictions (OUT/BENCH/predictions.jsonl, resumable) and their extracted answers (scored.jsonl), "
-                    "metrics.json, scores.csv for `fusedvlm fit-scaling`, scores.md and scores.png.")
+        "multiple choice) at every n_l; each image's vision prefix is computed once. Writes per-item "
+        "predictions (OUT/BENCH/predictions.jsonl, resumable) and their extracted answers (scored.jsonl), "
+        "metrics.json, scores.csv for `fusedvlm fit-scaling`, scores.md and scores.png.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a preset (random weights but for its LLM)")
     src.add_argument("--checkpoint", help="trained weights: a file from fusedvlm.checkpoint.save_trainable")
-    p.add_argument("--benchmark", action="append", required=True, metavar="[KIND=]FILE",
-                   help="a TSV; KIND (mme, pope, hallusionbench, mcq) is guessed from the file name if omitted; repeatable")
-    p.add_argument("--n-l", default=",".join(map(str, PAPER_N_L)),
-                   help="comma-separated n_l values (default: the paper's ten)")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        required=True,
+        metavar="[KIND=]FILE",
+        help="a TSV; KIND (mme, pope, hallusionbench, mcq) is guessed from the file name if omitted; repeatable",
+    )
+    p.add_argument(
+        "--n-l", default=",".join(map(str, PAPER_N_L)), help="comma-separated n_l values (default: the paper's ten)"
+    )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="malformed rows: stop with their list (default) or skip them, listed in OUT/skipped.jsonl")
+    p.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="malformed rows: stop with their list (default) or skip them, listed in OUT/skipped.jsonl",
+    )
     p.add_argument("--limit", type=int, help="only the first N items of each benchmark")
     p.add_argument("--images-per-batch", type=int, default=4, help="images per vision / fusion forward")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 8 for yes/no and multiple choice)")
-    p.add_argument("--recompute", action="store_true",
-                   help="recompute vision and fusion for every (question, n_l), as the authors' harness does")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute vision and fusion for every (question, n_l), as the authors' harness does",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the random initialisation of a preset")
     add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-plot", action="store_true")
@@ -78,8 +93,10 @@ def _check_run_meta(out: str, meta: dict) -> None:
             old = json.load(f)
         diff = sorted(k for k in meta if k != "n_l" and old.get(k) != meta[k])
         if diff:
-            raise ValueError(f"{out} holds predictions of another run ({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in diff)}); "
-                             f"use another --out")
+            raise ValueError(
+                f"{out} holds predictions of another run ({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in diff)}); "
+                f"use another --out"
+            )
         meta = {**meta, "n_l": sorted(set(old.get("n_l", [])) | set(meta["n_l"]), reverse=True)}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
@@ -93,7 +110,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from fusedvlm.eval.runner import EvalConfig, Evaluator, PredictionStore, Skipped
 
     n_ls = parse_n_l(args.n_l)
-    max_new = {} if args.max_new_tokens is None else {"max_new_tokens_yes_no": args.max_new_tokens, "max_new_tokens_mcq": args.max_new_tokens}
+    max_new = (
+        {}
+        if args.max_new_tokens is None
+        else {"max_new_tokens_yes_no": args.max_new_tokens, "max_new_tokens_mcq": args.max_new_tokens}
+    )
     cfg = EvalConfig(n_l=n_ls, shared_prefix=not args.recompute, images_per_batch=args.images_per_batch, **max_new)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -107,15 +128,21 @@ def run_eval(args: argparse.Namespace) -> int:
         if b.problems and args.on_error == "fail":
             shown = "\n  ".join(p.describe(b.path) for p in b.problems[:10])
             more = f"\n  ... and {len(b.problems) - 10} more" if len(b.problems) > 10 else ""
-            raise BenchmarkError(f"{len(b.problems)} malformed row(s) (rerun with --on-error skip to leave them out):\n  {shown}{more}")
+            raise BenchmarkError(
+                f"{len(b.problems)} malformed row(s) (rerun with --on-error skip to leave them out):\n  {shown}{more}"
+            )
         skipped += [Skipped(b.name, p.index, p.describe(b.path)) for p in b.problems]
         if args.limit is not None:
-            b.items = b.items[:args.limit]
+            b.items = b.items[: args.limit]
 
     os.makedirs(args.out, exist_ok=True)
-    meta = {"model": f"preset:{args.preset}" if args.preset else os.path.abspath(args.checkpoint), "seed": args.seed,
-            "max_new_tokens_yes_no": cfg.max_new_tokens_yes_no, "max_new_tokens_mcq": cfg.max_new_tokens_mcq,
-            "n_l": list(n_ls)}
+    meta = {
+        "model": f"preset:{args.preset}" if args.preset else os.path.abspath(args.checkpoint),
+        "seed": args.seed,
+        "max_new_tokens_yes_no": cfg.max_new_tokens_yes_no,
+        "max_new_tokens_mcq": cfg.max_new_tokens_mcq,
+        "n_l": list(n_ls),
+    }
     _check_run_meta(args.out, meta)
     model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype)
     evaluator = Evaluator(model, cfg)
@@ -126,15 +153,24 @@ def run_eval(args: argparse.Namespace) -> int:
         total = sum(not store.done(it.index, n) for it in b.items for n in n_ls)
         with tqdm(total=total, unit="item", desc=b.name, disable=args.no_progress) as bar:
             evaluator.run(b, store, args.on_error, skipped.append, bar)
-        results[b.name] = {"kind": b.kind, "path": os.path.abspath(b.path),
-                           "per_n": benchmark_metrics(b, store.records, n_ls, os.path.join(args.out, b.name, "scored.jsonl"))}
+        results[b.name] = {
+            "kind": b.kind,
+            "path": os.path.abspath(b.path),
+            "per_n": benchmark_metrics(b, store.records, n_ls, os.path.join(args.out, b.name, "scored.jsonl")),
+        }
     with open(os.path.join(args.out, "skipped.jsonl"), "w", encoding="utf-8") as f:
         for s in skipped:
-            f.write(json.dumps({"benchmark": s.benchmark, "index": s.index, "error": s.error}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"benchmark": s.benchmark, "index": s.index, "error": s.error}, ensure_ascii=False) + "\n"
+            )
     rows = write_reports(args.out, results, len(skipped), plot=not args.no_plot)
     t = evaluator.stats.seconds
-    print(f"{evaluator.stats.items_done} (item, n_l) predictions in {sum(t.values()):.1f} s "
-          f"(vision {t['vision']:.1f}, fusion {t['fusion']:.1f}, llm {t['llm']:.1f}); {len(skipped)} skipped")
+    print(
+        f"{evaluator.stats.items_done} (item, n_l) predictions in {sum(t.values()):.1f} s "
+        f"(vision {t['vision']:.1f}, fusion {t['fusion']:.1f}, llm {t['llm']:.1f}); {len(skipped)} skipped"
+    )
     print(open(os.path.join(args.out, "scores.md"), encoding="utf-8").read().rstrip())
-    print(f"wrote {args.out}/scores.csv ({len(rows)} rows): next, fusedvlm fit-scaling {os.path.join(args.out, 'scores.csv')}")
+    print(
+        f"wrote {args.out}/scores.csv ({len(rows)} rows): next, fusedvlm fit-scaling {os.path.join(args.out, 'scores.csv')}"
+    )
     return 0

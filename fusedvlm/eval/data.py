@@ -102,8 +102,9 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
     if sep and not os.path.exists(spec):
         kind = _ALIASES.get(head.lower(), head.lower())
         if kind not in KINDS:
-            raise BenchmarkError(f"--benchmark {spec!r}: unknown kind {head!r}; choose from {', '.join(KINDS)} "
-                                 f"(or mmbench, seedbench)")
+            raise BenchmarkError(
+                f"--benchmark {spec!r}: unknown kind {head!r}; choose from {', '.join(KINDS)} (or mmbench, seedbench)"
+            )
         return kind, tail
     return None, spec
 
@@ -115,8 +116,10 @@ def guess_kind(path: str, columns: list[str]) -> str:
             return kind
     if "A" in columns and "B" in columns:
         return "mcq"
-    raise BenchmarkError(f"{path}: cannot tell the benchmark kind from its name or columns; "
-                         f"pass it as KIND=FILE with KIND one of {', '.join(KINDS)}")
+    raise BenchmarkError(
+        f"{path}: cannot tell the benchmark kind from its name or columns; "
+        f"pass it as KIND=FILE with KIND one of {', '.join(KINDS)}"
+    )
 
 
 def _read_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -178,8 +181,10 @@ def _hallusion_keys(index: str, row: dict) -> dict[str, str] | str:
         return keys
     parts = index.split("_")
     if len(parts) < 6:
-        return (f"needs set_id/figure_id/question_id columns or an index with them as fields 3-5 "
-                f"(like VD_figure_0_0_0_1), got index {index!r}")
+        return (
+            f"needs set_id/figure_id/question_id columns or an index with them as fields 3-5 "
+            f"(like VD_figure_0_0_0_1), got index {index!r}"
+        )
     return {"set_id": parts[3], "figure_id": parts[4], "question_id": parts[5]}
 
 
@@ -244,7 +249,11 @@ def load_benchmark(spec: str, name: str | None = None) -> Benchmark:
             if os.path.isfile(p):
                 source = ("path", p)
             else:
-                error = f"no image: 'image' is empty and image_path {p} is not a file" if "image" in columns else f"image file not found: {p}"
+                error = (
+                    f"no image: 'image' is empty and image_path {p} is not a file"
+                    if "image" in columns
+                    else f"image file not found: {p}"
+                )
         else:
             error = "no image ('image' is empty)"
         if error is None:

@@ -25,8 +25,8 @@ def greedy_batch(llm, embeds: list[torch.Tensor], max_new_tokens: int, eos_id: i
     x = torch.zeros(b, width, embeds[0].shape[1], device=device, dtype=dtype)
     mask = torch.zeros(b, width, dtype=torch.long, device=device)
     for i, e in enumerate(embeds):
-        x[i, width - e.shape[0]:] = e
-        mask[i, width - e.shape[0]:] = 1
+        x[i, width - e.shape[0] :] = e
+        mask[i, width - e.shape[0] :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     past = out.past_key_values
@@ -43,7 +43,9 @@ def greedy_batch(llm, embeds: list[torch.Tensor], max_new_tokens: int, eos_id: i
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], 1)
-        out = llm(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True)
+        out = llm(
+            input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True
+        )
         past, next_pos = out.past_key_values, next_pos + 1
         logits = out.logits[:, -1]
     return ids

@@ -13,7 +13,18 @@ from dataclasses import dataclass
 
 from fusedvlm.eval.data import Item
 
-MME_PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position", "posters", "scene")
+MME_PERCEPTION = (
+    "OCR",
+    "artwork",
+    "celebrity",
+    "color",
+    "count",
+    "existence",
+    "landmark",
+    "position",
+    "posters",
+    "scene",
+)
 MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
 # Headline metrics per kind: the rows of scores.csv (split "Overall" unless named).
 HEADLINE = {

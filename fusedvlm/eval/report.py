@@ -12,18 +12,35 @@ from fusedvlm.eval.data import Benchmark
 from fusedvlm.eval.metrics import HEADLINE, METRICS, score_item
 
 
-def benchmark_metrics(bench: Benchmark, predictions: dict[tuple[str, int], str], n_ls, scored_path: str | None = None) -> dict[int, dict]:
+def benchmark_metrics(
+    bench: Benchmark, predictions: dict[tuple[str, int], str], n_ls, scored_path: str | None = None
+) -> dict[int, dict]:
     """{n_l: {"items": k, "metrics": {split: {metric: value}}}} over the items predicted at n_l.
     With ``scored_path`` every (item, n_l) is also written there as JSONL with the extracted
     answer and whether it is right: what to read when a score looks wrong."""
     out, lines = {}, []
     for n in n_ls:
-        scored = [score_item(it, predictions[(it.index, n)], bench.yes_no) for it in bench.items if (it.index, n) in predictions]
+        scored = [
+            score_item(it, predictions[(it.index, n)], bench.yes_no)
+            for it in bench.items
+            if (it.index, n) in predictions
+        ]
         if scored:
             out[n] = {"items": len(scored), "metrics": METRICS[bench.kind](scored)}
-        lines += [json.dumps({"index": s.item.index, "n_l": n, "prediction": predictions[(s.item.index, n)],
-                              "extracted": s.extracted, "answer": s.item.answer, "correct": s.correct}, ensure_ascii=False)
-                  for s in scored]
+        lines += [
+            json.dumps(
+                {
+                    "index": s.item.index,
+                    "n_l": n,
+                    "prediction": predictions[(s.item.index, n)],
+                    "extracted": s.extracted,
+                    "answer": s.item.answer,
+                    "correct": s.correct,
+                },
+                ensure_ascii=False,
+            )
+            for s in scored
+        ]
     if scored_path is not None:
         with open(scored_path, "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)

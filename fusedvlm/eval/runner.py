@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusedvlm.timing import timed
 from fusedvlm.eval.data import Benchmark, BenchmarkError, Item
 from fusedvlm.eval.generate import greedy_batch
 from fusedvlm.generation import GenerationConfig, decode, prefill
-
+from fusedvlm.timing import timed
 
 PAD_SLACK = 0.1  # a batch of answers pads its prompts by at most this fraction (+ 8 tokens)
 
@@ -50,7 +49,13 @@ class EvalConfig:
             raise ValueError(f"n_l values must be integers >= 1, got {list(self.n_l)}")
         if len(set(self.n_l)) != len(self.n_l):
             raise ValueError(f"n_l has repeated values: {list(self.n_l)}")
-        for name in ("images_per_batch", "max_fusion_tokens", "max_new_tokens_yes_no", "max_new_tokens_mcq", "llm_batch_size"):
+        for name in (
+            "images_per_batch",
+            "max_fusion_tokens",
+            "max_new_tokens_yes_no",
+            "max_new_tokens_mcq",
+            "llm_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -92,7 +97,9 @@ class PredictionStore:
                         raise TypeError("prediction is not a string")
                 except (ValueError, KeyError, TypeError) as e:
                     if not last:
-                        raise BenchmarkError(f"{self.path}:{i + 1}: corrupt prediction line ({e}); fix or delete the file") from None
+                        raise BenchmarkError(
+                            f"{self.path}:{i + 1}: corrupt prediction line ({e}); fix or delete the file"
+                        ) from None
                     with open(self.path, "r+b") as f:  # a write torn by a crash: that item runs again
                         f.truncate(offset)
                     break
@@ -147,7 +154,9 @@ class Evaluator:
 
     # ------------------------------------------------------------------ fused tokens
     @torch.no_grad()
-    def fused_tokens(self, images: list, prompts: list[list[str]], n_ls: list[list[list[int]]]) -> list[list[dict[int, torch.Tensor]]]:
+    def fused_tokens(
+        self, images: list, prompts: list[list[str]], n_ls: list[list[list[int]]]
+    ) -> list[list[dict[int, torch.Tensor]]]:
         """Fused tokens (n_l, d_llm) of every question of every image at the asked n_l:
         ``result[i][j][n]`` for image i, its question j and n in ``n_ls[i][j]``."""
         model = self.model
@@ -178,7 +187,9 @@ class Evaluator:
                     budget += sizes[stop]
                     stop += 1
                 chunk = entries[start:stop]
-                fused = model.fuse_single(cache, [i for i, _, _ in chunk], [qids[i][j] for i, j, _ in chunk], [n for _, _, n in chunk])
+                fused = model.fuse_single(
+                    cache, [i for i, _, _ in chunk], [qids[i][j] for i, j, _ in chunk], [n for _, _, n in chunk]
+                )
                 for (i, j, n), tokens in zip(chunk, fused.per_sample()):
                     out[i][j][n] = tokens
                 start = stop
@@ -190,7 +201,9 @@ class Evaluator:
         """Greedy single-turn answers, prompt i with fused tokens fused[i] before its text."""
         model = self.model
         with self._stage("llm"):
-            embeds = [model.llm_embeds(model.layout.question(p, f.shape[0], first=True), f) for p, f in zip(prompts, fused)]
+            embeds = [
+                model.llm_embeds(model.layout.question(p, f.shape[0], first=True), f) for p, f in zip(prompts, fused)
+            ]
             ids: list[list[int]] = [[] for _ in prompts]
             if self.cfg.llm_batch_size == 1:
                 gen = GenerationConfig(max_new_tokens=max_new_tokens)
@@ -198,7 +211,9 @@ class Evaluator:
                     ids[i] = decode(model.llm, prefill(model.llm, e), gen, {model.layout.eos_id}).ids
             else:
                 for chunk in self._length_buckets([e.shape[0] for e in embeds]):
-                    for i, out in zip(chunk, greedy_batch(model.llm, [embeds[i] for i in chunk], max_new_tokens, model.layout.eos_id)):
+                    for i, out in zip(
+                        chunk, greedy_batch(model.llm, [embeds[i] for i in chunk], max_new_tokens, model.layout.eos_id)
+                    ):
                         ids[i] = out
         return [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
 
@@ -209,7 +224,11 @@ class Evaluator:
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         buckets: list[list[int]] = []
         for i in order:
-            if buckets and len(buckets[-1]) < self.cfg.llm_batch_size and lengths[i] <= lengths[buckets[-1][0]] * (1 + PAD_SLACK) + 8:
+            if (
+                buckets
+                and len(buckets[-1]) < self.cfg.llm_batch_size
+                and lengths[i] <= lengths[buckets[-1][0]] * (1 + PAD_SLACK) + 8
+            ):
                 buckets[-1].append(i)
             else:
                 buckets.append([i])
@@ -237,7 +256,7 @@ class Evaluator:
         keys = list(pending)
         for b in range(0, len(keys), self.cfg.images_per_batch):
             batch_keys, images = [], []
-            for key in keys[b:b + self.cfg.images_per_batch]:
+            for key in keys[b : b + self.cfg.images_per_batch]:
                 try:
                     images.append(bench.open_image(key))
                     batch_keys.append(key)
@@ -251,9 +270,15 @@ class Evaluator:
             if not images:
                 continue
             groups = [pending[k] for k in batch_keys]
-            fused = self.fused_tokens(images, [[it.prompt for it, _ in g] for g in groups], [[todo for _, todo in g] for g in groups])
-            work = [(item, n, per_n[n]) for g, per_image in zip(groups, fused)
-                    for (item, todo), per_n in zip(g, per_image) for n in todo]
+            fused = self.fused_tokens(
+                images, [[it.prompt for it, _ in g] for g in groups], [[todo for _, todo in g] for g in groups]
+            )
+            work = [
+                (item, n, per_n[n])
+                for g, per_image in zip(groups, fused)
+                for (item, todo), per_n in zip(g, per_image)
+                for n in todo
+            ]
             texts = self.answers([it.prompt for it, _, _ in work], [f for _, _, f in work], max_new)
             predictions = [Prediction(it.index, n, t) for (it, n, _), t in zip(work, texts)]
             store.append(predictions)

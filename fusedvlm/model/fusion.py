@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fusedvlm.config import FusionConfig
 from fusedvlm.kernels import packed_attention
+from fusedvlm.model.llama import apply_rope, rms_norm, rope_cos_sin, swiglu
 from fusedvlm.packing import (
     check_cu_seqlens,
     cu_seqlens_from_lengths,
@@ -30,7 +31,6 @@ from fusedvlm.packing import (
     positions_in_segment,
     segment_ids,
 )
-from fusedvlm.model.llama import apply_rope, rms_norm, rope_cos_sin, swiglu
 
 
 @dataclass
@@ -46,10 +46,14 @@ class FusionCache:
     def lengths(self) -> torch.Tensor:
         return lengths_from_cu_seqlens(self.cu_seqlens)
 
-    def select(self, samples: list[int]) -> "FusionCache":
+    def select(self, samples: list[int]) -> FusionCache:
         """The cache of a subset of samples, in the given order (e.g. one image of a batch)."""
         cu = self.cu_seqlens.tolist()
-        idx = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in samples]) if samples else torch.zeros(0, dtype=torch.long)
+        idx = (
+            torch.cat([torch.arange(cu[s], cu[s + 1]) for s in samples])
+            if samples
+            else torch.zeros(0, dtype=torch.long)
+        )
         idx = idx.to(self.cu_seqlens.device)
         new_cu = cu_seqlens_from_lengths([cu[s + 1] - cu[s] for s in samples], device=self.cu_seqlens.device)
         return FusionCache(new_cu, [k[idx] for k in self.keys], [v[idx] for v in self.values])
@@ -90,7 +94,9 @@ class FusionAttention(nn.Module):
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), (k, v)
 
 
-def _scatter_merge(old: torch.Tensor, index_old: torch.Tensor, new: torch.Tensor, index_new: torch.Tensor) -> torch.Tensor:
+def _scatter_merge(
+    old: torch.Tensor, index_old: torch.Tensor, new: torch.Tensor, index_new: torch.Tensor
+) -> torch.Tensor:
     out = new.new_empty((old.shape[0] + new.shape[0], *new.shape[1:]))
     out[index_old] = old.to(new.dtype)
     out[index_new] = new
@@ -158,13 +164,17 @@ class FusionDecoder(nn.Module):
         merge = None
         if cache is not None:
             if cache.cu_seqlens.numel() != cu_seqlens.numel():
-                raise ValueError(f"cache holds {cache.cu_seqlens.numel() - 1} samples, input has {cu_seqlens.numel() - 1}")
+                raise ValueError(
+                    f"cache holds {cache.cu_seqlens.numel() - 1} samples, input has {cu_seqlens.numel() - 1}"
+                )
             cu_cache = cache.cu_seqlens.to(cu_seqlens.device)
             prefix = lengths_from_cu_seqlens(cu_cache)
             positions = positions + prefix[segment_ids(cu_seqlens, t)]
             merge = interleave_index(cu_cache, cu_seqlens)
         if t and not compiling and int(positions.max()) >= self.cfg.max_positions:
-            raise ValueError(f"fusion sequence of {int(positions.max()) + 1} tokens exceeds max_positions={self.cfg.max_positions}")
+            raise ValueError(
+                f"fusion sequence of {int(positions.max()) + 1} tokens exceeds max_positions={self.cfg.max_positions}"
+            )
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         keys, values = [], []

@@ -86,7 +86,7 @@ class FusedTokens:
 
     def per_sample(self) -> list[torch.Tensor]:
         cu = self.cu_seqlens.tolist()
-        return [self.tokens[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
+        return [self.tokens[cu[i] : cu[i + 1]] for i in range(len(cu) - 1)]
 
 
 class LocalMerge(nn.Module):
@@ -146,7 +146,9 @@ class FusionModule(nn.Module):
         """CLIP BPE ids of a question (no start/end token)."""
         return (self.text_tokenizer or clip_tokenizer()).question_ids(question, self.cfg.max_question_tokens)
 
-    def group_ids(self, question_ids: Sequence[int], first: bool, n_l: int | None = None, n_s: int | None = None) -> list[int]:
+    def group_ids(
+        self, question_ids: Sequence[int], first: bool, n_l: int | None = None, n_s: int | None = None
+    ) -> list[int]:
         """[question ids][P0 .. P(m-2)][EOS], m = n_l for the first question else n_s."""
         n_l, n_s = self.resolve_counts(n_l, n_s)
         m = n_l if first else n_s
@@ -172,7 +174,9 @@ class FusionModule(nn.Module):
         """The width of the vision tokens this module takes."""
         return self.cfg.input_size if self.cfg.input_size is not None else self.cfg.fusion.hidden_size
 
-    def merge_views(self, patch_tokens: torch.Tensor, num_views: list[int], grid: tuple[int, int] | None = None) -> VisionPrefix:
+    def merge_views(
+        self, patch_tokens: torch.Tensor, num_views: list[int], grid: tuple[int, int] | None = None
+    ) -> VisionPrefix:
         """(sum V_i, H*W, C_v) patch tokens of every view -> packed vision prefixes.
         ``grid`` defaults to the config's (square when neither gives one)."""
         if self.input_projection is not None:
@@ -186,7 +190,9 @@ class FusionModule(nn.Module):
         return VisionPrefix(merged.reshape(-1, merged.shape[-1]), cu, list(num_views))
 
     # ------------------------------------------------------------------ fusion
-    def _embed_stream(self, vision: VisionPrefix | None, groups: list[list[list[int]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _embed_stream(
+        self, vision: VisionPrefix | None, groups: list[list[list[int]]], device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pack per-sample streams [V_i][group 1][group 2]...: returns embeds (T, C), cu, is_vision."""
         n = len(groups)
         v_lens = vision.cu_seqlens.diff().tolist() if vision is not None else [0] * n
@@ -207,7 +213,9 @@ class FusionModule(nn.Module):
             emb = emb.masked_scatter(mask[:, None], vision.tokens.to(emb.dtype))
         return emb, cu_seqlens_from_lengths(lengths, device=device), mask
 
-    def _output_mask(self, groups: list[list[list[int]]], sizes: list[list[int]], v_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _output_mask(
+        self, groups: list[list[list[int]]], sizes: list[list[int]], v_lens: list[int], device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, eos = [], []
         for vl, sample_groups, sample_sizes in zip(v_lens, groups, sizes):
             out += [False] * vl
@@ -287,8 +295,10 @@ class FusionModule(nn.Module):
         and question alone; an evaluation sweep encodes each image once and asks all its
         (question, n_l) pairs here. ``cache`` is left unchanged."""
         if not (len(samples) == len(question_ids) == len(n_l)):
-            raise ValueError(f"fuse_single needs one sample, question and n_l per entry, got "
-                             f"{len(samples)}, {len(question_ids)}, {len(n_l)}")
+            raise ValueError(
+                f"fuse_single needs one sample, question and n_l per entry, got "
+                f"{len(samples)}, {len(question_ids)}, {len(n_l)}"
+            )
         num_cached = cache.cu_seqlens.numel() - 1
         bad = [s for s in samples if not 0 <= s < num_cached]
         if bad:
@@ -326,14 +336,24 @@ class FusionModule(nn.Module):
         questions = self.split_questions(question_ids, cu_seqlens_questions, questions_per_sample, n)
         return self.fuse(vision, questions, n_l=n_l, n_s=n_s, project=project)
 
-    def encode_vision(self, vision_tokens: torch.Tensor, cu_seqlens_vision: torch.Tensor, grid: tuple[int, int] | None = None) -> VisionPrefix:
+    def encode_vision(
+        self, vision_tokens: torch.Tensor, cu_seqlens_vision: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> VisionPrefix:
         """Packed per-sample vision tokens (T_v, C_v) -> packed vision prefixes (input
         projection, then the local merge over each sample's views)."""
         if not isinstance(vision_tokens, torch.Tensor) or vision_tokens.dim() != 2:
-            raise ValueError(f"vision_tokens must be (T_v, C_v), got shape {tuple(getattr(vision_tokens, 'shape', ()))}")
+            raise ValueError(
+                f"vision_tokens must be (T_v, C_v), got shape {tuple(getattr(vision_tokens, 'shape', ()))}"
+            )
         if vision_tokens.shape[1] != self.vision_width:
-            hint = "" if self.cfg.input_size is not None else " (set input_size in the config to project a different width)"
-            raise ValueError(f"vision_tokens have width {vision_tokens.shape[1]}, the fusion module takes {self.vision_width}{hint}")
+            hint = (
+                ""
+                if self.cfg.input_size is not None
+                else " (set input_size in the config to project a different width)"
+            )
+            raise ValueError(
+                f"vision_tokens have width {vision_tokens.shape[1]}, the fusion module takes {self.vision_width}{hint}"
+            )
         check_cu_seqlens(cu_seqlens_vision, vision_tokens.shape[0], name="cu_seqlens_vision")
         lengths = cu_seqlens_vision.diff().tolist()
         if self.merge is None:
@@ -343,15 +363,18 @@ class FusionModule(nn.Module):
         if grid is None:
             sides = {math.isqrt(n) for n in lengths if n}
             if len(sides) > 1 or any(math.isqrt(n) ** 2 != n for n in lengths):
-                raise ValueError(f"without grid=(H, W) every sample must be one square view of the same size; "
-                                 f"got vision lengths {lengths}")
+                raise ValueError(
+                    f"without grid=(H, W) every sample must be one square view of the same size; "
+                    f"got vision lengths {lengths}"
+                )
             side = sides.pop() if sides else 1
             grid = (side, side)
         per_view = grid[0] * grid[1]
         bad = [i for i, n in enumerate(lengths) if n % per_view]
         if bad:
-            raise ValueError(f"sample {bad[0]} has {lengths[bad[0]]} vision tokens, not a whole number of "
-                             f"{grid[0]}x{grid[1]} views")
+            raise ValueError(
+                f"sample {bad[0]} has {lengths[bad[0]]} vision tokens, not a whole number of {grid[0]}x{grid[1]} views"
+            )
         views = vision_tokens.reshape(-1, per_view, vision_tokens.shape[1])
         return self.merge_views(views, [n // per_view for n in lengths], grid=grid)
 
@@ -364,30 +387,42 @@ class FusionModule(nn.Module):
     ) -> list[list[list[int]]]:
         """Packed questions -> per sample, the CLIP ids of each of its questions."""
         if not isinstance(question_ids, torch.Tensor) or question_ids.dim() != 1:
-            raise ValueError(f"question_ids must be a 1-D tensor (T_q,), got shape {tuple(getattr(question_ids, 'shape', ()))}")
+            raise ValueError(
+                f"question_ids must be a 1-D tensor (T_q,), got shape {tuple(getattr(question_ids, 'shape', ()))}"
+            )
         if question_ids.dtype.is_floating_point or question_ids.dtype == torch.bool:
             raise ValueError(f"question_ids must be integer token ids, got {question_ids.dtype}")
         check_cu_seqlens(cu_seqlens_questions, question_ids.numel(), name="cu_seqlens_questions")
         ids = question_ids.tolist()
         vocab = self.cfg.fusion.text_vocab_size
         if ids and (min(ids) < 0 or max(ids) >= vocab):
-            raise ValueError(f"question_ids must be CLIP BPE ids in [0, {vocab}), got values in [{min(ids)}, {max(ids)}]")
+            raise ValueError(
+                f"question_ids must be CLIP BPE ids in [0, {vocab}), got values in [{min(ids)}, {max(ids)}]"
+            )
         cu = cu_seqlens_questions.tolist()
-        questions = [ids[cu[j]:cu[j + 1]] for j in range(len(cu) - 1)]
+        questions = [ids[cu[j] : cu[j + 1]] for j in range(len(cu) - 1)]
         if questions_per_sample is None:
             counts = [1] * num_samples
         else:
-            counts = [int(c) for c in (questions_per_sample.tolist() if isinstance(questions_per_sample, torch.Tensor)
-                                       else questions_per_sample)]
+            counts = [
+                int(c)
+                for c in (
+                    questions_per_sample.tolist()
+                    if isinstance(questions_per_sample, torch.Tensor)
+                    else questions_per_sample
+                )
+            ]
         if len(counts) != num_samples:
             raise ValueError(f"questions_per_sample has {len(counts)} entries for {num_samples} samples")
         if any(c < 1 for c in counts):
             raise ValueError(f"every sample needs at least one question, got questions_per_sample={counts}")
         if sum(counts) != len(questions):
-            raise ValueError(f"questions_per_sample sums to {sum(counts)} but cu_seqlens_questions holds {len(questions)} questions")
+            raise ValueError(
+                f"questions_per_sample sums to {sum(counts)} but cu_seqlens_questions holds {len(questions)} questions"
+            )
         out, start = [], 0
         for c in counts:
-            out.append(questions[start:start + c])
+            out.append(questions[start : start + c])
             start += c
         return out
 
@@ -408,7 +443,9 @@ class FusionModule(nn.Module):
                     json.dump(payload, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "FusionModule":
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> FusionModule:
         """Rebuild a module saved by :meth:`save_pretrained`; the weights keep their saved
         dtype unless ``dtype`` is given."""
         path = os.fspath(path)

@@ -76,9 +76,16 @@ def llm_config(cfg: LLMConfig):
 
     if cfg.source == "random":
         return LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=cfg.max_position_embeddings, bos_token_id=256, eos_token_id=257, pad_token_id=259,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            bos_token_id=256,
+            eos_token_id=257,
+            pad_token_id=259,
             tie_word_embeddings=False,
         )
     if cfg.source == "smollm2":

@@ -31,15 +31,19 @@ def build_clip_vision_tower(cfg: VisionConfig) -> nn.Module:
         quick_gelu = model_cfg.get("quick_gelu", False) if cfg.quick_gelu is None else cfg.quick_gelu
     else:
         vision_cfg = CLIPVisionCfg(
-            image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
-            head_width=cfg.width // cfg.heads, mlp_ratio=cfg.mlp_ratio,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            width=cfg.width,
+            layers=cfg.layers,
+            head_width=cfg.width // cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
         )
         embed_dim, quick_gelu = cfg.width, bool(cfg.quick_gelu)
     tower = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
     if tower.positional_embedding.shape[0] != cfg.grid**2 + 1 or tower.conv1.out_channels != cfg.width:
         raise ValueError(
             f"open_clip tower {cfg.model_name!r} has {tower.positional_embedding.shape[0] - 1} patches of width "
-            f"{tower.conv1.out_channels}; the config says {cfg.grid ** 2} of width {cfg.width}"
+            f"{tower.conv1.out_channels}; the config says {cfg.grid**2} of width {cfg.width}"
         )
     if cfg.checkpoint:
         load_clip_vision_checkpoint(tower, cfg.checkpoint)
@@ -52,10 +56,12 @@ def load_clip_vision_checkpoint(tower: nn.Module, path: str) -> None:
 
     state = read_state_dict(path, "vision checkpoint")
     if any(k.startswith("visual.") for k in state):
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     missing, unexpected = tower.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"vision checkpoint {path} does not match the tower: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"vision checkpoint {path} does not match the tower: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
 
 
 class VisionTower(nn.Module):

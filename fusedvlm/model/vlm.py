@@ -22,7 +22,14 @@ from fusedvlm.chat import ChatLayout, Tokens
 from fusedvlm.checkpoint import drop_frozen
 from fusedvlm.config import ModelConfig, get_preset
 from fusedvlm.model.fusion import FusionCache
-from fusedvlm.model.fusion_module import CHECKPOINT_FORMAT as FUSION_MODULE_FORMAT, FusedTokens, FusionModule, VisionPrefix
+from fusedvlm.model.fusion_module import (
+    CHECKPOINT_FORMAT as FUSION_MODULE_FORMAT,
+)
+from fusedvlm.model.fusion_module import (
+    FusedTokens,
+    FusionModule,
+    VisionPrefix,
+)
 from fusedvlm.model.llm import llm_hidden_size, load_llm
 from fusedvlm.model.vision import VisionTower
 
@@ -31,7 +38,9 @@ MODEL_VERSION = 1
 
 
 class FusedVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: nn.Module | None = None, tokenizer=None, *, load_language_model: bool = True):
+    def __init__(
+        self, cfg: ModelConfig, llm: nn.Module | None = None, tokenizer=None, *, load_language_model: bool = True
+    ):
         super().__init__()
         self.cfg = cfg
         if llm is None and load_language_model:
@@ -45,10 +54,12 @@ class FusedVLM(nn.Module):
         self.fuser = FusionModule(cfg.fusion_module(d_llm))
         self.llm = llm
         self.tokenizer = tokenizer
-        self.layout = ChatLayout(cfg.llm.chat_template, tokenizer, cfg.llm.system_prompt) if tokenizer is not None else None
+        self.layout = (
+            ChatLayout(cfg.llm.chat_template, tokenizer, cfg.llm.system_prompt) if tokenizer is not None else None
+        )
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "FusedVLM":
+    def from_preset(cls, name: str, **overrides) -> FusedVLM:
         return cls(get_preset(name, **overrides))
 
     # ------------------------------------------------------------------ parameters
@@ -95,7 +106,9 @@ class FusedVLM(nn.Module):
         from fusedvlm.preprocess import hd_views_batch
 
         cfg = self.cfg
-        return hd_views_batch(images, hd_num=cfg.hd_num, size=cfg.view_size, global_view=cfg.global_view, alpha=cfg.alpha)
+        return hd_views_batch(
+            images, hd_num=cfg.hd_num, size=cfg.view_size, global_view=cfg.global_view, alpha=cfg.alpha
+        )
 
     def encode_views(self, views: torch.Tensor, num_views: list[int]) -> VisionPrefix:
         """(sum V_i, 3, S, S) -> packed vision prefixes (sum V_i * tpv, C)."""
@@ -135,7 +148,9 @@ class FusedVLM(nn.Module):
         are put in order into the slots, and their number must match exactly. ``past_length``
         tokens already sit in the LLM's cache before these."""
         if tokens.num_fused != fused.shape[0]:
-            raise ValueError(f"the prompt has {tokens.num_fused} fused slots but {fused.shape[0]} fused tokens were given")
+            raise ValueError(
+                f"the prompt has {tokens.num_fused} fused slots but {fused.shape[0]} fused tokens were given"
+            )
         self.check_llm_context(past_length + len(tokens), tokens.num_fused)
         embed = self.llm.get_input_embeddings()
         ids = torch.tensor(tokens.ids, dtype=torch.long, device=embed.weight.device)
@@ -163,11 +178,17 @@ class FusedVLM(nn.Module):
                 from fusedvlm.clip_text import write_bpe
 
                 model = json.loads(tok.hf.backend_tokenizer.to_str())["model"]
-                write_bpe(os.path.join(tmp, "clip"), model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+                write_bpe(
+                    os.path.join(tmp, "clip"),
+                    model["vocab"],
+                    [m if isinstance(m, str) else " ".join(m) for m in model["merges"]],
+                )
             write_model_dir(tmp, cfg, self.trainable_state_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "FusedVLM":
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> FusedVLM:
         """Load a model directory written by :meth:`save_pretrained` or ``convert-upstream``."""
         from dataclasses import replace
 
@@ -189,7 +210,11 @@ class FusedVLM(nn.Module):
         state = load_file(weights, device=str(device))
         check_state_dict(model.trainable_state_dict(), state, weights)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta and not n.startswith("llm.")]
+        on_meta = [
+            n
+            for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta and not n.startswith("llm.")
+        ]
         if on_meta:
             raise ValueError(f"{weights} left tensors unset: {on_meta[:5]}")
         clip_dir = os.path.join(path, "clip")
@@ -202,8 +227,11 @@ def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor
     """config.json + model.safetensors of a model directory (the LLM is written apart)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": MODEL_FORMAT})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        os.path.join(folder, "model.safetensors"),
+        metadata={"format": MODEL_FORMAT},
+    )
     meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": cfg.to_dict()}
     if source:
         meta["source"] = source
@@ -226,9 +254,13 @@ def read_model_config(path: str) -> ModelConfig:
     if not os.path.isfile(config):
         weights = os.path.join(path, "model.safetensors")
         if os.path.isfile(weights):
-            raise FileNotFoundError(f"{path} has no config.json, so it is not a model directory; "
-                                    f"for the weights a training run wrote, pass the file {weights}")
+            raise FileNotFoundError(
+                f"{path} has no config.json, so it is not a model directory; "
+                f"for the weights a training run wrote, pass the file {weights}"
+            )
         raise FileNotFoundError(f"model directory {path} has no config.json")
-    alone = (f"{path} is a save_pretrained directory of a FusionModule alone (FusionModule.from_pretrained "
-             "reads it); a model directory comes from FusedVLM.save_pretrained or fusedvlm convert-upstream")
+    alone = (
+        f"{path} is a save_pretrained directory of a FusionModule alone (FusionModule.from_pretrained "
+        "reads it); a model directory comes from FusedVLM.save_pretrained or fusedvlm convert-upstream"
+    )
     return read_config_json(config, MODEL_FORMAT, MODEL_VERSION, {FUSION_MODULE_FORMAT: alone}, ModelConfig.from_dict)

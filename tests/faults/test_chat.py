@@ -31,6 +31,7 @@ def _fail_before_fusion(monkeypatch, model, session):
 def _fail_after_fusion(monkeypatch, model, session):
     def boom(*a, **k):
         raise Boom("after fusion")
+
     monkeypatch.setattr(model, "llm_embeds", boom)
     return Boom
 
@@ -38,6 +39,7 @@ def _fail_after_fusion(monkeypatch, model, session):
 def _fail_after_prefill(monkeypatch, model, session):
     def boom(*a, **k):
         raise Boom("after prefill")
+
     monkeypatch.setattr(session_mod, "decode", boom)
     return Boom
 
@@ -52,8 +54,10 @@ def _interrupt(exc):
             if len(calls) == 4:  # three tokens already fed back into the LLM cache
                 raise exc("mid-decode")
             return real(*a, **k)
+
         monkeypatch.setattr(generation, "next_token", flaky)
         return exc
+
     return install
 
 

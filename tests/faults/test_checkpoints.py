@@ -53,10 +53,19 @@ def _steps(monkeypatch, on_step):
             out = real(*a, **k)
             on_step(f"{name}:after")
             return out
+
         monkeypatch.setattr(obj, name, step)
 
-    for obj, name in ((os, "rename"), (os, "replace"), (os, "mkdir"), (safetensors.torch, "save_file"),
-                      (json, "dump"), (ckpt, "_fsync"), (ckpt, "_exchange"), (shutil, "rmtree")):
+    for obj, name in (
+        (os, "rename"),
+        (os, "replace"),
+        (os, "mkdir"),
+        (safetensors.torch, "save_file"),
+        (json, "dump"),
+        (ckpt, "_fsync"),
+        (ckpt, "_exchange"),
+        (shutil, "rmtree"),
+    ):
         wrap(obj, name)
 
 
@@ -72,6 +81,7 @@ def _killed_save(monkeypatch, path, kill_at: int) -> bool:
                 count[0] += 1
                 if count[0] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
+
             _steps(monkeypatch, on_step)
             NEW.save_pretrained(path)
             os._exit(0)
@@ -116,6 +126,7 @@ def test_save_pretrained_failing_at_a_step_keeps_the_old_directory(tmp_path, mon
     def on_step(label):
         if label == f"{step}:before":
             raise OSError(28, "No space left on device")
+
     with monkeypatch.context() as m:
         _steps(m, on_step)
         with pytest.raises(OSError, match="No space left"):
@@ -165,7 +176,9 @@ def test_corrupt_weights_name_the_file(tmp_path, damage):
     w = path / WEIGHTS_NAME
     data = w.read_bytes()
     w.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} is not a readable safetensors file \(truncated or corrupt\?\)"):
+    with pytest.raises(
+        ValueError, match=rf"{WEIGHTS_NAME} is not a readable safetensors file \(truncated or corrupt\?\)"
+    ):
         FusionModule.from_pretrained(path)
 
 

@@ -7,7 +7,20 @@ import pytest
 
 from fusedvlm.cli import main
 
-BENCH_FAST = ["bench", "--preset", "tiny", "--n-l", "4", "--images", "astronaut", "--repeats", "1", "--warmup", "0", "--quiet"]
+BENCH_FAST = [
+    "bench",
+    "--preset",
+    "tiny",
+    "--n-l",
+    "4",
+    "--images",
+    "astronaut",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--quiet",
+]
 
 
 def _run(capsys, *argv):
@@ -34,10 +47,13 @@ def test_info_refuses_a_question_count_below_one(capsys, questions):
     assert f"--questions must be >= 1, got {questions}" in line
 
 
-@pytest.mark.parametrize("question, match", [
-    ("caf\udce9?", r"question is not valid UTF-8 text: undecodable byte(s) b'\xe9'"),  # argv in Latin-1
-    ("  ", "empty question"),
-])
+@pytest.mark.parametrize(
+    "question, match",
+    [
+        ("caf\udce9?", r"question is not valid UTF-8 text: undecodable byte(s) b'\xe9'"),  # argv in Latin-1
+        ("  ", "empty question"),
+    ],
+)
 def test_chat_refuses_bad_question_text(capsys, question, match):
     line = _one_line_error(capsys, "chat", "--preset", "tiny", "--image", "sample:coffee", "--question", question)
     assert match in line
@@ -48,6 +64,7 @@ def test_chat_nan_temperature_is_refused_before_the_model_loads(capsys, monkeypa
 
     def no_model(*a, **k):
         raise AssertionError("the model was built before the settings were checked")
+
     monkeypatch.setattr(fusedvlm.model, "FusedVLM", no_model)
     line = _one_line_error(capsys, *_chat("--preset", "tiny", "--sample", "--temperature", "nan"))
     assert "temperature must be a finite number > 0 when sampling, got nan" in line
@@ -60,9 +77,33 @@ def stage1_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
     data = write_dataset(str(root), 4, seed=5, size=48)
     out = root / "run"
-    rc = main(["train", "stage1", "--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--data", data, "--image-root",
-               str(root), "--out", str(out), "--steps", "1", "--batch-size", "2", "--embed-dim", "32", "--text-width", "32",
-               "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "stage1",
+            "--preset",
+            "tiny",
+            "--hd-num",
+            "1",
+            "--n-l",
+            "4",
+            "--data",
+            data,
+            "--image-root",
+            str(root),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--embed-dim",
+            "32",
+            "--text-width",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -98,8 +139,9 @@ def trained(tmp_path, tiny_model):
 @pytest.mark.parametrize("damage", ["truncate-data", "truncate-header", "garbage"])
 def test_chat_names_a_damaged_checkpoint(capsys, trained, damage):
     data = trained.read_bytes()
-    trained.write_bytes({"truncate-data": data[: len(data) - 1000], "truncate-header": data[:20],
-                         "garbage": os.urandom(2048)}[damage])
+    trained.write_bytes(
+        {"truncate-data": data[: len(data) - 1000], "truncate-header": data[:20], "garbage": os.urandom(2048)}[damage]
+    )
     line = _one_line_error(capsys, *_chat("--checkpoint", trained))
     assert f"{trained} is not a readable safetensors file" in line
 
@@ -120,6 +162,7 @@ def test_bench_out_that_is_a_file_is_refused_up_front(capsys, tmp_path, monkeypa
 
     def no_sweep(*a, **k):
         raise AssertionError("the sweep ran although its results could not be written")
+
     monkeypatch.setattr(sweep, "run_sweep", no_sweep)
     target = tmp_path / "results.json"
     target.write_text("{}")
@@ -128,7 +171,9 @@ def test_bench_out_that_is_a_file_is_refused_up_front(capsys, tmp_path, monkeypa
     assert target.read_text() == "{}"
 
 
-@pytest.mark.parametrize("flag, value", [("--max-new-tokens", 0), ("--repeats", 0), ("--questions", 0), ("--warmup", -1)])
+@pytest.mark.parametrize(
+    "flag, value", [("--max-new-tokens", 0), ("--repeats", 0), ("--questions", 0), ("--warmup", -1)]
+)
 def test_bench_refuses_values_it_would_silently_replace(capsys, tmp_path, flag, value):
     line = _one_line_error(capsys, *BENCH_FAST, "--out", tmp_path / "b", flag, value)
     assert f"{flag} must be >= " in line and f"got {value}" in line

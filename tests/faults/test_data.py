@@ -51,8 +51,23 @@ def mostly_broken(tmp_path, shapes):
 def test_skip_a_micro_batch_made_only_of_bad_records(tmp_path, capsys, mostly_broken, accum):
     root, data = mostly_broken
     out = str(tmp_path / "run")
-    rc, log = _train(capsys, "--data", data, "--image-root", root, "--out", out, "--steps", 4,
-                     "--batch-size", 2, "--grad-accum", accum, "--on-error", "skip")
+    rc, log = _train(
+        capsys,
+        "--data",
+        data,
+        "--image-root",
+        root,
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        accum,
+        "--on-error",
+        "skip",
+    )
     assert rc == 0, log
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -83,8 +98,22 @@ def test_run_killed_before_its_first_checkpoint_is_not_stuck(tmp_path, capsys, s
 def finished_run(tmp_path, capsys, shapes):
     root, data = shapes
     out = str(tmp_path / "run")
-    common = ["--data", data, "--image-root", root, "--out", out, "--steps", 3, "--batch-size", 2,
-              "--save-every", 1, "--keep-checkpoints", 3]
+    common = [
+        "--data",
+        data,
+        "--image-root",
+        root,
+        "--out",
+        out,
+        "--steps",
+        3,
+        "--batch-size",
+        2,
+        "--save-every",
+        1,
+        "--keep-checkpoints",
+        3,
+    ]
     rc, log = _train(capsys, *common)
     assert rc == 0, log
     return out, common
@@ -144,12 +173,16 @@ def test_damaged_metrics_line_in_the_middle_is_named(capsys, finished_run):
 def test_non_utf8_jsonl_line_skips_that_record(tmp_path, shapes):
     root, data = shapes
     lines = open(data, "rb").read().splitlines()
-    lines[1] = lines[1].replace(b"What", b"Wh\xe9t", 1) if b"What" in lines[1] else lines[1][:-2] + b"\xff\"}"
+    lines[1] = lines[1].replace(b"What", b"Wh\xe9t", 1) if b"What" in lines[1] else lines[1][:-2] + b'\xff"}'
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     records, problems = read_records(str(path), root)
     assert len(records) == len(lines) - 1
-    assert len(problems) == 1 and "record 1: line 2 is not UTF-8 text" in str(problems[0]) and str(path) in str(problems[0])
+    assert (
+        len(problems) == 1
+        and "record 1: line 2 is not UTF-8 text" in str(problems[0])
+        and str(path) in str(problems[0])
+    )
 
 
 def test_non_utf8_json_list_names_the_file(tmp_path, shapes):
@@ -197,11 +230,32 @@ def test_ddp_rank_with_only_bad_records_matches_one_process(tmp_path, mostly_bro
     root, data = mostly_broken
     extra = ["--embed-dim", "32", "--text-width", "32"] if stage == "stage1" else []
     args = ["train", stage, *TINY, "--data", data, "--image-root", root, "--steps", "4", "--batch-size", "2", *extra]
-    single = subprocess.run([sys.executable, "-m", "fusedvlm.cli", *args, "--out", str(tmp_path / "one")],
-                            env=run_env(), capture_output=True, text=True, timeout=600)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fusedvlm.cli", *args, "--out", str(tmp_path / "two")],
-                         env=run_env(), capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, "-m", "fusedvlm.cli", *args, "--out", str(tmp_path / "one")],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fusedvlm.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stdout + single.stderr
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")

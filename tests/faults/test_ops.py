@@ -38,11 +38,11 @@ def _attention_math(q, k, v, lengths, scale):
     group = q.shape[1] // k.shape[1]
     start = 0
     for n in lengths:
-        qs = q[start:start + n].double().transpose(0, 1)
-        ks = k[start:start + n].double().transpose(0, 1).repeat_interleave(group, 0)
-        vs = v[start:start + n].double().transpose(0, 1).repeat_interleave(group, 0)
+        qs = q[start : start + n].double().transpose(0, 1)
+        ks = k[start : start + n].double().transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[start : start + n].double().transpose(0, 1).repeat_interleave(group, 0)
         s = (scale * qs @ ks.transpose(1, 2)).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
-        out[start:start + n] = (torch.softmax(s, -1) @ vs).transpose(0, 1)
+        out[start : start + n] = (torch.softmax(s, -1) @ vs).transpose(0, 1)
         start += n
     return out
 

@@ -24,12 +24,22 @@ KERNEL_TESTS = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.skipif(interpreter_enabled(), reason="this session runs the interpreter tests itself")
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_interpreter_tests_pass_in_a_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "FUSEDVLM_TEST_INTERPRET": "1", "FUSEDVLM_BACKEND": "torch",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "FUSEDVLM_TEST_INTERPRET": "1",
+        "FUSEDVLM_BACKEND": "torch",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     # A GPU host has the cores to spread the interpreter's numpy programs over (pytest-xdist).
     workers = ["-n", "4"] if importlib.util.find_spec("xdist") and (os.cpu_count() or 1) >= 8 else []
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, "-m", "interpreter", KERNEL_TESTS],
-                       env=env, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, "-m", "interpreter", KERNEL_TESTS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1], tail

@@ -25,11 +25,11 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # (V, H, W, C_in, C_out, residual, bias, dtype)
 INTERPRETER_CASES = [
-    (2, 7, 7, 40, 40, True, True, F32),    # odd grid, C not a multiple of the block
+    (2, 7, 7, 40, 40, True, True, F32),  # odd grid, C not a multiple of the block
     (2, 5, 5, 40, 40, True, True, F16),
-    (1, 4, 6, 24, 36, False, True, F32),   # non-square, C_in != C_out
+    (1, 4, 6, 24, 36, False, True, F32),  # non-square, C_in != C_out
     (1, 3, 3, 16, 16, True, False, BF16),
-    (1, 1, 3, 16, 16, True, False, F32),   # one-row grid: odd parity classes are empty rows
+    (1, 1, 3, 16, 16, True, False, F32),  # one-row grid: odd parity classes are empty rows
     (1, 14, 14, 16, 16, True, False, F32),
     (1, 16, 16, 16, 16, True, True, F16),
     (1, 24, 24, 16, 16, True, False, F32),  # the paper's grid
@@ -83,7 +83,9 @@ def _no_triton(*args, **kwargs):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
+@pytest.mark.parametrize(
+    "case", INTERPRETER_CASES, ids=lambda c: "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:])
+)
 def test_triton_matches_reference(case, monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
     check_matches_reference(case)
@@ -106,7 +108,11 @@ TORCH_PATHS = {"conv": False, "winograd": True}
 TORCH_CASES = [(case, path) for case in CPU_CASES for path in TORCH_PATHS if path == "conv" or case[7] == F32]
 
 
-@pytest.mark.parametrize("case, path", TORCH_CASES, ids=lambda c: c if isinstance(c, str) else "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]))
+@pytest.mark.parametrize(
+    "case, path",
+    TORCH_CASES,
+    ids=lambda c: c if isinstance(c, str) else "V{}_{}x{}_{}to{}_res{}_bias{}_{}".format(*c[:7], str(c[7])[6:]),
+)
 def test_torch_path_matches_reference(case, path, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     monkeypatch.setattr(lm, "_kernels", _no_triton)
@@ -140,17 +146,17 @@ def _check_out_buffer():
     (dx_want,) = torch.autograd.grad((want * probe).sum(), x)
     for shape in [(v * tpv, c), (v, tpv, c)]:
         buf = torch.full((3 + v * tpv + 2, c), 7.0)
-        target = buf[3:3 + v * tpv].view(shape)
+        target = buf[3 : 3 + v * tpv].view(shape)
         got = local_merge(x, weight, lf, out=target)
         assert got.data_ptr() == target.data_ptr() and got.shape == target.shape
-        torch.testing.assert_close(buf[3:3 + v * tpv].view(v, tpv, c), want.detach(), **tol(OP, F32))
+        torch.testing.assert_close(buf[3 : 3 + v * tpv].view(v, tpv, c), want.detach(), **tol(OP, F32))
         assert (buf[:3] == 7).all() and (buf[-2:] == 7).all()
-        (dx,) = torch.autograd.grad((buf[3:3 + v * tpv].view(v, tpv, c) * probe).sum(), x)
+        (dx,) = torch.autograd.grad((buf[3 : 3 + v * tpv].view(v, tpv, c) * probe).sum(), x)
         torch.testing.assert_close(dx, dx_want, **tol(OP, F32))
         with torch.no_grad():
             target.zero_()
             assert local_merge(x, weight, lf, out=target).data_ptr() == target.data_ptr()
-        torch.testing.assert_close(buf[3:3 + v * tpv].view(v, tpv, c), want.detach(), **tol(OP, F32))
+        torch.testing.assert_close(buf[3 : 3 + v * tpv].view(v, tpv, c), want.detach(), **tol(OP, F32))
 
 
 @pytest.mark.interpreter
@@ -214,7 +220,10 @@ def test_mixed_dtypes_torch(monkeypatch):
         (lambda x, w, lf: dict(weight=w[:, :, :2]), r"weight must be \(C_out, 8, 3, 3\)"),
         (lambda x, w, lf: dict(lf_token=lf[:3]), r"lf_token must be \(8,\)"),
         (lambda x, w, lf: dict(bias=lf[:3]), r"bias must be \(8,\)"),
-        (lambda x, w, lf: dict(weight=torch.zeros(6, 8, 3, 3), lf_token=torch.zeros(6)), "residual needs C_in == C_out"),
+        (
+            lambda x, w, lf: dict(weight=torch.zeros(6, 8, 3, 3), lf_token=torch.zeros(6)),
+            "residual needs C_in == C_out",
+        ),
         (lambda x, w, lf: dict(out=torch.empty(2, 5, 8, dtype=torch.float16)), "out dtype"),
         (lambda x, w, lf: dict(lf_token=lf.int()), "floating point"),
         (lambda x, w, lf: dict(x=x.double(), weight=w.double(), lf_token=lf.double()), "not supported"),
@@ -232,8 +241,9 @@ def test_bad_input_raises(make, match):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", INTERPRETER_CASES + [(10, 24, 24, 256, 256, True, True, BF16),
-                                                        (10, 24, 24, 256, 256, True, False, F16)])
+@pytest.mark.parametrize(
+    "case", INTERPRETER_CASES + [(10, 24, 24, 256, 256, True, True, BF16), (10, 24, 24, 256, 256, True, False, F16)]
+)
 def test_triton_gpu_matches_reference(case, monkeypatch):
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -257,8 +267,21 @@ def test_kernels_compile_for_gpu(dtype):
         import sys
 
         env = {**os.environ, "FUSEDVLM_TEST_INTERPRET": "0", "TRITON_INTERPRET": "0", "FUSEDVLM_BACKEND": "auto"}
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_kernels_compile_for_gpu[{dtype}]"],
-                           env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"{__file__}::test_kernels_compile_for_gpu[{dtype}]",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         return
     name = {BF16: "bf16", F32: "fp32"}[dtype]
@@ -267,12 +290,16 @@ def test_kernels_compile_for_gpu(dtype):
     epilogue = [dict(HAS_BIAS=True, RESIDUAL=True), dict(RESIDUAL=True), {}]
     for kernel, extra in zip(lm._kernels(False), epilogue):
         signature = {
-            p.name: "constexpr" if p.is_constexpr else ("*fp32" if p.name == "dw_ptr" else f"*{name}")
-            if p.name.endswith("_ptr") else "i32"
+            p.name: "constexpr"
+            if p.is_constexpr
+            else ("*fp32" if p.name == "dw_ptr" else f"*{name}")
+            if p.name.endswith("_ptr")
+            else "i32"
             for p in kernel.params
         }
-        compiled = triton.compile(ASTSource(kernel, signature, dict(flags, **extra)),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(
+            ASTSource(kernel, signature, dict(flags, **extra)), target=GPUTarget("cuda", 90, 32), options=options
+        )
         assert compiled.asm.get("cubin"), kernel.__name__
 
 
@@ -285,16 +312,19 @@ def _gpu_tile_cases():
     for cfg, dtype in zip(lm.TILE_CONFIGS["local_merge"], (F32, BF16)):
         bm, bn, bk = cfg[:3]
         cases += [
-            (cfg, (2, 11, 11, bn + 1, bn + 1, True, True, dtype)),   # 74 rows, 72 per parity class, 2 column tiles
-            (cfg, (1, 14, 18, bn, bn, True, False, dtype)),          # exactly one 64-row tile, C = BLOCK_N
-            (cfg, (1, 1, 3, bk - 1, 8, False, True, dtype)),         # 3 rows, C_in one short of BLOCK_K
+            (cfg, (2, 11, 11, bn + 1, bn + 1, True, True, dtype)),  # 74 rows, 72 per parity class, 2 column tiles
+            (cfg, (1, 14, 18, bn, bn, True, False, dtype)),  # exactly one 64-row tile, C = BLOCK_N
+            (cfg, (1, 1, 3, bk - 1, 8, False, True, dtype)),  # 3 rows, C_in one short of BLOCK_K
         ]
     return cases
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("cfg,case", _gpu_tile_cases(),
-                         ids=lambda x: "x".join(map(str, x[:3])) if len(x) == 5 else "V{}_{}x{}_{}to{}".format(*x[:5]))
+@pytest.mark.parametrize(
+    "cfg,case",
+    _gpu_tile_cases(),
+    ids=lambda x: "x".join(map(str, x[:3])) if len(x) == 5 else "V{}_{}x{}_{}to{}".format(*x[:5]),
+)
 def test_triton_gpu_tiles_match_reference(cfg, case, monkeypatch):
     from fusedvlm.backend import force_tiles
 
@@ -305,8 +335,9 @@ def test_triton_gpu_tiles_match_reference(cfg, case, monkeypatch):
 
 # --------------------------------------------------------------------------- C++ CPU kernel
 
-needs_cpp = pytest.mark.skipif("not __import__('fusedvlm.native').native.available()",
-                               reason="the C++ CPU kernels could not be built here")
+needs_cpp = pytest.mark.skipif(
+    "not __import__('fusedvlm.native').native.available()", reason="the C++ CPU kernels could not be built here"
+)
 # The C++ kernel's two forms (csrc/local_merge.cpp winograd_form picks one by size), each forced
 # in turn through FUSEDVLM_MERGE_FORM; "torch" is the op's fallback kernel (FUSEDVLM_BACKEND=torch).
 CPP_FORMS = {"cpp-direct": "direct", "cpp-winograd": "winograd"}
@@ -359,7 +390,8 @@ def test_cpp_strided_inputs_and_partial_gradients(cpp_form):
     check_matches_reference((2, 3, 3, 16, 16, True, True, F32), strided=True, exact_reference=True)
     x, weight, lf, b, grad = _inputs(2, 5, 7, 16, 16, True, F32)
     want_x, want_w = torch.autograd.grad(
-        ref_local_merge(x.requires_grad_(), weight.requires_grad_(), lf, bias=b, grid=(5, 7)), (x, weight), grad)
+        ref_local_merge(x.requires_grad_(), weight.requires_grad_(), lf, bias=b, grid=(5, 7)), (x, weight), grad
+    )
     for leaf, want in ((x, want_x), (weight, want_w)):  # only one of x and weight needs a gradient
         leaves = [t.detach().clone().requires_grad_(t is leaf) for t in (x, weight)]
         out = local_merge(*leaves, lf, bias=b, grid=(5, 7))

@@ -37,7 +37,9 @@ def _run(fn, q, k, v, do, cu_q, cu_k, dtype, **kw):
     if out.requires_grad:
         out.backward(do.to(dtype))
     # A leaf no output depends on (an empty pack) has no gradient: it is zero.
-    return [out.detach().double()] + [torch.zeros_like(t, dtype=torch.float64) if t.grad is None else t.grad.double() for t in leaves]
+    return [out.detach().double()] + [
+        torch.zeros_like(t, dtype=torch.float64) if t.grad is None else t.grad.double() for t in leaves
+    ]
 
 
 def check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=0, causal=True):
@@ -74,7 +76,14 @@ def _random_packing(seed):
     rng.shuffle(lq)
     lk = [x + rng.choice([0, 0, rng.randint(1, 30)]) for x in lq]
     hkv = rng.choice([1, 2])
-    return lq, lk, hkv * rng.choice([1, 2]), hkv, rng.choice([32, 64]), rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    return (
+        lq,
+        lk,
+        hkv * rng.choice([1, 2]),
+        hkv,
+        rng.choice([32, 64]),
+        rng.choice([torch.float32, torch.float16, torch.bfloat16]),
+    )
 
 
 @pytest.mark.interpreter
@@ -111,7 +120,7 @@ def check_strided_inputs_match_dense_sdpa():
     want.backward(do)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.grad[:, : 4 * 32].view(-1, 4, 32), qd.grad, atol=1e-5, rtol=1e-5)
-    assert not fused.grad[:, 4 * 32:].any()
+    assert not fused.grad[:, 4 * 32 :].any()
     torch.testing.assert_close(kt.grad, kd.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vt.grad, vd.grad, atol=1e-5, rtol=1e-5)
 
@@ -152,7 +161,9 @@ def test_torch_path_random_packings(seed, monkeypatch):
 def test_torch_path_matches_dense_masked_sdpa(monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     lq, lk = [50, 1, 0, 123], [80, 1, 5, 123]
-    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs(lq, lk, 4, 4, 64, torch.float32, 3))
+    q, k, v, _, cu_q, cu_k = (
+        t.float() if t.is_floating_point() else t for t in _inputs(lq, lk, 4, 4, 64, torch.float32, 3)
+    )
     for mask in (BlockDiagonalCausalMask.from_seqlens(lq, lk), BlockDiagonalMask.from_seqlens(lq, lk)):
         got = packed_attention(q, k, v, cu_q, cu_k, causal=mask.causal)
         torch.testing.assert_close(got, dense_masked_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
@@ -160,7 +171,9 @@ def test_torch_path_matches_dense_masked_sdpa(monkeypatch):
 
 def test_scale_argument(monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
-    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([6, 9], [6, 9], 2, 2, 32, torch.float32, 5))
+    q, k, v, _, cu_q, cu_k = (
+        t.float() if t.is_floating_point() else t for t in _inputs([6, 9], [6, 9], 2, 2, 32, torch.float32, 5)
+    )
     got = packed_attention(q, k, v, cu_q, scale=0.3)
     torch.testing.assert_close(got, ref_packed_attention(q, k, v, cu_q, scale=0.3))
     assert not torch.allclose(got, packed_attention(q, k, v, cu_q))
@@ -172,7 +185,10 @@ def test_scale_argument(monkeypatch):
         (dict(cu_q=torch.tensor([0, 4, 10], dtype=torch.int64)), "int32"),
         (dict(cu_q=cu_seqlens_from_lengths([4, 5])), "but the tensor has 10 tokens"),
         (dict(cu_k=cu_seqlens_from_lengths([10])), "they must match"),
-        (dict(cu_q=cu_seqlens_from_lengths([7, 3]), cu_k=cu_seqlens_from_lengths([4, 6])), "segment 0: 4 keys < 7 queries"),
+        (
+            dict(cu_q=cu_seqlens_from_lengths([7, 3]), cu_k=cu_seqlens_from_lengths([4, 6])),
+            "segment 0: 4 keys < 7 queries",
+        ),
         (dict(k=torch.zeros(10, 3, 16), v=torch.zeros(10, 3, 16)), "multiple of key/value heads"),
         (dict(q=torch.zeros(10, 4, 16, dtype=torch.float64)), "float32, float16 or bfloat16"),
         (dict(v=torch.zeros(10, 2, 8)), "same shape"),
@@ -180,8 +196,13 @@ def test_scale_argument(monkeypatch):
     ],
 )
 def test_bad_input_is_named(change, message):
-    args = dict(q=torch.zeros(10, 4, 16), k=torch.zeros(10, 2, 16), v=torch.zeros(10, 2, 16),
-                cu_q=cu_seqlens_from_lengths([4, 6]), cu_k=None)
+    args = dict(
+        q=torch.zeros(10, 4, 16),
+        k=torch.zeros(10, 2, 16),
+        v=torch.zeros(10, 2, 16),
+        cu_q=cu_seqlens_from_lengths([4, 6]),
+        cu_k=None,
+    )
     args.update(change)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         packed_attention(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"])
@@ -189,8 +210,9 @@ def test_bad_input_is_named(change, message):
 
 # --------------------------------------------------------------------------- C++ CPU kernel
 
-needs_cpp = pytest.mark.skipif("not __import__('fusedvlm.native').native.available()",
-                               reason="the C++ CPU kernels could not be built here")
+needs_cpp = pytest.mark.skipif(
+    "not __import__('fusedvlm.native').native.available()", reason="the C++ CPU kernels could not be built here"
+)
 
 
 @pytest.fixture
@@ -326,15 +348,27 @@ def test_cpp_pooled_output_is_never_handed_out_while_alive(cpp):
     "change,message",
     [
         (dict(cu_q=cu_seqlens_from_lengths([4, 5])), "but the tensor has 10 tokens"),
-        (dict(cu_q=cu_seqlens_from_lengths([7, 3]), cu_k=cu_seqlens_from_lengths([4, 6])), "segment 0: 4 keys < 7 queries"),
-        (dict(cu_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32), cu_k=torch.tensor([0, 6, 4, 10], dtype=torch.int32)),
-         "must be non-decreasing"),
+        (
+            dict(cu_q=cu_seqlens_from_lengths([7, 3]), cu_k=cu_seqlens_from_lengths([4, 6])),
+            "segment 0: 4 keys < 7 queries",
+        ),
+        (
+            dict(
+                cu_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32), cu_k=torch.tensor([0, 6, 4, 10], dtype=torch.int32)
+            ),
+            "must be non-decreasing",
+        ),
     ],
 )
 def test_bad_offsets_are_named_on_every_cpu_path(backend, change, message, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
-    args = dict(q=torch.zeros(10, 4, 16), k=torch.zeros(10, 2, 16), v=torch.zeros(10, 2, 16),
-                cu_q=cu_seqlens_from_lengths([4, 6]), cu_k=None)
+    args = dict(
+        q=torch.zeros(10, 4, 16),
+        k=torch.zeros(10, 2, 16),
+        v=torch.zeros(10, 2, 16),
+        cu_q=cu_seqlens_from_lengths([4, 6]),
+        cu_k=None,
+    )
     args.update(change)
     with pytest.raises(ValueError, match=message):
         packed_attention(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"])
@@ -344,7 +378,10 @@ def test_bad_offsets_are_named_on_every_cpu_path(backend, change, message, monke
 def test_opcheck(backend, monkeypatch):
     """Schema, fake kernel, autograd registration and (for "torch") the op's own fallback."""
     monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
-    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([5, 1, 0, 12], [9, 1, 3, 12], 4, 2, 16, torch.float32, 11))
+    q, k, v, _, cu_q, cu_k = (
+        t.float() if t.is_floating_point() else t
+        for t in _inputs([5, 1, 0, 12], [9, 1, 3, 12], 4, 2, 16, torch.float32, 11)
+    )
     for causal in (True, False):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 12, 12, causal, 0.25)
         results = torch.library.opcheck(torch.ops.fusedvlm.packed_attention.default, args)
@@ -352,8 +389,12 @@ def test_opcheck(backend, monkeypatch):
 
 
 def test_max_seqlen_is_accepted():
-    q, k, v, _, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _inputs([6, 9], [6, 9], 2, 2, 32, torch.float32, 5))
-    torch.testing.assert_close(packed_attention(q, k, v, cu_q, max_seqlen_q=9, max_seqlen_k=9), packed_attention(q, k, v, cu_q))
+    q, k, v, _, cu_q, cu_k = (
+        t.float() if t.is_floating_point() else t for t in _inputs([6, 9], [6, 9], 2, 2, 32, torch.float32, 5)
+    )
+    torch.testing.assert_close(
+        packed_attention(q, k, v, cu_q, max_seqlen_q=9, max_seqlen_k=9), packed_attention(q, k, v, cu_q)
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -370,7 +411,9 @@ def test_cuda_kernel_matches_fp64_reference(dtype, d):
     got = [t.cpu() for t in _run(packed_attention, *cuda, dtype)]
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
         err, ref_err = (g - e).abs().max().item(), (r - e).abs().max().item()
-        assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+        assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], (
+            f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+        )
 
 
 # --------------------------------------------------------------------------- GPU tiles, interpreted
@@ -400,8 +443,16 @@ def tile_boundary_packing(blocks):
     lk = list(lq)
     big, small = sizes[-1], sizes[0]
     # The causal diagonal crosses a key tile edge where the prefix is about a multiple of a tile.
-    prefixed = [(3, small - 2), (3, small - 1), (small + 1, small), (3, small + 1), (big + 1, big - 1),
-                (big - 1, 3), (1, 2 * big + 7), (0, 5)]
+    prefixed = [
+        (3, small - 2),
+        (3, small - 1),
+        (small + 1, small),
+        (3, small + 1),
+        (big + 1, big - 1),
+        (big - 1, 3),
+        (1, 2 * big + 7),
+        (0, 5),
+    ]
     for q, prefix in prefixed:
         lq.append(q)
         lk.append(q + prefix)
@@ -417,8 +468,10 @@ def test_triton_gpu_tiles_match_fp64_reference(fwd, bwd):
     lq, lk = tile_boundary_packing(fwd + bwd)
     # The largest tiles in fp32 (IEEE dots), the smaller ones in bf16 (rounded inputs, fp32 maths).
     dtype = torch.float32 if max(fwd) >= 64 else torch.bfloat16
-    full = {name: next(c for c in TILE_CONFIGS[name] if c[:2] == b)
-            for name, b in (("packed_attention_fwd", fwd), ("packed_attention_bwd", bwd))}
+    full = {
+        name: next(c for c in TILE_CONFIGS[name] if c[:2] == b)
+        for name, b in (("packed_attention_fwd", fwd), ("packed_attention_bwd", bwd))
+    }
     with force_tiles(**full):
         check_against_fp64(lq, lk, 2, 1, 16, dtype)
 
@@ -447,8 +500,10 @@ def test_cuda_every_tile_config_matches_fp64_reference(fwd, bwd):
     q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
     exact = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, torch.float64)
     same_dtype = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, dtype)
-    full = {name: [c for c in TILE_CONFIGS[name] if c[:2] == b]
-            for name, b in (("packed_attention_fwd", fwd), ("packed_attention_bwd", bwd))}
+    full = {
+        name: [c for c in TILE_CONFIGS[name] if c[:2] == b]
+        for name, b in (("packed_attention_fwd", fwd), ("packed_attention_bwd", bwd))
+    }
     # Configurations that differ only in warps / stages compile differently: run each.
     for f in full["packed_attention_fwd"]:
         for b in full["packed_attention_bwd"]:
@@ -456,4 +511,6 @@ def test_cuda_every_tile_config_matches_fp64_reference(fwd, bwd):
                 got = [t.cpu() for t in _run(packed_attention, *(t.cuda() for t in (q, k, v, do, cu_q, cu_k)), dtype)]
             for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
                 err, ref_err = (g - e).abs().max().item(), (r - e).abs().max().item()
-                assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], f"{f} {b} {name}: {err:.3g} vs {ref_err:.3g}"
+                assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], (
+                    f"{f} {b} {name}: {err:.3g} vs {ref_err:.3g}"
+                )

@@ -81,7 +81,9 @@ def test_triton_matches_reference(lengths, d, dtype, positive):
 
 
 @pytest.mark.parametrize("positive", [True, False], ids=["positive", "signed"])
-@pytest.mark.parametrize("lengths,d,dtype", CASES + [([600, 3, 257], 48, torch.float32), ([300, 1], 64, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "lengths,d,dtype", CASES + [([600, 3, 257], 48, torch.float32), ([300, 1], 64, torch.bfloat16)]
+)
 @pytest.mark.parametrize("cpu_backend", ["cpp", "torch"])
 def test_cpu_paths_match_reference(lengths, d, dtype, positive, cpu_backend, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", cpu_backend)
@@ -95,9 +97,11 @@ def test_opcheck():
     # cross terms of every first token as equal.
     a, b = torch.randn(40, 24), torch.randn(40, 24)
     for positive in (True, False):
-        results = torch.library.opcheck(torch.ops.fusedvlm.pairwise_cosine_stats.default,
-                                        (a, b, cu_seqlens_from_lengths([1, 30, 0, 9]), positive),
-                                        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        results = torch.library.opcheck(
+            torch.ops.fusedvlm.pairwise_cosine_stats.default,
+            (a, b, cu_seqlens_from_lengths([1, 30, 0, 9]), positive),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
         assert set(results.values()) == {"SUCCESS"}, results
 
 
@@ -130,7 +134,7 @@ def test_hand_computed_pair(backend):
     assert pos.ab[1].item() == 0.0 and sgn.ab[1].item() == pytest.approx(-0.5)
     assert pos.aa[1].item() == 0.0 and sgn.bb[1].item() == pytest.approx(-1.0) and pos.bb[1].item() == 0.0
     # sum (a - b) = (-2, 0), then (-1, 2).
-    assert pos.div.tolist() == pytest.approx([2.0, 5 ** 0.5])
+    assert pos.div.tolist() == pytest.approx([2.0, 5**0.5])
 
 
 def test_signed_torch_path_is_not_the_gram_loop(monkeypatch):
@@ -194,7 +198,9 @@ def _gpu_tile_cases():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("row,gram,lengths,d", _gpu_tile_cases(), ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None)
+@pytest.mark.parametrize(
+    "row,gram,lengths,d", _gpu_tile_cases(), ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else None
+)
 def test_triton_gpu_tiles_match_reference(row, gram, lengths, d, dtype):
     from fusedvlm.backend import force_tiles
 
@@ -219,6 +225,10 @@ def test_cuda_kernel_matches_reference(dtype, positive):
     for name in PsiStats._fields:
         g = getattr(got, name).cpu()
         assert torch.equal(g.isnan(), getattr(exact, name).isnan()), name
-        gs, es, rs = (_scaled(s, name, exact).nan_to_num() for s in (PsiStats(*(x.cpu() for x in got)), exact, same_dtype))
+        gs, es, rs = (
+            _scaled(s, name, exact).nan_to_num() for s in (PsiStats(*(x.cpu() for x in got)), exact, same_dtype)
+        )
         err, ref_err = (gs - es).abs().max().item(), (rs - es).abs().max().item()
-        assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+        assert err <= ERROR_RATIO[OP] * ref_err + ATOL_FLOOR[(OP, dtype)], (
+            f"{name}: {err:.3g} vs reference {ref_err:.3g}"
+        )

@@ -19,15 +19,18 @@ def main(data, root, out):
     ctx = init_distributed("cpu")
     torch.manual_seed(0)
     cfg = get_preset("tiny", hd_num=1, n_l=4)
-    train_cfg = TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-3, warmup_ratio=0.2, precision="fp16",
-                            fsdp=True, progress=False)
+    train_cfg = TrainConfig(
+        steps=3, batch_size=4, grad_accum=2, lr=1e-3, warmup_ratio=0.2, precision="fp16", fsdp=True, progress=False
+    )
     trainer, _, _ = build_trainer(2, cfg, data, root, os.path.join(out, "run"), train_cfg, ctx)
     accumulate = trainer.accumulate_gradients
 
     def poisoned(micro_batches):
         loss = accumulate(micro_batches)
         if trainer.step == 1 and ctx.rank == 1:
-            grad = next(p.grad.to_local() for _, p in trainer.named_params if p.grad is not None and p.grad.to_local().numel())
+            grad = next(
+                p.grad.to_local() for _, p in trainer.named_params if p.grad is not None and p.grad.to_local().numel()
+            )
             grad.view(-1)[0] = float("inf")
         return loss
 

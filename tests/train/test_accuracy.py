@@ -39,9 +39,15 @@ def test_stage2_learns_colour_and_position_on_held_out_images(tmp_path):
         tiny = get_preset("tiny", hd_num=1, n_l=16)
         base = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, image_size=SIZE))
         reader = synthetic.pretrain_reader_llm(
-            os.path.join(root, "reader"), dataclasses.replace(base.llm, system_prompt=""), n_l=16, n_s=8, steps=150,
+            os.path.join(root, "reader"),
+            dataclasses.replace(base.llm, system_prompt=""),
+            n_l=16,
+            n_s=8,
+            steps=150,
         )
-        cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, source="pretrained", path=reader, system_prompt=""))
+        cfg = dataclasses.replace(
+            base, llm=dataclasses.replace(base.llm, source="pretrained", path=reader, system_prompt="")
+        )
         torch.manual_seed(0)
         train_cfg = TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, warmup_ratio=0.05, min_lr_ratio=0.6, progress=False)
         trainer, model, problems = build_trainer(2, cfg, train, root, os.path.join(root, "run"), train_cfg)
@@ -53,8 +59,17 @@ def test_stage2_learns_colour_and_position_on_held_out_images(tmp_path):
         rows = trainer.fit()
         after = answer_accuracy(model, records, encoder, synthetic.candidate_answers)
         elapsed = time.perf_counter() - start
-        print(json.dumps({"before": before, "after": after, "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-                          "wall_s": round(elapsed, 1)}))
+        print(
+            json.dumps(
+                {
+                    "before": before,
+                    "after": after,
+                    "loss_first": rows[0]["loss"],
+                    "loss_last": rows[-1]["loss"],
+                    "wall_s": round(elapsed, 1),
+                }
+            )
+        )
         assert after["chance"] <= 0.25
         assert after["questions"] == 128
         assert after["accuracy"] >= 0.9, (before, after)

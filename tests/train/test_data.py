@@ -27,7 +27,16 @@ def shapes(tmp_path_factory):
 
 def encoder(stage=2, n_l=4, n_s=2, drop_question=False):
     layout = ChatLayout("llama2", byte_tokenizer(), "") if stage == 2 else None
-    return SampleEncoder(stage, hd_num=1, view_size=112, n_l=n_l, n_s=n_s, drop_question=drop_question, max_question_tokens=32, layout=layout)
+    return SampleEncoder(
+        stage,
+        hd_num=1,
+        view_size=112,
+        n_l=n_l,
+        n_s=n_s,
+        drop_question=drop_question,
+        max_question_tokens=32,
+        layout=layout,
+    )
 
 
 def write_jsonl(path, objs_or_lines):
@@ -40,11 +49,23 @@ def test_llava_records_multi_turn_and_tags(shapes, tmp_path):
     root, _ = shapes
     img = os.path.join(root, "images", "data-000000.png")
     objs = [
-        {"image": img, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A shape."},
-            {"from": "human", "value": "Colour? <image>"}, {"from": "gpt", "value": "red"}]},
-        {"image": "images/data-000001.png", "messages": [
-            {"role": "system", "content": "be brief"}, {"role": "user", "content": "Where?"}, {"role": "assistant", "content": "left"}]},
+        {
+            "image": img,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "A shape."},
+                {"from": "human", "value": "Colour? <image>"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+        {
+            "image": "images/data-000001.png",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "Where?"},
+                {"role": "assistant", "content": "left"},
+            ],
+        },
     ]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(objs))
@@ -59,10 +80,22 @@ def test_llava_records_multi_turn_and_tags(shapes, tmp_path):
 BAD = [
     ("not json {", "not valid JSON"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "no 'image'"),
-    ({"image": "images/nope.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "image not found"),
-    ({"image": "images/data-000000.png", "conversations": [{"from": "gpt", "value": "a"}]}, "answer without a question"),
+    (
+        {"image": "images/nope.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        "image not found",
+    ),
+    (
+        {"image": "images/data-000000.png", "conversations": [{"from": "gpt", "value": "a"}]},
+        "answer without a question",
+    ),
     ({"image": "images/data-000000.png", "conversations": [{"from": "human", "value": "q"}]}, "no answer"),
-    ({"image": "images/data-000000.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}, "empty question"),
+    (
+        {
+            "image": "images/data-000000.png",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}],
+        },
+        "empty question",
+    ),
     ({"image": "images/data-000000.png", "conversations": [{"from": "bot", "value": "q"}]}, "unknown role"),
     ({"image": "images/data-000000.png"}, "no 'conversations'"),
 ]
@@ -112,8 +145,10 @@ def test_collator_packs_fusion_streams_and_labels_answers(shapes, drop_question)
     want = []
     for it in items:
         # Without a system prompt the authors' first question piece is "[INST] {q}".
-        qlen = [0 if drop_question else len(clip_tokenizer().encode(enc.layout.fusion_text(q, j == 0)))
-                for j, (q, _) in enumerate(it.turns)]
+        qlen = [
+            0 if drop_question else len(clip_tokenizer().encode(enc.layout.fusion_text(q, j == 0)))
+            for j, (q, _) in enumerate(it.turns)
+        ]
         want.append(it.views.shape[0] * TPV + qlen[0] + 4 + sum(q + 2 for q in qlen[1:]))
     assert batch.fusion_cu_seqlens.diff().tolist() == want  # packed: no padding
     assert batch.views.shape[0] == sum(batch.num_views)

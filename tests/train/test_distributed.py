@@ -16,11 +16,32 @@ def test_two_process_gloo_gradients_equal_single_process(small_shapes, tmp_path)
     single_out.mkdir()
     ddp_out.mkdir()
     # Same global batch of 8: one process, one micro-batch of 8 / two ranks x two micro-batches of 2.
-    single = subprocess.Popen([sys.executable, SCRIPT, data, root, str(single_out), "8", "1"], env=run_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    single = subprocess.Popen(
+        [sys.executable, SCRIPT, data, root, str(single_out), "8", "1"],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, data, root, str(ddp_out), "8", "2"],
-        env=run_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            SCRIPT,
+            data,
+            root,
+            str(ddp_out),
+            "8",
+            "2",
+        ],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     single_log = single.communicate(timeout=600)[0]
     assert single.returncode == 0, single_log
@@ -47,10 +68,18 @@ def test_stage1_negatives_span_ranks_and_micro_batches(small_shapes, tmp_path):
     for name, (batch, accum, nproc) in runs.items():
         out = tmp_path / name
         out.mkdir()
-        launcher = [sys.executable] if nproc is None else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        procs[name] = subprocess.Popen([*launcher, SCRIPT, data, root, str(out), batch, accum, "1"], env=run_env(),
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        launcher = (
+            [sys.executable]
+            if nproc is None
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        )
+        procs[name] = subprocess.Popen(
+            [*launcher, SCRIPT, data, root, str(out), batch, accum, "1"],
+            env=run_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     for name, p in procs.items():
         log = p.communicate(timeout=600)[0]
         assert p.returncode == 0, f"{name}: {log}"

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-
 import subprocess
 import sys
 
@@ -32,8 +31,9 @@ def trainer_for(small_shapes, out, precision, steps=6, **kw):
     root, data = small_shapes
     torch.manual_seed(0)
     cfg = get_preset("tiny", hd_num=1, n_l=4)
-    train_cfg = TrainConfig(steps=steps, batch_size=4, grad_accum=2, lr=1e-3, warmup_ratio=0.2,
-                            precision=precision, progress=False, **kw)
+    train_cfg = TrainConfig(
+        steps=steps, batch_size=4, grad_accum=2, lr=1e-3, warmup_ratio=0.2, precision=precision, progress=False, **kw
+    )
     return build_trainer(2, cfg, data, root, str(out), train_cfg)[0]
 
 
@@ -66,7 +66,7 @@ def test_fp16_stage2_losses_stay_near_fp32(small_shapes, tmp_path):
     worst = max(abs(g - w) / w for g, w in zip(got, want))
     assert worst < FP16_LOSS_RTOL, (worst, want, got)
     assert got != want  # autocast was on
-    assert all(r["loss_scale"] == 2.0 ** 16 and r["overflow"] is False and r["overflow_skips"] == 0 for r in half)
+    assert all(r["loss_scale"] == 2.0**16 and r["overflow"] is False and r["overflow_skips"] == 0 for r in half)
     assert all(math.isfinite(r["grad_norm"]) for r in half)
     # The logged norm is the unscaled one: the scale (65536) would dwarf fp32's norm otherwise.
     assert max(abs(h["grad_norm"] / r["grad_norm"] - 1) for h, r in zip(half, ref)) < FP16_GRAD_NORM_RTOL
@@ -82,13 +82,15 @@ def test_an_overflowing_step_is_skipped_logged_and_leaves_the_weights(small_shap
     assert [r["overflow"] for r in rows] == [False, True, False, False]
     assert [r["overflow_skips"] for r in rows] == [0, 1, 1, 1]
     assert rows[1]["grad_norm"] is None and rows[1]["loss"] is not None
-    assert rows[1]["loss_scale"] == 2.0 ** 16 and rows[2]["loss_scale"] == 2.0 ** 15
+    assert rows[1]["loss_scale"] == 2.0**16 and rows[2]["loss_scale"] == 2.0**15
     for n, w in after[1][0].items():
         assert torch.equal(after[2][0][n], w), n
     assert not all(torch.equal(after[3][0][n], w) for n, w in after[2][0].items())
     # The schedule did not move on: step 3 runs at the learning rate step 2 would have had.
     assert rows[2]["lr"] == rows[1]["lr"] and rows[3]["lr"] != rows[2]["lr"]
-    assert "step 2: inf/NaN gradient at loss scale 65536; update skipped, loss scale now 32768" in capsys.readouterr().out
+    assert (
+        "step 2: inf/NaN gradient at loss scale 65536; update skipped, loss scale now 32768" in capsys.readouterr().out
+    )
 
 
 def test_fp16_resume_restores_the_scaler_and_the_schedule(small_shapes, tmp_path):
@@ -108,12 +110,13 @@ def test_fp16_resume_restores_the_scaler_and_the_schedule(small_shapes, tmp_path
         broken.fit(on_step=kill)
     resumed = trainer_for(small_shapes, tmp_path / "broken", "fp16", steps=6, save_every=1)
     assert resumed.resume() == 3
-    assert (resumed.scaler.get_scale(), resumed.overflow_skips) == (2.0 ** 15, 1)
+    assert (resumed.scaler.get_scale(), resumed.overflow_skips) == (2.0**15, 1)
     resumed.fit()
     want, got = metrics(str(tmp_path / "whole")), metrics(str(tmp_path / "broken"))
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert [(r["lr"], r["loss_scale"], r["overflow_skips"]) for r in got] == [
-        (r["lr"], r["loss_scale"], r["overflow_skips"]) for r in want]
+        (r["lr"], r["loss_scale"], r["overflow_skips"]) for r in want
+    ]
 
 
 @pytest.mark.slow
@@ -124,13 +127,31 @@ def test_fsdp_fp16_ranks_agree_to_skip_an_overflow_on_one_shard(small_shapes, tm
     given the same overflow."""
     root, data = small_shapes
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FSDP_SCRIPT,
-         data, root, str(tmp_path)], env=run_env(), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            FSDP_SCRIPT,
+            data,
+            root,
+            str(tmp_path),
+        ],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     ranks = [torch.load(tmp_path / f"rows-{r}.pt") for r in (0, 1)]
     for rows in ranks:
         assert [(r["overflow"], r["overflow_skips"], r["loss_scale"]) for r in rows] == [
-            (False, 0, 2.0 ** 16), (True, 1, 2.0 ** 16), (False, 1, 2.0 ** 15)]
+            (False, 0, 2.0**16),
+            (True, 1, 2.0**16),
+            (False, 1, 2.0**15),
+        ]
     weights = torch.load(tmp_path / "weights.pt")
     for n, w in weights[0].items():
         assert torch.equal(weights[1][n], w), n

@@ -12,7 +12,6 @@ from fusedvlm.train.cli import build_trainer
 from fusedvlm.train.loop import TrainConfig
 from tests.train.conftest import run_env
 
-
 # AdamW moves a weight by about lr per step whatever the gradient's size, so summation-order
 # noise in near-zero gradient entries shows up at a fraction of lr (lr 1e-3 below; seen 1.2e-5).
 WEIGHT_ATOL = 5e-5
@@ -34,16 +33,62 @@ def test_fsdp_two_process_gloo_matches_one_process(small_shapes, tmp_path):
     gloo ranks under FSDP2. Losses and gradient norms per step, the checkpoint's weights and
     AdamW moments (index-keyed, as one process writes them) and model.safetensors agree."""
     root, data = small_shapes
-    args = ["train", "stage2", "--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--data", data, "--image-root", root,
-            "--steps", 3, "--batch-size", 4, "--grad-accum", 2, "--lr", "1e-3", "--warmup-ratio", "0",
-            "--max-grad-norm", "0.03", "--device", "cpu", "--no-progress"]
+    args = [
+        "train",
+        "stage2",
+        "--preset",
+        "tiny",
+        "--hd-num",
+        "1",
+        "--n-l",
+        "4",
+        "--data",
+        data,
+        "--image-root",
+        root,
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--grad-accum",
+        2,
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--max-grad-norm",
+        "0.03",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     single_out, fsdp_out = str(tmp_path / "single"), str(tmp_path / "fsdp")
-    single = subprocess.Popen([sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", single_out], env=run_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    single = subprocess.Popen(
+        [sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", single_out],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     fsdp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fusedvlm.cli",
-         *map(str, args), "--out", fsdp_out, "--fsdp"],
-        env=run_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fusedvlm.cli",
+            *map(str, args),
+            "--out",
+            fsdp_out,
+            "--fsdp",
+        ],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     single_log = single.communicate(timeout=600)[0]
     assert single.returncode == 0, single_log

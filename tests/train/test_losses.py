@@ -13,7 +13,7 @@ def naive_orthogonality(hidden, is_eos, group_sizes):
     for m in (m for s in group_sizes for m in s):
         n = m - 1
         if n:
-            g = z[start:start + n] @ z[start:start + n].t()
+            g = z[start : start + n] @ z[start : start + n].t()
             terms.append(((g - torch.eye(n, dtype=torch.float64)) ** 2).mean())
         start += n
     return torch.stack(terms).mean()

@@ -16,14 +16,47 @@ def losses(out):
 def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(small_shapes, tmp_path):
     root, data = small_shapes
     steps = 12
-    args = ["train", "stage2", "--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--data", data, "--image-root", root,
-            "--steps", steps, "--batch-size", 4, "--grad-accum", 2, "--lr", "1e-3", "--warmup-ratio", "0.2",
-            "--save-every", 1, "--no-progress"]
+    args = [
+        "train",
+        "stage2",
+        "--preset",
+        "tiny",
+        "--hd-num",
+        "1",
+        "--n-l",
+        "4",
+        "--data",
+        data,
+        "--image-root",
+        root,
+        "--steps",
+        steps,
+        "--batch-size",
+        4,
+        "--grad-accum",
+        2,
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0.2",
+        "--save-every",
+        1,
+        "--no-progress",
+    ]
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    reference = subprocess.Popen([sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", whole], env=run_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim = subprocess.Popen([sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", broken], env=run_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", whole],
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "fusedvlm.cli", *map(str, args), "--out", broken],
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = os.path.join(broken, "checkpoints", "step-00000003.safetensors")
     deadline = time.time() + 300
     while not os.path.exists(marker) and victim.poll() is None and time.time() < deadline:

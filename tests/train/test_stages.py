@@ -9,7 +9,6 @@ from fusedvlm.train.cli import build_trainer
 from fusedvlm.train.loop import TrainConfig, lr_at
 from fusedvlm.train.objectives import build_text_tower, extend_positions
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -59,7 +58,9 @@ def test_stage1_lowers_its_loss(small_shapes, tmp_path):
     torch.manual_seed(0)
     cfg = get_preset("tiny", hd_num=1, n_l=4)
     train_cfg = TrainConfig(steps=16, batch_size=8, lr=1e-3, warmup_ratio=0.1, progress=False)
-    trainer, model, _ = build_trainer(1, cfg, data, root, str(tmp_path), train_cfg, stage1={"embed_dim": 32, "text_width": 32})
+    trainer, model, _ = build_trainer(
+        1, cfg, data, root, str(tmp_path), train_cfg, stage1={"embed_dim": 32, "text_width": 32}
+    )
     assert model.llm is None
     names = {n for n, _ in trainer.named_params}
     assert "text.positional_embedding" in names and "logit_scale" in names and "head.weight" in names
@@ -117,8 +118,25 @@ def test_tiny_stage2_trains_on_a_small_data_set_with_the_default_batch(tmp_path)
 
     data = write_dataset(str(tmp_path / "data"), 8, seed=3, size=48, num_questions=1)
     out = tmp_path / "run"
-    argv = ["train", "stage2", "--preset", "tiny", "--hd-num", "1", "--n-l", "4", "--data", data,
-            "--image-root", str(tmp_path / "data"), "--out", str(out), "--steps", "1", "--no-progress"]
+    argv = [
+        "train",
+        "stage2",
+        "--preset",
+        "tiny",
+        "--hd-num",
+        "1",
+        "--n-l",
+        "4",
+        "--data",
+        data,
+        "--image-root",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     import json
 
@@ -142,9 +160,25 @@ def _stage1_then_stage2(tmp_path, root, data, *model_args):
     from fusedvlm.cli import main
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    common = ["--data", data, "--image-root", root, "--steps", 1, "--batch-size", 2, "--hd-num", 1, "--n-l", 4,
-              "--no-progress", *model_args]
-    assert main(["train", "stage1", *map(str, common), "--out", str(s1), "--embed-dim", "32", "--text-width", "32"]) == 0
+    common = [
+        "--data",
+        data,
+        "--image-root",
+        root,
+        "--steps",
+        1,
+        "--batch-size",
+        2,
+        "--hd-num",
+        1,
+        "--n-l",
+        4,
+        "--no-progress",
+        *model_args,
+    ]
+    assert (
+        main(["train", "stage1", *map(str, common), "--out", str(s1), "--embed-dim", "32", "--text-width", "32"]) == 0
+    )
     assert main(["train", "stage2", *map(str, common), "--out", str(s2), "--init", str(s1 / "model.safetensors")]) == 0
     assert os.path.exists(s2 / "model.safetensors")
     return s1 / "model.safetensors"
