@@ -21,15 +21,11 @@ prefill stage, vision included) is printed too. The fused tokens of both runs ar
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
 import numpy as np
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusedvlm.benchmark.system import environment, print_table, save_json
 

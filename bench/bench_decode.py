@@ -12,13 +12,9 @@ Compiled graphs are cached under ~/.cache/fusedvlm/inductor, so a second run pay
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusedvlm.benchmark.system import environment, save_json
 

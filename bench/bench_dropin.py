@@ -26,14 +26,10 @@ and the split: ``vision_ms`` (host vision tower, plus the projector for ``llava`
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
 

@@ -28,9 +28,6 @@ import time
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from fusedvlm.benchmark.system import environment, print_table, save_json
 
 PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)

@@ -27,16 +27,12 @@ path's Winograd form) far more than a single convolution.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusedvlm.backend import backend_name
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn

@@ -11,15 +11,11 @@ median over ``--rounds`` rounds of ``--calls`` calls, in microseconds, under ``t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusedvlm.benchmark.system import environment, print_table, save_json
 from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine_stats

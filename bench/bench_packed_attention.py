@@ -40,15 +40,11 @@ Issue 13's two CPU shapes (fp32, 2 threads; dense_masked is left out, it needs (
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fusedvlm.backend import backend_name
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn

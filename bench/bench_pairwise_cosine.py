@@ -27,9 +27,6 @@ import time
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from fusedvlm.backend import backend_name
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
 from fusedvlm.kernels.common import unit_rows

@@ -5,16 +5,15 @@ shapes of the kernel tests and prints, per (kernel, output, dtype), the max erro
 fp64 reference and that error divided by the reference's own error in the same dtype (the
 quantity tests/kernels/tolerances.py bounds with ERROR_RATIO).
 
-    TRITON_INTERPRET=1 FUSEDVLM_BACKEND=auto python tools/kernel_errors.py      # CPU
-    python tools/kernel_errors.py                                               # GPU
+    TRITON_INTERPRET=1 FUSEDVLM_BACKEND=auto python -m tools.kernel_errors      # CPU
+    python -m tools.kernel_errors                                               # GPU
+
+(run from the checkout root as a module: it reuses the kernel tests' shapes from ``tests/``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

@@ -7,3 +7,8 @@ stages' trainable wrappers), :mod:`.loop` (optimiser, schedule, checkpoints, met
 :mod:`.checkpoint`, :mod:`.distributed`, :mod:`.synthetic` (a shapes VQA set), :mod:`.cli`.
 Heavy imports live in the submodules, so importing the package is cheap.
 """
+
+if __name__ != "fusedvlm.train":  # found as a bare `train` from a checkout root
+    from fusedvlm._checkout import defer_to_installed
+
+    defer_to_installed(__name__, __file__)
