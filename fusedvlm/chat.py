@@ -1,4 +1,4 @@
-"""Conversation layouts for the LLM (SPEC section 6), built piece by piece as token ids.
+"""Conversation layouts for the LLM (design §6), built piece by piece as token ids.
 
 This is the one prompt builder of fusedvlm: chat sessions, training targets, benchmarks,
 the drop-in adapters and the psi analysis all take their LLM ids from :class:`ChatLayout`.

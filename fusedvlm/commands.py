@@ -14,26 +14,17 @@ CHAT_GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0
 
 
 def register(sub) -> None:
-    from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.options import add_options
 
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=sorted(PRESETS),
-        help="model preset (default smol); not with --checkpoint, which carries its own config",
-    )
+    add_model_arguments(p)
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
-    p.add_argument(
-        "--checkpoint",
-        help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
-        "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)",
-    )
     p.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question")
-    p.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
+    p.add_argument(
+        "--n-s", type=int, default=None, help="fused tokens for later questions (default: the design §5 rule)"
+    )
     add_options(
         p,
         GenerationConfig,
@@ -43,10 +34,6 @@ def register(sub) -> None:
     )
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
-    add_device_arguments(
-        p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU"
-    )
-    p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
     p.add_argument(
         "--json",
         action="store_true",
@@ -65,6 +52,110 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, default=640, help="image width for the vision-token budget")
     p.add_argument("--height", type=int, default=480)
     p.set_defaults(func=run_info)
+
+    p = sub.add_parser(
+        "build",
+        help="build the C++ CPU kernels and compile the decode step ahead of the first chat",
+        description="Build csrc/ and compile the LLM decode step for a model's first cache buckets, so that "
+        "the first chat answers at once. Both are cached (fusedvlm info says where and whether they are warm).",
+    )
+    add_model_arguments(p)
+    p.add_argument(
+        "--positions",
+        type=int,
+        default=1024,
+        help="compile the decode step for every cache bucket up to this many LLM positions (default %(default)s)",
+    )
+    p.add_argument("--kernels-only", action="store_true", help="build the C++ kernels only; compile nothing")
+    add_decode_args(p)
+    p.set_defaults(func=run_build)
+
+
+def add_model_arguments(p, *, default_preset: str = "smol") -> None:
+    """--preset / --checkpoint / --device / --dtype / --llm-dtype, read back by :func:`load_model`."""
+    from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
+
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help=f"model preset (default {default_preset}); not with --checkpoint, which carries its own config",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
+        "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)",
+    )
+    add_device_arguments(
+        p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU"
+    )
+    p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
+    p.set_defaults(default_preset=default_preset)
+
+
+def load_model(args: argparse.Namespace, *, seed: int = 0):
+    """The model that :func:`add_model_arguments`' flags name, in eval mode on its device and dtype;
+    ``seed`` seeds the random initialisation of whatever the checkpoint does not hold."""
+    import torch
+
+    from fusedvlm.checkpoint import STAGE_KEY, load_trainable, read_config, read_metadata
+    from fusedvlm.config import get_preset
+    from fusedvlm.device import resolve_device, resolve_dtype
+    from fusedvlm.model import FusedVLM
+
+    if args.checkpoint and args.preset is not None:
+        raise ValueError(
+            f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
+            "config, so the preset would be ignored; drop --preset"
+        )
+    model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
+    if args.checkpoint and not model_dir:
+        cfg = read_config(args.checkpoint)
+        if read_metadata(args.checkpoint).get(STAGE_KEY) == "stage1":
+            raise ValueError(
+                f"{args.checkpoint} is a stage-1 output: its projection into the LLM is untrained (stage 1 "
+                "aligns the fusion with text only); train stage 2 with --init on it and chat with that"
+            )
+    elif not model_dir:
+        cfg = get_preset(args.preset or args.default_preset)
+    torch.manual_seed(seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if model_dir:
+        model = FusedVLM.from_pretrained(args.checkpoint)
+    else:
+        model = FusedVLM(cfg).eval()
+        if args.checkpoint:
+            load_trainable(model, args.checkpoint)
+    model.to(device=device, dtype=dtype)
+    if args.llm_dtype is not None:
+        model.llm.to(resolve_dtype(args.llm_dtype, device))
+    return model
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from fusedvlm import native
+
+    if args.positions < 1:
+        raise ValueError(f"--positions must be >= 1, got {args.positions}")
+    print(f"C++ CPU kernels: {native.status()}", flush=True)
+    if args.kernels_only:
+        return 0
+    model = load_model(args)
+    engine = model.decode_engine(args.decode, False if args.no_compile else None)
+    if not getattr(engine, "compile", False):
+        print(f"decode path {engine.path} ({engine.reason}): nothing to compile")
+        return 0
+    cache = engine.new_cache(1)
+    seconds, buckets = 0.0, []
+    while True:
+        seconds += engine.prepare(cache, cache.capacity)
+        buckets.append(cache.capacity)
+        if cache.capacity >= min(args.positions, cache.max_capacity):
+            break
+        cache.reserve(cache.capacity + 1)
+    print(f"decode path {engine.path}: cache buckets {buckets} ready ({seconds:.1f} s of compiling)")
+    return 0
 
 
 def add_decode_args(p) -> None:
@@ -95,14 +186,7 @@ def _open_image(spec: str):
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    import torch
-
-    from fusedvlm.checkpoint import STAGE_KEY, load_trainable, read_config, read_metadata
-    from fusedvlm.config import get_preset
-    from fusedvlm.decoding import compile_cache_dir
-    from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.generation import GenerationConfig
-    from fusedvlm.model import FusedVLM
     from fusedvlm.options import from_options
     from fusedvlm.session import ChatSession
     from fusedvlm.text import check_text
@@ -110,35 +194,9 @@ def run_chat(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the input is refused before the model is loaded.
     for q in args.question:
         check_text(q, "question")
-    if args.checkpoint and args.preset is not None:
-        raise ValueError(
-            f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
-            "config, so the preset would be ignored; drop --preset"
-        )
     image = _open_image(args.image)
     gen = from_options(GenerationConfig, args)
-    model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
-    if args.checkpoint and not model_dir:
-        cfg = read_config(args.checkpoint)
-        if read_metadata(args.checkpoint).get(STAGE_KEY) == "stage1":
-            raise ValueError(
-                f"{args.checkpoint} is a stage-1 output: its projection into the LLM is untrained (stage 1 "
-                "aligns the fusion with text only); train stage 2 with --init on it and chat with that"
-            )
-    elif not model_dir:
-        cfg = get_preset(args.preset or "smol")
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if model_dir:
-        model = FusedVLM.from_pretrained(args.checkpoint)
-    else:
-        model = FusedVLM(cfg).eval()
-        if args.checkpoint:
-            load_trainable(model, args.checkpoint)
-    model.to(device=device, dtype=dtype)
-    if args.llm_dtype is not None:
-        model.llm.to(resolve_dtype(args.llm_dtype, device))
+    model = load_model(args, seed=args.seed)
     session = ChatSession(
         model,
         image,
@@ -153,11 +211,6 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"[decode path: {engine.path} ({engine.reason})]")
     for q in args.question:
         answer = session.ask(q, gen)
-        if "compile" in answer.timings and not args.json:
-            print(
-                f"[compiled the decode step in {answer.timings['compile']:.1f} s, once per cache bucket; "
-                f"cached under {compile_cache_dir()}]"
-            )
         if args.json:
             print(
                 json.dumps(
@@ -240,6 +293,7 @@ def print_kernel_implementations() -> None:
     import torch
 
     from fusedvlm import native
+    from fusedvlm.decoding import compile_cache_status
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("kernels (" + ", ".join(devices) + "):")
@@ -253,3 +307,4 @@ def print_kernel_implementations() -> None:
         impls = [implementation(torch.empty(0, device=d)) for d in devices]
         print(f"  {name:<40s} {' / '.join(impls):>12s}")
     print(f"  C++ CPU kernels: {native.status()}")
+    print(f"  decode-step compile cache: {compile_cache_status()}")

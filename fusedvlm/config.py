@@ -23,7 +23,7 @@ PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)
 
 
 def n_s_for(n_l: int) -> int:
-    """SPEC section 5: n_s = 8 when n_l >= 8, else n_s = n_l."""
+    """design §5: n_s = 8 when n_l >= 8, else n_s = n_l."""
     if n_l < 1:
         raise ValueError(f"n_l must be >= 1, got {n_l}")
     return 8 if n_l >= 8 else n_l
@@ -53,7 +53,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Llama-style fusion decoder (SPEC section 5). Its vocabulary is CLIP BPE followed by
+    """Llama-style fusion decoder (design §5). Its vocabulary is CLIP BPE followed by
     ``max_queries`` learnable query tokens P0 .. P(max_queries - 1)."""
 
     hidden_size: int = 1024
@@ -117,7 +117,7 @@ class QueryConfig:
 
     fusion: FusionConfig = field(default_factory=FusionConfig)
     n_l: int = 256
-    n_s: int | None = None  # None: the SPEC rule n_s_for(n_l)
+    n_s: int | None = None  # None: the design §5 rule n_s_for(n_l)
     drop_question: bool = False
     # CLIP BPE tokens per question; longer is an error. None: no limit, as the authors
     # (their tokenizer only warns; the fusion decoder's max_positions bounds the sequence).

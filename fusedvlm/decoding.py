@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fusedvlm.hf_compat import cache_kwarg
+from fusedvlm.notice import notice
 from fusedvlm.timing import sync
 
 DECODE_PATHS = ("auto", "lean", "hf-static", "hf")
@@ -43,7 +45,7 @@ DECODE_PATHS = ("auto", "lean", "hf-static", "hf")
 FIRST_BUCKET = 256
 # RoPE variants whose frequencies do not depend on the sequence length: one table serves all.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
-# SPEC-compatible activations of the Llama MLP.
+# Activations of the Llama MLP that the lean step implements (design §5 uses SiLU).
 LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -311,13 +313,26 @@ def compile_cache_dir() -> str:
     return os.path.join(cache_dir(), "inductor")
 
 
+def compile_cache_status() -> str:
+    """One line for ``fusedvlm info``: how many compiled graphs the decode-step cache holds."""
+    graphs = os.path.join(compile_cache_dir(), "fxgraph")
+    n = sum(len(files) for _, _, files in os.walk(graphs))
+    if not n:
+        return f"empty ({compile_cache_dir()}; the first chat compiles, or run `fusedvlm build` ahead)"
+    return f"warm, {n} compiled graph(s) in {compile_cache_dir()}"
+
+
 def _enable_compile_cache() -> None:
-    """Keep inductor's compiled artefacts under ~/.cache/fusedvlm so a second run skips codegen
-    (unless TORCHINDUCTOR_CACHE_DIR is set already, by the user or an earlier inductor import)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
+    """Keep inductor's compiled artefacts under ~/.cache/fusedvlm (a temporary directory by default)
+    so a second run skips codegen, unless the user chose a TORCHINDUCTOR_CACHE_DIR. Importing
+    torch._dynamo fills the variable in with the default, and inductor reads it at every cache
+    access, so a default value is replaced rather than kept."""
     with contextlib.suppress(ImportError):  # torch without inductor: nothing to cache
         import torch._inductor.config as inductor_config
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
         inductor_config.fx_graph_cache = True
 
 
@@ -403,6 +418,10 @@ class LeanEngine:
 def _first_calls(engine, key: tuple[int, int], warm) -> float:
     """Run ``warm`` (the compiled step's first calls for the shape ``key``) and book its time as
     compilation; on any compiler failure the engine goes back to its eager step, which is exact."""
+    notice(
+        f"compiling the {engine.path} decode step for batch {key[0]}, {key[1]} cache positions (once per cache "
+        f"bucket: up to a minute on a CPU, seconds when cached under {compile_cache_dir()})"
+    )
     t0 = time.perf_counter()
     try:
         warm()
@@ -415,18 +434,11 @@ def _first_calls(engine, key: tuple[int, int], warm) -> float:
         engine.reason += f"; compiling failed ({type(e).__name__})"
         return 0.0
     seconds = time.perf_counter() - t0
+    notice(f"decode step compiled in {seconds:.1f} s")
     engine._seen.add(key)
     engine.compile_stats.seconds += seconds
     engine.compile_stats.graphs += 1
     return seconds
-
-
-def _cache_kwarg(hf) -> str:
-    """The forward's name for the KV cache: ``cache`` from transformers 5.x (where
-    ``past_key_values`` is deprecated and warns), ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
 class HFEngine:
@@ -438,7 +450,7 @@ class HFEngine:
         self.path = "hf"
         self.reason = reason
         self.compile_stats = CompileStats()
-        self._cache_kw = _cache_kwarg(hf)
+        self._cache_kw = cache_kwarg(hf)
 
     def new_cache(self, batch: int = 1):
         from transformers import DynamicCache
@@ -573,7 +585,7 @@ class HFStaticEngine:
         self.reason = reason
         self.compile_stats = CompileStats()
         self._seen: set[tuple[int, int]] = set()
-        self._cache_kw = _cache_kwarg(hf)
+        self._cache_kw = cache_kwarg(hf)
         self._step = _compile_step(self._forward_step, self.device) if compile else self._forward_step
 
     def new_cache(self, batch: int = 1) -> HFStaticCache:
@@ -659,7 +671,7 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None):
     if decode == "hf":
         return HFEngine(hf, reason="requested (--decode hf)")
     if compile:
-        _enable_compile_cache()  # before inductor's first import, which fixes its cache directory
+        _enable_compile_cache()
     compiler = (
         "" if not compile or _compile_available() else "torch.compile is unavailable here (no C++ compiler / inductor)"
     )

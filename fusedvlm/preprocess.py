@@ -1,4 +1,4 @@
-"""HD-N image preprocessing: one global view plus up to N local crops (SPEC section 2).
+"""HD-N image preprocessing: one global view plus up to N local crops (design §2).
 
 Local views (the authors' ``HD_transform`` + ``padding_336``):
 

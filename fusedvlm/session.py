@@ -13,7 +13,7 @@ With ``reuse_prefix=True`` (the default) nothing is computed twice: the vision p
 every earlier question group stay in the fusion decoder's KV cache, and the LLM's KV cache
 keeps the longest prefix of the new prompt it already holds (it is cropped there; only the
 rest is prefilled). Both are exact because attention is causal: earlier fused tokens never
-change when questions are appended (SPEC section 5). ``reuse_prefix=False`` recomputes the
+change when questions are appended (design §5). ``reuse_prefix=False`` recomputes the
 whole fusion stream and the whole LLM prompt every turn, as the authors' code does; it
 exists to measure the difference.
 

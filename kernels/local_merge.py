@@ -1,4 +1,4 @@
-"""Fused local merge (SPEC section 4): one kernel from patch tokens to the packed vision prefix.
+"""Fused local merge (design §4): one kernel from patch tokens to the packed vision prefix.
 
 Maths. Per view v, tokens x[v] (H*W, C_in) in raster order form a grid X[v, iy, ix, c]. With
 Ho = ceil(H/2), Wo = ceil(W/2), P = Ho*Wo and taps (dy, dx) in {0,1,2}^2:

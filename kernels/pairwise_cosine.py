@@ -1,4 +1,4 @@
-"""Prefix psi / divergence statistics of paired hidden states (SPEC section 8).
+"""Prefix psi / divergence statistics of paired hidden states (design §8).
 
 Shapes: h_a, h_b (T, d), the two branches of every pair packed with the same ``cu_seqlens``
 (int32 (n + 1,) offsets; a pair is cut to its shorter branch before packing). Returns

@@ -151,7 +151,7 @@ def test_train_defaults_are_read_from_the_dataclasses(stage):
         assert not hasattr(args, "embed_dim")
     tiny = training_defaults(stage, "tiny")
     assert from_options(TrainConfig, args, batch_size=tiny["batch_size"]) == TrainConfig(steps=3, **tiny)
-    assert training_defaults(stage, "paper")["batch_size"] == {"stage1": 256, "stage2": 2560}[stage]  # SPEC section 7
+    assert training_defaults(stage, "paper")["batch_size"] == {"stage1": 256, "stage2": 2560}[stage]  # design §7
 
 
 def test_chat_generation_defaults_are_read_from_the_dataclass():

@@ -1,4 +1,4 @@
-"""HD-N preprocessing (SPEC section 2): counts, geometry, view order, inputs and errors."""
+"""HD-N preprocessing (design §2): counts, geometry, view order, inputs and errors."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from fusedvlm.preprocess import (
 
 MEAN = np.array(CLIP_MEAN, dtype=np.float64)
 STD = np.array(CLIP_STD, dtype=np.float64)
-S = 28  # small view size keeps geometry tests fast; the SPEC tests use 336
+S = 28  # small view size keeps geometry tests fast; the design §2 tests use 336
 
 
 def to_uint8(views: torch.Tensor) -> np.ndarray:
@@ -53,7 +53,7 @@ def blocks(rows: int, cols: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return image, colours
 
 
-# --- SPEC numbers ---------------------------------------------------------------------------
+# --- design §2 numbers------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

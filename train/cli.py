@@ -1,4 +1,4 @@
-"""``fusedvlm train stage1|stage2``: the two training stages of SPEC section 7 from the
+"""``fusedvlm train stage1|stage2``: the two training stages of design §7 from the
 command line, single process or under torchrun. Every field of
 :class:`~fusedvlm.train.config.TrainConfig` (and, for stage 1,
 :class:`~fusedvlm.train.config.Stage1Config`) is a flag generated from the dataclass
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-DESCRIPTION = "Train stage 1 (contrastive alignment) or stage 2 (answers through the frozen LLM) of SPEC section 7."
+DESCRIPTION = "Train stage 1 (contrastive alignment) or stage 2 (answers through the frozen LLM) of design §7."
 
 
 def _common(p: argparse.ArgumentParser, stage: str) -> None:
@@ -36,7 +36,9 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     )
     g = p.add_argument_group("model")
     g.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question (preset default)")
-    g.add_argument("--n-s", type=int, default=None, help="fused tokens for later questions (default: SPEC rule)")
+    g.add_argument(
+        "--n-s", type=int, default=None, help="fused tokens for later questions (default: the design §5 rule)"
+    )
     g.add_argument("--hd-num", type=int, default=None, help="max local views per image (preset default)")
     g.add_argument(
         "--image-size",

@@ -16,7 +16,7 @@ def _opt(default, text: str, **metadata):
 @dataclass
 class TrainConfig:
     """One training run's optimisation and runtime settings. Every field is a flag of
-    ``fusedvlm train`` (:mod:`fusedvlm.options`); the defaults are SPEC section 7's stage 1."""
+    ``fusedvlm train`` (:mod:`fusedvlm.options`); the defaults are design §7's stage 1."""
 
     steps: int = field(metadata={"help": "optimiser steps"})
     batch_size: int = _opt(256, "global samples per optimiser step")
@@ -77,7 +77,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Stage 1's own settings (SPEC section 7); each is a flag of ``fusedvlm train stage1``."""
+    """Stage 1's own settings (design §7); each is a flag of ``fusedvlm train stage1``."""
 
     embed_dim: int = field(default=768, metadata={"help": "joint embedding width (projection C -> this)"})
     temperature: float = field(default=0.07, metadata={"help": "initial InfoNCE temperature (learnable; CLIP's)"})
@@ -94,7 +94,7 @@ class Stage1Config:
     text_heads: int = field(default=4, metadata={"help": "small text tower heads"})
 
 
-# TrainConfig's defaults are SPEC section 7's stage 1 (global batch 256, warm-up 10 %); stage 2's differ.
+# TrainConfig's defaults are design §7's stage 1 (global batch 256, warm-up 10 %); stage 2's differ.
 STAGE_DEFAULTS = {"stage1": {}, "stage2": {"batch_size": 2560, "warmup_ratio": 0.03}}
 # The paper's global batches assume its data sets (558 K and 665 K records). The smaller presets are
 # for tests, demos and small data sets, which such a batch would not even fill once.

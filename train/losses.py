@@ -1,4 +1,4 @@
-"""Training losses (SPEC section 7).
+"""Training losses (design §7).
 
 * :func:`clip_infonce`: symmetric CLIP InfoNCE between paired, L2-normalised embeddings with a
   learnable log inverse temperature.

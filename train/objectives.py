@@ -1,7 +1,7 @@
 """The two training stages. One big batch, gradient accumulation and DDP/FSDP all give the
 same loss and gradients:
 
-* :class:`Stage2Objective`: answer cross-entropy through the frozen LLM (SPEC section 7).
+* :class:`Stage2Objective`: answer cross-entropy through the frozen LLM (design §7).
   ``forward(batch)`` returns the micro-batch's loss summed over its ``batch.num_targets``
   targets; the trainer divides by the global count (summed over micro-batches and ranks).
 * :class:`Stage1Objective`: CLIP InfoNCE between each question group's EOS output and the
@@ -28,7 +28,7 @@ from fusedvlm.train.data import Batch
 from fusedvlm.train.distributed import DistContext, all_reduce_sum, gather_rows
 from fusedvlm.train.losses import clip_infonce, init_logit_scale, orthogonality_terms
 
-TEXT_CONTEXT = 512  # SPEC section 7: CLIP text positions extended from 77
+TEXT_CONTEXT = 512  # design §7: CLIP text positions extended from 77
 CLIP_CONTEXT = 77
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the inverse temperature
 

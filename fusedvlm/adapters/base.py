@@ -113,7 +113,7 @@ class FusionAdapter(nn.Module, ABC):
         """Wrap ``host`` with a fusion module: a given module as is, else a new one built from
         a :class:`FusionModuleConfig`, or from a :class:`FusionConfig` (default: the paper's
         decoder) plus the host's widths and grid and the options ``n_l`` (default 64), ``n_s``
-        (default: the SPEC rule), ``merge`` (True), ``drop_question`` and
+        (default: the design §5 rule), ``merge`` (True), ``drop_question`` and
         ``max_question_tokens`` (default: :class:`FusionModuleConfig`'s), which apply only there. The module goes to the host's
         device and ``dtype`` (default: the host's)."""
         cls.check_host(host)

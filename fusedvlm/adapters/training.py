@@ -11,7 +11,7 @@ a drop-in adapter::
     Trainer(AdapterStage2Objective(adapter), dataset, collator, TrainConfig(steps=...), "runs/x").fit()
     adapter.save_pretrained("runs/x/fusion")
 
-The loss is next-token cross-entropy on the answers and their closing EOS only (SPEC section 7);
+The loss is next-token cross-entropy on the answers and their closing EOS only (design §7);
 the host stays frozen. Trainer checkpoints hold the fusion module only: the objective's state
 dict leaves the host out, so a 7B host does not land in every checkpoint.
 """

@@ -1,4 +1,4 @@
-"""Divergence and dependency measures of the paper's section 3 (SPEC section 8).
+"""Divergence and dependency measures of the paper's section 3 (design §8).
 
 Pairs of answers that share a prefix -> final hidden states of both branches -> per-prefix
 psi statistics and divergence (:func:`fusedvlm.kernels.pairwise_cosine_stats`) -> curves over

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "psi",
-        help="psi / divergence analysis of A/B answer pairs with a causal LM (SPEC section 8)",
+        help="psi / divergence analysis of A/B answer pairs with a causal LM (design §8)",
         description="Hidden states of both answers of every pair (shared prefix computed once), per-prefix "
         "psi statistics and D(n), their means over pairs, lambda, the balance point and alpha(n).",
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fusedvlm.analysis.pairs import Pair, prefix_ids
+from fusedvlm.hf_compat import cache_kwarg, output_cache
 from fusedvlm.packing import pad_rows
 
 
@@ -53,7 +54,7 @@ def branch_hidden_states(model, batch: list[EncodedPair], pad_id: int = 0) -> li
     prefix, mask_p = pad_rows([p.prefix for p in batch], pad_id, device=device)
     width_p = prefix.shape[1]
     pos_p = torch.arange(width_p, device=device)[None].expand(npairs, -1)
-    cache = base(input_ids=prefix, attention_mask=mask_p, position_ids=pos_p, use_cache=True).past_key_values
+    cache = output_cache(base(input_ids=prefix, attention_mask=mask_p, position_ids=pos_p, use_cache=True))
     cache.batch_repeat_interleave(2)
 
     # Branch rows a_0, b_0, a_1, b_1, ...: pair i's a and b continue its cached prefix.
@@ -64,7 +65,7 @@ def branch_hidden_states(model, batch: list[EncodedPair], pad_id: int = 0) -> li
     # Branch tokens continue the prefix's positions, whatever padding sits between them.
     pos = lp2[:, None] + torch.arange(width_n, device=device)[None]
     h = base(
-        input_ids=branch, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=False
+        input_ids=branch, attention_mask=mask, position_ids=pos, use_cache=False, **{cache_kwarg(base): cache}
     ).last_hidden_state
     h = h.float()
     return [(h[2 * i, : p.n], h[2 * i + 1, : p.n]) for i, p in enumerate(batch)]

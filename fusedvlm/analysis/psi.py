@@ -1,4 +1,4 @@
-"""Divergence and dependency measures over answer pairs (SPEC section 8, paper section 3).
+"""Divergence and dependency measures over answer pairs (design §8, paper section 3).
 
 Per pair and prefix length n (from :func:`fusedvlm.kernels.pairwise_cosine_stats`):
 psi_eq, psi_AB, psi_AA, psi_BB, psi_cross = (psi_AA + psi_BB) / 2 and D(n). Over pairs, for

@@ -1,3 +1,3 @@
-"""The benchmark suite behind ``fusedvlm bench`` (SPEC section 9): the n_l sweep
+"""The benchmark suite behind ``fusedvlm bench`` (design §9): the n_l sweep
 (:mod:`.sweep`), FLOP counting with attention included (:mod:`.flops`), machine facts
 (:mod:`.system`) and the report writers (:mod:`.report`)."""

@@ -1,4 +1,4 @@
-"""``fusedvlm bench``: the n_l sweep of SPEC section 9 on one preset."""
+"""``fusedvlm bench``: the n_l sweep of design §9 on one preset."""
 
 from __future__ import annotations
 

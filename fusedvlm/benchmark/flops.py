@@ -2,7 +2,7 @@
 
 Matmuls and convolutions are counted by ``torch.utils.flop_counter.FlopCounterMode``. Its
 attention formulas do not fit this model: the CPU SDPA op is not registered at all (so
-attention counts as zero, the paper's counter had the same blind spot, SPEC section 9), and
+attention counts as zero, the paper's counter had the same blind spot, design §9), and
 the registered GPU ones count the full L x S score matrix even when causal. So every SDPA
 op is re-registered here with a formula that counts only the query-key pairs the mask lets
 through, from ``is_causal`` (top-left aligned, as SDPA does) or from the mask itself.

@@ -1,4 +1,4 @@
-"""The n_l sweep (SPEC section 9): per n_l, time to first token, prefill time and FLOPs per
+"""The n_l sweep (design §9): per n_l, time to first token, prefill time and FLOPs per
 stage, decode speed and bytes per token, peak memory.
 
 One model is built per preset; every run is a fresh :class:`fusedvlm.session.ChatSession`
@@ -46,7 +46,7 @@ class SweepConfig:
     n_s: int | None = field(
         default=None,
         metadata={
-            "help": "fused tokens of later questions, min(n_s, n_l) at every n_l (None: the SPEC rule, 8 or n_l)"
+            "help": "fused tokens of later questions, min(n_s, n_l) at every n_l (None: the design §5 rule, 8 or n_l)"
         },
     )
     questions: int = field(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedvlm.hf_compat import cache_kwarg, output_cache
+
 
 @torch.no_grad()
 def greedy_batch(llm, embeds: list[torch.Tensor], max_new_tokens: int, eos_id: int) -> list[list[int]]:
@@ -29,7 +31,7 @@ def greedy_batch(llm, embeds: list[torch.Tensor], max_new_tokens: int, eos_id: i
         mask[i, width - e.shape[0] :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
+    past = output_cache(out)
     ids: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     next_pos = torch.tensor(lengths, device=device)[:, None]
@@ -43,9 +45,8 @@ def greedy_batch(llm, embeds: list[torch.Tensor], max_new_tokens: int, eos_id: i
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], 1)
-        out = llm(
-            input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True
-        )
-        past, next_pos = out.past_key_values, next_pos + 1
+        step_kw = {cache_kwarg(llm): past}
+        out = llm(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True, **step_kw)
+        past, next_pos = output_cache(out), next_pos + 1
         logits = out.logits[:, -1]
     return ids

@@ -1,4 +1,4 @@
-"""The fusion decoder (SPEC section 5): a Llama-style decoder over packed token streams.
+"""The fusion decoder (design §5): a Llama-style decoder over packed token streams.
 
 Every sample is one segment of a pack ``x (T, C)`` with ``cu_seqlens (n + 1,)``; attention is
 block-diagonal causal (through :func:`fusedvlm.kernels.packed_attention`), RoPE positions

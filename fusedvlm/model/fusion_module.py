@@ -1,11 +1,11 @@
-"""The fusion module: everything between vision tokens and the LLM (SPEC sections 4-6).
+"""The fusion module: everything between vision tokens and the LLM (design §4-6).
 
 It owns the local merge (+ LF token), the learnable queries, the fusion decoder and the
 projection into the LLM width, and nothing model-specific: :class:`fusedvlm.model.FusedVLM`
 puts a CLIP tower in front of it and a frozen causal LM behind it, and the drop-in adapters
 put it inside other VLMs.
 
-Token stream of one sample (SPEC section 5)::
+Token stream of one sample (design §5)::
 
     [V][Q1 text][P0 .. P(n_l-2)][EOS][Q2 text][P0 .. P(n_s-2)][EOS] ... [Qk text][P0 .. P(n_s-2)][EOS]
 
@@ -29,7 +29,7 @@ which they sit in front of the questions in the LLM prompt.
 
 With ``merge=True`` a sample's vision tokens are one or more views, each a raster grid of
 ``grid=(H, W)`` tokens (config or call; without it each sample is one square view).
-``input_size`` (off by default: the SPEC's vision tower already has the fusion width and its
+``input_size`` (off by default: the design's vision tower (§3) already has the fusion width and its
 own LayerNorm) adds a LayerNorm + Linear from the host's vision width into the fusion width.
 
 Checkpoints: :meth:`FusionModule.save_pretrained` writes ``config.json`` and
@@ -111,7 +111,7 @@ class LocalMerge(nn.Module):
 
 class InputProjection(nn.Module):
     """LayerNorm + Linear from a host VLM's vision features into the fusion width. The norm
-    plays the part of the SPEC's new LayerNorm after CLIP: hosts often hand over features of
+    plays the part of the new LayerNorm after CLIP (design §3): hosts often hand over features of
     an inner layer (LLaVA: the penultimate), which no final LayerNorm has seen."""
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -156,7 +156,7 @@ class FusionModule(nn.Module):
         return text + [self.cfg.fusion.query_token_id(i) for i in range(m - 1)] + [self.cfg.fusion.eos_token_id]
 
     def resolve_counts(self, n_l: int | None, n_s: int | None) -> tuple[int, int]:
-        """(n_l, n_s) with the config's defaults filled in and the SPEC rule for n_s."""
+        """(n_l, n_s) with the config's defaults filled in and the design §5 rule for n_s."""
         if n_l is None and n_s is None:
             return self.cfg.n_l, self.cfg.resolved_n_s
         n_l = self.cfg.n_l if n_l is None else n_l

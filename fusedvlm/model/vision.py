@@ -1,4 +1,4 @@
-"""Vision encoder (SPEC section 3): open_clip ViT patch tokens -> new LayerNorm.
+"""Vision encoder (design §3): open_clip ViT patch tokens -> new LayerNorm.
 
 views (V, 3, S, S) -> CLIP ViT last-layer patch tokens (V, g*g, C) (CLS dropped, CLIP's own
 final LayerNorm and projection unused) -> LayerNorm (trainable, new). The local merge that

@@ -1,4 +1,4 @@
-"""The whole model (SPEC section 1): HD-N views -> CLIP ViT -> LayerNorm -> fusion module
+"""The whole model (design §1): HD-N views -> CLIP ViT -> LayerNorm -> fusion module
 (local merge + LF, learnable queries, fusion decoder, projection) -> frozen LLM.
 
 A model directory (:meth:`FusedVLM.save_pretrained`, ``fusedvlm convert-upstream``)::

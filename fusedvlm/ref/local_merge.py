@@ -1,4 +1,4 @@
-"""Reference local merge (SPEC section 4), written as the unfused chain it replaces.
+"""Reference local merge (design §4), written as the unfused chain it replaces.
 
 x (V, H*W, C_in) raster-order patch tokens -> grid (V, C_in, H, W)
   -> conv2d(weight (C_out, C_in, 3, 3), stride 2, padding 1) [+ bias]

@@ -174,7 +174,7 @@ def test_out_buffer_torch(path, monkeypatch):
 
 
 def test_paper_shape_torch_path(monkeypatch):
-    # 10 views of 24x24 -> 145 tokens per view, 1450 in all (SPEC section 4), at a width that
+    # 10 views of 24x24 -> 145 tokens per view, 1450 in all (design §4), at a width that
     # takes the Winograd form by default.
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     x, weight, lf, _, _ = _inputs(10, 24, 24, 512, 512, False, F32)
