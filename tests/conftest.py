@@ -41,6 +41,21 @@ def _pinned_threads(n: int):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def op_backend(request, monkeypatch):
+    """Each implementation of the fusedvlm ops in turn (FUSEDVLM_BACKEND): the torch path, the C++
+    CPU kernels and the Triton kernels (under the interpreter on a CPU, see above)."""
+    from fusedvlm import native
+    from fusedvlm.backend import interpreter_enabled, triton_available
+
+    if request.param == "cpp" and not native.available():
+        pytest.skip(f"the C++ kernels are not built here: {native.status()}")
+    if request.param == "triton" and not (triton_available() and interpreter_enabled()):
+        pytest.skip("the Triton interpreter was not selected at session start")
+    monkeypatch.setenv("FUSEDVLM_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""

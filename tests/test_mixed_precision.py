@@ -249,18 +249,7 @@ def test_resolve_device_and_dtype():
 # --------------------------------------------------------------------------- ops on mixed inputs
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    """Both implementations of the ops; Triton under the interpreter (tests/conftest.py)."""
-    from fusedvlm.backend import interpreter_enabled, triton_available
-
-    if request.param == "triton" and not (triton_available() and interpreter_enabled()):
-        pytest.skip("the Triton interpreter was not selected at session start")
-    monkeypatch.setenv("FUSEDVLM_BACKEND", request.param)
-    return request.param
-
-
-def test_packed_attention_takes_mixed_inputs_like_sdpa(backend):
+def test_packed_attention_takes_mixed_inputs_like_sdpa(op_backend):
     """fp32 q/k (RoPE'd next to fp32 cos/sin) with a bf16 v: the autocast dtype under autocast,
     else the widest; gradients come back in each input's own dtype."""
     from fusedvlm.ref.packed_attention import packed_attention as ref
@@ -281,7 +270,7 @@ def test_packed_attention_takes_mixed_inputs_like_sdpa(backend):
     torch.testing.assert_close(wide, ref(q, k, v.float(), cu))
 
 
-def test_local_merge_under_autocast_computes_where_conv2d_does(backend):
+def test_local_merge_under_autocast_computes_where_conv2d_does(op_backend):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 36, 8, generator=g)
     w, lf = torch.randn(8, 8, 3, 3, generator=g, requires_grad=True), torch.randn(8, generator=g)
@@ -297,7 +286,7 @@ def test_local_merge_under_autocast_computes_where_conv2d_does(backend):
     assert w.grad.dtype == torch.float32
 
 
-def test_pairwise_cosine_takes_mixed_branches_in_the_wider_dtype(backend):
+def test_pairwise_cosine_takes_mixed_branches_in_the_wider_dtype(op_backend):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(7, 12, generator=g), torch.randn(7, 12, generator=g).half()
     cu = cu_seqlens_from_lengths([3, 4])

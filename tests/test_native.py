@@ -57,7 +57,7 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path):
 def test_built_once_and_cached():
     """A second process finds the library built (no compile), keyed by the torch version."""
     if not native.available():
-        return
+        pytest.skip(f"the C++ kernels are not built here: {native.status()}")
     name, directory = native.build_dir(native._cflags())
     assert f"torch-{torch.__version__}" in str(directory)
     assert (directory / f"{name}.so").exists()
@@ -88,7 +88,7 @@ def test_cpu_autograd_kernels_route_like_the_python_kernels(monkeypatch):
     from fusedvlm.packing import cu_seqlens_from_lengths
 
     if not native.available():
-        return
+        pytest.skip(f"the C++ kernels are not built here: {native.status()}")
     for op in ("packed_attention", "local_merge", "pairwise_cosine_stats"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedvlm::{op}", "AutogradCPU"), op
     attention = sys.modules["fusedvlm.kernels.packed_attention"]
