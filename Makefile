@@ -12,7 +12,7 @@ THREADS ?= $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 LOCK ?= .ci/constraints.txt
 PIP_LOCK := $(if $(LOCK),-c $(LOCK),)
 PIP_UPGRADE ?=
-.PHONY: install test test-latest test-lowest lock lint bench bench-regress clean
+.PHONY: install test test-latest lock lint bench bench-regress clean
 
 install: $(STAMP)
 
@@ -34,10 +34,6 @@ test: $(STAMP)
 test-latest:
 	rm -f .venv-latest/.fusedvlm-installed
 	$(MAKE) test VENV=.venv-latest LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager"
-
-# The lowest versions pyproject.toml declares (.ci/constraints-lowest.txt), in their own venv.
-test-lowest:
-	$(MAKE) test VENV=.venv-lowest LOCK=.ci/constraints-lowest.txt
 
 # Refresh the lock from a venv whose suite just passed: make test-latest && make lock VENV=.venv-latest
 lock:
@@ -70,7 +66,7 @@ bench-regress: $(STAMP)
 	fi
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lowest build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-latest build *.egg-info .pytest_cache .benchmarks
 
 # One command on a CUDA machine: tests, kernel benchmarks, paper bench, bf16 training -> bench/results/<gpu>/.
 .PHONY: gpu-check
