@@ -150,27 +150,9 @@ def test_decode_compile_says_when_it_starts_and_ends(capsys):
 
 
 def test_chat_prints_no_deprecation_warning():
-    out = _run_at_root(
-        "-W",
-        "error::FutureWarning",
-        "-W",
-        "error::DeprecationWarning",
-        "-m",
-        "fusedvlm.cli",
-        "chat",
-        "--preset",
-        "tiny",
-        "--image",
-        "sample:coffee",
-        "--question",
-        "what is it?",
-        "--question",
-        "and the colour?",
-        "--max-new-tokens",
-        "3",
-        "--decode",
-        "hf",
-    )
+    warnings_as_errors = "-W error::FutureWarning -W error::DeprecationWarning".split()
+    chat = "-m fusedvlm.cli chat --preset tiny --image sample:coffee --max-new-tokens 3 --decode hf".split()
+    out = _run_at_root(*warnings_as_errors, *chat, "--question", "what is it?", "--question", "and the colour?")
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr and "deprecated" not in out.stderr.lower(), out.stderr
 
