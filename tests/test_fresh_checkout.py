@@ -22,7 +22,7 @@ def _installed(dist: str) -> bool:
     return True
 
 
-def _run_at_root(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run_at_root(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
