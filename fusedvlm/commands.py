@@ -26,6 +26,7 @@ def register(sub) -> None:
         help="model preset (default smol); not with --checkpoint, which carries its own config",
     )
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
+    add_max_image_pixels(p)
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
     p.add_argument(
         "--checkpoint",
@@ -84,14 +85,34 @@ def add_decode_args(p) -> None:
     )
 
 
-def _open_image(spec: str):
+def add_max_image_pixels(p) -> None:
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest image accepted, in pixels, checked before it is decoded "
+        "(default: fusedvlm.preprocess.DEFAULT_MAX_PIXELS, 40 million)",
+    )
+
+
+def max_image_pixels(args) -> int:
+    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
+
+    value = DEFAULT_MAX_PIXELS if args.max_image_pixels is None else args.max_image_pixels
+    if value < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {value}")
+    return value
+
+
+def _open_image(spec: str, max_pixels: int):
     from fusedvlm.preprocess import load_image
 
     if spec.startswith("sample:"):
         from fusedvlm.samples import sample_image
 
         return sample_image(spec[len("sample:") :])
-    return load_image(spec)
+    return load_image(spec, max_pixels=max_pixels)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -115,7 +136,7 @@ def run_chat(args: argparse.Namespace) -> int:
             f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
             "config, so the preset would be ignored; drop --preset"
         )
-    image = _open_image(args.image)
+    image = _open_image(args.image, max_image_pixels(args))
     gen = from_options(GenerationConfig, args)
     model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
     if args.checkpoint and not model_dir:

@@ -94,3 +94,22 @@ def locked_output(path: str):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
         os.close(fd)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling that replaces it only once complete:
+    a full disk or a kill leaves the previous file (or none), never a truncated one."""
+    import secrets
+
+    folder, base = os.path.split(os.path.abspath(path))
+    # The name pattern of fusedvlm.checkpoint's temporaries, so a killed writer's is cleaned up.
+    tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
