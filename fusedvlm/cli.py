@@ -5,9 +5,12 @@ the handlers)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+
+from fusedvlm.env import check_environment
 
 DESCRIPTION = (
     "The fused vision-question language model of arXiv 2412.18387: chat about an image, "
@@ -35,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_environment()
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
         return status
@@ -49,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`fusedvlm info | head`): stop quietly. Python would report the
         # failed flush of stdout at exit, so it is pointed at /dev/null first.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stdout without a descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:
         # A full disk, a read-only folder, a file where a folder should be: one line naming the path.
