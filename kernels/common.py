@@ -81,7 +81,7 @@ def host_offsets(cu: torch.Tensor, name: str, total: int, what: str) -> list[int
     row = cu.tolist()
     if row[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {row[0]}")
-    if any(b < a for a, b in zip(row, row[1:])):
+    if row != sorted(row):  # sorted() runs in C: cheaper than a Python loop on every call
         raise ValueError(f"{name} must be non-decreasing, got {row}")
     if row[-1] != total:
         raise ValueError(f"{name}[-1] = {row[-1]} but {what} has {total} tokens")

@@ -65,7 +65,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
 from fusedvlm.kernels.common import flag, grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -857,14 +857,25 @@ def local_merge(
 
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and out is None:
+    if (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and out is None
+        and torch.is_autocast_enabled(x.device.type)
+    ):
         # Under autocast compute where F.conv2d would (the autocast dtype, fp32 accumulation);
         # a caller's ``out`` buffer fixes the dtype instead.
         x = x.to(compute_dtype(x))
     h, w, lf_token, bias = check_args(x, weight, lf_token, bias, residual, grid, out)
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
-    weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
+    if not (weight.dtype == lf_token.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+        weight, lf_token, bias = (
+            t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias)
+        )
+    if out is None and x.is_cpu and not torch.compiler.is_compiling() and cpu_op_ready():
+        # The common eager CPU call: the op's C++ kernel picks the implementation.
+        return torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
     if (
         not torch.compiler.is_compiling()
         and not use_triton(x, weight, lf_token, bias, out)
@@ -876,7 +887,7 @@ def local_merge(
         # and ``out`` is written in place. The C++ kernel and Triton run through the op, which
         # compiled graphs hold too.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
-    y = torch.ops.fusedvlm.local_merge(x, weight, lf_token, bias, residual, h, w)
+    y = torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
     # grad, so a call with ``out`` pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))

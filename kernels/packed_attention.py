@@ -60,7 +60,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
 from fusedvlm.kernels.common import finite_real, flag, host_offsets, offsets_tensor
 
 _LOG2E = 1.4426950408889634
@@ -107,6 +107,8 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
 def _host_offsets(q, k, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
     """Every offset checked, both vectors on the host (CPU tensors only: reading them is free)."""
     cq = host_offsets(cu_q, "cu_seqlens_q", q.shape[0], "the tensor")
+    if cu_k is cu_q and k.shape[0] == q.shape[0]:
+        return cq, cq  # self-attention: key segments are the query segments
     ck = host_offsets(cu_k, "cu_seqlens_k", k.shape[0], "the tensor")
     if causal:
         for s in range(len(cq) - 1):
@@ -940,16 +942,20 @@ def packed_attention(
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and not (
-        q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type)
+    if (
+        isinstance(q, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and isinstance(v, torch.Tensor)
+        and not (q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type))
     ):
         # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
         dtype = compute_dtype(q, k, v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     cu_seqlens_q, cu_seqlens_k, scale, offsets = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    # A compiled graph always holds the op; its kernel picks the implementation at run time.
-    if not torch.compiler.is_compiling() and implementation(q) == "torch":
+    # A compiled graph always holds the op; its kernel picks the implementation at run time (on
+    # the CPU, once the C++ library is loaded, its C++ kernel does: the common eager call).
+    if not torch.compiler.is_compiling() and not (q.is_cpu and cpu_op_ready()) and implementation(q) == "torch":
         cq, ck = offsets or _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
         return _torch_packed_attention(q, k, v, cq, ck, causal, scale)
     return torch.ops.fusedvlm.packed_attention.default(
