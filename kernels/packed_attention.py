@@ -74,8 +74,9 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
     """The one argument check of :func:`packed_attention`, run before any backend is picked.
 
     Types, shapes, dtypes, the device of every tensor (offsets included) and the scalars; on the
-    CPU also every offset value. Returns (cu_q, cu_k, scale, host offsets or None): the offsets
-    contiguous, the scale a float (default D^-1/2), the offsets as lists where they were read."""
+    CPU, in eager mode, also every offset value. Returns (cu_q, cu_k, scale, host offsets or
+    None): the offsets contiguous, the scale a float (default D^-1/2), the offsets as lists
+    where they were read."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
@@ -100,7 +101,8 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
         )
     causal = flag(causal, "causal")
     scale = q.shape[2] ** -0.5 if scale is None else finite_real(scale, "scale")
-    offsets = _host_offsets(q, k, cu_q, cu_k, causal) if q.is_cpu else None
+    # Traced by torch.compile, the values are not known: the op's kernel checks them at run time.
+    offsets = _host_offsets(q, k, cu_q, cu_k, causal) if q.is_cpu and not torch.compiler.is_compiling() else None
     return cu_q, cu_k, scale, offsets
 
 
