@@ -244,8 +244,13 @@ def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor
 
 def read_model_config(path: str) -> ModelConfig:
     """The ModelConfig of a model directory; an authors' directory gets a pointer to the converter."""
-    from fusedvlm.checkpoint import is_upstream_checkpoint, read_config_json
+    from fusedvlm.checkpoint import is_upstream_checkpoint, read_config_json, remove_stale_temporaries
 
+    if not os.path.lexists(path):
+        # A save killed between the two renames of its fallback switch (no atomic exchange on
+        # this file system) parked the previous directory beside it: put it back now rather
+        # than at the next save.
+        remove_stale_temporaries(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     if is_upstream_checkpoint(path):

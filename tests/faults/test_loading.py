@@ -89,3 +89,19 @@ def test_bool_query_count_is_refused(tiny_model, photo):
 
     with pytest.raises(ValueError, match="n_l and n_s must be integers"):
         ChatSession(tiny_model, photo, n_l=True)
+
+
+def test_directory_parked_by_a_killed_fallback_switch_is_restored_on_load(model_dir):
+    # On 29b7c74 the directory stayed missing until the next save.
+    import subprocess
+    import sys
+
+    from fusedvlm.model import FusedVLM
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    folder, base = os.path.split(model_dir)
+    os.rename(model_dir, os.path.join(folder, f".{base}.old-{pid}-0123abcd"))
+    model = FusedVLM.from_pretrained(model_dir)
+    assert model.cfg.n_l == 6 and os.path.isdir(model_dir)
+    assert not [n for n in os.listdir(folder) if n.startswith(".")]
