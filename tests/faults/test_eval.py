@@ -250,3 +250,14 @@ def test_disk_full_keeps_the_previous_reports(tmp_path, bench, capsys, monkeypat
     assert (out / "POPE" / "scored.jsonl").read_bytes() == scored
     leftovers = [n for root, _, names in os.walk(tmp_path) for n in names if n.startswith(".")]
     assert leftovers == []
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, bench, capsys, monkeypatch):
+    # Root writes into read-only folders, so the permission is simulated where it is asked.
+    real = os.access
+    folder = str(tmp_path / "ro")
+    os.mkdir(folder)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == folder else real(p, mode))
+    assert _eval(os.path.join(folder, "out"), bench, "--preset", "tiny") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write in {folder} (permission denied)" in err

@@ -248,5 +248,6 @@ def test_local_merge_residual_must_be_bool(path):
     x, weight, lf = torch.randn(1, 16, 8), torch.randn(8, 8, 3, 3), torch.randn(8)
     with pytest.raises(TypeError, match="residual must be a bool"):
         local_merge(x, weight, lf, residual="no")
-    with pytest.raises(ValueError, match=r"grid must be a pair of ints"):
-        local_merge(x, weight, lf, grid=(4, 4, 1))
+    for grid in [(4, 4, 1), "4x4", (4.0, 4.0)]:
+        with pytest.raises(ValueError, match=r"grid must be a pair of ints"):
+            local_merge(x, weight, lf, grid=grid)

@@ -55,3 +55,20 @@ def test_second_writer_is_refused(data, tmp_path, capsys):
         assert _train(root, path, out) == 2
     assert "in use by another fusedvlm run" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_disk_full_at_the_final_save_is_one_line(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import fusedvlm.checkpoint as checkpoint
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", full)
+    root, path = data
+    out = tmp_path / "run"
+    assert _train(root, path, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and err[-1].startswith("fusedvlm train: error:")
+    assert not (out / "model.safetensors").exists()
