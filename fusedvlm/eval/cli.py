@@ -149,8 +149,9 @@ def _check_run_meta(out: str, meta: dict) -> None:
                 f"rerun with --fresh to discard them, or use another --out"
             )
         meta = {**meta, "n_l": sorted(set(old.get("n_l", [])) | set(meta["n_l"]), reverse=True)}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    from fusedvlm.outputs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(meta, indent=1))
 
 
 def run_eval(args: argparse.Namespace) -> int:
