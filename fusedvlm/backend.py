@@ -22,7 +22,7 @@ import os
 
 import torch
 
-_CHOICES = ("auto", "torch", "triton", "cpp")
+from fusedvlm.env import env_choice
 
 
 def interpreter_enabled() -> bool:
@@ -35,10 +35,7 @@ def triton_available() -> bool:
 
 
 def requested_backend() -> str:
-    choice = os.environ.get("FUSEDVLM_BACKEND", "auto").lower()
-    if choice not in _CHOICES:
-        raise ValueError(f"FUSEDVLM_BACKEND={choice!r}: expected one of {_CHOICES}")
-    return choice
+    return env_choice("FUSEDVLM_BACKEND", "auto")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -50,6 +50,8 @@ def read_config_json(config: str, fmt: str, version: int, refused: dict[str, str
         raise ValueError(f"{config} is not a {fmt} config (format={found!r})")
     if meta.get("version") != version:
         raise ValueError(f"{config} has version {meta.get('version')!r}; this fusedvlm reads version {version}")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{config} has no 'config' object (the model's settings)")
     try:
         return meta["config"] if parse is None else parse(meta["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:

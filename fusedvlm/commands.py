@@ -20,6 +20,7 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
     add_model_arguments(p)
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
+    add_max_image_pixels(p)
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
     p.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question")
     p.add_argument(
@@ -175,14 +176,34 @@ def add_decode_args(p) -> None:
     )
 
 
-def _open_image(spec: str):
+def add_max_image_pixels(p) -> None:
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest image accepted, in pixels, checked before it is decoded "
+        "(default: fusedvlm.preprocess.DEFAULT_MAX_PIXELS, 40 million)",
+    )
+
+
+def max_image_pixels(args) -> int:
+    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
+
+    value = DEFAULT_MAX_PIXELS if args.max_image_pixels is None else args.max_image_pixels
+    if value < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {value}")
+    return value
+
+
+def _open_image(spec: str, max_pixels: int):
     from fusedvlm.preprocess import load_image
 
     if spec.startswith("sample:"):
         from fusedvlm.samples import sample_image
 
         return sample_image(spec[len("sample:") :])
-    return load_image(spec)
+    return load_image(spec, max_pixels=max_pixels)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -194,7 +215,7 @@ def run_chat(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the input is refused before the model is loaded.
     for q in args.question:
         check_text(q, "question")
-    image = _open_image(args.image)
+    image = _open_image(args.image, max_image_pixels(args))
     gen = from_options(GenerationConfig, args)
     model = load_model(args, seed=args.seed)
     session = ChatSession(

@@ -227,7 +227,7 @@ def _read_llm(d: dict) -> dict:
 
 def check_query_counts(n_l: int, n_s: int, max_queries: int) -> None:
     """Raise a one-line ValueError unless (n_l, n_s) is usable."""
-    if not isinstance(n_l, int) or not isinstance(n_s, int):
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in (n_l, n_s)):  # True is an int to Python
         raise ValueError(f"n_l and n_s must be integers, got n_l={n_l!r}, n_s={n_s!r}")
     if n_l < 1:
         raise ValueError(f"n_l must be >= 1, got {n_l}")

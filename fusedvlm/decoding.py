@@ -655,8 +655,11 @@ class HFStaticEngine:
 
 def compile_default() -> bool:
     """Whether the lean step compiles unless told otherwise: yes, but ``FUSEDVLM_COMPILE=0`` turns
-    it off for a whole process (the test suite does, keeping compilation to its own tests)."""
-    return os.environ.get("FUSEDVLM_COMPILE", "1") != "0"
+    it off for a whole process (the test suite does, keeping compilation to its own tests; false,
+    no and off too)."""
+    from fusedvlm.env import env_flag
+
+    return env_flag("FUSEDVLM_COMPILE", True)
 
 
 def make_engine(hf, decode: str = "auto", compile: bool | None = None):

@@ -103,7 +103,11 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gen
     """Pick the next token from (vocab,) logits."""
     if not cfg.do_sample:
         return int(logits.argmax())
-    logits = logits / cfg.temperature
+    # Shifted so that the largest logit is 0 before the division: a tiny temperature (1e-45)
+    # then gives -inf to the others and 0 to the best (greedy, its limit) instead of inf - inf
+    # = NaN in the softmax; the shift leaves the softmax as it is for every other temperature.
+    logits = logits.float()
+    logits = (logits - logits.max()) / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

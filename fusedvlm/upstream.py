@@ -267,9 +267,9 @@ def build_config(
     for i in query_ids + [eos_id]:
         if i >= emb.shape[0]:
             raise UpstreamError(f"CLIP token id {i} is outside the fusion embedding table ({emb.shape[0]} rows)")
-    num_layers = len({k[len(FUSION) :].split(".")[1] for k in weights if k.startswith(FUSION + "layers.")})
-    hidden = emb.shape[1]
     inner = imgque.get("imgque_config") or {}
+    num_layers = _count_layers(weights, FUSION + "layers.", inner.get("num_hidden_layers"), f"{where} imgque_config")
+    hidden = emb.shape[1]
     heads = int(inner.get("num_attention_heads") or hidden // 64)
     kv_heads = int(inner.get("num_key_value_heads") or heads)
     fusion = FusionConfig(
@@ -370,13 +370,141 @@ def map_non_llm(weights: dict[str, torch.Tensor], cfg, query_ids: list[int]) -> 
     return out
 
 
+def _count_layers(weights, prefix: str, declared, where: str) -> int:
+    """How many layers ``prefix``N. the weights hold: 0..n-1 with none missing, and as many as
+    the config declares where it does (a missing last layer would build a shallower model)."""
+    found = sorted({int(k[len(prefix) :].split(".")[0]) for k in weights if k.startswith(prefix)})
+    want = len(found) if declared is None else int(declared)
+    missing = sorted(set(range(want)) - set(found))
+    if missing:
+        raise UpstreamError(
+            f"missing key {prefix}{missing[0]}.*: {where} declares {want} layers, the weights hold {len(found)}"
+        )
+    if found and found[-1] >= want:
+        raise UpstreamError(f"the weights hold {prefix}{found[-1]}.* but {where} declares {want} layers")
+    return want
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def weight_index(shards: list[str]) -> dict[str, torch.Tensor]:
+    """Name -> a meta tensor (shape and dtype) of every weight, read from the file headers
+    (``.bin`` files memory-mapped), so the whole checkpoint is checked before a byte is written."""
+    index: dict[str, torch.Tensor] = {}
+    for path in shards:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(path, "pt") as f:
+                    for k in f.keys():
+                        part = f.get_slice(k)
+                        dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+                        index[k] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+            except Exception as e:  # safetensors raises its own error type for corrupt files
+                raise UpstreamError(f"cannot read {path}: {e}") from None
+        else:
+            for k, t in iter_shard(path):
+                index[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return index
+
+
+def _check_fusion_keys(weights) -> None:
+    for key in ("embed_tokens.weight", "layers.0.mlp.gate_proj.weight"):
+        if FUSION + key not in weights:
+            raise UpstreamError(f"missing key {FUSION}{key} in the checkpoint weights")
+
+
+def check_paths(src: str, out: str) -> None:
+    """Refuse an output that would overwrite, hold or sit inside the source, or cannot be written.
+
+    ``src`` and ``out`` are absolute. Symbolic links are resolved: a link to the source is the source."""
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_out == real_src:
+        raise UpstreamError(f"the output {out} is the source checkpoint; choose another OUT_DIR")
+    if os.path.commonpath([real_src, real_out]) == real_src:
+        raise UpstreamError(f"the output {out} is inside the source checkpoint {src}; choose a directory outside it")
+    if os.path.commonpath([real_src, real_out]) == real_out:
+        raise UpstreamError(f"the output {out} contains the source checkpoint {src}; it would be replaced")
+    check_output_dir(out)
+
+
+def check_output_dir(out: str, needed_bytes: int = 0) -> None:
+    """An output directory that can be created or replaced: not an existing file, its parent
+    writable, ``needed_bytes`` free there. One line naming the path otherwise."""
+    from fusedvlm.outputs import check_output_dir as check
+
+    try:
+        check(out, needed_bytes)
+    except ValueError as e:
+        raise UpstreamError(str(e)) from None
+
+
+def preflight(src: str, out: str, config: dict, template: str | None, drop_question: bool | None) -> list[str]:
+    """Everything :func:`convert` can check before it writes a byte, from the config, the weight
+    headers, the tokenizers and the preprocessor config; returns the weight shards."""
+    from dataclasses import replace
+
+    from fusedvlm.checkpoint import check_state_dict
+    from fusedvlm.model.vlm import FusedVLM
+
+    where = os.path.join(src, "config.json")
+    if not os.path.isfile(os.path.join(src, "tokenizer_config.json")):
+        raise UpstreamError(f"missing file {os.path.join(src, 'tokenizer_config.json')} (the LLM tokenizer)")
+    shards = weight_shards(src)
+    index = weight_index(shards)
+    llm_cfg = _need(config, "llm_config", where)
+    if not any(k.startswith(LLM) for k in index):
+        raise UpstreamError(f"missing key {LLM}*: the checkpoint in {src} holds no LLM weights")
+    _count_layers(index, LLM + "model.layers.", llm_cfg.get("num_hidden_layers"), f"{where} llm_config")
+    non_llm = {k: t for k, t in index.items() if _is_non_llm(k)}
+    _check_fusion_keys(non_llm)
+    cfg, query_ids, _ = build_config(src, config, non_llm, template, drop_question)
+    state = map_non_llm(non_llm, cfg, query_ids)
+    with torch.device("meta"):
+        # The LLM config's own fields give the projection's width; no LLM directory exists yet.
+        model = FusedVLM(replace(cfg, llm=replace(cfg.llm, source="random")), load_language_model=False)
+    check_state_dict(model.trainable_state_dict(), state, f"converted weights of {src}")
+    check_output_dir(out, sum(os.path.getsize(p) for p in shards))
+    return shards
+
+
 def _is_non_llm(name: str) -> bool:
     return name.startswith(VISION) or name.startswith(FUSION) or name == PROJ
 
 
 def convert(src: str, out: str, *, template: str | None = None, drop_question: bool | None = None, log=print) -> None:
     """Convert the authors' checkpoint directory ``src`` into a fusedvlm directory ``out``
-    (written into a temporary sibling, then switched into place atomically)."""
+    (written into a temporary sibling, then switched into place atomically). Everything that can
+    be checked is checked before a byte is written (:func:`preflight`); an interruption, a full
+    disk or a permission error leaves ``out`` as it was."""
+    from fusedvlm.model.vlm import MODEL_FORMAT
+    from fusedvlm.outputs import locked_output
+
+    src, out = os.path.abspath(src), os.path.abspath(out)
+    if not os.path.isdir(src):
+        raise UpstreamError(f"checkpoint directory not found: {src}")
+    config = _read_json(os.path.join(src, "config.json"))
+    if config.get("format") == MODEL_FORMAT:
+        raise UpstreamError(f"{src} is already a fusedvlm model directory; use it as is (fusedvlm chat --checkpoint)")
+    check_paths(src, out)
+    with locked_output(out):
+        _convert(src, out, config, template, drop_question, log)
+
+
+def _convert(src: str, out: str, config: dict, template: str | None, drop_question: bool | None, log) -> None:
     from dataclasses import replace
 
     from safetensors.torch import save_file
@@ -385,14 +513,8 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
     from fusedvlm.clip_text import write_bpe
     from fusedvlm.model.vlm import FusedVLM, write_model_dir
 
-    src, out = os.path.abspath(src), os.path.abspath(out)
-    if not os.path.isdir(src):
-        raise UpstreamError(f"checkpoint directory not found: {src}")
-    config = _read_json(os.path.join(src, "config.json"))
-    if not os.path.isfile(os.path.join(src, "tokenizer_config.json")):
-        raise UpstreamError(f"missing file {os.path.join(src, 'tokenizer_config.json')} (the LLM tokenizer)")
-    shards = weight_shards(src)
-    llm_cfg = _need(config, "llm_config", os.path.join(src, "config.json"))
+    shards = preflight(src, out, config, template, drop_question)
+    llm_cfg = config["llm_config"]
 
     with atomic_directory(out) as tmp:
         llm_dir = os.path.join(tmp, "llm")
@@ -429,10 +551,7 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
             if os.path.isfile(p):
                 shutil.copy2(p, os.path.join(llm_dir, name))
         _pin_fast_tokenizer(llm_dir)
-        if FUSION + "embed_tokens.weight" not in non_llm:
-            raise UpstreamError(f"missing key {FUSION}embed_tokens.weight in the checkpoint weights")
-        if FUSION + "layers.0.mlp.gate_proj.weight" not in non_llm:
-            raise UpstreamError(f"missing key {FUSION}layers.0.mlp.gate_proj.weight in the checkpoint weights")
+        _check_fusion_keys(non_llm)
 
         cfg, query_ids, (vocab, merges) = build_config(src, config, non_llm, template, drop_question)
         state = map_non_llm(non_llm, cfg, query_ids)

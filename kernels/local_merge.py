@@ -66,7 +66,7 @@ from torch.utils.flop_counter import register_flop_formula
 from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
 from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
-from fusedvlm.kernels.common import grid_shape, merged_tokens_per_view
+from fusedvlm.kernels.common import flag, grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -422,6 +422,8 @@ def _triton_local_merge(x, weight, lf_token, bias, residual, h, w, out):
     v, _, c_in = x.shape
     c_out = weight.shape[0]
     w9 = weight.permute(2, 3, 1, 0).reshape(9, c_in, c_out).contiguous()
+    lf_token = lf_token.contiguous()  # read without strides, as is the bias
+    bias = None if bias is None else bias.contiguous()
     if out is None:
         out = x.new_empty(v, merged_tokens_per_view(h, w), c_out)
     _triton_forward(x, w9, lf_token, bias, residual, h, w, out.view(v, -1, c_out))
@@ -657,13 +659,21 @@ def _torch_forward(x, weight, lf_token, bias, residual, h, w, out):
     return result
 
 
-def _check(x, weight, lf_token, bias, residual, grid, out) -> tuple[int, int]:
+def check_args(x, weight, lf_token, bias, residual, grid, out):
+    """The one argument check of :func:`local_merge`, run before any backend is picked: shapes,
+    dtypes, devices, ``residual``. Returns (H, W, lf_token, bias), those two contiguous: the
+    Triton kernel reads them without strides."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"local_merge: x must be (V, H*W, C_in), got shape {tuple(getattr(x, 'shape', ()))}")
     v, n, c_in = x.shape
     if v == 0 or n == 0 or c_in == 0:
         raise ValueError(f"local_merge: x has an empty dimension: {tuple(x.shape)}")
     h, w = grid_shape(n, grid)
+    others = {"weight": weight, "lf_token": lf_token, "bias": bias, "out": out}
+    for name, t in others.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"local_merge: {name} must be a tensor, got {type(t).__name__}")
+    flag(residual, "local_merge: residual")
     if weight.dim() != 4 or weight.shape[1:] != (c_in, 3, 3):
         raise ValueError(f"local_merge: weight must be (C_out, {c_in}, 3, 3), got {tuple(weight.shape)}")
     c_out = weight.shape[0]
@@ -690,7 +700,8 @@ def _check(x, weight, lf_token, bias, residual, grid, out) -> tuple[int, int]:
             )
         if out.dim() == 2 and out.stride(0) != c_out * out.stride(1):
             raise ValueError("local_merge: a 2-D out must have contiguous rows to be viewed per view")
-    return h, w
+    lf_token = lf_token.contiguous()
+    return h, w, lf_token, None if bias is None else bias.contiguous()
 
 
 # --------------------------------------------------------------------------- fusedvlm:: operator
@@ -847,32 +858,24 @@ def local_merge(
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
     if (
-        out is None
-        and type(x) is torch.Tensor
-        and type(weight) is torch.Tensor
-        and type(lf_token) is torch.Tensor
-        and (bias is None or type(bias) is torch.Tensor)
-        and x.is_cpu
-        and x.dim() == 3
-        and x.numel()
-        and x.dtype == weight.dtype == lf_token.dtype
-        and (bias is None or bias.dtype == x.dtype)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and cpu_op_ready()
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and out is None
+        and torch.is_autocast_enabled(x.device.type)
     ):
-        # The common eager CPU call: once the grid is known, the op's C++ kernel checks what
-        # _check does.
-        h, w = grid_shape(x.shape[1], grid)
-        return torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and out is None:
         # Under autocast compute where F.conv2d would (the autocast dtype, fp32 accumulation);
         # a caller's ``out`` buffer fixes the dtype instead.
         x = x.to(compute_dtype(x))
-    h, w = _check(x, weight, lf_token, bias, residual, grid, out)
+    h, w, lf_token, bias = check_args(x, weight, lf_token, bias, residual, grid, out)
     # Parameters follow the activations' dtype, as F.conv2d's do under autocast (fp32 master
     # weights with bf16 tokens); the casts are differentiable, so gradients return in theirs.
-    weight, lf_token, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias))
+    if not (weight.dtype == lf_token.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+        weight, lf_token, bias = (
+            t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias)
+        )
+    if out is None and x.is_cpu and not torch.compiler.is_compiling() and cpu_op_ready():
+        # The common eager CPU call: the op's C++ kernel picks the implementation.
+        return torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
     if (
         not torch.compiler.is_compiling()
         and not use_triton(x, weight, lf_token, bias, out)
@@ -884,7 +887,7 @@ def local_merge(
         # and ``out`` is written in place. The C++ kernel and Triton run through the op, which
         # compiled graphs hold too.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
-    y = torch.ops.fusedvlm.local_merge(x, weight, lf_token, bias, residual, h, w)
+    y = torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
     # grad, so a call with ``out`` pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))

@@ -53,7 +53,6 @@ softmax per segment) for machines without the C++ build.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +61,7 @@ from torch.utils.flop_counter import register_flop_formula
 from fusedvlm import native
 from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
 from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
+from fusedvlm.kernels.common import finite_real, flag, host_offsets, offsets_tensor
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -70,8 +70,13 @@ _MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------- validation
 
 
-def _check_args(q, k, v, cu_q, cu_k) -> None:
-    """Shapes, dtypes and devices: metadata only, nothing leaves the device."""
+def check_args(q, k, v, cu_q, cu_k, causal, scale):
+    """The one argument check of :func:`packed_attention`, run before any backend is picked.
+
+    Types, shapes, dtypes, the device of every tensor (offsets included) and the scalars; on the
+    CPU, in eager mode, also every offset value. Returns (cu_q, cu_k, scale, host offsets or
+    None): the offsets contiguous, the scale a float (default D^-1/2), the offsets as lists
+    where they were read."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
@@ -88,44 +93,31 @@ def _check_args(q, k, v, cu_q, cu_k) -> None:
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
-    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(
-                f"{name} must be a 1-D int32 tensor of n + 1 >= 1 offsets, got {cu.dtype} {tuple(cu.shape)}"
-            )
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    cu_q = offsets_tensor(cu_q, "cu_seqlens_q", q, "q")
+    cu_k = offsets_tensor(cu_k, "cu_seqlens_k", q, "q")
     if cu_q.numel() != cu_k.numel():
         raise ValueError(
             f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match"
         )
+    causal = flag(causal, "causal")
+    scale = q.shape[2] ** -0.5 if scale is None else finite_real(scale, "scale")
+    # Traced by torch.compile, the values are not known: the op's kernel checks them at run time.
+    offsets = _host_offsets(q, k, cu_q, cu_k, causal) if q.is_cpu and not torch.compiler.is_compiling() else None
+    return cu_q, cu_k, scale, offsets
 
 
 def _host_offsets(q, k, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
-    """Check every offset (one device -> host copy) and return both vectors on the host.
-
-    Called by the CPU paths, where reading the offsets is free; on CUDA the values are checked
-    once where the pack is built (``check_cu_seqlens`` in the fusion decoder and
-    :func:`fusedvlm.packing.pack`), not in every layer's call."""
-    both = torch.stack([cu_q, cu_k]).to("cpu", torch.int64)
-    for row, name, total in ((both[0], "cu_seqlens_q", q.shape[0]), (both[1], "cu_seqlens_k", k.shape[0])):
-        if int(row[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0, got {int(row[0])}")
-        if bool((row[1:] < row[:-1]).any()):
-            raise ValueError(f"{name} must be non-decreasing, got {row.tolist()}")
-        if int(row[-1]) != total:
-            raise ValueError(f"{name}[-1] = {int(row[-1])} but the tensor has {total} tokens")
+    """Every offset checked, both vectors on the host (CPU tensors only: reading them is free)."""
+    cq = host_offsets(cu_q, "cu_seqlens_q", q.shape[0], "the tensor")
+    if cu_k is cu_q and k.shape[0] == q.shape[0]:
+        return cq, cq  # self-attention: key segments are the query segments
+    ck = host_offsets(cu_k, "cu_seqlens_k", k.shape[0], "the tensor")
     if causal:
-        lq, lk = both[0].diff(), both[1].diff()
-        bad = (lk < lq).nonzero().flatten()
-        if bad.numel():
-            s = int(bad[0])
-            raise ValueError(
-                f"segment {s}: {int(lk[s])} keys < {int(lq[s])} queries; a causal segment needs len_k >= len_q"
-            )
-    return both[0].tolist(), both[1].tolist()
+        for s in range(len(cq) - 1):
+            lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+            if lk < lq:
+                raise ValueError(f"segment {s}: {lk} keys < {lq} queries; a causal segment needs len_k >= len_q")
+    return cq, ck
 
 
 # --------------------------------------------------------------------------- torch path
@@ -591,6 +583,7 @@ def _triton_forward(q, k, v, cu_q, cu_k, causal, scale, max_seqlen_q=None):
     import triton
 
     fwd, _, _ = _kernels(interpreter_enabled())
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # indexed without strides
     tq, hq, d = q.shape
     group = hq // k.shape[1]
     block_m, block_n, warps, stages = _block_config(d, q.element_size(), backward=False)
@@ -638,6 +631,7 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqle
     import triton
 
     _, dkdv, dqk = _kernels(interpreter_enabled())
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # indexed without strides
     tq, hq, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     group = hq // hkv
@@ -837,13 +831,22 @@ LIB.impl("packed_attention", _forward_cuda, "CUDA")
 LIB.impl("packed_attention_backward", _backward_cuda, "CUDA")
 
 
+def _same_device(*tensors: torch.Tensor) -> None:
+    # A meta tensor among CPU ones sends the call here rather than to the CPU kernel; without
+    # this check it would return uninitialised CPU memory.
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"fusedvlm::packed_attention: tensors on different devices {[str(t.device) for t in tensors]}")
+
+
 @torch.library.register_fake("fusedvlm::packed_attention", lib=LIB)
 def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    _same_device(q, k, v, cu_q, cu_k)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("fusedvlm::packed_attention_backward", lib=LIB)
 def _backward_fake(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    _same_device(do, q, k, v, out, lse, cu_q, cu_k)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -935,44 +938,28 @@ def packed_attention(
     Computes (and returns) in :func:`fusedvlm.backend.compute_dtype` of q, k, v: the autocast
     dtype under autocast, else the widest of theirs; softmax statistics stay fp32.
 
-    Offsets are checked on the CPU paths (free there) and, for CUDA tensors, once where the pack
-    is built (:func:`fusedvlm.packing.check_cu_seqlens`), not in every call.
+    Every call runs :func:`check_args` first, whichever backend then runs it: offset values are
+    read and checked for CPU tensors (free there) and, for CUDA tensors, once where the pack is
+    built (:func:`fusedvlm.packing.check_cu_seqlens`), not in every call.
     """
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     if (
-        type(q) is torch.Tensor
-        and type(k) is torch.Tensor
-        and type(v) is torch.Tensor
-        and type(cu_seqlens_q) is torch.Tensor
-        and type(cu_seqlens_k) is torch.Tensor
-        and q.dtype == k.dtype == v.dtype
-        and q.is_cpu
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and cpu_op_ready()
+        isinstance(q, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and isinstance(v, torch.Tensor)
+        and not (q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type))
     ):
-        # The common eager CPU call: the op's C++ kernel checks everything _check_args does.
-        if scale is None:
-            scale = q.shape[-1] ** -0.5 if q.dim() == 3 and q.shape[-1] > 0 else 1.0
-        elif not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-        return torch.ops.fusedvlm.packed_attention.default(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, float(scale)
-        )[0]
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
         dtype = compute_dtype(q, k, v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    # A compiled graph always holds the op; its kernel picks the implementation at run time.
-    if not torch.compiler.is_compiling() and implementation(q) == "torch":
-        offsets_q, offsets_k = _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
-        return _torch_packed_attention(q, k, v, offsets_q, offsets_k, causal, scale)
-    return torch.ops.fusedvlm.packed_attention(
+    cu_seqlens_q, cu_seqlens_k, scale, offsets = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    # A compiled graph always holds the op; its kernel picks the implementation at run time (on
+    # the CPU, once the C++ library is loaded, its C++ kernel does: the common eager call).
+    if not torch.compiler.is_compiling() and not (q.is_cpu and cpu_op_ready()) and implementation(q) == "torch":
+        cq, ck = offsets or _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
+        return _torch_packed_attention(q, k, v, cq, ck, causal, scale)
+    return torch.ops.fusedvlm.packed_attention.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
     )[0]

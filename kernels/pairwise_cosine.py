@@ -58,9 +58,8 @@ import torch
 
 from fusedvlm import native
 from fusedvlm.backend import forced_tiles, interpreter_enabled, requested_backend, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
-from fusedvlm.kernels.common import PsiStats, unit_rows
-from fusedvlm.packing import check_cu_seqlens
+from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.kernels.common import PsiStats, flag, host_offsets, offsets_tensor, unit_rows
 
 __all__ = ["PsiStats", "pairwise_cosine_stats"]
 
@@ -73,7 +72,10 @@ _TORCH_TILE = 256
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(h_a: torch.Tensor, h_b: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+def check_args(h_a, h_b, cu_seqlens, positive) -> tuple[torch.Tensor, bool]:
+    """The one argument check of :func:`pairwise_cosine_stats`, run before any backend is picked:
+    types, shapes, dtypes, devices (offsets included), ``positive``, and every offset value (one
+    read; statistics are not a per-layer hot path). Returns the offsets contiguous."""
     for name, t in (("h_a", h_a), ("h_b", h_b)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a (T, d) tensor, got {getattr(t, 'shape', type(t))}")
@@ -87,9 +89,11 @@ def _validate(h_a: torch.Tensor, h_b: torch.Tensor, cu_seqlens: torch.Tensor) ->
         raise ValueError(f"h_a and h_b must be on one device, got {h_a.device} and {h_b.device}")
     if h_a.shape[1] == 0:
         raise ValueError("hidden size d must be >= 1, got 0")
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != h_a.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but h_a is on {h_a.device}")
-    check_cu_seqlens(cu_seqlens, h_a.shape[0])
+    cu_seqlens = offsets_tensor(cu_seqlens, "cu_seqlens", h_a, "h_a")
+    positive = flag(positive, "positive")
+    if h_a.device.type != "meta" and not torch.compiler.is_compiling():
+        host_offsets(cu_seqlens, "cu_seqlens", h_a.shape[0], "the pack")
+    return cu_seqlens, positive
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -340,6 +344,7 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
     if total == 0:
         return PsiStats(*(torch.empty(0, dtype=torch.float32, device=dev) for _ in PsiStats._fields))
     n_seg = cu_seqlens.numel() - 1
+    cu_seqlens = cu_seqlens.contiguous()  # indexed without strides
 
     rbm, rbd = forced_tiles("pairwise_cosine_row") or (_INTERPRET_ROW if interpret else _GPU_ROW)
     chunks = triton.cdiv(d, rbd)
@@ -421,6 +426,8 @@ LIB.define(
 def _stats_cpu(h_a, h_b, cu_seqlens, positive):
     impl = cpu_implementation(h_a, h_b)
     if impl == "triton":
+        # A direct op call skips check_args; a bad offset would send the kernel out of bounds.
+        host_offsets(cu_seqlens, "cu_seqlens", h_a.shape[0], "the pack")
         return tuple(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
     if impl == "cpp":
         return native.load().pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
@@ -437,6 +444,12 @@ LIB.impl("pairwise_cosine_stats", _stats_cuda, "CUDA")
 
 @torch.library.register_fake("fusedvlm::pairwise_cosine_stats", lib=LIB)
 def _stats_fake(h_a, h_b, cu_seqlens, positive):
+    # A meta tensor among CPU ones sends the call here rather than to the CPU kernel; without
+    # this check it would return uninitialised CPU memory.
+    if len({h_a.device, h_b.device, cu_seqlens.device}) != 1:
+        raise ValueError(
+            f"fusedvlm::pairwise_cosine_stats: tensors on different devices {h_a.device}, {h_b.device}, {cu_seqlens.device}"
+        )
     return tuple(h_a.new_empty(h_a.shape[0], dtype=torch.float32) for _ in PsiStats._fields)
 
 
@@ -465,28 +478,12 @@ def pairwise_cosine_stats(
     prefix holds a NaN row is NaN. Runs ``torch.ops.fusedvlm.pairwise_cosine_stats`` (Triton on
     CUDA or under the interpreter, C++ on CPU), the torch path under ``FUSEDVLM_BACKEND=torch``.
     """
-    if (
-        type(h_a) is torch.Tensor
-        and type(h_b) is torch.Tensor
-        and type(cu_seqlens) is torch.Tensor
-        and h_a.dtype == h_b.dtype
-        and h_a.is_cpu
-        and not torch.compiler.is_compiling()
-        and cpu_op_ready()
-    ):
-        # The common eager CPU call: the op's C++ kernel checks everything _validate does and
-        # returns tensors without a graph.
-        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive))
-    with torch.no_grad():
-        return _pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-
-
-def _pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiStats:
     if isinstance(h_a, torch.Tensor) and isinstance(h_b, torch.Tensor) and h_a.dtype != h_b.dtype:
         # Statistics, not activations: mixed branches meet in the wider dtype, autocast or not.
         common = torch.promote_types(h_a.dtype, h_b.dtype)
         h_a, h_b = h_a.to(common), h_b.to(common)
-    _validate(h_a, h_b, cu_seqlens)
-    if requested_backend() == "torch":
-        return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-    return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
+    cu_seqlens, positive = check_args(h_a, h_b, cu_seqlens, positive)
+    with torch.no_grad():  # statistics, never differentiated
+        if requested_backend() == "torch":
+            return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
+        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive))

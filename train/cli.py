@@ -167,6 +167,19 @@ def build_trainer(
 
 
 def run_train(args) -> int:
+    import contextlib
+    import os
+
+    from fusedvlm.outputs import check_output_dir, locked_output
+
+    check_output_dir(args.out)
+    # One writer per run directory; under torchrun the ranks share it and rank 0 holds the lock.
+    lock = locked_output(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
+        return _run_train(args)
+
+
+def _run_train(args) -> int:
     import json
     import os
     from dataclasses import replace
@@ -229,6 +242,14 @@ def run_train(args) -> int:
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({**run_info, "args": {k: v for k, v in vars(args).items() if k != "func"}}, f, indent=1)
     rows = trainer.fit(resume=args.resume)
+    if rows and all(r["loss"] is None for r in rows):
+        # Every step held only records that failed to encode: weights would be the untrained ones.
+        if ctx.enabled:
+            torch.distributed.destroy_process_group()
+        raise ValueError(
+            f"{args.data}: no usable record: {len(problems) + len(trainer.skipped)} record(s) skipped "
+            f"(see {os.path.join(args.out, 'metrics.jsonl')}); no model written"
+        )
     # Gathered on every rank (FSDP shards the weights); the same tensors as save_trainable(model).
     state = trainer.full_model_state()
     if ctx.is_main:

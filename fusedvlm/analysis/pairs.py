@@ -43,6 +43,14 @@ def _pair_from_record(rec: dict, where: str) -> Pair:
 def _jsonl(lines, where: str):
     """(``where:lineno``, record) for every non-blank line; a line that is not JSON is an error naming it."""
     for lineno, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            # Decoded line by line, so that a stray byte is reported with its line.
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}:{lineno}: not UTF-8 text (byte {line[e.start : e.start + 1]!r} at column {e.start + 1})"
+                ) from None
         if not line.strip():
             continue
         try:
@@ -58,7 +66,7 @@ def load_pairs(path: str, limit: int | None = None) -> list[Pair]:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
         pairs = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for where, rec in _jsonl(f, path):
                 pairs.append(_pair_from_record(rec, where))
                 if limit is not None and len(pairs) >= limit:
@@ -94,7 +102,7 @@ def load_prompts(path: str | None = None) -> list[dict]:
     else:
         if not os.path.exists(path):
             raise FileNotFoundError(f"prompt file not found: {path}")
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             text = f.read()
         where = path
     prompts = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 
@@ -10,6 +12,7 @@ from fusedvlm.config import PAPER_N_L, PRESETS
 
 
 def register(sub) -> None:
+    from fusedvlm.commands import add_max_image_pixels
     from fusedvlm.device import add_device_arguments
 
     p = sub.add_parser(
@@ -41,6 +44,7 @@ def register(sub) -> None:
         help="malformed rows: stop with their list (default) or skip them, listed in OUT/skipped.jsonl",
     )
     p.add_argument("--limit", type=int, help="only the first N items of each benchmark")
+    add_max_image_pixels(p)
     p.add_argument("--images-per-batch", type=int, default=4, help="images per vision / fusion forward")
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 8 for yes/no and multiple choice)")
     p.add_argument(
@@ -49,6 +53,12 @@ def register(sub) -> None:
         help="recompute vision and fusion for every (question, n_l), as the authors' harness does",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the random initialisation of a preset")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the predictions OUT holds from an earlier run (another model, weights, dtype, device or "
+        "decode settings) instead of refusing to mix them",
+    )
     add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -85,29 +95,70 @@ def load_model(preset: str | None, checkpoint: str | None, seed: int, device: st
     return model.to(device=dev, dtype=resolve_dtype(dtype, dev))
 
 
+def weights_fingerprint(path: str) -> str:
+    """A fingerprint of the weights at ``path`` (a file, or every file of a model directory):
+    size, modification time and a hash of the first and last 64 KiB of each file (the
+    safetensors header and the tail of the data), so that weights overwritten in place, even
+    with the same shapes, are told apart without reading gigabytes."""
+    files = [path]
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(path) for name in names if not name.startswith(".")
+        )
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, path)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+            if st.st_size > 1 << 17:
+                fh.seek(-(1 << 16), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:24]
+
+
+RUN_FILES = ("predictions.jsonl", "scored.jsonl")
+
+
+def discard_run(out: str) -> None:
+    """--fresh: remove run.json and every benchmark's predictions and scored answers in ``out``."""
+    for name in ("run.json", "metrics.json", "scores.csv", "scores.md", "skipped.jsonl"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    for entry in os.scandir(out):
+        if entry.is_dir(follow_symlinks=False):
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(entry.path, name))
+
+
 def _check_run_meta(out: str, meta: dict) -> None:
-    """A directory's predictions belong to one model and prompt setup; refuse to mix."""
+    """A directory's predictions belong to one model, weights, dtype, device and decode setup;
+    refuse to mix (``--fresh`` discards the earlier run's)."""
     path = os.path.join(out, "run.json")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); rerun with --fresh to start over") from None
         diff = sorted(k for k in meta if k != "n_l" and old.get(k) != meta[k])
         if diff:
             raise ValueError(
                 f"{out} holds predictions of another run ({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in diff)}); "
-                f"use another --out"
+                f"rerun with --fresh to discard them, or use another --out"
             )
         meta = {**meta, "n_l": sorted(set(old.get("n_l", [])) | set(meta["n_l"]), reverse=True)}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    from fusedvlm.outputs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(meta, indent=1))
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from fusedvlm.commands import max_image_pixels
     from fusedvlm.eval.data import BenchmarkError, load_benchmark
-    from fusedvlm.eval.report import benchmark_metrics, write_reports
-    from fusedvlm.eval.runner import EvalConfig, Evaluator, PredictionStore, Skipped
+    from fusedvlm.eval.runner import EvalConfig, Skipped
+    from fusedvlm.outputs import check_output_dir, locked_output
 
     n_ls = parse_n_l(args.n_l)
     max_new = (
@@ -120,6 +171,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
 
     benches = [load_benchmark(spec) for spec in args.benchmark]
+    for b in benches:
+        b.max_pixels = max_image_pixels(args)
     names = [b.name for b in benches]
     if len(set(names)) != len(names):
         raise ValueError(f"two benchmarks share a name (file stem): {names}")
@@ -135,12 +188,36 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.limit is not None:
             b.items = b.items[: args.limit]
 
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    check_output_dir(args.out)
+    with locked_output(args.out):
+        return _run_locked(args, cfg, n_ls, benches, skipped)
+
+
+def _run_locked(args, cfg, n_ls, benches, skipped) -> int:
+    from tqdm import tqdm
+
+    from fusedvlm.device import resolve_device, resolve_dtype
+    from fusedvlm.eval.report import benchmark_metrics, write_reports
+    from fusedvlm.eval.runner import Evaluator, PredictionStore
+    from fusedvlm.outputs import write_text_atomic
+
     os.makedirs(args.out, exist_ok=True)
+    if args.fresh:
+        discard_run(args.out)
+    device = resolve_device(args.device)
     meta = {
         "model": f"preset:{args.preset}" if args.preset else os.path.abspath(args.checkpoint),
+        "weights": None if args.preset else weights_fingerprint(args.checkpoint),
         "seed": args.seed,
+        "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        "device": str(device),
+        "shared_prefix": cfg.shared_prefix,
+        "decode": "greedy",
         "max_new_tokens_yes_no": cfg.max_new_tokens_yes_no,
         "max_new_tokens_mcq": cfg.max_new_tokens_mcq,
+        "llm_batch_size": cfg.llm_batch_size,
         "n_l": list(n_ls),
     }
     _check_run_meta(args.out, meta)
@@ -150,19 +227,22 @@ def run_eval(args: argparse.Namespace) -> int:
     results = {}
     for b in benches:
         store = PredictionStore(os.path.join(args.out, b.name, "predictions.jsonl"))
-        total = sum(not store.done(it.index, n) for it in b.items for n in n_ls)
+        total = sum(not store.done(it, n) for it in b.items for n in n_ls)
         with tqdm(total=total, unit="item", desc=b.name, disable=args.no_progress) as bar:
             evaluator.run(b, store, args.on_error, skipped.append, bar)
+        predictions = store.predictions(b.items, n_ls)
         results[b.name] = {
             "kind": b.kind,
             "path": os.path.abspath(b.path),
-            "per_n": benchmark_metrics(b, store.records, n_ls, os.path.join(args.out, b.name, "scored.jsonl")),
+            "per_n": benchmark_metrics(b, predictions, n_ls, os.path.join(args.out, b.name, "scored.jsonl")),
         }
-    with open(os.path.join(args.out, "skipped.jsonl"), "w", encoding="utf-8") as f:
-        for s in skipped:
-            f.write(
-                json.dumps({"benchmark": s.benchmark, "index": s.index, "error": s.error}, ensure_ascii=False) + "\n"
-            )
+    write_text_atomic(
+        os.path.join(args.out, "skipped.jsonl"),
+        "".join(
+            json.dumps({"benchmark": s.benchmark, "index": s.index, "error": s.error}, ensure_ascii=False) + "\n"
+            for s in skipped
+        ),
+    )
     rows = write_reports(args.out, results, len(skipped), plot=not args.no_plot)
     t = evaluator.stats.seconds
     print(

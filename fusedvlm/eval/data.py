@@ -25,9 +25,12 @@ import csv
 import hashlib
 import io
 import os
+import re
 import string
 import sys
 from dataclasses import dataclass, field
+
+from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
 
 KINDS = ("mme", "pope", "hallusionbench", "mcq")
 YES_NO_KINDS = ("mme", "pope", "hallusionbench")
@@ -56,6 +59,12 @@ class Item:
     fields: dict = field(default_factory=dict, hash=False, compare=False)  # per-benchmark metric keys
     options: dict = field(default_factory=dict, hash=False, compare=False)  # letter -> text (multiple choice)
 
+    @property
+    def digest(self) -> str:
+        """What the model is shown for this row (its image and prompt): a resumed run predicts a
+        row again when this changed, so an edited row is never scored with an old answer."""
+        return hashlib.sha1(f"{self.image_key}\0{self.prompt}".encode()).hexdigest()[:16]
+
 
 @dataclass
 class Problem:
@@ -77,6 +86,7 @@ class Benchmark:
     items: list[Item]
     images: dict[str, tuple[str, str]]  # image_key -> ('base64', data) or ('path', file)
     problems: list[Problem]
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded-size limit of its images (fusedvlm.preprocess)
 
     @property
     def yes_no(self) -> bool:
@@ -84,16 +94,12 @@ class Benchmark:
 
     def open_image(self, key: str):
         """The decoded PIL image of ``key``."""
-        from PIL import Image
-
         from fusedvlm.preprocess import load_image
 
         how, value = self.images[key]
         if how == "path":
-            return load_image(value)
-        image = Image.open(io.BytesIO(base64.b64decode(value)))
-        image.load()
-        return image
+            return load_image(value, max_pixels=self.max_pixels)
+        return load_image(io.BytesIO(base64.b64decode(value)), max_pixels=self.max_pixels, name=f"'image' of {key}")
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -128,7 +134,9 @@ def _read_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
     # Base64 images are far longer than csv's default field limit.
     csv.field_size_limit(sys.maxsize)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: Excel starts its UTF-8 exports with a byte-order mark, which would otherwise
+        # stick to the first column's name ("\ufeffindex").
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="\t")  # pandas-written: quoted where needed
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
@@ -159,6 +167,23 @@ def _check_base64(data: str) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"'image' is base64 but not a readable image ({e})"
     return None
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _short_image_cell(image: str, idx: str, by_index: dict[str, int], base: str, error: str) -> str:
+    """Why a short 'image' cell is unusable (``error``: its base64 check's): too short for an
+    encoded image, a path or an index-like word was meant as a file or a row reference."""
+    if image == idx:
+        return f"'image' is {image!r}, the row's own index: a row cannot share its own image"
+    if "/" in image or os.sep in image or image.lower().endswith(_IMAGE_SUFFIXES):
+        return f"image file not found: {image if os.path.isabs(image) else os.path.join(base, image)}"
+    if image in by_index:
+        return f"'image' refers to row {image!r}, whose own 'image' is not an image"
+    if error.startswith("bad base64") and re.fullmatch(r"[\w-]+", image):
+        return f"'image' {image!r} is neither base64 of an image nor the index of a row in the file"
+    return error
 
 
 def _mcq_prompt(question: str, hint: str, options: dict[str, str]) -> str:
@@ -257,10 +282,18 @@ def load_benchmark(spec: str, name: str | None = None) -> Benchmark:
         else:
             error = "no image ('image' is empty)"
         if error is None:
-            key = hashlib.sha1(f"{source[0]}:{source[1]}".encode()).hexdigest()[:16]
+            # A file's key changes with its contents' size and time, so an image replaced under
+            # the same name is a new image to a resumed run (Item.digest).
+            stamp = ""
+            if source[0] == "path":
+                st = os.stat(source[1])
+                stamp = f":{st.st_size}:{st.st_mtime_ns}"
+            key = hashlib.sha1(f"{source[0]}:{source[1]}{stamp}".encode()).hexdigest()[:16]
             if key not in checked:
                 checked[key] = _check_base64(source[1]) if source[0] == "base64" else None
             error = checked[key]
+            if error is not None and len(image) <= _MAX_REFERENCE_LEN:
+                error = _short_image_cell(image, idx, by_index, base, error)
         if error is not None:
             problems.append(Problem(idx, line, error))
             continue

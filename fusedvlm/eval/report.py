@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 
 from fusedvlm.eval.data import Benchmark
 from fusedvlm.eval.metrics import HEADLINE, METRICS, score_item
+from fusedvlm.outputs import write_text_atomic
 
 
 def benchmark_metrics(
@@ -42,8 +44,7 @@ def benchmark_metrics(
             for s in scored
         ]
     if scored_path is not None:
-        with open(scored_path, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
+        write_text_atomic(scored_path, "".join(line + "\n" for line in lines))
     return out
 
 
@@ -62,10 +63,11 @@ def headline_rows(name: str, kind: str, per_n: dict[int, dict]) -> list[dict]:
 
 
 def write_scores_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["n", "score", "group", "items"])
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=["n", "score", "group", "items"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -105,13 +107,13 @@ def plot_scores(rows: list[dict], path: str) -> None:
 def write_reports(out_dir: str, results: dict[str, dict], skipped: int, plot: bool = True) -> list[dict]:
     """results: {bench name: {"kind", "path", "per_n"}} -> metrics.json, scores.csv, scores.md (+ scores.png)."""
     rows = [r for name, res in results.items() for r in headline_rows(name, res["kind"], res["per_n"])]
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump({"skipped_items": skipped, "benchmarks": results}, f, indent=1, default=str)
+    metrics = json.dumps({"skipped_items": skipped, "benchmarks": results}, indent=1, default=str)
+    write_text_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     write_scores_csv(rows, os.path.join(out_dir, "scores.csv"))
-    with open(os.path.join(out_dir, "scores.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_table(rows) if rows else "no scores\n")
-        if skipped:
-            f.write(f"\n{skipped} item(s) skipped: see skipped.jsonl\n")
+    table = markdown_table(rows) if rows else "no scores\n"
+    if skipped:
+        table += f"\n{skipped} item(s) skipped: see skipped.jsonl\n"
+    write_text_atomic(os.path.join(out_dir, "scores.md"), table)
     if plot and rows:
         plot_scores(rows, os.path.join(out_dir, "scores.png"))
     return rows

@@ -65,18 +65,27 @@ class Prediction:
     index: str
     n_l: int
     text: str
+    digest: str  # Item.digest: what the model was shown (image and prompt)
 
     def to_json(self) -> str:
-        return json.dumps({"index": self.index, "n_l": self.n_l, "prediction": self.text}, ensure_ascii=False)
+        return json.dumps(
+            {"index": self.index, "n_l": self.n_l, "digest": self.digest, "prediction": self.text}, ensure_ascii=False
+        )
 
 
 class PredictionStore:
     """Append-only JSONL of predictions. Reopening keeps every complete line; a last line cut
-    short by a crash is dropped (and cut from the file) so that its item runs again."""
+    short by a crash is dropped (and cut from the file) so that its item runs again.
+
+    Each line records the digest of the row it answered (:attr:`Item.digest`): a row whose
+    image or question was edited since no longer counts as done and is predicted again (the
+    later line wins). The model, dtype and decode settings are bound to the whole directory
+    by ``run.json`` (``fusedvlm eval``)."""
 
     def __init__(self, path: str):
         self.path = path
         self.records: dict[tuple[str, int], str] = {}
+        self.digests: dict[tuple[str, int], str | None] = {}
         if os.path.exists(path):
             self._load()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -95,6 +104,7 @@ class PredictionStore:
                     text = rec["prediction"]
                     if not isinstance(text, str):
                         raise TypeError("prediction is not a string")
+                    digest = rec.get("digest")  # absent in files of earlier versions: predicted again
                 except (ValueError, KeyError, TypeError) as e:
                     if not last:
                         raise BenchmarkError(
@@ -106,18 +116,26 @@ class PredictionStore:
                 if last:  # complete, but its newline never reached the disk
                     with open(self.path, "ab") as f:
                         f.write(b"\n")
-                self.records.setdefault(key, text)
+                self.records[key] = text
+                self.digests[key] = digest
             offset += len(raw) + 1
 
-    def done(self, index: str, n_l: int) -> bool:
-        return (index, n_l) in self.records
+    def done(self, item: Item, n_l: int) -> bool:
+        """Whether ``item`` as it is now has a prediction at ``n_l``."""
+        return self.digests.get((item.index, n_l), False) == item.digest
+
+    def predictions(self, items: Iterable[Item], n_ls: Iterable[int]) -> dict[tuple[str, int], str]:
+        """(index, n_l) -> prediction of the items as they are now (stale rows left out)."""
+        return {(it.index, n): self.records[(it.index, n)] for it in items for n in n_ls if self.done(it, n)}
 
     def append(self, predictions: Iterable[Prediction]) -> None:
         lines = []
         for p in predictions:
-            if (p.index, p.n_l) in self.records:
+            key = (p.index, p.n_l)
+            if key in self.records and self.digests[key] == p.digest:
                 continue
-            self.records[(p.index, p.n_l)] = p.text
+            self.records[key] = p.text
+            self.digests[key] = p.digest
             lines.append(p.to_json() + "\n")
         if lines:
             with open(self.path, "a", encoding="utf-8") as f:
@@ -234,6 +252,17 @@ class Evaluator:
                 buckets.append([i])
         return buckets
 
+    def _too_long(self, item: Item, n_l: int, max_new: int) -> str | None:
+        """Why ``item``'s prompt with ``n_l`` fused tokens and its answer do not fit the LLM's
+        context, or None: checked per row up front so that one over-long question is reported
+        by its index (and skipped on request) instead of stopping its whole batch."""
+        tokens = self.model.layout.question(item.prompt, n_l, first=True)
+        try:
+            self.model.check_llm_context(len(tokens) + max_new, n_l)
+        except ValueError as e:
+            return f"question too long: {e}"
+        return None
+
     # ------------------------------------------------------------------ a benchmark
     def run(
         self,
@@ -250,9 +279,16 @@ class Evaluator:
         max_new = self.cfg.max_new_tokens_yes_no if bench.yes_no else self.cfg.max_new_tokens_mcq
         pending: dict[str, list[tuple[Item, list[int]]]] = {}
         for item in bench.items:
-            todo = [n for n in self.cfg.n_l if not store.done(item.index, n)]
-            if todo:
-                pending.setdefault(item.image_key, []).append((item, todo))
+            todo = [n for n in self.cfg.n_l if not store.done(item, n)]
+            if not todo:
+                continue
+            problem = self._too_long(item, max(todo), max_new)
+            if problem is not None:
+                if on_error == "fail":
+                    raise BenchmarkError(f"{bench.path}: index {item.index}: {problem} (--on-error skip leaves it out)")
+                skipped(Skipped(bench.name, item.index, problem))
+                continue
+            pending.setdefault(item.image_key, []).append((item, todo))
         keys = list(pending)
         for b in range(0, len(keys), self.cfg.images_per_batch):
             batch_keys, images = [], []
@@ -280,7 +316,7 @@ class Evaluator:
                 for n in todo
             ]
             texts = self.answers([it.prompt for it, _, _ in work], [f for _, _, f in work], max_new)
-            predictions = [Prediction(it.index, n, t) for (it, n, _), t in zip(work, texts)]
+            predictions = [Prediction(it.index, n, t, it.digest) for (it, n, _), t in zip(work, texts)]
             store.append(predictions)
             self.stats.items_done += len(predictions)
             if progress is not None:

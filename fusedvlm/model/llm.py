@@ -117,6 +117,39 @@ def meta_llm(cfg: LLMConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(llm_config(cfg))
 
 
+def check_safetensors_files(folder: str) -> None:
+    """Raise a ValueError naming the first .safetensors file of ``folder`` that is truncated or
+    corrupt: Hugging Face's loader reports "incomplete metadata" without the file. Reads only
+    the headers and the file sizes."""
+    import json
+    import struct
+
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        problem = None
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                problem = f"{size} bytes, shorter than a header"
+            else:
+                (n,) = struct.unpack("<Q", head)
+                try:
+                    header = json.loads(f.read(n)) if 8 + n <= size else None
+                except ValueError:
+                    header = None
+                if header is None:
+                    problem = "its header is cut or not JSON"
+                else:
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                    if 8 + n + end > size:
+                        problem = f"{size} bytes where its header needs {8 + n + end}"
+        if problem:
+            raise ValueError(f"LLM weights {path} are truncated or corrupt ({problem})")
+
+
 def load_llm(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for the config; the model is frozen and in eval mode."""
     if cfg.source == "random":
@@ -132,6 +165,7 @@ def load_llm(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dt
             raise FileNotFoundError(f"LLM directory not found: {cfg.path}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_safetensors_files(cfg.path)
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=dtype).to(device)
     else:

@@ -192,9 +192,7 @@ class FusedVLM(nn.Module):
         """Load a model directory written by :meth:`save_pretrained` or ``convert-upstream``."""
         from dataclasses import replace
 
-        from safetensors.torch import load_file
-
-        from fusedvlm.checkpoint import check_state_dict
+        from fusedvlm.checkpoint import check_state_dict, read_safetensors
         from fusedvlm.clip_text import ClipText, load_clip_tokenizer
 
         path = os.path.abspath(os.fspath(path))
@@ -207,7 +205,12 @@ class FusedVLM(nn.Module):
         weights = os.path.join(path, "model.safetensors")
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"model directory {path} has no model.safetensors")
-        state = load_file(weights, device=str(device))
+        state = read_safetensors(weights, "model weights", device=str(device))
+        ints = [k for k, v in state.items() if not v.is_floating_point()]
+        if ints:
+            raise ValueError(
+                f"{weights}: tensor {ints[0]} is {state[ints[0]].dtype}; model weights must be floating point"
+            )
         check_state_dict(model.trainable_state_dict(), state, weights)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
         on_meta = [
@@ -241,8 +244,13 @@ def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor
 
 def read_model_config(path: str) -> ModelConfig:
     """The ModelConfig of a model directory; an authors' directory gets a pointer to the converter."""
-    from fusedvlm.checkpoint import is_upstream_checkpoint, read_config_json
+    from fusedvlm.checkpoint import is_upstream_checkpoint, read_config_json, remove_stale_temporaries
 
+    if not os.path.lexists(path):
+        # A save killed between the two renames of its fallback switch (no atomic exchange on
+        # this file system) parked the previous directory beside it: put it back now rather
+        # than at the next save.
+        remove_stale_temporaries(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     if is_upstream_checkpoint(path):

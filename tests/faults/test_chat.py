@@ -168,3 +168,18 @@ def test_interrupted_turn_on_smol_leaves_no_trace(photo, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             session.ask(Q2, gen)
     assert session.ask(Q3, gen).ids == expected[1]
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30])
+def test_tiny_temperature_samples_the_best_token(temperature):
+    # On 29b7c74 logits / 1e-45 overflowed to inf and the softmax to NaN: a RuntimeError after
+    # prefill. The limit of a vanishing temperature is greedy decoding.
+    from fusedvlm.generation import next_token
+
+    logits = torch.tensor([1.0, 3.5, -2.0, 3.4, float("-inf")])
+    cfg = GenerationConfig(do_sample=True, temperature=temperature)
+    g = torch.Generator().manual_seed(0)
+    assert {next_token(logits, cfg, g) for _ in range(20)} == {1}
+    assert {
+        next_token(logits, GenerationConfig(do_sample=True, temperature=temperature, top_p=0.5), g) for _ in range(5)
+    } == {1}

@@ -204,16 +204,19 @@ def test_lone_surrogate_in_a_record_skips_it(tmp_path, shapes):
     assert "record 0: turn 0 is not valid UTF-8 text: lone surrogate" in str(problems[0])
 
 
-def test_a_run_whose_records_all_fail_to_encode_finishes_and_says_so(tmp_path, capsys, mostly_broken):
+def test_a_run_whose_records_all_fail_to_encode_fails_and_says_so(tmp_path, capsys, mostly_broken):
+    # Issue 26: it used to exit 0 with the untrained weights saved as model.safetensors.
     root, data = mostly_broken
     lines = open(data).read().splitlines()[2:]  # only the records whose images are not images
     path = tmp_path / "all_broken.jsonl"
     path.write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "run")
     rc, log = _train(capsys, "--data", path, "--image-root", root, "--out", out, "--steps", 2, "--batch-size", 3)
-    assert rc == 0, log
+    assert rc == 2, log
     assert all(r["no_update"] and r["loss"] is None for r in _rows(out))
-    assert "every record was skipped; no update" in log and "step 2, 6 record(s) skipped" in log
+    assert "every record was skipped; no update" in log
+    assert "no usable record: 6 record(s) skipped" in log and "no model written" in log
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
 
 
 @pytest.mark.slow

@@ -27,8 +27,14 @@ PATHS = [
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    if request.param != "auto":
-        monkeypatch.setenv("FUSEDVLM_BACKEND", request.param)
+    # tests/conftest.py starts the session with FUSEDVLM_BACKEND=cpp, so the Triton case must
+    # set "auto" itself (tests/kernels/conftest.py does it for that folder only).
+    if request.param == "auto":
+        from fusedvlm.backend import interpreter_enabled, triton_available
+
+        if not (triton_available() and interpreter_enabled()):
+            pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1 at session start)")
+    monkeypatch.setenv("FUSEDVLM_BACKEND", request.param)
     return request.param
 
 
@@ -119,3 +125,129 @@ def test_psi_zero_rows_still_count_as_cosine_zero(path):
     b[2] = 0
     stats = pairwise_cosine_stats(a, b, cu_seqlens_from_lengths([4]))
     torch.testing.assert_close(stats.eq[2], torch.tensor(2 / 3), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- one argument check
+# Each op's check_args runs before any backend is picked: the same bad input gives the same
+# error on C++, torch and the Triton interpreter (on 29b7c74 the C++ and Triton paths returned
+# uninitialised memory for meta offsets, Triton read strided offsets / lf_token as other values
+# and aborted the process on a negative offset).
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+@pytest.mark.parametrize("where", ["cu_seqlens_q", "cu_seqlens_k", "k"], ids=["cu_q_meta", "cu_k_meta", "k_meta"])
+def test_attention_meta_tensor_among_cpu_ones_is_refused(path, where):
+    q, k, v = _qkv([4, 6])
+    cu = cu_seqlens_from_lengths([4, 6])
+    args = {"cu_seqlens_q": cu, "cu_seqlens_k": cu, "k": k}
+    args[where] = _meta(args[where])
+    message = "q, k, v must be on one device" if where == "k" else f"{where} is on meta but q is on cpu"
+    with pytest.raises(ValueError, match=message):
+        packed_attention(q, args["k"], v, args["cu_seqlens_q"], args["cu_seqlens_k"])
+
+
+@pytest.mark.parametrize("where", ["cu_seqlens", "h_b"])
+def test_psi_meta_tensor_among_cpu_ones_is_refused(path, where):
+    a, b = torch.randn(10, 8), torch.randn(10, 8)
+    cu = cu_seqlens_from_lengths([4, 6])
+    message = (
+        "cu_seqlens is on meta but h_a is on cpu" if where == "cu_seqlens" else "h_a and h_b must be on one device"
+    )
+    with pytest.raises(ValueError, match=message):
+        pairwise_cosine_stats(a, _meta(b) if where == "h_b" else b, _meta(cu) if where == "cu_seqlens" else cu)
+
+
+def test_direct_op_call_with_meta_offsets_is_refused():
+    # torch.ops.fusedvlm.* skips the public check; a meta offset sends the call to the fake kernel.
+    q, k, v = _qkv([4, 6])
+    cu = _meta(cu_seqlens_from_lengths([4, 6]))
+    with pytest.raises((ValueError, RuntimeError), match="different devices|is on meta"):
+        torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25)
+    with pytest.raises((ValueError, RuntimeError), match="different devices|is on meta"):
+        torch.ops.fusedvlm.pairwise_cosine_stats(q[:, 0], k[:, 0], cu, True)
+
+
+def _strided(values: list[int]) -> torch.Tensor:
+    """The offsets as every other entry of a longer int32 tensor: a non-contiguous view."""
+    full = torch.tensor([x for value in values for x in (value, 999)], dtype=torch.int32)
+    view = full[::2]
+    assert not view.is_contiguous()
+    return view
+
+
+def test_attention_strided_offsets_read_as_given(path):
+    lengths = [5, 1, 9]
+    q, k, v = _qkv(lengths, seed=3)
+    offsets = [0, 5, 6, 15]
+    got = packed_attention(q, k, v, _strided(offsets), _strided(offsets))
+    torch.testing.assert_close(got.double(), _attention_math(q, k, v, lengths, 16**-0.5), atol=2e-5, rtol=2e-5)
+
+
+def test_psi_strided_offsets_read_as_given(path):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(11, 16, generator=g), torch.randn(11, 16, generator=g)
+    want = pairwise_cosine_stats(a, b, cu_seqlens_from_lengths([4, 7]))
+    got = pairwise_cosine_stats(a, b, _strided([0, 4, 11]))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, equal_nan=True)
+
+
+def test_local_merge_strided_lf_token_and_bias_read_as_given(path):
+    from fusedvlm.kernels import local_merge
+    from fusedvlm.ref.local_merge import local_merge as ref_local_merge
+
+    g = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(2, 16, 8, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    lf_wide, bias_wide = torch.randn(8, 2, generator=g), torch.randn(8, 3, generator=g)
+    lf, bias = lf_wide[:, 1], bias_wide[:, 2]
+    assert not lf.is_contiguous() and not bias.is_contiguous()
+    got = local_merge(x, weight, lf, bias=bias)
+    want = ref_local_merge(x.double(), weight.double(), lf.double(), bias=bias.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offsets", [[0, -3, 10], [0, 7, 4, 10]], ids=["negative", "decreasing"])
+def test_psi_bad_offsets_raise_not_abort(path, offsets):
+    a, b = torch.randn(10, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing"):
+        pairwise_cosine_stats(a, b, torch.tensor(offsets, dtype=torch.int32))
+
+
+def test_attention_bad_offsets_raise(path):
+    q, k, v = _qkv([10])
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
+        packed_attention(q, k, v, torch.tensor([0, -3, 10], dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda q, k, v, cu: packed_attention(q, k, v, cu, scale="0.25"), TypeError, "scale must be a real number"),
+        (lambda q, k, v, cu: packed_attention(q, k, v, cu, causal="no"), TypeError, "causal must be a bool"),
+        (
+            lambda q, k, v, cu: pairwise_cosine_stats(q[:, 0], k[:, 0], cu, positive="no"),
+            TypeError,
+            "positive must be a bool",
+        ),
+    ],
+    ids=["scale_str", "causal_str", "positive_str"],
+)
+def test_scalar_types_are_checked(path, call, error, message):
+    # The torch path accepted scale="0.25" and positive="no" (a truthy string) on 29b7c74.
+    q, k, v = _qkv([4, 6])
+    with pytest.raises(error, match=message):
+        call(q, k, v, cu_seqlens_from_lengths([4, 6]))
+
+
+def test_local_merge_residual_must_be_bool(path):
+    from fusedvlm.kernels import local_merge
+
+    x, weight, lf = torch.randn(1, 16, 8), torch.randn(8, 8, 3, 3), torch.randn(8)
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        local_merge(x, weight, lf, residual="no")
+    for grid in [(4, 4, 1), "4x4", (4.0, 4.0)]:
+        with pytest.raises(ValueError, match=r"grid must be a pair of ints"):
+            local_merge(x, weight, lf, grid=grid)
