@@ -250,59 +250,6 @@ def test_triton_gpu_matches_reference(case, monkeypatch):
     check_matches_reference(case, device="cuda")
 
 
-@pytest.mark.parametrize("dtype", [BF16, F32], ids=str)
-def test_kernels_compile_for_gpu(dtype):
-    """The interpreter tolerates code the compiler rejects; compile every kernel for sm_90 with
-    the GPU tile configs (no GPU needed: Triton ships its own ptxas)."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ahead-of-time compile API")
-    if lm.interpreter_enabled():
-        # This session's triton was imported as the interpreter: compile in a native one.
-        import os
-        import subprocess
-        import sys
-
-        env = {**os.environ, "FUSEDVLM_TEST_INTERPRET": "0", "TRITON_INTERPRET": "0", "FUSEDVLM_BACKEND": "auto"}
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                f"{__file__}::test_kernels_compile_for_gpu[{dtype}]",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-        return
-    name = {BF16: "bf16", F32: "fp32"}[dtype]
-    flags = dict(lm._config(dtype), **lm._dot_flags(dtype))
-    options = dict(num_warps=flags.pop("num_warps"), num_stages=flags.pop("num_stages"))
-    epilogue = [dict(HAS_BIAS=True, RESIDUAL=True), dict(RESIDUAL=True), {}]
-    for kernel, extra in zip(lm._kernels(False), epilogue):
-        signature = {
-            p.name: "constexpr"
-            if p.is_constexpr
-            else ("*fp32" if p.name == "dw_ptr" else f"*{name}")
-            if p.name.endswith("_ptr")
-            else "i32"
-            for p in kernel.params
-        }
-        compiled = triton.compile(
-            ASTSource(kernel, signature, dict(flags, **extra)), target=GPUTarget("cuda", 90, 32), options=options
-        )
-        assert compiled.asm.get("cubin"), kernel.__name__
-
-
 # --------------------------------------------------------------------------- GPU tiles, interpreted
 def _gpu_tile_cases():
     """Per GPU configuration (kernels/local_merge.py TILE_CONFIGS; one for fp32, one for
