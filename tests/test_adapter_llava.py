@@ -188,16 +188,14 @@ def test_full_strategy_needs_merge_false_and_feature_layer_lists_concatenate(tok
     with pytest.raises(ValueError, match="merge=False"):
         LlavaFusionAdapter.attach(full, FUSION, n_l=N_L)
     adapter = attach(full, FUSION, n_l=N_L, merge=False)
-    tokens, cu = adapter.vision_features(pixels)
-    assert cu.tolist() == [0, 577, 1154]  # CLS kept
+    assert adapter.vision_features(pixels).cu_seqlens.tolist() == [0, 577, 1154]  # CLS kept
     out = adapter.generate(**adapter.prepare_inputs(tokenizer, CONVS, pixels), **GREEDY)
     assert out.shape[0] == 2
 
     multi = tiny_llava(layer=[-2, -1])
     adapter = LlavaFusionAdapter.attach(multi, FUSION, n_l=N_L)
     assert adapter.fusion.cfg.input_size == 64
-    tokens, cu = adapter.vision_features(pixels[:1])
-    assert tokens.shape == (576, 64)
+    assert adapter.vision_features(pixels[:1]).tokens.shape == (576, 64)
 
 
 def test_errors(host, tokenizer, pixels):
