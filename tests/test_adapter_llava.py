@@ -268,7 +268,7 @@ def test_stage2_training_with_the_trainer_updates_and_saves_only_the_fusion_modu
     processor = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
     recs, _ = read_records(str(tmp_path / "data.json"), str(tmp_path))
     dataset = AdapterDataset(recs, adapter, processor)
-    assert dataset[4].reason and dataset[0].pixel_values.shape == (3, 48, 48)
+    assert dataset[4].reason and dataset[0].vision["pixel_values"].shape == (1, 3, 48, 48)
     trainer = Trainer(
         AdapterStage2Objective(adapter),
         dataset,

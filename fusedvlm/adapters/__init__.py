@@ -43,17 +43,28 @@ import importlib
 
 _FAMILIES = {
     "llava": ("fusedvlm.adapters.llava", "LlavaFusionAdapter"),
+    "qwen2_vl": ("fusedvlm.adapters.qwen2_vl", "Qwen2VLFusionAdapter"),
+    "idefics3": ("fusedvlm.adapters.idefics3", "Idefics3FusionAdapter"),
+    "llava_onevision": ("fusedvlm.adapters.llava_onevision", "LlavaOnevisionFusionAdapter"),
+    "gemma3": ("fusedvlm.adapters.gemma3", "Gemma3FusionAdapter"),
 }
+
+
+def _classes():
+    return [getattr(importlib.import_module(m), c) for m, c in _FAMILIES.values()]
+
+
+def _model_types() -> list[str]:
+    return [t for cls in _classes() for t in cls.model_types]
 
 
 def adapter_for(host):
     """The adapter class serving ``host.config.model_type``."""
     model_type = getattr(getattr(host, "config", None), "model_type", None)
-    for module_name, class_name in _FAMILIES.values():
-        cls = getattr(importlib.import_module(module_name), class_name)
+    for cls in _classes():
         if model_type in cls.model_types:
             return cls
-    raise ValueError(f"no fusedvlm adapter for model_type {model_type!r}; supported families: {sorted(_FAMILIES)}")
+    raise ValueError(f"no fusedvlm adapter for model_type {model_type!r}; supported: {', '.join(_model_types())}")
 
 
 def attach(host, fusion=None, **kwargs):

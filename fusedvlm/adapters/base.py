@@ -49,6 +49,29 @@ class PromptFormat:
         return ChatLayout(self.template, tokenizer, self.system)
 
 
+def require_host_parts(
+    host: nn.Module, family: str, config: Sequence[str] = (), modules: Sequence[str] = (), methods: Sequence[str] = ()
+) -> None:
+    """One line naming what ``host`` lacks for ``family``: config fields (None counts as
+    missing), submodules (dotted paths) and methods."""
+    cfg = getattr(host, "config", None)
+    lacks = [f"config.{name}" for name in config if getattr(cfg, name, None) is None]
+    for path in modules:
+        obj = host
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, nn.Module):
+            lacks.append(path)
+    lacks += [f"{name}()" for name in ("get_input_embeddings", "generate", *methods) if not hasattr(host, name)]
+    if lacks:
+        raise ValueError(f"{type(host).__name__} is not a {family} host: it lacks {', '.join(lacks)}")
+
+
+def run_frozen(module: nn.Module):
+    """Grad mode for a host part: a frozen one needs no graph; one unfrozen by the user gets gradients."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
+
+
 class FusionAdapter(nn.Module, ABC):
     """A host VLM whose LLM receives fused tokens instead of its projector's outputs.
 
@@ -491,6 +514,13 @@ class FusionAdapter(nn.Module, ABC):
         embeds = self._embeds(input_ids, pixel_values, (*fusion, fusion_images_per_sample), generate_kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        return self.host_generate(input_ids, embeds, attention_mask, **generate_kwargs)
+
+    def host_generate(
+        self, input_ids: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs
+    ) -> torch.Tensor:
+        """``host.generate`` with the fused embeddings as the prefill's inputs (families override
+        this where their host's generate does not take ``inputs_embeds``)."""
         return self.host.generate(
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
         )
