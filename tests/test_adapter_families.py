@@ -408,3 +408,24 @@ def test_trainer_batches_images_of_different_sizes(name, tokenizer, tmp_path):
     for k, v in family.host.state_dict().items():
         assert torch.equal(v, host_before[k]), k
     assert any(not torch.equal(v, fusion_before[k]) for k, v in adapter.fusion.state_dict().items())
+
+
+def test_session_reuses_earlier_turns_and_answers_as_recomputing_does(family, tokenizer):
+    from fusedvlm.adapters.session import AdapterSession
+
+    adapter = family.adapter()
+    images, _ = family.images([1])
+    chat = AdapterSession(adapter, tokenizer, images=images, image_processor=family.processor)
+    first = chat.ask("What is it?", **GREEDY)
+    cached = chat._llm_cache.get_seq_length()
+    second = chat.ask("What colour?", **GREEDY, output_scores=True, return_dict_in_generate=True)
+    assert cached > len(first) and chat.turns == 2
+    # Recomputed from scratch: the whole conversation, turn 1 answered with the generated ids.
+    inputs = adapter.prepare_inputs(
+        tokenizer, [[("What is it?", first), ("What colour?", None)]], images=images, image_processor=family.processor
+    )
+    assert chat.ids[: inputs["input_ids"].shape[1]] == inputs["input_ids"][0].tolist()
+    scratch = adapter.generate(**inputs, **GREEDY, output_scores=True, return_dict_in_generate=True)
+    assert scratch.sequences[0, inputs["input_ids"].shape[1] :].tolist() == second
+    for reused, recomputed in zip(chat.last_output.scores, scratch.scores):
+        torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-4)

@@ -267,6 +267,26 @@ class FusionAdapter(nn.Module, ABC):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ inputs
+    def image_inputs(
+        self, pixel_values: torch.Tensor | None, images, image_processor, vision: dict
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``pixel_values`` and the family's other vision inputs, given either themselves or
+        ``images`` with the host's ``image_processor``."""
+        if (pixel_values is None) == (images is None):
+            raise ValueError("pass exactly one of pixel_values and images (with image_processor)")
+        if images is not None:
+            if image_processor is None:
+                raise ValueError("images need the host's image_processor")
+            if vision:
+                raise ValueError(f"{', '.join(sorted(vision))} come from the image processor when images are given")
+            processed = image_processor(images=images, return_tensors="pt")
+            pixel_values = processed["pixel_values"]
+            vision = {k: processed[k] for k in self.vision_inputs[1:] if k in processed}
+        unknown = sorted(set(vision) - set(self.vision_inputs))
+        if unknown:
+            raise ValueError(f"the {self.family} adapter takes no vision input {', '.join(unknown)}")
+        return pixel_values, self._vision_kwargs(dict(vision))
+
     def prepare_inputs(
         self,
         tokenizer,
@@ -303,20 +323,7 @@ class FusionAdapter(nn.Module, ABC):
             raise ValueError("prepare_inputs needs at least one conversation")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if (pixel_values is None) == (images is None):
-            raise ValueError("pass exactly one of pixel_values and images (with image_processor)")
-        if images is not None:
-            if image_processor is None:
-                raise ValueError("images need the host's image_processor")
-            if vision:
-                raise ValueError(f"{', '.join(sorted(vision))} come from the image processor when images are given")
-            processed = image_processor(images=images, return_tensors="pt")
-            pixel_values = processed["pixel_values"]
-            vision = {k: processed[k] for k in self.vision_inputs[1:] if k in processed}
-        unknown = sorted(set(vision) - set(self.vision_inputs))
-        if unknown:
-            raise ValueError(f"the {self.family} adapter takes no vision input {', '.join(unknown)}")
-        vision = self._vision_kwargs(dict(vision))
+        pixel_values, vision = self.image_inputs(pixel_values, images, image_processor, vision)
         num_images = self.count_images(pixel_values, **vision)
         per_image = [1] * len(conversations) if images_per_sample is None else [int(n) for n in images_per_sample]
         if len(per_image) != len(conversations) or any(n < 1 for n in per_image):
@@ -373,7 +380,12 @@ class FusionAdapter(nn.Module, ABC):
     ) -> VisionPrefix:
         """The host's vision features through the fusion module's input projection and local
         merge (each image on its own grid), one prefix per sample (its images back to back)."""
-        feats = self.vision_features(pixel_values, **vision)
+        return self.encode_features(self.vision_features(pixel_values, **vision), images_per_sample)
+
+    def encode_features(
+        self, feats: VisionFeatures, images_per_sample: torch.Tensor | Sequence[int] | None = None
+    ) -> VisionPrefix:
+        """:meth:`vision_prefix` from features already computed."""
         dev = self.fusion.device
         tokens = feats.tokens.to(dev, self.fusion.projection.weight.dtype)
         cu = feats.cu_seqlens.to(dev)
