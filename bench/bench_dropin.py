@@ -6,8 +6,9 @@ released model's shapes (``--scale tiny`` shrinks every width and depth, for a s
 * ``smolvlm``: SmolVLM-256M-Instruct (SigLIP-B/16 at 512 px, pixel shuffle x4, SmolLM2-135M);
   one 1024x1024 image = 2x2 tiles + a global view = 5 x 64 = 320 native tokens (the image
   processor's longest edge is 1024 here, not the released 2048, which makes 17 views);
-* ``qwen2_5_vl``: Qwen2.5-VL-3B-Instruct (675M vision tower with window attention, 2x2 merger,
-  3B LLM); one 448x448 image = a 32x32 patch grid = 256 native tokens;
+* ``qwen2_vl``: Qwen2-VL-2B-Instruct (675M vision tower, 2x2 merger, 1.5B LLM) and
+  ``qwen2_5_vl``: Qwen2.5-VL-3B-Instruct (its window-attention tower, 3B LLM); one 448x448
+  image = a 32x32 patch grid = 256 native tokens;
 * ``llava_onevision``: LLaVA-OneVision-0.5B (SigLIP-so400m at 384 px, AnyRes, Qwen2-0.5B); one
   384x384 image = base view + 1 tile = 2 x 729 tokens, packed by the host (unpadding, a
   newline per row) into its native count.
@@ -193,7 +194,58 @@ def qwen2_5_vl(tiny: bool):
         temporal_patch_size=2,
         size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
     )
-    return Qwen2_5_VLForConditionalGeneration(cfg), processor, (448, 448)
+    # tiny: 224 px, a 16x16 patch grid, 64 native tokens (a quick smoke test)
+    return Qwen2_5_VLForConditionalGeneration(cfg), processor, (224, 224) if tiny else (448, 448)
+
+
+def qwen2_vl(tiny: bool):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    text = _shrink(
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]),
+        ),
+        tiny,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3]),
+    )
+    vision = _shrink(
+        dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16),
+        tiny,
+        depth=2,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+    )
+    vision.update(patch_size=14, mlp_ratio=4, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_ID,
+        video_token_id=263,
+        vision_start_token_id=264,
+        vision_end_token_id=265,
+    )
+    processor = Qwen2VLImageProcessor(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    )
+    return Qwen2VLForConditionalGeneration(cfg), processor, (224, 224) if tiny else (448, 448)
 
 
 def llava_onevision(tiny: bool):
@@ -244,7 +296,7 @@ def llava_onevision(tiny: bool):
     return LlavaOnevisionForConditionalGeneration(cfg), processor, (384, 384)
 
 
-HOSTS = {"smolvlm": smolvlm, "qwen2_5_vl": qwen2_5_vl, "llava_onevision": llava_onevision}
+HOSTS = {"smolvlm": smolvlm, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "llava_onevision": llava_onevision}
 
 
 def native_features(host, family: str, vision: dict) -> torch.Tensor:
