@@ -34,8 +34,8 @@ Columns: ``visual`` (visual tokens reaching the LLM), ``llm_tokens`` (prompt len
 which stops before any packing), ``reduce_ms`` (fusion module / ranking pass + selection /
 scoring + merging), ``prefill_ms`` (the host on the final prompt embeddings, ``use_cache``,
 last logits only), ``ttft_ms`` = vision + reduce + prefill, ``decode_tps`` (greedy steps on the
-prefill's KV cache), ``kv_mb`` (the prompt's KV cache), ``peak_mb`` (CUDA: max allocated; CPU:
-growth of the process RSS during reduce + prefill + decode, an upper bound) and ``vs_native``
+prefill's KV cache), ``kv_mb`` (the prompt's KV cache), ``peak_mb`` (in the warm-up round; CUDA: max allocated;
+CPU: growth of the process RSS during reduce + prefill + decode, an upper bound) and ``vs_native``
 (native TTFT / row TTFT, > 1 is faster). Medians over ``--rounds`` rounds that interleave
 every call, after a warm-up round, so a load spike on a shared machine hits every row alike.
 
@@ -45,6 +45,7 @@ every call, after a warm-up round, so a load spike on a shared machine hits ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -491,28 +492,25 @@ class Bench:
                 sync(self.device)
                 return (time.perf_counter() - t) * 1e3
 
-            for _ in range(args.rounds + 1):  # round 0 warms up every call
+            peaks = {}
+            for r in range(args.rounds + 1):  # round 0 warms up every call and records peak memory
                 vision_samples["native"].append(clock(native_vision))
                 vision_samples["adapter"].append(clock(adapter_vision))
                 for name, row in rows.items():
                     s = samples[name]
-                    if row["reduce"] is not None:
-                        s.setdefault("reduce", []).append(clock(row["reduce"]))
-                    holder = {}
-                    s.setdefault("prefill", []).append(
-                        clock(lambda row=row, h=holder: h.update(out=self.prefill(row["embeds"], row["positions"])))
-                    )
-                    s.setdefault("decode", []).append(
-                        clock(lambda row=row, h=holder: self.decode(h["out"], row["positions"], args.decode_steps))
-                    )
-            peaks = {}
-            for name, row in rows.items():
-                before = _rss_bytes() if self.device.type == "cpu" else 0
-                with PeakMemory(self.device) as pm:
-                    if row["reduce"] is not None:
-                        row["reduce"]()
-                    self.decode(self.prefill(row["embeds"], row["positions"]), row["positions"], args.decode_steps)
-                peaks[name] = (pm.peak_bytes - before) / 2**20
+                    before = _rss_bytes() if self.device.type == "cpu" else 0
+                    with PeakMemory(self.device) if r == 0 else contextlib.nullcontext() as pm:
+                        if row["reduce"] is not None:
+                            s.setdefault("reduce", []).append(clock(row["reduce"]))
+                        holder = {}
+                        s.setdefault("prefill", []).append(
+                            clock(lambda row=row, h=holder: h.update(out=self.prefill(row["embeds"], row["positions"])))
+                        )
+                        s.setdefault("decode", []).append(
+                            clock(lambda row=row, h=holder: self.decode(h["out"], row["positions"], args.decode_steps))
+                        )
+                    if r == 0:
+                        peaks[name] = (pm.peak_bytes - before) / 2**20
 
         def med(xs):
             return statistics.median(xs[1:])
@@ -520,9 +518,9 @@ class Bench:
         table = []
         for name, row in rows.items():
             s = samples[name]
-            vision = med(vision_samples["native" if name == "native" else "adapter"]) if name != "fastv" else 0.0
-            if name.startswith("fastv"):
-                vision = med(vision_samples["native"])  # FastV prunes the host's own tokens
+            # FastV prunes the host's own tokens, so it pays the host's vision path.
+            native_path = name == "native" or name.startswith("fastv")
+            vision = med(vision_samples["native" if native_path else "adapter"])
             reduce = med(s["reduce"]) if "reduce" in s else 0.0
             prefill = med(s["prefill"])
             table.append(
