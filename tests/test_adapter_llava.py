@@ -188,16 +188,14 @@ def test_full_strategy_needs_merge_false_and_feature_layer_lists_concatenate(tok
     with pytest.raises(ValueError, match="merge=False"):
         LlavaFusionAdapter.attach(full, FUSION, n_l=N_L)
     adapter = attach(full, FUSION, n_l=N_L, merge=False)
-    tokens, cu = adapter.vision_features(pixels)
-    assert cu.tolist() == [0, 577, 1154]  # CLS kept
+    assert adapter.vision_features(pixels).cu_seqlens.tolist() == [0, 577, 1154]  # CLS kept
     out = adapter.generate(**adapter.prepare_inputs(tokenizer, CONVS, pixels), **GREEDY)
     assert out.shape[0] == 2
 
     multi = tiny_llava(layer=[-2, -1])
     adapter = LlavaFusionAdapter.attach(multi, FUSION, n_l=N_L)
     assert adapter.fusion.cfg.input_size == 64
-    tokens, cu = adapter.vision_features(pixels[:1])
-    assert tokens.shape == (576, 64)
+    assert adapter.vision_features(pixels[:1]).tokens.shape == (576, 64)
 
 
 def test_errors(host, tokenizer, pixels):
@@ -270,7 +268,7 @@ def test_stage2_training_with_the_trainer_updates_and_saves_only_the_fusion_modu
     processor = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
     recs, _ = read_records(str(tmp_path / "data.json"), str(tmp_path))
     dataset = AdapterDataset(recs, adapter, processor)
-    assert dataset[4].reason and dataset[0].pixel_values.shape == (3, 48, 48)
+    assert dataset[4].reason and dataset[0].vision["pixel_values"].shape == (1, 3, 48, 48)
     trainer = Trainer(
         AdapterStage2Objective(adapter),
         dataset,

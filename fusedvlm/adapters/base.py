@@ -15,12 +15,24 @@ from torch import nn
 
 from fusedvlm.chat import IGNORE_INDEX, ChatLayout
 from fusedvlm.config import FusionConfig
-from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig
+from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig, VisionPrefix
 from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows
 
 ADAPTER_CONFIG_NAME = "adapter.json"
 
 Turn = tuple[str, str | None]
+
+
+@dataclass
+class VisionFeatures:
+    """What a family hands the fusion module: ``tokens`` (T_v, width) of every image back to
+    back, ``cu_seqlens`` (n + 1,) int32 with one segment per image, and ``grids``: per image the
+    (H, W) token grid of each of its views, for hosts whose grid changes with the image size
+    (None: every view has the grid of ``host_vision_layout``)."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    grids: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,29 @@ class PromptFormat:
         return ChatLayout(self.template, tokenizer, self.system)
 
 
+def require_host_parts(
+    host: nn.Module, family: str, config: Sequence[str] = (), modules: Sequence[str] = (), methods: Sequence[str] = ()
+) -> None:
+    """One line naming what ``host`` lacks for ``family``: config fields (None counts as
+    missing), submodules (dotted paths) and methods."""
+    cfg = getattr(host, "config", None)
+    lacks = [f"config.{name}" for name in config if getattr(cfg, name, None) is None]
+    for path in modules:
+        obj = host
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, nn.Module):
+            lacks.append(path)
+    lacks += [f"{name}()" for name in ("get_input_embeddings", "generate", *methods) if not hasattr(host, name)]
+    if lacks:
+        raise ValueError(f"{type(host).__name__} is not a {family} host: it lacks {', '.join(lacks)}")
+
+
+def run_frozen(module: nn.Module):
+    """Grad mode for a host part: a frozen one needs no graph; one unfrozen by the user gets gradients."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
+
+
 class FusionAdapter(nn.Module, ABC):
     """A host VLM whose LLM receives fused tokens instead of its projector's outputs.
 
@@ -46,6 +81,10 @@ class FusionAdapter(nn.Module, ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     default_prompt: ClassVar[PromptFormat] = PromptFormat()
+    # The image processor's outputs that vision_features takes, pixel_values first.
+    vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # True when the token grid follows the image size (it then comes with each image's features).
+    dynamic_grid: ClassVar[bool] = False
 
     def __init__(self, host: nn.Module, fusion: FusionModule, prompt: PromptFormat | None = None):
         super().__init__()
@@ -55,9 +94,14 @@ class FusionAdapter(nn.Module, ABC):
             raise ValueError(
                 f"the fusion module takes vision width {fusion.vision_width}, the host's features are {width} wide"
             )
-        if fusion.cfg.merge and grid is None:
+        if fusion.cfg.merge and grid is None and not self.dynamic_grid:
             raise ValueError("the host's vision features are not a token grid: the fusion module needs merge=False")
-        if fusion.cfg.merge and fusion.cfg.grid not in (None, grid):
+        if fusion.cfg.merge and self.dynamic_grid and fusion.cfg.grid is not None:
+            raise ValueError(
+                f"the {self.family} host's token grid follows each image's size: the fusion module must not fix "
+                f"grid={fusion.cfg.grid}"
+            )
+        if fusion.cfg.merge and not self.dynamic_grid and fusion.cfg.grid not in (None, grid):
             raise ValueError(f"the fusion module merges {fusion.cfg.grid} grids, the host's features form {grid}")
         if fusion.cfg.output_size != self.host_llm_width(host):
             raise ValueError(
@@ -79,7 +123,8 @@ class FusionAdapter(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def host_vision_layout(cls, host: nn.Module) -> tuple[int, tuple[int, int] | None]:
-        """(width of the handed-over vision features, their (H, W) grid per image or None)."""
+        """(width of the handed-over vision features, the (H, W) grid of each view, or None when
+        they are not a grid or, with ``dynamic_grid``, when the grid comes per image)."""
 
     @classmethod
     @abstractmethod
@@ -92,8 +137,24 @@ class FusionAdapter(nn.Module, ABC):
         """The placeholder id whose embeddings the fused tokens replace."""
 
     @abstractmethod
-    def vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> (tokens (T_v, width), cu_seqlens (B + 1,) int32): one segment per image."""
+    def vision_features(self, pixel_values: torch.Tensor, **vision) -> VisionFeatures:
+        """The image processor's outputs named in ``vision_inputs`` -> one segment per image."""
+
+    @classmethod
+    def count_images(cls, pixel_values: torch.Tensor, **vision) -> int:
+        """How many images the processor's outputs hold (one per leading row by default)."""
+        return pixel_values.shape[0]
+
+    def _vision_kwargs(self, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Take this family's vision inputs other than pixel_values out of ``kwargs``."""
+        names = self.vision_inputs[1:]
+        missing = [n for n in names if kwargs.get(n) is None]
+        if missing:
+            raise ValueError(
+                f"the {self.family} adapter needs {', '.join(missing)} (from the host's image processor) "
+                "besides pixel_values"
+            )
+        return {n: kwargs.pop(n) for n in names}
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -131,7 +192,7 @@ class FusionAdapter(nn.Module, ABC):
         elif fusion is None or isinstance(fusion, FusionConfig):
             merge = True if merge is None else merge
             width, grid = cls.host_vision_layout(host)
-            if merge and grid is None:
+            if merge and grid is None and not cls.dynamic_grid:
                 raise ValueError(
                     f"the {cls.family} host's vision features are not a token grid; attach with merge=False"
                 )
@@ -206,6 +267,26 @@ class FusionAdapter(nn.Module, ABC):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ inputs
+    def image_inputs(
+        self, pixel_values: torch.Tensor | None, images, image_processor, vision: dict
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``pixel_values`` and the family's other vision inputs, given either themselves or
+        ``images`` with the host's ``image_processor``."""
+        if (pixel_values is None) == (images is None):
+            raise ValueError("pass exactly one of pixel_values and images (with image_processor)")
+        if images is not None:
+            if image_processor is None:
+                raise ValueError("images need the host's image_processor")
+            if vision:
+                raise ValueError(f"{', '.join(sorted(vision))} come from the image processor when images are given")
+            processed = image_processor(images=images, return_tensors="pt")
+            pixel_values = processed["pixel_values"]
+            vision = {k: processed[k] for k in self.vision_inputs[1:] if k in processed}
+        unknown = sorted(set(vision) - set(self.vision_inputs))
+        if unknown:
+            raise ValueError(f"the {self.family} adapter takes no vision input {', '.join(unknown)}")
+        return pixel_values, self._vision_kwargs(dict(vision))
+
     def prepare_inputs(
         self,
         tokenizer,
@@ -214,36 +295,47 @@ class FusionAdapter(nn.Module, ABC):
         *,
         images=None,
         image_processor=None,
+        images_per_sample: Sequence[int] | None = None,
         n_l: int | None = None,
         n_s: int | None = None,
         padding_side: str = "left",
+        **vision,
     ) -> dict[str, torch.Tensor]:
-        """Prompts for one image per conversation, ready for ``self(**inputs)`` and
+        """Prompts for a batch of conversations, ready for ``self(**inputs)`` and
         ``self.generate(**inputs)``.
 
-        ``conversations``: per image, its turns ``(question, answer or None)`` (only the last
+        ``conversations``: per sample, its turns ``(question, answer or None)`` (only the last
         answer may be None: that turn is the generation prompt); a single list of turns is one
-        conversation. Pass ``pixel_values`` (B, 3, H, W) or ``images`` with the host's
-        ``image_processor``. The prompt is the :class:`~fusedvlm.chat.ChatLayout` of
-        ``self.prompt`` with ``n_l`` (first question) or ``n_s`` image placeholder ids before
-        each question. Returns ``input_ids``, ``attention_mask``, ``pixel_values``, the fusion inputs
-        ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample`` and,
-        when some turn has an answer, ``labels`` (IGNORE_INDEX except answers and their
-        closing EOS)."""
+        conversation. Pass either ``images`` with the host's ``image_processor`` (called as
+        ``image_processor(images=images, return_tensors="pt")``; give it the nesting it expects)
+        or its outputs: ``pixel_values`` and the family's other ``vision_inputs`` as keywords.
+        ``images_per_sample`` (default one each) says how many consecutive images belong to each
+        conversation; their vision prefixes are concatenated in front of its questions.
+        The prompt is the :class:`~fusedvlm.chat.ChatLayout` of ``self.prompt`` with ``n_l``
+        (first question) or ``n_s`` image placeholder ids before each question. Returns
+        ``input_ids``, ``attention_mask``, the vision inputs, the fusion inputs
+        ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample``,
+        ``fusion_images_per_sample`` and, when some turn has an answer, ``labels``
+        (IGNORE_INDEX except answers and their closing EOS)."""
         if conversations and conversations[0] and isinstance(conversations[0][0], str):
             conversations = [conversations]  # one conversation: a sequence of (question, answer) turns
         if not conversations:
             raise ValueError("prepare_inputs needs at least one conversation")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if (pixel_values is None) == (images is None):
-            raise ValueError("pass exactly one of pixel_values and images (with image_processor)")
-        if images is not None:
-            if image_processor is None:
-                raise ValueError("images need the host's image_processor")
-            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        if pixel_values.shape[0] != len(conversations):
-            raise ValueError(f"{pixel_values.shape[0]} images for {len(conversations)} conversations (one image each)")
+        pixel_values, vision = self.image_inputs(pixel_values, images, image_processor, vision)
+        num_images = self.count_images(pixel_values, **vision)
+        per_image = [1] * len(conversations) if images_per_sample is None else [int(n) for n in images_per_sample]
+        if len(per_image) != len(conversations) or any(n < 1 for n in per_image):
+            raise ValueError(
+                f"images_per_sample must give each of the {len(conversations)} conversations at least one image, "
+                f"got {per_image}"
+            )
+        if sum(per_image) != num_images:
+            raise ValueError(
+                f"{num_images} images for {len(conversations)} conversations "
+                f"({'images_per_sample ' + str(per_image) if images_per_sample is not None else 'one image each'})"
+            )
         n_l, n_s = self.fusion.resolve_counts(n_l, n_s)
         layout = self.prompt.layout(tokenizer)
 
@@ -272,15 +364,60 @@ class FusionAdapter(nn.Module, ABC):
             "input_ids": input_ids,
             "attention_mask": attention,
             "pixel_values": pixel_values,
+            **vision,
             "fusion_question_ids": torch.tensor([t for q in qids for t in q], dtype=torch.long),
             "fusion_cu_seqlens": cu_seqlens_from_lengths([len(q) for q in qids]),
             "fusion_questions_per_sample": torch.tensor(per_sample, dtype=torch.long),
+            "fusion_images_per_sample": torch.tensor(per_image, dtype=torch.long),
         }
         if any(answer is not None for turns in conversations for _, answer in turns):
             inputs["labels"] = label_t
         return inputs
 
     # ------------------------------------------------------------------ fused path
+    def vision_prefix(
+        self, pixel_values: torch.Tensor, images_per_sample: torch.Tensor | Sequence[int] | None = None, **vision
+    ) -> VisionPrefix:
+        """The host's vision features through the fusion module's input projection and local
+        merge (each image on its own grid), one prefix per sample (its images back to back)."""
+        return self.encode_features(self.vision_features(pixel_values, **vision), images_per_sample)
+
+    def encode_features(
+        self, feats: VisionFeatures, images_per_sample: torch.Tensor | Sequence[int] | None = None
+    ) -> VisionPrefix:
+        """:meth:`vision_prefix` from features already computed."""
+        dev = self.fusion.device
+        tokens = feats.tokens.to(dev, self.fusion.projection.weight.dtype)
+        cu = feats.cu_seqlens.to(dev)
+        num_images = cu.numel() - 1
+        if not self.fusion.cfg.merge or feats.grids is None or len(set(feats.grids)) <= 1:
+            grid = feats.grids[0] if feats.grids else self.grid
+            prefix = self.fusion.encode_vision(tokens, cu, grid if self.fusion.cfg.merge else None)
+        else:  # grids differ between images: merge each on its own
+            bounds = cu.tolist()
+            parts = [
+                self.fusion.encode_vision(tokens[a:b], cu_seqlens_from_lengths([b - a], device=dev), g)
+                for a, b, g in zip(bounds[:-1], bounds[1:], feats.grids)
+            ]
+            prefix = VisionPrefix(
+                torch.cat([p.tokens for p in parts]),
+                cu_seqlens_from_lengths([p.tokens.shape[0] for p in parts], device=dev),
+                [v for p in parts for v in p.num_views],
+            )
+        counts = [1] * num_images if images_per_sample is None else [int(n) for n in images_per_sample]
+        if sum(counts) != num_images or any(n < 1 for n in counts):
+            raise ValueError(f"images_per_sample {counts} does not split the {num_images} images")
+        if counts == [1] * num_images:
+            return prefix
+        # A sample's images are consecutive: its prefix is their prefixes back to back.
+        lengths, views = prefix.cu_seqlens.diff().tolist(), prefix.num_views
+        sample_lengths, sample_views, start = [], [], 0
+        for n in counts:
+            sample_lengths.append(sum(lengths[start : start + n]))
+            sample_views.append(sum(views[start : start + n]))
+            start += n
+        return VisionPrefix(prefix.tokens, cu_seqlens_from_lengths(sample_lengths, device=dev), sample_views)
+
     def fused_tokens(
         self,
         pixel_values: torch.Tensor,
@@ -289,20 +426,14 @@ class FusionAdapter(nn.Module, ABC):
         fusion_questions_per_sample: torch.Tensor | Sequence[int] | None = None,
         n_l: int | None = None,
         n_s: int | None = None,
+        fusion_images_per_sample: torch.Tensor | Sequence[int] | None = None,
+        **vision,
     ) -> FusedTokens:
         """The host's vision features through the fusion module: packed fused tokens in the LLM width."""
-        tokens, cu = self.vision_features(pixel_values)
-        dev = self.fusion.device
-        return self.fusion(
-            tokens.to(dev, self.fusion.projection.weight.dtype),
-            cu.to(dev),
-            fusion_question_ids.to(dev),
-            fusion_cu_seqlens.to(dev),
-            fusion_questions_per_sample,
-            n_l=n_l,
-            n_s=n_s,
-            grid=self.grid,
-        )
+        prefix = self.vision_prefix(pixel_values, fusion_images_per_sample, **self._vision_kwargs(dict(vision)))
+        n = prefix.cu_seqlens.numel() - 1
+        questions = self.fusion.split_questions(fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n)
+        return self.fusion.fuse(prefix, questions, n_l=n_l, n_s=n_s)
 
     def inputs_embeds(
         self,
@@ -313,18 +444,27 @@ class FusionAdapter(nn.Module, ABC):
         fusion_questions_per_sample: torch.Tensor | Sequence[int] | None = None,
         n_l: int | None = None,
         n_s: int | None = None,
+        fusion_images_per_sample: torch.Tensor | Sequence[int] | None = None,
+        **vision,
     ) -> torch.Tensor:
         """(B, L, d_llm): the host's token embeddings with the fused tokens scattered, in
         order, over each row's image placeholders."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
         fused = self.fused_tokens(
-            pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s
+            pixel_values,
+            fusion_question_ids,
+            fusion_cu_seqlens,
+            fusion_questions_per_sample,
+            n_l,
+            n_s,
+            fusion_images_per_sample,
+            **vision,
         )
         counts = (input_ids == self.image_token_id).sum(1).tolist()
         expected = fused.cu_seqlens.diff().tolist()
         if len(counts) != len(expected):
-            raise ValueError(f"{len(counts)} prompt rows for {len(expected)} images (one image per row)")
+            raise ValueError(f"{len(counts)} prompt rows for {len(expected)} samples (one conversation per row)")
         for i, (c, e) in enumerate(zip(counts, expected)):
             if c != e:
                 raise ValueError(
@@ -334,6 +474,10 @@ class FusionAdapter(nn.Module, ABC):
         embeds = self.host.get_input_embeddings()(input_ids)
         mask = (input_ids == self.image_token_id).unsqueeze(-1).to(embeds.device)
         return embeds.masked_scatter(mask, fused.tokens.to(embeds.device, embeds.dtype))
+
+    def _embeds(self, input_ids, pixel_values, fusion, kwargs: dict) -> torch.Tensor:
+        vision = self._vision_kwargs(kwargs)
+        return self.inputs_embeds(input_ids, pixel_values, *fusion, **vision)
 
     def forward(
         self,
@@ -346,12 +490,14 @@ class FusionAdapter(nn.Module, ABC):
         labels: torch.Tensor | None = None,
         n_l: int | None = None,
         n_s: int | None = None,
+        fusion_images_per_sample: torch.Tensor | Sequence[int] | None = None,
         **host_kwargs,
     ):
-        """The host's forward on fused embeddings (its output type; ``.loss`` with ``labels``)."""
-        embeds = self.inputs_embeds(
-            input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s
-        )
+        """The host's forward on fused embeddings (its output type; ``.loss`` with ``labels``).
+        The family's vision inputs (e.g. ``image_grid_thw``) are taken from ``host_kwargs``;
+        the rest go to the host."""
+        fusion = (fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s)
+        embeds = self._embeds(input_ids, pixel_values, (*fusion, fusion_images_per_sample), host_kwargs)
         if attention_mask is not None and "position_ids" not in host_kwargs:
             # Same positions as generate gives a left-padded prompt, so training and decoding agree.
             host_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -369,17 +515,24 @@ class FusionAdapter(nn.Module, ABC):
         labels: torch.Tensor | None = None,
         n_l: int | None = None,
         n_s: int | None = None,
+        fusion_images_per_sample: torch.Tensor | Sequence[int] | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """``host.generate`` from the fused prompt: the embeddings feed the prefill, later steps
         run on the host's KV cache. Returns the prompt ids followed by the new ids, as
         ``host.generate`` does. ``labels`` (from prepare_inputs) is accepted and unused."""
         del labels
-        embeds = self.inputs_embeds(
-            input_ids, pixel_values, fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s
-        )
+        fusion = (fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s)
+        embeds = self._embeds(input_ids, pixel_values, (*fusion, fusion_images_per_sample), generate_kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        return self.host_generate(input_ids, embeds, attention_mask, **generate_kwargs)
+
+    def host_generate(
+        self, input_ids: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs
+    ) -> torch.Tensor:
+        """``host.generate`` with the fused embeddings as the prefill's inputs (families override
+        this where their host's generate does not take ``inputs_embeds``)."""
         return self.host.generate(
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
         )

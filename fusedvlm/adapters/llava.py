@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedvlm.adapters.base import FusionAdapter, PromptFormat
+from fusedvlm.adapters.base import FusionAdapter, PromptFormat, VisionFeatures
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 
@@ -77,7 +77,7 @@ class LlavaFusionAdapter(FusionAdapter):
             raise ValueError("the LLaVA config has neither image_token_id nor image_token_index")
         return int(token)
 
-    def vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vision_features(self, pixel_values: torch.Tensor) -> VisionFeatures:
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
         tower = _vision_tower(self.host)
@@ -92,4 +92,4 @@ class LlavaFusionAdapter(FusionAdapter):
             states = [s[:, 1:] for s in states]
         feats = torch.cat(states, dim=-1)
         b, n, c = feats.shape
-        return feats.reshape(b * n, c), cu_seqlens_from_lengths([n] * b, device=feats.device)
+        return VisionFeatures(feats.reshape(b * n, c), cu_seqlens_from_lengths([n] * b, device=feats.device))

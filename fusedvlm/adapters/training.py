@@ -33,8 +33,25 @@ from fusedvlm.train.data import BatchCounts, Skipped
 @dataclass
 class AdapterItem:
     index: int
-    pixel_values: torch.Tensor  # (3, H, W)
+    vision: dict[str, torch.Tensor]  # the image processor's outputs for this one image (the family's vision_inputs)
     turns: tuple[tuple[str, str], ...]
+
+
+def collate_vision(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One image's processor outputs each -> the batch's: zero-padded to the largest size on
+    every dimension after the first, then concatenated along the first. Zero views are what the
+    AnyRes and image-splitting processors pad with themselves, and packed layouts (Qwen's
+    patches) already share every dimension after the first."""
+    out = {}
+    for key in items[0]:
+        tensors = [it[key] for it in items]
+        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+            padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+        out[key] = torch.cat(padded)
+    return out
 
 
 @dataclass
@@ -58,13 +75,15 @@ class AdapterBatch(BatchCounts):
 
 class AdapterDataset(torch.utils.data.Dataset):
     """Records (``fusedvlm.train.data.Record``: image path and (question, answer) turns) ->
-    pixel values from the host's ``image_processor``. Unreadable images and questions the
+    the host ``image_processor``'s outputs that the adapter's family takes (``vision_inputs``:
+    pixel values and, e.g., Qwen's ``image_grid_thw``). Unreadable images and questions the
     fusion module rejects (empty, longer than max_question_tokens) come back as ``Skipped``,
     which the trainer reports with the record index."""
 
     def __init__(self, records, adapter: FusionAdapter, image_processor):
         self.records, self.image_processor = list(records), image_processor
         self.question_ids = adapter.fusion.question_ids
+        self.vision_inputs = adapter.vision_inputs
 
     def __len__(self) -> int:
         return len(self.records)
@@ -79,12 +98,13 @@ class AdapterDataset(torch.utils.data.Dataset):
             for q, _ in rec.turns:
                 self.question_ids(q)
             with Image.open(rec.image) as im:
-                pixels = self.image_processor(images=upright(im, rec.image).convert("RGB"), return_tensors="pt")[
-                    "pixel_values"
-                ][0]
+                out = self.image_processor(images=upright(im, rec.image).convert("RGB"), return_tensors="pt")
         except (OSError, UnidentifiedImageError, ValueError) as e:
             return Skipped(rec.index, str(e))
-        return AdapterItem(rec.index, pixels, tuple(rec.turns))
+        missing = [k for k in self.vision_inputs if k not in out]
+        if missing:
+            raise ValueError(f"the image processor returned no {', '.join(missing)}; is it the host's own?")
+        return AdapterItem(rec.index, {k: out[k] for k in self.vision_inputs}, tuple(rec.turns))
 
 
 class AdapterCollator:
@@ -101,8 +121,8 @@ class AdapterCollator:
         inputs = self.adapter.prepare_inputs(
             self.tokenizer,
             [it.turns for it in items],
-            torch.stack([it.pixel_values for it in items]),
             padding_side="right",
+            **collate_vision([it.vision for it in items]),
         )
         targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         return AdapterBatch([it.index for it in items], inputs, targets, skipped)

@@ -1,0 +1,77 @@
+"""Adapter for Hugging Face ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+Both share one vision contract in transformers 5.x: the image processor packs each image's
+14-px patches (pairs of frames, ``temporal_patch_size``) into ``pixel_values`` (sum of patches,
+C*T*P*P) with ``image_grid_thw`` (images, 3) giving each image's (t, h, w) patch grid, and
+``model.get_image_features`` returns, per image, the tokens of its patch merger: one per 2x2
+patch block, LLM-wide, in raster order over an (h/2, w/2) grid. Those are the features handed
+over (the merger is the last block of Qwen's vision tower, and its input is in the tower's
+window-permuted order, so its output is the first raster grid the host exposes). The grid
+follows each image's size, so the fusion module merges every image on its own grid.
+
+In the LLM the fused tokens take plain sequential positions on all three M-RoPE axes: they are
+not a spatial grid, and without ``image_grid_thw`` the host gives every token text positions,
+in ``forward`` and in ``generate`` alike. The prompt is the tokenizer's own chat template
+(ChatML); ``<|vision_start|>``/``<|vision_end|>`` are not written around the fused tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedvlm.adapters.base import FusionAdapter, PromptFormat, VisionFeatures, require_host_parts, run_frozen
+from fusedvlm.packing import cu_seqlens_from_lengths
+
+
+class Qwen2VLFusionAdapter(FusionAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    default_prompt = PromptFormat(template=None)
+    vision_inputs = ("pixel_values", "image_grid_thw")
+    dynamic_grid = True
+
+    @classmethod
+    def check_host(cls, host: nn.Module) -> None:
+        require_host_parts(
+            host,
+            cls.family,
+            config=("text_config", "vision_config", "image_token_id"),
+            modules=("model.visual",),
+            methods=("get_image_features",),
+        )
+
+    @classmethod
+    def host_vision_layout(cls, host: nn.Module) -> tuple[int, tuple[int, int] | None]:
+        return cls.host_llm_width(host), None
+
+    @classmethod
+    def host_llm_width(cls, host: nn.Module) -> int:
+        return host.config.text_config.hidden_size
+
+    @classmethod
+    def host_image_token_id(cls, host: nn.Module) -> int:
+        return int(host.config.image_token_id)
+
+    @classmethod
+    def count_images(cls, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> int:
+        return image_grid_thw.shape[0]
+
+    def vision_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionFeatures:
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must be (images, 3), got shape {tuple(image_grid_thw.shape)}")
+        if (image_grid_thw[:, 0] != 1).any():
+            raise ValueError(
+                f"image_grid_thw has temporal sizes {image_grid_thw[:, 0].tolist()}: the adapter takes images "
+                "(t = 1), not videos"
+            )
+        visual = self.host.model.visual
+        m = visual.spatial_merge_size
+        if (image_grid_thw[:, 1:] % m != 0).any():
+            raise ValueError(f"image_grid_thw {image_grid_thw.tolist()} is not a multiple of the {m}x{m} merge")
+        ref = next(visual.parameters())
+        with run_frozen(visual):
+            out = self.host.model.get_image_features(pixel_values.to(ref.device, ref.dtype), image_grid_thw)
+        grids = [(h // m, w // m) for h, w in image_grid_thw[:, 1:].tolist()]
+        feats = torch.cat(out.pooler_output)
+        return VisionFeatures(feats, cu_seqlens_from_lengths([h * w for h, w in grids], device=feats.device), grids)
