@@ -130,15 +130,17 @@ def run_chat(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    llm_dtype = resolve_dtype(args.llm_dtype, device) if args.llm_dtype is not None else None
     if model_dir:
-        model = FusedVLM.from_pretrained(args.checkpoint)
+        # Straight onto the device in the final dtypes: a 7B model is never staged in fp32.
+        model = FusedVLM.from_pretrained(args.checkpoint, device=device, dtype=dtype, llm_dtype=llm_dtype)
     else:
         model = FusedVLM(cfg).eval()
         if args.checkpoint:
             load_trainable(model, args.checkpoint)
-    model.to(device=device, dtype=dtype)
-    if args.llm_dtype is not None:
-        model.llm.to(resolve_dtype(args.llm_dtype, device))
+        model.to(device=device, dtype=dtype)
+        if llm_dtype is not None:
+            model.llm.to(llm_dtype)
     session = ChatSession(
         model,
         image,

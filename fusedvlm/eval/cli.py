@@ -76,12 +76,11 @@ def load_model(preset: str | None, checkpoint: str | None, seed: int, device: st
     dev = resolve_device(device)
     torch.manual_seed(seed)
     if checkpoint is not None and os.path.isdir(checkpoint):
-        model = FusedVLM.from_pretrained(checkpoint)
-    else:
-        cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
-        model = FusedVLM(cfg).eval()
-        if checkpoint:
-            load_trainable(model, checkpoint)
+        return FusedVLM.from_pretrained(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
+    cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
+    model = FusedVLM(cfg).eval()
+    if checkpoint:
+        load_trainable(model, checkpoint)
     return model.to(device=dev, dtype=resolve_dtype(dtype, dev))
 
 
