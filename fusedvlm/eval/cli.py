@@ -65,7 +65,9 @@ def parse_n_l(text: str) -> tuple[int, ...]:
     return values
 
 
-def load_model(preset: str | None, checkpoint: str | None, seed: int, device: str, dtype: str = "auto"):
+def load_model(
+    preset: str | None, checkpoint: str | None, seed: int, device: str, dtype: str = "auto", local_rank: int = 0
+):
     import torch
 
     from fusedvlm.checkpoint import load_trainable, read_config
@@ -73,7 +75,7 @@ def load_model(preset: str | None, checkpoint: str | None, seed: int, device: st
     from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.model import FusedVLM
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, local_rank)
     torch.manual_seed(seed)
     if checkpoint is not None and os.path.isdir(checkpoint):
         return FusedVLM.from_pretrained(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
@@ -99,6 +101,91 @@ def _check_run_meta(out: str, meta: dict) -> None:
         meta = {**meta, "n_l": sorted(set(old.get("n_l", [])) | set(meta["n_l"]), reverse=True)}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
+
+
+# ---------------------------------------------------------------------- several processes
+# Under torchrun each rank predicts the items of every world-th image (in file order) into its own
+# OUT/BENCH/predictions.rank<R>.jsonl, so a killed run resumes per rank; rank 0 then appends them,
+# in benchmark order, to predictions.jsonl (what one process writes), deletes them and scores.
+def _on_every_rank(ctx, fn) -> None:
+    """Run ``fn`` (on whichever ranks it acts) and raise its error on every rank, so that no
+    rank waits forever for one that failed."""
+    error = None
+    try:
+        fn()
+    except (ValueError, OSError) as e:
+        error = e
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        errors = [None] * ctx.world
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        failed = next((e for e in errors if e is not None), None)
+        if error is None and failed is not None:
+            raise ValueError(f"another rank failed: {failed}")
+    if error is not None:
+        raise error
+
+
+def _rank_path(path: str, rank: int) -> str:
+    return path.removesuffix(".jsonl") + f".rank{rank}.jsonl"
+
+
+def _rank_files(path: str) -> list[str]:
+    """Every rank's file beside ``path``, also those of a killed run with another world size."""
+    import glob
+
+    return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".rank*.jsonl"))
+
+
+def _rank_store(path: str, merged, ctx):
+    from fusedvlm.eval.runner import PredictionStore
+
+    mine = _rank_path(path, ctx.rank)
+    store = PredictionStore(mine)
+    # What an earlier run predicted (merged, or left by any rank) counts as done and is not redone.
+    done = [merged.records] + [PredictionStore(f).records for f in _rank_files(path) if f != mine]
+    for records in done:
+        for key, text in records.items():
+            store.records.setdefault(key, text)
+    return store
+
+
+def _shard(bench, ctx):
+    from dataclasses import replace
+
+    keys = list(dict.fromkeys(it.image_key for it in bench.items))
+    mine = set(keys[ctx.rank :: ctx.world])
+    return replace(bench, items=[it for it in bench.items if it.image_key in mine])
+
+
+def _merge_ranks(out: str, benches, n_ls, skipped: list, evaluator, ctx) -> list:
+    """Wait for every rank, then (rank 0) merge their predictions; every rank's skipped rows
+    and counts are gathered to rank 0. Returns the skipped rows of all ranks."""
+    import torch.distributed as dist
+
+    from fusedvlm.eval.runner import Prediction, PredictionStore
+
+    gathered = [None] * ctx.world
+    stats = (skipped, evaluator.stats.items_done, dict(evaluator.stats.seconds))
+    dist.all_gather_object(gathered, stats)  # also the barrier: every rank has finished writing
+    if ctx.is_main:
+        for b in benches:
+            path = os.path.join(out, b.name, "predictions.jsonl")
+            merged = PredictionStore(path)
+            files = _rank_files(path)
+            found = {k: v for f in files for k, v in PredictionStore(f).records.items()}
+            merged.append(
+                Prediction(it.index, n, found[(it.index, n)]) for it in b.items for n in n_ls if (it.index, n) in found
+            )
+            for f in files:
+                os.remove(f)
+        evaluator.stats.items_done = sum(g[1] for g in gathered)
+        for key in evaluator.stats.seconds:
+            evaluator.stats.seconds[key] = sum(g[2][key] for g in gathered)
+    dist.barrier()
+    unique = {(s.benchmark, s.index): s for g in gathered for s in g[0]}
+    return list(unique.values())
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -134,6 +221,9 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.limit is not None:
             b.items = b.items[: args.limit]
 
+    from fusedvlm.train.distributed import init_distributed
+
+    ctx = init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
     meta = {
         "model": f"preset:{args.preset}" if args.preset else os.path.abspath(args.checkpoint),
@@ -142,16 +232,34 @@ def run_eval(args: argparse.Namespace) -> int:
         "max_new_tokens_mcq": cfg.max_new_tokens_mcq,
         "n_l": list(n_ls),
     }
-    _check_run_meta(args.out, meta)
-    model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype)
+    _on_every_rank(ctx, lambda: _check_run_meta(args.out, meta) if ctx.is_main else None)
+    model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype, ctx.local_rank)
     evaluator = Evaluator(model, cfg)
+
+    stores = {}
+    for b in benches:
+        path = os.path.join(args.out, b.name, "predictions.jsonl")
+        stores[b.name] = _rank_store(path, PredictionStore(path), ctx) if ctx.enabled else PredictionStore(path)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the others' files before any rank appends to its own
+    for b in benches:
+        store = stores[b.name]
+        b = _shard(b, ctx) if ctx.enabled else b
+        total = sum(not store.done(it.index, n) for it in b.items for n in n_ls)
+        desc = b.name if not ctx.enabled else f"{b.name} [rank {ctx.rank}/{ctx.world}]"
+        with tqdm(total=total, unit="item", desc=desc, disable=args.no_progress) as bar:
+            evaluator.run(b, store, args.on_error, skipped.append, bar)
+    if ctx.enabled:
+        skipped = _merge_ranks(args.out, benches, n_ls, skipped, evaluator, ctx)
+        if not ctx.is_main:
+            return 0
+        stores = {b.name: PredictionStore(os.path.join(args.out, b.name, "predictions.jsonl")) for b in benches}
 
     results = {}
     for b in benches:
-        store = PredictionStore(os.path.join(args.out, b.name, "predictions.jsonl"))
-        total = sum(not store.done(it.index, n) for it in b.items for n in n_ls)
-        with tqdm(total=total, unit="item", desc=b.name, disable=args.no_progress) as bar:
-            evaluator.run(b, store, args.on_error, skipped.append, bar)
+        store = stores[b.name]
         results[b.name] = {
             "kind": b.kind,
             "path": os.path.abspath(b.path),
