@@ -48,6 +48,13 @@ def register(sub) -> None:
     )
     p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
     p.add_argument(
+        "--llm-quant",
+        default="none",
+        choices=("none", "int8"),
+        help="int8: the LLM's linear layers in int8 with per-output-channel scales, quantised at load "
+        "(activations in the LLM dtype; fast on CPU with bf16; decodes on the hf path)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per turn: question, answer, answer_ids "
@@ -104,6 +111,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.options import from_options
+    from fusedvlm.quant import quantize_llm
     from fusedvlm.session import ChatSession
     from fusedvlm.text import check_text
 
@@ -141,6 +149,7 @@ def run_chat(args: argparse.Namespace) -> int:
         model.to(device=device, dtype=dtype)
         if llm_dtype is not None:
             model.llm.to(llm_dtype)
+    quantize_llm(model.llm, args.llm_quant)
     session = ChatSession(
         model,
         image,
