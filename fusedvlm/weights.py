@@ -311,6 +311,15 @@ def fill_module(
             (owner._parameters if is_param else owner._buffers)[attr] = t
 
 
+def buffers_to(module: nn.Module, device: torch.device | str) -> None:
+    """Move the buffers a constructor computed inside :func:`params_on_meta` (rotary tables and
+    the like: small, never stored) to ``device``; the parameters are left alone."""
+    for mod in module.modules():
+        for k, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[k] = b.to(device)
+
+
 def iter_missing(module: nn.Module) -> Iterator[str]:
     """Names of tensors still on the meta device."""
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):

@@ -143,12 +143,12 @@ def load_llm(cfg: LLMConfig, device: torch.device | str = "cpu", dtype: torch.dt
 def load_pretrained_llm(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """A Hugging Face causal LM directory, built without storage and filled tensor by tensor from
     its safetensors files in ``dtype`` on ``device`` (fusedvlm.weights): the host holds the result
-    plus one tensor, and nothing at all when the file dtype matches on the CPU (memory-mapped).
-    Transformers' own loader stages a converted checkpoint several times over (3.6x the bf16
-    bytes from an fp32 file, measured), so it is used only for directories without safetensors."""
+    plus a 16 MB buffer, and only the memory-mapped file when the dtype matches on the CPU.
+    Transformers' own loader peaks at 3.6x the bf16 bytes loading an fp32 file in bf16 (5.25,
+    a 0.22 B-parameter Llama, measured), so it is used only for directories without safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fusedvlm.weights import fill_module, index_files, open_entries, params_on_meta
+    from fusedvlm.weights import buffers_to, fill_module, index_files, open_entries, params_on_meta
 
     files = index_files(path)
     if not files:
@@ -156,11 +156,7 @@ def load_pretrained_llm(path: str, device: torch.device | str = "cpu", dtype: to
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Buffers (rotary tables) were computed on the CPU by the constructors; they are small.
-    for mod in model.modules():
-        for k, b in mod._buffers.items():
-            if b is not None:
-                mod._buffers[k] = b.to(device)
+    buffers_to(model, device)
     # Checkpoints of transformers < 4.31 store each layer's rotary table; it is recomputed.
     fill_module(
         model,

@@ -208,7 +208,7 @@ class FusedVLM(nn.Module):
         from dataclasses import replace
 
         from fusedvlm.clip_text import ClipText, load_clip_tokenizer
-        from fusedvlm.weights import fill_module, iter_missing, open_entries, params_on_meta
+        from fusedvlm.weights import buffers_to, fill_module, iter_missing, open_entries, params_on_meta
 
         path = os.path.abspath(os.fspath(path))
         device = torch.device(device)
@@ -224,10 +224,7 @@ class FusedVLM(nn.Module):
             model = cls(cfg, llm=llm, tokenizer=tokenizer)
         trainable = nn.ModuleDict({"vision": model.vision, "fuser": model.fuser})
         fill_module(trainable, entries, device=device, dtype=dtype, what=weights)
-        for mod in trainable.modules():  # buffers the constructors computed (none stored)
-            for k, b in mod._buffers.items():
-                if b is not None and b.device != device:
-                    mod._buffers[k] = b.to(device)
+        buffers_to(trainable, device)
         on_meta = list(iter_missing(model))
         if on_meta:
             raise ValueError(f"{weights} left tensors unset: {on_meta[:5]}")
