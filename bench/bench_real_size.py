@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, required=True, help="scratch directory for the two checkpoints")
     p.add_argument("--scale", choices=sorted(SCALES), default="paper")
     p.add_argument("--image", default="sample:grace_hopper")
+    p.add_argument("--n-l", type=int, default=None, help="fused tokens of the first question (default: the model's)")
     p.add_argument("--new-tokens", type=int, default=4, help="decode tokens per answer (every one is a full read)")
     p.add_argument("--compile", action="store_true", help="compile the lean decode step (default: eager)")
     p.add_argument("--cleanup", action="store_true", help="delete both checkpoints at the end")
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
 
     src, conv = args.work / "upstream", args.work / "converted"
     args.work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"scale": args.scale, "environment": environment(torch.device("cpu")), "phases": {}}
+    res: dict = {"scale": args.scale, "command": sys.argv, "environment": environment(torch.device("cpu")), "phases": {}}
     phases = res["phases"]
     try:
         if not src.exists():
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
         image = _open_image(args.image)
         gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
         _reset_peak()
-        session = ChatSession(model, image, decode="auto", compile=args.compile)
+        session = ChatSession(model, image, n_l=args.n_l, decode="auto", compile=args.compile)
         turns = []
         for q in QUESTIONS:
             ans = session.ask(q, gen)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             model,
             vision_tokens=counts[0] * cfg.tokens_per_view,
             question_tokens=len(model.question_ids(QUESTIONS[0])),
-            n_l=cfg.n_l,
+            n_l=first["fused_tokens"],
             llm_prompt_tokens=first["prompt_tokens"],
         )
         flops = {"vision+merge": vision_flops(cfg, counts[0]), **analytic}

@@ -213,3 +213,26 @@ def test_convert_and_load_in_bounded_memory(scaled):
     # fp32 files -> fp32 model: memory-mapped, no copy.
     fp32 = _peak_rss(load.format(path=str(conv), dtype="float32"))
     assert fp32["peak"] <= 1.15 * fp32["weights"], fp32
+
+
+def test_generated_checkpoint_converts_alike_from_safetensors_and_bin(tmp_path):
+    """tools/make_upstream_checkpoint.py writes the same random weights in both of the authors'
+    formats (sharded); both convert to the same model directory contents and load."""
+    from fusedvlm.model import FusedVLM
+    from fusedvlm.upstream import convert
+
+    small = "--llm-width 64 --llm-layers 2 --llm-heads 4 --llm-kv-heads 2 --llm-mlp 128 --llm-vocab 1200"
+    _make(tmp_path / "st", small + " --shard-gb 0.002")
+    _make(tmp_path / "bin", small + " --shard-gb 0.002 --weights bin")
+    assert len(_shard_bytes(tmp_path / "st", ".safetensors")) > 1
+    assert len(_shard_bytes(tmp_path / "bin", ".bin")) > 1
+    loaded = []
+    for name in ("st", "bin"):
+        convert(str(tmp_path / name), str(tmp_path / f"{name}-conv"), log=lambda _m: None)
+        model = FusedVLM.from_pretrained(tmp_path / f"{name}-conv", dtype=torch.bfloat16)
+        loaded.append(model.state_dict())
+        assert model.cfg.n_l == 9 and model.cfg.n_s == 4 and model.cfg.hd_num == 2
+        assert model.llm.lm_head.weight[1000:].abs().max() == 0  # rows past the tokenizer's vocabulary
+    assert loaded[0].keys() == loaded[1].keys()
+    for k, v in loaded[0].items():
+        assert torch.equal(v, loaded[1][k]), k
