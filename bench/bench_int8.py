@@ -53,6 +53,44 @@ def paper_layer_timing(repeats: int) -> dict:
     }
 
 
+TEXT_PROMPT = "What is the capital of France? Explain its history briefly."
+
+
+@torch.no_grad()
+def text_only(llm32, tokenizer, new_tokens: int) -> dict:
+    """The LLM alone on a chat-templated text prompt: bf16, and int8 with bf16 and with fp32
+    activations, against fp32 (greedy, HF generate)."""
+    from fusedvlm.quant import quantize_llm
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": TEXT_PROMPT}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    bf16 = copy.deepcopy(llm32).to(torch.bfloat16)
+    variants = {
+        "bf16": bf16,
+        "int8 (bf16 activations)": quantize_llm(copy.deepcopy(bf16), "int8"),
+        "int8 (fp32 activations)": quantize_llm(copy.deepcopy(llm32), "int8"),
+    }
+
+    def run(m):
+        out = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return out[0, ids.shape[1] :].tolist(), m(ids).logits[0, -1].float()
+
+    ref_ids, ref_logits = run(llm32)
+    res = {}
+    for name, m in variants.items():
+        got, logits = run(m)
+        same = [a == b for a, b in zip(ref_ids, got)]
+        res[name] = {
+            "relative_l2_error": float((logits - ref_logits).norm() / ref_logits.norm()),
+            "greedy_identical_prefix": same.index(False) if False in same else len(same),
+            "text": tokenizer.decode(got),
+        }
+    res["fp32_text"] = tokenizer.decode(ref_ids)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smol")
@@ -104,6 +142,7 @@ def main(argv=None) -> int:
             "greedy_positions_equal": sum(same),
         }
 
+    text = text_only(fp32.llm, bf16.tokenizer, args.new_tokens)
     layer = paper_layer_timing(args.repeats)
     res = {
         "environment": environment(torch.device("cpu")),
@@ -116,6 +155,7 @@ def main(argv=None) -> int:
         "speedup_int8_over_bf16_hf": q_hf / ref_hf,
     }
     res["paper_layer"] = layer
+    res["text_only_vs_fp32"] = text
     lines = []
     for name, c in (("int8 vs bf16", res["int8_vs_bf16"]), ("bf16 vs fp32", res["bf16_vs_fp32"])):
         lines.append(
@@ -123,6 +163,13 @@ def main(argv=None) -> int:
             f"{c['max_abs_error']:.3f}, top-1 {'equal' if c['top1_equal'] else 'different'} (reference top-2 margin "
             f"{c['reference_top2_margin']:.3f}); greedy over {c['greedy_tokens']} tokens: identical for the first "
             f"{c['greedy_identical_prefix']}, {c['greedy_positions_equal']} positions equal"
+        )
+    for name, t in text.items():
+        if name == "fp32_text":
+            continue
+        lines.append(
+            f"LLM alone, text prompt, {name} vs fp32: last-position logits relative L2 {t['relative_l2_error']:.4f}; "
+            f"greedy identical for the first {t['greedy_identical_prefix']} of {args.new_tokens}"
         )
     lines.append(
         f"{args.preset} decode tok/s ({res['threads']} threads, best of {args.repeats}): bf16 hf {ref_hf:.1f}, "
