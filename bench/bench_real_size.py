@@ -84,6 +84,33 @@ def vision_flops(cfg, views: int) -> int:
     return views * (patch + v.layers * block + merge)
 
 
+def llm_only(model, question: str, new_tokens: int, step_bytes: int) -> dict:
+    """Prefill and greedy decode of the LLM on the question's template without fused tokens,
+    on the decode path a chat would use (lean, eager)."""
+    from fusedvlm.benchmark.decode import prompt_embeds
+    from fusedvlm.benchmark.system import memory_bandwidth
+    from fusedvlm.generation import GenerationConfig, decode, prefill
+
+    engine = model.decode_engine("auto", compile=False)
+    embeds = prompt_embeds(model.llm, model.layout, question)
+    state = prefill(engine, embeds)
+    out = decode(engine, state, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True), eos_ids=set())
+    bw, how = memory_bandwidth(torch.device("cpu"), size_bytes=1 << 30)
+    steady = out.token_latencies_s[1:] or out.token_latencies_s  # the first step also faults pages in
+    tok_s = len(steady) / sum(steady)
+    return {
+        "prompt_tokens": embeds.shape[0],
+        "prefill_s": state.seconds,
+        "decode_path": engine.path,
+        "token_latencies_s": out.token_latencies_s,
+        "tokens_per_s_after_first": tok_s,
+        "bytes_per_token": step_bytes,
+        "bandwidth_bytes_per_s": bw,
+        "bandwidth_method": how,
+        "bandwidth_fraction": step_bytes * tok_s / bw,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="scratch directory for the two checkpoints")
@@ -93,6 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=4, help="decode tokens per answer (every one is a full read)")
     p.add_argument("--compile", action="store_true", help="compile the lean decode step (default: eager)")
     p.add_argument("--cleanup", action="store_true", help="delete both checkpoints at the end")
+    p.add_argument(
+        "--llm-only",
+        action="store_true",
+        help="skip the image: time the LLM's prefill and decode on the text of the first question (a converted "
+        "directory already in --work is reused)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -105,7 +138,12 @@ def main(argv=None) -> int:
 
     src, conv = args.work / "upstream", args.work / "converted"
     args.work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"scale": args.scale, "command": sys.argv, "environment": environment(torch.device("cpu")), "phases": {}}
+    res: dict = {
+        "scale": args.scale,
+        "command": sys.argv,
+        "environment": environment(torch.device("cpu")),
+        "phases": {},
+    }
     phases = res["phases"]
     try:
         if not src.exists():
@@ -114,12 +152,13 @@ def main(argv=None) -> int:
             phases["generate"] = {"seconds": time.perf_counter() - t0}
         shards = [f.stat().st_size for f in src.iterdir() if f.name.endswith(".safetensors")]
         res["checkpoint"] = {"bytes": sum(shards), "largest_shard_bytes": max(shards), "shards": len(shards)}
-        shutil.rmtree(conv, ignore_errors=True)
-        phases["convert"] = _child_peak(
-            f"from fusedvlm.upstream import convert\nconvert({str(src)!r}, {str(conv)!r}, log=lambda _m: None)"
-        )
-        phases["convert"]["bound_bytes"] = max(shards) + 1e9
-        print(f"convert: {phases['convert']}", flush=True)
+        if not (args.llm_only and (conv / "config.json").is_file()):
+            shutil.rmtree(conv, ignore_errors=True)
+            phases["convert"] = _child_peak(
+                f"from fusedvlm.upstream import convert\nconvert({str(src)!r}, {str(conv)!r}, log=lambda _m: None)"
+            )
+            phases["convert"]["bound_bytes"] = max(shards) + 1e9
+            print(f"convert: {phases['convert']}", flush=True)
 
         # The libraries' code (~0.3 GB) is no part of the model's memory: import it first.
         import open_clip  # noqa: F401
@@ -143,6 +182,13 @@ def main(argv=None) -> int:
         }
         print(f"load: {phases['load']}", flush=True)
 
+        if args.llm_only:
+            res["llm_only"] = llm_only(model, QUESTIONS[0], args.new_tokens, step_bytes)
+            print(f"llm only: {res['llm_only']}", flush=True)
+            phases["llm_only"] = {"peak_bytes": _status("VmHWM") - base}
+            if args.out:
+                save_json(args.out, res)
+            return 0
         image = _open_image(args.image)
         gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
         _reset_peak()
