@@ -36,6 +36,13 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
     p.add_argument(
+        "--llm-quant",
+        default="none",
+        choices=("none", "int8"),
+        help="int8: the LLM's linear layers in int8 with per-output-channel scales, quantised at load "
+        "(activations in the LLM dtype; fast on CPU with bf16; decodes on the hf path)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per turn: question, answer, answer_ids "
@@ -122,15 +129,16 @@ def load_model(args: argparse.Namespace, *, seed: int = 0):
     torch.manual_seed(seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    llm_dtype = resolve_dtype(args.llm_dtype, device) if args.llm_dtype is not None else None
     if model_dir:
-        model = FusedVLM.from_pretrained(args.checkpoint)
-    else:
-        model = FusedVLM(cfg).eval()
-        if args.checkpoint:
-            load_trainable(model, args.checkpoint)
+        # Straight onto the device in the final dtypes: a 7B model is never staged in fp32.
+        return FusedVLM.from_pretrained(args.checkpoint, device=device, dtype=dtype, llm_dtype=llm_dtype)
+    model = FusedVLM(cfg).eval()
+    if args.checkpoint:
+        load_trainable(model, args.checkpoint)
     model.to(device=device, dtype=dtype)
-    if args.llm_dtype is not None:
-        model.llm.to(resolve_dtype(args.llm_dtype, device))
+    if llm_dtype is not None:
+        model.llm.to(llm_dtype)
     return model
 
 
@@ -209,6 +217,7 @@ def _open_image(spec: str, max_pixels: int):
 def run_chat(args: argparse.Namespace) -> int:
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.options import from_options
+    from fusedvlm.quant import quantize_llm
     from fusedvlm.session import ChatSession
     from fusedvlm.text import check_text
 
@@ -218,6 +227,7 @@ def run_chat(args: argparse.Namespace) -> int:
     image = _open_image(args.image, max_image_pixels(args))
     gen = from_options(GenerationConfig, args)
     model = load_model(args, seed=args.seed)
+    quantize_llm(model.llm, args.llm_quant)
     session = ChatSession(
         model,
         image,

@@ -22,7 +22,7 @@ Name mapping (theirs -> ours):
   id when ``append_special_padding`` is false; our decoder keeps the text vocabulary and
   appends one row per query, so those rows are copied into place.
 * ``fusion_backbone.imgque_proj.weight`` -> ``fuser.projection.weight``.
-* ``llm_backbone.*`` -> the LLM, written shard by shard to ``OUT/llm`` (never held whole).
+* ``llm_backbone.*`` -> the LLM, copied file to file one tensor at a time into ``OUT/llm`` (never held).
 
 n_l / n_s come from ``length_que_end`` / ``length_que_end_short`` (n_s = n_l when unset, as in
 their parser), the fusion decoder's shapes from the weights and its config, HD-N from
@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 
 import torch
 
@@ -104,18 +103,18 @@ def weight_shards(src: str) -> list[str]:
     )
 
 
-def iter_shard(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of one weight file, one tensor at a time where the format allows."""
+def shard_tensors(path: str) -> dict:
+    """name -> tensor of one weight file, without reading the data: a
+    :class:`fusedvlm.weights.TensorEntry` per tensor of a safetensors file, a memory-mapped
+    tensor per tensor of a ``.bin`` (the legacy non-zip format cannot be mapped and is read
+    whole)."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from fusedvlm.weights import SafetensorsFile
 
         try:
-            with safe_open(path, "pt") as f:
-                for k in f.keys():
-                    yield k, f.get_tensor(k)
-        except Exception as e:  # safetensors raises its own error type for corrupt files
+            return SafetensorsFile(path).entries
+        except ValueError as e:
             raise UpstreamError(f"cannot read {path}: {e}") from None
-        return
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -125,8 +124,7 @@ def iter_shard(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         raise UpstreamError(f"cannot read {path}: {e}") from None
     if not isinstance(state, dict):
         raise UpstreamError(f"{path} does not hold a state dict")
-    for k in list(state):
-        yield k, state.pop(k)
+    return state
 
 
 # ---------------------------------------------------------------------------- config
@@ -385,39 +383,13 @@ def _count_layers(weights, prefix: str, declared, where: str) -> int:
     return want
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def weight_index(shards: list[str]) -> dict[str, torch.Tensor]:
     """Name -> a meta tensor (shape and dtype) of every weight, read from the file headers
     (``.bin`` files memory-mapped), so the whole checkpoint is checked before a byte is written."""
     index: dict[str, torch.Tensor] = {}
     for path in shards:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                with safe_open(path, "pt") as f:
-                    for k in f.keys():
-                        part = f.get_slice(k)
-                        dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
-                        index[k] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
-            except Exception as e:  # safetensors raises its own error type for corrupt files
-                raise UpstreamError(f"cannot read {path}: {e}") from None
-        else:
-            for k, t in iter_shard(path):
-                index[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        for k, t in shard_tensors(path).items():
+            index[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
     return index
 
 
@@ -507,11 +479,10 @@ def convert(src: str, out: str, *, template: str | None = None, drop_question: b
 def _convert(src: str, out: str, config: dict, template: str | None, drop_question: bool | None, log) -> None:
     from dataclasses import replace
 
-    from safetensors.torch import save_file
-
     from fusedvlm.checkpoint import atomic_directory, check_state_dict
     from fusedvlm.clip_text import write_bpe
     from fusedvlm.model.vlm import FusedVLM, write_model_dir
+    from fusedvlm.weights import TensorEntry, write_safetensors
 
     shards = preflight(src, out, config, template, drop_question)
     llm_cfg = config["llm_config"]
@@ -523,17 +494,19 @@ def _convert(src: str, out: str, config: dict, template: str | None, drop_questi
         weight_map: dict[str, str] = {}
         ignored = []
         for n, shard in enumerate(shards):
-            llm_part: dict[str, torch.Tensor] = {}
-            for k, t in iter_shard(shard):
+            llm_part = {}
+            for k, t in shard_tensors(shard).items():
                 if k.startswith(LLM):
-                    llm_part[k[len(LLM) :]] = t.contiguous()
+                    llm_part[k[len(LLM) :]] = t
                 elif _is_non_llm(k):
-                    non_llm[k] = t
+                    # Memory-mapped: only the pages the mapping below touches are read.
+                    non_llm[k] = t.load() if isinstance(t, TensorEntry) else t
                 else:
                     ignored.append(k)
             if llm_part:
+                # The LLM's bytes are copied file to file, one tensor at a time.
                 name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(llm_part, os.path.join(llm_dir, name), metadata={"format": "pt"})
+                write_safetensors(os.path.join(llm_dir, name), llm_part, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(llm_part, name))
             del llm_part
             log(f"read {os.path.basename(shard)} ({n + 1}/{len(shards)})")

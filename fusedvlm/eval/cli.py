@@ -75,7 +75,9 @@ def parse_n_l(text: str) -> tuple[int, ...]:
     return values
 
 
-def load_model(preset: str | None, checkpoint: str | None, seed: int, device: str, dtype: str = "auto"):
+def load_model(
+    preset: str | None, checkpoint: str | None, seed: int, device: str, dtype: str = "auto", local_rank: int = 0
+):
     import torch
 
     from fusedvlm.checkpoint import load_trainable, read_config
@@ -83,15 +85,14 @@ def load_model(preset: str | None, checkpoint: str | None, seed: int, device: st
     from fusedvlm.device import resolve_device, resolve_dtype
     from fusedvlm.model import FusedVLM
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, local_rank)
     torch.manual_seed(seed)
     if checkpoint is not None and os.path.isdir(checkpoint):
-        model = FusedVLM.from_pretrained(checkpoint)
-    else:
-        cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
-        model = FusedVLM(cfg).eval()
-        if checkpoint:
-            load_trainable(model, checkpoint)
+        return FusedVLM.from_pretrained(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
+    cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
+    model = FusedVLM(cfg).eval()
+    if checkpoint:
+        load_trainable(model, checkpoint)
     return model.to(device=dev, dtype=resolve_dtype(dtype, dev))
 
 
@@ -154,6 +155,94 @@ def _check_run_meta(out: str, meta: dict) -> None:
     write_text_atomic(path, json.dumps(meta, indent=1))
 
 
+# ---------------------------------------------------------------------- several processes
+# Under torchrun each rank predicts the items of every world-th image (in file order) into its own
+# OUT/BENCH/predictions.rank<R>.jsonl, so a killed run resumes per rank; rank 0 then appends them,
+# in benchmark order, to predictions.jsonl (what one process writes), deletes them and scores.
+def _on_every_rank(ctx, fn) -> None:
+    """Run ``fn`` (on whichever ranks it acts) and raise its error on every rank, so that no
+    rank waits forever for one that failed."""
+    error = None
+    try:
+        fn()
+    except (ValueError, OSError) as e:
+        error = e
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        errors = [None] * ctx.world
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        failed = next((e for e in errors if e is not None), None)
+        if error is None and failed is not None:
+            raise ValueError(f"another rank failed: {failed}")
+    if error is not None:
+        raise error
+
+
+def _rank_path(path: str, rank: int) -> str:
+    return path.removesuffix(".jsonl") + f".rank{rank}.jsonl"
+
+
+def _rank_files(path: str) -> list[str]:
+    """Every rank's file beside ``path``, also those of a killed run with another world size."""
+    import glob
+
+    return sorted(glob.glob(glob.escape(path.removesuffix(".jsonl")) + ".rank*.jsonl"))
+
+
+def _rank_store(path: str, merged, ctx):
+    from fusedvlm.eval.runner import PredictionStore
+
+    mine = _rank_path(path, ctx.rank)
+    store = PredictionStore(mine)
+    # What an earlier run predicted (merged, or left by any rank) counts as done and is not redone.
+    for other in [merged] + [PredictionStore(f) for f in _rank_files(path) if f != mine]:
+        for key, text in other.records.items():
+            if key not in store.records:
+                store.records[key], store.digests[key] = text, other.digests[key]
+    return store
+
+
+def _shard(bench, ctx):
+    from dataclasses import replace
+
+    keys = list(dict.fromkeys(it.image_key for it in bench.items))
+    mine = set(keys[ctx.rank :: ctx.world])
+    return replace(bench, items=[it for it in bench.items if it.image_key in mine])
+
+
+def _merge_ranks(out: str, benches, n_ls, skipped: list, evaluator, ctx) -> list:
+    """Wait for every rank, then (rank 0) merge their predictions; every rank's skipped rows
+    and counts are gathered to rank 0. Returns the skipped rows of all ranks."""
+    import torch.distributed as dist
+
+    from fusedvlm.eval.runner import Prediction, PredictionStore
+
+    gathered = [None] * ctx.world
+    stats = (skipped, evaluator.stats.items_done, dict(evaluator.stats.seconds))
+    dist.all_gather_object(gathered, stats)  # also the barrier: every rank has finished writing
+    if ctx.is_main:
+        for b in benches:
+            path = os.path.join(out, b.name, "predictions.jsonl")
+            merged = PredictionStore(path)
+            files = _rank_files(path)
+            found = {}
+            for f in files:
+                ranked = PredictionStore(f)
+                found.update({k: (text, ranked.digests[k]) for k, text in ranked.records.items()})
+            merged.append(
+                Prediction(it.index, n, *found[(it.index, n)]) for it in b.items for n in n_ls if (it.index, n) in found
+            )
+            for f in files:
+                os.remove(f)
+        evaluator.stats.items_done = sum(g[1] for g in gathered)
+        for key in evaluator.stats.seconds:
+            evaluator.stats.seconds[key] = sum(g[2][key] for g in gathered)
+    dist.barrier()
+    unique = {(s.benchmark, s.index): s for g in gathered for s in g[0]}
+    return list(unique.values())
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from fusedvlm.commands import max_image_pixels
     from fusedvlm.eval.data import BenchmarkError, load_benchmark
@@ -191,7 +280,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     check_output_dir(args.out)
-    with locked_output(args.out):
+    # Under torchrun rank 0 holds the output's lock for all ranks (as train does).
+    lock = locked_output(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
         return _run_locked(args, cfg, n_ls, benches, skipped)
 
 
@@ -202,7 +293,9 @@ def _run_locked(args, cfg, n_ls, benches, skipped) -> int:
     from fusedvlm.eval.report import benchmark_metrics, write_reports
     from fusedvlm.eval.runner import Evaluator, PredictionStore
     from fusedvlm.outputs import write_text_atomic
+    from fusedvlm.train.distributed import init_distributed
 
+    ctx = init_distributed(args.device)
     os.makedirs(args.out, exist_ok=True)
     if args.fresh:
         discard_run(args.out)
@@ -220,17 +313,34 @@ def _run_locked(args, cfg, n_ls, benches, skipped) -> int:
         "llm_batch_size": cfg.llm_batch_size,
         "n_l": list(n_ls),
     }
-    _check_run_meta(args.out, meta)
-    model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype)
+    _on_every_rank(ctx, lambda: _check_run_meta(args.out, meta) if ctx.is_main else None)
+    model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype, ctx.local_rank)
     evaluator = Evaluator(model, cfg)
+
+    stores = {}
+    for b in benches:
+        path = os.path.join(args.out, b.name, "predictions.jsonl")
+        stores[b.name] = _rank_store(path, PredictionStore(path), ctx) if ctx.enabled else PredictionStore(path)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the others' files before any rank appends to its own
+    for b in benches:
+        store = stores[b.name]
+        b = _shard(b, ctx) if ctx.enabled else b
+        total = sum(not store.done(it, n) for it in b.items for n in n_ls)
+        desc = b.name if not ctx.enabled else f"{b.name} [rank {ctx.rank}/{ctx.world}]"
+        with tqdm(total=total, unit="item", desc=desc, disable=args.no_progress) as bar:
+            evaluator.run(b, store, args.on_error, skipped.append, bar)
+    if ctx.enabled:
+        skipped = _merge_ranks(args.out, benches, n_ls, skipped, evaluator, ctx)
+        if not ctx.is_main:
+            return 0
+        stores = {b.name: PredictionStore(os.path.join(args.out, b.name, "predictions.jsonl")) for b in benches}
 
     results = {}
     for b in benches:
-        store = PredictionStore(os.path.join(args.out, b.name, "predictions.jsonl"))
-        total = sum(not store.done(it, n) for it in b.items for n in n_ls)
-        with tqdm(total=total, unit="item", desc=b.name, disable=args.no_progress) as bar:
-            evaluator.run(b, store, args.on_error, skipped.append, bar)
-        predictions = store.predictions(b.items, n_ls)
+        predictions = stores[b.name].predictions(b.items, n_ls)
         results[b.name] = {
             "kind": b.kind,
             "path": os.path.abspath(b.path),

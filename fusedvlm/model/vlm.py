@@ -123,7 +123,13 @@ class FusedVLM(nn.Module):
         """The LLM's decode engine (fusedvlm.decoding), built once per (path, compile) and kept, so
         that its compiled steps serve every later chat; rebuilt if the LLM moved device or dtype."""
         from fusedvlm.decoding import compile_default, make_engine
+        from fusedvlm.quant import is_quantized
 
+        if is_quantized(self.llm):
+            # The lean and static steps read float weights; int8 layers run in HF's forward.
+            if decode not in ("auto", "hf"):
+                raise ValueError(f"--decode {decode}: an int8 LLM (--llm-quant int8) decodes on the hf path only")
+            decode = "hf"
         compile = compile_default() if compile is None else compile
         weight = self.llm.get_input_embeddings().weight
         key = (decode, compile, weight.device, weight.dtype)
@@ -187,37 +193,44 @@ class FusedVLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        llm_dtype: torch.dtype | None = None,
     ) -> FusedVLM:
-        """Load a model directory written by :meth:`save_pretrained` or ``convert-upstream``."""
+        """Load a model directory written by :meth:`save_pretrained` or ``convert-upstream`` on
+        ``device``: floating weights in ``dtype`` (the LLM in ``llm_dtype``, default ``dtype``).
+        The model is built without storage and filled one tensor at a time from the
+        safetensors files (fusedvlm.weights), so loading needs about the model's own bytes in
+        that dtype; on the CPU in the files' dtype the weights stay memory-mapped."""
         from dataclasses import replace
 
-        from fusedvlm.checkpoint import check_state_dict, read_safetensors
         from fusedvlm.clip_text import ClipText, load_clip_tokenizer
+        from fusedvlm.weights import buffers_to, fill_module, iter_missing, open_entries, params_on_meta
 
         path = os.path.abspath(os.fspath(path))
+        device = torch.device(device)
         cfg = read_model_config(path)
-        if cfg.llm.source == "pretrained" and cfg.llm.path and not os.path.isabs(cfg.llm.path):
-            cfg = replace(cfg, llm=replace(cfg.llm, path=os.path.join(path, cfg.llm.path)))
-        llm, tokenizer = load_llm(cfg.llm, device=device, dtype=dtype)
-        with torch.device("meta"):
-            model = cls(cfg, llm=llm, tokenizer=tokenizer)
         weights = os.path.join(path, "model.safetensors")
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"model directory {path} has no model.safetensors")
-        state = read_safetensors(weights, "model weights", device=str(device))
-        ints = [k for k, v in state.items() if not v.is_floating_point()]
+        entries = open_entries([weights])  # a corrupt file is refused before the LLM is read
+        ints = [k for k, e in entries.items() if not e.dtype.is_floating_point]
         if ints:
             raise ValueError(
-                f"{weights}: tensor {ints[0]} is {state[ints[0]].dtype}; model weights must be floating point"
+                f"{weights}: tensor {ints[0]} is {entries[ints[0]].dtype}; model weights must be floating point"
             )
-        check_state_dict(model.trainable_state_dict(), state, weights)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        on_meta = [
-            n
-            for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.is_meta and not n.startswith("llm.")
-        ]
+        if cfg.llm.source == "pretrained" and cfg.llm.path and not os.path.isabs(cfg.llm.path):
+            cfg = replace(cfg, llm=replace(cfg.llm, path=os.path.join(path, cfg.llm.path)))
+        llm, tokenizer = load_llm(cfg.llm, device=device, dtype=llm_dtype or dtype)
+        with params_on_meta():
+            model = cls(cfg, llm=llm, tokenizer=tokenizer)
+        trainable = nn.ModuleDict({"vision": model.vision, "fuser": model.fuser})
+        fill_module(trainable, entries, device=device, dtype=dtype, what=weights)
+        buffers_to(trainable, device)
+        on_meta = list(iter_missing(model))
         if on_meta:
             raise ValueError(f"{weights} left tensors unset: {on_meta[:5]}")
         clip_dir = os.path.join(path, "clip")
@@ -228,13 +241,9 @@ class FusedVLM(nn.Module):
 
 def write_model_dir(folder: str, cfg: ModelConfig, state: dict[str, torch.Tensor], source: dict | None = None) -> None:
     """config.json + model.safetensors of a model directory (the LLM is written apart)."""
-    from safetensors.torch import save_file
+    from fusedvlm.weights import write_safetensors
 
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()},
-        os.path.join(folder, "model.safetensors"),
-        metadata={"format": MODEL_FORMAT},
-    )
+    write_safetensors(os.path.join(folder, "model.safetensors"), state, metadata={"format": MODEL_FORMAT})
     meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "config": cfg.to_dict()}
     if source:
         meta["source"] = source

@@ -31,15 +31,17 @@ def src(tmp_path):
 
 @pytest.fixture()
 def streamed(monkeypatch):
-    """The weight files the conversion started to stream (reading a shard is the first write)."""
+    """The weight files the conversion started to write (the preflight reads only headers)."""
+    import fusedvlm.weights
+
     seen = []
-    real = upstream.iter_shard
+    real = fusedvlm.weights.write_safetensors
 
-    def spy(path):
+    def spy(path, *args, **kwargs):
         seen.append(path)
-        return real(path)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(upstream, "iter_shard", spy)
+    monkeypatch.setattr(fusedvlm.weights, "write_safetensors", spy)
     return seen
 
 
@@ -184,12 +186,12 @@ def test_too_little_space_is_found_up_front(src, tmp_path, capsys, streamed, mon
 
 
 def test_disk_full_while_writing_is_one_line_and_leaves_nothing(src, tmp_path, capsys, monkeypatch):
-    import safetensors.torch
+    import fusedvlm.weights
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device", "model-00001-of-00001.safetensors")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(fusedvlm.weights, "write_safetensors", full)
     out = str(tmp_path / "out")
     assert "No space left on device" in _one_line(capsys, src, out)
     _nothing_written(out)
@@ -198,9 +200,8 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(src, tmp_path, c
 def test_ctrl_c_exits_quietly_and_leaves_nothing(src, tmp_path, capsys, monkeypatch):
     def interrupted(path):
         raise KeyboardInterrupt
-        yield
 
-    monkeypatch.setattr(upstream, "iter_shard", interrupted)
+    monkeypatch.setattr(upstream, "shard_tensors", interrupted)
     out = str(tmp_path / "out")
     assert main(["convert-upstream", src, out]) == 130
     err = capsys.readouterr().err.strip()
