@@ -87,11 +87,13 @@ def _psi(args) -> int:
     from fusedvlm.analysis.pairs import generate_pairs, load_pairs, load_prompts, save_pairs
     from fusedvlm.analysis.pipeline import run_psi, summary_lines
     from fusedvlm.device import dtype_name, resolve_device, resolve_dtype
+    from fusedvlm.outputs import check_output_dir
 
     if args.max_n < 1:
         raise ValueError(f"--max-n must be >= 1, got {args.max_n}")
     if args.generate is not None and args.generate < 1:
         raise ValueError(f"--generate must be >= 1, got {args.generate}")
+    check_output_dir(args.out)  # before minutes of loading and generating, not after
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()

@@ -23,3 +23,18 @@ def test_non_utf8_prompt_line_is_named(tmp_path):
     path.write_bytes(b'{"question": "ok"}\n{"question": "\xff"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: not UTF-8 text"):
         load_prompts(str(path))
+
+
+def test_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import fusedvlm.analysis.cli as psi_cli
+    from fusedvlm.cli import main
+
+    def never(*_a, **_k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(psi_cli, "_load_model", never)
+    out = tmp_path / "psi"
+    out.write_text("keep me")
+    assert main(["psi", "--model", "random", "--generate", "2", "--out", str(out)]) == 2
+    assert f"output {out} exists and is not a directory" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
