@@ -22,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
                                                                            int64_t, bool, bool, std::optional<bool>);
 bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);
 at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&);
+double fma_peak(int64_t);
 std::string isa();
 void set_isa(const std::string&);
 std::vector<std::string> supported_isas();
@@ -48,6 +49,7 @@ TORCH_LIBRARY(fusedvlm_cpu, m) {
   // (fusedvlm/native.py). No autograd: the decode step it serves runs without gradients.
   m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
+  m.def("fma_peak(int iterations) -> float", &fusedvlm::fma_peak);
   m.def("isa() -> str", &fusedvlm::isa);
   m.def("set_isa(str name) -> ()", &fusedvlm::set_isa);
   m.def("supported_isas() -> str[]", &fusedvlm::supported_isas);

@@ -115,4 +115,6 @@ at::Tensor linear(const at::Tensor& x, at::TensorList weights, const c10::List<s
   FUSEDVLM_DISPATCH(matvec::linear, x, weights, biases)
 }
 
+double fma_peak(int64_t iterations) { FUSEDVLM_DISPATCH(peak::fma_peak, iterations) }
+
 }  // namespace fusedvlm

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -60,4 +61,7 @@
   }                                                                                                                 \
   namespace fusedvlm::V::matvec {                                                                                   \
   at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&);              \
+  }                                                                                                                 \
+  namespace fusedvlm::V::peak {                                                                                     \
+  double fma_peak(int64_t);                                                                                         \
   }
