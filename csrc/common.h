@@ -36,7 +36,7 @@ bool have_blas();
 // A symbol of the libtorch_cpu this process loaded (its MKL/OpenBLAS entry points), or nullptr.
 void* libtorch_symbol(const char* name);
 
-// Prefix psi statistics (csrc/pairwise_cosine.cpp): eq, ab, aa, bb, div, each (T,) float32.
+// Prefix psi statistics (csrc/pairwise_cosine.inc): eq, ab, aa, bb, div, each (T,) float32.
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // An uninitialised float32 tensor for a kernel's output. Outputs of 1 MiB and more take their
