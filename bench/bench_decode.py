@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fusedvlm.benchmark.system import environment, save_json
+from fusedvlm.benchmark.system import cpp_isa, environment, save_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     llm, tokenizer = load_llm(llm_cfg, device=args.device, dtype=dtype)
     layout = ChatLayout(llm_cfg.chat_template, tokenizer, llm_cfg.system_prompt)
     res = run_decode_bench(llm, prompt_embeds(llm, layout), cfg, log=lambda m: print(m, flush=True))
-    print(f"\npreset {args.preset}, {dtype}, {torch.get_num_threads()} thread(s)")
+    print(f"\npreset {args.preset}, {dtype}, {torch.get_num_threads()} thread(s), C++ ISA variant {cpp_isa()}")
     print("\n".join(table_lines(res)))
     if args.out:
         save_json(args.out, {"environment": environment(), "preset": args.preset, "dtype": str(dtype), **res})

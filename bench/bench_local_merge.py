@@ -4,7 +4,7 @@ Rows, for V views of an H x W token grid, C_in -> C_out (forward, and forward+ba
 gradients for every input):
 
 * ``fused``  : ``fusedvlm.kernels.local_merge`` (Triton on GPU; on CPU the C++ kernel of
-               csrc/local_merge.cpp: a direct im2col SGEMM on small problems, the Winograd
+               csrc/local_merge.inc: a direct im2col SGEMM on small problems, the Winograd
                F(2, 2) form on many output pixels; FUSEDVLM_BACKEND=torch times the torch path)
 * ``eager``  : ``fusedvlm.ref.local_merge``, the chain it replaces: tokens -> NCHW grid copy ->
                conv2d -> + nearest downsample -> flatten -> append LF -> concatenate

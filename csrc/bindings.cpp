@@ -21,6 +21,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
                                                                            const at::Tensor&, bool, bool, int64_t,
                                                                            int64_t, bool, bool, std::optional<bool>);
 bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);
+at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&);
+double fma_peak(int64_t);
+std::string isa();
+void set_isa(const std::string&);
+std::vector<std::string> supported_isas();
 }  // namespace fusedvlm
 
 TORCH_LIBRARY(fusedvlm_cpu, m) {
@@ -40,5 +45,14 @@ TORCH_LIBRARY(fusedvlm_cpu, m) {
         " bool need_x, bool need_w, bool? winograd) -> (Tensor, Tensor, Tensor, Tensor)",
         &fusedvlm::local_merge_bwd);
   m.def("local_merge_winograd(int v, int h, int w, int c_in, int c_out) -> bool", &fusedvlm::winograd_form);
+  // A CPU kernel, not a catch-all one: torch.compile traces it through its fake kernel
+  // (fusedvlm/native.py). No autograd: the decode step it serves runs without gradients.
+  m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
+  m.def("fma_peak(int iterations) -> float", &fusedvlm::fma_peak);
+  m.def("isa() -> str", &fusedvlm::isa);
+  m.def("set_isa(str name) -> ()", &fusedvlm::set_isa);
+  m.def("supported_isas() -> str[]", &fusedvlm::supported_isas);
 }
+
+TORCH_LIBRARY_IMPL(fusedvlm_cpu, CPU, m) { m.impl("linear", &fusedvlm::linear); }

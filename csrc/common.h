@@ -1,4 +1,5 @@
-// Shared helpers of the fusedvlm CPU kernels: a raw row-major SGEMM and a vectorisable exp.
+// Shared helpers of the fusedvlm CPU kernels, compiled for the baseline ISA: a raw row-major
+// SGEMM, output and scratch buffers, a vectorisable exp (variant.h has the per-ISA parts).
 #pragma once
 
 // Only the headers of the ops used: the full torch/extension.h (pybind11 and every operator) is
@@ -22,10 +23,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 namespace fusedvlm {
 
 // Row-major C (m x n, ldc) = alpha * op(A) op(B) + beta * C, float32. op(X) = X^T when trans_x.
@@ -39,7 +36,7 @@ bool have_blas();
 // A symbol of the libtorch_cpu this process loaded (its MKL/OpenBLAS entry points), or nullptr.
 void* libtorch_symbol(const char* name);
 
-// Prefix psi statistics (csrc/pairwise_cosine.cpp): eq, ab, aa, bb, div, each (T,) float32.
+// Prefix psi statistics (csrc/pairwise_cosine.inc): eq, ab, aa, bb, div, each (T,) float32.
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // An uninitialised float32 tensor for a kernel's output. Outputs of 1 MiB and more take their
@@ -91,44 +88,6 @@ inline float exp_approx(float x) {
   res = x != x ? x : res;
   return res;
 }
-
-// row[j] = exp(row[j] - base) for j < n; returns the sum. NaN propagates, the max of a row is
-// taken by the caller with NaN ignored, so a NaN score makes its row's sum NaN.
-float exp_sub_sum(float* row, int64_t n, float base);
-
-// max(init, row[0..n)) ignoring NaN entries.
-float row_max(const float* row, int64_t n, float init);
-
-// The widest float vector the build targets, for hand-tiled register kernels: AVX-512, AVX2 with
-// FMA, else GCC's generic four-lane vectors (any architecture; the compiler picks the FMA).
-#if defined(__AVX512F__)
-using vfloat = __m512;
-constexpr int64_t kLanes = 16;
-inline vfloat vzero() { return _mm512_setzero_ps(); }
-inline vfloat vset(float x) { return _mm512_set1_ps(x); }
-inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
-#elif defined(__AVX2__) && defined(__FMA__)
-using vfloat = __m256;
-constexpr int64_t kLanes = 8;
-inline vfloat vzero() { return _mm256_setzero_ps(); }
-inline vfloat vset(float x) { return _mm256_set1_ps(x); }
-inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
-#else
-typedef float vfloat __attribute__((vector_size(16)));
-constexpr int64_t kLanes = 4;
-inline vfloat vzero() { return vfloat{}; }
-inline vfloat vset(float x) { return vfloat{} + x; }
-inline vfloat vload(const float* p) { vfloat x; std::memcpy(&x, p, sizeof(x)); return x; }
-inline void vstore(float* p, vfloat x) { std::memcpy(p, &x, sizeof(x)); }
-inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
-inline vfloat vmul(vfloat a, vfloat b) { return a * b; }
-#endif
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 

@@ -47,6 +47,10 @@ FIRST_BUCKET = 256
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 # Activations of the Llama MLP that the lean step implements (design §5 uses SiLU).
 LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+# Rows of activations (batch x new tokens) up to which the lean step's projections run our
+# matrix-vector kernel (fusedvlm_cpu::linear) on a CPU: it streams each weight once and reuses
+# it from L1 for every row, so up to a few rows it stays memory-bound; more rows are a GEMM.
+MATVEC_MAX_ROWS = 4
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -185,6 +189,7 @@ class LeanLlama(torch.nn.Module):
                 )
                 + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             )
+        self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
         with torch.no_grad():
             pos = torch.arange(self.max_positions, device=self.embed.device)[None]
             probe = torch.empty(0, dtype=self.embed.dtype, device=self.embed.device)
@@ -246,11 +251,15 @@ class LeanLlama(torch.nn.Module):
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
         elif start:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        # Under autocast F.linear casts the weights; our kernel takes them as they are.
+        matvec = self.matvec is not None and not torch.is_autocast_enabled(x.device.type)
+        lin = self._linears if matvec and B * T <= MATVEC_MAX_ROWS else _torch_linears
         for i, (wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd, ln1, ln2) in enumerate(self.layers):
             h = self._rms(x, ln1)
-            q = F.linear(h, wq, bq).view(B, T, H, D).transpose(1, 2)
-            k = F.linear(h, wk, bk).view(B, T, Hkv, D).transpose(1, 2)
-            v = F.linear(h, wv, bv).view(B, T, Hkv, D).transpose(1, 2)
+            q, k, v = lin(h, (wq, wk, wv), (bq, bk, bv))
+            q = q.view(B, T, H, D).transpose(1, 2)
+            k = k.view(B, T, Hkv, D).transpose(1, 2)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             # Under autocast k/v come out in the autocast dtype; the cache keeps the weights'.
             k_cache[i][:, :, positions] = k.to(k_cache[i].dtype)
@@ -264,10 +273,17 @@ class LeanLlama(torch.nn.Module):
                 o = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask if start else None, is_causal=not start, scale=self.scale
                 )
-            x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), wo, bo)
-            h = self._rms(x, ln2)
-            x = x + F.linear(self.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
-        return F.linear(self._rms(x[:, -1], self.norm), self.lm_head, self.lm_head_bias).float()
+            x = x + lin(o.transpose(1, 2).reshape(B, T, H * D), (wo,), (bo,))[0]
+            gate, up = lin(self._rms(x, ln2), (wg, wu), (bg, bu))
+            x = x + lin(self.act(gate) * up, (wd,), (bd,))[0]
+        # Only the last position's logits: B rows, a matrix-vector product even after a prefill.
+        lin = self._linears if matvec and B <= MATVEC_MAX_ROWS else _torch_linears
+        return lin(self._rms(x[:, -1], self.norm), (self.lm_head,), (self.lm_head_bias,))[0].float()
+
+    def _linears(self, x: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
+        """F.linear(x, w, b) for each weight in one call of our kernel (one pass over the threads)."""
+        y = self.matvec(x, list(weights), list(biases))
+        return list(y.split([w.shape[0] for w in weights], -1)) if len(weights) > 1 else [y]
 
     def _attend_bucket(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
@@ -296,6 +312,28 @@ class LeanLlama(torch.nn.Module):
     ) -> torch.Tensor:
         """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
         return self.forward(F.embedding(tokens[:, None], self.embed), k_cache, v_cache, pos)
+
+
+def _torch_linears(x: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+
+def _matvec_op(weights: list[torch.Tensor]):
+    """``fusedvlm_cpu::linear`` when it can serve these weights (contiguous, on the CPU, one of
+    fp32/bf16/fp16, and the C++ kernels built), else None: the step then uses F.linear throughout.
+    ``FUSEDVLM_MATVEC=0`` keeps F.linear (to compare the two)."""
+    dtypes = {w.dtype for w in weights}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+        return None
+    if any(w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+        return None
+    from fusedvlm.env import env_flag
+
+    if not env_flag("FUSEDVLM_MATVEC", True):
+        return None
+    from fusedvlm import native
+
+    return native.load().linear if native.available() else None
 
 
 # ------------------------------------------------------------------------------------ engines

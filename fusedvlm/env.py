@@ -14,11 +14,14 @@ import os
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
-# name -> allowed values (a flag: None). FUSEDVLM_MERGE_FORM is read by csrc/local_merge.cpp.
+# name -> allowed values (a flag: None), the default first. FUSEDVLM_MERGE_FORM is read by
+# csrc/local_merge.cpp; FUSEDVLM_ISA (the C++ kernels' variant) by fusedvlm/native.py.
 CHOICES: dict[str, tuple[str, ...] | None] = {
     "FUSEDVLM_BACKEND": ("auto", "torch", "triton", "cpp"),
     "FUSEDVLM_COMPILE": None,
+    "FUSEDVLM_MATVEC": None,
     "FUSEDVLM_MERGE_FORM": ("direct", "winograd"),
+    "FUSEDVLM_ISA": ("auto", "baseline", "avx2", "avx512"),
 }
 # Paths: any non-empty value.
 PATHS = ("FUSEDVLM_CACHE",)
@@ -43,7 +46,7 @@ def env_choice(name: str, default: str) -> str:
     if value is None:
         return default
     allowed = CHOICES[name]
-    low = value.lower()
+    low = value.strip().lower()
     if low not in allowed:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
     return low

@@ -1,16 +1,22 @@
 """The C++ CPU kernels of csrc/: built with ninja on first use, cached, or a torch fallback.
 
-``load()`` compiles csrc/*.cpp through ``torch.utils.cpp_extension`` the first time a CPU op
-needs it (importing fusedvlm never compiles) into a build directory keyed by the torch version,
-the Python version and the compiler flags:
+``load()`` compiles csrc/ through ``torch.utils.cpp_extension`` the first time a CPU op needs it
+(importing fusedvlm never compiles) into a build directory keyed by the content of the sources,
+the compiler flags, the torch version and the Python version:
 
     $TORCH_EXTENSIONS_DIR (else $FUSEDVLM_CACHE/extensions, default ~/.cache/fusedvlm/extensions)
-        /torch-<version>-py<major><minor>/fusedvlm_cpu_<flags hash>/
+        /torch-<version>-py<major><minor>/fusedvlm_cpu_<content hash>/
 
-where torch keeps a hash of the sources beside the library, so a second process, a second
-test or a second run loads the cached library in milliseconds, and a new torch or a changed source builds afresh. ninja's file lock (the baton in that
-directory) makes concurrent first builds wait for one another. When the build fails (no C++
-compiler, no ninja) every op keeps its torch path and one warning says why.
+The sources are copied into that directory and compiled from there, so two checkouts (or an
+install) of the same sources share one build, a second process loads it in milliseconds, and
+changed sources build afresh in a new directory. ninja's file lock (the baton in that directory)
+makes concurrent first builds wait for one another. The build prints one line when it starts and
+one when it is done. When it fails (no C++ compiler, no ninja) every op keeps its torch path and
+one warning says why.
+
+One build carries every kernel variant of the CPU's family (csrc/variant.h): baseline, and on
+x86-64 AVX2 and AVX-512. The library runs the widest this CPU supports; ``FUSEDVLM_ISA``
+(``auto``, ``baseline``, ``avx2``, ``avx512``) or :func:`set_isa` picks another.
 """
 
 from __future__ import annotations
@@ -19,16 +25,23 @@ import functools
 import hashlib
 import importlib.resources
 import os
-import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 _NAME = "fusedvlm_cpu"
-_SOURCES = ("common.cpp", "packed_attention.cpp", "pairwise_cosine.cpp", "local_merge.cpp", "ops.cpp", "bindings.cpp")
-_HEADERS = ("common.h",)
+_SOURCES = (
+    "common.cpp",
+    "variant_baseline.cpp",
+    "variant_avx2.cpp",
+    "variant_avx512.cpp",
+    "isa.cpp",
+    "ops.cpp",
+    "bindings.cpp",
+)
 
 
 def source_dir() -> Path:
@@ -41,20 +54,10 @@ def source_dir() -> Path:
 
 def _cflags() -> list[str]:
     # -fopenmp: at::parallel_for is inline OpenMP in the headers (without it every kernel runs
-    # on one thread); the library links the libgomp torch itself loads (see _ldflags).
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        try:
-            cpu = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpu = ""
-        # AVX2/FMA, and AVX-512 (16-lane register tiles and exp), only where this CPU has them;
-        # they are part of the cache key below.
-        if " avx2" in cpu and " fma" in cpu:
-            flags += ["-mavx2", "-mfma"]
-            if all(f" {f}" in cpu for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl")):
-                flags += ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
-    return flags
+    # on one thread); the library links the libgomp torch itself loads (see _ldflags). No -m
+    # flags: the variants choose their ISA in the sources (csrc/variant.h), so one build serves
+    # every CPU of the family.
+    return ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
 def _ldflags() -> list[str]:
@@ -63,24 +66,64 @@ def _ldflags() -> list[str]:
     return [f"-L{Path(torch.__file__).parent / 'lib'}", "-lgomp"]
 
 
-def build_dir(flags: list[str]) -> tuple[str, Path]:
-    # torch's JIT loader keeps its own hash of the sources and rebuilds (incrementally, through
-    # ninja) when one changes; the directory separates what it cannot see: torch, Python, flags.
-    name = f"{_NAME}_{hashlib.sha256(' '.join(flags).encode()).hexdigest()[:8]}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("FUSEDVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusedvlm")), "extensions"
+def _source_files(src: Path) -> list[Path]:
+    return sorted(p for p in src.iterdir() if p.suffix in (".cpp", ".h", ".inc"))
+
+
+def extensions_root() -> Path:
+    return Path(
+        os.environ.get("TORCH_EXTENSIONS_DIR")
+        or os.path.join(
+            os.environ.get("FUSEDVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusedvlm")), "extensions"
+        )
     )
+
+
+def build_dir(flags: list[str], src: Path | None = None) -> tuple[str, Path]:
+    """(library name, directory) for the sources in ``src`` (default: :func:`source_dir`) built
+    with ``flags``: keyed by the sources' names and bytes, never by where they are."""
+    key = hashlib.sha256(" ".join(flags + _ldflags()).encode())
+    for path in _source_files(src or source_dir()):
+        key.update(f"\0{path.name}\0{path.stat().st_size}\0".encode())
+        key.update(path.read_bytes())
+    name = f"{_NAME}_{key.hexdigest()[:12]}"
     tag = f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return name, Path(root) / tag / name
+    return name, extensions_root() / tag / name
+
+
+def _copy_sources(src: Path, dest: Path) -> None:
+    """The sources into ``dest`` (their content is the directory's key); a file already there is
+    left untouched, so ninja sees nothing new."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in _source_files(src):
+        target = dest / path.name
+        data = path.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        tmp = target.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # atomic: a concurrent build never reads half a file
 
 
 class NativeUnavailable(RuntimeError):
     """The C++ kernels could not be built or loaded here."""
 
 
+ISAS = ("baseline", "avx2", "avx512")
+
+
+def requested_isa() -> str | None:
+    """The variant ``FUSEDVLM_ISA`` asks for, or None for the widest this CPU runs (unset/auto)."""
+    from fusedvlm.env import env_choice
+
+    value = env_choice("FUSEDVLM_ISA", "auto")
+    return None if value == "auto" else value
+
+
 @functools.cache
 def _load():
     """The extension module, or the exception that kept it from loading (cached either way)."""
+    requested = requested_isa()  # a bad value is an error, not a reason to fall back to torch
     try:
         import logging
 
@@ -93,12 +136,24 @@ def _load():
         finally:
             log.setLevel(level)
 
-        src = source_dir()
         flags = _cflags()
         name, directory = build_dir(flags)
-        directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / f"{name}.so").exists():
-            print(f"fusedvlm: building the C++ CPU kernels once into {directory} (about a minute)", file=sys.stderr)
+        built = (directory / f"{name}.so").exists()
+        if not built:
+            earlier = (
+                [p.name for p in directory.parent.glob(f"{_NAME}_*") if p != directory]
+                if directory.parent.is_dir()
+                else []
+            )
+            why = "csrc/ differs from the cached builds" if earlier else "first use"
+            print(
+                f"fusedvlm: building the C++ CPU kernels ({why}; every ISA variant, about 2 minutes on 2 cores) into {directory}",
+                file=sys.stderr,
+                flush=True,
+            )
+        start = time.perf_counter()
+        _copy_sources(source_dir(), directory / "src")
+        src = directory / "src"
         cpp_extension.load(
             name=name,
             sources=[str(src / f) for f in _SOURCES],
@@ -109,11 +164,28 @@ def _load():
             verbose=False,
             is_python_module=False,
         )
-        return torch.ops.fusedvlm_cpu
+        if not built:
+            print(
+                f"fusedvlm: built the C++ CPU kernels in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        mod = torch.ops.fusedvlm_cpu
+        _register_fakes()
     except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
         first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
         return NativeUnavailable(f"{type(exc).__name__}: {first_error}")
+    if requested is not None:
+        set_isa(requested, mod)
+    return mod
+
+
+def _register_fakes() -> None:
+    # Shapes for torch.compile's tracing of the ops the lean decode step calls.
+    @torch.library.register_fake("fusedvlm_cpu::linear")
+    def _(x, weights, biases):
+        return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
 def load():
@@ -139,10 +211,32 @@ def available() -> bool:
     return True
 
 
+def isa() -> str:
+    """The kernel variant the C++ ops run (building them if needed); raises NativeUnavailable."""
+    return load().isa()
+
+
+def supported_isas() -> list[str]:
+    """The variants this CPU can run, narrowest first."""
+    return list(load().supported_isas())
+
+
+def set_isa(name: str, mod=None) -> None:
+    """Run the C++ ops with variant ``name`` from now on (process-wide); ValueError naming the
+    allowed ones for an unknown name, or the ones this CPU runs for a variant it cannot."""
+    if name not in ISAS:
+        raise ValueError(f"unknown kernel variant {name!r}; choose from {', '.join(ISAS)}")
+    (mod or load()).set_isa(name)
+
+
 def status() -> str:
     """One line for ``fusedvlm info``: built, or why not (builds on first call)."""
     mod = _load()
     if isinstance(mod, Exception):
         return f"unavailable ({mod})"
     blas = "MKL/OpenBLAS sgemm" if mod.have_blas() else "at::addmm tiles"
-    return f"built ({build_dir(_cflags())[1]}; GEMM tiles via {blas})"
+    how = "FUSEDVLM_ISA" if requested_isa() else "widest this CPU runs"
+    return (
+        f"built ({build_dir(_cflags())[1]}; ISA variant {mod.isa()} ({how}; this CPU runs "
+        f"{', '.join(mod.supported_isas())}); GEMM tiles via {blas})"
+    )

@@ -30,7 +30,7 @@ Precision: fp32 accumulation everywhere. fp16/bf16 tiles feed tl.dot directly on
 Triton interpreter (no bf16 arithmetic) bf16 tiles are upcast to fp32 right after the load.
 fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` lets F.conv2d use it.
 
-C++ path (CPU, csrc/local_merge.cpp): fp32 maths for every dtype (fp16/bf16 are upcast once and
+C++ path (CPU, csrc/local_merge.inc): fp32 maths for every dtype (fp16/bf16 are upcast once and
 rounded once when stored), in one of two forms picked by size (``winograd_form`` there;
 ``FUSEDVLM_MERGE_FORM=direct|winograd`` forces one): a direct
 im2col block and one SGEMM, or the polyphase Winograd F(2, 2) form below with its transforms in

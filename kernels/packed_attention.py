@@ -26,7 +26,7 @@ On the GPU fp16/bf16 operands feed ``tl.dot`` directly (fp32 accumulation; fp32 
 precision); under ``TRITON_INTERPRET=1`` every load is upcast to fp32 straight away because the
 interpreter has no usable bf16 arithmetic.
 
-CPU: the C++ kernel of csrc/packed_attention.cpp, one call for the whole pack (parallel over
+CPU: the C++ kernel of csrc/packed_attention.inc, one call for the whole pack (parallel over
 segment x head x query block, SGEMM tiles with the same online softmax; backward parallel over
 segment x key/value head). ``bench/bench_packed_attention.py`` compares it with the torch path
 below (``x_vs_sdpa_loop``; the issue-13 commands are in that file's docstring).

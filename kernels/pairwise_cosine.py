@@ -34,7 +34,7 @@ A per-pair cumulative sum of the increments (torch, float64) then gives every pr
 GPU fp16/bf16 operands feed ``tl.dot`` directly (fp32 inputs use IEEE precision); under the
 interpreter every load is upcast to fp32 at once (no usable bf16 arithmetic there).
 
-CPU: the C++ kernel of csrc/pairwise_cosine.cpp (the same tiles, one SGEMM per lower-triangle
+CPU: the C++ kernel of csrc/pairwise_cosine.inc (the same tiles, one SGEMM per lower-triangle
 tile pair of interleaved unit rows, parallel over tiles), else this torch path:
 
 * ``positive=True``: the same increments, per pair, from one matmul per lower-triangle tile

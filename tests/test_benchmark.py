@@ -301,3 +301,10 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
     )
     assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode["rows"])
     assert "## Decode paths" in (out / "results.md").read_text()
+    from fusedvlm import native
+
+    if native.available():  # the FMA peak comes from the C++ kernels, in the variant they run
+        assert decode["cpp_isa"] == env["cpp_isa"] == native.isa()
+        assert decode["fma_peak"]["flops_per_s"] > 1e9 and native.isa() in decode["fma_peak"]["source"]
+        assert all(0 < r["peak_fraction"] < 1.5 for r in decode["prefill_rows"])
+        assert "of FMA peak" in printed and f"ISA variant {native.isa()}" in printed

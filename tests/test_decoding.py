@@ -362,3 +362,38 @@ def test_hf_static_compiled_step_matches_eager(qwen2):
         ids for ids, _ in ref
     ]
     assert counters["stats"]["unique_graphs"] == graphs and compiled.compile_stats.graphs == 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_lean_step_on_our_matvec_matches_f_linear(llm, dtype, tol):
+    """On a CPU with the C++ kernels the lean step's projections (up to MATVEC_MAX_ROWS rows, and
+    the last position's LM head after a prefill) run fusedvlm_cpu::linear with weights of any
+    of the three dtypes; its logits match the F.linear step's."""
+    import copy
+
+    from fusedvlm import native
+    from fusedvlm.decoding import MATVEC_MAX_ROWS
+
+    if not native.available():
+        pytest.skip("C++ kernels not built")
+    model = copy.deepcopy(llm).to(dtype)
+    ours, ref = LeanEngine(model, compile=False), LeanEngine(model, compile=False)
+    ref.model.matvec = None
+    calls = []
+    matvec = ours.model.matvec
+    assert matvec is not None
+    ours.model.matvec = lambda *a: calls.append(a[0].shape) or matvec(*a)
+    torch.manual_seed(2)
+    for batch in (1, MATVEC_MAX_ROWS):
+        embeds = torch.randn(batch, 7, llm.config.hidden_size, dtype=dtype) * 0.5
+        caches = ours.new_cache(batch), ref.new_cache(batch)
+        got, want = ours.prefill(embeds, caches[0]), ref.prefill(embeds, caches[1])
+        tokens = torch.arange(batch)
+        for _ in range(3):
+            assert (got - want).abs().max() / want.abs().max() < tol
+            got, want = ours.step(tokens, caches[0]), ref.step(tokens, caches[1])
+            tokens = want.argmax(-1)
+        assert (got - want).abs().max() / want.abs().max() < tol
+    layers = llm.config.num_hidden_layers
+    # per batch: the prefill's LM head, then 3 steps of 4 calls per layer + the LM head
+    assert len(calls) == 2 * (1 + 3 * (4 * layers + 1))

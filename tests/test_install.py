@@ -34,7 +34,9 @@ def test_wheel_contains_kernels_and_train_under_fusedvlm(tmp_path):
         "top-level kernels/ or train/ would shadow other packages"
     )
     # The C++ sources ship, so an installed copy can build its CPU kernels.
-    assert {"fusedvlm/csrc/packed_attention.cpp", "fusedvlm/csrc/common.h"} <= set(names)
+    assert {"fusedvlm/csrc/packed_attention.inc", "fusedvlm/csrc/variant_avx2.cpp", "fusedvlm/csrc/common.h"} <= set(
+        names
+    )
     # The regular install imports from the wheel's files alone (run outside the repo).
     code = "import fusedvlm, fusedvlm.kernels, fusedvlm.train, fusedvlm.model; print(fusedvlm.__file__)"
     out = subprocess.run(

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedvlm.benchmark.system import kv_bytes_per_position, memory_bandwidth, percentile, unique_parameter_bytes
+from fusedvlm.benchmark.system import (
+    cpp_isa,
+    fma_peak,
+    kv_bytes_per_position,
+    memory_bandwidth,
+    percentile,
+    unique_parameter_bytes,
+)
 from fusedvlm.timing import sync
 
 QUESTION = (
@@ -222,12 +229,21 @@ def run_decode_bench(
     lm_head = llm.get_output_embeddings().weight.numel()
     flops = 2 * (matmul_params - lm_head) * prompt_len + 2 * lm_head
     flops += 2 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim * prompt_len * (prompt_len + 1) / 2
+    peak = fma_peak(device)
     prefill_rows = [
-        {"path": p, "ms": ms, "gflops_per_s": flops / (ms / 1e3) / 1e9, "x_hf": prefill_ms["hf"] / ms}
+        {
+            "path": p,
+            "ms": ms,
+            "gflops_per_s": flops / (ms / 1e3) / 1e9,
+            "x_hf": prefill_ms["hf"] / ms,
+            "peak_fraction": flops / (ms / 1e3) / peak[0] if peak else None,
+        }
         for p, ms in prefill_ms.items()
     ]
     return {
+        "cpp_isa": cpp_isa(),
         "bandwidth": {"bytes_per_s": bw, "source": bw_source},
+        "fma_peak": {"flops_per_s": peak[0], "source": peak[1]} if peak else None,
         "prompt_tokens": prompt_len,
         "new_tokens": cfg.new_tokens,
         "repeats": cfg.repeats,
@@ -245,6 +261,7 @@ def run_decode_bench(
 def table_lines(res: dict) -> list[str]:
     bw = res["bandwidth"]["bytes_per_s"]
     lines = [
+        f"C++ kernels: ISA variant {res.get('cpp_isa')}",
         f"decode, {res['prompt_tokens']}-token prompt, {res['new_tokens']} new tokens, median of {res['repeats']}; "
         f"{res['bytes_per_token'] / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s -> limit {res['limit_tokens_per_s']:.1f} tok/s",
         f"{'path':<16} {'tok/s':>7} {'BW frac':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'compile s':>9} {'x generate':>10} {'x HF loop':>9}",
@@ -267,13 +284,18 @@ def table_lines(res: dict) -> list[str]:
             f"{r['x_batch_1']:>6.2f} {r['compile_s']:>9.1f}"
         )
     lines.append("")
+    peak = res.get("fma_peak")
     lines.append(
         f"LLM prefill ({res['prefill_flops'] / 1e9:.2f} GFLOP): "
         + "; ".join(
-            f"{r['path']} {r['ms']:.1f} ms = {r['gflops_per_s']:.1f} GFLOP/s ({r['x_hf']:.2f}x HF)"
+            f"{r['path']} {r['ms']:.1f} ms = {r['gflops_per_s']:.1f} GFLOP/s ({r['x_hf']:.2f}x HF"
+            + (f", {r['peak_fraction']:.2f} of FMA peak" if r.get("peak_fraction") is not None else "")
+            + ")"
             for r in res["prefill_rows"]
         )
     )
+    if peak:
+        lines.append(f"FMA peak {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['source']})")
     return lines
 
 

@@ -64,6 +64,13 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
+def cpp_isa() -> str | None:
+    """The ISA variant the C++ CPU kernels run (csrc/variant.h), None where they are not built."""
+    from fusedvlm import native
+
+    return native.isa() if native.available() else None
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     """Machine, versions, thread setting and git sha: recorded in every result. ``device``
     defaults to the first GPU when there is one, else the CPU."""
@@ -90,6 +97,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "git_sha": git_sha(),
         "fusedvlm_backend": os.environ.get("FUSEDVLM_BACKEND", "auto"),
         "triton_interpret": interpreter_enabled(),
+        "cpp_isa": cpp_isa(),
     }
     try:
         import triton
@@ -232,6 +240,20 @@ def memory_bandwidth(device: torch.device, size_bytes: int = 1 << 28, repeats: i
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size_bytes / best, f"measured: copy of {size_bytes >> 20} MiB, best of {repeats + 1}"
+
+
+def fma_peak(device: torch.device, repeats: int = 3) -> tuple[float, str] | None:
+    """(FLOP/s, source): the CPU's FMA peak on torch's threads, measured by the C++ kernels'
+    register-only FMA chains in the ISA variant they run (best of ``repeats``); None on a GPU or
+    where the C++ kernels are not built."""
+    from fusedvlm import native
+
+    if device.type != "cpu" or not native.available():
+        return None
+    mod = native.load()
+    mod.fma_peak(1_000_000)  # threads up, clocks up
+    best = max(mod.fma_peak(20_000_000) for _ in range(repeats))
+    return best, f"measured: FMA chains on {torch.get_num_threads()} thread(s), {mod.isa()} variant, best of {repeats}"
 
 
 def _rss_bytes() -> int:

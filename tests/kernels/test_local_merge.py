@@ -285,7 +285,7 @@ def test_triton_gpu_tiles_match_reference(cfg, case, monkeypatch):
 needs_cpp = pytest.mark.skipif(
     "not __import__('fusedvlm.native').native.available()", reason="the C++ CPU kernels could not be built here"
 )
-# The C++ kernel's two forms (csrc/local_merge.cpp winograd_form picks one by size), each forced
+# The C++ kernel's two forms (csrc/local_merge.inc winograd_form picks one by size), each forced
 # in turn through FUSEDVLM_MERGE_FORM; "torch" is the op's fallback kernel (FUSEDVLM_BACKEND=torch).
 CPP_FORMS = {"cpp-direct": "direct", "cpp-winograd": "winograd"}
 

@@ -1,0 +1,222 @@
+"""The C++ kernels' ISA variants (csrc/variant.h): every variant this CPU runs gives the
+reference's results, the choice is validated, the wide instructions stay inside the variants,
+and the build is keyed by the sources' content. Also the matrix-vector kernel of the decode step
+(fusedvlm_cpu::linear)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusedvlm import native
+from fusedvlm.packing import cu_seqlens_from_lengths
+from fusedvlm.ref.local_merge import local_merge as ref_merge
+from fusedvlm.ref.packed_attention import packed_attention as ref_attention
+from fusedvlm.ref.pairwise_cosine import pairwise_cosine_stats as ref_cosine
+
+needs_cpp = pytest.mark.skipif("not __import__('fusedvlm.native').native.available()", reason="C++ kernels not built")
+
+
+@pytest.fixture(params=native.ISAS)
+def isa(request):
+    """Each variant in turn (skipped where this CPU cannot run it); the default is put back."""
+    if not native.available():
+        pytest.skip("C++ kernels not built")
+    if request.param not in native.supported_isas():
+        pytest.skip(f"this CPU cannot run {request.param} (it runs {native.supported_isas()})")
+    before = native.isa()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)
+
+
+def test_default_is_the_widest_this_cpu_runs():
+    if not native.available():
+        pytest.skip("C++ kernels not built")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    supported = native.supported_isas()
+    assert supported[0] == "baseline"
+    if os.environ.get("FUSEDVLM_ISA", "auto") in ("", "auto"):
+        assert native.isa() == supported[-1]
+    if " avx2" in flags and " fma" in flags and " f16c" in flags:
+        assert "avx2" in supported
+    assert ("avx512" in supported) == (" avx512f" in flags and " avx512bw" in flags)
+
+
+def test_bad_choices_are_refused_naming_the_allowed_ones(monkeypatch):
+    monkeypatch.setenv("FUSEDVLM_ISA", "sse9")
+    with pytest.raises(ValueError, match="FUSEDVLM_ISA='sse9'.*auto, baseline, avx2, avx512"):
+        native.requested_isa()
+    monkeypatch.setenv("FUSEDVLM_ISA", " AVX2 ")
+    assert native.requested_isa() == "avx2"
+    monkeypatch.setenv("FUSEDVLM_ISA", "auto")
+    assert native.requested_isa() is None
+    with pytest.raises(ValueError, match="unknown kernel variant 'neon'; choose from baseline, avx2, avx512"):
+        native.set_isa("neon")
+
+
+@needs_cpp
+def test_a_variant_this_cpu_lacks_is_refused():
+    missing = [name for name in native.ISAS if name not in native.supported_isas()]
+    if not missing:
+        pytest.skip("this CPU runs every variant")
+    with pytest.raises(ValueError, match=f"'{missing[0]}' needs instructions this CPU lacks; it runs: baseline"):
+        native.set_isa(missing[0])
+
+
+@needs_cpp
+def test_fusedvlm_isa_picks_the_variant_in_a_new_process():
+    code = "from fusedvlm import native; print(native.isa()); print(native.status())"
+    env = {**os.environ, "FUSEDVLM_ISA": "baseline"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[0] == "baseline"
+    assert "ISA variant baseline (FUSEDVLM_ISA" in done.stdout
+
+
+def test_attention_matches_the_reference(isa):
+    torch.manual_seed(0)
+    lengths = [1, 37, 90]  # one row, several register tiles, causal staircases
+    cu = cu_seqlens_from_lengths(lengths)
+    q, k, v = (torch.randn(sum(lengths), h, 20, dtype=torch.float64) for h in (4, 2, 2))  # GQA, d not a lane multiple
+    mod = native.load()
+    out, lse = mod.packed_attention_fwd(q.float(), k.float(), v.float(), cu, cu, True, 0.3)
+    torch.testing.assert_close(out.double(), ref_attention(q, k, v, cu, scale=0.3), atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(q)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_attention(qr, kr, vr, cu, scale=0.3).backward(g)
+    grads = mod.packed_attention_bwd(g.float(), q.float(), k.float(), v.float(), out, lse, cu, cu, True, 0.3)
+    for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_pairwise_cosine_matches_the_reference(isa):
+    torch.manual_seed(1)
+    cu = cu_seqlens_from_lengths([3, 150])
+    a, b = torch.randn(153, 24), torch.randn(153, 24)
+    got = native.load().pairwise_cosine_stats(a, b, cu, True)
+    for g, w in zip(got, ref_cosine(a, b, cu)):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_local_merge_matches_the_reference(isa, winograd):
+    torch.manual_seed(2)
+    x = torch.randn(2, 5 * 7, 12, dtype=torch.float64)
+    w, lf, b = torch.randn(12, 12, 3, 3, dtype=torch.float64), torch.randn(12, dtype=torch.float64), torch.randn(12)
+    mod = native.load()
+    out = mod.local_merge_fwd(x.float(), w.float(), lf.float(), b, True, 5, 7, winograd)
+    want = ref_merge(x, w, lf, bias=b.double(), residual=True, grid=(5, 7))
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn_like(want)
+    ref_merge(xr, wr, lf, bias=b.double(), residual=True, grid=(5, 7)).backward(g)
+    dx, dw, dlf, db = mod.local_merge_bwd(g.float(), x.float(), w.float(), True, True, 5, 7, True, True, winograd)
+    torch.testing.assert_close(dx.double(), xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dw.double(), wr.grad, atol=1e-3, rtol=1e-4)
+
+
+# bf16 keeps 8 significant bits: the output's rounding dominates the error.
+LINEAR_TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", list(LINEAR_TOL))
+@pytest.mark.parametrize("rows,k", [(1, 67), (3, 64), (4, 5)])
+def test_linear_matches_f_linear(isa, dtype, rows, k):
+    """Several weights in one call (row tiles and tails, K tails of every lane width), biases or
+    None, leading dimensions kept; fp32 accumulation whatever the weight dtype."""
+    torch.manual_seed(3)
+    x = torch.randn(rows, 1, k).to(dtype)
+    ws = [torch.randn(n, k).to(dtype) for n in (9, 4, 1)]
+    bs = [torch.randn(9).to(dtype), None, torch.randn(1).to(dtype)]
+    y = native.load().linear(x, ws, bs)
+    assert y.shape == (rows, 1, 14) and y.dtype == dtype
+    want = torch.cat(
+        [F.linear(x.double(), w.double(), b.double() if b is not None else None) for w, b in zip(ws, bs)], -1
+    )
+    err = (y.double() - want).abs().max() / want.abs().max()
+    assert err < LINEAR_TOL[dtype], err
+
+
+@needs_cpp
+def test_linear_threads_split_rows_between_weights():
+    """A call large enough to run on every thread: each output row computed once, by its weight."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 256)
+    ws = [torch.randn(n, 256) for n in (301, 1, 250)]
+    y = native.load().linear(x, ws, [None] * 3)
+    torch.testing.assert_close(y, torch.cat([F.linear(x, w) for w in ws], -1), atol=1e-4, rtol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"w": torch.randn(4, 9)}, r"weight 0 must be \(out, 8\) for x of shape \[2, 8\], got \[4, 9\]"),
+        ({"w": torch.randn(4, 8).bfloat16()}, "weight 0 is torch.bfloat16 but x is torch.float32; they must match"),
+        ({"w": torch.randn(8, 4).t()}, "weight 0 must be contiguous"),
+        ({"b": torch.randn(5)}, r"bias 0 must be \(4,\), got \[5\]"),
+        ({"x": torch.randn(2, 8, dtype=torch.float64)}, "x must be float32, bfloat16 or float16, got torch.float64"),
+    ],
+)
+def test_linear_refuses_bad_input(change, message):
+    args = {"x": torch.randn(2, 8), "w": torch.randn(4, 8), "b": None, **change}
+    with pytest.raises(ValueError, match=message):
+        native.load().linear(args["x"], [args["w"]], [args["b"]])
+    with pytest.raises(ValueError, match="2 weights but 1 biases"):
+        native.load().linear(torch.randn(2, 8), [torch.randn(4, 8)] * 2, [None])
+
+
+@needs_cpp
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.uname().machine == "x86_64" and shutil.which("objdump")),
+    reason="needs objdump on x86-64 Linux",
+)
+def test_wide_instructions_stay_inside_their_variant():
+    """No function outside fusedvlm::avx2 / fusedvlm::avx512 holds a VEX/EVEX instruction (what
+    -mavx2 on a whole file would leak into the shared inline code of torch's headers), and the
+    AVX2 variant holds no AVX-512 one: the baseline variant and the dispatch run on any x86-64."""
+    name, directory = native.build_dir(native._cflags())
+    dis = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", str(directory / f"{name}.so")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    leaks, wide, fn = {}, {"avx2": 0, "avx512": 0}, ""
+    for line in dis.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            fn = head.group(1)
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[1].split():
+            continue
+        vector = parts[1].split()[0].startswith("v") or "%ymm" in line or "%zmm" in line
+        evex = "%zmm" in line or re.search(r"%k[1-7]\b", line)
+        variant = "avx512" if "fusedvlm::avx512::" in fn else "avx2" if "fusedvlm::avx2::" in fn else None
+        if vector and variant is None or evex and variant == "avx2":
+            leaks.setdefault(fn, line.strip())
+        elif vector:
+            wide[variant] += 1
+    assert not leaks, list(leaks.items())[:5]
+    assert wide["avx2"] > 100 and wide["avx512"] > 100, wide  # the variants are really compiled wide
+
+
+def test_build_directory_is_keyed_by_source_content(tmp_path):
+    """Two checkouts of the same sources share one build; a changed byte gets a new one."""
+    src = native.source_dir()
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(src, a)
+    shutil.copytree(src, b)
+    flags = native._cflags()
+    assert native.build_dir(flags, a) == native.build_dir(flags, b) == native.build_dir(flags)
+    with open(b / "isa.cpp", "a") as f:
+        f.write("\n")
+    assert native.build_dir(flags, b)[1] != native.build_dir(flags, a)[1]
+    assert native.build_dir(flags + ["-g"], a)[1] != native.build_dir(flags, a)[1]
