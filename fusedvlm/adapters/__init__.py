@@ -43,7 +43,8 @@ Contract of a model family (one small file): subclass ``FusionAdapter`` and defi
   features the adapter hands over and the ``(H, W)`` token grid of each view (None if they are
   not a grid, e.g. a kept CLS token: then only ``merge=False`` works); ``dynamic_grid = True``
   when the grid follows the image size (then ``vision_features`` gives it per image);
-* ``host_llm_width(host)`` and ``host_image_token_id(host)`` (classmethods);
+* ``host_llm_width(host)`` and ``host_image_token_id(host)`` (classmethods; the defaults read
+  ``config.text_config.hidden_size`` and ``config.image_token_id``);
 * ``vision_features(pixel_values, **other vision_inputs)`` ->
   :class:`~fusedvlm.adapters.base.VisionFeatures`: the features, packed one image per segment;
 * ``host_generate`` only where the host's ``generate`` refuses ``inputs_embeds`` (Gemma 3).

@@ -127,14 +127,14 @@ class FusionAdapter(nn.Module, ABC):
         they are not a grid or, with ``dynamic_grid``, when the grid comes per image)."""
 
     @classmethod
-    @abstractmethod
     def host_llm_width(cls, host: nn.Module) -> int:
-        """Hidden size of the host's LLM."""
+        """Hidden size of the host's LLM (where every transformers 5 VLM config keeps it)."""
+        return host.config.text_config.hidden_size
 
     @classmethod
-    @abstractmethod
     def host_image_token_id(cls, host: nn.Module) -> int:
         """The placeholder id whose embeddings the fused tokens replace."""
+        return int(host.config.image_token_id)
 
     @abstractmethod
     def vision_features(self, pixel_values: torch.Tensor, **vision) -> VisionFeatures:

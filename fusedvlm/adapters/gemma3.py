@@ -52,14 +52,6 @@ class Gemma3FusionAdapter(FusionAdapter):
         side = math.isqrt(host.config.mm_tokens_per_image)
         return cls.host_llm_width(host), (side, side)
 
-    @classmethod
-    def host_llm_width(cls, host: nn.Module) -> int:
-        return host.config.text_config.hidden_size
-
-    @classmethod
-    def host_image_token_id(cls, host: nn.Module) -> int:
-        return int(host.config.image_token_id)
-
     def host_generate(
         self, input_ids: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs
     ) -> torch.Tensor:

@@ -45,14 +45,6 @@ class Idefics3FusionAdapter(FusionAdapter):
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
         return cls.host_llm_width(host), (side, side)
 
-    @classmethod
-    def host_llm_width(cls, host: nn.Module) -> int:
-        return host.config.text_config.hidden_size
-
-    @classmethod
-    def host_image_token_id(cls, host: nn.Module) -> int:
-        return int(host.config.image_token_id)
-
     def vision_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> VisionFeatures:
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (B, views, 3, H, W), got shape {tuple(pixel_values.shape)}")

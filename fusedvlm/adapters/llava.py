@@ -65,10 +65,6 @@ class LlavaFusionAdapter(FusionAdapter):
         return width, (side, side)
 
     @classmethod
-    def host_llm_width(cls, host: nn.Module) -> int:
-        return host.config.text_config.hidden_size
-
-    @classmethod
     def host_image_token_id(cls, host: nn.Module) -> int:
         cfg = host.config
         token = getattr(cfg, "image_token_id", None)

@@ -54,14 +54,6 @@ class LlavaOnevisionFusionAdapter(FusionAdapter):
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         return cls.host_llm_width(host), (side, side)
 
-    @classmethod
-    def host_llm_width(cls, host: nn.Module) -> int:
-        return host.config.text_config.hidden_size
-
-    @classmethod
-    def host_image_token_id(cls, host: nn.Module) -> int:
-        return int(host.config.image_token_id)
-
     def vision_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionFeatures:
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 

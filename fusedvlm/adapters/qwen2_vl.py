@@ -46,14 +46,6 @@ class Qwen2VLFusionAdapter(FusionAdapter):
         return cls.host_llm_width(host), None
 
     @classmethod
-    def host_llm_width(cls, host: nn.Module) -> int:
-        return host.config.text_config.hidden_size
-
-    @classmethod
-    def host_image_token_id(cls, host: nn.Module) -> int:
-        return int(host.config.image_token_id)
-
-    @classmethod
     def count_images(cls, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> int:
         return image_grid_thw.shape[0]
 
