@@ -82,7 +82,10 @@ def extensions_root() -> Path:
 def build_dir(flags: list[str], src: Path | None = None) -> tuple[str, Path]:
     """(library name, directory) for the sources in ``src`` (default: :func:`source_dir`) built
     with ``flags``: keyed by the sources' names and bytes, never by where they are."""
-    key = hashlib.sha256(" ".join(flags + _ldflags()).encode())
+    # Not the -L path of torch's lib folder: it names the venv, and the tag below already pins the
+    # torch version, so checkouts with venvs of their own share one build.
+    link = [f for f in _ldflags() if not f.startswith("-L")]
+    key = hashlib.sha256(" ".join(flags + link).encode())
     for path in _source_files(src or source_dir()):
         key.update(f"\0{path.name}\0{path.stat().st_size}\0".encode())
         key.update(path.read_bytes())

@@ -220,3 +220,13 @@ def test_build_directory_is_keyed_by_source_content(tmp_path):
         f.write("\n")
     assert native.build_dir(flags, b)[1] != native.build_dir(flags, a)[1]
     assert native.build_dir(flags + ["-g"], a)[1] != native.build_dir(flags, a)[1]
+
+
+def test_build_directory_does_not_depend_on_the_venv(monkeypatch):
+    """Each checkout's `make install` has a venv of its own: the same sources and torch version
+    share one build whatever folder torch was installed in."""
+    here = native.build_dir(native._cflags())
+    monkeypatch.setattr(
+        native, "_ldflags", lambda: ["-L/another/venv/lib/python3.11/site-packages/torch/lib", "-lgomp"]
+    )
+    assert native.build_dir(native._cflags()) == here
