@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from fusedvlm.env import CHOICES, env_choice
+
 _NAME = "fusedvlm_cpu"
 _SOURCES = (
     "common.cpp",
@@ -112,13 +114,12 @@ class NativeUnavailable(RuntimeError):
     """The C++ kernels could not be built or loaded here."""
 
 
-ISAS = ("baseline", "avx2", "avx512")
+# The kernel variants, narrowest first: FUSEDVLM_ISA's values less "auto" (one list, in env.py).
+ISAS = CHOICES["FUSEDVLM_ISA"][1:]
 
 
 def requested_isa() -> str | None:
     """The variant ``FUSEDVLM_ISA`` asks for, or None for the widest this CPU runs (unset/auto)."""
-    from fusedvlm.env import env_choice
-
     value = env_choice("FUSEDVLM_ISA", "auto")
     return None if value == "auto" else value
 
