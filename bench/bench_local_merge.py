@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusedvlm.backend import backend_name
+from fusedvlm.backend import implementation
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
 from fusedvlm.kernels import local_merge
 from fusedvlm.kernels.common import merged_tokens_per_view
@@ -136,7 +136,7 @@ def run(
         for shape in shapes:
             for r in bench_shape(shape, DTYPES[dtype_name], device, repeats[shape], clock=clock, rounds=rounds):
                 rows.append(dict(dtype=dtype_name, **r))
-    return dict(environment=environment(), backend=backend_name(probe), rows=rows)
+    return dict(environment=environment(), backend=implementation(probe), rows=rows)
 
 
 def main(argv: list[str] | None = None) -> int:

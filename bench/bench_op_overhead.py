@@ -17,11 +17,9 @@ import time
 
 import torch
 
+from fusedvlm.backend import implementation
 from fusedvlm.benchmark.system import environment, print_table, save_json
 from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine_stats
-from fusedvlm.kernels.local_merge import implementation as merge_impl
-from fusedvlm.kernels.packed_attention import implementation as attention_impl
-from fusedvlm.kernels.pairwise_cosine import implementation as psi_impl
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 
@@ -46,27 +44,28 @@ def cases(grad: bool):
     w = torch.randn(8, 8, 3, 3, requires_grad=grad)
     lf = torch.randn(8, requires_grad=grad)
     a, b = torch.randn(4, 8), torch.randn(4, 8)
+    impl = implementation(q)  # the bare op is given the public function's choice, decided once
     yield (
         "packed_attention",
-        attention_impl(q),
+        impl,
         q,
         lambda: packed_attention(q, k, v, cu),
-        lambda: torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25),
+        lambda: torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25, impl),
     )
     yield (
         "local_merge",
-        merge_impl(x),
+        impl,
         x,
         lambda: local_merge(x, w, lf),
-        lambda: torch.ops.fusedvlm.local_merge(x, w, lf, None, True, 2, 2),
+        lambda: torch.ops.fusedvlm.local_merge(x, w, lf, None, True, 2, 2, impl),
     )
     if not grad:  # statistics: never differentiated
         yield (
             "pairwise_cosine_stats",
-            psi_impl(a),
+            impl,
             a,
             lambda: pairwise_cosine_stats(a, b, cu),
-            lambda: torch.ops.fusedvlm.pairwise_cosine_stats(a, b, cu, True),
+            lambda: torch.ops.fusedvlm.pairwise_cosine_stats(a, b, cu, True, impl),
         )
 
 

@@ -4,14 +4,13 @@ For 2, 4 and 8 packed samples of 1500-2600 tokens (seeded), 16 heads x 64, rows:
 
 * ``fusedvlm``      : ``fusedvlm.kernels.packed_attention``: the ``fusedvlm::packed_attention``
                       op (Triton on GPU, the C++ kernel of csrc/ on CPU)
-* ``sdpa_loop``     : the torch path (``FUSEDVLM_BACKEND=torch``, and the CPU path before csrc):
-                      one fused CPU SDPA call per segment on strided views, from a Python loop
-                      -- ``x_vs_sdpa_loop`` is every row's speed-up over it
+* ``sdpa_loop``     : the torch path (``FUSEDVLM_BACKEND=torch``, and the CPU path before csrc),
+                      ``fusedvlm.ref.packed_attention``: one fused CPU SDPA call per segment
+                      on strided views, from a Python loop -- ``x_vs_sdpa_loop`` is every
+                      row's speed-up over it
 * ``dense_masked``  : upstream's way: one SDPA over the whole pack with the dense (T, T)
                       block-diagonal causal mask (built inside the timed call, as upstream does
                       per batch) -- the baseline every ratio is against
-* ``per_segment``   : ``fusedvlm.ref.packed_attention``: a loop of SDPA calls with an explicit
-                      (L, L) causal mask per segment, grouped-query heads repeated
 * ``flex``          : ``torch.compile(flex_attention)`` with a block mask (block mask built and
                       kernel compiled before timing; both costs are printed, not timed)
 * ``flash_varlen`` / ``xformers`` : on GPU; a "skipped: not installed" row without the package
@@ -46,12 +45,12 @@ import time
 
 import torch
 
-from fusedvlm.backend import backend_name
+from fusedvlm.backend import implementation
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
-from fusedvlm.kernels.packed_attention import _torch_packed_attention, packed_attention
+from fusedvlm.kernels.packed_attention import packed_attention
 from fusedvlm.packing import segment_ids
 from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention
-from fusedvlm.ref.packed_attention import packed_attention as per_segment_attention
+from fusedvlm.ref.packed_attention import packed_attention as sdpa_loop
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLOW_S = 2.0  # a call slower than this is timed once, after its probe call
@@ -94,13 +93,10 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
 
         return call
 
-    offsets = cu.tolist()
-    scale = head_dim**-0.5
     out: dict[str, tuple] = {
         "fusedvlm": (None, run(lambda: packed_attention(q, k, v, cu))),
-        "sdpa_loop": (None, run(lambda: _torch_packed_attention(q, k, v, offsets, offsets, True, scale))),
+        "sdpa_loop": (None, run(lambda: sdpa_loop(q, k, v, cu))),
         "dense_masked": (None, run(lambda: dense_masked_attention(q, k, v, mask))),
-        "per_segment": (None, run(lambda: per_segment_attention(q, k, v, cu))),
     }
 
     flex_state: dict = {}
@@ -248,7 +244,7 @@ def main(argv=None) -> int:
     env = environment()
     print(
         f"device={device} dtype={args.dtype} heads={args.heads}x{args.head_dim} "
-        f"fusedvlm backend={backend_name(torch.empty(0, device=device))} threads={torch.get_num_threads()}"
+        f"fusedvlm backend={implementation(torch.empty(0, device=device))} threads={torch.get_num_threads()}"
     )
     rows = []
     for n in args.samples:

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from fusedvlm.backend import backend_name
+from fusedvlm.backend import implementation
 from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
 from fusedvlm.kernels.common import unit_rows
 from fusedvlm.kernels.pairwise_cosine import pairwise_cosine_stats
@@ -155,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_one(args.pairs, args.tokens, d, dtype, args.device, args.repeats, args.naive_pairs)
     title = (
         f"pairwise_cosine_stats: {args.pairs} pairs x {args.tokens} tokens, {args.dtype}, "
-        f"{args.device} ({backend_name(probe)} path), {torch.get_num_threads()} threads"
+        f"{args.device} ({implementation(probe)} path), {torch.get_num_threads()} threads"
     )
     print_table(rows, ["d", "op", "median_ms", "iqr_ms", "vs_gram_stacked", "naive_speedup", "peak_mem_mb"], title)
-    save_json(args.out, dict(environment=environment(), args=vars(args), backend=backend_name(probe), rows=rows))
+    save_json(args.out, dict(environment=environment(), args=vars(args), backend=implementation(probe), rows=rows))
     print(f"\nsaved {args.out}")
     return 0
 

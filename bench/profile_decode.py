@@ -1,5 +1,5 @@
 """Where a lean decode step's time goes: the smol LLM (SmolLM2-135M) steps once per token under
-torch.profiler, with the projections on our matrix-vector kernel (fusedvlm_cpu::linear) and on
+torch.profiler, with the projections on our matrix-vector kernel (fusedvlm::linear) and on
 F.linear (FUSEDVLM_MATVEC=0 in a second process would do the same; here both run in one process,
 rounds interleaved). Prints, per variant, the step time next to the time the step's weight bytes
 take at the measured memory bandwidth, then the profiler's top operators by self time.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_ms = weight_bytes / bw * 1e3
     compile = not args.no_compile
     engines = {}
-    for name, matvec in (("fusedvlm_cpu::linear", True), ("F.linear", False)):
+    for name, matvec in (("fusedvlm::linear", True), ("F.linear", False)):
         engine = LeanEngine(llm, compile=compile, reason="profile")
         if not matvec:
             engine.model.matvec = None

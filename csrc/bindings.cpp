@@ -1,8 +1,9 @@
-// Registers the CPU kernels as operators of the private namespace fusedvlm_cpu (called from
-// Python as torch.ops.fusedvlm_cpu.*). The public fusedvlm:: schemas, fake kernels, autograd
-// and FLOP formulas are registered in Python (kernels/*.py), so that they exist, with a torch
-// fallback, on machines that cannot build this extension. torch/library.h rather than
-// torch/extension.h (pybind11 and the C++ frontend) keeps the build to about a minute.
+// Adds the CPU kernels to the one fusedvlm:: namespace as operators of their own (*_cpu, plus
+// the decode step's linear and the ISA controls). The public ops (packed_attention, local_merge,
+// pairwise_cosine_stats and their backwards) are defined in Python (kernels/*.py), so that they
+// exist on machines that cannot build this extension; their CPU kernels call these when the
+// caller chose the C++ backend. torch/library.h rather than torch/extension.h (pybind11 and the
+// C++ frontend) keeps the build to about a minute.
 #include <torch/library.h>
 
 #include "common.h"
@@ -28,23 +29,23 @@ void set_isa(const std::string&);
 std::vector<std::string> supported_isas();
 }  // namespace fusedvlm
 
-TORCH_LIBRARY(fusedvlm_cpu, m) {
-  m.def("packed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, bool causal, float scale)"
+TORCH_LIBRARY_FRAGMENT(fusedvlm, m) {
+  m.def("packed_attention_fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, bool causal, float scale)"
         " -> (Tensor, Tensor)",
         &fusedvlm::packed_attention_fwd);
-  m.def("packed_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_q,"
+  m.def("packed_attention_bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_q,"
         " Tensor cu_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
         &fusedvlm::packed_attention_bwd);
-  m.def("pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive)"
+  m.def("pairwise_cosine_stats_cpu(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         &fusedvlm::pairwise_cosine_stats);
-  m.def("local_merge_fwd(Tensor x, Tensor weight, Tensor lf_token, Tensor? bias, bool residual, int h, int w,"
+  m.def("local_merge_fwd_cpu(Tensor x, Tensor weight, Tensor lf_token, Tensor? bias, bool residual, int h, int w,"
         " bool? winograd) -> Tensor",
         &fusedvlm::local_merge_fwd);
-  m.def("local_merge_bwd(Tensor grad, Tensor x, Tensor weight, bool has_bias, bool residual, int h, int w,"
+  m.def("local_merge_bwd_cpu(Tensor grad, Tensor x, Tensor weight, bool has_bias, bool residual, int h, int w,"
         " bool need_x, bool need_w, bool? winograd) -> (Tensor, Tensor, Tensor, Tensor)",
         &fusedvlm::local_merge_bwd);
-  m.def("local_merge_winograd(int v, int h, int w, int c_in, int c_out) -> bool", &fusedvlm::winograd_form);
+  m.def("local_merge_winograd_cpu(int v, int h, int w, int c_in, int c_out) -> bool", &fusedvlm::winograd_form);
   // A CPU kernel, not a catch-all one: torch.compile traces it through its fake kernel
   // (fusedvlm/native.py). No autograd: the decode step it serves runs without gradients.
   m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
@@ -55,4 +56,4 @@ TORCH_LIBRARY(fusedvlm_cpu, m) {
   m.def("supported_isas() -> str[]", &fusedvlm::supported_isas);
 }
 
-TORCH_LIBRARY_IMPL(fusedvlm_cpu, CPU, m) { m.impl("linear", &fusedvlm::linear); }
+TORCH_LIBRARY_IMPL(fusedvlm, CPU, m) { m.impl("linear", &fusedvlm::linear); }

@@ -1,14 +1,19 @@
-"""Which implementation runs an op: the Triton kernel or the torch path.
+"""Which implementation runs an op: the one place that decides.
+
+:func:`implementation` answers "triton", "cpp" or "torch" for a call's tensors; every public op
+(kernels/*.py) asks it once per call and passes the answer on (design §10): the torch path is
+called directly, the other two through the op's ``backend`` argument, which its kernels
+(Python, and the C++ autograd kernels of csrc/ops.cpp) obey without deciding again.
 
 Triton runs on CUDA tensors, or on CPU tensors when the Triton interpreter is enabled
-(``TRITON_INTERPRET=1`` set before any kernel module is imported). Everything else takes
-the C++ CPU kernels of csrc/ (:mod:`fusedvlm.native`, built on first use), or the torch path
-where those cannot be built. ``FUSEDVLM_BACKEND=torch`` forces the torch path everywhere
-(useful to compare); ``FUSEDVLM_BACKEND=triton`` makes a missing Triton an error instead of a
-silent fallback; ``FUSEDVLM_BACKEND=cpp`` keeps CPU tensors off the Triton interpreter (the C++
+(``TRITON_INTERPRET=1`` set before any kernel module is imported). Other CPU calls take the C++
+kernels of csrc/ (:mod:`fusedvlm.native`, built on first use), or the torch path where those
+cannot be built. ``FUSEDVLM_BACKEND=torch`` forces the torch path everywhere (useful to
+compare); ``FUSEDVLM_BACKEND=triton`` makes a missing Triton an error instead of a silent
+fallback; ``FUSEDVLM_BACKEND=cpp`` keeps CPU tensors off the Triton interpreter (the C++
 kernels, or the torch path with one warning where they cannot be built), CUDA ones on Triton.
-The C++ autograd kernels of csrc/ops.cpp read the same two variables on every CPU call
-(``cpp_selected`` there), so a change of either takes effect at the next call on every path.
+Both variables are read on every call, so a change takes effect at the next call; a graph
+compiled by torch.compile keeps the choice it was traced with.
 
 Nothing here initialises CUDA: the decision looks at a tensor's ``device`` attribute.
 """
@@ -22,7 +27,7 @@ import os
 
 import torch
 
-from fusedvlm.env import env_choice
+from fusedvlm.env import CHOICES, env_choice
 
 
 def interpreter_enabled() -> bool:
@@ -34,26 +39,56 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_FORCED: list[str] = []
+
+
 def requested_backend() -> str:
-    return env_choice("FUSEDVLM_BACKEND", "auto")
+    """``FUSEDVLM_BACKEND`` ("auto", "torch", "triton" or "cpp"), or the innermost :func:`forcing`."""
+    return _FORCED[-1] if _FORCED else env_choice("FUSEDVLM_BACKEND", "auto")
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the op should run its Triton kernel on these tensors."""
+@contextlib.contextmanager
+def forcing(choice: str):
+    """Within the block, ops choose as if ``FUSEDVLM_BACKEND=choice`` (without touching the
+    environment, which other threads and child processes share)."""
+    allowed = CHOICES["FUSEDVLM_BACKEND"]
+    if choice not in allowed:
+        raise ValueError(f"unknown backend {choice!r}; choose from {', '.join(allowed)}")
+    _FORCED.append(choice)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def implementation(*tensors: torch.Tensor | None) -> str:
+    """ "triton", "cpp" or "torch": the implementation an op runs on these tensors (None skipped)."""
+    return _decide(frozenset(t.device.type for t in tensors if t is not None))
+
+
+# torch.compile calls this at trace time and keeps the answer as a constant of the graph,
+# rather than tracing the environment and the lazy C++ build.
+@torch.compiler.assume_constant_result
+def _decide(devices: frozenset) -> str:
     choice = requested_backend()
     if choice == "torch":
-        return False
-    devices = {t.device.type for t in tensors if t is not None}
+        return "torch"
+    on_cpu = devices <= {"cpu"}
     interpret = interpreter_enabled() and choice != "cpp"
-    supported = devices == {"cuda"} or (devices <= {"cpu"} and interpret)
-    ok = supported and triton_available()
-    if choice == "triton" and not ok:
+    if (devices == {"cuda"} or (on_cpu and interpret)) and triton_available():
+        return "triton"
+    if choice == "triton":
         raise RuntimeError(
             "FUSEDVLM_BACKEND=triton but Triton cannot run here "
             f"(devices={sorted(devices)}, triton installed={triton_available()}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
         )
-    return ok
+    if on_cpu:
+        from fusedvlm import native
+
+        if native.available():
+            return "cpp"
+    return "torch"
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -75,18 +110,6 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     if widest in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return widest
-
-
-def backend_name(*tensors: torch.Tensor) -> str:
-    """ "triton", "cpp" or "torch": the implementation an op runs on these tensors."""
-    if use_triton(*tensors):
-        return "triton"
-    if requested_backend() != "torch" and all(t.device.type == "cpu" for t in tensors if t is not None):
-        from fusedvlm import native
-
-        if native.available():
-            return "cpp"
-    return "torch"
 
 
 # Tile configurations forced by name (tests): each kernel module lists the configurations its

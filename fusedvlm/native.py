@@ -174,7 +174,7 @@ def _load():
                 file=sys.stderr,
                 flush=True,
             )
-        mod = torch.ops.fusedvlm_cpu
+        mod = torch.ops.fusedvlm
         _register_fakes()
     except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
@@ -187,13 +187,14 @@ def _load():
 
 def _register_fakes() -> None:
     # Shapes for torch.compile's tracing of the ops the lean decode step calls.
-    @torch.library.register_fake("fusedvlm_cpu::linear")
+    @torch.library.register_fake("fusedvlm::linear")
     def _(x, weights, biases):
         return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
 def load():
-    """``torch.ops.fusedvlm_cpu``, the compiled kernels; raises :class:`NativeUnavailable` naming why it is missing."""
+    """``torch.ops.fusedvlm`` with the compiled kernels loaded into it (``*_cpu``, ``linear``, ...);
+    raises :class:`NativeUnavailable` naming why they are missing."""
     mod = _load()
     if isinstance(mod, Exception):
         raise mod

@@ -1,45 +1,32 @@
 """The ``fusedvlm::`` operator library that kernels/*.py register their ops in.
 
 Every op is a real dispatcher operator (schema here in Python, so it exists with or without a
-C++ compiler): a CPU kernel (the C++ one of csrc/ through :mod:`fusedvlm.native`, the Triton
-interpreter when a test selects it, else a torch fallback), a CUDA kernel (Triton), a fake
-kernel for torch.compile and meta tensors, autograd where the op is differentiable, and a FLOP
-formula so that ``FlopCounterMode`` counts it wherever it is called.
+C++ compiler): a CPU kernel (the C++ one of csrc/ through :mod:`fusedvlm.native`, or the Triton
+interpreter), a CUDA kernel (Triton), a fake kernel for torch.compile and meta tensors, autograd
+where the op is differentiable, and a FLOP formula so that ``FlopCounterMode`` counts it
+wherever it is called. The compiled C++ library adds its kernels to the same namespace
+(``*_cpu``, ``linear``) and, for CPU tensors, C++ autograd kernels (csrc/ops.cpp).
 
-Once the C++ library is loaded it adds, for CPU tensors, C++ autograd kernels (csrc/ops.cpp)
-that check the arguments, run the C++ kernel directly when nothing but the CPU backend would see
-the call, and otherwise hand it to the Python kernels here: an eager CPU call then costs one
-dispatcher hop rather than two Python kernels (see :func:`cpu_op_ready`).
+Each op's last argument, ``str backend``, is the implementation the caller chose with
+:func:`fusedvlm.backend.implementation`: "cpp" or "triton" (the torch path never reaches an op).
+The kernels obey it; :func:`kernel_backend` only refuses a value they cannot run.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fusedvlm import native
-from fusedvlm.backend import interpreter_enabled, requested_backend, use_triton
-
 LIB = torch.library.Library("fusedvlm", "DEF")
 
-
-def cpu_implementation(*tensors: torch.Tensor) -> str:
-    """ "triton" (the interpreter), "cpp" or "torch": what a CPU op kernel runs on these tensors.
-
-    Called on every op call, so it reads the environment twice and nothing else on the common
-    path (the C++ build is looked up once, then cached)."""
-    choice = requested_backend()
-    if choice == "torch":
-        return "torch"
-    if choice != "cpp" and interpreter_enabled() and use_triton(*tensors):
-        return "triton"
-    return "cpp" if native.available() else "torch"
+_RUNS = {"cpu": ("cpp", "triton"), "cuda": ("triton",)}
 
 
-def cpu_op_ready() -> bool:
-    """True when a public function can hand CPU tensors straight to its ``fusedvlm::`` op.
-
-    That is whenever the C++ library is loaded (building it on the first call) and the torch path
-    is not forced: the op's C++ autograd kernel then checks the arguments with the public
-    function's messages and picks the implementation (C++, or the Triton interpreter / torch
-    kernels above when the environment asks for them), so the caller skips both steps."""
-    return requested_backend() != "torch" and native.available()
+def kernel_backend(backend: str, device: torch.device) -> str:
+    """``backend`` if an op kernel on ``device`` can run it, else ValueError naming what can."""
+    allowed = _RUNS.get(device.type, ())
+    if backend not in allowed:
+        raise ValueError(
+            f"fusedvlm op: backend {backend!r} cannot run on {device.type} tensors; "
+            f"choose from {', '.join(allowed) or 'none'} (fusedvlm.backend.implementation picks one)"
+        )
+    return backend

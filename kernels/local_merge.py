@@ -46,10 +46,9 @@ which is already a channels-last grid (no copy). Large fp32 problems, where the 
 GEMM at near peak FLOP rate, use a polyphase Winograd F(2, 2) form of the same convolution
 (``_WinogradConv``) that needs 6.25/9 of the multiplies, forward and backward.
 
-Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA, the C++ kernel, else the torch path, on
-CPU) with ``fusedvlm::local_merge_backward``, fake kernels and FLOP formulas. Eager calls go
-through the op (on CPU its C++ autograd kernel, csrc/ops.cpp), except where its kernel would be
-the torch path (see :func:`local_merge`).
+Op: ``torch.ops.fusedvlm.local_merge`` (Triton on CUDA or under the interpreter, the C++ kernel
+on CPU, as its last argument says) with ``fusedvlm::local_merge_backward``, fake kernels and
+FLOP formulas. The torch path is called directly, never through the op (design §10).
 
 Shapes: x (V, H*W, C_in); weight (C_out, C_in, 3, 3); lf_token (C_out,); bias (C_out,) or None;
 out (optional, written in place) (V, P+1, C_out) or (V*(P+1), C_out).
@@ -64,8 +63,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
-from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
+from fusedvlm.backend import compute_dtype, forced_tiles, implementation, interpreter_enabled
+from fusedvlm.kernels._library import LIB, kernel_backend
 from fusedvlm.kernels.common import flag, grid_shape, merged_tokens_per_view
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -706,88 +705,51 @@ def check_args(x, weight, lf_token, bias, residual, grid, out):
 
 # --------------------------------------------------------------------------- fusedvlm:: operator
 
-LIB.define("local_merge(Tensor x, Tensor weight, Tensor lf_token, Tensor? bias, bool residual, int h, int w) -> Tensor")
+LIB.define(
+    "local_merge(Tensor x, Tensor weight, Tensor lf_token, Tensor? bias, bool residual, int h, int w, "
+    "str backend) -> Tensor"
+)
 LIB.define(
     "local_merge_backward(Tensor grad, Tensor x, Tensor weight, bool has_bias, bool residual, int h, int w, "
-    "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _merge_cpu(x, weight, lf_token, bias, residual, h, w):
-    impl = cpu_implementation(x, weight, lf_token, bias)
-    if impl == "cpp":
-        return native.load().local_merge_fwd(x, weight, lf_token, bias, residual, h, w, None)
-    if impl == "triton":
-        return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
-    return _torch_forward(x, weight, lf_token, bias, residual, h, w, None)
-
-
-def _merge_cuda(x, weight, lf_token, bias, residual, h, w):
+def _merge(x, weight, lf_token, bias, residual, h, w, backend):
+    if kernel_backend(backend, x.device) == "cpp":
+        return native.load().local_merge_fwd_cpu(x, weight, lf_token, bias, residual, h, w, None)
     return _triton_local_merge(x, weight, lf_token, bias, residual, h, w, None)
 
 
-def _bias_and_lf_grads(g, p, has_bias, weight):
-    dlf = g[:, p].sum(0, dtype=torch.float32).to(weight.dtype)
-    db = g[:, :p].sum((0, 1), dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
-    return dlf, db
-
-
-def _merge_backward_cpu(g, x, weight, has_bias, residual, h, w, output_mask):
-    impl = cpu_implementation(g, x, weight)
-    if impl == "cpp":
-        return native.load().local_merge_bwd(
-            g, x, weight, has_bias, residual, h, w, output_mask[0], output_mask[1], None
-        )
-    if impl == "triton":
-        return _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask)
-    v, _, c_in = x.shape
-    ho, wo = (h + 1) // 2, (w + 1) // 2
-    p = ho * wo
+def _merge_backward(g, x, weight, has_bias, residual, h, w, output_mask, backend):
     need_x, need_w, _ = output_mask
-    # (V, ho, wo, C_out) viewed as NCHW is channels-last, as the forward's convolution output was.
-    gy = g[:, :p].unflatten(1, (ho, wo)).permute(0, 3, 1, 2)
-    nchw = x.reshape(v, h, w, c_in).permute(0, 3, 1, 2)
-    dx, dw, _ = torch.ops.aten.convolution_backward(
-        gy, nchw, weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
-    )
-    if need_x:
-        if residual:
-            dx[:, :, ::2, ::2] += gy
-        dx = dx.permute(0, 2, 3, 1).reshape(v, h * w, c_in)
-    else:
-        dx = x.new_empty(0)
-    dlf, db = _bias_and_lf_grads(g, p, has_bias, weight)
-    return dx, dw if need_w else weight.new_empty(0), dlf, db
-
-
-def _merge_backward_cuda(g, x, weight, has_bias, residual, h, w, output_mask):
-    v, _, c_in = x.shape
+    if kernel_backend(backend, x.device) == "cpp":
+        return native.load().local_merge_bwd_cpu(g, x, weight, has_bias, residual, h, w, need_x, need_w, None)
     c_out = weight.shape[0]
     p = g.shape[1] - 1
-    need_x, need_w, _ = output_mask
     dx = dw = None
     if need_x:
-        w9t = weight.permute(2, 3, 0, 1).reshape(9, c_out, c_in).contiguous()
-        dx = _triton_grad_x(g, w9t, residual, h, w, c_in)
+        w9t = weight.permute(2, 3, 0, 1).reshape(9, c_out, x.shape[2]).contiguous()
+        dx = _triton_grad_x(g, w9t, residual, h, w, x.shape[2])
     if need_w:
         dw = _triton_grad_weight(x, g, h, w, c_out).to(weight.dtype)
-    dlf, db = _bias_and_lf_grads(g, p, has_bias, weight)
+    dlf = g[:, p].sum(0, dtype=torch.float32).to(weight.dtype)
+    db = g[:, :p].sum((0, 1), dtype=torch.float32).to(weight.dtype) if has_bias else weight.new_empty(0)
     return (x.new_empty(0) if dx is None else dx), (weight.new_empty(0) if dw is None else dw), dlf, db
 
 
-LIB.impl("local_merge", _merge_cpu, "CPU")
-LIB.impl("local_merge", _merge_cuda, "CUDA")
-LIB.impl("local_merge_backward", _merge_backward_cpu, "CPU")
-LIB.impl("local_merge_backward", _merge_backward_cuda, "CUDA")
+for _key in ("CPU", "CUDA"):
+    LIB.impl("local_merge", _merge, _key)
+    LIB.impl("local_merge_backward", _merge_backward, _key)
 
 
 @torch.library.register_fake("fusedvlm::local_merge", lib=LIB)
-def _merge_fake(x, weight, lf_token, bias, residual, h, w):
+def _merge_fake(x, weight, lf_token, bias, residual, h, w, backend):
     return x.new_empty((x.shape[0], merged_tokens_per_view(h, w), weight.shape[0]))
 
 
 @torch.library.register_fake("fusedvlm::local_merge_backward", lib=LIB)
-def _merge_backward_fake(g, x, weight, has_bias, residual, h, w, output_mask):
+def _merge_backward_fake(g, x, weight, has_bias, residual, h, w, output_mask, backend):
     need_x, need_w, _ = output_mask
     return (
         x.new_empty(x.shape if need_x else (0,)),
@@ -798,17 +760,17 @@ def _merge_backward_fake(g, x, weight, has_bias, residual, h, w, output_mask):
 
 
 def _merge_setup_context(ctx, inputs, output):
-    x, weight, lf_token, bias, residual, h, w = inputs
+    x, weight, lf_token, bias, residual, h, w, backend = inputs
     ctx.save_for_backward(x, weight)
-    ctx.geometry = (bias is not None, residual, h, w)
+    ctx.geometry = (bias is not None, residual, h, w, backend)
 
 
-def _merge_backward(ctx, grad):
+def _merge_autograd_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    has_bias, residual, h, w = ctx.geometry
+    has_bias, residual, h, w, backend = ctx.geometry
     need = ctx.needs_input_grad
     dx, dw, dlf, db = torch.ops.fusedvlm.local_merge_backward(
-        grad.contiguous(), x, weight, has_bias, residual, h, w, [need[0], need[1], need[2]]
+        grad.contiguous(), x, weight, has_bias, residual, h, w, [need[0], need[1], need[2]], backend
     )
     return (
         dx if need[0] else None,
@@ -818,29 +780,27 @@ def _merge_backward(ctx, grad):
         None,
         None,
         None,
+        None,
     )
 
 
-torch.library.register_autograd("fusedvlm::local_merge", _merge_backward, setup_context=_merge_setup_context, lib=LIB)
+torch.library.register_autograd(
+    "fusedvlm::local_merge", _merge_autograd_backward, setup_context=_merge_setup_context, lib=LIB
+)
 
 
 @register_flop_formula(torch.ops.fusedvlm.local_merge)
-def _merge_flops(x_shape, weight_shape, lf_shape, bias_shape, residual, h, w, out_shape=None) -> int:
+def _merge_flops(x_shape, weight_shape, lf_shape, bias_shape, residual, h, w, backend, out_shape=None) -> int:
     # The convolution's convention: every 3x3 tap of every output pixel, padding included.
     return 2 * x_shape[0] * ((h + 1) // 2) * ((w + 1) // 2) * weight_shape[0] * weight_shape[1] * 9
 
 
 @register_flop_formula(torch.ops.fusedvlm.local_merge_backward)
-def _merge_backward_flops(g_shape, x_shape, weight_shape, has_bias, residual, h, w, output_mask, out_shape=None) -> int:
+def _merge_backward_flops(
+    g_shape, x_shape, weight_shape, has_bias, residual, h, w, output_mask, backend, out_shape=None
+) -> int:
     forward = 2 * x_shape[0] * ((h + 1) // 2) * ((w + 1) // 2) * weight_shape[0] * weight_shape[1] * 9
     return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def implementation(x: torch.Tensor) -> str:
-    """ "triton", "cpp" or "torch": what :func:`local_merge` runs on tensors like ``x``."""
-    if x.device.type == "cpu":
-        return cpu_implementation(x)
-    return "triton" if use_triton(x) else "torch"
 
 
 def local_merge(
@@ -873,21 +833,12 @@ def local_merge(
         weight, lf_token, bias = (
             t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias)
         )
-    if out is None and x.is_cpu and not torch.compiler.is_compiling() and cpu_op_ready():
-        # The common eager CPU call: the op's C++ kernel picks the implementation.
-        return torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
-    if (
-        not torch.compiler.is_compiling()
-        and not use_triton(x, weight, lf_token, bias, out)
-        and (x.device.type != "cpu" or cpu_implementation(x, weight, lf_token, bias) == "torch")
-    ):
-        # Where the op's kernel would be the torch path anyway (FUSEDVLM_BACKEND=torch, or no
-        # C++ build), eager calls run it directly: training differentiates through its own ops
-        # (the Winograd form's hand-written backward beats the convolution's weight gradient)
-        # and ``out`` is written in place. The C++ kernel and Triton run through the op, which
-        # compiled graphs hold too.
+    backend = implementation(x, weight, lf_token, bias, out)
+    if backend == "torch":
+        # Differentiates through its own ops (the Winograd form's hand-written backward beats
+        # the convolution's weight gradient) and writes ``out`` in place.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
-    y = torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w)
+    y = torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w, backend)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
     # grad, so a call with ``out`` pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))

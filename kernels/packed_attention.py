@@ -27,27 +27,18 @@ precision); under ``TRITON_INTERPRET=1`` every load is upcast to fp32 straight a
 interpreter has no usable bf16 arithmetic.
 
 CPU: the C++ kernel of csrc/packed_attention.inc, one call for the whole pack (parallel over
-segment x head x query block, SGEMM tiles with the same online softmax; backward parallel over
-segment x key/value head). ``bench/bench_packed_attention.py`` compares it with the torch path
-below (``x_vs_sdpa_loop``; the issue-13 commands are in that file's docstring).
+segment x head x query block, register tiles with the same online softmax; backward parallel
+over segment x key/value head). ``bench/bench_packed_attention.py`` compares it with one SDPA
+call per segment (``x_vs_sdpa_loop``).
 
-Torch path (``FUSEDVLM_BACKEND=torch``, or no C++ compiler): one ``scaled_dot_product_attention``
-call per segment on strided views (the fused CPU flash kernel; ``is_causal`` when Lq == Lk, else
-an explicit (Lq, Lk) bottom-right mask of that segment only), results concatenated; autograd
-flows through SDPA. It was chosen over FlexAttention and dense masked SDPA by measurement
-(fp32, 16 heads x 64, one thread on a shared 2-core machine), forward at 2 / 4 / 8 packed
-samples (3302 / 8126 / 15186 tokens), and peak memory at 8:
-
-    per-segment SDPA, is_causal, views (torch path)     0.58 / 1.7 / 2.7 s     297 MiB
-    per-segment SDPA with an (L, L) bool mask (ref)     0.84 / 3.1 / 5.7 s     289 MiB
-    FlexAttention + block mask, torch.compile           0.75 / 2.2 / 5.2 s     178 MiB
-        (not timed: 16-21 s compile and 0.3-6.5 s block-mask build per new packing)
-    dense masked SDPA over the whole pack               2.0 / 12 / 38 s      1460 MiB
+Torch path (``FUSEDVLM_BACKEND=torch``, or no C++ compiler): the reference,
+:func:`fusedvlm.ref.packed_attention.packed_attention` (one SDPA call per segment; autograd
+flows through SDPA); there is no second torch implementation.
 
 The op (``torch.ops.fusedvlm.packed_attention``, defined at the end of this file) returns
-(out, lse); its backward is ``fusedvlm::packed_attention_backward``. Both have fake kernels
-(torch.compile) and FLOP formulas (FlopCounterMode), and a CPU fallback kernel (explicit
-softmax per segment) for machines without the C++ build.
+(out, lse); its backward is ``fusedvlm::packed_attention_backward``. Both take the chosen
+backend ("cpp" or "triton") as their last argument, and have fake kernels (torch.compile) and
+FLOP formulas (FlopCounterMode). Call path: design §10.
 """
 
 from __future__ import annotations
@@ -55,13 +46,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
-from fusedvlm.backend import compute_dtype, forced_tiles, interpreter_enabled, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation, cpu_op_ready
+from fusedvlm.backend import compute_dtype, forced_tiles, implementation, interpreter_enabled
+from fusedvlm.kernels._library import LIB, kernel_backend
 from fusedvlm.kernels.common import finite_real, flag, host_offsets, offsets_tensor
+from fusedvlm.ref import packed_attention as _reference
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -74,9 +65,8 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
     """The one argument check of :func:`packed_attention`, run before any backend is picked.
 
     Types, shapes, dtypes, the device of every tensor (offsets included) and the scalars; on the
-    CPU, in eager mode, also every offset value. Returns (cu_q, cu_k, scale, host offsets or
-    None): the offsets contiguous, the scale a float (default D^-1/2), the offsets as lists
-    where they were read."""
+    CPU, in eager mode, also every offset value. Returns (cu_q, cu_k, scale): the offsets
+    contiguous, the scale a float (default D^-1/2)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
@@ -102,69 +92,22 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
     causal = flag(causal, "causal")
     scale = q.shape[2] ** -0.5 if scale is None else finite_real(scale, "scale")
     # Traced by torch.compile, the values are not known: the op's kernel checks them at run time.
-    offsets = _host_offsets(q, k, cu_q, cu_k, causal) if q.is_cpu and not torch.compiler.is_compiling() else None
-    return cu_q, cu_k, scale, offsets
+    if q.is_cpu and not torch.compiler.is_compiling():
+        _check_offset_values(q, k, cu_q, cu_k, causal)
+    return cu_q, cu_k, scale
 
 
-def _host_offsets(q, k, cu_q, cu_k, causal) -> tuple[list[int], list[int]]:
-    """Every offset checked, both vectors on the host (CPU tensors only: reading them is free)."""
+def _check_offset_values(q, k, cu_q, cu_k, causal) -> None:
+    """Every offset value (CPU tensors only: reading them is free)."""
     cq = host_offsets(cu_q, "cu_seqlens_q", q.shape[0], "the tensor")
     if cu_k is cu_q and k.shape[0] == q.shape[0]:
-        return cq, cq  # self-attention: key segments are the query segments
+        return  # self-attention: key segments are the query segments
     ck = host_offsets(cu_k, "cu_seqlens_k", k.shape[0], "the tensor")
     if causal:
         for s in range(len(cq) - 1):
             lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
             if lk < lq:
                 raise ValueError(f"segment {s}: {lk} keys < {lq} queries; a causal segment needs len_k >= len_q")
-    return cq, ck
-
-
-# --------------------------------------------------------------------------- torch path
-
-
-def _torch_packed_attention(q, k, v, cq: list[int], ck: list[int], causal: bool, scale: float) -> torch.Tensor:
-    """One fused CPU SDPA call per segment on strided views; differentiable.
-
-    Two gaps of the CPU flash SDPA kernel are closed here so that every path agrees: it returns
-    NaN for a scale <= 0 (so q is pre-scaled and SDPA runs at scale 1), and a NaN in a query row
-    gives 0 (so such rows are set to NaN afterwards; NaN keys and values propagate already)."""
-    if scale <= 0:
-        q, scale = q * scale, 1.0
-    out = _sdpa_segments(q, k, v, cq, ck, causal, scale)
-    nan_rows = torch.isnan(q).any(-1, keepdim=True)
-    return torch.where(nan_rows, float("nan"), out)
-
-
-def _sdpa_segments(q, k, v, cq, ck, causal, scale):
-    hq, hkv = q.shape[1], k.shape[1]
-    gqa = hq // hkv
-    outs = []
-    for s in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
-        lq, lk = q1 - q0, k1 - k0
-        if lq == 0:
-            continue
-        if lk == 0:
-            # Non-causal query rows with no key at all attend to nothing.
-            outs.append(q.new_zeros((lq, hq, q.shape[2])))
-            continue
-        qs = q[q0:q1].transpose(0, 1)
-        ks = k[k0:k1].transpose(0, 1)
-        vs = v[k0:k1].transpose(0, 1)
-        if gqa > 1:
-            ks, vs = ks.repeat_interleave(gqa, 0), vs.repeat_interleave(gqa, 0)
-        if causal and lk != lq:
-            i = torch.arange(lq, device=q.device)[:, None]
-            j = torch.arange(lk, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=j <= i + (lk - lq), scale=scale)
-        else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
-        outs.append(o.transpose(0, 1))
-    if not outs:
-        # Every segment is empty, so the query pack is too; keep the graph connected to q.
-        return q.clone()
-    return torch.cat(outs, 0)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -722,113 +665,37 @@ def _triton_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale, max_seqle
     return dq, dk, dv
 
 
-# --------------------------------------------------------------------------- torch fallback of the op
-
-
-def _segment_scores(q, k, cq, ck, s, causal, scale):
-    """fp32 masked scores (Hq, Lq, Lk) of segment s, and its query / key row ranges."""
-    q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
-    group = q.shape[1] // k.shape[1]
-    qs = q[q0:q1].float().transpose(0, 1)
-    ks = k[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
-    scores = scale * qs @ ks.transpose(1, 2)
-    if causal:
-        lq, lk = q1 - q0, k1 - k0
-        visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return scores, (q0, q1), (k0, k1)
-
-
-def _fallback_forward(q, k, v, cu_q, cu_k, causal, scale):
-    """The op's CPU kernel where the C++ one cannot be built: explicit softmax per segment."""
-    cq, ck = _host_offsets(q, k, cu_q, cu_k, causal)
-    group = q.shape[1] // k.shape[1]
-    out = torch.zeros(q.shape, dtype=torch.float32)
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"))
-    for s in range(len(cq) - 1):
-        if cq[s + 1] == cq[s] or ck[s + 1] == ck[s]:
-            continue
-        scores, (q0, q1), (k0, k1) = _segment_scores(q, k, cq, ck, s, causal, scale)
-        seg_lse = torch.logsumexp(scores, -1)
-        vs = v[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
-        out[q0:q1] = (torch.exp(scores - seg_lse[..., None]) @ vs).transpose(0, 1)
-        lse[:, q0:q1] = seg_lse
-    return out.to(q.dtype), lse
-
-
-def _fallback_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale):
-    cq, ck = _host_offsets(q, k, cu_q, cu_k, causal)
-    hq, hkv = q.shape[1], k.shape[1]
-    group = hq // hkv
-    dq = torch.zeros(q.shape, dtype=torch.float32)
-    dk = torch.zeros(k.shape, dtype=torch.float32)
-    dv = torch.zeros(v.shape, dtype=torch.float32)
-    for s in range(len(cq) - 1):
-        if cq[s + 1] == cq[s] or ck[s + 1] == ck[s]:
-            continue
-        scores, (q0, q1), (k0, k1) = _segment_scores(q, k, cq, ck, s, causal, scale)
-        p = torch.exp(scores - lse[:, q0:q1, None])
-        dos = do[q0:q1].float().transpose(0, 1)
-        vs = v[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
-        ks = k[k0:k1].float().transpose(0, 1).repeat_interleave(group, 0)
-        qs = q[q0:q1].float().transpose(0, 1)
-        delta = (dos * out[q0:q1].float().transpose(0, 1)).sum(-1, keepdim=True)
-        ds = p * (dos @ vs.transpose(1, 2) - delta)
-        dq[q0:q1] = (scale * ds @ ks).transpose(0, 1)
-        # Key/value heads collect the gradients of their G query heads.
-        dk[k0:k1] = (scale * ds.transpose(1, 2) @ qs).unflatten(0, (hkv, group)).sum(1).transpose(0, 1)
-        dv[k0:k1] = (p.transpose(1, 2) @ dos).unflatten(0, (hkv, group)).sum(1).transpose(0, 1)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
 # --------------------------------------------------------------------------- fusedvlm:: operator
 
 LIB.define(
     "packed_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-    "int? max_seqlen_q, int? max_seqlen_k, bool causal, float scale) -> (Tensor, Tensor)"
+    "int? max_seqlen_q, int? max_seqlen_k, bool causal, float scale, str backend) -> (Tensor, Tensor)"
 )
 LIB.define(
     "packed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, bool causal, float scale) "
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, bool causal, float scale, "
+    "str backend) "
     "-> (Tensor, Tensor, Tensor)"
 )
 
 
-def _forward_cpu(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    impl = cpu_implementation(q, k, v)
-    if impl == "triton":
-        _host_offsets(q, k, cu_q, cu_k, causal)
-        return _triton_forward(_inner_contig(q), _inner_contig(k), _inner_contig(v), cu_q, cu_k, causal, scale, max_q)
-    if impl == "cpp":
-        return native.load().packed_attention_fwd(q, k, v, cu_q, cu_k, causal, scale)
-    return _fallback_forward(q, k, v, cu_q, cu_k, causal, scale)
-
-
-def _backward_cpu(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-    impl = cpu_implementation(q, k, v)
-    if impl == "triton":
-        return _triton_backward(
-            do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k, causal, scale, max_q, max_k
-        )
-    if impl == "cpp":
-        return native.load().packed_attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
-    return _fallback_backward(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
-
-
-def _forward_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    if kernel_backend(backend, q.device) == "cpp":
+        return native.load().packed_attention_fwd_cpu(q, k, v, cu_q, cu_k, causal, scale)
     return _triton_forward(_inner_contig(q), _inner_contig(k), _inner_contig(v), cu_q, cu_k, causal, scale, max_q)
 
 
-def _backward_cuda(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+def _backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    if kernel_backend(backend, q.device) == "cpp":
+        return native.load().packed_attention_bwd_cpu(do, q, k, v, out, lse, cu_q, cu_k, causal, scale)
     return _triton_backward(
         do, _inner_contig(q), _inner_contig(k), _inner_contig(v), out, lse, cu_q, cu_k, causal, scale, max_q, max_k
     )
 
 
-LIB.impl("packed_attention", _forward_cpu, "CPU")
-LIB.impl("packed_attention_backward", _backward_cpu, "CPU")
-LIB.impl("packed_attention", _forward_cuda, "CUDA")
-LIB.impl("packed_attention_backward", _backward_cuda, "CUDA")
+for _key in ("CPU", "CUDA"):
+    LIB.impl("packed_attention", _forward, _key)
+    LIB.impl("packed_attention_backward", _backward, _key)
 
 
 def _same_device(*tensors: torch.Tensor) -> None:
@@ -839,32 +706,32 @@ def _same_device(*tensors: torch.Tensor) -> None:
 
 
 @torch.library.register_fake("fusedvlm::packed_attention", lib=LIB)
-def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
     _same_device(q, k, v, cu_q, cu_k)
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("fusedvlm::packed_attention_backward", lib=LIB)
-def _backward_fake(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+def _backward_fake(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
     _same_device(do, q, k, v, out, lse, cu_q, cu_k)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale)
+    ctx.args = (max_q, max_k, causal, scale, backend)
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _autograd_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.fusedvlm.packed_attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fusedvlm::packed_attention", _backward, setup_context=_setup_context, lib=LIB)
+torch.library.register_autograd("fusedvlm::packed_attention", _autograd_backward, setup_context=_setup_context, lib=LIB)
 
 
 def causal_pairs(len_q: int, len_k: int, bottom_right: bool = True) -> int:
@@ -893,25 +760,18 @@ def packed_attention_flops(cu_q, cu_k, heads: int, head_dim: int, causal: bool =
 
 
 @register_flop_formula(torch.ops.fusedvlm.packed_attention, get_raw=True)
-def _forward_flops(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, out_val=None) -> int:
+def _forward_flops(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, out_val=None) -> int:
     return packed_attention_flops(cu_q.tolist(), cu_k.tolist(), q.shape[1], q.shape[2], causal)
 
 
 @register_flop_formula(torch.ops.fusedvlm.packed_attention_backward, get_raw=True)
-def _backward_flops(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, out_val=None) -> int:
+def _backward_flops(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend, out_val=None) -> int:
     # dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: twice the forward (torch's convention
     # for SDPA; the recomputed Q K^T is not counted).
     return 2 * packed_attention_flops(cu_q.tolist(), cu_k.tolist(), q.shape[1], q.shape[2], causal)
 
 
 # --------------------------------------------------------------------------- public op
-
-
-def implementation(q: torch.Tensor) -> str:
-    """ "triton", "cpp" or "torch": what :func:`packed_attention` runs on tensors like ``q``."""
-    if q.device.type == "cpu":
-        return cpu_implementation(q)
-    return "triton" if use_triton(q) else "torch"
 
 
 def packed_attention(
@@ -931,8 +791,8 @@ def packed_attention(
     q (Tq, Hq, D), k/v (Tk, Hkv, D), cu_seqlens_* int32 (n + 1,) -> (Tq, Hq, D), softmax(scale
     q k^T) v for any finite ``scale`` (default D^-1/2); a NaN in a row's inputs gives NaN in that
     row on every path. Runs ``torch.ops.fusedvlm.packed_attention`` (Triton on CUDA or under
-    ``TRITON_INTERPRET=1``, the C++ kernel on CPU), or per-segment SDPA where neither is
-    available or ``FUSEDVLM_BACKEND=torch`` (see the module docstring). ``max_seqlen_*``, the
+    ``TRITON_INTERPRET=1``, the C++ kernel on CPU), or the reference where neither is available
+    or ``FUSEDVLM_BACKEND=torch``, as :func:`fusedvlm.backend.implementation` decides. ``max_seqlen_*``, the
     longest segment, is optional as in flash-attn: on CUDA it can shrink the launch grid.
 
     Computes (and returns) in :func:`fusedvlm.backend.compute_dtype` of q, k, v: the autocast
@@ -942,6 +802,7 @@ def packed_attention(
     read and checked for CPU tensors (free there) and, for CUDA tensors, once where the pack is
     built (:func:`fusedvlm.packing.check_cu_seqlens`), not in every call.
     """
+
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     if (
@@ -954,12 +815,10 @@ def packed_attention(
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
         dtype = compute_dtype(q, k, v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    cu_seqlens_q, cu_seqlens_k, scale, offsets = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    # A compiled graph always holds the op; its kernel picks the implementation at run time (on
-    # the CPU, once the C++ library is loaded, its C++ kernel does: the common eager call).
-    if not torch.compiler.is_compiling() and not (q.is_cpu and cpu_op_ready()) and implementation(q) == "torch":
-        cq, ck = offsets or _host_offsets(q, k, cu_seqlens_q, cu_seqlens_k, causal)
-        return _torch_packed_attention(q, k, v, cq, ck, causal, scale)
+    cu_seqlens_q, cu_seqlens_k, scale = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    backend = implementation(q, k, v)
+    if backend == "torch":
+        return _reference.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
     return torch.ops.fusedvlm.packed_attention.default(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend
     )[0]

@@ -57,8 +57,8 @@ import functools
 import torch
 
 from fusedvlm import native
-from fusedvlm.backend import forced_tiles, interpreter_enabled, requested_backend, use_triton
-from fusedvlm.kernels._library import LIB, cpu_implementation
+from fusedvlm.backend import forced_tiles, implementation, interpreter_enabled
+from fusedvlm.kernels._library import LIB, kernel_backend
 from fusedvlm.kernels.common import PsiStats, flag, host_offsets, offsets_tensor, unit_rows
 
 __all__ = ["PsiStats", "pairwise_cosine_stats"]
@@ -418,32 +418,23 @@ def _triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive: bool) -> PsiSt
 # --------------------------------------------------------------------------- fusedvlm:: operator
 
 LIB.define(
-    "pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive) "
+    "pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive, str backend) "
     "-> (Tensor eq, Tensor ab, Tensor aa, Tensor bb, Tensor div)"
 )
 
 
-def _stats_cpu(h_a, h_b, cu_seqlens, positive):
-    impl = cpu_implementation(h_a, h_b)
-    if impl == "triton":
-        # A direct op call skips check_args; a bad offset would send the kernel out of bounds.
-        host_offsets(cu_seqlens, "cu_seqlens", h_a.shape[0], "the pack")
-        return tuple(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
-    if impl == "cpp":
-        return native.load().pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-    return tuple(_torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
-
-
-def _stats_cuda(h_a, h_b, cu_seqlens, positive):
+def _stats(h_a, h_b, cu_seqlens, positive, backend):
+    if kernel_backend(backend, h_a.device) == "cpp":
+        return native.load().pairwise_cosine_stats_cpu(h_a, h_b, cu_seqlens, positive)
     return tuple(_triton_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive))
 
 
-LIB.impl("pairwise_cosine_stats", _stats_cpu, "CPU")
-LIB.impl("pairwise_cosine_stats", _stats_cuda, "CUDA")
+LIB.impl("pairwise_cosine_stats", _stats, "CPU")
+LIB.impl("pairwise_cosine_stats", _stats, "CUDA")
 
 
 @torch.library.register_fake("fusedvlm::pairwise_cosine_stats", lib=LIB)
-def _stats_fake(h_a, h_b, cu_seqlens, positive):
+def _stats_fake(h_a, h_b, cu_seqlens, positive, backend):
     # A meta tensor among CPU ones sends the call here rather than to the CPU kernel; without
     # this check it would return uninitialised CPU memory.
     if len({h_a.device, h_b.device, cu_seqlens.device}) != 1:
@@ -451,13 +442,6 @@ def _stats_fake(h_a, h_b, cu_seqlens, positive):
             f"fusedvlm::pairwise_cosine_stats: tensors on different devices {h_a.device}, {h_b.device}, {cu_seqlens.device}"
         )
     return tuple(h_a.new_empty(h_a.shape[0], dtype=torch.float32) for _ in PsiStats._fields)
-
-
-def implementation(h_a: torch.Tensor) -> str:
-    """ "triton", "cpp" or "torch": what :func:`pairwise_cosine_stats` runs on tensors like ``h_a``."""
-    if h_a.device.type == "cpu":
-        return cpu_implementation(h_a)
-    return "triton" if use_triton(h_a) else "torch"
 
 
 # --------------------------------------------------------------------------- public op
@@ -476,14 +460,16 @@ def pairwise_cosine_stats(
     Returns :class:`PsiStats` of (T,) float32 tensors (see the module docstring); the cross
     terms ab, aa, bb are NaN at the first token of every pair, and every statistic whose
     prefix holds a NaN row is NaN. Runs ``torch.ops.fusedvlm.pairwise_cosine_stats`` (Triton on
-    CUDA or under the interpreter, C++ on CPU), the torch path under ``FUSEDVLM_BACKEND=torch``.
+    CUDA or under the interpreter, C++ on CPU) or the torch path, as
+    :func:`fusedvlm.backend.implementation` decides.
     """
     if isinstance(h_a, torch.Tensor) and isinstance(h_b, torch.Tensor) and h_a.dtype != h_b.dtype:
         # Statistics, not activations: mixed branches meet in the wider dtype, autocast or not.
         common = torch.promote_types(h_a.dtype, h_b.dtype)
         h_a, h_b = h_a.to(common), h_b.to(common)
     cu_seqlens, positive = check_args(h_a, h_b, cu_seqlens, positive)
+    backend = implementation(h_a, h_b)
     with torch.no_grad():  # statistics, never differentiated
-        if requested_backend() == "torch":
+        if backend == "torch":
             return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive))
+        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive, backend))

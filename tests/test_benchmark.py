@@ -72,19 +72,21 @@ def test_sdpa_causal_and_masked_counts():
     assert masked.total == 4 * b * h * d * int(mask.sum())
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_op_counted_at_any_call_site_equals_sdpa_count(backend, monkeypatch):
+def test_op_counted_at_any_call_site_equals_sdpa_count(monkeypatch):
     """The fusedvlm:: op carries its own formula: a call through torch.ops (a call site nothing
-    wraps) counts exactly what the per-segment SDPA path counts, on every implementation."""
+    wraps) counts exactly what the per-segment SDPA path (the torch path) counts."""
+    from fusedvlm import native
+
+    if not native.available():
+        pytest.skip(f"the C++ kernels are not built here: {native.status()}")
     lens = [5, 2, 9]
     q, k, v = (torch.randn(sum(lens), 2, 8) for _ in range(3))
     cu = cu_seqlens_from_lengths(lens)
     monkeypatch.setenv("FUSEDVLM_BACKEND", "torch")
     with count_flops() as sdpa:
         packed_attention(q, k, v, cu, cu, causal=True)
-    monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
     with count_flops() as op:
-        torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 8**-0.5)
+        torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 8**-0.5, "cpp")
     assert op.by_op == {"fusedvlm.packed_attention": sdpa.total}
     assert sdpa.by_op == {"aten._scaled_dot_product_flash_attention_for_cpu": sdpa.total}
 

@@ -1,7 +1,7 @@
 """The C++ kernels' ISA variants (csrc/variant.h): every variant this CPU runs gives the
 reference's results, the choice is validated, the wide instructions stay inside the variants,
 and the build is keyed by the sources' content. Also the matrix-vector kernel of the decode step
-(fusedvlm_cpu::linear)."""
+(fusedvlm::linear)."""
 
 import os
 import re
@@ -85,12 +85,12 @@ def test_attention_matches_the_reference(isa):
     cu = cu_seqlens_from_lengths(lengths)
     q, k, v = (torch.randn(sum(lengths), h, 20, dtype=torch.float64) for h in (4, 2, 2))  # GQA, d not a lane multiple
     mod = native.load()
-    out, lse = mod.packed_attention_fwd(q.float(), k.float(), v.float(), cu, cu, True, 0.3)
+    out, lse = mod.packed_attention_fwd_cpu(q.float(), k.float(), v.float(), cu, cu, True, 0.3)
     torch.testing.assert_close(out.double(), ref_attention(q, k, v, cu, scale=0.3), atol=2e-6, rtol=1e-5)
     g = torch.randn_like(q)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref_attention(qr, kr, vr, cu, scale=0.3).backward(g)
-    grads = mod.packed_attention_bwd(g.float(), q.float(), k.float(), v.float(), out, lse, cu, cu, True, 0.3)
+    grads = mod.packed_attention_bwd_cpu(g.float(), q.float(), k.float(), v.float(), out, lse, cu, cu, True, 0.3)
     for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
 
@@ -99,7 +99,7 @@ def test_pairwise_cosine_matches_the_reference(isa):
     torch.manual_seed(1)
     cu = cu_seqlens_from_lengths([3, 150])
     a, b = torch.randn(153, 24), torch.randn(153, 24)
-    got = native.load().pairwise_cosine_stats(a, b, cu, True)
+    got = native.load().pairwise_cosine_stats_cpu(a, b, cu, True)
     for g, w in zip(got, ref_cosine(a, b, cu)):
         torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4, equal_nan=True)
 
@@ -110,13 +110,13 @@ def test_local_merge_matches_the_reference(isa, winograd):
     x = torch.randn(2, 5 * 7, 12, dtype=torch.float64)
     w, lf, b = torch.randn(12, 12, 3, 3, dtype=torch.float64), torch.randn(12, dtype=torch.float64), torch.randn(12)
     mod = native.load()
-    out = mod.local_merge_fwd(x.float(), w.float(), lf.float(), b, True, 5, 7, winograd)
+    out = mod.local_merge_fwd_cpu(x.float(), w.float(), lf.float(), b, True, 5, 7, winograd)
     want = ref_merge(x, w, lf, bias=b.double(), residual=True, grid=(5, 7))
     torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     g = torch.randn_like(want)
     ref_merge(xr, wr, lf, bias=b.double(), residual=True, grid=(5, 7)).backward(g)
-    dx, dw, dlf, db = mod.local_merge_bwd(g.float(), x.float(), w.float(), True, True, 5, 7, True, True, winograd)
+    dx, dw, dlf, db = mod.local_merge_bwd_cpu(g.float(), x.float(), w.float(), True, True, 5, 7, True, True, winograd)
     torch.testing.assert_close(dx.double(), xr.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dw.double(), wr.grad, atol=1e-3, rtol=1e-4)
 

@@ -34,7 +34,8 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path):
     code = (
         "import warnings, torch\n"
         "from fusedvlm.kernels import packed_attention, pairwise_cosine_stats\n"
-        "from fusedvlm.kernels.packed_attention import implementation\n"
+        "from fusedvlm import native\n"
+        "from fusedvlm.backend import implementation\n"
         "from fusedvlm.packing import cu_seqlens_from_lengths\n"
         "from fusedvlm.ref.packed_attention import packed_attention as ref\n"
         "q = torch.randn(9, 2, 8); cu = cu_seqlens_from_lengths([4, 5])\n"
@@ -42,7 +43,11 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path):
         "    warnings.simplefilter('always')\n"
         "    outs = [packed_attention(q, q, q, cu) for _ in range(3)]\n"
         "    pairwise_cosine_stats(q[:, 0], q[:, 1], cu)\n"
-        "    torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)\n"
+        "    try:  # a direct call naming the C++ backend says why it is missing\n"
+        "        torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3, 'cpp')\n"
+        "        raise AssertionError('the cpp backend ran without a build')\n"
+        "    except native.NativeUnavailable:\n"
+        "        pass\n"
         "mine = [w for w in caught if 'C++ CPU kernels could not be built' in str(w.message)]\n"
         "assert len(mine) == 1, [str(w.message) for w in caught]\n"
         "assert implementation(q) == 'torch'\n"
@@ -78,51 +83,52 @@ def _counting(monkeypatch, module, name):
     return calls
 
 
-def test_cpu_autograd_kernels_route_like_the_python_kernels(monkeypatch):
-    """Once the library is loaded, CPU calls enter its C++ autograd kernels (csrc/ops.cpp). They
-    run C++ only for the "cpp" choice: forced torch and the Triton interpreter still reach the
-    Python kernels, forward and backward, through the same public call."""
+def test_cpu_autograd_kernels_obey_the_callers_choice(monkeypatch):
+    """Once the library is loaded, CPU calls enter its C++ autograd kernels (csrc/ops.cpp). The
+    public function decides (fusedvlm.backend.implementation) and the op obeys its ``backend``
+    argument: "cpp" runs C++ without entering Python, forward and backward; the torch path
+    never reaches an op; "triton" reaches the Python kernel and the interpreter; anything else
+    is refused by name."""
     import sys
 
-    from fusedvlm.kernels import packed_attention, pairwise_cosine_stats
+    from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine_stats
     from fusedvlm.packing import cu_seqlens_from_lengths
 
     if not native.available():
         pytest.skip(f"the C++ kernels are not built here: {native.status()}")
     for op in ("packed_attention", "local_merge", "pairwise_cosine_stats"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedvlm::{op}", "AutogradCPU"), op
-    attention = sys.modules["fusedvlm.kernels.packed_attention"]
-    psi = sys.modules["fusedvlm.kernels.pairwise_cosine"]
-    fwd = _counting(monkeypatch, attention, "_fallback_forward")
-    bwd = _counting(monkeypatch, attention, "_fallback_backward")
-    stats = _counting(monkeypatch, psi, "_torch_pairwise_cosine_stats")
-    merge = _counting(monkeypatch, sys.modules["fusedvlm.kernels.local_merge"], "_torch_forward")
+    modules = [sys.modules[f"fusedvlm.kernels.{m}"] for m in ("packed_attention", "pairwise_cosine", "local_merge")]
+    entered = [_counting(monkeypatch, m, "kernel_backend") for m in modules]
+    torch_paths = [_counting(monkeypatch, sys.modules["fusedvlm.ref.packed_attention"], "packed_attention")]
+    torch_paths += [_counting(monkeypatch, modules[1], "_torch_pairwise_cosine_stats")]
+    torch_paths += [_counting(monkeypatch, modules[2], "_torch_forward")]
     cu = cu_seqlens_from_lengths([3, 4])
     q = torch.randn(7, 2, 8, requires_grad=True)
     x = torch.randn(7, 16)
+    w = torch.randn(16, 16, 3, 3)
+
+    def calls():
+        packed_attention(q, q, q, cu).sum().backward()
+        pairwise_cosine_stats(x, x, cu)
+        local_merge(x.view(1, 7, 16), w, x[0], grid=(7, 1))
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for backend, python in (("cpp", False), ("auto", False), ("torch", True), ("bogus", None)):
-        monkeypatch.setenv("FUSEDVLM_BACKEND", backend)
-        fwd.clear(), bwd.clear(), stats.clear(), merge.clear()
-        if python is None:  # an invalid choice reaches Python, which names it
-            with pytest.raises(ValueError, match="FUSEDVLM_BACKEND"):
-                torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)
-            continue
-        torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3)[0].sum().backward()
-        torch.ops.fusedvlm.pairwise_cosine_stats(x, x, cu, True)
-        torch.ops.fusedvlm.local_merge(x.view(1, 7, 16), torch.randn(16, 16, 3, 3), x[0], None, True, 7, 1)
-        assert (fwd, bwd, stats, merge) == (
-            (["_fallback_forward"], ["_fallback_backward"], ["_torch_pairwise_cosine_stats"], ["_torch_forward"])
-            if python
-            else ([], [], [], [])
-        ), backend
-    # Under the interpreter (tests/kernels' interpreter marker) "auto" leaves CPU ops to Python.
+    for choice, python in (("cpp", False), ("auto", False), ("torch", True)):
+        monkeypatch.setenv("FUSEDVLM_BACKEND", choice)
+        for counts in entered + torch_paths:
+            counts.clear()
+        calls()
+        assert [len(c) for c in entered] == [0, 0, 0], choice
+        assert [len(c) for c in torch_paths] == ([1, 1, 1] if python else [0, 0, 0]), choice
+    for bad in ("torch", "bogus"):
+        with pytest.raises(ValueError, match=f"backend '{bad}' cannot run on cpu tensors; choose from cpp, triton"):
+            torch.ops.fusedvlm.packed_attention(q, q, q, cu, cu, None, None, True, 0.3, bad)
     monkeypatch.setenv("FUSEDVLM_BACKEND", "auto")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton = _counting(monkeypatch, attention, "_triton_forward")
+    triton = _counting(monkeypatch, modules[0], "_triton_forward")
     if __import__("fusedvlm.backend").backend.triton_available():
         packed_attention(q.detach(), q.detach(), q.detach(), cu)
-        pairwise_cosine_stats(x, x, cu)
         assert triton == ["_triton_forward"]
 
 

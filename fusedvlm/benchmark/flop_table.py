@@ -17,11 +17,10 @@ fvcore is imported only here, lazily.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from fusedvlm.backend import forcing
 from fusedvlm.benchmark.flops import _native_mha_flops, causal_pairs
 
 # Each of our stages (the keys of flops.prefill_flops) and the module that runs it in the trace.
@@ -124,7 +123,7 @@ def _local_merge_op(inputs, outputs) -> int:
     from fusedvlm.kernels.local_merge import _merge_flops
 
     return _merge_flops(
-        _shape(inputs[0]), _shape(inputs[1]), None, None, None, _constant(inputs[5]), _constant(inputs[6])
+        _shape(inputs[0]), _shape(inputs[1]), None, None, None, _constant(inputs[5]), _constant(inputs[6]), None
     )
 
 
@@ -201,15 +200,8 @@ def prefill_flop_analysis(model, image, question: str, n_l: int, n_s: int | None
         # fvcore sees only shapes in its trace: one fusedvlm::packed_attention node hides its
         # segments (the values of cu_seqlens), so trace the torch path, whose per-segment SDPA
         # calls carry them in their shapes.
-        saved = os.environ.get("FUSEDVLM_BACKEND")
-        os.environ["FUSEDVLM_BACKEND"] = "torch"
-        try:
+        with forcing("torch"):
             analysis.total()
-        finally:
-            if saved is None:
-                del os.environ["FUSEDVLM_BACKEND"]
-            else:
-                os.environ["FUSEDVLM_BACKEND"] = saved
     return analysis
 
 

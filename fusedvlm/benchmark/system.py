@@ -76,7 +76,7 @@ def environment(device: torch.device | str | None = None) -> dict:
     defaults to the first GPU when there is one, else the CPU."""
     import transformers
 
-    from fusedvlm.backend import interpreter_enabled
+    from fusedvlm.backend import interpreter_enabled, requested_backend
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,7 +95,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "git_sha": git_sha(),
-        "fusedvlm_backend": os.environ.get("FUSEDVLM_BACKEND", "auto"),
+        "fusedvlm_backend": requested_backend(),
         "triton_interpret": interpreter_enabled(),
         "cpp_isa": cpp_isa(),
     }

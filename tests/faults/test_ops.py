@@ -165,9 +165,9 @@ def test_direct_op_call_with_meta_offsets_is_refused():
     q, k, v = _qkv([4, 6])
     cu = _meta(cu_seqlens_from_lengths([4, 6]))
     with pytest.raises((ValueError, RuntimeError), match="different devices|is on meta"):
-        torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25)
+        torch.ops.fusedvlm.packed_attention(q, k, v, cu, cu, None, None, True, 0.25, "cpp")
     with pytest.raises((ValueError, RuntimeError), match="different devices|is on meta"):
-        torch.ops.fusedvlm.pairwise_cosine_stats(q[:, 0], k[:, 0], cu, True)
+        torch.ops.fusedvlm.pairwise_cosine_stats(q[:, 0], k[:, 0], cu, True, "cpp")
 
 
 def _strided(values: list[int]) -> torch.Tensor:

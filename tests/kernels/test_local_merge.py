@@ -13,6 +13,7 @@ import importlib
 import pytest
 import torch
 
+from fusedvlm.backend import implementation
 from fusedvlm.kernels import local_merge
 from fusedvlm.kernels.common import merged_tokens_per_view
 from fusedvlm.ref.local_merge import local_merge as ref_local_merge
@@ -299,7 +300,7 @@ def _use_path(path, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", "cpp")
     monkeypatch.setenv("FUSEDVLM_MERGE_FORM", CPP_FORMS[path])
     monkeypatch.setattr(lm, "_torch_forward", _no_torch_path)
-    assert lm.native.load().local_merge_winograd(2, 7, 7, 8, 8) == (CPP_FORMS[path] == "winograd")
+    assert lm.native.load().local_merge_winograd_cpu(2, 7, 7, 8, 8) == (CPP_FORMS[path] == "winograd")
 
 
 @pytest.fixture(params=sorted(CPP_FORMS))
@@ -363,8 +364,8 @@ def test_cpp_paper_shape():
     entries of ~100, where fp32 itself errs by more than the table's atol: each output's error
     against fp64 is bounded by the fp32 eager chain's own (F.conv2d) plus that atol."""
     x, weight, lf, b, grad = _inputs(10, 24, 24, 256, 256, True, F32)
-    assert lm.native.load().local_merge_winograd(10, 24, 24, 256, 256)
-    assert lm.implementation(x) == "cpp"
+    assert lm.native.load().local_merge_winograd_cpu(10, 24, 24, 256, 256)
+    assert implementation(x) == "cpp"
     got = _run(local_merge, x, weight, lf, b, grad)
     exact = _run(ref_local_merge, *[t.double() for t in (x, weight, lf, b, grad)])
     fp32 = _run(ref_local_merge, x, weight, lf, b, grad)
@@ -397,7 +398,7 @@ def test_nan_reaches_exactly_the_outputs_that_read_it(path, monkeypatch):
                 torch.testing.assert_close(g.nan_to_num(), r.nan_to_num(), **tol(OP, F32))
 
 
-@pytest.mark.parametrize("path", ["torch"] + sorted(CPP_FORMS))
+@pytest.mark.parametrize("path", sorted(CPP_FORMS))
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_op_opcheck_and_gradients_match_reference(with_bias, path, monkeypatch):
     """The fusedvlm::local_merge op itself (what compiled graphs and FLOP counting see), its
@@ -410,9 +411,9 @@ def test_op_opcheck_and_gradients_match_reference(with_bias, path, monkeypatch):
     w = torch.randn(8, 8, 3, 3, generator=g, requires_grad=True)
     lf = torch.randn(8, generator=g, requires_grad=True)
     b = torch.randn(8, generator=g, requires_grad=True) if with_bias else None
-    results = torch.library.opcheck(torch.ops.fusedvlm.local_merge.default, (x, w, lf, b, True, 5, 3))
+    results = torch.library.opcheck(torch.ops.fusedvlm.local_merge.default, (x, w, lf, b, True, 5, 3, "cpp"))
     assert set(results.values()) == {"SUCCESS"}, results
-    got = torch.ops.fusedvlm.local_merge(x, w, lf, b, True, 5, 3)
+    got = torch.ops.fusedvlm.local_merge(x, w, lf, b, True, 5, 3, "cpp")
     leaves = [t for t in (x, w, lf, b) if t is not None]
     grads = torch.autograd.grad(got.square().sum(), leaves)
     want = ref_local_merge(x, w, lf, bias=b, residual=True, grid=(5, 3))

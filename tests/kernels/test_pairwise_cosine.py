@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedvlm.backend import use_triton
+from fusedvlm.backend import implementation
 from fusedvlm.kernels import PsiStats, pairwise_cosine_stats
 from fusedvlm.packing import cu_seqlens_from_lengths
 from fusedvlm.ref.pairwise_cosine import pairwise_cosine_stats as ref_stats
@@ -76,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize("positive", [True, False], ids=["positive", "signed"])
 @pytest.mark.parametrize("lengths,d,dtype", CASES)
 def test_triton_matches_reference(lengths, d, dtype, positive):
-    assert use_triton(torch.zeros(1))
+    assert implementation(torch.zeros(1)) == "triton"
     check_matches_reference(lengths, d, dtype, positive)
 
 
@@ -87,7 +87,7 @@ def test_triton_matches_reference(lengths, d, dtype, positive):
 @pytest.mark.parametrize("cpu_backend", ["cpp", "torch"])
 def test_cpu_paths_match_reference(lengths, d, dtype, positive, cpu_backend, monkeypatch):
     monkeypatch.setenv("FUSEDVLM_BACKEND", cpu_backend)
-    assert not use_triton(torch.zeros(1))
+    assert implementation(torch.zeros(1)) != "triton"
     # 600 and 257 tokens span several row tiles (256 in torch, 128 in C++), diagonal and off-diagonal.
     check_matches_reference(lengths, d, dtype, positive, seed=1)
 
@@ -99,7 +99,7 @@ def test_opcheck():
     for positive in (True, False):
         results = torch.library.opcheck(
             torch.ops.fusedvlm.pairwise_cosine_stats.default,
-            (a, b, cu_seqlens_from_lengths([1, 30, 0, 9]), positive),
+            (a, b, cu_seqlens_from_lengths([1, 30, 0, 9]), positive, implementation(a)),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
         assert set(results.values()) == {"SUCCESS"}, results
@@ -108,7 +108,7 @@ def test_opcheck():
 @pytest.mark.parametrize("positive", [True, False], ids=["positive", "signed"])
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
 def test_zero_vectors_have_zero_cosine(backend, positive):
-    assert use_triton(torch.zeros(1)) == (backend == "triton")
+    assert (implementation(torch.zeros(1)) == "triton") == (backend == "triton")
     # Rows 0 and 2 of a, 2 and 5 of b are zero: their cosines count as 0, nothing turns NaN.
     zero_rows = [("a", 0), ("a", 2), ("b", 2), ("b", 5)]
     got = check_matches_reference([4, 3], 20, torch.float32, positive, seed=2, zero_rows=zero_rows)
@@ -123,7 +123,7 @@ def test_zero_vectors_have_zero_cosine(backend, positive):
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
 def test_hand_computed_pair(backend):
-    assert use_triton(torch.zeros(1)) == (backend == "triton")
+    assert (implementation(torch.zeros(1)) == "triton") == (backend == "triton")
     # a = (e1, e2), b = (e1, -e1): eq = (1, 1/2); ab over i != j: c(a1, b2) = -1, c(a2, b1) = 0.
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     b = torch.tensor([[3.0, 0.0], [-1.0, 0.0]])
@@ -158,7 +158,7 @@ def test_signed_torch_path_is_not_the_gram_loop(monkeypatch):
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
 def test_empty_pack(backend):
-    assert use_triton(torch.zeros(1)) == (backend == "triton")
+    assert (implementation(torch.zeros(1)) == "triton") == (backend == "triton")
     z = torch.zeros(0, 12)
     s = pairwise_cosine_stats(z, z, torch.zeros(1, dtype=torch.int32))
     assert all(getattr(s, k).shape == (0,) for k in PsiStats._fields)
@@ -220,7 +220,7 @@ def test_cuda_kernel_matches_reference(dtype, positive):
     a, b = a.to(dtype), b.to(dtype)
     exact = ref_stats(a, b, cu, positive=positive, upcast=True)
     same_dtype = ref_stats(a, b, cu, positive=positive, upcast=False)
-    assert use_triton(a.cuda())
+    assert implementation(a.cuda()) == "triton"
     got = pairwise_cosine_stats(a.cuda(), b.cuda(), cu.cuda(), positive=positive)
     for name in PsiStats._fields:
         g = getattr(got, name).cpu()
