@@ -27,11 +27,13 @@ import os
 
 import torch
 
-from fusedvlm.env import CHOICES, env_choice
+from fusedvlm.env import CHOICES, env_choice, parse_choice
+
+_INTERPRETER_OFF = (None, "", "0", "false", "False")
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    return os.environ.get("TRITON_INTERPRET") not in _INTERPRETER_OFF
 
 
 @functools.cache
@@ -62,7 +64,10 @@ def forcing(choice: str):
 
 
 def implementation(*tensors: torch.Tensor | None) -> str:
-    """ "triton", "cpp" or "torch": the implementation an op runs on these tensors (None skipped)."""
+    """ "triton", "cpp" or "torch": the implementation an op runs on these tensors (None skipped).
+
+    Called on every op call: the public functions pass one tensor, since their check has put
+    every tensor on one device."""
     return _decide(frozenset(t.device.type for t in tensors if t is not None))
 
 
@@ -70,18 +75,25 @@ def implementation(*tensors: torch.Tensor | None) -> str:
 # rather than tracing the environment and the lazy C++ build.
 @torch.compiler.assume_constant_result
 def _decide(devices: frozenset) -> str:
-    choice = requested_backend()
+    backend = _FORCED[-1] if _FORCED else os.environ.get("FUSEDVLM_BACKEND")
+    return _choose(backend, os.environ.get("TRITON_INTERPRET"), devices)
+
+
+# Keyed by the variables' raw values, so a change takes effect at the next call while an
+# unchanged environment costs two lookups.
+@functools.lru_cache(maxsize=64)
+def _choose(backend: str | None, interpret: str | None, devices: frozenset) -> str:
+    choice = parse_choice("FUSEDVLM_BACKEND", backend, "auto")
     if choice == "torch":
         return "torch"
     on_cpu = devices <= {"cpu"}
-    interpret = interpreter_enabled() and choice != "cpp"
-    if (devices == {"cuda"} or (on_cpu and interpret)) and triton_available():
+    interpreted = interpret not in _INTERPRETER_OFF and choice != "cpp"
+    if (devices == {"cuda"} or (on_cpu and interpreted)) and triton_available():
         return "triton"
     if choice == "triton":
         raise RuntimeError(
             "FUSEDVLM_BACKEND=triton but Triton cannot run here "
-            f"(devices={sorted(devices)}, triton installed={triton_available()}, "
-            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
+            f"(devices={sorted(devices)}, triton installed={triton_available()}, TRITON_INTERPRET={interpret or '0'})"
         )
     if on_cpu:
         from fusedvlm import native

@@ -42,7 +42,11 @@ def env_flag(name: str, default: bool) -> bool:
 
 def env_choice(name: str, default: str) -> str:
     """``name`` as one of ``CHOICES[name]`` (case-insensitive), ``default`` when unset."""
-    value = os.environ.get(name)
+    return parse_choice(name, os.environ.get(name), default)
+
+
+def parse_choice(name: str, value: str | None, default: str) -> str:
+    """``value`` of variable ``name`` (None: unset) as :func:`env_choice` reads it."""
     if value is None:
         return default
     allowed = CHOICES[name]

@@ -833,7 +833,7 @@ def local_merge(
         weight, lf_token, bias = (
             t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, lf_token, bias)
         )
-    backend = implementation(x, weight, lf_token, bias, out)
+    backend = implementation(x)
     if backend == "torch":
         # Differentiates through its own ops (the Winograd form's hand-written backward beats
         # the convolution's weight gradient) and writes ``out`` in place.

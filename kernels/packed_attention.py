@@ -816,7 +816,7 @@ def packed_attention(
         dtype = compute_dtype(q, k, v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     cu_seqlens_q, cu_seqlens_k, scale = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    backend = implementation(q, k, v)
+    backend = implementation(q)
     if backend == "torch":
         return _reference.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
     return torch.ops.fusedvlm.packed_attention.default(

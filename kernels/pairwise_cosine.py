@@ -468,7 +468,7 @@ def pairwise_cosine_stats(
         common = torch.promote_types(h_a.dtype, h_b.dtype)
         h_a, h_b = h_a.to(common), h_b.to(common)
     cu_seqlens, positive = check_args(h_a, h_b, cu_seqlens, positive)
-    backend = implementation(h_a, h_b)
+    backend = implementation(h_a)
     with torch.no_grad():  # statistics, never differentiated
         if backend == "torch":
             return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
