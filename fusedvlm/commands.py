@@ -318,24 +318,17 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def print_kernel_implementations() -> None:
-    """Which implementation each fusedvlm:: op runs here (CPU, and CUDA when present)."""
-    import importlib
-
+    """Which implementation the fusedvlm:: ops run here (CPU, and CUDA when present): one
+    decision for all three (fusedvlm.backend.implementation)."""
     import torch
 
     from fusedvlm import native
+    from fusedvlm.backend import implementation
     from fusedvlm.decoding import compile_cache_status
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("kernels (" + ", ".join(devices) + "):")
-    # By module path: fusedvlm.kernels re-exports functions under the submodules' names.
-    for name, module in (
-        ("packed_attention", "packed_attention"),
-        ("local_merge", "local_merge"),
-        ("pairwise_cosine_stats", "pairwise_cosine"),
-    ):
-        implementation = importlib.import_module(f"fusedvlm.kernels.{module}").implementation
-        impls = [implementation(torch.empty(0, device=d)) for d in devices]
-        print(f"  {name:<40s} {' / '.join(impls):>12s}")
+    impls = [implementation(torch.empty(0, device=d)) for d in devices]
+    print(f"  {'packed_attention, local_merge, pairwise_cosine_stats':<52s} {' / '.join(impls)}")
     print(f"  C++ CPU kernels: {native.status()}")
     print(f"  decode-step compile cache: {compile_cache_status()}")
