@@ -29,7 +29,6 @@ class CompileStats:
     graphs: int = 0
 
 
-@runtime_checkable
 class DecodeCache(Protocol):
     """The part of Hugging Face's cache API the chat session rolls a failed turn back through."""
 
