@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusedvlm import native
     from fusedvlm.benchmark.system import environment, memory_bandwidth, unique_parameter_bytes
     from fusedvlm.config import get_preset
-    from fusedvlm.decoding import LeanEngine
+    from fusedvlm.decode import make_engine
     from fusedvlm.model.llm import load_llm
 
     dtype = getattr(torch, args.dtype)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     compile = not args.no_compile
     engines = {}
     for name, matvec in (("fusedvlm::linear", True), ("F.linear", False)):
-        engine = LeanEngine(llm, compile=compile, reason="profile")
+        engine = make_engine(llm, "lean", compile)
         if not matvec:
             engine.model.matvec = None
         cache = engine.new_cache(1)

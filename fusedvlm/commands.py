@@ -152,7 +152,7 @@ def run_build(args: argparse.Namespace) -> int:
         return 0
     model = load_model(args)
     engine = model.decode_engine(args.decode, False if args.no_compile else None)
-    if not getattr(engine, "compile", False):
+    if not engine.compiled:
         print(f"decode path {engine.path} ({engine.reason}): nothing to compile")
         return 0
     cache = engine.new_cache(1)
@@ -168,7 +168,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def add_decode_args(p) -> None:
-    from fusedvlm.decoding import DECODE_PATHS
+    from fusedvlm.decode import DECODE_PATHS
 
     p.add_argument(
         "--decode",
@@ -324,7 +324,7 @@ def print_kernel_implementations() -> None:
 
     from fusedvlm import native
     from fusedvlm.backend import implementation
-    from fusedvlm.decoding import compile_cache_status
+    from fusedvlm.decode.engine import compile_cache_status
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("kernels (" + ", ".join(devices) + "):")

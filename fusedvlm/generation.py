@@ -65,7 +65,7 @@ class DecodeResult:
     length: int  # tokens now in the cache
     token_latencies_s: list[float] = field(default_factory=list)
     compile_s: float = 0.0  # compiling the decode step for this answer's cache bucket, not in ``seconds``
-    path: str = "hf"  # the decode engine that ran (fusedvlm.decoding)
+    path: str = "hf"  # the decode engine that ran (fusedvlm.decode)
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,12 +73,11 @@ class DecodeResult:
 
 
 def as_engine(llm):
-    """A decode engine (fusedvlm.decoding) as is; a Hugging Face model wrapped in today's HF path."""
-    if hasattr(llm, "step") and hasattr(llm, "new_cache"):
-        return llm
-    from fusedvlm.decoding import HFEngine
+    """A decode engine (fusedvlm.decode) as is; a Hugging Face model gets the ``hf`` engine."""
+    from fusedvlm.decode import make_engine
+    from fusedvlm.decode.engine import DecodeEngine
 
-    return HFEngine(llm, reason="called with a Hugging Face model")
+    return llm if isinstance(llm, DecodeEngine) else make_engine(llm, "hf")
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ class Answer:
     first_logits: torch.Tensor | None = None  # (vocab,) logits of the first generated token
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "decode" and "compile"
     token_latencies_s: list[float] = field(default_factory=list)
-    decode_path: str = "hf"  # the decode engine that ran (fusedvlm.decoding)
+    decode_path: str = "hf"  # the decode engine that ran (fusedvlm.decode)
 
     @property
     def ttft_s(self) -> float:
@@ -90,7 +90,7 @@ class ChatSession:
         self.n_l, self.n_s = model.fuser.resolve_counts(n_l, n_s)
         self.image = image
         self.reuse_prefix = reuse_prefix
-        # The decode engine picks the lean static-cache path when the LLM allows it (fusedvlm.decoding).
+        # The decode engine picks the lean static-cache path when the LLM allows it (fusedvlm.decode).
         self.engine = model.decode_engine(decode, compile)
         self.layout = (
             model.layout if system is None else type(model.layout)(model.layout.template, model.tokenizer, system)

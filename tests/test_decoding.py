@@ -8,15 +8,11 @@ import time
 import pytest
 import torch
 
-from fusedvlm.decoding import (
-    HFEngine,
-    HFStaticCache,
-    HFStaticEngine,
-    LeanEngine,
-    StaticKVCache,
-    hf_static_unsupported,
-    make_engine,
-)
+from fusedvlm.decode import DECODE_PATHS, make_engine
+from fusedvlm.decode.engine import DecodeEngine
+from fusedvlm.decode.hf import HFEngine
+from fusedvlm.decode.hf_static import HFStaticCache, HFStaticEngine, hf_static_unsupported
+from fusedvlm.decode.lean import MATVEC_MAX_ROWS, LeanEngine, StaticKVCache
 from fusedvlm.generation import GenerationConfig, decode, prefill
 
 GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True)
@@ -145,6 +141,17 @@ def test_engine_choice_is_reported(llm):
     assert len(out.ids) == 3 and out.path == "hf"
 
 
+def test_engines_share_one_interface_and_one_set_of_names(llm, qwen2):
+    """Each --decode choice gives a DecodeEngine named after it; its path is the name, with
+    -eager / -compiled where the step can compile."""
+    assert DECODE_PATHS == ("auto", "lean", "hf-static", "hf")
+    for choice, hf in (("lean", llm), ("hf-static", qwen2), ("hf", llm)):
+        engine = make_engine(hf, choice, compile=False)
+        assert isinstance(engine, DecodeEngine) and engine.name == choice and not engine.compiled
+        assert engine.path == (choice if choice == "hf" else f"{choice}-eager")
+    assert not isinstance(llm, DecodeEngine)
+
+
 @pytest.mark.slow  # a cold inductor compile of the tiny step: 20-80 s on 2 loaded cores, ~5 s from its cache
 @pytest.mark.skipif(importlib.util.find_spec("torch._inductor") is None, reason="needs inductor")
 def test_compiled_step_matches_eager(llm):
@@ -184,7 +191,8 @@ def test_smol_greedy_matches_hugging_face():
 
 def test_compiler_failure_falls_back_to_the_eager_step(llm):
     engine = LeanEngine(llm, compile=False)
-    engine.compile, engine.path = True, "lean-compiled"
+    engine.compiled = True
+    assert engine.path == "lean-compiled"
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
@@ -284,9 +292,7 @@ def test_hf_static_seeded_sampling_matches_hugging_face(qwen2):
 def test_hf_static_engine_choice_and_fallbacks(qwen2, monkeypatch):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2ForCausalLM
 
-    import fusedvlm.decoding as decoding
-
-    monkeypatch.setattr(decoding, "_compile_available", lambda: True)
+    monkeypatch.setattr("fusedvlm.decode._compile_available", lambda: True)
     auto = make_engine(qwen2, compile=True)  # torch.compile wraps lazily: nothing compiles here
     assert auto.path == "hf-static-compiled"
     assert (
@@ -295,7 +301,7 @@ def test_hf_static_engine_choice_and_fallbacks(qwen2, monkeypatch):
     )
     off = make_engine(qwen2, compile=False)
     assert isinstance(off, HFEngine) and "needs torch.compile: compilation off" in off.reason
-    monkeypatch.setattr(decoding, "_compile_available", lambda: False)
+    monkeypatch.setattr("fusedvlm.decode._compile_available", lambda: False)
     assert isinstance(make_engine(qwen2, compile=True), HFEngine)
     forced = make_engine(qwen2, "hf-static", compile=True)
     assert forced.path == "hf-static-eager" and "torch.compile is unavailable" in forced.reason
@@ -325,7 +331,8 @@ def test_hf_static_engine_choice_and_fallbacks(qwen2, monkeypatch):
 
 def test_hf_static_compiler_failure_falls_back_to_the_eager_step(qwen2):
     engine = HFStaticEngine(qwen2, compile=False)
-    engine.compile, engine.path = True, "hf-static-compiled"
+    engine.compiled = True
+    assert engine.path == "hf-static-compiled"
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
@@ -367,12 +374,11 @@ def test_hf_static_compiled_step_matches_eager(qwen2):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
 def test_lean_step_on_our_matvec_matches_f_linear(llm, dtype, tol):
     """On a CPU with the C++ kernels the lean step's projections (up to MATVEC_MAX_ROWS rows, and
-    the last position's LM head after a prefill) run fusedvlm_cpu::linear with weights of any
+    the last position's LM head after a prefill) run fusedvlm::linear with weights of any
     of the three dtypes; its logits match the F.linear step's."""
     import copy
 
     from fusedvlm import native
-    from fusedvlm.decoding import MATVEC_MAX_ROWS
 
     if not native.available():
         pytest.skip("C++ kernels not built")

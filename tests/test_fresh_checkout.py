@@ -136,7 +136,7 @@ def test_the_design_the_code_cites_is_in_the_repository():
 
 
 def test_decode_compile_says_when_it_starts_and_ends(capsys):
-    from fusedvlm.decoding import CompileStats, _first_calls
+    from fusedvlm.decode.engine import CompileStats, _first_calls
 
     class Engine:
         path, device, reason = "lean-compiled", "cpu", ""

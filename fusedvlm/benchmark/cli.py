@@ -245,7 +245,7 @@ def run_bench(args: argparse.Namespace) -> int:
     decode_paths = None
     if decode_batches:
         from fusedvlm.benchmark.decode import DecodeBenchConfig, prompt_embeds, run_decode_bench
-        from fusedvlm.decoding import compile_default
+        from fusedvlm.decode.engine import compile_default
 
         decode_cfg = DecodeBenchConfig(
             new_tokens=args.decode_new_tokens or (256 if device.type == "cuda" else 64),

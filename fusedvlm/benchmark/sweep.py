@@ -59,9 +59,9 @@ class SweepConfig:
     warmup: int = field(
         default=1, metadata={"help": "untimed full runs after the FLOP pass (which already warms every shape)"}
     )
-    decode: str = field(default="auto", metadata={"help": "LLM decode path (fusedvlm.decoding)"})
+    decode: str = field(default="auto", metadata={"help": "LLM decode path (fusedvlm.decode)"})
     compile: bool | None = field(
-        default=None, metadata={"help": "compile the decode step (None: fusedvlm.decoding.compile_default())"}
+        default=None, metadata={"help": "compile the decode step (None: fusedvlm.decode.engine.compile_default())"}
     )
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""Decoder pieces of a Llama-style block: RMSNorm, RoPE, SwiGLU (the fusion decoder's).
+"""Decoder pieces of a Llama-style block: RMSNorm, RoPE, SwiGLU (the fusion decoder's; the lean
+LLM decode step, fusedvlm/decode/lean.py, uses the first two).
 
 Numerics follow Hugging Face ``LlamaModel`` so that a state dict loads into either and
 gives the same outputs: RMSNorm in fp32 then cast back, RoPE with the "rotate half"
@@ -30,7 +31,7 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D), cos/sin (T, D) -> rotated x (T, H, D) in x's dtype.
+    """x (..., T, H, D), cos/sin (T, D) -> rotated x (..., T, H, D) in x's dtype.
 
     Keeping x's dtype matters under autocast: cos/sin follow the (fp32) embeddings while the
     projections come out bf16, and q/k must stay in v's dtype."""

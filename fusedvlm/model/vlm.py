@@ -120,16 +120,12 @@ class FusedVLM(nn.Module):
 
     # ------------------------------------------------------------------ LLM decoding
     def decode_engine(self, decode: str = "auto", compile: bool | None = None):
-        """The LLM's decode engine (fusedvlm.decoding), built once per (path, compile) and kept, so
-        that its compiled steps serve every later chat; rebuilt if the LLM moved device or dtype."""
-        from fusedvlm.decoding import compile_default, make_engine
-        from fusedvlm.quant import is_quantized
+        """The LLM's decode engine (fusedvlm.decode.make_engine), built once per (path, compile)
+        and kept, so that its compiled steps serve every later chat; rebuilt if the LLM moved
+        device or dtype."""
+        from fusedvlm.decode import make_engine
+        from fusedvlm.decode.engine import compile_default
 
-        if is_quantized(self.llm):
-            # The lean and static steps read float weights; int8 layers run in HF's forward.
-            if decode not in ("auto", "hf"):
-                raise ValueError(f"--decode {decode}: an int8 LLM (--llm-quant int8) decodes on the hf path only")
-            decode = "hf"
         compile = compile_default() if compile is None else compile
         weight = self.llm.get_input_embeddings().weight
         key = (decode, compile, weight.device, weight.dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from fusedvlm.cli import main
-from fusedvlm.decoding import compile_default
+from fusedvlm.decode.engine import compile_default
 
 
 @pytest.mark.parametrize("value", ["0", "false", "False", "no", "OFF"])

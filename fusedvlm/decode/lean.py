@@ -1,0 +1,285 @@
+"""The lean decode path: a Llama decoder over the Hugging Face weights in place (no copy), its
+K/V in preallocated buffers, its one-token step traced by ``torch.compile`` into one graph.
+
+Why: one decode step of a small LLM is a chain of GEMVs that only have to stream the weights
+once. Hugging Face's forward spends most of a step in Python (module calls, cache bookkeeping,
+mask building) and its dynamic cache reallocates every step, so it reaches a third of the
+memory-bandwidth limit on a CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusedvlm.decode.engine import FIRST_BUCKET, BucketedCache, StaticCacheEngine
+from fusedvlm.model.llama import apply_rope, rms_norm
+
+# RoPE variants whose frequencies do not depend on the sequence length: one table serves all.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+# Activations of the Llama MLP that the lean step implements (design §5 uses SiLU).
+LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+# Rows of activations (batch x new tokens) up to which the lean step's projections run our
+# matrix-vector kernel (fusedvlm::linear) on a CPU: it streams each weight once and reuses
+# it from L1 for every row, so up to a few rows it stays memory-bound; more rows are a GEMM.
+MATVEC_MAX_ROWS = 4
+
+
+def lean_unsupported(config) -> str | None:
+    """Why the lean Llama step cannot run this HF config, or None when it can."""
+    if getattr(config, "model_type", None) != "llama":
+        return f"model_type {getattr(config, 'model_type', None)!r} is not in the Llama family"
+    act = getattr(config, "hidden_act", "silu")
+    if act not in LEAN_ACTIVATIONS:
+        return f"hidden_act {act!r} is not one of {sorted(LEAN_ACTIVATIONS)}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"RoPE type {rope_type!r} depends on the sequence length (lean step supports {STATIC_ROPE_TYPES})"
+    return None
+
+
+class StaticKVCache(BucketedCache):
+    """Keys and values of every layer in preallocated tensors, one (B, kv_heads, capacity,
+    head_dim) pair per layer: the compiled step writes each in place (one tensor spanning all
+    layers would make inductor copy it whole at every write)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        max_capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int = FIRST_BUCKET,
+    ):
+        super().__init__(max_capacity)
+        shape = (batch, kv_heads, min(capacity, max_capacity), head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # CUDA graphs need the cache at a fixed address; the step mutates it in place.
+        if self.k[0].device.type == "cuda":
+            for t in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(t)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def _grow(self, capacity: int) -> None:
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                tensors[i] = new
+        self._mark_static()
+
+
+# ------------------------------------------------------------------------------------ projections
+
+
+def _torch_linears(x: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+
+def _matvec_op(weights: list[torch.Tensor]):
+    """``fusedvlm::linear`` when it can serve these weights (contiguous, on the CPU, one of
+    fp32/bf16/fp16, and the C++ kernels built), else None: the step then uses F.linear throughout.
+    ``FUSEDVLM_MATVEC=0`` keeps F.linear (to compare the two)."""
+    dtypes = {w.dtype for w in weights}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+        return None
+    if any(w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+        return None
+    from fusedvlm.env import env_flag
+
+    if not env_flag("FUSEDVLM_MATVEC", True):
+        return None
+    from fusedvlm import native
+
+    return native.load().linear if native.available() else None
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class LeanLlama(torch.nn.Module):
+    """A Llama decoder over the weights of a Hugging Face ``LlamaForCausalLM``, shared, not copied.
+
+    The per-layer weights sit in plain Python lists so the traced graph reads each one exactly
+    where HF keeps it; RoPE cos/sin come from HF's own rotary module (RoPE scaling included);
+    RMSNorm and the rotation are model/llama.py's, which follow HF's numerics."""
+
+    def __init__(self, hf):
+        super().__init__()
+        c = hf.config
+        self.num_layers = c.num_hidden_layers
+        self.num_heads = c.num_attention_heads
+        self.kv_heads = c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.eps = c.rms_norm_eps
+        self.act = LEAN_ACTIVATIONS[getattr(c, "hidden_act", "silu")]
+        self.max_positions = c.max_position_embeddings
+        self.scale = self.head_dim**-0.5
+        self.fuse_attention = False  # set by a compiling engine (see _attend_bucket)
+        base = hf.model
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm.weight
+        self.lm_head = hf.lm_head.weight
+        self.lm_head_bias = hf.lm_head.bias
+        self.layers = []
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(
+                tuple(
+                    t
+                    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+                    for t in (lin.weight, lin.bias)
+                )
+                + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            )
+        self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
+        with torch.no_grad():
+            pos = torch.arange(self.max_positions, device=self.embed.device)[None]
+            probe = torch.empty(0, dtype=self.embed.dtype, device=self.embed.device)
+            cos, sin = base.rotary_emb(probe, pos)
+        self.register_buffer("cos", cos[0].contiguous(), persistent=False)  # (positions, head_dim)
+        self.register_buffer("sin", sin[0].contiguous(), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def new_cache(self, batch: int = 1, capacity: int = FIRST_BUCKET) -> StaticKVCache:
+        return StaticKVCache(
+            self.num_layers,
+            batch,
+            self.kv_heads,
+            self.head_dim,
+            max_capacity=self.max_positions,
+            dtype=self.dtype,
+            device=self.embed.device,
+            capacity=capacity,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        k_cache: list[torch.Tensor],
+        v_cache: list[torch.Tensor],
+        pos: torch.Tensor,
+        start: int | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, d) embeddings at positions pos .. pos + T - 1 (``pos`` a 1-element long tensor);
+        writes their K/V into the caches and returns fp32 logits of the last position (B, V).
+
+        ``start`` is None in the decode step: attention then runs over the whole cache bucket
+        with a mask, so the shapes, and therefore the compiled graph, depend only on
+        (B, T, capacity), never on the position. Prefill passes ``start`` (= pos, as an int) and
+        attends with SDPA to the filled part of the cache only."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
+        positions = pos + torch.arange(T, device=x.device)
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
+        if start is None:
+            # key j is visible to query t when j <= pos + t
+            visible = torch.arange(k_cache[0].shape[2], device=x.device)[None, :] <= positions[:, None]
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
+        elif start:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        # Under autocast F.linear casts the weights; our kernel takes them as they are.
+        matvec = self.matvec is not None and not torch.is_autocast_enabled(x.device.type)
+        lin = self._linears if matvec and B * T <= MATVEC_MAX_ROWS else _torch_linears
+        for i, (wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd, ln1, ln2) in enumerate(self.layers):
+            h = rms_norm(x, ln1, self.eps)
+            q, k, v = lin(h, (wq, wk, wv), (bq, bk, bv))
+            q = apply_rope(q.view(B, T, H, D), cos, sin).transpose(1, 2)
+            k = apply_rope(k.view(B, T, Hkv, D), cos, sin).transpose(1, 2)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
+            # Under autocast k/v come out in the autocast dtype; the cache keeps the weights'.
+            k_cache[i][:, :, positions] = k.to(k_cache[i].dtype)
+            v_cache[i][:, :, positions] = v.to(v_cache[i].dtype)
+            if start is None:
+                o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
+            else:
+                keys, values = k_cache[i][:, :, : start + T], v_cache[i][:, :, : start + T]
+                if Hkv != H:
+                    keys, values = keys.repeat_interleave(H // Hkv, 1), values.repeat_interleave(H // Hkv, 1)
+                o = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask if start else None, is_causal=not start, scale=self.scale
+                )
+            x = x + lin(o.transpose(1, 2).reshape(B, T, H * D), (wo,), (bo,))[0]
+            gate, up = lin(rms_norm(x, ln2, self.eps), (wg, wu), (bg, bu))
+            x = x + lin(self.act(gate) * up, (wd,), (bd,))[0]
+        # Only the last position's logits: B rows, a matrix-vector product even after a prefill.
+        lin = self._linears if matvec and B <= MATVEC_MAX_ROWS else _torch_linears
+        return lin(rms_norm(x[:, -1], self.norm, self.eps), (self.lm_head,), (self.lm_head_bias,))[0].float()
+
+    def _linears(self, x: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
+        """F.linear(x, w, b) for each weight in one call of our kernel (one pass over the threads)."""
+        y = self.matvec(x, list(weights), list(biases))
+        return list(y.split([w.shape[0] for w in weights], -1)) if len(weights) > 1 else [y]
+
+    def _attend_bucket(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """q (B, H, T, D) over a whole cache bucket (B, Hkv, cap, D); the G query heads of one KV
+        head share it, so the cache is never expanded. Traced for the compiler, the products are
+        written as broadcast multiply + sum, which inductor fuses into one pass over the cache
+        (a batched GEMM with 1-row operands runs far below bandwidth on a CPU)."""
+        B, H, T, D = q.shape
+        Hkv, cap = keys.shape[1], keys.shape[2]
+        G = H // Hkv
+        if self.fuse_attention:
+            qg = q.view(B, Hkv, G * T, 1, D)
+            scores = (qg * keys[:, :, None]).sum(-1).float() * self.scale  # (B, Hkv, G*T, cap)
+        else:
+            scores = torch.matmul(q.reshape(B, Hkv, G * T, D), keys.transpose(-1, -2)).float() * self.scale
+        probs = (scores.view(B, Hkv, G, T, cap) + bias).softmax(-1).to(q.dtype).view(B, Hkv, G * T, cap)
+        if self.fuse_attention:
+            o = (probs[..., None] * values[:, :, None]).sum(-2)
+        else:
+            o = torch.matmul(probs, values)
+        return o.view(B, H, T, D)
+
+    def step(
+        self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor
+    ) -> torch.Tensor:
+        """One decode step: tokens (B,) at position ``pos`` -> logits (B, V)."""
+        return self.forward(F.embedding(tokens[:, None], self.embed), k_cache, v_cache, pos)
+
+
+class LeanEngine(StaticCacheEngine):
+    """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`."""
+
+    name = "lean"
+
+    def __init__(self, hf, *, compile: bool = True, reason: str = ""):
+        self.hf = hf
+        self.model = LeanLlama(hf)
+        # Traced, attention over the bucket is written for inductor to fuse (see _attend_bucket).
+        self.model.fuse_attention = compile
+        super().__init__(self.model.step, self.model.embed.device, compile=compile, reason=reason)
+
+    def new_cache(self, batch: int = 1) -> StaticKVCache:
+        return self.model.new_cache(batch)
+
+    def _prefill(self, embeds: torch.Tensor, cache: StaticKVCache, start: int) -> torch.Tensor:
+        pos = torch.tensor([start], device=self.device)
+        return self.model(embeds.to(self.model.dtype), cache.k, cache.v, pos, start)
+
+    def _step_inputs(self, cache: StaticKVCache, start: int) -> tuple:
+        return cache.k, cache.v, torch.tensor([start], device=self.device)
+
+    def _uncompile(self) -> None:
+        super()._uncompile()
+        self.model.fuse_attention = False
