@@ -35,6 +35,8 @@ import torch
 from fusedvlm.env import CHOICES, env_choice
 
 _NAME = "fusedvlm_cpu"
+# Written into a build directory once its library is linked and loaded.
+_COMPLETE = "complete"
 _SOURCES = (
     "common.cpp",
     "variant_baseline.cpp",
@@ -142,38 +144,47 @@ def _load():
 
         flags = _cflags()
         name, directory = build_dir(flags)
-        built = (directory / f"{name}.so").exists()
-        if not built:
-            earlier = (
-                [p.name for p in directory.parent.glob(f"{_NAME}_*") if p != directory]
-                if directory.parent.is_dir()
-                else []
+        library, complete = directory / f"{name}.so", directory / _COMPLETE
+        if library.exists() and complete.is_file():
+            # The directory's key (sources, flags, torch version) says the library is current.
+            # Running ninja again would rebuild it whenever another checkout's venv loads it:
+            # its commands name that venv's torch headers.
+            torch.ops.load_library(str(library))
+        else:
+            built = library.exists()
+            if not built:
+                earlier = (
+                    [p.name for p in directory.parent.glob(f"{_NAME}_*") if p != directory]
+                    if directory.parent.is_dir()
+                    else []
+                )
+                why = "csrc/ differs from the cached builds" if earlier else "first use"
+                print(
+                    f"fusedvlm: building the C++ CPU kernels ({why}; every ISA variant, about 2 minutes on 2 cores) "
+                    f"into {directory}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            start = time.perf_counter()
+            _copy_sources(source_dir(), directory / "src")
+            src = directory / "src"
+            cpp_extension.load(
+                name=name,
+                sources=[str(src / f) for f in _SOURCES],
+                extra_cflags=flags,
+                extra_ldflags=_ldflags(),
+                extra_include_paths=[str(src)],
+                build_directory=str(directory),
+                verbose=False,
+                is_python_module=False,
             )
-            why = "csrc/ differs from the cached builds" if earlier else "first use"
-            print(
-                f"fusedvlm: building the C++ CPU kernels ({why}; every ISA variant, about 2 minutes on 2 cores) into {directory}",
-                file=sys.stderr,
-                flush=True,
-            )
-        start = time.perf_counter()
-        _copy_sources(source_dir(), directory / "src")
-        src = directory / "src"
-        cpp_extension.load(
-            name=name,
-            sources=[str(src / f) for f in _SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=_ldflags(),
-            extra_include_paths=[str(src)],
-            build_directory=str(directory),
-            verbose=False,
-            is_python_module=False,
-        )
-        if not built:
-            print(
-                f"fusedvlm: built the C++ CPU kernels in {time.perf_counter() - start:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+            complete.write_text(f"built by {sys.executable}\n")
+            if not built:
+                print(
+                    f"fusedvlm: built the C++ CPU kernels in {time.perf_counter() - start:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         mod = torch.ops.fusedvlm
         _register_fakes()
     except Exception as exc:

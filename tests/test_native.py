@@ -60,13 +60,20 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path):
 
 
 def test_built_once_and_cached():
-    """A second process finds the library built (no compile), keyed by the torch version."""
+    """A second process finds the library built and loads it without running the build step
+    (whose ninja commands name the venv, so another checkout's venv would rebuild the shared
+    directory), keyed by the torch version."""
     if not native.available():
         pytest.skip(f"the C++ kernels are not built here: {native.status()}")
     name, directory = native.build_dir(native._cflags())
     assert f"torch-{torch.__version__}" in str(directory)
-    assert (directory / f"{name}.so").exists()
-    done = _run("from fusedvlm import native; import sys; assert native.available(); print(native.status())")
+    assert (directory / f"{name}.so").exists() and (directory / native._COMPLETE).is_file()
+    done = _run(
+        "from torch.utils import cpp_extension\n"
+        "def refuse(*a, **k): raise AssertionError('the build step ran for a complete build')\n"
+        "cpp_extension.load = refuse\n"
+        "from fusedvlm import native; assert native.available(), native.status(); print(native.status())"
+    )
     assert done.returncode == 0, done.stderr
     assert "building" not in done.stderr
 
