@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.answer_images, args.n_l = 4, 1, "256,64,8,1"
-    n_ls = tuple(int(v) for v in args.n_l.split(","))
+    from fusedvlm.cli_args import parse_n_l
+
+    n_ls = parse_n_l(args.n_l)
     if min(args.images, args.answer_images, args.questions_per_image) < 1:
         raise SystemExit("--images, --answer-images and --questions-per-image must be >= 1")
 
