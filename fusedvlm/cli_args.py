@@ -8,11 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from fusedvlm.config import PAPER_N_L, PRESETS
+from fusedvlm.config import LLM_QUANT_CHOICES, PAPER_N_L, PRESETS
 from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
-
-# fusedvlm.quant's LLM_QUANT_CHOICES; that module imports torch.
-LLM_QUANT_CHOICES = ("none", "int8")
 
 
 def add_model_arguments(
@@ -80,7 +77,10 @@ def add_model_arguments(
         p.set_defaults(llm_quant="none")
     if seed and not for_training:
         g.add_argument(
-            "--seed", type=int, default=0, help="seeds the random initialisation of what the checkpoint does not hold"
+            "--seed",
+            type=int,
+            default=0,
+            help="seeds the random initialisation of the weights that no checkpoint or pretrained LLM provides",
         )
     p.set_defaults(default_preset=None if required else default_preset)
     return g

@@ -20,6 +20,8 @@ CLIP_VOCAB_SIZE = 49408
 CLIP_SOT_ID = 49406
 CLIP_EOT_ID = 49407
 PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)
+# How the frozen LLM's weights may be quantised at load (fusedvlm.quant, which imports torch).
+LLM_QUANT_CHOICES = ("none", "int8")
 
 
 def n_s_for(n_l: int) -> int:
