@@ -172,13 +172,13 @@ def add_query_counts(p) -> None:
     )
 
 
-def add_n_l_list(p, help: str) -> None:
+def add_n_l_list(p, more_help: str = "") -> None:
     """--n-l as a comma-separated list, read back by :func:`n_l_list`."""
     p.add_argument(
         "--n-l",
         default=None,
         metavar="N,N,...",
-        help=f"comma-separated n_l values (default: the paper's {','.join(map(str, PAPER_N_L))}){help}",
+        help=f"comma-separated n_l values (default: the paper's {','.join(map(str, PAPER_N_L))}){more_help}",
     )
 
 

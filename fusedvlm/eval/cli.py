@@ -30,7 +30,7 @@ def register(sub) -> None:
         metavar="[KIND=]FILE",
         help="a TSV; KIND (mme, pope, hallusionbench, mcq) is guessed from the file name if omitted; repeatable",
     )
-    add_n_l_list(p, "")
+    add_n_l_list(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--on-error",
@@ -241,7 +241,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.limit is not None:
             b.items = b.items[: args.limit]
 
-    model_config(args)
+    model_config(args)  # its refusals (a missing or stage-1 checkpoint) before the output is touched
     check_output_dir(args.out)
     # Under torchrun rank 0 holds the output's lock for all ranks (as train does).
     lock = locked_output(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
