@@ -20,15 +20,15 @@ from fusedvlm.benchmark.system import cpp_isa, environment, save_json
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fusedvlm.benchmark.decode import DecodeBenchConfig, prompt_embeds, run_decode_bench, table_lines
     from fusedvlm.config import PRESETS
+    from fusedvlm.options import add_options, from_options
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="smol", choices=sorted(PRESETS))
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    # A tuple has no flag of its own: --batches is parsed below.
+    add_options(p, DecodeBenchConfig, exclude=("batches",))
     p.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes of the batch-decode rows")
-    p.add_argument("--batch-tokens", type=int, default=32, help="steps timed per batch row")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled lean path")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
-    from fusedvlm.benchmark.decode import DecodeBenchConfig, prompt_embeds, run_decode_bench, table_lines
     from fusedvlm.chat import ChatLayout
     from fusedvlm.config import get_preset
     from fusedvlm.model.llm import load_llm
@@ -51,13 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    cfg = DecodeBenchConfig(
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        batches=batches,
-        batch_tokens=args.batch_tokens,
-        compile=not args.no_compile,
-    )
+    cfg = from_options(DecodeBenchConfig, args, batches=batches)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     torch.manual_seed(0)
     llm_cfg = get_preset(args.preset).llm

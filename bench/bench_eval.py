@@ -89,14 +89,16 @@ class Clock:
 
 
 def main(argv=None) -> int:
+    from fusedvlm.eval.runner import EvalConfig
+    from fusedvlm.options import add_options
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="smol")
     p.add_argument("--images", type=int, default=24, help="images of the fusion-side sweep")
     p.add_argument("--answer-images", type=int, default=2, help="images of the end-to-end sweep (with LLM answers)")
     p.add_argument("--questions-per-image", type=int, default=2)
     p.add_argument("--n-l", default=",".join(map(str, PAPER_N_L)))
-    p.add_argument("--images-per-batch", type=int, default=4)
-    p.add_argument("--llm-batch-size", type=int, default=16)
+    add_options(p, EvalConfig, only=("images_per_batch", "llm_batch_size"))
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="4 images fusion side, 1 image end to end, n_l 256,64,8,1")
     p.add_argument("--seed", type=int, default=0)
@@ -104,11 +106,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.answer_images, args.n_l = 4, 1, "256,64,8,1"
-    n_ls = tuple(int(v) for v in args.n_l.split(","))
+    from fusedvlm.cli_args import parse_n_l
+
+    n_ls = parse_n_l(args.n_l)
     if min(args.images, args.answer_images, args.questions_per_image) < 1:
         raise SystemExit("--images, --answer-images and --questions-per-image must be >= 1")
 
-    from fusedvlm.eval.runner import EvalConfig, Evaluator, PredictionStore
+    from fusedvlm.eval.runner import Evaluator, PredictionStore
     from fusedvlm.model import FusedVLM
 
     threads = os.environ.get("OMP_NUM_THREADS", "?")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from fusedvlm.config import PRESETS
 
@@ -14,18 +13,15 @@ CHAT_GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0
 
 
 def register(sub) -> None:
+    from fusedvlm.cli_args import add_decode_args, add_max_image_pixels, add_model_arguments, add_query_counts
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.options import add_options
 
     p = sub.add_parser("chat", help="ask questions about an image", description="Multi-turn chat about one image.")
-    add_model_arguments(p)
     p.add_argument("--image", required=True, help="image file, or sample:NAME for a bundled photo (fusedvlm.samples)")
     add_max_image_pixels(p)
     p.add_argument("--question", action="append", required=True, help="repeat for several questions (one turn each)")
-    p.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question")
-    p.add_argument(
-        "--n-s", type=int, default=None, help="fused tokens for later questions (default: the design §5 rule)"
-    )
+    add_query_counts(p)
     add_options(
         p,
         GenerationConfig,
@@ -36,13 +32,6 @@ def register(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the preset's)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings of every turn")
     p.add_argument(
-        "--llm-quant",
-        default="none",
-        choices=("none", "int8"),
-        help="int8: the LLM's linear layers in int8 with per-output-channel scales, quantised at load "
-        "(activations in the LLM dtype; fast on CPU with bf16; decodes on the hf path)",
-    )
-    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per turn: question, answer, answer_ids "
@@ -50,12 +39,12 @@ def register(sub) -> None:
         "(how many of those came from the LLM cache), num_fused",
     )
     add_decode_args(p)
+    add_model_arguments(p, seed=False)  # GenerationConfig's --seed
     p.set_defaults(func=run_chat)
 
     p = sub.add_parser("info", help="parameter counts and token budgets of a preset")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    p.add_argument("--n-l", type=int, default=None)
-    p.add_argument("--n-s", type=int, default=None)
+    add_query_counts(p)
     p.add_argument("--questions", type=int, default=1)
     p.add_argument("--width", type=int, default=640, help="image width for the vision-token budget")
     p.add_argument("--height", type=int, default=480)
@@ -67,7 +56,6 @@ def register(sub) -> None:
         description="Build csrc/ and compile the LLM decode step for a model's first cache buckets, so that "
         "the first chat answers at once. Both are cached (fusedvlm info says where and whether they are warm).",
     )
-    add_model_arguments(p)
     p.add_argument(
         "--positions",
         type=int,
@@ -76,74 +64,13 @@ def register(sub) -> None:
     )
     p.add_argument("--kernels-only", action="store_true", help="build the C++ kernels only; compile nothing")
     add_decode_args(p)
+    add_model_arguments(p)
     p.set_defaults(func=run_build)
-
-
-def add_model_arguments(p, *, default_preset: str = "smol") -> None:
-    """--preset / --checkpoint / --device / --dtype / --llm-dtype, read back by :func:`load_model`."""
-    from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
-
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=sorted(PRESETS),
-        help=f"model preset (default {default_preset}); not with --checkpoint, which carries its own config",
-    )
-    p.add_argument(
-        "--checkpoint",
-        help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) or "
-        "trained weights (safetensors from fusedvlm.checkpoint.save_trainable)",
-    )
-    add_device_arguments(
-        p, dtype_help="weights and activations of the whole model; auto: bf16 on a GPU, fp32 on the CPU"
-    )
-    p.add_argument("--llm-dtype", default=None, choices=DTYPE_CHOICES, help="the LLM's own dtype (default: --dtype)")
-    p.set_defaults(default_preset=default_preset)
-
-
-def load_model(args: argparse.Namespace, *, seed: int = 0):
-    """The model that :func:`add_model_arguments`' flags name, in eval mode on its device and dtype;
-    ``seed`` seeds the random initialisation of whatever the checkpoint does not hold."""
-    import torch
-
-    from fusedvlm.checkpoint import STAGE_KEY, load_trainable, read_config, read_metadata
-    from fusedvlm.config import get_preset
-    from fusedvlm.device import resolve_device, resolve_dtype
-    from fusedvlm.model import FusedVLM
-
-    if args.checkpoint and args.preset is not None:
-        raise ValueError(
-            f"--preset {args.preset} and --checkpoint both given: the checkpoint carries its own model "
-            "config, so the preset would be ignored; drop --preset"
-        )
-    model_dir = args.checkpoint is not None and os.path.isdir(args.checkpoint)
-    if args.checkpoint and not model_dir:
-        cfg = read_config(args.checkpoint)
-        if read_metadata(args.checkpoint).get(STAGE_KEY) == "stage1":
-            raise ValueError(
-                f"{args.checkpoint} is a stage-1 output: its projection into the LLM is untrained (stage 1 "
-                "aligns the fusion with text only); train stage 2 with --init on it and chat with that"
-            )
-    elif not model_dir:
-        cfg = get_preset(args.preset or args.default_preset)
-    torch.manual_seed(seed)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    llm_dtype = resolve_dtype(args.llm_dtype, device) if args.llm_dtype is not None else None
-    if model_dir:
-        # Straight onto the device in the final dtypes: a 7B model is never staged in fp32.
-        return FusedVLM.from_pretrained(args.checkpoint, device=device, dtype=dtype, llm_dtype=llm_dtype)
-    model = FusedVLM(cfg).eval()
-    if args.checkpoint:
-        load_trainable(model, args.checkpoint)
-    model.to(device=device, dtype=dtype)
-    if llm_dtype is not None:
-        model.llm.to(llm_dtype)
-    return model
 
 
 def run_build(args: argparse.Namespace) -> int:
     from fusedvlm import native
+    from fusedvlm.cli_args import load_model
 
     if args.positions < 1:
         raise ValueError(f"--positions must be >= 1, got {args.positions}")
@@ -167,43 +94,6 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_decode_args(p) -> None:
-    from fusedvlm.decode import DECODE_PATHS
-
-    p.add_argument(
-        "--decode",
-        default="auto",
-        choices=DECODE_PATHS,
-        help="LLM decode path: auto (lean static-cache step for Llama-family LLMs, else HF's forward over its "
-        "static cache where the model supports one, else HF), lean, hf-static, hf (Hugging Face forward, dynamic cache)",
-    )
-    p.add_argument(
-        "--no-compile",
-        action="store_true",
-        help="run the lean / hf-static decode step without torch.compile (no compile time; FUSEDVLM_COMPILE=0 does the same)",
-    )
-
-
-def add_max_image_pixels(p) -> None:
-    p.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=None,
-        metavar="N",
-        help="largest image accepted, in pixels, checked before it is decoded "
-        "(default: fusedvlm.preprocess.DEFAULT_MAX_PIXELS, 40 million)",
-    )
-
-
-def max_image_pixels(args) -> int:
-    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
-
-    value = DEFAULT_MAX_PIXELS if args.max_image_pixels is None else args.max_image_pixels
-    if value < 1:
-        raise ValueError(f"--max-image-pixels must be >= 1, got {value}")
-    return value
-
-
 def _open_image(spec: str, max_pixels: int):
     from fusedvlm.preprocess import load_image
 
@@ -215,9 +105,9 @@ def _open_image(spec: str, max_pixels: int):
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from fusedvlm.cli_args import load_model, max_image_pixels
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.options import from_options
-    from fusedvlm.quant import quantize_llm
     from fusedvlm.session import ChatSession
     from fusedvlm.text import check_text
 
@@ -226,8 +116,7 @@ def run_chat(args: argparse.Namespace) -> int:
         check_text(q, "question")
     image = _open_image(args.image, max_image_pixels(args))
     gen = from_options(GenerationConfig, args)
-    model = load_model(args, seed=args.seed)
-    quantize_llm(model.llm, args.llm_quant)
+    model = load_model(args)
     session = ChatSession(
         model,
         image,

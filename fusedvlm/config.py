@@ -20,6 +20,8 @@ CLIP_VOCAB_SIZE = 49408
 CLIP_SOT_ID = 49406
 CLIP_EOT_ID = 49407
 PAPER_N_L = (768, 512, 384, 256, 128, 64, 32, 16, 8, 1)
+# How the frozen LLM's weights may be quantised at load (fusedvlm.quant, which imports torch).
+LLM_QUANT_CHOICES = ("none", "int8")
 
 
 def n_s_for(n_l: int) -> int:
@@ -116,9 +118,10 @@ class QueryConfig:
     :class:`FusionModuleConfig` (the fusion module alone), so each setting is declared once."""
 
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    n_l: int = 256
-    n_s: int | None = None  # None: the design §5 rule n_s_for(n_l)
-    drop_question: bool = False
+    n_l: int = field(default=256, metadata={"help": "fused tokens for the first question"})
+    # None: the design §5 rule n_s_for(n_l).
+    n_s: int | None = field(default=None, metadata={"help": "fused tokens for later questions"})
+    drop_question: bool = field(default=False, metadata={"help": "groups without question text (queries + EOS only)"})
     # CLIP BPE tokens per question; longer is an error. None: no limit, as the authors
     # (their tokenizer only warns; the fusion decoder's max_positions bounds the sequence).
     max_question_tokens: int | None = None
@@ -170,7 +173,7 @@ class FusionModuleConfig(QueryConfig):
 class ModelConfig(QueryConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    hd_num: int = 9
+    hd_num: int = field(default=9, metadata={"help": "max local views per image"})
     # Preprocessing (fusedvlm.preprocess): the authors' global view and alpha handling by
     # default; "antialias" / "white" are the cleaner alternatives.
     global_view: str = "authors"

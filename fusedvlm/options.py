@@ -45,21 +45,22 @@ def add_options(
     cls: type,
     *,
     exclude: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
     defaults: dict[str, Any] | None = None,
     helps: dict[str, str] | None = None,
 ) -> list[str]:
-    """Add one option per init field of dataclass ``cls`` (except ``exclude``); returns the
-    field names added. ``defaults`` replaces a field's default on this command line only (a
-    per-command value such as a stage's warm-up, or None for "decided later from other
-    options"); ``helps`` replaces the default's description in the help text."""
+    """Add one option per init field of dataclass ``cls`` (except ``exclude``; of ``only``,
+    where given); returns the field names added. ``defaults`` replaces a field's default on
+    this command line only (a per-command value such as a stage's warm-up, or None for "decided
+    later from other options"); ``helps`` replaces the default's description in the help text."""
     defaults, helps = defaults or {}, helps or {}
-    unknown = (set(defaults) | set(helps) | set(exclude)) - {f.name for f in dataclasses.fields(cls)}
+    unknown = (set(defaults) | set(helps) | set(exclude) | set(only or ())) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     hints = typing.get_type_hints(cls)
     added = []
     for f in dataclasses.fields(cls):
-        if not f.init or f.name in exclude:
+        if not f.init or f.name in exclude or (only is not None and f.name not in only):
             continue
         typ, choices = _option_type(cls, f, hints[f.name])
         default = defaults.get(f.name, field_default(f))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LLM_QUANT_CHOICES = ("none", "int8")
+from fusedvlm.config import LLM_QUANT_CHOICES
 
 
 class Int8Linear(nn.Module):

@@ -208,13 +208,18 @@ def test_cli_defaults_are_read_from_the_sweep_config():
 
 
 def test_cli_validates_n_l():
-    from fusedvlm.benchmark.cli import parse_n_l, resolve_n_l
+    from fusedvlm.benchmark.cli import resolve_n_l
+    from fusedvlm.cli_args import parse_n_l
 
-    assert parse_n_l("768, 8,1") == [768, 8, 1]
+    assert parse_n_l("768, 8,1") == (768, 8, 1)
     with pytest.raises(ValueError, match="comma-separated integers"):
         parse_n_l("64,abc")
     with pytest.raises(ValueError, match=">= 1"):
         parse_n_l("0,4")
+    with pytest.raises(ValueError, match="give at least one value"):
+        parse_n_l(" , ")
+    with pytest.raises(ValueError, match="repeated"):
+        parse_n_l("8,4,8")
     assert resolve_n_l([768, 64, 1], 63, explicit=False, preset="tiny") == ([64, 1], [768])
     with pytest.raises(ValueError, match="n_l <= 64"):
         resolve_n_l([768, 64], 63, explicit=True, preset="tiny")

@@ -171,6 +171,24 @@ def test_chat_generation_defaults_are_read_from_the_dataclass():
         assert (got.do_sample, got.top_k, got.seed) == (True, 5, 3)
 
 
+def test_every_command_that_loads_a_model_takes_the_same_model_flags():
+    from fusedvlm.cli import build_parser
+
+    def flags(*argv):
+        parser = build_parser()
+        for name in argv:
+            parser = next(a for a in parser._actions if a.dest in ("command", "stage")).choices[name]
+        return {s for a in parser._actions for s in a.option_strings}
+
+    model = {"--preset", "--checkpoint", "--device", "--dtype", "--llm-dtype", "--seed"}
+    for command in ("chat", "build", "eval", "bench"):
+        assert model <= flags(command), command
+    assert {"--preset", "--device", "--llm-dtype"} <= flags("train", "stage2")
+    # A run directory records which model it scored: eval names one.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--benchmark", "b.tsv", "--out", "o"])
+
+
 def test_options_follow_the_field_types():
     import dataclasses
     from typing import Literal

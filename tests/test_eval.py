@@ -295,3 +295,14 @@ def test_greedy_batch_matches_one_at_a_time_and_stops_at_eos(tiny_model):
     cut = [a[: a.index(eos) + 1] if eos in a else a for a in alone]
     assert greedy_batch(llm, embeds, 6, eos_id=eos) == cut
     assert len(cut[2]) == 2
+
+
+def test_run_meta_set_on_one_side_only_is_a_difference(tmp_path):
+    # --llm-dtype / --llm-quant are recorded only when given, so that earlier run.json files match.
+    from fusedvlm.eval.cli import _check_run_meta
+
+    meta = {"model": "preset:tiny", "dtype": "float32", "n_l": [4]}
+    _check_run_meta(str(tmp_path), meta)
+    _check_run_meta(str(tmp_path), {**meta, "n_l": [2]})
+    with pytest.raises(ValueError, match=r"llm_quant: None -> 'int8'"):
+        _check_run_meta(str(tmp_path), {**meta, "llm_quant": "int8"})

@@ -18,13 +18,12 @@ DESCRIPTION = "Train stage 1 (contrastive alignment) or stage 2 (answers through
 
 
 def _common(p: argparse.ArgumentParser, stage: str) -> None:
-    from fusedvlm.config import PRESETS
-    from fusedvlm.device import DTYPE_CHOICES, add_device_arguments
+    from fusedvlm.cli_args import add_model_arguments
+    from fusedvlm.config import PRESETS, ModelConfig
     from fusedvlm.options import add_options
     from fusedvlm.train.config import STAGE_DEFAULTS, TrainConfig, training_defaults
 
     g = p.add_argument_group("data and output")
-    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     g.add_argument("--data", required=True, help="LLaVA-style JSON or JSONL records")
     g.add_argument("--image-root", required=True, help="directory that relative image paths start from")
     g.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, model.safetensors")
@@ -34,19 +33,21 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
         default="skip",
         help="malformed records, missing or corrupt images: report and skip, or stop",
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--n-l", type=int, default=None, help="fused tokens for the first question (preset default)")
-    g.add_argument(
-        "--n-s", type=int, default=None, help="fused tokens for later questions (default: the design §5 rule)"
+    g = add_model_arguments(p, default_preset="tiny", for_training=True)
+    # The preset's values unless given (ModelConfig's fields, overridden for this run).
+    add_options(
+        g,
+        ModelConfig,
+        only=("n_l", "n_s", "drop_question", "hd_num"),
+        defaults={"n_l": None, "hd_num": None},
+        helps={"n_l": "the preset's", "n_s": "the design §5 rule", "hd_num": "the preset's"},
     )
-    g.add_argument("--hd-num", type=int, default=None, help="max local views per image (preset default)")
     g.add_argument(
         "--image-size",
         type=int,
         default=None,
         help="view size in pixels (preset default; a multiple of the patch size)",
     )
-    g.add_argument("--drop-question", action="store_true", help="groups without question text (queries + EOS only)")
     g.add_argument(
         "--freeze-vision",
         action="store_true",
@@ -69,13 +70,6 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     )
     g.add_argument(
         "--resume", nargs="?", const=True, default=False, help="continue from the newest checkpoint in --out (or PATH)"
-    )
-    add_device_arguments(g, dtype=False)
-    g.add_argument(
-        "--llm-dtype",
-        choices=DTYPE_CHOICES,
-        default="fp32",
-        help="weights of the frozen LLM (stage 2): bf16/fp16 halve its memory; auto: bf16 on a GPU",
     )
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 
+# What psi samples with --generate where GenerationConfig's defaults say otherwise.
+PSI_SAMPLING_DEFAULTS = {"top_p": 0.95, "seed": 0}
+
 
 def register(subparsers) -> None:
     from fusedvlm.chat import TEMPLATES
     from fusedvlm.device import add_device_arguments
+    from fusedvlm.generation import GenerationConfig
+    from fusedvlm.options import add_options
 
     p = subparsers.add_parser(
         "psi",
@@ -40,9 +45,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--beta", type=float, default=1.0, help="beta of alpha(n) = (beta/2) log_n((1+n_b)/(n+n_b)) - beta/2"
     )
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    # --max-n sets the length; every pair is sampled, top-p only.
+    add_options(
+        p,
+        GenerationConfig,
+        exclude=("max_new_tokens", "do_sample", "top_k", "ignore_eos"),
+        defaults=PSI_SAMPLING_DEFAULTS,
+        helps={"seed": "%(default)s; also seeds the analysis"},
+    )
     add_device_arguments(
         p,
         dtype_help="the LM's weights; auto: bf16 on a GPU, fp32 on the CPU (psi statistics accumulate in fp32 either way)",
@@ -87,12 +97,17 @@ def _psi(args) -> int:
     from fusedvlm.analysis.pairs import generate_pairs, load_pairs, load_prompts, save_pairs
     from fusedvlm.analysis.pipeline import run_psi, summary_lines
     from fusedvlm.device import dtype_name, resolve_device, resolve_dtype
+    from fusedvlm.generation import GenerationConfig
+    from fusedvlm.options import from_options
     from fusedvlm.outputs import check_output_dir
 
     if args.max_n < 1:
         raise ValueError(f"--max-n must be >= 1, got {args.max_n}")
-    if args.generate is not None and args.generate < 1:
-        raise ValueError(f"--generate must be >= 1, got {args.generate}")
+    if args.generate is not None:
+        if args.generate < 1:
+            raise ValueError(f"--generate must be >= 1, got {args.generate}")
+        # A few tokens of slack: decoded text re-tokenizes to about, not exactly, the sampled length.
+        sampling = from_options(GenerationConfig, args, do_sample=True, max_new_tokens=args.max_n + 8)
     check_output_dir(args.out)  # before minutes of loading and generating, not after
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -106,18 +121,17 @@ def _psi(args) -> int:
     else:
         prompts = load_prompts(args.prompts)
         prompts = [prompts[i % len(prompts)] for i in range(args.generate)]
-        # A few tokens of slack: decoded text re-tokenizes to about, not exactly, the sampled length.
         t1 = time.perf_counter()
         pairs = generate_pairs(
             model,
             tokenizer,
             prompts,
-            max_new_tokens=args.max_n + 8,
-            min_new_tokens=args.max_n + 8,
-            temperature=args.temperature,
-            top_p=args.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
             batch_size=args.batch_size,
-            seed=args.seed,
+            seed=sampling.seed,
             progress=not args.no_progress,
             template=template,
         )

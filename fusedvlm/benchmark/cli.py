@@ -15,31 +15,18 @@ CPU_MAX_PARAMETERS = 1_000_000_000
 
 def register(sub) -> None:
     from fusedvlm.benchmark.sweep import SweepConfig
-    from fusedvlm.config import PAPER_N_L, PRESETS
-    from fusedvlm.device import add_device_arguments
+    from fusedvlm.cli_args import add_decode_args, add_model_arguments, add_n_l_list
     from fusedvlm.options import add_options
 
     p = sub.add_parser(
         "bench",
         help="n_l sweep: TTFT, prefill time/FLOPs per stage, decode speed, memory",
-        description="Sweep n_l over the paper's configuration space and write JSON, CSV, markdown and PNG plots.",
+        description="Sweep n_l over the paper's configuration space and write JSON, CSV, markdown and PNG plots. "
+        "The default preset, smol, is the largest that sweeps in about 5 min on a 2-core CPU; use paper on a GPU.",
     )
-    p.add_argument(
-        "--preset",
-        default="smol",
-        choices=sorted(PRESETS),
-        help="model preset (default smol: the largest that sweeps in about 5 min on a 2-core CPU; use paper on a GPU)",
-    )
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="a model directory (FusedVLM.save_pretrained, fusedvlm convert-upstream) instead of the preset's "
-        "random weights; --n-l then defaults to the checkpoint's n_l",
-    )
-    p.add_argument(
-        "--n-l",
-        default=",".join(map(str, PAPER_N_L)),
-        help="comma-separated n_l values (default: the paper's 768,...,1; values the preset's fusion decoder cannot hold are skipped)",
+    add_n_l_list(
+        p,
+        "; values the preset's fusion decoder cannot hold are skipped; with --checkpoint: the checkpoint's n_l",
     )
     p.add_argument(
         "--images",
@@ -55,11 +42,9 @@ def register(sub) -> None:
         defaults=dict.fromkeys(CPU_SWEEP_DEFAULTS),
         helps=on_device,
     )
-    add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     p.add_argument(
@@ -68,8 +53,6 @@ def register(sub) -> None:
         help="print fvcore's per-module FLOP table of one prefill (first image, first n_l) beside the "
         "bench's own counts, and exit (needs fvcore: pip install 'fusedvlm[bench]')",
     )
-    from fusedvlm.commands import add_decode_args
-
     add_decode_args(p)
     p.add_argument(
         "--decode-compare",
@@ -84,20 +67,8 @@ def register(sub) -> None:
         default=None,
         help="tokens per run of the decode comparison (default 256 on GPU, 64 on CPU)",
     )
+    add_model_arguments(p, quant=False)
     p.set_defaults(func=run_bench)
-
-
-def parse_n_l(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--n-l must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError("--n-l is empty")
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise ValueError(f"--n-l values must be >= 1, got {bad}")
-    return values
 
 
 def resolve_n_l(values: list[int], max_queries: int, explicit: bool, preset: str) -> tuple[list[int], list[int]]:
@@ -165,41 +136,32 @@ def run_bench(args: argparse.Namespace) -> int:
     from fusedvlm.benchmark.report import table_lines, write_all
     from fusedvlm.benchmark.sweep import DEFAULT_IMAGES, SweepConfig, run_sweep
     from fusedvlm.benchmark.system import check_fits, environment
-    from fusedvlm.config import get_preset
-    from fusedvlm.device import resolve_device, resolve_dtype
-    from fusedvlm.model.vlm import FusedVLM
+    from fusedvlm.cli_args import load_model, model_config, n_l_list, placement, preset_name
     from fusedvlm.options import from_options
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype, llm_dtype = placement(args)
     dtype_name = str(dtype).removeprefix("torch.")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    if args.checkpoint:
-        import os
-
-        from fusedvlm.model.vlm import read_model_config
-
-        cfg_model = read_model_config(os.path.abspath(args.checkpoint))
-        if args.n_l == _default_n_l():
-            args.n_l = str(cfg_model.n_l)
-            if args.n_s is None:
-                args.n_s = cfg_model.resolved_n_s
-        args.preset = f"checkpoint:{args.checkpoint}"
+    cfg_model = model_config(args)
+    preset = preset_name(args) or f"checkpoint:{args.checkpoint}"
+    if args.checkpoint is not None and args.n_l is None:
+        # A trained model is measured at the n_l it was trained for.
+        n_l_values, explicit = (cfg_model.n_l,), True
+        if args.n_s is None:
+            args.n_s = cfg_model.resolved_n_s
     else:
-        cfg_model = get_preset(args.preset)
-    n_ls, skipped = resolve_n_l(
-        parse_n_l(args.n_l), cfg_model.fusion.max_queries, args.n_l != _default_n_l(), args.preset
-    )
+        n_l_values, explicit = n_l_list(args), args.n_l is not None
+    n_ls, skipped = resolve_n_l(list(n_l_values), cfg_model.fusion.max_queries, explicit, preset)
     on_device = {} if device.type == "cuda" else CPU_SWEEP_DEFAULTS
     unset = {k: on_device.get(k, getattr(SweepConfig, k)) for k in CPU_SWEEP_DEFAULTS if getattr(args, k) is None}
     sweep_cfg = from_options(
         SweepConfig,
         args,
-        preset=args.preset,
+        preset=preset,
         n_l=tuple(n_ls),
         decode=args.decode,
         compile=False if args.no_compile else None,
@@ -207,37 +169,36 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     decode_batches = parse_batches(args.decode_compare)
     images = load_images(args.images or list(DEFAULT_IMAGES))
-    if args.checkpoint:
-        from fusedvlm.model import FusedVLM as _Model
-
-        checkpoint_model = _Model.from_pretrained(args.checkpoint, device=device, dtype=dtype)
-        req = {"parameters": sum(t.numel() for t in checkpoint_model.parameters())}
+    model = None
+    if args.checkpoint is not None:
+        model = load_model(args)
+        req = {"parameters": sum(t.numel() for t in model.parameters())}
     else:
-        req = check_fits(args.preset, device, dtype)
+        req = check_fits(preset, device, dtype)
     if device.type == "cpu" and req["parameters"] > CPU_MAX_PARAMETERS:
         raise ValueError(
-            f"preset {args.preset!r} has {req['parameters'] / 1e9:.1f} B parameters: a CPU sweep would take hours; "
+            f"preset {preset!r} has {req['parameters'] / 1e9:.1f} B parameters: a CPU sweep would take hours; "
             f"run it on a GPU (--device cuda) or pick a smaller preset"
         )
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     if skipped:
         print(
-            f"preset {args.preset}: skipping n_l {skipped} (its fusion decoder has {cfg_model.fusion.max_queries} query tokens)"
+            f"preset {preset}: skipping n_l {skipped} (its fusion decoder has {cfg_model.fusion.max_queries} query tokens)"
         )
 
-    torch.manual_seed(args.seed)
-    model = checkpoint_model if args.checkpoint else FusedVLM(cfg_model).eval().to(device=device, dtype=dtype)
+    if model is None:
+        model = load_model(args)
     if args.flops_table:
         from fusedvlm.benchmark.flop_table import flop_report
         from fusedvlm.benchmark.sweep import QUESTIONS
 
         name, image = images[0]
-        print(f"preset {args.preset}, image {name}, n_l {n_ls[0]}: FLOPs of one first-question prefill")
+        print(f"preset {preset}, image {name}, n_l {n_ls[0]}: FLOPs of one first-question prefill")
         print(flop_report(model, image, QUESTIONS[0], n_ls[0], sweep_cfg.n_s_at(n_ls[0])))
         return 0
     env = environment(device)
     log(
-        f"fusedvlm bench: preset {args.preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
+        f"fusedvlm bench: preset {preset} ({req['parameters'] / 1e6:.1f} M parameters) on {env['device_name']}, "
         f"{env['torch_threads']} thread(s), {dtype_name}; n_l {n_ls}; {len(images)} image(s) x {sweep_cfg.repeats} repeat(s), "
         f"{sweep_cfg.max_new_tokens} new tokens"
     )
@@ -265,7 +226,7 @@ def run_bench(args: argparse.Namespace) -> int:
     payload = {
         "environment": env,
         "config": {
-            "preset": args.preset,
+            "preset": preset,
             "n_l": n_ls,
             "n_s": args.n_s,
             "questions": args.questions,
@@ -275,6 +236,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "repeats": sweep_cfg.repeats,
             "warmup": sweep_cfg.warmup,
             "dtype": dtype_name,
+            "llm_dtype": dtype_name if llm_dtype is None else str(llm_dtype).removeprefix("torch."),
             "seed": args.seed,
             "parameters": req["parameters"],
             "ignore_eos": True,
@@ -312,9 +274,3 @@ def parse_batches(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise ValueError(f"--decode-compare batch sizes must be >= 1, got {text!r}")
     return values
-
-
-def _default_n_l() -> str:
-    from fusedvlm.config import PAPER_N_L
-
-    return ",".join(map(str, PAPER_N_L))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,11 +33,13 @@ QUESTION = (
 
 @dataclass(frozen=True)
 class DecodeBenchConfig:
-    new_tokens: int = 64
-    repeats: int = 3
+    """bench/bench_decode.py takes its flags from these fields (:mod:`fusedvlm.options`)."""
+
+    new_tokens: int = field(default=64, metadata={"help": "tokens decoded per timed run"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per path"})
     batches: tuple[int, ...] = (1, 4, 16)
-    batch_tokens: int = 32
-    compile: bool = True
+    batch_tokens: int = field(default=32, metadata={"help": "steps timed per batch row"})
+    compile: bool = field(default=True, metadata={"help": "the compiled lean path"})
 
     def __post_init__(self):
         if self.new_tokens < 4:

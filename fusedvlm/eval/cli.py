@@ -8,12 +8,11 @@ import hashlib
 import json
 import os
 
-from fusedvlm.config import PAPER_N_L, PRESETS
-
 
 def register(sub) -> None:
-    from fusedvlm.commands import add_max_image_pixels
-    from fusedvlm.device import add_device_arguments
+    from fusedvlm.cli_args import add_max_image_pixels, add_model_arguments, add_n_l_list
+    from fusedvlm.eval.runner import EvalConfig
+    from fusedvlm.options import add_options
 
     p = sub.add_parser(
         "eval",
@@ -23,9 +22,7 @@ def register(sub) -> None:
         "predictions (OUT/BENCH/predictions.jsonl, resumable) and their extracted answers (scored.jsonl), "
         "metrics.json, scores.csv for `fusedvlm fit-scaling`, scores.md and scores.png.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=sorted(PRESETS), help="a preset (random weights but for its LLM)")
-    src.add_argument("--checkpoint", help="trained weights: a file from fusedvlm.checkpoint.save_trainable")
+    add_model_arguments(p, required=True)
     p.add_argument(
         "--benchmark",
         action="append",
@@ -33,9 +30,7 @@ def register(sub) -> None:
         metavar="[KIND=]FILE",
         help="a TSV; KIND (mme, pope, hallusionbench, mcq) is guessed from the file name if omitted; repeatable",
     )
-    p.add_argument(
-        "--n-l", default=",".join(map(str, PAPER_N_L)), help="comma-separated n_l values (default: the paper's ten)"
-    )
+    add_n_l_list(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--on-error",
@@ -45,55 +40,23 @@ def register(sub) -> None:
     )
     p.add_argument("--limit", type=int, help="only the first N items of each benchmark")
     add_max_image_pixels(p)
-    p.add_argument("--images-per-batch", type=int, default=4, help="images per vision / fusion forward")
+    # --n-l is a list above; --recompute and --max-new-tokens say the rest in the harness's terms.
+    add_options(p, EvalConfig, exclude=("n_l", "shared_prefix", "max_new_tokens_yes_no", "max_new_tokens_mcq"))
     p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 8 for yes/no and multiple choice)")
     p.add_argument(
         "--recompute",
         action="store_true",
         help="recompute vision and fusion for every (question, n_l), as the authors' harness does",
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the random initialisation of a preset")
     p.add_argument(
         "--fresh",
         action="store_true",
         help="discard the predictions OUT holds from an earlier run (another model, weights, dtype, device or "
         "decode settings) instead of refusing to mix them",
     )
-    add_device_arguments(p, dtype_help="model weights and activations; auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
-
-
-def parse_n_l(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--n-l must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError("--n-l: give at least one value")
-    return values
-
-
-def load_model(
-    preset: str | None, checkpoint: str | None, seed: int, device: str, dtype: str = "auto", local_rank: int = 0
-):
-    import torch
-
-    from fusedvlm.checkpoint import load_trainable, read_config
-    from fusedvlm.config import get_preset
-    from fusedvlm.device import resolve_device, resolve_dtype
-    from fusedvlm.model import FusedVLM
-
-    dev = resolve_device(device, local_rank)
-    torch.manual_seed(seed)
-    if checkpoint is not None and os.path.isdir(checkpoint):
-        return FusedVLM.from_pretrained(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))
-    cfg = read_config(checkpoint) if checkpoint else get_preset(preset)
-    model = FusedVLM(cfg).eval()
-    if checkpoint:
-        load_trainable(model, checkpoint)
-    return model.to(device=dev, dtype=resolve_dtype(dtype, dev))
 
 
 def weights_fingerprint(path: str) -> str:
@@ -143,10 +106,10 @@ def _check_run_meta(out: str, meta: dict) -> None:
                 old = json.load(f)
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); rerun with --fresh to start over") from None
-        diff = sorted(k for k in meta if k != "n_l" and old.get(k) != meta[k])
+        diff = sorted(k for k in set(meta) | set(old) if k != "n_l" and old.get(k) != meta.get(k))
         if diff:
             raise ValueError(
-                f"{out} holds predictions of another run ({', '.join(f'{k}: {old.get(k)!r} -> {meta[k]!r}' for k in diff)}); "
+                f"{out} holds predictions of another run ({', '.join(f'{k}: {old.get(k)!r} -> {meta.get(k)!r}' for k in diff)}); "
                 f"rerun with --fresh to discard them, or use another --out"
             )
         meta = {**meta, "n_l": sorted(set(old.get("n_l", [])) | set(meta["n_l"]), reverse=True)}
@@ -244,18 +207,19 @@ def _merge_ranks(out: str, benches, n_ls, skipped: list, evaluator, ctx) -> list
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from fusedvlm.commands import max_image_pixels
+    from fusedvlm.cli_args import max_image_pixels, model_config, n_l_list
     from fusedvlm.eval.data import BenchmarkError, load_benchmark
     from fusedvlm.eval.runner import EvalConfig, Skipped
+    from fusedvlm.options import from_options
     from fusedvlm.outputs import check_output_dir, locked_output
 
-    n_ls = parse_n_l(args.n_l)
+    n_ls = n_l_list(args)
     max_new = (
         {}
         if args.max_new_tokens is None
         else {"max_new_tokens_yes_no": args.max_new_tokens, "max_new_tokens_mcq": args.max_new_tokens}
     )
-    cfg = EvalConfig(n_l=n_ls, shared_prefix=not args.recompute, images_per_batch=args.images_per_batch, **max_new)
+    cfg = from_options(EvalConfig, args, n_l=n_ls, shared_prefix=not args.recompute, **max_new)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
 
@@ -277,8 +241,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.limit is not None:
             b.items = b.items[: args.limit]
 
-    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    model_config(args)  # its refusals (a missing or stage-1 checkpoint) before the output is touched
     check_output_dir(args.out)
     # Under torchrun rank 0 holds the output's lock for all ranks (as train does).
     lock = locked_output(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
@@ -289,7 +252,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def _run_locked(args, cfg, n_ls, benches, skipped) -> int:
     from tqdm import tqdm
 
-    from fusedvlm.device import resolve_device, resolve_dtype
+    from fusedvlm.cli_args import load_model, placement
+    from fusedvlm.device import dtype_name
     from fusedvlm.eval.report import benchmark_metrics, write_reports
     from fusedvlm.eval.runner import Evaluator, PredictionStore
     from fusedvlm.outputs import write_text_atomic
@@ -299,12 +263,12 @@ def _run_locked(args, cfg, n_ls, benches, skipped) -> int:
     os.makedirs(args.out, exist_ok=True)
     if args.fresh:
         discard_run(args.out)
-    device = resolve_device(args.device)
+    device, dtype, llm_dtype = placement(args)
     meta = {
         "model": f"preset:{args.preset}" if args.preset else os.path.abspath(args.checkpoint),
         "weights": None if args.preset else weights_fingerprint(args.checkpoint),
         "seed": args.seed,
-        "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "shared_prefix": cfg.shared_prefix,
         "decode": "greedy",
@@ -313,8 +277,13 @@ def _run_locked(args, cfg, n_ls, benches, skipped) -> int:
         "llm_batch_size": cfg.llm_batch_size,
         "n_l": list(n_ls),
     }
+    # Recorded only when set, so that the run.json of earlier runs, which lack them, still matches.
+    if llm_dtype is not None:
+        meta["llm_dtype"] = dtype_name(llm_dtype)
+    if args.llm_quant != "none":
+        meta["llm_quant"] = args.llm_quant
     _on_every_rank(ctx, lambda: _check_run_meta(args.out, meta) if ctx.is_main else None)
-    model = load_model(args.preset, args.checkpoint, args.seed, args.device, args.dtype, ctx.local_rank)
+    model = load_model(args, local_rank=ctx.local_rank)
     evaluator = Evaluator(model, cfg)
 
     stores = {}

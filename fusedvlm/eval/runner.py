@@ -32,15 +32,19 @@ PAD_SLACK = 0.1  # a batch of answers pads its prompts by at most this fraction 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """How ``fusedvlm eval`` scores; its flags are generated from these fields (:mod:`fusedvlm.options`)."""
+
     n_l: tuple[int, ...]
     shared_prefix: bool = True
-    images_per_batch: int = 4  # images whose prefixes share one vision / fusion forward
-    # Tokens per packed fusion forward, counting each entry's copy of its image's cached prefix
-    # (the decoder takes one KV segment per entry): bounds the memory of the copied keys/values.
-    max_fusion_tokens: int = 8192
+    images_per_batch: int = field(default=4, metadata={"help": "images per vision / fusion forward"})
+    # Counting each entry's copy of its image's cached prefix (the decoder takes one KV segment
+    # per entry): bounds the memory of the copied keys/values.
+    max_fusion_tokens: int = field(default=8192, metadata={"help": "tokens per packed fusion forward at most"})
     max_new_tokens_yes_no: int = 8
     max_new_tokens_mcq: int = 8
-    llm_batch_size: int = 16  # answers decoded together; 1: one prompt at a time (prefill + decode)
+    llm_batch_size: int = field(
+        default=16, metadata={"help": "answers decoded together; 1: one prompt at a time (prefill + decode)"}
+    )
 
     def __post_init__(self):
         if not self.n_l:

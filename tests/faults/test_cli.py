@@ -177,3 +177,15 @@ def test_bench_out_that_is_a_file_is_refused_up_front(capsys, tmp_path, monkeypa
 def test_bench_refuses_values_it_would_silently_replace(capsys, tmp_path, flag, value):
     line = _one_line_error(capsys, *BENCH_FAST, "--out", tmp_path / "b", flag, value)
     assert f"{flag} must be >= " in line and f"got {value}" in line
+
+
+def test_every_model_command_names_a_missing_checkpoint_alike(capsys, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    pope = os.path.join(os.path.dirname(__file__), "..", "fixtures", "eval", "POPE.tsv")
+    for argv in (
+        _chat("--checkpoint", missing),
+        ["bench", "--checkpoint", missing, "--out", tmp_path / "b"],
+        ["eval", "--checkpoint", missing, "--benchmark", pope, "--out", tmp_path / "e"],
+    ):
+        line = _one_line_error(capsys, *argv)
+        assert line == f"fusedvlm {argv[0]}: error: checkpoint not found: {missing}", line
