@@ -307,6 +307,7 @@ def main(argv=None) -> int:
     from fusedvlm.commands import _open_image
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
+    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
     from fusedvlm.quant import quantize_llm
     from fusedvlm.session import ChatSession
 
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     int8 = copy.deepcopy(bf16)
     quantize_llm(int8.llm, "int8")
-    image = _open_image(args.image)
+    image = _open_image(args.image, DEFAULT_MAX_PIXELS)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
 
     def run(model, decode: str):

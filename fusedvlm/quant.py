@@ -23,11 +23,13 @@ from torch import nn
 
 LLM_QUANT_CHOICES = ("none", "int8")
 
-# Rows of x up to which Int8Linear takes our kernel on the CPU (bench/bench_int8.py --matvec,
-# 2-core EPYC, AVX2): it converts each weight vector once per pair of rows, so its cost grows
-# with the rows where a GEMM's does not. Measured, it matched or beat _weight_int8pack_mm (bf16 x)
-# up to 1024 rows, and dequantise + F.linear (fp32 x, a BLAS GEMM) up to 256 but not at 1024.
-KERNEL_MAX_ROWS = 256
+# Rows of x up to which Int8Linear takes our kernel on the CPU, by activation dtype: it converts
+# each weight vector once per pair of rows, so its cost grows with the rows where a GEMM's does
+# not. Measured (bench/results/amd-epyc-2core-avx2/int8_matvec_1t.txt, AVX2, one thread): with
+# bf16 x it beat _weight_int8pack_mm up to 256 rows (1.3-1.5x) and was 0.9x at 1024; with fp32 x
+# it beat dequantise + F.linear (a BLAS GEMM) up to 16-64 rows and lost from 64-256 on. fp16 x
+# (not measured) goes the fp32 way: its torch path is the same dequantised GEMM.
+KERNEL_MAX_ROWS = {torch.bfloat16: 256, torch.float32: 32, torch.float16: 32}
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +74,7 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS and _kernel_takes(x):
+        if x.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0) and _kernel_takes():
             y = int8_linear(x2, [(self.qweight, self.scale)], [bias])
         else:
             if x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -87,9 +89,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def _kernel_takes(x: torch.Tensor) -> bool:
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
+def _kernel_takes() -> bool:
     from fusedvlm import native
 
     return native.available()
