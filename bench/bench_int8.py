@@ -5,6 +5,14 @@ is the same smol preset (real SmolLM2-135M-Instruct; vision and fusion random, s
 only the LLM's linear layers differ. Timings are the best of --repeats warm runs in this process.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_int8.py --out bench/results/<machine>/int8.json
+
+``--matvec`` measures the kernels alone instead: per weight matrix of Llama-2-7B and of smol,
+one decode row through ``fusedvlm::linear`` with int8 (+ fp32 scales), bf16 and fp32
+weights (time, GB/s of weight read, int8 speed over bf16), torch's ``_weight_int8pack_mm`` and
+bf16 ``F.linear`` beside them; then, for 1..64 rows of x, our int8 kernel against torch's int8
+ops (where Int8Linear switches, ``KERNEL_MAX_ROWS``):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_int8.py --matvec --out bench/results/<machine>/int8_matvec_1t.json
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import copy
 import sys
 
 import torch
+import torch.nn.functional as F
 
 
 def paper_layer_timing(repeats: int) -> dict:
@@ -51,6 +60,195 @@ def paper_layer_timing(repeats: int) -> dict:
         "bf16_gb_s": 2 * n / bf16_s / 1e9,
         "int8_gb_s": n / int8_s / 1e9,
     }
+
+
+# (name, [(out, in) of each weight of one kernel call]): one matrix per call, as the issue asks,
+# and the calls of one smol decoder layer as the lean engine makes them (q,k,v; o; gate,up; down).
+LLAMA7B = [(f"7B {n}x{k}", [(n, k)]) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096))]
+SMOL = [(f"smol {n}x{k}", [(n, k)]) for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536))] + [
+    ("smol q,k,v", [(576, 576), (192, 576), (192, 576)]),
+    ("smol gate,up", [(1536, 576), (1536, 576)]),
+]
+
+
+# One smol decode step's linear layers (30 decoder layers, the calls the lean engine makes per
+# layer), each weight a distinct tensor: 106 MB in int8, 212 MB in bf16, so unlike the single
+# smol matrices above (a few MB, served from the 32 MB L3 however the calls interleave) they
+# stream from memory, as a real decode step does.
+SMOL_LAYERS, SMOL_CALLS = 30, [[(576, 576), (192, 576), (192, 576)], [(576, 576)], [(1536, 576)] * 2, [(576, 1536)]]
+
+
+def _stack_fns(mod, gen) -> tuple[dict, dict]:
+    """Every linear call of one smol decode step (LM head aside, tied and kept float by
+    quantize_llm) for one row of x, each way, and the weight bytes each way reads."""
+    from fusedvlm.quant import quantize_weight
+
+    calls = {"int8": [], "bf16": [], "fp32": []}
+    for _ in range(SMOL_LAYERS):
+        for shapes in SMOL_CALLS:
+            ws = [torch.randn(n, k, generator=gen) * 0.02 for n, k in shapes]
+            x32 = torch.randn(1, shapes[0][1], generator=gen)
+            qs = [quantize_weight(w) for w in ws]
+            none = [None] * len(ws)
+            calls["int8"].append((x32.bfloat16(), [q for q, _ in qs], none, [s for _, s in qs]))
+            calls["bf16"].append((x32.bfloat16(), [w.bfloat16() for w in ws], none))
+            calls["fp32"].append((x32, ws, none))
+
+    def step(key):
+        return lambda: [mod.linear(*args) for args in calls[key]]
+
+    elems = SMOL_LAYERS * sum(n * k for shapes in SMOL_CALLS for n, k in shapes)
+    rows = SMOL_LAYERS * sum(n for shapes in SMOL_CALLS for n, _ in shapes)
+    return {key: step(key) for key in calls}, {"int8": elems + 4 * rows, "bf16": 2 * elems, "fp32": 4 * elems}
+
+
+def _best_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best wall time and best process CPU time of each function over ``repeats`` rounds after
+    one warm-up round. The rounds interleave the functions, so each finds the cache as the others
+    left it (a matrix that fits in L3 is not served from there by its own previous call) and every
+    side gets the same repeats. On a shared machine the CPU time leaves out the time other
+    processes held the cores (with one thread it is the kernel's own time; with two it adds the
+    spin of a thread waiting at the barrier)."""
+    import time
+
+    wall, cpu = dict.fromkeys(fns, float("inf")), dict.fromkeys(fns, float("inf"))
+    for rnd in range(repeats + 1):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if rnd:
+                wall[name], cpu[name] = min(wall[name], dt), min(cpu[name], dc)
+    return wall, cpu
+
+
+def _matrix_row(name: str, shapes, wall: dict, cpu: dict, nbytes: dict) -> dict:
+    row = {"name": name, "shapes": shapes}
+    for key, t in wall.items():
+        row[f"{key}_us"] = t * 1e6
+        row[f"{key}_cpu_us"] = cpu[key] * 1e6
+        row[f"{key}_gb_s"] = nbytes[key] / t / 1e9
+    row["int8_speedup_over_bf16"] = wall["bf16"] / wall["int8"]
+    row["int8_speedup_over_bf16_cpu_time"] = cpu["bf16"] / max(cpu["int8"], 1e-9)
+    return row
+
+
+def _matrix_fns(mod, ws: list[torch.Tensor], gen) -> tuple[dict, dict]:
+    """One decode row through the weights ``ws`` (one kernel call) each way, and the weight
+    bytes each way reads."""
+    from fusedvlm.quant import quantize_weight
+
+    qs = [quantize_weight(w) for w in ws]
+    bf = [w.bfloat16() for w in ws]
+    s_bf = [s.bfloat16() for _, s in qs]
+    none = [None] * len(ws)
+    x32 = torch.randn(1, ws[0].shape[1], generator=gen)
+    xbf = x32.bfloat16()
+    fns = {
+        "int8": lambda: mod.linear(xbf, [q for q, _ in qs], none, [s for _, s in qs]),
+        "bf16": lambda: mod.linear(xbf, bf, none),
+        "fp32": lambda: mod.linear(x32, ws, none),
+        "torch_int8pack_mm": lambda: [torch.ops.aten._weight_int8pack_mm(xbf, q, s) for (q, _), s in zip(qs, s_bf)],
+        "torch_bf16_linear": lambda: [F.linear(xbf, w) for w in bf],
+    }
+    elems, rows = sum(w.numel() for w in ws), sum(w.shape[0] for w in ws)
+    nbytes = {"int8": elems + 4 * rows, "bf16": 2 * elems, "fp32": 4 * elems}
+    nbytes["torch_int8pack_mm"], nbytes["torch_bf16_linear"] = nbytes["int8"], nbytes["bf16"]
+    return fns, nbytes
+
+
+def _rows_fns(q: torch.Tensor, s: torch.Tensor, x32: torch.Tensor) -> dict:
+    """int8 weight (q, s) times ``x32``'s rows: ours and torch's, bf16 and fp32 activations."""
+    from fusedvlm.quant import int8_linear
+
+    xbf, s_bf = x32.bfloat16(), s.bfloat16()
+    return {
+        "ours_bf16_x": lambda: int8_linear(xbf, [(q, s)], [None]),
+        "torch_int8pack_mm_bf16_x": lambda: torch.ops.aten._weight_int8pack_mm(xbf, q, s_bf),
+        "ours_fp32_x": lambda: int8_linear(x32, [(q, s)], [None]),
+        "torch_dequant_fp32_x": lambda: F.linear(x32, q.float()) * s,
+    }
+
+
+@torch.no_grad()
+def matvec_timing(repeats: int, rows_list: list[int]) -> dict:
+    """Per-call time and weight GB/s of one decode row through our kernel (int8, bf16, fp32) and
+    torch's (``_weight_int8pack_mm``, bf16 ``F.linear``); then int8 by rows of x, ours vs torch."""
+    from fusedvlm import native
+    from fusedvlm.quant import quantize_weight
+
+    mod = native.load()
+    gen = torch.Generator().manual_seed(0)
+    per_matrix = []
+    for name, shapes in LLAMA7B + SMOL:
+        fns, nbytes = _matrix_fns(mod, [torch.randn(n, k, generator=gen) * 0.02 for n, k in shapes], gen)
+        wall, cpu = _best_interleaved(fns, repeats)
+        per_matrix.append(_matrix_row(name, shapes, wall, cpu, nbytes))
+    fns, nbytes = _stack_fns(mod, gen)
+    per_matrix.append(_matrix_row(f"smol {SMOL_LAYERS} layers", SMOL_CALLS, *_best_interleaved(fns, repeats), nbytes))
+    del fns
+
+    by_rows = []
+    for name, shapes in [LLAMA7B[0], SMOL[2]]:
+        ((n, k),) = shapes
+        q, s = quantize_weight(torch.randn(n, k, generator=gen) * 0.02)
+        for rows in rows_list:
+            best, _ = _best_interleaved(_rows_fns(q, s, torch.randn(rows, k, generator=gen)), max(3, repeats // 4))
+            by_rows.append({"name": name, "rows": rows, **{f"{key}_us": t * 1e6 for key, t in best.items()}})
+    return {"per_matrix": per_matrix, "by_rows": by_rows}
+
+
+def matvec_main(args) -> int:
+    import os
+    import shlex
+
+    from fusedvlm import native
+    from fusedvlm.benchmark.system import environment, save_json
+
+    load_before = open("/proc/loadavg").read().split()[:3]
+    res = matvec_timing(args.repeats, args.rows)
+    load_after = open("/proc/loadavg").read().split()[:3]
+    res.update(
+        environment=environment(torch.device("cpu")),
+        isa=native.isa(),
+        threads=torch.get_num_threads(),
+        repeats=args.repeats,
+        loadavg_before=load_before,
+        loadavg_after=load_after,
+        command=f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/bench_int8.py "
+        + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    lines = [
+        f"fusedvlm::linear, one row of x (bf16 x for int8/bf16, fp32 x for fp32), ISA variant {res['isa']}, "
+        f"{res['threads']} threads, best of {args.repeats} interleaved rounds; load average "
+        f"{' '.join(load_before)} before, {' '.join(load_after)} after",
+        f"{'matrix':<18} {'int8 us':>9} {'GB/s':>6} {'bf16 us':>9} {'GB/s':>6} {'fp32 us':>9} {'GB/s':>6} "
+        f"{'int8/bf16':>9} {'(CPU time)':>10} {'int8pack_mm us':>14} {'F.linear bf16 us':>16}",
+    ]
+    for r in res["per_matrix"]:
+        lines.append(
+            f"{r['name']:<18} {r['int8_us']:9.0f} {r['int8_gb_s']:6.1f} {r['bf16_us']:9.0f} {r['bf16_gb_s']:6.1f} "
+            f"{r['fp32_us']:9.0f} {r['fp32_gb_s']:6.1f} {r['int8_speedup_over_bf16']:8.2f}x "
+            f"{r['int8_speedup_over_bf16_cpu_time']:9.2f}x "
+            f"{r.get('torch_int8pack_mm_us', float('nan')):14.0f} {r.get('torch_bf16_linear_us', float('nan')):16.0f}"
+        )
+    lines.append(
+        "int8 weights by rows of x, us: ours vs torch (bf16 x: _weight_int8pack_mm; fp32 x: dequantise + F.linear)"
+    )
+    for r in res["by_rows"]:
+        lines.append(
+            f"{r['name']:<18} rows {r['rows']:3d}: bf16 x ours {r['ours_bf16_x_us']:9.0f} torch "
+            f"{r['torch_int8pack_mm_bf16_x_us']:9.0f} ({r['torch_int8pack_mm_bf16_x_us'] / r['ours_bf16_x_us']:.2f}x); "
+            f"fp32 x ours {r['ours_fp32_x_us']:9.0f} torch {r['torch_dequant_fp32_x_us']:9.0f} "
+            f"({r['torch_dequant_fp32_x_us'] / r['ours_fp32_x_us']:.2f}x)"
+        )
+    print("\n".join(lines))
+    res["summary"] = lines
+    if args.out:
+        save_json(args.out, res)
+        with open(args.out.removesuffix(".json") + ".txt", "w") as f:
+            f.write(res["command"] + "\n" + "\n".join(lines) + "\n")
+    return 0
 
 
 TEXT_PROMPT = "What is the capital of France? Explain its history briefly."
@@ -99,12 +297,17 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--matvec", action="store_true", help="the kernels alone, per weight matrix (see above)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256, 1024], help="rows of x, --matvec")
     args = p.parse_args(argv)
+    if args.matvec:
+        return matvec_main(args)
 
     from fusedvlm.benchmark.system import environment, save_json
     from fusedvlm.commands import _open_image
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
+    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
     from fusedvlm.quant import quantize_llm
     from fusedvlm.session import ChatSession
 
@@ -113,7 +316,7 @@ def main(argv=None) -> int:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     int8 = copy.deepcopy(bf16)
     quantize_llm(int8.llm, "int8")
-    image = _open_image(args.image)
+    image = _open_image(args.image, DEFAULT_MAX_PIXELS)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
 
     def run(model, decode: str):

@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
                                                                            const at::Tensor&, bool, bool, int64_t,
                                                                            int64_t, bool, bool, std::optional<bool>);
 bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);
-at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&);
+at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                  std::optional<at::TensorList>);
 double fma_peak(int64_t);
 std::string isa();
 void set_isa(const std::string&);
@@ -48,7 +49,7 @@ TORCH_LIBRARY_FRAGMENT(fusedvlm, m) {
   m.def("local_merge_winograd_cpu(int v, int h, int w, int c_in, int c_out) -> bool", &fusedvlm::winograd_form);
   // A CPU kernel, not a catch-all one: torch.compile traces it through its fake kernel
   // (fusedvlm/native.py). No autograd: the decode step it serves runs without gradients.
-  m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor");
+  m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[]? scales=None) -> Tensor");
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
   m.def("fma_peak(int iterations) -> float", &fusedvlm::fma_peak);
   m.def("isa() -> str", &fusedvlm::isa);

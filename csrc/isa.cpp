@@ -111,8 +111,9 @@ bool winograd_form(int64_t v, int64_t h, int64_t w, int64_t c_in, int64_t c_out)
   FUSEDVLM_DISPATCH(merge::winograd_form, v, h, w, c_in, c_out)
 }
 
-at::Tensor linear(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases) {
-  FUSEDVLM_DISPATCH(matvec::linear, x, weights, biases)
+at::Tensor linear(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                  std::optional<at::TensorList> scales) {
+  FUSEDVLM_DISPATCH(matvec::linear, x, weights, biases, scales)
 }
 
 double fma_peak(int64_t iterations) { FUSEDVLM_DISPATCH(peak::fma_peak, iterations) }

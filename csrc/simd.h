@@ -26,6 +26,10 @@ inline vfloat vload(const c10::BFloat16* p) {
 inline vfloat vload(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// int8 sign-extended to int32, then converted: the matvec applies the row's scale once, after the sum.
+inline vfloat vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #elif FUSEDVLM_AVX2
 using vfloat = __m256;
 constexpr int64_t kLanes = 8;
@@ -47,6 +51,9 @@ inline vfloat vload(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 inline vfloat vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vfloat vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 #else
 typedef float vfloat __attribute__((vector_size(16)));
 constexpr int64_t kLanes = 4;

@@ -60,7 +60,8 @@
   bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);                                                  \
   }                                                                                                                 \
   namespace fusedvlm::V::matvec {                                                                                   \
-  at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&);              \
+  at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,               \
+                    std::optional<at::TensorList>);                                                                 \
   }                                                                                                                 \
   namespace fusedvlm::V::peak {                                                                                     \
   double fma_peak(int64_t);                                                                                         \

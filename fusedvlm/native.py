@@ -199,7 +199,7 @@ def _load():
 def _register_fakes() -> None:
     # Shapes for torch.compile's tracing of the ops the lean decode step calls.
     @torch.library.register_fake("fusedvlm::linear")
-    def _(x, weights, biases):
+    def _(x, weights, biases, scales=None):
         return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 

@@ -230,3 +230,80 @@ def test_build_directory_does_not_depend_on_the_venv(monkeypatch):
         native, "_ldflags", lambda: ["-L/another/venv/lib/python3.11/site-packages/torch/lib", "-lgomp"]
     )
     assert native.build_dir(native._cflags()) == here
+
+
+def _int8(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    return q, torch.rand(n, generator=gen) * 0.02 + 1e-3
+
+
+# The int8 products are exact in fp32 (|q| <= 127 times x): the error is the fp32 sum's, or the
+# bf16 output's rounding.
+INT8_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("dtype", list(INT8_TOL))
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 123), (123, 4097), (4, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int8_linear_matches_the_dequantised_weights_in_fp64(isa, dtype, n, k, rows):
+    """int8 weights with fp32 scales, several per call (n rows, then 9 and 21: a tile of 8 rows
+    and 4-row tiles with single rows left over), biases or None, leading dimensions kept."""
+    gen = torch.Generator().manual_seed(n * 31 + k + rows)
+    x = torch.randn(rows, 1, k, generator=gen).to(dtype)
+    qs = [_int8(m, k, gen) for m in (n, 9, 21)]
+    bs = [torch.randn(n, generator=gen).to(dtype), None, torch.randn(21, generator=gen).to(dtype)]
+    y = native.load().linear(x, [q for q, _ in qs], bs, [s for _, s in qs])
+    assert y.shape == (rows, 1, n + 30) and y.dtype == dtype
+    want = torch.cat(
+        [
+            F.linear(x.double(), q.double() * s.double()[:, None], None if b is None else b.double())
+            for (q, s), b in zip(qs, bs)
+        ],
+        -1,
+    )
+    err = (y.double() - want).abs().max() / want.abs().max()
+    assert err < INT8_TOL[dtype], err
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_linear_threads_split_rows_between_weights(rows):
+    """Calls large enough for every thread: each thread's range starts on a 4-row tile, which
+    the 8-row tiles of one row of x must respect."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 512, generator=gen)
+    qs = [_int8(n, 512, gen) for n in (301, 1, 250, 4096)]
+    y = native.load().linear(x, [q for q, _ in qs], [None] * 4, [s for _, s in qs])
+    want = torch.cat([F.linear(x.double(), q.double() * s.double()[:, None]) for q, s in qs], -1)
+    assert (y.double() - want).abs().max() / want.abs().max() < INT8_TOL[torch.float32]
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"s": [torch.rand(4)] * 2}, "1 weights but 2 scales"),
+        ({"s": [torch.rand(5)]}, r"scale 0 must be \(4,\), one per output row of weight 0, got \[5\]"),
+        ({"s": [torch.rand(4, 1)]}, r"scale 0 must be \(4,\), one per output row of weight 0, got \[4, 1\]"),
+        ({"s": [torch.rand(4).bfloat16()]}, "scale 0 must be torch.float32, got torch.bfloat16"),
+        ({"w": torch.randn(4, 8)}, "weight 0 is torch.float32 but scales were given; they go with torch.int8"),
+        ({"s": None}, r"weight 0 is torch.int8 and needs scales \(float32, one per output row\)"),
+        ({"w": torch.zeros(4, 9, dtype=torch.int8)}, r"weight 0 must be \(out, 8\)"),
+        ({"x": torch.zeros(2, 8, dtype=torch.int8)}, "x must be float32, bfloat16 or float16, got torch.int8"),
+    ],
+)
+def test_int8_linear_refuses_bad_input(change, message):
+    args = {"x": torch.randn(2, 8), "w": torch.zeros(4, 8, dtype=torch.int8), "s": [torch.rand(4)], **change}
+    with pytest.raises(ValueError, match=message):
+        native.load().linear(args["x"], [args["w"]], [None], args["s"])
+
+
+@needs_cpp
+def test_int8_linear_has_shapes_for_the_compiler():
+    """The fake kernel (native._register_fakes) takes the scales too: torch.compile traces it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, q, s = torch.empty(2, 3, 8), torch.empty(5, 8, dtype=torch.int8), torch.empty(5)
+        y = torch.ops.fusedvlm.linear(x, [q, q], [None, None], [s, s])
+    assert y.shape == (2, 3, 10)
