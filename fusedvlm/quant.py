@@ -71,22 +71,36 @@ class Int8Linear(nn.Module):
         return self.qweight, self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0) and _kernel_takes():
-            y = int8_linear(x2, [(self.qweight, self.scale)], [bias])
-        else:
-            if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-                y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x.dtype))
-            else:
-                y = F.linear(x2, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
-            if bias is not None:
-                y = y + bias
-        return y.reshape(*lead, self.out_features)
+        return int8_matmul(x, self.qweight, self.scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) times int8 q (N, K) with fp32 scale (N,), plus bias (N,) or None -> (..., N) in
+    x's dtype, on whichever path is fastest for that many rows (module docstring)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, q.shape[1])
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS.get(x.dtype, 0) and _kernel_takes():
+        y = int8_linear(x2, [(q, scale)], [bias])
+    else:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+        else:
+            y = F.linear(x2, q.to(x.dtype)) * scale.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+    return y.reshape(*lead, q.shape[0])
+
+
+def int8_parts(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, scale) of a projection: an :class:`Int8Linear`'s int8 weight and fp32 scales, or
+    an ``nn.Linear``'s float weight and None."""
+    if isinstance(linear, Int8Linear):
+        return linear.qweight, linear.scale
+    return linear.weight, None
 
 
 def _kernel_takes() -> bool:
@@ -107,7 +121,7 @@ def quantize_llm(llm: nn.Module, method: str = "int8") -> nn.Module:
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear) and child.weight is not embed:
                 setattr(mod, child_name, Int8Linear(child))
-    llm.fusedvlm_quant = method  # read by the decode-path choice (the lean step reads float weights)
+    llm.fusedvlm_quant = method  # read by the decode-path choice (only the lean step and HF's take int8)
     return llm
 
 

@@ -102,11 +102,32 @@ def test_quantize_llm_and_decode_path():
     assert linears and all(isinstance(modules[n], Int8Linear) for n in linears)
     assert model.llm.get_input_embeddings().weight is embed  # the embedding table stays float
     assert not any(isinstance(m, Int8Linear) for m in model.fuser.modules())
-    with pytest.raises(ValueError, match="int8 LLM .* hf path only"):
-        model.decode_engine("lean")
-    answer = ChatSession(model, torch.rand(3, 64, 64), decode="auto").ask(
+    with pytest.raises(ValueError, match="int8 LLM .* lean or hf path only"):
+        model.decode_engine("hf-static")
+    answer = ChatSession(model, torch.rand(3, 64, 64), decode="auto", compile=False).ask(
         "What is it?", GenerationConfig(max_new_tokens=3, ignore_eos=True)
     )
-    assert answer.decode_path == "hf" and len(answer.ids) == 3
+    assert answer.decode_path.startswith("lean") and len(answer.ids) == 3
     with pytest.raises(ValueError, match="--llm-quant must be one of"):
         quantize_llm(model.llm, "int4")
+
+
+@needs_cpp
+def test_lean_step_reads_the_int8_weights():
+    """The lean engine decodes an int8 LLM from its int8 weights and scales (our kernel, no float
+    copy): prefill and step logits equal HF's forward over the same Int8Linear modules."""
+    from fusedvlm.decode import make_engine
+    from fusedvlm.model import FusedVLM
+
+    torch.manual_seed(0)
+    llm = quantize_llm(FusedVLM.from_preset("tiny").eval().llm, "int8")
+    embeds = llm.get_input_embeddings()(torch.tensor([[1, 5, 9, 3, 7]]))
+    logits = {}
+    for name in ("lean", "hf"):
+        engine = make_engine(llm, name, compile=False)
+        cache = engine.new_cache(1)
+        first = engine.prefill(embeds, cache)
+        logits[name] = (first, engine.step(first.argmax(-1), cache))
+    lean = make_engine(llm, "lean", compile=False).model
+    assert lean.layers[0][0].dtype == torch.int8 and lean.scales[0][0].dtype == torch.float32
+    torch.testing.assert_close(logits["lean"], logits["hf"], atol=1e-4, rtol=1e-4)

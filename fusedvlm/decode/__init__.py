@@ -45,11 +45,12 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None) -> Decode
         raise ValueError(f"unknown decode path {decode!r}; choose from {DECODE_PATHS}")
     if decode == "hf":
         return HFEngine(hf, reason="requested (--decode hf)")
-    if is_quantized(hf):
-        # The lean and static steps read float weights; int8 layers run in HF's forward.
+    if is_quantized(hf) and (decode == "hf-static" or lean_unsupported(hf.config)):
+        # The lean step reads int8 weights with their scales; HF's static-cache step would
+        # compile Int8Linear's torch fallbacks. Other int8 LLMs run in HF's forward.
         if decode != "auto":
-            raise ValueError(f"--decode {decode}: an int8 LLM (--llm-quant int8) decodes on the hf path only")
-        return HFEngine(hf, reason="int8 LLM (--llm-quant int8): the lean and static steps read float weights")
+            raise ValueError(f"--decode {decode}: an int8 LLM (--llm-quant int8) decodes on the lean or hf path only")
+        return HFEngine(hf, reason="int8 LLM (--llm-quant int8) outside the lean step's Llama family")
     if compile:
         enable_compile_cache()
     compiler = (

@@ -87,16 +87,19 @@ class StaticKVCache(BucketedCache):
 # ------------------------------------------------------------------------------------ projections
 
 
-def _torch_linears(x: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
-    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+def _torch_linears(x: torch.Tensor, weights: tuple, biases: tuple, scales: tuple) -> list[torch.Tensor]:
+    from fusedvlm.quant import int8_matmul
+
+    return [F.linear(x, w, b) if s is None else int8_matmul(x, w, s, b) for w, b, s in zip(weights, biases, scales)]
 
 
 def _matvec_op(weights: list[torch.Tensor]):
     """``fusedvlm::linear`` when it can serve these weights (contiguous, on the CPU, one of
-    fp32/bf16/fp16, and the C++ kernels built), else None: the step then uses F.linear throughout.
-    ``FUSEDVLM_MATVEC=0`` keeps F.linear (to compare the two)."""
-    dtypes = {w.dtype for w in weights}
-    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+    fp32/bf16/fp16, or int8 with scales, and the C++ kernels built), else None: the step then
+    uses F.linear (or, for int8, :func:`fusedvlm.quant.int8_matmul`) throughout.
+    ``FUSEDVLM_MATVEC=0`` keeps those (to compare)."""
+    floats = {w.dtype for w in weights if w.dtype != torch.int8}
+    if len(floats) > 1 or not floats <= {torch.float32, torch.bfloat16, torch.float16}:
         return None
     if any(w.device.type != "cpu" or not w.is_contiguous() for w in weights):
         return None
@@ -117,7 +120,10 @@ class LeanLlama(torch.nn.Module):
 
     The per-layer weights sit in plain Python lists so the traced graph reads each one exactly
     where HF keeps it; RoPE cos/sin come from HF's own rotary module (RoPE scaling included);
-    RMSNorm and the rotation are model/llama.py's, which follow HF's numerics."""
+    RMSNorm and the rotation are model/llama.py's, which follow HF's numerics. An int8 LLM
+    (:func:`fusedvlm.quant.quantize_llm`) keeps its int8 weights and fp32 scales
+    (``self.scales``, None for a float projection), which the matrix-vector kernel reads as
+    they are."""
 
     def __init__(self, hf):
         super().__init__()
@@ -131,22 +137,25 @@ class LeanLlama(torch.nn.Module):
         self.max_positions = c.max_position_embeddings
         self.scale = self.head_dim**-0.5
         self.fuse_attention = False  # set by a compiling engine (see _attend_bucket)
+        from fusedvlm.quant import int8_parts
+
         base = hf.model
         self.embed = base.embed_tokens.weight
         self.norm = base.norm.weight
-        self.lm_head = hf.lm_head.weight
+        self.lm_head, self.lm_head_scale = int8_parts(hf.lm_head)
         self.lm_head_bias = hf.lm_head.bias
-        self.layers = []
+        self.layers, self.scales = [], []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
+            parts = [
+                int8_parts(lin) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            ]
+            biases = [lin.bias for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
             self.layers.append(
-                tuple(
-                    t
-                    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-                    for t in (lin.weight, lin.bias)
-                )
+                tuple(t for (w, _), b in zip(parts, biases) for t in (w, b))
                 + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             )
+            self.scales.append(tuple(s for _, s in parts))
         self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
         with torch.no_grad():
             pos = torch.arange(self.max_positions, device=self.embed.device)[None]
@@ -200,8 +209,9 @@ class LeanLlama(torch.nn.Module):
         matvec = self.matvec is not None and not torch.is_autocast_enabled(x.device.type)
         lin = self._linears if matvec and B * T <= MATVEC_MAX_ROWS else _torch_linears
         for i, (wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd, ln1, ln2) in enumerate(self.layers):
+            sq, sk, sv, so, sg, su, sd = self.scales[i]
             h = rms_norm(x, ln1, self.eps)
-            q, k, v = lin(h, (wq, wk, wv), (bq, bk, bv))
+            q, k, v = lin(h, (wq, wk, wv), (bq, bk, bv), (sq, sk, sv))
             q = apply_rope(q.view(B, T, H, D), cos, sin).transpose(1, 2)
             k = apply_rope(k.view(B, T, Hkv, D), cos, sin).transpose(1, 2)
             v = v.view(B, T, Hkv, D).transpose(1, 2)
@@ -217,16 +227,18 @@ class LeanLlama(torch.nn.Module):
                 o = F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask if start else None, is_causal=not start, scale=self.scale
                 )
-            x = x + lin(o.transpose(1, 2).reshape(B, T, H * D), (wo,), (bo,))[0]
-            gate, up = lin(rms_norm(x, ln2, self.eps), (wg, wu), (bg, bu))
-            x = x + lin(self.act(gate) * up, (wd,), (bd,))[0]
+            x = x + lin(o.transpose(1, 2).reshape(B, T, H * D), (wo,), (bo,), (so,))[0]
+            gate, up = lin(rms_norm(x, ln2, self.eps), (wg, wu), (bg, bu), (sg, su))
+            x = x + lin(self.act(gate) * up, (wd,), (bd,), (sd,))[0]
         # Only the last position's logits: B rows, a matrix-vector product even after a prefill.
         lin = self._linears if matvec and B <= MATVEC_MAX_ROWS else _torch_linears
-        return lin(rms_norm(x[:, -1], self.norm, self.eps), (self.lm_head,), (self.lm_head_bias,))[0].float()
+        head = (self.lm_head,), (self.lm_head_bias,), (self.lm_head_scale,)
+        return lin(rms_norm(x[:, -1], self.norm, self.eps), *head)[0].float()
 
-    def _linears(self, x: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
-        """F.linear(x, w, b) for each weight in one call of our kernel (one pass over the threads)."""
-        y = self.matvec(x, list(weights), list(biases))
+    def _linears(self, x: torch.Tensor, weights: tuple, biases: tuple, scales: tuple) -> list[torch.Tensor]:
+        """F.linear(x, w, b) for each weight in one call of our kernel (one pass over the threads);
+        int8 weights come with their scales."""
+        y = self.matvec(x, list(weights), list(biases), None if scales[0] is None else list(scales))
         return list(y.split([w.shape[0] for w in weights], -1)) if len(weights) > 1 else [y]
 
     def _attend_bucket(
