@@ -198,12 +198,25 @@ def matvec_timing(repeats: int, rows_list: list[int]) -> dict:
     return {"per_matrix": per_matrix, "by_rows": by_rows}
 
 
+def _report(res: dict, lines: list[str], out: str | None) -> int:
+    """Print the summary lines; with ``out``, the results as JSON there and the lines beside it."""
+    from fusedvlm.benchmark.system import save_json
+
+    print("\n".join(lines))
+    res["summary"] = lines
+    if out:
+        save_json(out, res)
+        with open(out.removesuffix(".json") + ".txt", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
 def matvec_main(args) -> int:
     import os
     import shlex
 
     from fusedvlm import native
-    from fusedvlm.benchmark.system import environment, save_json
+    from fusedvlm.benchmark.system import environment
 
     load_before = open("/proc/loadavg").read().split()[:3]
     res = matvec_timing(args.repeats, args.rows)
@@ -242,13 +255,7 @@ def matvec_main(args) -> int:
             f"fp32 x ours {r['ours_fp32_x_us']:9.0f} torch {r['torch_dequant_fp32_x_us']:9.0f} "
             f"({r['torch_dequant_fp32_x_us'] / r['ours_fp32_x_us']:.2f}x)"
         )
-    print("\n".join(lines))
-    res["summary"] = lines
-    if args.out:
-        save_json(args.out, res)
-        with open(args.out.removesuffix(".json") + ".txt", "w") as f:
-            f.write(res["command"] + "\n" + "\n".join(lines) + "\n")
-    return 0
+    return _report(res, [res["command"], *lines], args.out)
 
 
 TEXT_PROMPT = "What is the capital of France? Explain its history briefly."
@@ -303,7 +310,7 @@ def main(argv=None) -> int:
     if args.matvec:
         return matvec_main(args)
 
-    from fusedvlm.benchmark.system import environment, save_json
+    from fusedvlm.benchmark.system import environment
     from fusedvlm.commands import _open_image
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
@@ -383,13 +390,7 @@ def main(argv=None) -> int:
         f"{layer['bf16_ms']:.1f} ms ({layer['bf16_gb_s']:.1f} GB/s), int8 {layer['int8_ms']:.1f} ms "
         f"({layer['int8_gb_s']:.1f} GB/s): {layer['bf16_ms'] / layer['int8_ms']:.2f}x"
     )
-    print("\n".join(lines))
-    res["summary"] = lines
-    if args.out:
-        save_json(args.out, res)
-        with open(args.out.removesuffix(".json") + ".txt", "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return 0
+    return _report(res, lines, args.out)
 
 
 if __name__ == "__main__":
