@@ -325,6 +325,36 @@ def test_cpp_nan_key_reaches_only_the_rows_that_see_it(n_seg, cpp, two_threads):
     assert torch.isfinite(out[~nan]).all()
 
 
+def test_nan_query_row_and_nonpositive_scale_on_every_path(op_backend):
+    """A NaN in a query row makes exactly that (row, head) NaN, and scale 0 or < 0 gives the
+    softmax of those scores, on the torch path (the reference, whose CPU SDPA gives 0 for a NaN
+    query and NaN for scale <= 0 unless handled) as on the kernels."""
+    lengths = [5, 9]
+    cu = cu_seqlens_from_lengths(lengths)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g) for _ in range(3))
+    q[7, 1, 3] = float("nan")
+    out = packed_attention(q, k, v, cu)
+    nan = torch.zeros(out.shape[:2], dtype=torch.bool)
+    nan[7, 1] = True
+    assert out[nan].isnan().all() and torch.isfinite(out[~nan]).all(), op_backend
+    q[7, 1, 3] = 0.0
+    for scale in (0.0, -0.5):
+        want = torch.cat(
+            [  # explicit softmax(scale q k^T) v per segment, in fp64
+                torch.einsum(
+                    "hij,jhd->ihd",
+                    (scale * torch.einsum("ihd,jhd->hij", q[a:b].double(), k[a:b].double()))
+                    .masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+                    .softmax(-1),
+                    v[a:b].double(),
+                )
+                for a, b in ((0, 5), (5, 14))
+            ]
+        )
+        torch.testing.assert_close(packed_attention(q, k, v, cu, scale=scale).double(), want, atol=1e-5, rtol=1e-5)
+
+
 @needs_cpp
 def test_cpp_pooled_output_is_never_handed_out_while_alive(cpp):
     """Outputs of >= 1 MiB come from a pool that their deleter refills: a live output keeps its
