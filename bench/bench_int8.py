@@ -311,10 +311,9 @@ def main(argv=None) -> int:
         return matvec_main(args)
 
     from fusedvlm.benchmark.system import environment
-    from fusedvlm.commands import _open_image
+    from fusedvlm.commands import open_image
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
-    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS
     from fusedvlm.quant import quantize_llm
     from fusedvlm.session import ChatSession
 
@@ -323,7 +322,7 @@ def main(argv=None) -> int:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     int8 = copy.deepcopy(bf16)
     quantize_llm(int8.llm, "int8")
-    image = _open_image(args.image, DEFAULT_MAX_PIXELS)
+    image = open_image(args.image)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
 
     def run(model, decode: str):

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     from fusedvlm.benchmark.flops import analytic_fusion_llm_flops
     from fusedvlm.benchmark.system import environment, memory_bandwidth, save_json
-    from fusedvlm.commands import _open_image
+    from fusedvlm.commands import open_image
     from fusedvlm.generation import GenerationConfig
     from fusedvlm.model import FusedVLM
     from fusedvlm.session import ChatSession
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
             if args.out:
                 save_json(args.out, res)
             return 0
-        image = _open_image(args.image)
+        image = open_image(args.image)
         gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
         _reset_peak()
         session = ChatSession(model, image, n_l=args.n_l, decode="auto", compile=args.compile)

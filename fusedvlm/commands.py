@@ -94,14 +94,16 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_image(spec: str, max_pixels: int):
-    from fusedvlm.preprocess import load_image
+def open_image(spec: str, max_pixels: int | None = None):
+    """An image file, or ``sample:NAME`` (fusedvlm.samples); files above ``max_pixels`` (default
+    fusedvlm.preprocess.DEFAULT_MAX_PIXELS) are refused before decoding."""
+    from fusedvlm.preprocess import DEFAULT_MAX_PIXELS, load_image
 
     if spec.startswith("sample:"):
         from fusedvlm.samples import sample_image
 
         return sample_image(spec[len("sample:") :])
-    return load_image(spec, max_pixels=max_pixels)
+    return load_image(spec, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -114,7 +116,7 @@ def run_chat(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the input is refused before the model is loaded.
     for q in args.question:
         check_text(q, "question")
-    image = _open_image(args.image, max_image_pixels(args))
+    image = open_image(args.image, max_image_pixels(args))
     gen = from_options(GenerationConfig, args)
     model = load_model(args)
     session = ChatSession(
