@@ -128,6 +128,13 @@ def main(argv=None) -> int:
         help="skip the image: time the LLM's prefill and decode on the text of the first question (a converted "
         "directory already in --work is reused)",
     )
+    p.add_argument(
+        "--llm-quant",
+        choices=("none", "int8"),
+        default="none",
+        help="quantise the LLM's linear layers after the bf16 load (int8: weights and per-row scales; the lean "
+        "decode step reads them as they are)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -183,6 +190,15 @@ def main(argv=None) -> int:
             "bound_bytes": 1.15 * weights,
         }
         print(f"load: {phases['load']}", flush=True)
+        res["llm_quant"] = args.llm_quant
+        if args.llm_quant != "none":
+            from fusedvlm.quant import quantize_llm
+
+            t0 = time.perf_counter()
+            quantize_llm(model.llm, args.llm_quant)
+            res["quantize_s"] = time.perf_counter() - t0
+            llm_bytes = sum(t.numel() * t.element_size() for t in model.llm.state_dict().values())
+            step_bytes = llm_bytes - embed.numel() * embed.element_size()
 
         if args.llm_only:
             res["llm_only"] = llm_only(model, QUESTIONS[0], args.new_tokens, step_bytes)

@@ -236,3 +236,33 @@ def test_generated_checkpoint_converts_alike_from_safetensors_and_bin(tmp_path):
     assert loaded[0].keys() == loaded[1].keys()
     for k, v in loaded[0].items():
         assert torch.equal(v, loaded[1][k]), k
+
+
+@pytest.mark.slow
+def test_real_size_bench_runs_end_to_end_at_small_scale(tmp_path):
+    """bench/bench_real_size.py, the paper-size benchmark, on its scaled-down checkpoint: every
+    phase (generate, convert, load, two-question chat) runs and reports, so the script cannot
+    rot between the rare paper-size runs."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "res.json"
+    cmd = [
+        sys.executable,
+        str(root / "bench" / "bench_real_size.py"),
+        "--scale",
+        "small",
+        "--work",
+        str(tmp_path / "w"),
+    ]
+    done = subprocess.run(
+        [*cmd, "--new-tokens", "2", "--cleanup", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["phases"]) >= {"generate", "convert", "load", "chat"}
+    assert [t["decode_tokens"] for t in res["turns"]] == [2, 2]
+    assert res["phases"]["load"]["peak_bytes"] <= res["phases"]["load"]["bound_bytes"]
+    assert not (tmp_path / "w" / "converted").exists()  # --cleanup
