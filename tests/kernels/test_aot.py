@@ -56,7 +56,8 @@ def table(tmp_path_factory):
     # only the first run on a machine compiles cold (4 min 40 s on an idle 2-core EPYC).
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": os.path.join(cache_dir(), "triton-aot")}
     r = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "aot_table.py"), "--out", str(out), "--quiet"],
+        [sys.executable, "-m", "tools.aot_table", "--out", str(out), "--quiet"],
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -127,3 +128,37 @@ def test_default_configurations_do_not_spill(table):
     )
     spilling = {(r["kernel"], r["dtype"], r["arch"]) for r in defaults if r["spill_stores"] or r["spill_loads"]}
     assert spilling == KNOWN_DEFAULT_SPILLS, (spilling - KNOWN_DEFAULT_SPILLS, KNOWN_DEFAULT_SPILLS - spilling)
+
+
+def test_usage_comes_from_the_cubins_own_ptxas_run_or_a_checked_rerun(tmp_path, monkeypatch):
+    """tools/aot_table.py reads registers and spills from Triton's own ptxas log on a fresh
+    compile and reuses them for the same PTX, cubin and ptxas; with neither, its own ptxas -v
+    rerun must rebuild Triton's cubin byte for byte (a stale or foreign cubin fails)."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton has no CUDA backend to compile for")
+    from types import SimpleNamespace
+
+    from tools import aot_table
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    log = "ptxas info    : Used 40 registers\nptxas info    : 8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads"
+    usage = dict(registers=40, spill_stores=4, spill_loads=4, stack_bytes=8)
+    kernel = SimpleNamespace(asm={"ptx": ".version 8.0", "cubin": b"cubin"})
+    options = SimpleNamespace(enable_fp_fusion=True)
+    reruns = []
+
+    def rerun(ptx, arch, fp_fusion, cubin=b"cubin"):
+        reruns.append(arch)
+        return dict(usage, registers=41), cubin
+
+    monkeypatch.setattr(aot_table, "ptxas_usage", rerun)
+    assert aot_table.cubin_usage(kernel, options, 90, log) == usage  # a fresh compile: its own log
+    assert aot_table.cubin_usage(kernel, options, 90, "") == usage and reruns == []  # a cache hit: recorded
+    other = SimpleNamespace(asm={"ptx": ".version 8.0", "cubin": b"another cubin"})
+    monkeypatch.setattr(aot_table, "ptxas_usage", lambda *a: rerun(*a, cubin=b"rebuilt"))
+    with pytest.raises(RuntimeError, match="another cubin"):
+        aot_table.cubin_usage(other, options, 90, "")
+    monkeypatch.setattr(aot_table, "ptxas_usage", lambda *a: rerun(*a, cubin=b"another cubin"))
+    assert aot_table.cubin_usage(other, options, 90, "")["registers"] == 41
+    assert aot_table.cubin_usage(other, options, 90, "")["registers"] == 41 and reruns == [90, 90]
