@@ -251,7 +251,7 @@ def cubin_usage(compiled, options, arch: int, log: str) -> dict:
         return json.loads(path.read_text())
     else:
         usage, ptxas_cubin = ptxas_usage(ptx, arch, options.enable_fp_fusion)
-        if ptxas_cubin != cubin:
+        if ptxas_cubin != cubin:  # another ptxas, or the kernel's .py touched since (mtime in the line table)
             raise RuntimeError("ptxas -v built another cubin than Triton")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
