@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         flush=True,
     )
 
-    run_conversation(model, image, questions[:1], True, generation)  # warm-up: allocator, tokenizers, caches
+    for reuse in (True, False):  # warm-up of both modes (allocator, tokenizers, caches), so neither runs cold
+        run_conversation(model, image, questions[:1], reuse, generation)
 
     totals: dict[str, list[float]] = {"reuse": [], "recompute": []}
     ttft: dict[str, list[float]] = {"reuse": [], "recompute": []}

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 def paper_layer_timing(repeats: int) -> dict:
     """One decode token through the seven linear layers of a Llama-2-7B block, bf16 weights vs
     int8 (the same Int8Linear the LLM gets), best of ``repeats`` after a warm-up."""
-    import time
-
+    from fusedvlm.benchmark.system import time_fn
     from fusedvlm.quant import Int8Linear
 
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -43,14 +42,12 @@ def paper_layer_timing(repeats: int) -> dict:
     x = {n: torch.randn(1, n, generator=gen).bfloat16() for n in (4096, 11008)}
 
     def timed(pick) -> float:
-        best = float("inf")
+        def token():
+            for pair in layers:
+                pick(pair)(x[pair[0].in_features])
+
         with torch.no_grad():
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                for pair in layers:
-                    pick(pair)(x[pair[0].in_features])
-                best = min(best, time.perf_counter() - t0)
-        return best
+            return time_fn(token, warmup=1, repeats=repeats).min_ms / 1e3
 
     bf16_s, int8_s = timed(lambda p: p[0]), timed(lambda p: p[1])
     n = sum(o * i for o, i in shapes)

@@ -11,28 +11,24 @@ median over ``--rounds`` rounds of ``--calls`` calls, in microseconds, under ``t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
 from fusedvlm.backend import implementation
-from fusedvlm.benchmark.system import environment, print_table, save_json
+from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
 from fusedvlm.kernels import local_merge, packed_attention, pairwise_cosine_stats
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 
 def per_call_us(fn, calls: int, rounds: int) -> float:
-    for _ in range(max(10, calls // 10)):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+    """Median over ``rounds`` timed batches of ``calls`` calls (after one untimed batch), per call."""
+
+    def batch():
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times)
+
+    return time_fn(batch, warmup=1, repeats=rounds).median_ms * 1e3 / calls
 
 
 def cases(grad: bool):

@@ -22,9 +22,9 @@ there on CPU).
 Peak memory: on GPU ``torch.cuda.max_memory_allocated`` of one call above what was allocated
 before it. On CPU, one call runs under ``torch.profiler`` with ``profile_memory=True`` and the
 peak of its memory timeline (every torch CPU allocation and free during the call, the output
-included; tensors that existed before the call are not counted) is reported. On CPU the first,
-unprofiled call is the probe: a method slower than SLOW_S is timed by that call alone, a faster
-one ``--repeats`` more times (the probe serving as warm-up).
+included; tensors that existed before the call are not counted) is reported. Every method, on
+every device, is timed alike: WARMUP untimed calls, then the median of ``--repeats`` (a slow
+baseline is left out with ``--only`` or ``--backward-samples``, never timed colder).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py
 
@@ -53,7 +53,7 @@ from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention
 from fusedvlm.ref.packed_attention import packed_attention as sdpa_loop
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SLOW_S = 2.0  # a call slower than this is timed once, after its probe call
+WARMUP = 1  # untimed calls before every method's timed ones: first-call allocations, lazy init
 NOT_INSTALLED = ("not installed",)  # a comparison whose package is missing: a row that says so
 
 
@@ -177,18 +177,8 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
                 prepare()
                 state = entry[2]
                 note = f"block mask {state['mask_s']:.1f} s, compile+first call {state['compile_s']:.1f} s"
-            if device.type == "cuda":
-                t = time_fn(call, name=name, warmup=2, repeats=args.repeats, device=device)
-                peak = t.peak_mem_bytes
-            else:
-                probe = time_fn(call, name=name, warmup=0, repeats=1)
-                # A slow call is timed once (the probe); a fast one again after that warm-up.
-                t = (
-                    probe
-                    if probe.median_ms > SLOW_S * 1e3
-                    else time_fn(call, name=name, warmup=0, repeats=args.repeats)
-                )
-                peak = cpu_peak_bytes(call)
+            t = time_fn(call, name=name, warmup=WARMUP, repeats=args.repeats, device=device)
+            peak = t.peak_mem_bytes if device.type == "cuda" else cpu_peak_bytes(call)
         except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as e:
             rows.append(
                 dict(
@@ -208,6 +198,7 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
                 method=name,
                 ms=t.median_ms,
                 iqr_ms=t.iqr_ms,
+                warmup=t.warmup,
                 repeats=t.repeats,
                 peak_mib=None if peak is None else peak / 2**20,
                 note=note,
@@ -262,6 +253,7 @@ def main(argv=None) -> int:
                 "method",
                 "ms",
                 "iqr_ms",
+                "warmup",
                 "repeats",
                 "peak_mib",
                 "x_vs_dense",

@@ -9,11 +9,13 @@ Rows, for P pairs x N tokens x d (all prefix lengths of all pairs):
                        statistics need, with no reduction at all
 * ``gram_ab``        : bmm A^ B^T alone (a quarter of gram_stacked; a stricter yardstick)
 * ``naive_loop``     : for every prefix n, build the n x n cosine matrices and average them;
-                       O(N^3 d) per pair, so it is timed on ``--naive-pairs`` pairs and scaled
-                       to P (pairs are independent and of equal length, so the cost is linear)
+                       O(N^3 d) per pair (minutes per 800-token pair), so it gets a smaller
+                       shape of its own: ``--naive-pairs`` pairs x ``--naive-tokens`` tokens, on
+                       which ``fused`` and ``fused_signed`` are timed again for ``naive_speedup``
 
-Ratios are against rows measured in the same run. The naive loop's result is checked against
-the fused op on the pairs it ran.
+Ratios are against rows measured in the same run and shape, every row timed alike: WARMUP
+untimed calls, then the median of ``--repeats``. The naive loop's result is checked against the
+fused op.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_pairwise_cosine.py
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -34,6 +35,7 @@ from fusedvlm.kernels.pairwise_cosine import pairwise_cosine_stats
 from fusedvlm.packing import cu_seqlens_from_lengths
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WARMUP = 1  # untimed calls before every row's timed ones
 
 
 def naive_prefix_loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,84 +54,83 @@ def naive_prefix_loop(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def bench_one(
-    pairs: int, tokens: int, d: int, dtype: torch.dtype, device: str, repeats: int, naive_pairs: int
-) -> list[dict]:
+def inputs(pairs: int, tokens: int, d: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device="cpu").manual_seed(d)
     a = torch.randn(pairs * tokens, d, generator=g).to(device, dtype)
     b = (0.5 * a.float() + torch.randn(pairs * tokens, d, generator=g).to(device)).to(dtype)
-    cu = cu_seqlens_from_lengths([tokens] * pairs, device=device)
+    return a, b, cu_seqlens_from_lengths([tokens] * pairs, device=device)
+
+
+def bench_one(
+    pairs: int, tokens: int, d: int, dtype: torch.dtype, device: str, repeats: int, naive_pairs: int, naive_tokens: int
+) -> list[dict]:
+    def timed(fn, name, on=device):
+        return time_fn(fn, name=name, warmup=WARMUP, repeats=repeats, device=on)
+
+    a, b, cu = inputs(pairs, tokens, d, dtype, device)
     x = torch.cat([unit_rows(a.float()).view(pairs, tokens, d), unit_rows(b.float()).view(pairs, tokens, d)], 1).to(
         dtype
     )
     xa, xb = x[:, :tokens], x[:, tokens:]
-
     timings = {
-        "fused": time_fn(
-            lambda: pairwise_cosine_stats(a, b, cu, positive=True),
-            name="fused",
-            warmup=1,
-            repeats=repeats,
-            device=device,
-        ),
-        "fused_signed": time_fn(
-            lambda: pairwise_cosine_stats(a, b, cu, positive=False),
-            name="fused_signed",
-            warmup=1,
-            repeats=repeats,
-            device=device,
-        ),
-        "gram_stacked": time_fn(
-            lambda x=x: torch.bmm(x, x.transpose(1, 2)), name="gram_stacked", warmup=1, repeats=repeats, device=device
-        ),
-        "gram_ab": time_fn(
-            lambda xa=xa, xb=xb: torch.bmm(xa, xb.transpose(1, 2)),
-            name="gram_ab",
-            warmup=1,
-            repeats=repeats,
-            device=device,
-        ),
+        "fused": timed(lambda: pairwise_cosine_stats(a, b, cu, positive=True), "fused"),
+        "fused_signed": timed(lambda: pairwise_cosine_stats(a, b, cu, positive=False), "fused_signed"),
+        "gram_stacked": timed(lambda x=x: torch.bmm(x, x.transpose(1, 2)), "gram_stacked"),
+        "gram_ab": timed(lambda xa=xa, xb=xb: torch.bmm(xa, xb.transpose(1, 2)), "gram_ab"),
     }
     del x, xa, xb  # the lambdas hold their own references until `timings` is built
-
-    # The naive loop runs once on a few pairs (minutes per pair at d = 4096) and is scaled.
-    fused = pairwise_cosine_stats(
-        a[: naive_pairs * tokens], b[: naive_pairs * tokens], cu[: naive_pairs + 1], positive=True
-    )
-    t0 = time.perf_counter()
-    naive = [
-        naive_prefix_loop(a[p * tokens : (p + 1) * tokens].cpu(), b[p * tokens : (p + 1) * tokens].cpu())
-        for p in range(naive_pairs)
-    ]
-    naive_ms = (time.perf_counter() - t0) * 1e3 * pairs / naive_pairs
-    want = torch.stack([fused.eq, fused.ab, fused.aa, fused.bb], 1).cpu()
-    torch.testing.assert_close(torch.cat(naive), want, atol=1e-4, rtol=1e-4, equal_nan=True)
-
     gram = timings["gram_stacked"].median_ms
-    rows = []
-    for name, t in timings.items():
+    rows = [
+        dict(
+            d=d,
+            shape=f"{pairs}x{tokens}",
+            op=name,
+            median_ms=t.median_ms,
+            iqr_ms=t.iqr_ms,
+            warmup=t.warmup,
+            repeats=t.repeats,
+            vs_gram_stacked=t.median_ms / gram,
+            peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
+        )
+        for name, t in timings.items()
+    ]
+
+    # The naive loop on its own, smaller shape (the CPU loop; its input is copied there once).
+    a, b, cu = inputs(naive_pairs, naive_tokens, d, dtype, device)
+    a_cpu, b_cpu = a.cpu(), b.cpu()
+    naive_out = []
+
+    def naive():
+        naive_out[:] = [
+            naive_prefix_loop(
+                a_cpu[p * naive_tokens : (p + 1) * naive_tokens], b_cpu[p * naive_tokens : (p + 1) * naive_tokens]
+            )
+            for p in range(naive_pairs)
+        ]
+
+    small = {
+        "naive_loop": timed(naive, "naive_loop", on="cpu"),
+        "fused": timed(lambda: pairwise_cosine_stats(a, b, cu, positive=True), "fused"),
+        "fused_signed": timed(lambda: pairwise_cosine_stats(a, b, cu, positive=False), "fused_signed"),
+    }
+    fused = pairwise_cosine_stats(a, b, cu, positive=True)
+    want = torch.stack([fused.eq, fused.ab, fused.aa, fused.bb], 1).cpu()
+    torch.testing.assert_close(torch.cat(naive_out), want, atol=1e-4, rtol=1e-4, equal_nan=True)
+    naive_ms = small["naive_loop"].median_ms
+    for name, t in small.items():
         rows.append(
             dict(
                 d=d,
+                shape=f"{naive_pairs}x{naive_tokens}",
                 op=name,
                 median_ms=t.median_ms,
                 iqr_ms=t.iqr_ms,
-                vs_gram_stacked=t.median_ms / gram,
+                warmup=t.warmup,
+                repeats=t.repeats,
                 naive_speedup=naive_ms / t.median_ms,
                 peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
             )
         )
-    rows.append(
-        dict(
-            d=d,
-            op=f"naive_loop (x{pairs}/{naive_pairs} pairs)",
-            median_ms=naive_ms,
-            iqr_ms=None,
-            vs_gram_stacked=naive_ms / gram,
-            naive_speedup=1.0,
-            peak_mem_mb=None,
-        )
-    )
     return rows
 
 
@@ -141,23 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--naive-pairs", type=int, default=1)
+    p.add_argument("--naive-pairs", type=int, default=1, help="pairs of the naive loop's shape")
+    p.add_argument("--naive-tokens", type=int, default=160, help="tokens per pair of the naive loop's shape")
     p.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pairwise_cosine.json")
     )
     args = p.parse_args(argv)
-    if not 1 <= args.naive_pairs <= args.pairs:
-        raise SystemExit(f"--naive-pairs must be in 1..{args.pairs}, got {args.naive_pairs}")
+    if min(args.naive_pairs, args.naive_tokens) < 1:
+        raise SystemExit(f"--naive-pairs and --naive-tokens must be >= 1, got {args.naive_pairs}, {args.naive_tokens}")
     dtype = DTYPES[args.dtype]
     probe = torch.empty(0, device=args.device)
     rows = []
     for d in args.dims:
-        rows += bench_one(args.pairs, args.tokens, d, dtype, args.device, args.repeats, args.naive_pairs)
+        rows += bench_one(
+            args.pairs, args.tokens, d, dtype, args.device, args.repeats, args.naive_pairs, args.naive_tokens
+        )
     title = (
         f"pairwise_cosine_stats: {args.pairs} pairs x {args.tokens} tokens, {args.dtype}, "
         f"{args.device} ({implementation(probe)} path), {torch.get_num_threads()} threads"
     )
-    print_table(rows, ["d", "op", "median_ms", "iqr_ms", "vs_gram_stacked", "naive_speedup", "peak_mem_mb"], title)
+    columns = ["d", "shape", "op", "median_ms", "iqr_ms", "warmup", "repeats", "vs_gram_stacked", "naive_speedup"]
+    print_table(rows, [*columns, "peak_mem_mb"], title)
     save_json(args.out, dict(environment=environment(), args=vars(args), backend=implementation(probe), rows=rows))
     print(f"\nsaved {args.out}")
     return 0

@@ -189,6 +189,84 @@ def test_time_fn_reports_the_same_quantiles():
     )
 
 
+@pytest.fixture
+def timed_alike(monkeypatch):
+    """Wraps the ``time_fn`` of the bench modules given: ``slow`` is made to look 100 s a call
+    (a fake clock), so that a bench which times an expensive method colder or fewer times than
+    the rest shows it; every method's real calls are counted. Returns (install, log), log being
+    name -> [(warmup, repeats, calls made)] per time_fn call."""
+    import itertools
+
+    from fusedvlm.benchmark import system
+
+    log: dict[str, list[tuple[int, int, int]]] = {}
+
+    def install(module, slow: str):
+        def time_fn(fn, *, name="", **kw):
+            made = [0]
+
+            def counted():
+                made[0] += 1
+                return fn()
+
+            if name == slow:
+                ticks = itertools.count(0.0, 100.0)
+                kw["clock"] = lambda: next(ticks)
+            t = system.time_fn(counted, name=name, **kw)
+            log.setdefault(name, []).append((t.warmup, t.repeats, made[0]))
+            return t
+
+        monkeypatch.setattr(module, "time_fn", time_fn)
+
+    return install, log
+
+
+def _one_setting(rows, log) -> tuple[int, int]:
+    settings = {(r["warmup"], r["repeats"]) for r in rows if r.get("repeats") is not None}
+    calls = {entry for entries in log.values() for entry in entries}
+    assert len(settings) == 1 and len(calls) == 1, (settings, log)
+    (warmup, repeats), (_, _, made) = settings.pop(), calls.pop()
+    assert made == warmup + repeats and warmup >= 1 and repeats >= 3  # the CPU peak probe is not counted
+    return warmup, repeats
+
+
+def test_packed_attention_bench_times_every_method_alike(tmp_path, timed_alike):
+    """Issue 24: a baseline slower than 2 s was timed by one cold call while fusedvlm got a warm
+    median of 3; every row of a ratio now has the same warm-up and repeats, slow or not."""
+    import bench.bench_packed_attention as bench
+
+    install, log = timed_alike
+    install(bench, slow="sdpa_loop")
+    out = tmp_path / "pa.json"
+    args = ["--samples", "2", "--backward-samples", "2", "--min-len", "3", "--max-len", "9", "--heads", "2"]
+    args += ["--head-dim", "8", "--only", "fusedvlm", "sdpa_loop", "dense_masked", "per_segment", "--out", str(out)]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["mode"], r["method"]) for r in rows if "ms" in r} == {
+        (mode, m) for mode in ("fwd", "fwd+bwd") for m in ("fusedvlm", "sdpa_loop", "dense_masked", "per_segment")
+    }
+    assert sorted(log) == ["dense_masked", "fusedvlm", "per_segment", "sdpa_loop"]
+    _one_setting(rows, log)
+    assert all(r["x_vs_sdpa_loop"] > 1e3 for r in rows if r["method"] != "sdpa_loop")  # the fake clock took
+
+
+def test_pairwise_cosine_bench_times_the_naive_loop_alike_on_its_own_shape(timed_alike):
+    import bench.bench_pairwise_cosine as bench
+
+    install, log = timed_alike
+    install(bench, slow="naive_loop")
+    rows = bench.bench_one(2, 6, 8, torch.float32, "cpu", 3, naive_pairs=1, naive_tokens=4)
+    _one_setting(rows, log)
+    # Each ratio is between rows of one shape: gram at the full shape, naive at its own.
+    assert {r["shape"] for r in rows if "vs_gram_stacked" in r} == {"2x6"}
+    naive = [r for r in rows if "naive_speedup" in r]
+    assert {r["shape"] for r in naive} == {"1x4"} and {r["op"] for r in naive} == {
+        "naive_loop",
+        "fused",
+        "fused_signed",
+    }
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

@@ -1,20 +1,26 @@
 """Every Triton kernel, every tile configuration and dtype, compiled ahead of time for sm_80 and
 sm_90 with no GPU: registers, spills and shared memory per configuration (docs/design.md).
 
-    python tools/aot_table.py [--out bench/results/triton-aot] [--arch 80 90]
+    python -m tools.aot_table [--out bench/results/triton-aot] [--arch 80 90] [--jobs N]
 
 writes ``table.md`` and ``table.json`` there; tests/kernels/test_aot.py runs it into a temporary
 folder and checks every row against the target's limits.
 
 Each row compiles exactly what a launch on a CUDA device would: the op's CUDA implementation
-(``_merge_cuda``, ``_forward_cuda``, ...) runs on CPU tensors of the model's shapes under
+(``_merge``, ``_forward``, ... with backend "triton") runs on CPU tensors of the model's shapes under
 ``force_tiles`` with its jitted kernels swapped for recorders, and the recorded arguments go
 through Triton's own binder, so constexprs, num_warps / num_stages, argument types and the
 16-byte alignment / divisibility specialisation are the launcher's, not a copy of them. Shared
 memory is the compiled kernel's metadata; registers and spill bytes come from ``ptxas -v`` (the
-driver reports them only after loading the module on a GPU) run with the flags Triton's own
-``make_cubin`` uses, and the cubin it writes must be the one Triton produced, so the numbers
-describe the cubin a launch would load.
+driver reports them only after loading the module on a GPU) and describe the cubin a launch
+would load: on a fresh compile they are the log of Triton's own ptxas run (it passes ``-v``;
+``TRITON_DUMP_PTXAS_LOG`` prints it), on a Triton cache hit the figures recorded for those very
+bytes (``usage/`` under the Triton cache, keyed by the hash of PTX, cubin and ptxas version), and
+where there are none ``ptxas -v`` runs again with ``make_cubin``'s flags and its cubin must be
+Triton's byte for byte.
+
+The (tile configuration, dtype) units run in a process pool (``--jobs``, default: the CPUs this
+process may use); each records its launches and compiles them for every arch.
 
 Needs a native triton: with ``TRITON_INTERPRET=1`` triton.jit builds interpreter kernels.
 """
@@ -22,8 +28,13 @@ Needs a native triton: with ``TRITON_INTERPRET=1`` triton.jit builds interpreter
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import hashlib
+import io
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -102,8 +113,8 @@ def _run_local_merge(dtype):
     weight = torch.randn(WIDTH, WIDTH, 3, 3, generator=g).to(dtype)
     lf = torch.randn(WIDTH, generator=g).to(dtype)
     # The fusion module's call: residual, no bias (fusedvlm/model/fusion_module.py).
-    out = lm._merge_cuda(x, weight, lf, None, True, GRID, GRID)
-    lm._merge_backward_cuda(torch.randn_like(out), x, weight, False, True, GRID, GRID, [True, True, True])
+    out = lm._merge(x, weight, lf, None, True, GRID, GRID, "triton")
+    lm._merge_backward(torch.randn_like(out), x, weight, False, True, GRID, GRID, [True, True, True], "triton")
 
 
 def _attention_inputs(dtype):
@@ -116,13 +127,13 @@ def _attention_inputs(dtype):
 
 def _run_attention_fwd(dtype):
     q, k, v, cu, mx, scale = _attention_inputs(dtype)
-    _module("packed_attention")._forward_cuda(q, k, v, cu, cu, mx, mx, True, scale)
+    _module("packed_attention")._forward(q, k, v, cu, cu, mx, mx, True, scale, "triton")
 
 
 def _run_attention_bwd(dtype):
     q, k, v, cu, mx, scale = _attention_inputs(dtype)
     lse = torch.zeros(HEADS[0], q.shape[0])
-    _module("packed_attention")._backward_cuda(q.clone(), q, k, v, q.clone(), lse, cu, cu, mx, mx, True, scale)
+    _module("packed_attention")._backward(q.clone(), q, k, v, q.clone(), lse, cu, cu, mx, mx, True, scale, "triton")
 
 
 def _run_pairwise(dtype):
@@ -130,7 +141,7 @@ def _run_pairwise(dtype):
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(int(cu[-1]), PSI_WIDTH, generator=g).to(dtype) for _ in range(2))
     # psi's default (fusedvlm/analysis/psi.py).
-    _module("pairwise_cosine")._stats_cuda(a, b, cu, True)
+    _module("pairwise_cosine")._stats(a, b, cu, True, "triton")
 
 
 # TILE_CONFIGS name -> (module, the launch that uses it, the kernels whose tiles it sets).
@@ -175,7 +186,8 @@ def args_key(args):
 
 def compile_launch(fn, args, kwargs, arch: int):
     """``triton.compile`` of one recorded launch for ``sm_<arch>``, with the ASTSource and options
-    Triton's ``JITFunction.run`` would build on such a device -> (compiled kernel, options)."""
+    Triton's ``JITFunction.run`` would build on such a device -> (compiled kernel, options, the
+    ``ptxas -v`` log of Triton's own ptxas run: empty on a Triton cache hit)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -189,8 +201,12 @@ def compile_launch(fn, args, kwargs, arch: int):
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    return compiled, options
+    log = io.StringIO()
+    # make_cubin runs ptxas with -v and prints its log under this knob (not part of Triton's cache
+    # key); each pool worker compiles one kernel at a time, so the captured output is this one's.
+    with mock.patch.dict(os.environ, {"TRITON_DUMP_PTXAS_LOG": "1"}), contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return compiled, options, log.getvalue()
 
 
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -209,23 +225,49 @@ def ptxas_usage(ptx: str, arch: int, fp_fusion: bool) -> tuple[dict, bytes]:
         cmd += ["--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(out)]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
         cubin = out.read_bytes()
+    return parse_ptxas_log(log), cubin
+
+
+def parse_ptxas_log(log: str) -> dict:
     regs, spills = _PTXAS_REGS.findall(log), _PTXAS_SPILLS.findall(log)
     if len(regs) != 1 or len(spills) != 1:
         raise RuntimeError(f"unexpected ptxas -v output (one kernel per PTX expected):\n{log}")
     stack, stores, loads = map(int, spills[0])
-    return dict(registers=int(regs[0]), spill_stores=stores, spill_loads=loads, stack_bytes=stack), cubin
+    return dict(registers=int(regs[0]), spill_stores=stores, spill_loads=loads, stack_bytes=stack)
+
+
+def cubin_usage(compiled, options, arch: int, log: str) -> dict:
+    """Registers, spills and stack of the cubin Triton returned (see the module docstring: its
+    own ptxas log, the figures recorded for the same PTX, cubin and ptxas, or a checked rerun)."""
+    from triton import knobs
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    key = hashlib.sha256(ptx.encode() + b"\0" + cubin + b"\0" + get_ptxas_version(arch).encode()).hexdigest()
+    path = Path(knobs.cache.dir) / "usage" / f"{key}.json"
+    if log:
+        usage = parse_ptxas_log(log)
+    elif path.exists():
+        return json.loads(path.read_text())
+    else:
+        usage, ptxas_cubin = ptxas_usage(ptx, arch, options.enable_fp_fusion)
+        if ptxas_cubin != cubin:  # another ptxas, or the kernel's .py touched since (mtime in the line table)
+            raise RuntimeError("ptxas -v built another cubin than Triton")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(usage))
+    tmp.replace(path)  # atomic: a worker or suite killed midway leaves no half-written record
+    return usage
 
 
 def compile_row(config_name, config, dtype_name, fn, args, kwargs, arch, default) -> Row:
     import triton
 
-    compiled, options = compile_launch(fn, args, kwargs, arch)
+    compiled, options, log = compile_launch(fn, args, kwargs, arch)
     cubin = compiled.asm.get("cubin")
     if not cubin:
-        raise RuntimeError(f"{fn.__name__} {config} {dtype_name} sm_{arch}: no cubin")
-    usage, ptxas_cubin = ptxas_usage(compiled.asm["ptx"], arch, options.enable_fp_fusion)
-    if ptxas_cubin != cubin:
-        raise RuntimeError(f"{fn.__name__} {config} {dtype_name} sm_{arch}: ptxas -v built another cubin than Triton")
+        raise RuntimeError("no cubin")
+    usage = cubin_usage(compiled, options, arch, log)
     constexprs = {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr}
     return Row(
         kernel=fn.__name__,
@@ -250,31 +292,61 @@ def dtypes_of(module_name: str) -> tuple[str, ...]:
     return tuple(name for name, d in DTYPES.items() if d in supported)
 
 
-def build(archs=ARCHS, progress=None) -> tuple[list[Row], list[str]]:
-    """Every TILE_CONFIGS entry x dtype x arch -> (rows, failures). A configuration that does not
-    compile is a failure line, never a missing row."""
+def _unit(config_name: str, config, dtype_name: str, archs, chosen: set) -> tuple[list[Row], list[str], list[str]]:
+    """One tile configuration in one dtype: its launches recorded, each compiled for every arch
+    -> (rows, failures, progress lines). Runs in a pool worker."""
+    _, _, kernels = LAUNCHES[config_name]
+    rows, failures, lines = [], [], []
+    recorded = launches(config_name, config, DTYPES[dtype_name])
+    missing = set(kernels) - {fn.__name__ for fn, _, _ in recorded}
+    if missing:
+        failures.append(f"{config_name} {config} {dtype_name}: no launch of {sorted(missing)}")
+    for fn, args, kwargs in recorded:
+        for arch in archs:
+            t0 = time.perf_counter()
+            what = f"{fn.__name__} {config} {dtype_name} sm_{arch}"
+            try:
+                default = _launch_key(fn, kwargs) in chosen
+                rows.append(compile_row(config_name, config, dtype_name, fn, args, kwargs, arch, default))
+            except Exception as e:  # each failure is reported; the other configurations still compile
+                failures.append(f"{what}: {type(e).__name__}: {e}")
+            lines.append(f"{what} {time.perf_counter() - t0:.1f} s")
+    return rows, failures, lines
+
+
+def _worker_init():
+    # One compile per worker at a time: torch's own threads would only contend with the others.
+    torch.set_num_threads(1)
+
+
+def build(archs=ARCHS, progress=None, jobs: int = 1) -> tuple[list[Row], list[str]]:
+    """Every TILE_CONFIGS entry x dtype x arch -> (rows, failures), in ``jobs`` processes. A
+    configuration that does not compile is a failure line, never a missing row."""
     if interpreter_enabled():
         raise RuntimeError("TRITON_INTERPRET is set: the kernels would be interpreter kernels; unset it")
     rows, failures = [], []
-    for config_name, (module_name, _, kernels) in LAUNCHES.items():
-        configs = _module(module_name).TILE_CONFIGS[config_name]
-        for dtype_name in dtypes_of(module_name):
-            chosen = {_launch_key(fn, kwargs) for fn, _, kwargs in launches(config_name, None, DTYPES[dtype_name])}
-            for config in configs:
-                recorded = launches(config_name, config, DTYPES[dtype_name])
-                missing = set(kernels) - {fn.__name__ for fn, _, _ in recorded}
-                if missing:
-                    failures.append(f"{config_name} {config} {dtype_name}: no launch of {sorted(missing)}")
-                for fn, args, kwargs in recorded:
-                    for arch in archs:
-                        t0 = time.perf_counter()
-                        default = _launch_key(fn, kwargs) in chosen
-                        try:
-                            rows.append(compile_row(config_name, config, dtype_name, fn, args, kwargs, arch, default))
-                        except Exception as e:  # each failure is reported; the other configurations still compile
-                            failures.append(f"{fn.__name__} {config} {dtype_name} sm_{arch}: {type(e).__name__}: {e}")
-                        if progress:
-                            progress(f"{fn.__name__} {config} {dtype_name} sm_{arch} {time.perf_counter() - t0:.1f} s")
+    # spawn, not fork: the workers start clean rather than inheriting this process's OpenMP pool.
+    with (
+        concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        )
+        if jobs > 1
+        else contextlib.nullcontext()
+    ) as pool:
+        units = []  # submitted as they are found, so the workers start while the defaults are recorded
+        for config_name, (module_name, _, _) in LAUNCHES.items():
+            for dtype_name in dtypes_of(module_name):
+                launched = launches(config_name, None, DTYPES[dtype_name])
+                chosen = {_launch_key(fn, kwargs) for fn, _, kwargs in launched}
+                for config in _module(module_name).TILE_CONFIGS[config_name]:
+                    unit = (config_name, config, dtype_name, tuple(archs), chosen)
+                    units.append(pool.submit(_unit, *unit) if pool else unit)
+        for unit in units:  # in unit order, so the table's order does not depend on timing
+            unit_rows, unit_failures, lines = unit.result() if pool else _unit(*unit)
+            rows += unit_rows
+            failures += unit_failures
+            for line in lines if progress else ():
+                progress(line)
     return rows, failures
 
 
@@ -310,12 +382,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    rows, failures = build(tuple(a.arch), None if a.quiet else lambda s: print(s, file=sys.stderr, flush=True))
+    progress = None if a.quiet else lambda s: print(s, file=sys.stderr, flush=True)
+    rows, failures = build(tuple(a.arch), progress, jobs=max(1, a.jobs))
     a.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python tools/aot_table.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m tools.aot_table", *(sys.argv[1:] if argv is None else argv)])
     (a.out / "table.json").write_text(
         json.dumps(
             {

@@ -140,6 +140,8 @@ class Timing:
     repeats: int
     peak_mem_bytes: int | None = None
     extra: dict = field(default_factory=dict)
+    # Recorded so that a ratio's two sides can be checked to be equally warm (tests/test_benchmark.py).
+    warmup: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +158,9 @@ def time_fn(
     clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (more
-    until ``min_time_s`` has passed); CUDA events on GPU. Peak CUDA memory of one call is
+    until ``min_time_s`` has passed); CUDA events on GPU. Every method of a ratio goes through
+    here with the same ``warmup`` and ``repeats`` (an expensive one gets fewer shapes, not a
+    colder measurement). Peak CUDA memory of one call is
     recorded on GPU. ``clock`` times CPU calls (``time.process_time`` resists a machine shared
     with other jobs)."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
@@ -185,7 +189,7 @@ def time_fn(
             fn()
             times.append((clock() - t0) * 1e3)
     q = quantiles(times)
-    return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak)
+    return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak, warmup=warmup)
 
 
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
