@@ -19,9 +19,13 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 # Activations of the Llama MLP that the lean step implements (design §5 uses SiLU).
 LEAN_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 # Rows of activations (batch x new tokens) up to which the lean step's projections run our
-# matrix-vector kernel (fusedvlm::linear) on a CPU: it streams each weight once and reuses
-# it from L1 for every row, so up to a few rows it stays memory-bound; more rows are a GEMM.
-MATVEC_MAX_ROWS = 4
+# matrix-vector kernel (fusedvlm::linear) on a CPU, by weight dtype. It streams each weight once
+# and reuses it from cache for every row: fp32 up to a few rows, beyond which MKL's GEMM wins.
+# Half-precision weights take it for a prefill too: torch's bf16 GEMM runs at ~20 GFLOP/s on a CPU
+# without bf16 arithmetic. Measured on the 2-core EPYC (AVX2), a 4096x4096 bf16 weight, 2 threads:
+# ours 50-69 GFLOP/s from 4 to 256 rows, torch's bf16 18-21, an fp32 copy + sgemm ahead from
+# ~200 rows (which _float_linear then takes). int8: :func:`fusedvlm.quant.int8_matmul` above.
+MATVEC_MAX_ROWS = {torch.float32: 4, torch.bfloat16: 128, torch.float16: 128, torch.int8: 4}
 
 
 def lean_unsupported(config) -> str | None:
@@ -90,7 +94,16 @@ class StaticKVCache(BucketedCache):
 def _torch_linears(x: torch.Tensor, weights: tuple, biases: tuple, scales: tuple) -> list[torch.Tensor]:
     from fusedvlm.quant import int8_matmul
 
-    return [F.linear(x, w, b) if s is None else int8_matmul(x, w, s, b) for w, b, s in zip(weights, biases, scales)]
+    return [
+        _float_linear(x, w, b) if s is None else int8_matmul(x, w, s, b) for w, b, s in zip(weights, biases, scales)
+    ]
+
+
+def _float_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype:
+        # fp32 copies and sgemm beat torch's half-precision CPU GEMM (see MATVEC_MAX_ROWS).
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return F.linear(x, w, b)
 
 
 def _matvec_op(weights: list[torch.Tensor]):
@@ -157,6 +170,8 @@ class LeanLlama(torch.nn.Module):
             )
             self.scales.append(tuple(s for _, s in parts))
         self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
+        self.matvec_rows = MATVEC_MAX_ROWS[self.layers[0][0].dtype] if self.layers else 0
+        self.head_rows = MATVEC_MAX_ROWS[self.lm_head.dtype]
         with torch.no_grad():
             pos = torch.arange(self.max_positions, device=self.embed.device)[None]
             probe = torch.empty(0, dtype=self.embed.dtype, device=self.embed.device)
@@ -207,7 +222,7 @@ class LeanLlama(torch.nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         # Under autocast F.linear casts the weights; our kernel takes them as they are.
         matvec = self.matvec is not None and not torch.is_autocast_enabled(x.device.type)
-        lin = self._linears if matvec and B * T <= MATVEC_MAX_ROWS else _torch_linears
+        lin = self._linears if matvec and B * T <= self.matvec_rows else _torch_linears
         for i, (wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd, ln1, ln2) in enumerate(self.layers):
             sq, sk, sv, so, sg, su, sd = self.scales[i]
             h = rms_norm(x, ln1, self.eps)
@@ -231,7 +246,7 @@ class LeanLlama(torch.nn.Module):
             gate, up = lin(rms_norm(x, ln2, self.eps), (wg, wu), (bg, bu), (sg, su))
             x = x + lin(self.act(gate) * up, (wd,), (bd,), (sd,))[0]
         # Only the last position's logits: B rows, a matrix-vector product even after a prefill.
-        lin = self._linears if matvec and B <= MATVEC_MAX_ROWS else _torch_linears
+        lin = self._linears if matvec and B <= self.head_rows else _torch_linears
         head = (self.lm_head,), (self.lm_head_bias,), (self.lm_head_scale,)
         return lin(rms_norm(x[:, -1], self.norm, self.eps), *head)[0].float()
 
