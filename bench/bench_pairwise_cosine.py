@@ -80,20 +80,7 @@ def bench_one(
     }
     del x, xa, xb  # the lambdas hold their own references until `timings` is built
     gram = timings["gram_stacked"].median_ms
-    rows = [
-        dict(
-            d=d,
-            shape=f"{pairs}x{tokens}",
-            op=name,
-            median_ms=t.median_ms,
-            iqr_ms=t.iqr_ms,
-            warmup=t.warmup,
-            repeats=t.repeats,
-            vs_gram_stacked=t.median_ms / gram,
-            peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
-        )
-        for name, t in timings.items()
-    ]
+    rows = [_row(d, f"{pairs}x{tokens}", name, t, vs_gram_stacked=t.median_ms / gram) for name, t in timings.items()]
 
     # The naive loop on its own, smaller shape (the CPU loop; its input is copied there once).
     a, b, cu = inputs(naive_pairs, naive_tokens, d, dtype, device)
@@ -117,21 +104,26 @@ def bench_one(
     want = torch.stack([fused.eq, fused.ab, fused.aa, fused.bb], 1).cpu()
     torch.testing.assert_close(torch.cat(naive_out), want, atol=1e-4, rtol=1e-4, equal_nan=True)
     naive_ms = small["naive_loop"].median_ms
-    for name, t in small.items():
-        rows.append(
-            dict(
-                d=d,
-                shape=f"{naive_pairs}x{naive_tokens}",
-                op=name,
-                median_ms=t.median_ms,
-                iqr_ms=t.iqr_ms,
-                warmup=t.warmup,
-                repeats=t.repeats,
-                naive_speedup=naive_ms / t.median_ms,
-                peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
-            )
-        )
+    rows += [
+        _row(d, f"{naive_pairs}x{naive_tokens}", name, t, naive_speedup=naive_ms / t.median_ms)
+        for name, t in small.items()
+    ]
     return rows
+
+
+def _row(d: int, shape: str, op: str, t, **ratio) -> dict:
+    """One table row of a timing (fusedvlm.benchmark.system.Timing), with its ratio column."""
+    return dict(
+        d=d,
+        shape=shape,
+        op=op,
+        median_ms=t.median_ms,
+        iqr_ms=t.iqr_ms,
+        warmup=t.warmup,
+        repeats=t.repeats,
+        **ratio,
+        peak_mem_mb=None if t.peak_mem_bytes is None else t.peak_mem_bytes / 2**20,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
