@@ -239,13 +239,13 @@ def test_packed_attention_bench_times_every_method_alike(tmp_path, timed_alike):
     install(bench, slow="sdpa_loop")
     out = tmp_path / "pa.json"
     args = ["--samples", "2", "--backward-samples", "2", "--min-len", "3", "--max-len", "9", "--heads", "2"]
-    args += ["--head-dim", "8", "--only", "fusedvlm", "sdpa_loop", "dense_masked", "per_segment", "--out", str(out)]
+    args += ["--head-dim", "8", "--only", "fusedvlm", "sdpa_loop", "dense_masked", "--out", str(out)]
     assert bench.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["mode"], r["method"]) for r in rows if "ms" in r} == {
-        (mode, m) for mode in ("fwd", "fwd+bwd") for m in ("fusedvlm", "sdpa_loop", "dense_masked", "per_segment")
+        (mode, m) for mode in ("fwd", "fwd+bwd") for m in ("fusedvlm", "sdpa_loop", "dense_masked")
     }
-    assert sorted(log) == ["dense_masked", "fusedvlm", "per_segment", "sdpa_loop"]
+    assert sorted(log) == ["dense_masked", "fusedvlm", "sdpa_loop"]
     _one_setting(rows, log)
     assert all(r["x_vs_sdpa_loop"] > 1e3 for r in rows if r["method"] != "sdpa_loop")  # the fake clock took
 
