@@ -99,6 +99,18 @@ def _shrink(cfg: dict, tiny: bool, **small) -> dict:
     return {**cfg, **small} if tiny else cfg
 
 
+# The --scale tiny text and vision towers every family shares (a quick smoke test).
+TINY_TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
 def smolvlm(tiny: bool):
     from transformers import Idefics3ImageProcessor, SmolVLMConfig, SmolVLMForConditionalGeneration
 
@@ -116,20 +128,12 @@ def smolvlm(tiny: bool):
             tie_word_embeddings=True,
         ),
         tiny,
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_TEXT,
     )
     vision = _shrink(
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         tiny,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **TINY_VISION,
     )
     vision.update(image_size=512, patch_size=16)
     cfg = SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=4, image_token_id=IMAGE_ID)
@@ -139,30 +143,50 @@ def smolvlm(tiny: bool):
     return SmolVLMForConditionalGeneration(cfg), processor, (1024, 1024)
 
 
-def qwen2_5_vl(tiny: bool):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
-    text = _shrink(
+def _qwen_text(tiny: bool, hidden: int, mlp: int, layers: int, heads: int) -> dict:
+    return _shrink(
         dict(
             vocab_size=151936,
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=36,
-            num_attention_heads=16,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
             num_key_value_heads=2,
             rope_theta=1e6,
             tie_word_embeddings=True,
             rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]),
         ),
         tiny,
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_TEXT,
         rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3]),
     )
+
+
+def _qwen(config_cls, model_cls, text: dict, vision: dict, tiny: bool):
+    """A Qwen2-VL-family host: its ids, its processor, and the image size (tiny: 224 px, a 16x16
+    patch grid, 64 native tokens, a quick smoke test)."""
+    from transformers import Qwen2VLImageProcessor
+
+    cfg = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_ID,
+        video_token_id=263,
+        vision_start_token_id=264,
+        vision_end_token_id=265,
+    )
+    processor = Qwen2VLImageProcessor(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    )
+    return model_cls(cfg), processor, (224, 224) if tiny else (448, 448)
+
+
+def qwen2_5_vl(tiny: bool):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     vision = _shrink(
         dict(
             depth=32,
@@ -181,48 +205,13 @@ def qwen2_5_vl(tiny: bool):
         fullatt_block_indexes=[1],
     )
     vision.update(patch_size=14, window_size=112, spatial_merge_size=2, temporal_patch_size=2)
-    cfg = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_ID,
-        video_token_id=263,
-        vision_start_token_id=264,
-        vision_end_token_id=265,
-    )
-    processor = Qwen2VLImageProcessor(
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
-    )
-    # tiny: 224 px, a 16x16 patch grid, 64 native tokens (a quick smoke test)
-    return Qwen2_5_VLForConditionalGeneration(cfg), processor, (224, 224) if tiny else (448, 448)
+    text = _qwen_text(tiny, 2048, 11008, 36, 16)
+    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision, tiny)
 
 
 def qwen2_vl(tiny: bool):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = _shrink(
-        dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            rope_theta=1e6,
-            tie_word_embeddings=True,
-            rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]),
-        ),
-        tiny,
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3]),
-    )
     vision = _shrink(
         dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16),
         tiny,
@@ -232,21 +221,8 @@ def qwen2_vl(tiny: bool):
         num_heads=2,
     )
     vision.update(patch_size=14, mlp_ratio=4, spatial_merge_size=2, temporal_patch_size=2)
-    cfg = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_ID,
-        video_token_id=263,
-        vision_start_token_id=264,
-        vision_end_token_id=265,
-    )
-    processor = Qwen2VLImageProcessor(
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
-    )
-    return Qwen2VLForConditionalGeneration(cfg), processor, (224, 224) if tiny else (448, 448)
+    text = _qwen_text(tiny, 1536, 8960, 28, 12)
+    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, text, vision, tiny)
 
 
 def llava_onevision(tiny: bool):
@@ -265,20 +241,12 @@ def llava_onevision(tiny: bool):
             tie_word_embeddings=True,
         ),
         tiny,
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_TEXT,
     )
     vision = _shrink(
         dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
         tiny,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        **TINY_VISION,
     )
     vision.update(model_type="siglip_vision_model", image_size=384, patch_size=14)
     pinpoints = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
