@@ -33,6 +33,9 @@ TEXT = dict(
     eos_token_id=261,
     pad_token_id=259,
 )
+# The vision tower of every family's tiny host, at its own image size.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4)
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -91,14 +94,7 @@ def _idefics3_cfg(config_cls, seed):
     torch.manual_seed(seed)
     return config_cls(
         text_config=dict(TEXT, model_type="llama"),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=4,
-        ),
+        vision_config=dict(VISION, image_size=32),
         scale_factor=2,
         image_token_id=IMAGE_ID,
     )
@@ -128,17 +124,9 @@ def llava_onevision(seed=0):
     torch.manual_seed(seed)
     cfg = LlavaOnevisionConfig(
         text_config=dict(TEXT, model_type="qwen2"),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=4,
-        ),
+        vision_config=dict(VISION, model_type="siglip_vision_model", image_size=32),
         image_token_id=IMAGE_ID,
-        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+        image_grid_pinpoints=PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
@@ -151,7 +139,7 @@ def onevision_processor():
     return LlavaOnevisionImageProcessor(
         size={"height": 32, "width": 32},
         crop_size={"height": 32, "width": 32},
-        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+        image_grid_pinpoints=PINPOINTS,
     )
 
 
@@ -161,14 +149,7 @@ def gemma3(seed=0):
     torch.manual_seed(seed)
     cfg = Gemma3Config(
         text_config=dict(TEXT, head_dim=16, sliding_window=16),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=64,
-            patch_size=4,
-        ),
+        vision_config=dict(VISION, image_size=64),
         mm_tokens_per_image=16,
         image_token_id=IMAGE_ID,
         boi_token_id=263,
