@@ -1,6 +1,7 @@
 """Decode paths side by side on one LLM prompt (default: the smol preset's SmolLM2-135M, fp32):
 HF ``generate``, today's HF decode loop, the lean static-cache step eager and compiled, batches
-of 1, 4 and 16 concurrent chats stepping together, and LLM prefill per path
+of 1, 4 and 16 concurrent chats stepping together, and LLM prefill per path on a 795-token prompt
+(what smol's LLM reads at n_l=768; --prefill-tokens) as a fraction of the measured FMA peak
 (fusedvlm.benchmark.decode). Ratios are against baselines measured in the same run.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_decode.py            # about 2-4 min cold, 1 min cached

@@ -393,3 +393,19 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
         assert decode["fma_peak"]["flops_per_s"] > 1e9 and native.isa() in decode["fma_peak"]["source"]
         assert all(0 < r["peak_fraction"] < 1.5 for r in decode["prefill_rows"])
         assert "of FMA peak" in printed and f"ISA variant {native.isa()}" in printed
+
+
+def test_prefill_prompt_extends_the_decode_prompt_to_the_asked_length(tiny_model):
+    from fusedvlm.benchmark.decode import prefill_prompt
+
+    llm = tiny_model.llm
+    embeds = llm.get_input_embeddings()(torch.tensor([1, 2, 3]))
+    assert prefill_prompt(llm, embeds, 0) is embeds
+    long = prefill_prompt(llm, embeds, 20)
+    assert long.shape == (20, embeds.shape[1]) and torch.equal(long[-3:], embeds)
+    assert torch.equal(long, prefill_prompt(llm, embeds, 20))  # seeded stand-ins
+    with pytest.raises(ValueError, match="shorter than the 3-token decode prompt"):
+        prefill_prompt(llm, embeds, 2)
+    limit = llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the LLM's max_position_embeddings {limit}"):
+        prefill_prompt(llm, embeds, limit + 1)

@@ -213,6 +213,7 @@ def run_bench(args: argparse.Namespace) -> int:
             repeats=3,
             batches=decode_batches,
             compile=not args.no_compile and compile_default(),
+            prefill_tokens=0,  # the sweep above times the prefill at every n_l
         )
         bw = sweep["bandwidth"]
         decode_paths = run_decode_bench(

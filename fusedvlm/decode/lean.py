@@ -218,7 +218,7 @@ class LeanLlama(torch.nn.Module):
             # key j is visible to query t when j <= pos + t
             visible = torch.arange(k_cache[0].shape[2], device=x.device)[None, :] <= positions[:, None]
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
-        elif start:
+        elif start and x.device.type != "cpu":
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         # Under autocast F.linear casts the weights; our kernel takes them as they are.
         matvec = self.matvec is not None and not torch.is_autocast_enabled(x.device.type)
@@ -235,6 +235,8 @@ class LeanLlama(torch.nn.Module):
             v_cache[i][:, :, positions] = v.to(v_cache[i].dtype)
             if start is None:
                 o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
+            elif x.device.type == "cpu":
+                o = self._attend_prefill(q, k_cache[i], v_cache[i], start)
             else:
                 keys, values = k_cache[i][:, :, : start + T], v_cache[i][:, :, : start + T]
                 if Hkv != H:
@@ -255,6 +257,31 @@ class LeanLlama(torch.nn.Module):
         int8 weights come with their scales."""
         y = self.matvec(x, list(weights), list(biases), None if scales[0] is None else list(scales))
         return list(y.split([w.shape[0] for w in weights], -1)) if len(weights) > 1 else [y]
+
+    def _attend_prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        """q (B, H, T, D) at positions start .. start + T - 1 over the cache's first start + T keys
+        (B, Hkv, capacity, D), bottom-right causal; -> (B, H, T, D). On the CPU our packed
+        kernel (one segment per batch row) reads the G query heads of a key/value head from one
+        copy of the keys, where SDPA needs them repeated G times, and it skips the masked
+        half (design §9)."""
+        from fusedvlm.kernels import packed_attention
+
+        B, H, T, D = q.shape
+        Hkv, S = keys.shape[1], start + T
+        cu_q = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=q.device)
+        o = packed_attention(
+            q.transpose(1, 2).reshape(B * T, H, D),
+            keys[:, :, :S].transpose(1, 2).reshape(B * S, Hkv, D),
+            values[:, :, :S].transpose(1, 2).reshape(B * S, Hkv, D),
+            cu_q,
+            cu_k,
+            causal=True,
+            scale=self.scale,
+            max_seqlen_q=T,
+            max_seqlen_k=S,
+        )
+        return o.view(B, T, H, D).transpose(1, 2)
 
     def _attend_bucket(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
