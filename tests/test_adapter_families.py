@@ -175,14 +175,20 @@ FAMILIES = {
 }
 
 
+# The strings a host's processor writes around an image's tokens, where it writes any.
+MARKERS = {name: ("<|vision_start|>", "<|vision_end|>") for name in ("qwen2_vl", "qwen2_5_vl")}
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    specials = ["<|im_start|>", "<|im_end|>", "<image>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID and tok.eos_token_id == TEXT["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|vision_end|>") == 265  # the Qwen hosts' vision_end_token_id
     return tok
 
 
@@ -249,10 +255,12 @@ def test_attach_and_the_llm_receives_the_fused_tokens_before_each_question(famil
     inputs = family.inputs(adapter, tokenizer, CONVS)
     ids = inputs["input_ids"]
     assert (ids == IMAGE_ID).sum(1).tolist() == [N_L + N_S, N_L]
-    # The placeholder runs sit right after the user header, before each question.
+    # The placeholder runs sit right after the user header, before each question, between the
+    # host's image markers where it has them.
+    start, end = MARKERS.get(family.name, ("", ""))
     row = tokenizer.decode(ids[0][inputs["attention_mask"][0].bool()].tolist())
-    assert row.count("<|im_start|>user\n" + "<image>" * N_L + "What is it?") == 1
-    assert row.count("<|im_start|>user\n" + "<image>" * N_S + "What colour?") == 1
+    assert row.count("<|im_start|>user\n" + start + "<image>" * N_L + end + "What is it?") == 1
+    assert row.count("<|im_start|>user\n" + start + "<image>" * N_S + end + "What colour?") == 1
     labelled = inputs["labels"][0][inputs["labels"][0] != IGNORE_INDEX].tolist()
     assert tokenizer.decode(labelled) == "A cup.<|im_end|>"
 
@@ -410,3 +418,90 @@ def test_session_reuses_earlier_turns_and_answers_as_recomputing_does(family, to
     assert scratch.sequences[0, inputs["input_ids"].shape[1] :].tolist() == second
     for reused, recomputed in zip(chat.last_output.scores, scratch.scores):
         torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-4)
+
+
+# Qwen2-VL-Instruct's chat template, its image and text parts (the video part left out).
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_native(tokenizer, family):
+    """The host processor's own prompt for one image and "What is it?" (the test tokenizer's
+    ``<image>`` as its ``<|image_pad|>``), and the tokenizer with Qwen's chat template."""
+    import copy
+
+    from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template, tok.image_token = QWEN2_VL_TEMPLATE, "<image>"
+    template = QWEN2_VL_TEMPLATE.replace("<|image_pad|>", "<image>")
+    processor = Qwen2VLProcessor(family.processor, tok, Qwen2VLVideoProcessor(), chat_template=template)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(text=[text], images=_images(1), return_tensors="pt"), tok
+
+
+def _one_placeholder_per_run(ids):
+    return [t for i, t in enumerate(ids) if not (t == IMAGE_ID and i and ids[i - 1] == IMAGE_ID)]
+
+
+def test_qwen_fused_block_sits_where_the_host_processor_puts_the_image_with_its_markers(tokenizer):
+    qwen = Family("qwen2_vl")
+    native, tok = _qwen_native(tokenizer, qwen)
+    adapter = qwen.adapter()
+    inputs = adapter.prepare_inputs(tok, [("What is it?", None)], images=_images(1), image_processor=qwen.processor)
+    ids, native_ids = inputs["input_ids"][0].tolist(), native["input_ids"][0].tolist()
+    # The same prompt, <|vision_start|> <image> x n <|vision_end|> included, with n_l fused tokens
+    # in place of the image's; the host marks only the image tokens as vision (type 1).
+    assert ids.count(IMAGE_ID) == N_L and native_ids.count(IMAGE_ID) == native["image_grid_thw"].prod() // 4
+    assert _one_placeholder_per_run(ids) == _one_placeholder_per_run(native_ids)
+    assert native["mm_token_type_ids"][0].tolist() == [int(t == IMAGE_ID) for t in native_ids]
+    start = ids.index(IMAGE_ID)
+    assert ids[start - 1] == 264 and ids[start + N_L] == 265
+
+    # M-RoPE: the host's rule for an image block, the fused block as a 1 x n_l image.
+    mask = inputs["attention_mask"]
+    pos = adapter.host_positions(inputs["input_ids"], mask)[:, 0]
+    host_pos, _ = qwen.host.model.get_rope_index(
+        native["input_ids"],
+        native["mm_token_type_ids"],
+        native["image_grid_thw"],
+        attention_mask=native["attention_mask"],
+    )
+    assert torch.equal(pos[:, :start], host_pos[:, 0, :start])  # the text before the image alike
+    assert torch.equal(pos[:2, start : start + N_L], torch.full((2, N_L), start))
+    assert torch.equal(pos[2, start : start + N_L], torch.arange(start, start + N_L))
+    assert torch.equal(pos[:, start + N_L :], torch.arange(start + N_L, len(ids)).expand(3, -1))
+    # The native image block: (t, h, w) = (p, p + row, p + col), text after it from p + max(h, w).
+    h, w = (native["image_grid_thw"][0, 1:] // 2).tolist()
+    block = host_pos[:, 0, start : start + h * w]
+    assert block[1].max() == start + h - 1 and block[2].max() == start + w - 1
+    assert host_pos[0, 0, start + h * w] == start + max(h, w)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_generate_continues_the_fused_prompt_positions_through_the_kv_cache(name, tokenizer):
+    qwen = Family(name)
+    native, _ = _qwen_native(tokenizer, qwen)
+    with torch.no_grad():
+        qwen.host(**native)  # a native call leaves the host's rope_deltas for its image behind
+    assert qwen.host.model.rope_deltas is not None and qwen.host.model.rope_deltas.abs().sum() > 0
+    adapter = qwen.adapter()
+    inputs = qwen.inputs(adapter, tokenizer, CONVS)
+    out = adapter.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    # Greedy decoding by whole forward passes (no cache), each over the prompt plus the tokens
+    # so far with the adapter's positions: generate's cached steps must give the same logits.
+    seq, mask = inputs["input_ids"], inputs["attention_mask"]
+    for step in range(GREEDY["max_new_tokens"]):
+        with torch.no_grad():
+            logits = adapter(**dict(inputs, input_ids=seq, attention_mask=mask, labels=None)).logits[:, -1]
+        torch.testing.assert_close(out.logits[step], logits, rtol=1e-4, atol=1e-4)
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out.sequences, seq)
