@@ -164,6 +164,19 @@ def gemma3_processor():
     return Gemma3ImageProcessor(size={"height": 64, "width": 64})
 
 
+def gemma3_pan_and_scan_processor():
+    """Pan-and-scan down to 16-px crops: the 40x56 and 64x32 test images get 2 crops each."""
+    from transformers import Gemma3ImageProcessor
+
+    return Gemma3ImageProcessor(
+        size={"height": 64, "width": 64},
+        do_pan_and_scan=True,
+        pan_and_scan_min_crop_size=16,
+        pan_and_scan_max_num_crops=4,
+        pan_and_scan_min_ratio_to_activate=1.2,
+    )
+
+
 # family -> (host builder, image processor builder, adapter class, images nested per row)
 FAMILIES = {
     "qwen2_vl": (qwen2_vl, qwen_processor, Qwen2VLFusionAdapter, False),
@@ -172,6 +185,7 @@ FAMILIES = {
     "smolvlm": (smolvlm, idefics3_processor, Idefics3FusionAdapter, True),
     "llava_onevision": (llava_onevision, onevision_processor, LlavaOnevisionFusionAdapter, False),
     "gemma3": (gemma3, gemma3_processor, Gemma3FusionAdapter, False),
+    "gemma3_pan_and_scan": (gemma3, gemma3_pan_and_scan_processor, Gemma3FusionAdapter, False),
 }
 
 
@@ -505,3 +519,31 @@ def test_qwen_generate_continues_the_fused_prompt_positions_through_the_kv_cache
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(out.sequences, seq)
+
+
+def test_gemma3_pan_and_scan_crops_are_more_views_of_their_image(tokenizer):
+    pas = Family("gemma3_pan_and_scan")
+    adapter = pas.adapter()
+    convs = [[("What is it?", None)]] * 3
+    images = _images(3)  # 40x56 and 64x32 are elongated enough for 2 crops each, 48x48 is not
+    inputs = adapter.prepare_inputs(tokenizer, convs, images=images, image_processor=pas.processor)
+    plain = adapter.prepare_inputs(tokenizer, convs, images=images, image_processor=gemma3_processor())
+    assert inputs["num_crops"].tolist() == [2, 2, 0] and inputs["pixel_values"].shape[0] == 7
+    assert torch.equal(inputs["input_ids"], plain["input_ids"])  # one fused block, crops or not
+    with torch.no_grad():
+        feats = adapter.vision_features(inputs["pixel_values"], inputs["num_crops"])
+        alone = adapter.vision_features(plain["pixel_values"], plain["num_crops"])
+        fusion = {k: v for k, v in inputs.items() if k.startswith("fusion_")}
+        fused = adapter.fused_tokens(inputs["pixel_values"], num_crops=inputs["num_crops"], **fusion).tokens
+        fused_plain = adapter.fused_tokens(plain["pixel_values"], num_crops=plain["num_crops"], **fusion).tokens
+    assert feats.cu_seqlens.tolist() == [0, 48, 96, 112]  # 1 + num_crops views of 16 tokens per image
+    for i, start in enumerate(feats.cu_seqlens[:-1].tolist()):  # each image's whole view leads its segment
+        torch.testing.assert_close(feats.tokens[start : start + 16], alone.tokens[16 * i : 16 * (i + 1)])
+    # The crops reach the fused tokens of their own image only.
+    assert not torch.allclose(fused[:N_L], fused_plain[:N_L], atol=1e-3)
+    torch.testing.assert_close(fused[2 * N_L :], fused_plain[2 * N_L :], rtol=1e-5, atol=1e-5)
+    assert adapter.generate(**inputs, **GREEDY).shape == (3, inputs["input_ids"].shape[1] + GREEDY["max_new_tokens"])
+    with pytest.raises(ValueError, match=r"pixel_values has 6 views but num_crops \[2, 2, 0\] makes 7"):
+        adapter.vision_features(inputs["pixel_values"][:6], inputs["num_crops"])
+    with pytest.raises(ValueError, match="the gemma3 adapter needs num_crops"):
+        adapter(**{k: v for k, v in inputs.items() if k != "num_crops"})
