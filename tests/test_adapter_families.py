@@ -364,7 +364,9 @@ def test_errors_name_the_family_and_what_is_missing(tokenizer):
         attach(llama, FUSION)
     host = gemma3()
     with pytest.raises(
-        ValueError, match="Gemma3ForConditionalGeneration is not a qwen2_vl host: it lacks model.visual"
+        ValueError,
+        match="Gemma3ForConditionalGeneration is not a qwen2_vl host: it lacks config.vision_start_token_id, "
+        "config.vision_end_token_id, model.visual",
     ):
         Qwen2VLFusionAdapter.attach(host, FUSION)
     qwen = Family("qwen2_vl")
