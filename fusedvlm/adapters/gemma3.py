@@ -65,7 +65,7 @@ class Gemma3FusionAdapter(FusionAdapter):
         if (input_ids[:, -1] == self.image_token_id).any():
             raise ValueError("the prompt ends in an image placeholder; build it with prepare_inputs")
         mask = attention_mask[:, :-1]
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        positions = self.host_positions(input_ids[:, :-1], mask)
         prefill = self.host(
             inputs_embeds=embeds[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
