@@ -317,13 +317,16 @@ class Bench:
             max_queries=max(args.budgets) - 1,
         )
         self.text_cfg = self.host.config.get_text_config()
+        torch.manual_seed(args.seed + 1)
+        self.adapter = self.cls.attach(self.host, self.fusion_cfg, n_l=max(args.budgets))
         self.kv_per_token = kv_bytes_per_position(types.SimpleNamespace(config=self.text_cfg), self.dtype)
 
     # ---------------------------------------------------------------- prompts
     def prompt(self, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = self.cls.default_prompt.layout(self.tok)
-        q = layout.question(QUESTION, n_image, True)
-        ids = torch.tensor([[IMAGE_ID if f else i for i, f in zip(q.ids, q.fused)]], device=self.device)
+        # The adapter's layout, the host's image markers (Qwen's <|vision_start|> ...) included.
+        layout = self.adapter.prompt.layout(self.tok)
+        ids, _ = self.adapter.host_tokens(layout.question(QUESTION, n_image, True))
+        ids = torch.tensor([ids], device=self.device)
         return ids, ids[0] == IMAGE_ID
 
     def embeds(self, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -390,8 +393,6 @@ class Bench:
             positions=pos,
         )
         adapter_vision = lambda: self.adapter.vision_features(**self.vision)  # noqa: E731
-        torch.manual_seed(args.seed + 1)
-        self.adapter = self.cls.attach(self.host, self.fusion_cfg, n_l=max(args.budgets))
         feats = adapter_vision()
         for n in args.budgets:
             inputs = self.adapter.prepare_inputs(self.tok, [(QUESTION, None)], n_l=n, **self.vision)

@@ -164,6 +164,19 @@ def gemma3_processor():
     return Gemma3ImageProcessor(size={"height": 64, "width": 64})
 
 
+def gemma3_pan_and_scan_processor():
+    """Pan-and-scan down to 16-px crops: the 40x56 and 64x32 test images get 2 crops each."""
+    from transformers import Gemma3ImageProcessor
+
+    return Gemma3ImageProcessor(
+        size={"height": 64, "width": 64},
+        do_pan_and_scan=True,
+        pan_and_scan_min_crop_size=16,
+        pan_and_scan_max_num_crops=4,
+        pan_and_scan_min_ratio_to_activate=1.2,
+    )
+
+
 # family -> (host builder, image processor builder, adapter class, images nested per row)
 FAMILIES = {
     "qwen2_vl": (qwen2_vl, qwen_processor, Qwen2VLFusionAdapter, False),
@@ -172,7 +185,12 @@ FAMILIES = {
     "smolvlm": (smolvlm, idefics3_processor, Idefics3FusionAdapter, True),
     "llava_onevision": (llava_onevision, onevision_processor, LlavaOnevisionFusionAdapter, False),
     "gemma3": (gemma3, gemma3_processor, Gemma3FusionAdapter, False),
+    "gemma3_pan_and_scan": (gemma3, gemma3_pan_and_scan_processor, Gemma3FusionAdapter, False),
 }
+
+
+# The strings a host's processor writes around an image's tokens, where it writes any.
+MARKERS = {name: ("<|vision_start|>", "<|vision_end|>") for name in ("qwen2_vl", "qwen2_5_vl")}
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +198,11 @@ def tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    specials = ["<|im_start|>", "<|im_end|>", "<image>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID and tok.eos_token_id == TEXT["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|vision_end|>") == 265  # the Qwen hosts' vision_end_token_id
     return tok
 
 
@@ -249,10 +269,12 @@ def test_attach_and_the_llm_receives_the_fused_tokens_before_each_question(famil
     inputs = family.inputs(adapter, tokenizer, CONVS)
     ids = inputs["input_ids"]
     assert (ids == IMAGE_ID).sum(1).tolist() == [N_L + N_S, N_L]
-    # The placeholder runs sit right after the user header, before each question.
+    # The placeholder runs sit right after the user header, before each question, between the
+    # host's image markers where it has them.
+    start, end = MARKERS.get(family.name, ("", ""))
     row = tokenizer.decode(ids[0][inputs["attention_mask"][0].bool()].tolist())
-    assert row.count("<|im_start|>user\n" + "<image>" * N_L + "What is it?") == 1
-    assert row.count("<|im_start|>user\n" + "<image>" * N_S + "What colour?") == 1
+    assert row.count("<|im_start|>user\n" + start + "<image>" * N_L + end + "What is it?") == 1
+    assert row.count("<|im_start|>user\n" + start + "<image>" * N_S + end + "What colour?") == 1
     labelled = inputs["labels"][0][inputs["labels"][0] != IGNORE_INDEX].tolist()
     assert tokenizer.decode(labelled) == "A cup.<|im_end|>"
 
@@ -342,7 +364,9 @@ def test_errors_name_the_family_and_what_is_missing(tokenizer):
         attach(llama, FUSION)
     host = gemma3()
     with pytest.raises(
-        ValueError, match="Gemma3ForConditionalGeneration is not a qwen2_vl host: it lacks model.visual"
+        ValueError,
+        match="Gemma3ForConditionalGeneration is not a qwen2_vl host: it lacks config.vision_start_token_id, "
+        "config.vision_end_token_id, model.visual",
     ):
         Qwen2VLFusionAdapter.attach(host, FUSION)
     qwen = Family("qwen2_vl")
@@ -410,3 +434,118 @@ def test_session_reuses_earlier_turns_and_answers_as_recomputing_does(family, to
     assert scratch.sequences[0, inputs["input_ids"].shape[1] :].tolist() == second
     for reused, recomputed in zip(chat.last_output.scores, scratch.scores):
         torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-4)
+
+
+# Qwen2-VL-Instruct's chat template, its image and text parts (the video part left out).
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_native(tokenizer, family):
+    """The host processor's own prompt for one image and "What is it?" (the test tokenizer's
+    ``<image>`` as its ``<|image_pad|>``), and the tokenizer with Qwen's chat template."""
+    import copy
+
+    from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template, tok.image_token = QWEN2_VL_TEMPLATE, "<image>"
+    template = QWEN2_VL_TEMPLATE.replace("<|image_pad|>", "<image>")
+    processor = Qwen2VLProcessor(family.processor, tok, Qwen2VLVideoProcessor(), chat_template=template)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(text=[text], images=_images(1), return_tensors="pt"), tok
+
+
+def _one_placeholder_per_run(ids):
+    return [t for i, t in enumerate(ids) if not (t == IMAGE_ID and i and ids[i - 1] == IMAGE_ID)]
+
+
+def test_qwen_fused_block_sits_where_the_host_processor_puts_the_image_with_its_markers(tokenizer):
+    qwen = Family("qwen2_vl")
+    native, tok = _qwen_native(tokenizer, qwen)
+    adapter = qwen.adapter()
+    inputs = adapter.prepare_inputs(tok, [("What is it?", None)], images=_images(1), image_processor=qwen.processor)
+    ids, native_ids = inputs["input_ids"][0].tolist(), native["input_ids"][0].tolist()
+    # The same prompt, <|vision_start|> <image> x n <|vision_end|> included, with n_l fused tokens
+    # in place of the image's; the host marks only the image tokens as vision (type 1).
+    assert ids.count(IMAGE_ID) == N_L and native_ids.count(IMAGE_ID) == native["image_grid_thw"].prod() // 4
+    assert _one_placeholder_per_run(ids) == _one_placeholder_per_run(native_ids)
+    assert native["mm_token_type_ids"][0].tolist() == [int(t == IMAGE_ID) for t in native_ids]
+    start = ids.index(IMAGE_ID)
+    assert ids[start - 1] == 264 and ids[start + N_L] == 265
+
+    # M-RoPE: the host's rule for an image block, the fused block as a 1 x n_l image.
+    mask = inputs["attention_mask"]
+    pos = adapter.host_positions(inputs["input_ids"], mask)[:, 0]
+    host_pos, _ = qwen.host.model.get_rope_index(
+        native["input_ids"],
+        native["mm_token_type_ids"],
+        native["image_grid_thw"],
+        attention_mask=native["attention_mask"],
+    )
+    assert torch.equal(pos[:, :start], host_pos[:, 0, :start])  # the text before the image alike
+    assert torch.equal(pos[:2, start : start + N_L], torch.full((2, N_L), start))
+    assert torch.equal(pos[2, start : start + N_L], torch.arange(start, start + N_L))
+    assert torch.equal(pos[:, start + N_L :], torch.arange(start + N_L, len(ids)).expand(3, -1))
+    # The native image block: (t, h, w) = (p, p + row, p + col), text after it from p + max(h, w).
+    h, w = (native["image_grid_thw"][0, 1:] // 2).tolist()
+    block = host_pos[:, 0, start : start + h * w]
+    assert block[1].max() == start + h - 1 and block[2].max() == start + w - 1
+    assert host_pos[0, 0, start + h * w] == start + max(h, w)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_generate_continues_the_fused_prompt_positions_through_the_kv_cache(name, tokenizer):
+    qwen = Family(name)
+    native, _ = _qwen_native(tokenizer, qwen)
+    with torch.no_grad():
+        qwen.host(**native)  # a native call leaves the host's rope_deltas for its image behind
+    assert qwen.host.model.rope_deltas is not None and qwen.host.model.rope_deltas.abs().sum() > 0
+    adapter = qwen.adapter()
+    inputs = qwen.inputs(adapter, tokenizer, CONVS)
+    out = adapter.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    # Greedy decoding by whole forward passes (no cache), each over the prompt plus the tokens
+    # so far with the adapter's positions: generate's cached steps must give the same logits.
+    seq, mask = inputs["input_ids"], inputs["attention_mask"]
+    for step in range(GREEDY["max_new_tokens"]):
+        with torch.no_grad():
+            logits = adapter(**dict(inputs, input_ids=seq, attention_mask=mask, labels=None)).logits[:, -1]
+        torch.testing.assert_close(out.logits[step], logits, rtol=1e-4, atol=1e-4)
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out.sequences, seq)
+
+
+def test_gemma3_pan_and_scan_crops_are_more_views_of_their_image(tokenizer):
+    pas = Family("gemma3_pan_and_scan")
+    adapter = pas.adapter()
+    convs = [[("What is it?", None)]] * 3
+    images = _images(3)  # 40x56 and 64x32 are elongated enough for 2 crops each, 48x48 is not
+    inputs = adapter.prepare_inputs(tokenizer, convs, images=images, image_processor=pas.processor)
+    plain = adapter.prepare_inputs(tokenizer, convs, images=images, image_processor=gemma3_processor())
+    assert inputs["num_crops"].tolist() == [2, 2, 0] and inputs["pixel_values"].shape[0] == 7
+    assert torch.equal(inputs["input_ids"], plain["input_ids"])  # one fused block, crops or not
+    with torch.no_grad():
+        feats = adapter.vision_features(inputs["pixel_values"], inputs["num_crops"])
+        alone = adapter.vision_features(plain["pixel_values"], plain["num_crops"])
+        fusion = {k: v for k, v in inputs.items() if k.startswith("fusion_")}
+        fused = adapter.fused_tokens(inputs["pixel_values"], num_crops=inputs["num_crops"], **fusion).tokens
+        fused_plain = adapter.fused_tokens(plain["pixel_values"], num_crops=plain["num_crops"], **fusion).tokens
+    assert feats.cu_seqlens.tolist() == [0, 48, 96, 112]  # 1 + num_crops views of 16 tokens per image
+    for i, start in enumerate(feats.cu_seqlens[:-1].tolist()):  # each image's whole view leads its segment
+        torch.testing.assert_close(feats.tokens[start : start + 16], alone.tokens[16 * i : 16 * (i + 1)])
+    # The crops reach the fused tokens of their own image only.
+    assert not torch.allclose(fused[:N_L], fused_plain[:N_L], atol=1e-3)
+    torch.testing.assert_close(fused[2 * N_L :], fused_plain[2 * N_L :], rtol=1e-5, atol=1e-5)
+    assert adapter.generate(**inputs, **GREEDY).shape == (3, inputs["input_ids"].shape[1] + GREEDY["max_new_tokens"])
+    with pytest.raises(ValueError, match=r"pixel_values has 6 views but num_crops \[2, 2, 0\] makes 7"):
+        adapter.vision_features(inputs["pixel_values"][:6], inputs["num_crops"])
+    with pytest.raises(ValueError, match="the gemma3 adapter needs num_crops"):
+        adapter(**{k: v for k, v in inputs.items() if k != "num_crops"})

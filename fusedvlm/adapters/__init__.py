@@ -23,7 +23,8 @@ budget (FastV, VisionZip) are in :mod:`.baselines`.
 What the generic part (:class:`~fusedvlm.adapters.base.FusionAdapter`) needs from any host:
 ``get_input_embeddings()``, ``forward(inputs_embeds=, attention_mask=, position_ids=, labels=)``
 and ``generate(input_ids=, inputs_embeds=, attention_mask=)`` of a Hugging Face causal LM. It
-builds the prompt itself (one placeholder id per fused token, placed before each question),
+builds the prompt itself (one placeholder id per fused token, placed before each question,
+between the host's image markers where it has them),
 embeds it, scatters the fused tokens over the placeholders in order, and hands the embeddings
 to the host, so the host's image path never runs. Several images of one conversation
 (``images_per_sample``) give one vision prefix, their prefixes back to back.
@@ -47,6 +48,9 @@ Contract of a model family (one small file): subclass ``FusionAdapter`` and defi
   ``config.text_config.hidden_size`` and ``config.image_token_id``);
 * ``vision_features(pixel_values, **other vision_inputs)`` ->
   :class:`~fusedvlm.adapters.base.VisionFeatures`: the features, packed one image per segment;
+* ``host_fused_markers(host)`` (classmethod) where the host's processor writes ids around an
+  image's tokens (Qwen's ``<|vision_start|>``/``<|vision_end|>``), and ``host_positions`` where
+  its LLM's position ids are not one per token (Qwen's M-RoPE);
 * ``host_generate`` only where the host's ``generate`` refuses ``inputs_embeds`` (Gemma 3).
 
 Register the class in ``_FAMILIES`` below so that :func:`adapter_for` finds it.

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fusedvlm.chat import IGNORE_INDEX, ChatLayout
+from fusedvlm.chat import IGNORE_INDEX, ChatLayout, Tokens
 from fusedvlm.config import FusionConfig
 from fusedvlm.model.fusion_module import FusedTokens, FusionModule, FusionModuleConfig, VisionPrefix
 from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows
@@ -112,6 +112,7 @@ class FusionAdapter(nn.Module, ABC):
         self.fusion = fusion
         self.prompt = prompt if prompt is not None else self.default_prompt
         self.image_token_id = self.host_image_token_id(host)
+        self.fused_markers = self.host_fused_markers(host)
         self.grid = grid if fusion.cfg.merge else None
 
     # ------------------------------------------------------------------ family hooks
@@ -135,6 +136,37 @@ class FusionAdapter(nn.Module, ABC):
     def host_image_token_id(cls, host: nn.Module) -> int:
         """The placeholder id whose embeddings the fused tokens replace."""
         return int(host.config.image_token_id)
+
+    @classmethod
+    def host_fused_markers(cls, host: nn.Module) -> tuple[list[int], list[int]]:
+        """The ids the host's processor writes before and after an image's tokens (Qwen's
+        ``<|vision_start|>``/``<|vision_end|>``); each run of fused tokens gets them too."""
+        return [], []
+
+    def host_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The position ids of a fused prompt (B, L): left padding skipped, as ``generate``
+        counts them. Families whose LLM has other positions (Qwen's M-RoPE) override this."""
+        return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+    def host_tokens(self, tokens: Tokens) -> tuple[list[int], list[int]]:
+        """A layout's tokens as the host reads them: the image placeholder id in every fused
+        slot, each run of fused slots between the family's markers (unlabelled), and labels."""
+        start, end = self.fused_markers
+        ids: list[int] = []
+        labels: list[int] = []
+        previous = False
+        for t, fused, label in zip(tokens.ids, tokens.fused, tokens.labels):
+            if fused != previous:
+                marker = start if fused else end
+                ids += marker
+                labels += [IGNORE_INDEX] * len(marker)
+            ids.append(self.image_token_id if fused else t)
+            labels.append(label)
+            previous = fused
+        if previous:
+            ids += end
+            labels += [IGNORE_INDEX] * len(end)
+        return ids, labels
 
     @abstractmethod
     def vision_features(self, pixel_values: torch.Tensor, **vision) -> VisionFeatures:
@@ -352,8 +384,9 @@ class FusionAdapter(nn.Module, ABC):
                     f"conversation {i}: its text tokenizes to the image placeholder id {self.image_token_id}"
                 )
             # The host scatters the fused tokens over its image placeholders.
-            rows.append([self.image_token_id if f else t for t, f in zip(tokens.ids, tokens.fused)])
-            labels.append(tokens.labels)
+            ids, labelled = self.host_tokens(tokens)
+            rows.append(ids)
+            labels.append(labelled)
             qids += [self.fusion.question_ids(question) for question, _ in turns]
             per_sample.append(len(turns))
 
@@ -499,8 +532,8 @@ class FusionAdapter(nn.Module, ABC):
         fusion = (fusion_question_ids, fusion_cu_seqlens, fusion_questions_per_sample, n_l, n_s)
         embeds = self._embeds(input_ids, pixel_values, (*fusion, fusion_images_per_sample), host_kwargs)
         if attention_mask is not None and "position_ids" not in host_kwargs:
-            # Same positions as generate gives a left-padded prompt, so training and decoding agree.
-            host_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            # The positions host_generate gives the same prompt, so training and decoding agree.
+            host_kwargs["position_ids"] = self.host_positions(input_ids, attention_mask)
         return self.host(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **host_kwargs)
 
     @torch.no_grad()
@@ -531,8 +564,13 @@ class FusionAdapter(nn.Module, ABC):
     def host_generate(
         self, input_ids: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs
     ) -> torch.Tensor:
-        """``host.generate`` with the fused embeddings as the prefill's inputs (families override
-        this where their host's generate does not take ``inputs_embeds``)."""
+        """``host.generate`` with the fused embeddings as the prefill's inputs and the prompt's
+        :meth:`host_positions` (generate continues them one per new token); families override
+        this where their host's generate does not take ``inputs_embeds``."""
         return self.host.generate(
-            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.host_positions(input_ids, attention_mask),
+            **generate_kwargs,
         )

@@ -1,13 +1,19 @@
 """Adapter for Hugging Face ``Gemma3ForConditionalGeneration`` (Gemma 3 with its SigLIP tower).
 
-The image processor returns ``pixel_values`` (images, 3, 896, 896); ``model.get_image_features``
-runs SigLIP (a 64x64 patch grid) and ``multi_modal_projector`` (4x4 average pooling, RMSNorm,
-Linear into the LLM width): ``mm_tokens_per_image`` = 256 tokens per image, a 16x16 raster grid.
-Those are the features handed over. Gemma 3 lets the image tokens of one image attend to each
-other both ways when ``token_type_ids`` marks them; the adapter passes none, so the fused tokens
-are causal like text (they are not a grid). Pan-and-scan crops are not supported: they arrive
-as extra rows that the processor counts only in ``num_crops``. The prompt is the tokenizer's
-own chat template.
+The image processor returns ``pixel_values`` (views, 3, 896, 896) and ``num_crops`` (images,):
+each image's whole view, then, with ``do_pan_and_scan=True``, its ``num_crops`` pan-and-scan
+crops (0 when the image is not elongated enough or pan-and-scan is off), image after image.
+``model.get_image_features`` runs SigLIP (a 64x64 patch grid) and ``multi_modal_projector`` (4x4
+average pooling, RMSNorm, Linear into the LLM width) on every view: ``mm_tokens_per_image`` =
+256 tokens per view, a 16x16 raster grid. Those are the features handed over, one segment per
+image holding its 1 + num_crops views, so the fusion module reads the crops as more views of
+their image (as Idefics3's tiles). The host's prompt gives each view its own block ("Here is
+the original image {view} and here are some crops to help you see better {crop} {crop}"); the
+fused tokens of a question are one block drawn from all the views, so that per-crop text has
+nothing to name and is not written: an image with crops gets the same prompt as one without.
+Gemma 3 lets the image tokens of one image attend to each other both ways when
+``token_type_ids`` marks them; the adapter passes none, so the fused tokens are causal like
+text (they are not a grid). The prompt is the tokenizer's own chat template.
 
 Gemma 3's ``prepare_inputs_for_generation`` does not forward ``inputs_embeds`` (transformers
 5.x), so ``generate`` refuses them: the adapter runs the host's forward over the fused prompt
@@ -30,6 +36,7 @@ class Gemma3FusionAdapter(FusionAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
     default_prompt = PromptFormat(template=None)
+    vision_inputs = ("pixel_values", "num_crops")
 
     @classmethod
     def check_host(cls, host: nn.Module) -> None:
@@ -58,7 +65,7 @@ class Gemma3FusionAdapter(FusionAdapter):
         if (input_ids[:, -1] == self.image_token_id).any():
             raise ValueError("the prompt ends in an image placeholder; build it with prepare_inputs")
         mask = attention_mask[:, :-1]
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        positions = self.host_positions(input_ids[:, :-1], mask)
         prefill = self.host(
             inputs_embeds=embeds[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
@@ -66,12 +73,29 @@ class Gemma3FusionAdapter(FusionAdapter):
             input_ids=input_ids, attention_mask=attention_mask, cache=prefill.cache, **generate_kwargs
         )
 
-    def vision_features(self, pixel_values: torch.Tensor) -> VisionFeatures:
+    @classmethod
+    def count_images(cls, pixel_values: torch.Tensor, num_crops: torch.Tensor) -> int:
+        return len(cls._views_per_image(pixel_values, num_crops))
+
+    @staticmethod
+    def _views_per_image(pixel_values: torch.Tensor, num_crops: torch.Tensor) -> list[int]:
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (images, 3, H, W), got shape {tuple(pixel_values.shape)}")
+            raise ValueError(f"pixel_values must be (views, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        views = [1 + int(c) for c in torch.as_tensor(num_crops).reshape(-1).tolist()]
+        if sum(views) != pixel_values.shape[0] or min(views, default=0) < 1:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} views but num_crops {[v - 1 for v in views]} makes "
+                f"{sum(views)} (each image's whole view, then its pan-and-scan crops)"
+            )
+        return views
+
+    def vision_features(self, pixel_values: torch.Tensor, num_crops: torch.Tensor) -> VisionFeatures:
+        views = self._views_per_image(pixel_values, num_crops)
         model = self.host.model
         ref = next(model.vision_tower.parameters())
         with run_frozen(model):
             feats = model.get_image_features(pixel_values.to(ref.device, ref.dtype)).pooler_output
-        b, n, c = feats.shape
-        return VisionFeatures(feats.reshape(b * n, c), cu_seqlens_from_lengths([n] * b, device=feats.device))
+        _, n, c = feats.shape
+        return VisionFeatures(
+            feats.reshape(-1, c), cu_seqlens_from_lengths([v * n for v in views], device=feats.device)
+        )

@@ -9,13 +9,26 @@ over (the merger is the last block of Qwen's vision tower, and its input is in t
 window-permuted order, so its output is the first raster grid the host exposes). The grid
 follows each image's size, so the fusion module merges every image on its own grid.
 
-In the LLM the fused tokens take plain sequential positions on all three M-RoPE axes: they are
-not a spatial grid, and without ``image_grid_thw`` the host gives every token text positions,
-in ``forward`` and in ``generate`` alike. The prompt is the tokenizer's own chat template
-(ChatML); ``<|vision_start|>``/``<|vision_end|>`` are not written around the fused tokens.
+The prompt is the tokenizer's own chat template (ChatML) with the host's markers around each
+run of fused tokens, ``<|vision_start|>`` ... ``<|vision_end|>`` (the ids of
+``config.vision_start_token_id``/``vision_end_token_id``), where the host's chat template writes
+``<|vision_start|><|image_pad|><|vision_end|>`` and its processor repeats ``<|image_pad|>``: right
+after the user header, before the question. Several images of one conversation give one fused
+block, so one pair of markers.
+
+M-RoPE positions come from the host's own ``model.get_rope_index``, which gives an image
+block of (h, w) merged tokens starting at position p the ids (t, h, w) = (p, p + row, p + col)
+and the text after it positions from p + max(h, w). The fused tokens are an ordered sequence,
+not a spatial grid, so each fused block is handed to it as a 1 x n image: (p, p, p + j) for
+its j-th token, and the text after it continues at p + n, its own index, as if the block were
+text. ``forward`` and ``generate`` both take these position ids from the adapter
+(:meth:`host_positions`), so they never depend on the ``rope_deltas`` the host caches from an
+earlier native call.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -36,7 +49,7 @@ class Qwen2VLFusionAdapter(FusionAdapter):
         require_host_parts(
             host,
             cls.family,
-            config=("text_config", "vision_config", "image_token_id"),
+            config=("text_config", "vision_config", "image_token_id", "vision_start_token_id", "vision_end_token_id"),
             modules=("model.visual",),
             methods=("get_image_features",),
         )
@@ -44,6 +57,25 @@ class Qwen2VLFusionAdapter(FusionAdapter):
     @classmethod
     def host_vision_layout(cls, host: nn.Module) -> tuple[int, tuple[int, int] | None]:
         return cls.host_llm_width(host), None
+
+    @classmethod
+    def host_fused_markers(cls, host: nn.Module) -> tuple[list[int], list[int]]:
+        return [int(host.config.vision_start_token_id)], [int(host.config.vision_end_token_id)]
+
+    def host_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(3, B, L) M-RoPE ids from the host's ``get_rope_index``, every run of fused tokens a
+        1 x n image (see the module doc); padding gets 0, as the host gives it."""
+        fused = (input_ids == self.image_token_id) & attention_mask.bool()
+        m = self.host.config.vision_config.spatial_merge_size
+        runs = [len(list(g)) for row in fused.tolist() for key, g in itertools.groupby(row) if key]
+        grid = torch.tensor([[1, m, m * n] for n in runs], dtype=torch.long, device=input_ids.device)
+        positions, _ = self.host.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=fused.int(),
+            image_grid_thw=grid if runs else None,
+            attention_mask=attention_mask,
+        )
+        return positions
 
     @classmethod
     def count_images(cls, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> int:

@@ -57,8 +57,7 @@ class AdapterSession:
         fused, fusion_cache = adapter.fusion.fuse_next(
             self._fusion_cache, [adapter.fusion.question_ids(question)], [first], self.n_l, self.n_s
         )
-        turn = self.layout.turn(question, n, first, None)
-        ids = self.ids + [adapter.image_token_id if f else t for t, f in zip(turn.ids, turn.fused)]
+        ids = self.ids + adapter.host_tokens(self.layout.turn(question, n, first, None))[0]
         # The cache is reused up to the first token where it and the conversation part ways
         # (a generated answer is re-tokenized with its closing piece).
         cached = 0
@@ -73,19 +72,20 @@ class AdapterSession:
         if int(slots.sum()) != n:
             raise RuntimeError(f"{int(slots.sum())} uncached image placeholders for {n} fused tokens")
         embeds = embeds.masked_scatter(slots[..., None], fused.tokens.to(embeds.device, embeds.dtype))
+        all_ids = torch.tensor([ids], device=host.device)
+        mask = torch.ones_like(all_ids)
+        positions = adapter.host_positions(all_ids, mask)
         # Prefill all but the last token on top of the cache; generate embeds that one (text) itself.
-        positions = torch.arange(cached, len(ids) - 1, device=host.device)[None]
         out = host(
             inputs_embeds=embeds[:, :-1],
             cache=cache,
-            attention_mask=torch.ones(1, len(ids) - 1, dtype=torch.long, device=host.device),
-            position_ids=positions,
+            attention_mask=mask[:, :-1],
+            position_ids=positions[..., cached:-1],
             use_cache=True,
             logits_to_keep=1,
         )
-        all_ids = torch.tensor([ids], device=host.device)
         self.last_output = host.generate(
-            input_ids=all_ids, attention_mask=torch.ones_like(all_ids), cache=out.cache, **generate_kwargs
+            input_ids=all_ids, attention_mask=mask, cache=out.cache, position_ids=positions, **generate_kwargs
         )
         # With return_dict_in_generate the output also carries scores; last_output keeps them.
         generated = getattr(self.last_output, "sequences", self.last_output)
