@@ -13,12 +13,19 @@
 // autograd are plain CPU), the C++ kernel runs directly; otherwise the call is redispatched
 // below autograd, to the mode or to the op's Python CPU kernel, which obeys the same argument.
 //
-// Gradients: a C++ autograd node whose backward calls fusedvlm::<op>_backward through the
-// dispatcher, so a mode active during backward sees (and counts) it.
-#include <torch/csrc/autograd/custom_function.h>
+// Gradients: a hand-written autograd node per op (as PyTorch's generated ones are: saved
+// variables and scalars as members, edges to the differentiable inputs only), whose backward
+// calls fusedvlm::<op>_backward through the dispatcher, so a mode active during backward sees
+// (and counts) it. torch::autograd::Function did the same through a generic context (a
+// string-keyed map of scalars, metadata per input and output, the non-differentiable set): on
+// tiny inputs with gradients it made the op call 2-5 us slower (bench/bench_op_overhead.py).
+// Forward-mode AD is refused, as that API refused it.
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <array>
+#include <mutex>
 #include <string>
 
 #include "common.h"
@@ -40,7 +47,8 @@ at::Tensor local_merge_fwd(const at::Tensor&, const at::Tensor&, const at::Tenso
 
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 // True when the caller chose the C++ kernel and redispatching below autograd would reach the
@@ -50,11 +58,9 @@ bool run_cpp(c10::DispatchKeySet ks, c10::string_view backend) {
   return backend == "cpp" && below.highestPriorityTypeId() == c10::DispatchKey::CPU;
 }
 
-bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
+void refuse_forward_ad(const char* op, std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors)
-    if (t->defined() && t->requires_grad()) return true;
-  return false;
+    TORCH_CHECK(!torch::autograd::isFwGradDefined(*t), "fusedvlm::", op, ": forward-mode AD is not implemented");
 }
 
 // ------------------------------------------------------------------------- packed attention
@@ -78,34 +84,33 @@ std::tuple<at::Tensor, at::Tensor> attention_below_autograd(c10::DispatchKeySet 
   return op.redispatch(ks & c10::after_autograd_keyset, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend);
 }
 
-struct PackedAttention : public torch::autograd::Function<PackedAttention> {
-  static variable_list forward(AutogradContext* ctx, c10::DispatchKeySet ks, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                               std::optional<int64_t> max_q, std::optional<int64_t> max_k, bool causal,
-                               double scale, c10::string_view backend) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = attention_below_autograd(ks, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend);
-    ctx->save_for_backward({q, k, v, out, lse, cu_q, cu_k});
-    ctx->saved_data["max_q"] = max_q;
-    ctx->saved_data["max_k"] = max_k;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["backend"] = std::string(backend);
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
+struct PackedAttentionBackward : public Node {
+  SavedVariable q, k, v, out, lse, cu_q, cu_k;
+  bool shared_offsets = false;  // cu_k is cu_q (self-attention): saved once
+  std::optional<int64_t> max_q, max_k;
+  bool causal = true;
+  double scale = 1.0;
+  std::string backend;
+
+  std::string name() const override { return "PackedAttentionBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* s : {&q, &k, &v, &out, &lse, &cu_q, &cu_k}) s->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fusedvlm::packed_attention_backward", "")
                                .typed<AttentionBackwardSig>();
-    const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv] = op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-                                ctx->saved_data["max_q"].toOptional<int64_t>(),
-                                ctx->saved_data["max_k"].toOptional<int64_t>(), ctx->saved_data["causal"].toBool(),
-                                ctx->saved_data["scale"].toDouble(), ctx->saved_data["backend"].toStringRef());
-    return {at::Tensor(), dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(3);  // no gradient reaches the output: zero
+    const auto self = getptr();
+    const at::Tensor offsets_q = cu_q.unpack();
+    auto [dq, dk, dv] = op.call(grads[0].contiguous(), q.unpack(), k.unpack(), v.unpack(), out.unpack(self),
+                                lse.unpack(), offsets_q, shared_offsets ? offsets_q : cu_k.unpack(), max_q, max_k,
+                                causal, scale, backend);
+    return {dq, dk, dv};
   }
 };
 
@@ -115,12 +120,35 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_autograd(c10::DispatchKeySet
                                                              std::optional<int64_t> max_q,
                                                              std::optional<int64_t> max_k, bool causal, double scale,
                                                              c10::string_view backend) {
-  if (!any_requires_grad({&q, &k, &v})) {
+  if (!torch::autograd::compute_requires_grad(q, k, v)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return attention_below_autograd(ks, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend);
   }
-  auto outs = PackedAttention::apply(ks, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend);
-  return {outs[0], outs[1]};
+  refuse_forward_ad("packed_attention", {&q, &k, &v});
+  auto node = c10::make_intrusive<PackedAttentionBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(q, k, v));
+  at::Tensor out, lse;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::AutoGradMode no_grad(false);
+    std::tie(out, lse) = attention_below_autograd(ks, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend);
+  }
+  torch::autograd::set_history(out, node);  // lse (softmax statistics) stays non-differentiable
+  node->q = SavedVariable(q, false);
+  node->k = SavedVariable(k, false);
+  node->v = SavedVariable(v, false);
+  node->out = SavedVariable(out, true);
+  node->lse = SavedVariable(lse, false);
+  node->cu_q = SavedVariable(cu_q, false);
+  node->shared_offsets = cu_k.is_same(cu_q);
+  if (!node->shared_offsets) node->cu_k = SavedVariable(cu_k, false);
+  node->max_q = max_q;
+  node->max_k = max_k;
+  node->causal = causal;
+  node->scale = scale;
+  node->backend = std::string(backend);
+  torch::autograd::fire_node_creation_hooks(node);
+  return {out, lse};
 }
 
 // The backward op, entered from the node above (or a caller's own autograd): never
@@ -169,47 +197,63 @@ at::Tensor merge_below_autograd(c10::DispatchKeySet ks, const at::Tensor& x, con
   return op.redispatch(ks & c10::after_autograd_keyset, x, weight, lf, bias, residual, h, w, backend);
 }
 
-struct LocalMerge : public torch::autograd::Function<LocalMerge> {
-  static at::Tensor forward(AutogradContext* ctx, c10::DispatchKeySet ks, const at::Tensor& x,
-                            const at::Tensor& weight, const at::Tensor& lf, const std::optional<at::Tensor>& bias,
-                            bool residual, int64_t h, int64_t w, c10::string_view backend) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = merge_below_autograd(ks, x, weight, lf, bias, residual, h, w, backend);
-    ctx->save_for_backward({x, weight});
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["residual"] = residual;
-    ctx->saved_data["h"] = h;
-    ctx->saved_data["w"] = w;
-    ctx->saved_data["backend"] = std::string(backend);
-    return out;
+struct LocalMergeBackward : public Node {
+  SavedVariable x, weight;
+  bool has_bias = false, residual = true;
+  int64_t h = 0, w = 0;
+  std::string backend;
+
+  std::string name() const override { return "LocalMergeBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    weight.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fusedvlm::local_merge_backward", "")
                                .typed<MergeBackwardSig>();
-    const auto s = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    // Indices among the tensor inputs: x, weight, lf_token, then bias when there is one.
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
-               need_lf = ctx->needs_input_grad(2), need_b = has_bias && ctx->needs_input_grad(3);
-    auto [dx, dw, dlf, db] = op.call(grads[0].contiguous(), s[0], s[1], has_bias, ctx->saved_data["residual"].toBool(),
-                                     ctx->saved_data["h"].toInt(), ctx->saved_data["w"].toInt(),
-                                     {need_x, need_w, need_lf}, ctx->saved_data["backend"].toStringRef());
-    return {at::Tensor(), need_x ? dx : at::Tensor(), need_w ? dw : at::Tensor(), need_lf ? dlf : at::Tensor(),
-            need_b ? db : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    std::lock_guard<std::mutex> lock(mutex_);
+    // Edges: x, weight, lf_token, bias (an empty edge when there is none).
+    const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1),
+               need_lf = task_should_compute_output(2), need_b = has_bias && task_should_compute_output(3);
+    if (!grads[0].defined()) return variable_list(4);  // no gradient reaches the output: zero
+    auto [dx, dw, dlf, db] = op.call(grads[0].contiguous(), x.unpack(), weight.unpack(), has_bias, residual, h, w,
+                                     {need_x, need_w, need_lf}, backend);
+    return {need_x ? dx : at::Tensor(), need_w ? dw : at::Tensor(), need_lf ? dlf : at::Tensor(),
+            need_b ? db : at::Tensor()};
   }
 };
 
 at::Tensor local_merge_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& lf, const std::optional<at::Tensor>& bias, bool residual, int64_t h,
                                 int64_t w, c10::string_view backend) {
-  const at::Tensor none;
-  if (!any_requires_grad({&x, &weight, &lf, bias.has_value() ? &*bias : &none})) {
+  if (!torch::autograd::compute_requires_grad(x, weight, lf, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return merge_below_autograd(ks, x, weight, lf, bias, residual, h, w, backend);
   }
-  return LocalMerge::apply(ks, x, weight, lf, bias, residual, h, w, backend);
+  const at::Tensor none;
+  refuse_forward_ad("local_merge", {&x, &weight, &lf, bias.has_value() ? &*bias : &none});
+  auto node = c10::make_intrusive<LocalMergeBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weight, lf, bias));
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::AutoGradMode no_grad(false);
+    out = merge_below_autograd(ks, x, weight, lf, bias, residual, h, w, backend);
+  }
+  torch::autograd::set_history(out, node);
+  node->x = SavedVariable(x, false);
+  node->weight = SavedVariable(weight, false);
+  node->has_bias = bias.has_value() && bias->defined();
+  node->residual = residual;
+  node->h = h;
+  node->w = w;
+  node->backend = std::string(backend);
+  torch::autograd::fire_node_creation_hooks(node);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_backward_autograd(

@@ -33,7 +33,7 @@ _INTERPRETER_OFF = (None, "", "0", "false", "False")
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET") not in _INTERPRETER_OFF
+    return _text(_ENVIRON.get(_INTERPRET_KEY)) not in _INTERPRETER_OFF
 
 
 @functools.cache
@@ -63,26 +63,46 @@ def forcing(choice: str):
         _FORCED.pop()
 
 
+_CPU, _CUDA = frozenset(("cpu",)), frozenset(("cuda",))
+
+# The store behind os.environ, read directly: os.environ.get raises and catches a KeyError for
+# an unset variable (over a microsecond, twice per op call), a lookup here costs tens of
+# nanoseconds. os.environ writes through to it (putenv too), so a change is seen at the next call.
+_ENVIRON = os.environ._data
+_BACKEND_KEY = os.environ.encodekey("FUSEDVLM_BACKEND")
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
+
+
 def implementation(*tensors: torch.Tensor | None) -> str:
     """ "triton", "cpp" or "torch": the implementation an op runs on these tensors (None skipped).
 
     Called on every op call: the public functions pass one tensor, since their check has put
-    every tensor on one device."""
-    return _decide(frozenset(t.device.type for t in tensors if t is not None))
+    every tensor on one device; that case names its device without building a device object."""
+    if len(tensors) == 1 and tensors[0] is not None:
+        t = tensors[0]
+        devices = _CPU if t.is_cpu else _CUDA if t.is_cuda else frozenset((t.device.type,))
+    else:
+        devices = frozenset(t.device.type for t in tensors if t is not None)
+    return _decide(devices)
 
 
 # torch.compile calls this at trace time and keeps the answer as a constant of the graph,
 # rather than tracing the environment and the lazy C++ build.
 @torch.compiler.assume_constant_result
 def _decide(devices: frozenset) -> str:
-    backend = _FORCED[-1] if _FORCED else os.environ.get("FUSEDVLM_BACKEND")
-    return _choose(backend, os.environ.get("TRITON_INTERPRET"), devices)
+    backend = _FORCED[-1] if _FORCED else _ENVIRON.get(_BACKEND_KEY)
+    return _choose(backend, _ENVIRON.get(_INTERPRET_KEY), devices)
+
+
+def _text(raw: str | bytes | None) -> str | None:
+    return raw if raw is None or isinstance(raw, str) else os.environ.decodevalue(raw)
 
 
 # Keyed by the variables' raw values, so a change takes effect at the next call while an
 # unchanged environment costs two lookups.
 @functools.lru_cache(maxsize=64)
-def _choose(backend: str | None, interpret: str | None, devices: frozenset) -> str:
+def _choose(backend: str | bytes | None, interpret: str | bytes | None, devices: frozenset) -> str:
+    backend, interpret = _text(backend), _text(interpret)
     choice = parse_choice("FUSEDVLM_BACKEND", backend, "auto")
     if choice == "torch":
         return "torch"
@@ -101,6 +121,12 @@ def _choose(backend: str | None, interpret: str | None, devices: frozenset) -> s
         if native.available():
             return "cpp"
     return "torch"
+
+
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """``torch.is_autocast_enabled`` for ``t``'s device (a CPU tensor's without building a device
+    object: the public ops ask on every call)."""
+    return torch.is_autocast_enabled("cpu" if t.is_cpu else t.device.type)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -68,7 +68,7 @@ def offsets_tensor(cu, name: str, like: torch.Tensor, like_name: str) -> torch.T
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name} must be a 1-D int32 tensor of n + 1 >= 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
-    if cu.device != like.device:
+    if not (cu.is_cpu and like.is_cpu) and cu.device != like.device:  # is_cpu: no device object
         raise ValueError(f"{name} is on {cu.device} but {like_name} is on {like.device}")
     return cu if cu.is_contiguous() else cu.contiguous()
 

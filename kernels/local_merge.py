@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
-from fusedvlm.backend import compute_dtype, forced_tiles, implementation, interpreter_enabled
+from fusedvlm.backend import autocast_enabled, compute_dtype, forced_tiles, implementation, interpreter_enabled
 from fusedvlm.kernels._library import LIB, kernel_backend
 from fusedvlm.kernels.common import flag, grid_shape, merged_tokens_per_view
 
@@ -668,8 +668,7 @@ def check_args(x, weight, lf_token, bias, residual, grid, out):
     if v == 0 or n == 0 or c_in == 0:
         raise ValueError(f"local_merge: x has an empty dimension: {tuple(x.shape)}")
     h, w = grid_shape(n, grid)
-    others = {"weight": weight, "lf_token": lf_token, "bias": bias, "out": out}
-    for name, t in others.items():
+    for name, t in (("weight", weight), ("lf_token", lf_token), ("bias", bias), ("out", out)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"local_merge: {name} must be a tensor, got {type(t).__name__}")
     flag(residual, "local_merge: residual")
@@ -682,14 +681,22 @@ def check_args(x, weight, lf_token, bias, residual, grid, out):
         raise ValueError(f"local_merge: bias must be ({c_out},), got {tuple(bias.shape)}")
     if residual and c_in != c_out:
         raise ValueError(f"local_merge: residual needs C_in == C_out, got {c_in} -> {c_out}")
-    tensors = [t for t in (x, weight, lf_token, bias, out) if t is not None]
+    # The usual call (no bias, no out) skips building the optional ones' list.
+    tensors = (
+        (x, weight, lf_token)
+        if bias is None and out is None
+        else [t for t in (x, weight, lf_token, bias, out) if t is not None]
+    )
     if x.dtype not in _DTYPES:
         raise TypeError(f"local_merge: x dtype {x.dtype} not supported (fp32, fp16, bf16)")
-    if not all(t.is_floating_point() for t in tensors):
-        raise TypeError(f"local_merge: all tensors must be floating point, got {[t.dtype for t in tensors]}")
+    on_cpu = True  # is_cpu is a flag read; .device builds a device object per call
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"local_merge: all tensors must be floating point, got {[t.dtype for t in tensors]}")
+        on_cpu = on_cpu and t.is_cpu
     if out is not None and out.dtype != x.dtype:
         raise TypeError(f"local_merge: out dtype {out.dtype} must be x's dtype {x.dtype}")
-    if len({t.device for t in tensors}) != 1:
+    if not on_cpu and len({t.device for t in tensors}) != 1:
         raise ValueError(f"local_merge: tensors on different devices {[str(t.device) for t in tensors]}")
     if out is not None:
         tpv = merged_tokens_per_view(h, w)
@@ -713,6 +720,8 @@ LIB.define(
     "local_merge_backward(Tensor grad, Tensor x, Tensor weight, bool has_bias, bool residual, int h, int w, "
     "bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
 )
+# The public function's op, looked up once rather than through torch.ops on every call.
+_OP = torch.ops.fusedvlm.local_merge.default
 
 
 def _merge(x, weight, lf_token, bias, residual, h, w, backend):
@@ -817,12 +826,7 @@ def local_merge(
 
     ``grid=(H, W)`` for non-square grids. ``out`` (written in place and returned) lets the
     caller place the merged views straight into a packed buffer."""
-    if (
-        isinstance(x, torch.Tensor)
-        and x.is_floating_point()
-        and out is None
-        and torch.is_autocast_enabled(x.device.type)
-    ):
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and out is None and autocast_enabled(x):
         # Under autocast compute where F.conv2d would (the autocast dtype, fp32 accumulation);
         # a caller's ``out`` buffer fixes the dtype instead.
         x = x.to(compute_dtype(x))
@@ -838,7 +842,7 @@ def local_merge(
         # Differentiates through its own ops (the Winograd form's hand-written backward beats
         # the convolution's weight gradient) and writes ``out`` in place.
         return _torch_forward(x, weight, lf_token, bias, residual, h, w, out)
-    y = torch.ops.fusedvlm.local_merge.default(x, weight, lf_token, bias, residual, h, w, backend)
+    y = _OP(x, weight, lf_token, bias, residual, h, w, backend)
     # Autograd cannot rebase an op's write into a view of a buffer that does not itself require
     # grad, so a call with ``out`` pays one copy of the output.
     return y if out is None else out.copy_(y.view_as(out))

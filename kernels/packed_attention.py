@@ -49,13 +49,14 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
-from fusedvlm.backend import compute_dtype, forced_tiles, implementation, interpreter_enabled
+from fusedvlm.backend import autocast_enabled, compute_dtype, forced_tiles, implementation, interpreter_enabled
 from fusedvlm.kernels._library import LIB, kernel_backend
 from fusedvlm.kernels.common import finite_real, flag, host_offsets, offsets_tensor
 from fusedvlm.ref import packed_attention as _reference
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- validation
@@ -70,39 +71,47 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if not (q.device == k.device == v.device):
+    # is_cpu is a flag read; .device builds a device object per call.
+    on_cpu = q.is_cpu and k.is_cpu and v.is_cpu
+    if not on_cpu and not (k.device == q.device and v.device == q.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"head dim of q ({q.shape[2]}) and k/v ({k.shape[2]}) differ")
-    if q.shape[2] == 0 or q.shape[2] > _MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in 1..{_MAX_HEAD_DIM}, got {q.shape[2]}")
-    hq, hkv = q.shape[1], k.shape[1]
+    q_shape, k_shape = q.shape, k.shape
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    head_dim = q_shape[2]
+    if head_dim != k_shape[2]:
+        raise ValueError(f"head dim of q ({head_dim}) and k/v ({k_shape[2]}) differ")
+    if head_dim == 0 or head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{_MAX_HEAD_DIM}, got {head_dim}")
+    hq, hkv = q_shape[1], k_shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
+    shared = cu_k is cu_q  # self-attention: one offset tensor, checked once
     cu_q = offsets_tensor(cu_q, "cu_seqlens_q", q, "q")
-    cu_k = offsets_tensor(cu_k, "cu_seqlens_k", q, "q")
-    if cu_q.numel() != cu_k.numel():
-        raise ValueError(
-            f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match"
-        )
+    if shared:
+        cu_k = cu_q
+    else:
+        cu_k = offsets_tensor(cu_k, "cu_seqlens_k", q, "q")
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(
+                f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match"
+            )
     causal = flag(causal, "causal")
-    scale = q.shape[2] ** -0.5 if scale is None else finite_real(scale, "scale")
+    scale = head_dim**-0.5 if scale is None else finite_real(scale, "scale")
     # Traced by torch.compile, the values are not known: the op's kernel checks them at run time.
-    if q.is_cpu and not torch.compiler.is_compiling():
-        _check_offset_values(q, k, cu_q, cu_k, causal)
+    if on_cpu and not torch.compiler.is_compiling():
+        _check_offset_values(q_shape[0], k_shape[0], cu_q, cu_k, causal)
     return cu_q, cu_k, scale
 
 
-def _check_offset_values(q, k, cu_q, cu_k, causal) -> None:
+def _check_offset_values(len_q: int, len_k: int, cu_q, cu_k, causal) -> None:
     """Every offset value (CPU tensors only: reading them is free)."""
-    cq = host_offsets(cu_q, "cu_seqlens_q", q.shape[0], "the tensor")
-    if cu_k is cu_q and k.shape[0] == q.shape[0]:
+    cq = host_offsets(cu_q, "cu_seqlens_q", len_q, "the tensor")
+    if cu_k is cu_q and len_k == len_q:
         return  # self-attention: key segments are the query segments
-    ck = host_offsets(cu_k, "cu_seqlens_k", k.shape[0], "the tensor")
+    ck = host_offsets(cu_k, "cu_seqlens_k", len_k, "the tensor")
     if causal:
         for s in range(len(cq) - 1):
             lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
@@ -677,6 +686,8 @@ LIB.define(
     "str backend) "
     "-> (Tensor, Tensor, Tensor)"
 )
+# The public function's op, looked up once rather than through torch.ops on every call.
+_OP = torch.ops.fusedvlm.packed_attention.default
 
 
 def _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
@@ -809,7 +820,7 @@ def packed_attention(
         isinstance(q, torch.Tensor)
         and isinstance(k, torch.Tensor)
         and isinstance(v, torch.Tensor)
-        and not (q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type))
+        and not (q.dtype == k.dtype == v.dtype and not autocast_enabled(q))
     ):
         # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
@@ -819,6 +830,4 @@ def packed_attention(
     backend = implementation(q)
     if backend == "torch":
         return _reference.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
-    return torch.ops.fusedvlm.packed_attention.default(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend
-    )[0]
+    return _OP(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend)[0]

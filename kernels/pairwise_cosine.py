@@ -421,6 +421,8 @@ LIB.define(
     "pairwise_cosine_stats(Tensor h_a, Tensor h_b, Tensor cu_seqlens, bool positive, str backend) "
     "-> (Tensor eq, Tensor ab, Tensor aa, Tensor bb, Tensor div)"
 )
+# The public function's op, looked up once rather than through torch.ops on every call.
+_OP = torch.ops.fusedvlm.pairwise_cosine_stats.default
 
 
 def _stats(h_a, h_b, cu_seqlens, positive, backend):
@@ -472,4 +474,4 @@ def pairwise_cosine_stats(
     with torch.no_grad():  # statistics, never differentiated
         if backend == "torch":
             return _torch_pairwise_cosine_stats(h_a, h_b, cu_seqlens, positive)
-        return PsiStats(*torch.ops.fusedvlm.pairwise_cosine_stats.default(h_a, h_b, cu_seqlens, positive, backend))
+        return PsiStats(*_OP(h_a, h_b, cu_seqlens, positive, backend))

@@ -420,3 +420,25 @@ def test_op_opcheck_and_gradients_match_reference(with_bias, path, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, e in zip(grads, torch.autograd.grad(want.square().sum(), leaves)):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_cpp_autograd_node(monkeypatch):
+    """csrc/ops.cpp's node: gradients for exactly the inputs that require them (bias included),
+    forward-mode AD refused by name."""
+    if not lm.native.available():
+        pytest.skip("the C++ CPU kernels could not be built here")
+    monkeypatch.setenv("FUSEDVLM_BACKEND", "cpp")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 5 * 3, 8, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    lf = torch.randn(8, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    out = local_merge(x, w, lf, bias=b, grid=(5, 3))
+    assert out.grad_fn.name() == "LocalMergeBackward"
+    got = torch.autograd.grad(out.square().sum(), (lf, b))
+    want = ref_local_merge(x, w, lf, bias=b, residual=True, grid=(5, 3))
+    for a, e in zip(got, torch.autograd.grad(want.square().sum(), (lf, b))):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="local_merge: forward-mode AD is not implemented"):
+        local_merge(fwAD.make_dual(x, torch.ones_like(x)), w, lf, grid=(5, 3))

@@ -256,6 +256,28 @@ def test_cpp_matches_dense_masked_sdpa_on_strided_inputs(cpp):
     check_strided_inputs_match_dense_sdpa()
 
 
+@needs_cpp
+def test_cpp_autograd_node(cpp):
+    """csrc/ops.cpp's node: the gradient of the one input that requires it, saved tensors freed
+    by the backward, forward-mode AD refused by name."""
+    q, k, v, do, cu, _ = (
+        t.float() if t.is_floating_point() else t for t in _inputs([5, 7], [5, 7], 4, 2, 16, torch.float64, 3)
+    )
+    q.requires_grad_()
+    out = packed_attention(q, k, v, cu)
+    assert out.grad_fn.name() == "PackedAttentionBackward"
+    out.backward(do)
+    q_ref = q.detach().clone().requires_grad_()
+    ref_packed_attention(q_ref, k, v, cu, cu).backward(do)
+    torch.testing.assert_close(q.grad, q_ref.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.backward(do)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="packed_attention: forward-mode AD is not implemented"):
+        packed_attention(fwAD.make_dual(q, torch.ones_like(q)), k, v, cu)
+
+
 # The C++ forward's boundaries: row tiles of 4, column tiles of 64 keys (32 under AVX2), query
 # blocks of 64, P V key passes of 128, online-softmax chunks of 512; segments of at most 1024
 # keys are one unit with every head when a pack has >= 4 segments per thread, else a unit is a
