@@ -43,13 +43,14 @@ def _run(fn, q, k, v, do, cu_q, cu_k, dtype, **kw):
     ]
 
 
-def check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=0, causal=True):
+def check_against_fp64(lq, lk, hq, hkv, d, dtype, seed=0, causal=True, scale=None):
     q, k, v, do, cu_q, cu_k = _inputs(lq, lk, hq, hkv, d, dtype, seed)
     # The fp64 reference sees the same dtype-rounded inputs as the implementation.
     q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
-    exact = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, torch.float64, causal=causal)
-    same_dtype = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, dtype, causal=causal)
-    got = _run(packed_attention, q, k, v, do, cu_q, cu_k, dtype, causal=causal)
+    kw = dict(causal=causal, scale=scale)
+    exact = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, torch.float64, **kw)
+    same_dtype = _run(ref_packed_attention, q, k, v, do, cu_q, cu_k, dtype, **kw)
+    got = _run(packed_attention, q, k, v, do, cu_q, cu_k, dtype, **kw)
     for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
         assert g.shape == e.shape, name
         assert torch.isfinite(g).all(), name
@@ -327,6 +328,48 @@ def test_cpp_non_causal_empty_key_segments(n_seg, cpp, two_threads):
     lq = [9, 4, 20, 70, 1, 5, 6, 7, 8][:n_seg]
     lk = [17, 0, 20, 3, 0, 5, 6, 7, 8][:n_seg]
     check_against_fp64(lq, lk, 2, 1, 32, torch.float32, causal=False)
+
+
+# The C++ backward's boundaries: query blocks of 64 rows, key chunks of 256 (outer loop; a block
+# starts at the first that sees the chunk), row tiles as the forward's, key tiles of the same
+# height for dK, dV (each summed from the first row that sees its first key).
+@needs_cpp
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [33, 64])
+def test_cpp_backward_crosses_blocks_and_chunks(causal, d, cpp, two_threads):
+    """1-token and 123-row segments, cached prefixes past a 256-key chunk, GQA 3:1, D off the
+    vector width."""
+    lq = [300, 1, 123, 70, 0, 5]
+    lk = [600, 1, 123, 321, 4, 5]
+    check_against_fp64(lq, lk, 6, 2, d, torch.float32, seed=d, causal=causal)
+
+
+@needs_cpp
+@pytest.mark.parametrize("scale", [0.0, -0.5, 3.0])
+def test_cpp_backward_any_finite_scale(scale, cpp):
+    check_against_fp64([40, 1, 90], [70, 1, 90], 4, 2, 32, torch.float32, seed=7, scale=scale)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n_seg", [1, 9])
+def test_cpp_backward_nan_query_row_reaches_only_what_it_touches(n_seg, cpp, two_threads):
+    """A NaN in query 66 (head 0, kv head 0 under GQA 2:1) of a 70-row segment: its dq row and
+    the dk, dv rows of the keys it sees (0..66) are NaN; keys 67..69, in its row and key tiles
+    but past its limit, and every other row stay finite."""
+    lengths = [70] + [5] * (n_seg - 1)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lengths), 2, 16, generator=g)
+    k, v = (torch.randn(sum(lengths), 1, 16, generator=g) for _ in range(2))
+    q[66, 0, 3] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    packed_attention(q, k, v, cu_seqlens_from_lengths(lengths)).sum().backward()
+    nan_q = torch.zeros(q.shape[:2], dtype=torch.bool)
+    nan_q[66, 0] = True
+    nan_kv = torch.zeros(k.shape[:2], dtype=torch.bool)
+    nan_kv[:67, 0] = True
+    assert q.grad[nan_q].isnan().all() and torch.isfinite(q.grad[~nan_q]).all()
+    for t in (k, v):
+        assert t.grad[nan_kv].isnan().all() and torch.isfinite(t.grad[~nan_kv]).all()
 
 
 @needs_cpp
