@@ -168,6 +168,37 @@ def test_compiled_step_matches_eager(llm):
     assert [ids for ids, _ in got] == [ids for ids, _ in _conversation(LeanEngine(llm, compile=False), embeds)]
 
 
+def test_compiled_buckets_run_without_full_guards_and_match_eager(llm):
+    """A compiled bucket's later steps skip the guards that cannot tell the compiled graphs apart
+    (StaticCacheEngine.step): steps across a bucket growth, then another batch size, then back
+    give the eager step's logits every time, so each call found its own graph."""
+    compiled, eager = LeanEngine(llm, compile=True), LeanEngine(llm, compile=False)
+    if compiled.path != "lean-compiled":
+        pytest.skip(compiled.reason)
+    torch.manual_seed(7)
+    d, vocab = llm.config.hidden_size, llm.config.vocab_size
+
+    def run(batch, prompt, steps, caches=None):
+        if caches is None:
+            caches = [e.model.new_cache(batch, capacity=8) for e in (compiled, eager)]
+            embeds = torch.randn(batch, prompt, d) * 0.5
+            for e, c in zip((compiled, eager), caches):
+                e.prefill(embeds, c)
+        tokens = torch.randint(0, vocab, (batch,))
+        for _ in range(steps):
+            for e, c in zip((compiled, eager), caches):
+                e.prepare(c, c.get_seq_length() + 1)
+            got, want = compiled.step(tokens, caches[0]), eager.step(tokens, caches[1])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            tokens = want.argmax(-1)
+        return caches
+
+    first = run(1, 6, 4)  # positions 6..9: buckets 8 and 16
+    run(2, 3, 2)  # batch 2, bucket 8
+    run(1, 0, 3, first)  # back to batch 1, bucket 16
+    assert compiled.compile_stats.graphs == 3
+
+
 @pytest.mark.slow  # loads SmolLM2 and decodes 40 tokens: ~15 s on a quiet 2-core CPU, a minute when loaded
 def test_smol_greedy_matches_hugging_face():
     """The real SmolLM2-135M (GQA 9/3 heads, tied embeddings, rms eps 1e-5, RoPE theta 1e5):

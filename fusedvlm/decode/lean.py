@@ -316,6 +316,7 @@ class LeanEngine(StaticCacheEngine):
     """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`."""
 
     name = "lean"
+    tensor_only_inputs = True
 
     def __init__(self, hf, *, compile: bool = True, reason: str = ""):
         self.hf = hf
