@@ -89,7 +89,9 @@ def tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    # SmolVLM's tokenizer has its image markers as single tokens (written by the idefics3 adapter).
+    markers = ["<fake_token_around_image>", "<global-img>"]
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>", *markers]})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID
     return tok
@@ -321,7 +323,8 @@ class Bench:
 
     # ---------------------------------------------------------------- prompts
     def prompt(self, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = self.cls.default_prompt.layout(self.tok)
+        # Every row's visual tokens sit in the host's image markers, as the adapter writes them.
+        layout = self.cls.default_prompt.layout(self.tok, self.cls.image_markers(self.tok))
         q = layout.question(QUESTION, n_image, True)
         ids = torch.tensor([[IMAGE_ID if f else i for i, f in zip(q.ids, q.fused)]], device=self.device)
         return ids, ids[0] == IMAGE_ID

@@ -177,10 +177,16 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return _tokenizer()
+
+
+def _tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    # Idefics3's image markers are tokens of its tokenizer (as in SmolVLM's).
+    markers = ["<fake_token_around_image>", "<global-img>"]
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>", *markers]})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID and tok.eos_token_id == TEXT["eos_token_id"]
     return tok
@@ -249,10 +255,13 @@ def test_attach_and_the_llm_receives_the_fused_tokens_before_each_question(famil
     inputs = family.inputs(adapter, tokenizer, CONVS)
     ids = inputs["input_ids"]
     assert (ids == IMAGE_ID).sum(1).tolist() == [N_L + N_S, N_L]
-    # The placeholder runs sit right after the user header, before each question.
+    # The placeholder runs sit right after the user header, before each question, inside the
+    # host's image markers (Idefics3/SmolVLM's; none for the other families).
     row = tokenizer.decode(ids[0][inputs["attention_mask"][0].bool()].tolist())
-    assert row.count("<|im_start|>user\n" + "<image>" * N_L + "What is it?") == 1
-    assert row.count("<|im_start|>user\n" + "<image>" * N_S + "What colour?") == 1
+    before, after = family.cls.image_markers(tokenizer)
+    assert before == ("<fake_token_around_image><global-img>" if family.cls is Idefics3FusionAdapter else "")
+    assert row.count("<|im_start|>user\n" + before + "<image>" * N_L + after + "What is it?") == 1
+    assert row.count("<|im_start|>user\n" + before + "<image>" * N_S + after + "What colour?") == 1
     labelled = inputs["labels"][0][inputs["labels"][0] != IGNORE_INDEX].tolist()
     assert tokenizer.decode(labelled) == "A cup.<|im_end|>"
 
@@ -410,3 +419,33 @@ def test_session_reuses_earlier_turns_and_answers_as_recomputing_does(family, to
     assert scratch.sequences[0, inputs["input_ids"].shape[1] :].tolist() == second
     for reused, recomputed in zip(chat.last_output.scores, scratch.scores):
         torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics3_fused_tokens_sit_in_the_markers_the_hosts_processor_writes(name):
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    tok = _tokenizer()
+    # An unsplit 32 px image is one view of 16 tokens (8x8 patches, pixel shuffle x2): with n_l = 16
+    # the host's own processor writes the very prompt the adapter writes.
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=_tokenizer(), image_seq_len=N_L)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "<image>What is it?"}], tokenize=False, add_generation_prompt=True
+    )
+    image = _images(1)[0]
+    host_ids = processor(text=[text], images=[[image]], return_tensors="pt")["input_ids"][0].tolist()
+    adapter = Family(name).adapter()
+    inputs = adapter.prepare_inputs(tok, [("What is it?", None)], images=[[image]], image_processor=image_processor)
+    assert inputs["input_ids"][0].tolist() == host_ids
+    assert tok.decode(host_ids).count("<fake_token_around_image><global-img>" + "<image>" * N_L) == 1
+
+    # Later questions' n_s tokens are wrapped alike; a split image still gets the one global form.
+    split = adapter.prepare_inputs(tok, CONVS[0], images=[[image]], image_processor=idefics3_processor())
+    row = tok.decode(split["input_ids"][0].tolist())
+    for n, question in ((N_L, "What is it?"), (N_S, "What colour?")):
+        run = "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>" + question
+        assert row.count(run) == 1, row
+    assert row.count("<fake_token_around_image>") == 4

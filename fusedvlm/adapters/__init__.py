@@ -47,6 +47,8 @@ Contract of a model family (one small file): subclass ``FusionAdapter`` and defi
   ``config.text_config.hidden_size`` and ``config.image_token_id``);
 * ``vision_features(pixel_values, **other vision_inputs)`` ->
   :class:`~fusedvlm.adapters.base.VisionFeatures`: the features, packed one image per segment;
+* ``image_markers(tokenizer)`` (classmethod) -> ``(before, after)``: text the host's processor
+  writes around an image's tokens, written around every run of fused tokens (default none);
 * ``host_generate`` only where the host's ``generate`` refuses ``inputs_embeds`` (Gemma 3).
 
 Register the class in ``_FAMILIES`` below so that :func:`adapter_for` finds it.
