@@ -89,7 +89,9 @@ def tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    # SmolVLM's tokenizer has its image markers as single tokens (written by the idefics3 adapter).
+    markers = ["<fake_token_around_image>", "<global-img>"]
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>", *markers]})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID
     return tok
@@ -323,9 +325,8 @@ class Bench:
 
     # ---------------------------------------------------------------- prompts
     def prompt(self, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # The adapter's layout, the host's image markers (Qwen's <|vision_start|> ...) included.
-        layout = self.adapter.prompt.layout(self.tok)
-        ids, _ = self.adapter.host_tokens(layout.question(QUESTION, n_image, True))
+        # The adapter's layout: the host's image markers, as text (Idefics3's) or ids (Qwen's).
+        ids, _ = self.adapter.host_tokens(self.adapter.layout(self.tok).question(QUESTION, n_image, True))
         ids = torch.tensor([ids], device=self.device)
         return ids, ids[0] == IMAGE_ID
 

@@ -109,7 +109,12 @@ class Tokens:
 class ChatLayout:
     """Builds the token ids of turns for one template and tokenizer."""
 
-    def __init__(self, template: str | None, tokenizer, system: str | None = None):
+    def __init__(
+        self, template: str | None, tokenizer, system: str | None = None, image_markers: tuple[str, str] = ("", "")
+    ):
+        """``image_markers``: text a host writes before and after every run of fused slots
+        (e.g. Idefics3's ``<fake_token_around_image><global-img>`` ... ``<fake_token_around_image>``),
+        each tokenised as a piece of its own."""
         template = UPSTREAM_TEMPLATES.get(template, template)
         if template is not None and template not in TEMPLATES:
             raise ValueError(
@@ -119,6 +124,9 @@ class ChatLayout:
         self.template = template
         self.tokenizer = tokenizer
         self.system = DEFAULT_SYSTEM[template] if system is None else system
+        if len(image_markers) != 2 or not all(isinstance(m, str) for m in image_markers):
+            raise ValueError(f"image_markers must be two strings (before, after), got {image_markers!r}")
+        self.image_markers = tuple(image_markers)
         self.bos_id = tokenizer.bos_token_id
         self.bos = tokenizer.bos_token or ""
         self.eos_id = tokenizer.eos_token_id
@@ -223,7 +231,11 @@ class ChatLayout:
         return self._piece(before=text, labelled=labelled)
 
     def _fused(self, n: int) -> Tokens:
-        return Tokens([self.placeholder_id] * n, [True] * n, [IGNORE_INDEX] * n)
+        slots = Tokens([self.placeholder_id] * n, [True] * n, [IGNORE_INDEX] * n)
+        if not n:
+            return slots
+        before, after = self.image_markers
+        return self._control(before).extend(slots).extend(self._control(after))
 
     # ------------------------------------------------------------------ turns
     def fusion_text(self, question: str, first: bool) -> str:

@@ -195,10 +195,24 @@ MARKERS = {name: ("<|vision_start|>", "<|vision_end|>") for name in ("qwen2_vl",
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return _tokenizer()
+
+
+def _tokenizer():
     from fusedvlm.model.llm import byte_tokenizer
 
     tok = byte_tokenizer()
-    specials = ["<|im_start|>", "<|im_end|>", "<image>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    # Idefics3's image markers are tokens of its tokenizer (as in SmolVLM's), after Qwen's.
+    markers = ["<fake_token_around_image>", "<global-img>"]
+    specials = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<image>",
+        "<|video_pad|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        *markers,
+    ]
     tok.add_special_tokens({"additional_special_tokens": specials})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID and tok.eos_token_id == TEXT["eos_token_id"]
@@ -270,11 +284,13 @@ def test_attach_and_the_llm_receives_the_fused_tokens_before_each_question(famil
     ids = inputs["input_ids"]
     assert (ids == IMAGE_ID).sum(1).tolist() == [N_L + N_S, N_L]
     # The placeholder runs sit right after the user header, before each question, between the
-    # host's image markers where it has them.
+    # host's image markers where it has them: ids (Qwen's) or text (Idefics3/SmolVLM's).
     start, end = MARKERS.get(family.name, ("", ""))
+    before, after = family.cls.image_markers(tokenizer)
+    assert before == ("<fake_token_around_image><global-img>" if family.cls is Idefics3FusionAdapter else "")
     row = tokenizer.decode(ids[0][inputs["attention_mask"][0].bool()].tolist())
-    assert row.count("<|im_start|>user\n" + start + "<image>" * N_L + end + "What is it?") == 1
-    assert row.count("<|im_start|>user\n" + start + "<image>" * N_S + end + "What colour?") == 1
+    assert row.count("<|im_start|>user\n" + start + before + "<image>" * N_L + after + end + "What is it?") == 1
+    assert row.count("<|im_start|>user\n" + start + before + "<image>" * N_S + after + end + "What colour?") == 1
     labelled = inputs["labels"][0][inputs["labels"][0] != IGNORE_INDEX].tolist()
     assert tokenizer.decode(labelled) == "A cup.<|im_end|>"
 
@@ -549,3 +565,33 @@ def test_gemma3_pan_and_scan_crops_are_more_views_of_their_image(tokenizer):
         adapter.vision_features(inputs["pixel_values"][:6], inputs["num_crops"])
     with pytest.raises(ValueError, match="the gemma3 adapter needs num_crops"):
         adapter(**{k: v for k, v in inputs.items() if k != "num_crops"})
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics3_fused_tokens_sit_in_the_markers_the_hosts_processor_writes(name):
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    tok = _tokenizer()
+    # An unsplit 32 px image is one view of 16 tokens (8x8 patches, pixel shuffle x2): with n_l = 16
+    # the host's own processor writes the very prompt the adapter writes.
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=_tokenizer(), image_seq_len=N_L)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "<image>What is it?"}], tokenize=False, add_generation_prompt=True
+    )
+    image = _images(1)[0]
+    host_ids = processor(text=[text], images=[[image]], return_tensors="pt")["input_ids"][0].tolist()
+    adapter = Family(name).adapter()
+    inputs = adapter.prepare_inputs(tok, [("What is it?", None)], images=[[image]], image_processor=image_processor)
+    assert inputs["input_ids"][0].tolist() == host_ids
+    assert tok.decode(host_ids).count("<fake_token_around_image><global-img>" + "<image>" * N_L) == 1
+
+    # Later questions' n_s tokens are wrapped alike; a split image still gets the one global form.
+    split = adapter.prepare_inputs(tok, CONVS[0], images=[[image]], image_processor=idefics3_processor())
+    row = tok.decode(split["input_ids"][0].tolist())
+    for n, question in ((N_L, "What is it?"), (N_S, "What colour?")):
+        run = "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>" + question
+        assert row.count(run) == 1, row
+    assert row.count("<fake_token_around_image>") == 4

@@ -51,6 +51,8 @@ Contract of a model family (one small file): subclass ``FusionAdapter`` and defi
 * ``host_fused_markers(host)`` (classmethod) where the host's processor writes ids around an
   image's tokens (Qwen's ``<|vision_start|>``/``<|vision_end|>``), and ``host_positions`` where
   its LLM's position ids are not one per token (Qwen's M-RoPE);
+* ``image_markers(tokenizer)`` (classmethod) -> ``(before, after)``: text the host's processor
+  writes around an image's tokens, written around every run of fused tokens (default none);
 * ``host_generate`` only where the host's ``generate`` refuses ``inputs_embeds`` (Gemma 3).
 
 Register the class in ``_FAMILIES`` below so that :func:`adapter_for` finds it.

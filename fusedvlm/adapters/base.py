@@ -45,8 +45,8 @@ class PromptFormat:
     template: str | None = "llava"
     system: str | None = None
 
-    def layout(self, tokenizer) -> ChatLayout:
-        return ChatLayout(self.template, tokenizer, self.system)
+    def layout(self, tokenizer, image_markers: tuple[str, str] = ("", "")) -> ChatLayout:
+        return ChatLayout(self.template, tokenizer, self.system, image_markers)
 
 
 def require_host_parts(
@@ -167,6 +167,16 @@ class FusionAdapter(nn.Module, ABC):
             ids += end
             labels += [IGNORE_INDEX] * len(end)
         return ids, labels
+
+    @classmethod
+    def image_markers(cls, tokenizer) -> tuple[str, str]:
+        """The text the host's processor writes before and after an image's tokens, written
+        around every run of fused tokens (default: none)."""
+        return "", ""
+
+    def layout(self, tokenizer) -> ChatLayout:
+        """The prompt builder of this adapter: its prompt format with the host's image markers."""
+        return self.prompt.layout(tokenizer, self.image_markers(tokenizer))
 
     @abstractmethod
     def vision_features(self, pixel_values: torch.Tensor, **vision) -> VisionFeatures:
@@ -344,7 +354,8 @@ class FusionAdapter(nn.Module, ABC):
         ``images_per_sample`` (default one each) says how many consecutive images belong to each
         conversation; their vision prefixes are concatenated in front of its questions.
         The prompt is the :class:`~fusedvlm.chat.ChatLayout` of ``self.prompt`` with ``n_l``
-        (first question) or ``n_s`` image placeholder ids before each question. Returns
+        (first question) or ``n_s`` image placeholder ids before each question, inside the
+        host's ``image_markers``. Returns
         ``input_ids``, ``attention_mask``, the vision inputs, the fusion inputs
         ``fusion_question_ids``, ``fusion_cu_seqlens``, ``fusion_questions_per_sample``,
         ``fusion_images_per_sample`` and, when some turn has an answer, ``labels``
@@ -369,7 +380,7 @@ class FusionAdapter(nn.Module, ABC):
                 f"({'images_per_sample ' + str(per_image) if images_per_sample is not None else 'one image each'})"
             )
         n_l, n_s = self.fusion.resolve_counts(n_l, n_s)
-        layout = self.prompt.layout(tokenizer)
+        layout = self.layout(tokenizer)
 
         rows, labels, qids, per_sample = [], [], [], []
         for i, turns in enumerate(conversations):

@@ -8,8 +8,11 @@ connector (pixel shuffle by ``scale_factor`` + a Linear into the LLM width): per
 (S/patch/scale)^2 raster grid, e.g. 8x8 = 64 tokens per 512-px view for SmolVLM-256M. Those
 grids are the features handed over, one segment per row: a row's views are the "images" of the
 fusion module (several images in one row simply bring more views). The prompt is the
-tokenizer's own chat template; the views' ``<fake_token_around_image>``/``<row_x_col_y>``
-markers are not written, since the fused tokens are not per-view.
+tokenizer's own chat template. The host's processor writes an unsplit image as
+``<fake_token_around_image><global-img>`` + its tokens + ``<fake_token_around_image>`` and a split
+one as ``<fake_token_around_image><row_i_col_j>`` + tokens per tile, then that global form; the
+fused tokens are not per view, so every run of them is written in the global (unsplit) form:
+exactly the processor's prompt for an unsplit image when n_l equals its token count.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ class Idefics3FusionAdapter(FusionAdapter):
             modules=("model.vision_model", "model.connector"),
             methods=("get_image_features",),
         )
+
+    @classmethod
+    def image_markers(cls, tokenizer) -> tuple[str, str]:
+        # Where the tokenizer names them, as SmolVLMProcessor reads them; else Idefics3Processor's strings.
+        fake = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
+        glob = getattr(tokenizer, "global_image_token", None) or "<global-img>"
+        return fake + glob, fake
 
     @classmethod
     def host_vision_layout(cls, host: nn.Module) -> tuple[int, tuple[int, int] | None]:

@@ -35,7 +35,7 @@ class AdapterSession:
         """All the given images belong to this one conversation."""
         self.adapter, self.tokenizer = adapter, tokenizer
         self.n_l, self.n_s = adapter.fusion.resolve_counts(n_l, n_s)
-        self.layout = adapter.prompt.layout(tokenizer)
+        self.layout = adapter.layout(tokenizer)
         pixel_values, vision = adapter.image_inputs(pixel_values, images, image_processor, vision)
         num_images = adapter.count_images(pixel_values, **vision)
         with torch.no_grad():
