@@ -13,6 +13,12 @@ bf16 ``F.linear`` beside them; then, for 1..64 rows of x, our int8 kernel agains
 ops (where Int8Linear switches, ``KERNEL_MAX_ROWS``):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_int8.py --matvec --out bench/results/<machine>/int8_matvec_1t.json
+
+``--checkpoint DIR`` compares the LLM of a converted checkpoint alone, bf16 against int8, on a
+text prompt (the paper-size random checkpoint: about 14 GB of bf16 weights, memory-mapped, and
+6.7 GB of int8 ones):
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_int8.py --checkpoint <dir> --out bench/results/<machine>/int8_paper.json
 """
 
 from __future__ import annotations
@@ -293,6 +299,84 @@ def text_only(llm32, tokenizer, new_tokens: int) -> dict:
     return res
 
 
+def _agreement(ref_logits, ref_ids, logits, ids) -> dict:
+    """First-token logits error and greedy agreement of a run against its reference run."""
+    top2 = ref_logits.topk(2).values
+    same = [i == j for i, j in zip(ref_ids, ids)]
+    return {
+        "relative_l2_error": float((ref_logits - logits).norm() / ref_logits.norm()),
+        "max_abs_error": float((ref_logits - logits).abs().max()),
+        "top1_equal": bool(ref_logits.argmax() == logits.argmax()),
+        "reference_top2_margin": float(top2[0] - top2[1]),
+        "greedy_tokens": len(same),
+        "greedy_identical_prefix": same.index(False) if False in same else len(same),
+        "greedy_positions_equal": sum(same),
+    }
+
+
+@torch.no_grad()
+def checkpoint_main(args) -> int:
+    """The LLM of a converted checkpoint (e.g. the paper-size random one of bench_real_size.py)
+    on a chat-templated text prompt, bf16 then int8 in place (no second copy of a 7B model): the
+    first-token logits and greedy ids over --new-tokens, both on the lean decode path."""
+    import os
+    import shlex
+    import time
+
+    from fusedvlm import native
+    from fusedvlm.benchmark.decode import prompt_embeds
+    from fusedvlm.benchmark.system import environment
+    from fusedvlm.decode import make_engine
+    from fusedvlm.generation import GenerationConfig, decode, prefill
+    from fusedvlm.model import FusedVLM
+    from fusedvlm.quant import quantize_llm
+
+    t0 = time.perf_counter()
+    model = FusedVLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
+    load_s = time.perf_counter() - t0
+    llm = model.llm
+    embeds = prompt_embeds(llm, model.layout, TEXT_PROMPT)
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+
+    def run():
+        engine = make_engine(llm, "lean", compile=False)
+        state = prefill(engine, embeds)
+        out = decode(engine, state, gen, eos_ids=set())
+        return state.logits.float(), out.ids, len(out.token_latencies_s) / sum(out.token_latencies_s)
+
+    ref_logits, ref_ids, ref_tps = run()
+    t0 = time.perf_counter()
+    quantize_llm(llm, "int8")
+    quant_s = time.perf_counter() - t0
+    logits, ids, tps = run()
+    res = {
+        "environment": environment(torch.device("cpu")),
+        "isa": native.isa() if native.available() else None,
+        "threads": torch.get_num_threads(),
+        "checkpoint": str(args.checkpoint),
+        "llm_parameters": sum(p.numel() for p in llm.parameters()),
+        "prompt_tokens": embeds.shape[0],
+        "load_s": load_s,
+        "quantize_s": quant_s,
+        "int8_vs_bf16": _agreement(ref_logits, ref_ids, logits, ids),
+        "decode_tokens_per_s": {"bf16_lean_eager": ref_tps, "int8_lean_eager": tps},
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/bench_int8.py "
+        + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    c = res["int8_vs_bf16"]
+    lines = [
+        res["command"],
+        f"LLM of {args.checkpoint} ({res['llm_parameters'] / 1e9:.2f} B parameters), text prompt of "
+        f"{res['prompt_tokens']} tokens, lean path, ISA variant {res['isa']}, {res['threads']} threads",
+        f"int8 vs bf16: first-token logits relative L2 {c['relative_l2_error']:.4f}, max abs {c['max_abs_error']:.3f}, "
+        f"top-1 {'equal' if c['top1_equal'] else 'different'} (bf16 top-2 margin {c['reference_top2_margin']:.3f}); "
+        f"greedy over {c['greedy_tokens']} tokens: identical for the first {c['greedy_identical_prefix']}, "
+        f"{c['greedy_positions_equal']} positions equal",
+        f"decode: bf16 {ref_tps:.2f} tok/s, int8 {tps:.2f} tok/s ({tps / ref_tps:.2f}x)",
+    ]
+    return _report(res, lines, args.out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smol")
@@ -303,9 +387,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--matvec", action="store_true", help="the kernels alone, per weight matrix (see above)")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256, 1024], help="rows of x, --matvec")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a converted checkpoint: its LLM alone, bf16 vs int8 on a text prompt (see checkpoint_main)",
+    )
     args = p.parse_args(argv)
     if args.matvec:
         return matvec_main(args)
+    if args.checkpoint:
+        return checkpoint_main(args)
 
     from fusedvlm.benchmark.system import environment
     from fusedvlm.commands import open_image
@@ -335,18 +426,7 @@ def main(argv=None) -> int:
     _, ref_lean = run(bf16, "lean")
 
     def compare(x, y) -> dict:
-        a, b = x.first_logits.float(), y.first_logits.float()
-        top2 = a.topk(2).values
-        same = [i == j for i, j in zip(x.ids, y.ids)]
-        return {
-            "relative_l2_error": float((a - b).norm() / a.norm()),
-            "max_abs_error": float((a - b).abs().max()),
-            "top1_equal": bool(a.argmax() == b.argmax()),
-            "reference_top2_margin": float(top2[0] - top2[1]),
-            "greedy_tokens": len(same),
-            "greedy_identical_prefix": same.index(False) if False in same else len(same),
-            "greedy_positions_equal": sum(same),
-        }
+        return _agreement(x.first_logits.float(), x.ids, y.first_logits.float(), y.ids)
 
     text = text_only(fp32.llm, bf16.tokenizer, args.new_tokens)
     layer = paper_layer_timing(args.repeats)

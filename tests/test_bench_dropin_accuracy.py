@@ -45,12 +45,18 @@ def run():
     return acc.Run(acc.parse_args([*TINY, "--eval-images", "3"]))
 
 
-def test_answer_scores_match_the_hosts_loss(run):
-    items = run.eval_items[:4]
+def _native_rows(run, n):
+    """The first n held-out prompts with the native connector's tokens: ids, labels, embeddings."""
+    items = run.eval_items[:n]
     ids, labels = acc.prompt_rows(run.layout, run.image_id, items, run.native)
     embeds = acc.scatter(
         run.host, ids, run.image_id, acc.connector_tokens(run.host, run.eval_images, [i for i, *_ in items])
     )
+    return ids, labels, embeds
+
+
+def test_answer_scores_match_the_hosts_loss(run):
+    ids, labels, embeds = _native_rows(run, 4)
     with torch.no_grad():
         loss, exact = acc.answer_scores(run.host, acc.llm_hidden(run.host, embeds), labels)
         # Right padding, no mask: every real token precedes the padding, so causality suffices.
@@ -63,11 +69,7 @@ def test_answer_scores_match_the_hosts_loss(run):
 
 
 def test_fastv_keeping_every_token_is_the_plain_forward(run):
-    items = run.eval_items[:3]
-    ids, labels = acc.prompt_rows(run.layout, run.image_id, items, run.native)
-    embeds = acc.scatter(
-        run.host, ids, run.image_id, acc.connector_tokens(run.host, run.eval_images, [i for i, *_ in items])
-    )
+    ids, labels, embeds = _native_rows(run, 3)
     with torch.no_grad():
         hidden, kept = acc.fastv_hidden(run.host, embeds, labels, ids == run.image_id, run.native, 1)
         plain = acc.llm_hidden(run.host, embeds)

@@ -253,16 +253,26 @@ def test_real_size_bench_runs_end_to_end_at_small_scale(tmp_path):
         "--work",
         str(tmp_path / "w"),
     ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*cmd, "--new-tokens", "2", "--cleanup", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [*cmd, "--new-tokens", "2", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["phases"]) >= {"generate", "convert", "load", "chat"}
     assert [t["decode_tokens"] for t in res["turns"]] == [2, 2]
     assert res["phases"]["load"]["peak_bytes"] <= res["phases"]["load"]["bound_bytes"]
-    assert not (tmp_path / "w" / "converted").exists()  # --cleanup
+
+    # The int8 accuracy bench on the same converted checkpoint (its paper-size run reads that one).
+    int8 = tmp_path / "int8.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_int8.py"), "--checkpoint", str(tmp_path / "w" / "converted")]
+        + ["--new-tokens", "8", "--out", str(int8)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    agreement = json.loads(int8.read_text())["int8_vs_bf16"]
+    assert agreement["greedy_tokens"] == 8 and 0 < agreement["relative_l2_error"] < 0.2
