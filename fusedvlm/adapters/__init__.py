@@ -48,11 +48,12 @@ Contract of a model family (one small file): subclass ``FusionAdapter`` and defi
   ``config.text_config.hidden_size`` and ``config.image_token_id``);
 * ``vision_features(pixel_values, **other vision_inputs)`` ->
   :class:`~fusedvlm.adapters.base.VisionFeatures`: the features, packed one image per segment;
-* ``host_fused_markers(host)`` (classmethod) where the host's processor writes ids around an
-  image's tokens (Qwen's ``<|vision_start|>``/``<|vision_end|>``), and ``host_positions`` where
-  its LLM's position ids are not one per token (Qwen's M-RoPE);
-* ``image_markers(tokenizer)`` (classmethod) -> ``(before, after)``: text the host's processor
-  writes around an image's tokens, written around every run of fused tokens (default none);
+* the host's image markers, written around every run of fused tokens (default none), from
+  where the host names them: ``host_fused_markers(host)`` (classmethod) -> ids its config
+  holds (Qwen's ``<|vision_start|>``/``<|vision_end|>``), or ``image_markers(tokenizer)``
+  (classmethod) -> ``(before, after)`` text its processor writes (Idefics3's
+  ``<fake_token_around_image><global-img>``), which the prompt layout tokenises;
+* ``host_positions`` where the LLM's position ids are not one per token (Qwen's M-RoPE);
 * ``host_generate`` only where the host's ``generate`` refuses ``inputs_embeds`` (Gemma 3).
 
 Register the class in ``_FAMILIES`` below so that :func:`adapter_for` finds it.
