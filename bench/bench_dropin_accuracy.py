@@ -35,9 +35,9 @@ fusion and baseline rows, the connector are frozen, so their outputs are compute
 8x8 = 64 at 512 px): on a shared 2-core CPU the frozen LLM's backward pass is the cost, and 64
 visual tokens would leave too few training steps. ``--scale tiny``: a random 2-layer byte-level
 LLM instead of SmolLM2, 64 px views, a few steps: a smoke test of the script (its accuracies
-mean nothing). The real defaults are the committed table's setting, far too few steps to train
-either path on that machine (see ``bench/results/dropin-accuracy-smollm2/``); raise ``--steps``
-where the CPU allows. Writes ``accuracy.json`` and ``accuracy.md`` to ``--out-dir``.
+mean nothing). The real defaults are the README table's setting (300 steps of 8; shorter runs
+are in ``bench/results/dropin-accuracy-smollm2/``). Writes ``accuracy.json`` and ``accuracy.md``
+to ``--out-dir``.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_dropin_accuracy.py --scale real
 """
@@ -109,12 +109,13 @@ SCALES = {
         vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
         fusion=_fusion(256, 2, 15),
         draw=128,
-        # The committed table's setting: ~30 min at a load average of 7-10 on the shared 2-core CPU.
-        train_images=120,
-        eval_images=32,
-        steps=30,
+        # The README table's setting: about 20 min on the quiet 2-core EPYC with 2 threads (30-120
+        # steps, run first, left the fusion module untrained: bench/results/dropin-accuracy-smollm2/).
+        train_images=600,
+        eval_images=64,
+        steps=300,
         batch_size=8,
-        lr=2e-3,
+        lr=4e-3,
         budgets=(4,),
     ),
     "tiny": Scale(
