@@ -51,7 +51,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 
 from fusedvlm.adapters.base import PromptFormat, VisionFeatures
 from fusedvlm.adapters.idefics3 import Idefics3FusionAdapter
+from fusedvlm.benchmark.system import environment
 from fusedvlm.chat import IGNORE_INDEX
 from fusedvlm.config import FusionConfig
 from fusedvlm.packing import cu_seqlens_from_lengths, pad_rows
@@ -569,24 +569,9 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def machine() -> dict:
-    info = {}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    for line in lscpu.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            info["cpu"] = value.strip()
-        elif key.strip() == "Flags":
-            flags = value.split()
-            info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    info["cores"] = os.cpu_count()
-    try:
-        info["load_avg"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
+    """The run's environment (fusedvlm.benchmark.system) with the load average at the start."""
+    env = environment(torch.device("cpu"))
+    return {"cpu": env["cpu"], "isa": env["cpp_isa"], "cores": env["cpu_count"], "load_avg": os.getloadavg(), **env}
 
 
 def markdown(result: dict) -> str:
@@ -621,7 +606,7 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Machine: {m.get('cpu', '?')} ({', '.join(m.get('isa', []))}), {m.get('cores')} cores, "
+        f"Machine: {m['cpu']} (C++ ISA variant {m['isa']}), {m['cores']} cores, "
         f"{result['threads']} torch threads, load average at the start {m.get('load_avg')}; "
         f"wall time {result['wall_s'] / 60:.1f} min.",
         "",
