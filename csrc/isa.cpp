@@ -116,6 +116,10 @@ at::Tensor linear(const at::Tensor& x, at::TensorList weights, const c10::List<s
   FUSEDVLM_DISPATCH(matvec::linear, x, weights, biases, scales)
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t pos, double scale) {
+  FUSEDVLM_DISPATCH(decode::decode_attention, q, k, v, pos, scale)
+}
+
 double fma_peak(int64_t iterations) { FUSEDVLM_DISPATCH(peak::fma_peak, iterations) }
 
 }  // namespace fusedvlm

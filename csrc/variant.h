@@ -24,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -62,6 +63,9 @@
   namespace fusedvlm::V::matvec {                                                                                   \
   at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,               \
                     std::optional<at::TensorList>);                                                                 \
+  }                                                                                                                 \
+  namespace fusedvlm::V::decode {                                                                                   \
+  at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double);            \
   }                                                                                                                 \
   namespace fusedvlm::V::peak {                                                                                     \
   double fma_peak(int64_t);                                                                                         \

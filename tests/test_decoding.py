@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedvlm.decode import DECODE_PATHS, make_engine
-from fusedvlm.decode.engine import DecodeEngine
+from fusedvlm.decode.engine import FIRST_BUCKET, DecodeEngine
 from fusedvlm.decode.hf import HFEngine
 from fusedvlm.decode.hf_static import HFStaticCache, HFStaticEngine, hf_static_unsupported
 from fusedvlm.decode.lean import MATVEC_MAX_ROWS, LeanEngine, StaticKVCache
@@ -438,3 +438,37 @@ def test_lean_step_on_our_matvec_matches_f_linear(llm, dtype, tol):
         4 * layers + 1 if 7 * b <= MATVEC_MAX_ROWS[dtype] else 1 for b in (1, MATVEC_MAX_ROWS[torch.float32])
     )
     assert len(calls) == prefills + 2 * 3 * (4 * layers + 1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_eager_lean_step_attends_through_our_cache_kernel(llm, dtype, tol):
+    """Eager on a CPU with the C++ kernels, the step's attention reads the visible keys of the
+    cache through fusedvlm::decode_attention (one call per layer per step); its logits match the
+    multiply-over-the-bucket step's, across a bucket's growth."""
+    import copy
+
+    from fusedvlm import native
+
+    if not native.available():
+        pytest.skip("C++ kernels not built")
+    model = copy.deepcopy(llm).to(dtype)
+    ours, ref = LeanEngine(model, compile=False), LeanEngine(model, compile=False)
+    ref.model.cache_attention = None
+    calls = []
+    op = ours.model.cache_attention
+    assert op is not None
+    ours.model.cache_attention = lambda *a: calls.append(a[3]) or op(*a)
+    torch.manual_seed(4)
+    embeds = torch.randn(2, 9, llm.config.hidden_size, dtype=dtype) * 0.5
+    caches = ours.new_cache(2), ref.new_cache(2)
+    got, want = ours.prefill(embeds, caches[0]), ref.prefill(embeds, caches[1])
+    assert not calls  # a prefill attends with the packed kernel
+    tokens = torch.arange(2)
+    steps = FIRST_BUCKET + 3 - 9  # past the first bucket
+    for _ in range(steps):
+        assert (got - want).abs().max() / want.abs().max() < tol
+        got, want = ours.step(tokens, caches[0]), ref.step(tokens, caches[1])
+        tokens = want.argmax(-1)
+    assert (got - want).abs().max() / want.abs().max() < tol
+    layers = llm.config.num_hidden_layers
+    assert calls == [p for p in range(9, 9 + steps) for _ in range(layers)]

@@ -246,8 +246,8 @@ INT8_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 123), (123, 4097), (4, 64)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_int8_linear_matches_the_dequantised_weights_in_fp64(isa, dtype, n, k, rows):
-    """int8 weights with fp32 scales, several per call (n rows, then 9 and 21: a tile of 8 rows
-    and 4-row tiles with single rows left over), biases or None, leading dimensions kept."""
+    """int8 weights with fp32 scales, several per call (n rows, then 9 and 21: 4-row tiles with
+    single rows left over), biases or None, leading dimensions kept."""
     gen = torch.Generator().manual_seed(n * 31 + k + rows)
     x = torch.randn(rows, 1, k, generator=gen).to(dtype)
     qs = [_int8(m, k, gen) for m in (n, 9, 21)]
@@ -268,8 +268,8 @@ def test_int8_linear_matches_the_dequantised_weights_in_fp64(isa, dtype, n, k, r
 @needs_cpp
 @pytest.mark.parametrize("rows", [1, 3])
 def test_int8_linear_threads_split_rows_between_weights(rows):
-    """Calls large enough for every thread: each thread's range starts on a 4-row tile, which
-    the 8-row tiles of one row of x must respect."""
+    """Calls large enough for every thread: each thread's range starts on a 4-row tile, and its
+    prefetches two tiles ahead run past the end of its range (and of the weight) harmlessly."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(rows, 512, generator=gen)
     qs = [_int8(n, 512, gen) for n in (301, 1, 250, 4096)]
@@ -307,3 +307,79 @@ def test_int8_linear_has_shapes_for_the_compiler():
         x, q, s = torch.empty(2, 3, 8), torch.empty(5, 8, dtype=torch.int8), torch.empty(5)
         y = torch.ops.fusedvlm.linear(x, [q, q], [None, None], [s, s])
     assert y.shape == (2, 3, 10)
+
+
+# decode_attention sums in fp32 over at most a few hundred keys: the error is the fp32 sums' or,
+# for a half-precision q, the output's rounding.
+DECODE_ATTENTION_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _decode_attention_reference(q, k, v, pos, scale):
+    """softmax(scale q K^T) V in fp64, query t of q (B, H, T, D) seeing keys j <= pos + t of the
+    cache (B, Hkv, capacity, D), each key/value head serving H / Hkv adjacent query heads."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    keys = k.double().repeat_interleave(G, 1)
+    values = v.double().repeat_interleave(G, 1)
+    scores = scale * q.double() @ keys.transpose(-1, -2)
+    visible = torch.arange(k.shape[2])[None, :] <= pos + torch.arange(T)[:, None]
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ values
+
+
+@pytest.mark.parametrize("dtype", list(DECODE_ATTENTION_TOL))
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,rows,d,pos",
+    [(1, 4, 4, 1, 64, 0), (2, 6, 2, 1, 128, 37), (1, 9, 3, 3, 20, 100), (3, 2, 1, 2, 72, 5)],
+)
+def test_decode_attention_matches_the_reference_in_fp64(isa, dtype, batch, heads, kv_heads, rows, d, pos):
+    """The eager lean step's attention over its cache (csrc/decode_attention.inc): one key (pos
+    0), grouped heads, several new rows, head dimensions with vector tails, the cache a view of a
+    larger buffer (its bucket) whose keys past pos + T hold garbage that must not be read."""
+    gen = torch.Generator().manual_seed(batch * 100 + heads + rows + d + pos)
+    capacity = pos + rows + 5
+    q = torch.randn(batch, heads, rows, d, generator=gen).to(dtype)
+    buf = torch.randn(2, batch, kv_heads, capacity + 3, d, generator=gen).to(dtype)
+    buf[:, :, :, pos + rows :] = float("nan")
+    k, v = buf[0, :, :, :capacity], buf[1, :, :, :capacity]
+    out = native.load().decode_attention(q, k, v, pos, d**-0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = _decode_attention_reference(q, k.nan_to_num(), v.nan_to_num(), pos, d**-0.5)
+    err = (out.double() - want).abs().max() / want.abs().max()
+    assert err < DECODE_ATTENTION_TOL[dtype], err
+
+
+@needs_cpp
+def test_decode_attention_splits_heads_between_threads():
+    """A call large enough for every thread (above the serial threshold), fp32 q on a bf16 cache
+    as the lean step's fp32 model never makes but a caller may."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 32, 1, 128, generator=gen)
+    k, v = (torch.randn(2, 8, 600, 128, generator=gen).bfloat16() for _ in range(2))
+    out = native.load().decode_attention(q, k, v, 511, 0.1)
+    want = _decode_attention_reference(q, k, v, 511, 0.1)
+    assert (out.double() - want).abs().max() / want.abs().max() < DECODE_ATTENTION_TOL[torch.float32]
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"q": torch.randn(4, 1, 8)}, r"must be 4-D"),
+        ({"v": torch.randn(1, 2, 9, 8)}, r"k \[1, 2, 16, 8\] and v \[1, 2, 9, 8\] differ"),
+        ({"v": torch.randn(1, 2, 16, 8).bfloat16()}, "k and v dtypes differ"),
+        ({"q": torch.randn(1, 4, 1, 6)}, "differ in batch or head dimension"),
+        ({"q": torch.randn(1, 3, 1, 8)}, "3 query heads are not a multiple of 2 key/value heads"),
+        ({"pos": 16}, "1 rows at position 16 do not fit a cache of 16"),
+        ({"pos": -1}, "at position -1"),
+        ({"k": torch.randn(1, 2, 8, 16).transpose(2, 3), "v": torch.randn(1, 2, 8, 16).transpose(2, 3)}, "contiguous"),
+        (
+            {"k": torch.zeros(1, 2, 16, 8, dtype=torch.int8), "v": torch.zeros(1, 2, 16, 8, dtype=torch.int8)},
+            "float32, bfloat16 or float16",
+        ),
+    ],
+)
+def test_decode_attention_refuses_bad_input(change, message):
+    args = {"q": torch.randn(1, 4, 1, 8), "k": torch.randn(1, 2, 16, 8), "v": torch.randn(1, 2, 16, 8), "pos": 3}
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        native.load().decode_attention(args["q"], args["k"], args["v"], args["pos"], 0.3)

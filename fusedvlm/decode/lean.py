@@ -125,6 +125,16 @@ def _matvec_op(weights: list[torch.Tensor]):
     return native.load().linear if native.available() else None
 
 
+def _cache_attention_op(device: torch.device):
+    """``fusedvlm::decode_attention`` for an eager step on the CPU (the C++ kernels built), else
+    None: the step then multiplies over the whole bucket as the compiled step does."""
+    if device.type != "cpu":
+        return None
+    from fusedvlm import native
+
+    return native.load().decode_attention if native.available() else None
+
+
 # ------------------------------------------------------------------------------------ model
 
 
@@ -170,6 +180,7 @@ class LeanLlama(torch.nn.Module):
             )
             self.scales.append(tuple(s for _, s in parts))
         self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
+        self.cache_attention = _cache_attention_op(self.embed.device)
         self.matvec_rows = MATVEC_MAX_ROWS[self.layers[0][0].dtype] if self.layers else 0
         self.head_rows = MATVEC_MAX_ROWS[self.lm_head.dtype]
         with torch.no_grad():
@@ -214,7 +225,11 @@ class LeanLlama(torch.nn.Module):
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
         positions = pos + torch.arange(T, device=x.device)
         cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
-        if start is None:
+        # Eager on the CPU, the step reads only the visible keys, as stored (csrc/decode_attention.inc).
+        cache_op = self.cache_attention if start is None and not self.fuse_attention else None
+        if cache_op is not None:
+            at = int(pos)
+        elif start is None:
             # key j is visible to query t when j <= pos + t
             visible = torch.arange(k_cache[0].shape[2], device=x.device)[None, :] <= positions[:, None]
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
@@ -233,7 +248,9 @@ class LeanLlama(torch.nn.Module):
             # Under autocast k/v come out in the autocast dtype; the cache keeps the weights'.
             k_cache[i][:, :, positions] = k.to(k_cache[i].dtype)
             v_cache[i][:, :, positions] = v.to(v_cache[i].dtype)
-            if start is None:
+            if cache_op is not None:
+                o = cache_op(q, k_cache[i], v_cache[i], at, self.scale)
+            elif start is None:
                 o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
             elif x.device.type == "cpu":
                 o = self._attend_prefill(q, k_cache[i], v_cache[i], start)
