@@ -123,10 +123,14 @@ def _choose(backend: str | bytes | None, interpret: str | bytes | None, devices:
     return "torch"
 
 
+# No arguments to parse: half the cost of asking for one device, and the usual answer.
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def autocast_enabled(t: torch.Tensor) -> bool:
     """``torch.is_autocast_enabled`` for ``t``'s device (a CPU tensor's without building a device
     object: the public ops ask on every call)."""
-    return torch.is_autocast_enabled("cpu" if t.is_cpu else t.device.type)
+    return _any_autocast() and torch.is_autocast_enabled("cpu" if t.is_cpu else t.device.type)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -58,7 +58,8 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- argument checks
 # Pieces of each op's one argument check (``check_args`` in kernels/<op>.py), which every public
 # call runs before it picks a backend, so that a bad input gets the same error on torch, C++ and
-# Triton (docs/design.md). The messages are the C++ kernels' (csrc/), which check direct op calls.
+# Triton (docs/design.md). The messages are the C++ kernels' (csrc/), which check direct op calls
+# and, for packed attention's offset values, every call they run (design §10).
 
 
 def offsets_tensor(cu, name: str, like: torch.Tensor, like_name: str) -> torch.Tensor:

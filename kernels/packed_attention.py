@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from fusedvlm import native
@@ -65,17 +66,30 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def check_args(q, k, v, cu_q, cu_k, causal, scale):
     """The one argument check of :func:`packed_attention`, run before any backend is picked.
 
-    Types, shapes, dtypes, the device of every tensor (offsets included) and the scalars; on the
-    CPU, in eager mode, also every offset value. Returns (cu_q, cu_k, scale): the offsets
-    contiguous, the scale a float (default D^-1/2)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    Types, shapes, dtypes, the device of every tensor (offsets included) and the scalars. Returns
+    (cu_q, cu_k, scale): the offsets contiguous, the scale a float (default D^-1/2). The offsets'
+    values are checked once the backend is chosen, once per path: by :func:`check_offset_values`
+    on the torch and Triton paths, by the C++ kernel itself on the C++ one."""
+    # The usual call passes one combined test (cheaper than a loop over named pairs); a failure
+    # is then named by the loop.
+    if not (
+        isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and isinstance(v, Tensor)
+        and q.dim() == 3
+        and k.dim() == 3
+        and v.dim() == 3
+        and q.dtype in _DTYPES
+        and k.dtype in _DTYPES
+        and v.dtype in _DTYPES
+    ):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a (T, H, D) tensor, got {getattr(t, 'shape', type(t))}")
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     # is_cpu is a flag read; .device builds a device object per call.
-    on_cpu = q.is_cpu and k.is_cpu and v.is_cpu
-    if not on_cpu and not (k.device == q.device and v.device == q.device):
+    if not (q.is_cpu and k.is_cpu and v.is_cpu) and not (k.device == q.device and v.device == q.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     q_shape, k_shape = q.shape, k.shape
     if k_shape != v.shape:
@@ -98,16 +112,19 @@ def check_args(q, k, v, cu_q, cu_k, causal, scale):
             raise ValueError(
                 f"cu_seqlens_q has {cu_q.numel() - 1} segments, cu_seqlens_k {cu_k.numel() - 1}; they must match"
             )
-    causal = flag(causal, "causal")
-    scale = head_dim**-0.5 if scale is None else finite_real(scale, "scale")
-    # Traced by torch.compile, the values are not known: the op's kernel checks them at run time.
-    if on_cpu and not torch.compiler.is_compiling():
-        _check_offset_values(q_shape[0], k_shape[0], cu_q, cu_k, causal)
-    return cu_q, cu_k, scale
+    flag(causal, "causal")
+    return cu_q, cu_k, head_dim**-0.5 if scale is None else finite_real(scale, "scale")
 
 
-def _check_offset_values(len_q: int, len_k: int, cu_q, cu_k, causal) -> None:
-    """Every offset value (CPU tensors only: reading them is free)."""
+def check_offset_values(q, k, cu_q, cu_k, causal) -> None:
+    """Every offset value of a CPU call (reading them is free there), for the torch and Triton
+    paths; the C++ kernel checks its own with the same messages (csrc/packed_attention.inc), so a
+    call it runs reads them once. CUDA offsets are checked once where the pack is built
+    (:func:`fusedvlm.packing.check_cu_seqlens`), not by every layer's call; under torch.compile
+    the values are not known at trace time, and the op's kernel checks them at run time."""
+    if not q.is_cpu or torch.compiler.is_compiling():
+        return
+    len_q, len_k = q.shape[0], k.shape[0]
     cq = host_offsets(cu_q, "cu_seqlens_q", len_q, "the tensor")
     if cu_k is cu_q and len_k == len_q:
         return  # self-attention: key segments are the query segments
@@ -809,25 +826,23 @@ def packed_attention(
     Computes (and returns) in :func:`fusedvlm.backend.compute_dtype` of q, k, v: the autocast
     dtype under autocast, else the widest of theirs; softmax statistics stay fp32.
 
-    Every call runs :func:`check_args` first, whichever backend then runs it: offset values are
-    read and checked for CPU tensors (free there) and, for CUDA tensors, once where the pack is
-    built (:func:`fusedvlm.packing.check_cu_seqlens`), not in every call.
+    Every call runs :func:`check_args` first, whichever backend then runs it. Offset values are
+    checked for CPU tensors once per call, by the C++ kernel where it runs, else by
+    :func:`check_offset_values`; for CUDA tensors once where the pack is built
+    (:func:`fusedvlm.packing.check_cu_seqlens`), not in every call.
     """
 
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    if (
-        isinstance(q, torch.Tensor)
-        and isinstance(k, torch.Tensor)
-        and isinstance(v, torch.Tensor)
-        and not (q.dtype == k.dtype == v.dtype and not autocast_enabled(q))
-    ):
+    cu_seqlens_q, cu_seqlens_k, scale = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    if not (q.dtype == k.dtype == v.dtype) or autocast_enabled(q):
         # Mixed inputs (e.g. RoPE'd q/k in fp32 next to a bf16 v under autocast) meet in one
         # dtype the way SDPA's do; the casts are differentiable, so gradients return in each input's.
         dtype = compute_dtype(q, k, v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    cu_seqlens_q, cu_seqlens_k, scale = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     backend = implementation(q)
-    if backend == "torch":
-        return _reference.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+    if backend != "cpp":  # the C++ kernel checks the offset values itself
+        check_offset_values(q, k, cu_seqlens_q, cu_seqlens_k, causal)
+        if backend == "torch":
+            return _reference.packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
     return _OP(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend)[0]

@@ -193,6 +193,8 @@ def test_scale_argument(monkeypatch):
         ),
         (dict(k=torch.zeros(10, 3, 16), v=torch.zeros(10, 3, 16)), "multiple of key/value heads"),
         (dict(q=torch.zeros(10, 4, 16, dtype=torch.float64)), "float32, float16 or bfloat16"),
+        # Checked before the inputs meet in one dtype: an integer q is not cast to k's.
+        (dict(q=torch.zeros(10, 4, 16, dtype=torch.int64)), "q must be float32, float16 or bfloat16"),
         (dict(v=torch.zeros(10, 2, 8)), "same shape"),
         (dict(q=torch.zeros(10, 4)), "(T, H, D)"),
     ],
@@ -454,6 +456,9 @@ def test_cpp_pooled_output_is_never_handed_out_while_alive(cpp):
             ),
             "must be non-decreasing",
         ),
+        (dict(cu_q=torch.tensor([1, 4, 10], dtype=torch.int32)), r"cu_seqlens_q\[0\] must be 0, got 1"),
+        (dict(cu_k=torch.tensor([0, -1, 4, -1, 9], dtype=torch.int32)[::2]), r"cu_seqlens_k\[-1\] = 9 but the tensor"),
+        (dict(cu_k=torch.tensor([0, 11, 10], dtype=torch.int32)), r"cu_seqlens_k must be non-decreasing"),
     ],
 )
 def test_bad_offsets_are_named_on_every_cpu_path(backend, change, message, monkeypatch):
