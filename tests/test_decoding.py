@@ -402,11 +402,10 @@ def test_hf_static_compiled_step_matches_eager(qwen2):
     assert counters["stats"]["unique_graphs"] == graphs and compiled.compile_stats.graphs == 1
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
-def test_lean_step_on_our_matvec_matches_f_linear(llm, dtype, tol):
-    """On a CPU with the C++ kernels the lean step's projections (up to MATVEC_MAX_ROWS rows, and
-    the last position's LM head after a prefill) run fusedvlm::linear with weights of any
-    of the three dtypes; its logits match the F.linear step's."""
+def _eager_pair_without(llm, dtype, kernel: str, record):
+    """Two eager lean engines over one copy of ``llm`` in ``dtype``: ``ours`` calls the C++ op
+    ``kernel`` (an attribute of LeanLlama), logging ``record(args)`` of each call into ``calls``;
+    ``ref`` has it off (None), so it takes the torch path instead."""
     import copy
 
     from fusedvlm import native
@@ -415,11 +414,20 @@ def test_lean_step_on_our_matvec_matches_f_linear(llm, dtype, tol):
         pytest.skip("C++ kernels not built")
     model = copy.deepcopy(llm).to(dtype)
     ours, ref = LeanEngine(model, compile=False), LeanEngine(model, compile=False)
-    ref.model.matvec = None
+    setattr(ref.model, kernel, None)
     calls = []
-    matvec = ours.model.matvec
-    assert matvec is not None
-    ours.model.matvec = lambda *a: calls.append(a[0].shape) or matvec(*a)
+    op = getattr(ours.model, kernel)
+    assert op is not None
+    setattr(ours.model, kernel, lambda *a: calls.append(record(a)) or op(*a))
+    return ours, ref, calls
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_lean_step_on_our_matvec_matches_f_linear(llm, dtype, tol):
+    """On a CPU with the C++ kernels the lean step's projections (up to MATVEC_MAX_ROWS rows, and
+    the last position's LM head after a prefill) run fusedvlm::linear with weights of any
+    of the three dtypes; its logits match the F.linear step's."""
+    ours, ref, calls = _eager_pair_without(llm, dtype, "matvec", lambda a: a[0].shape)
     torch.manual_seed(2)
     for batch in (1, MATVEC_MAX_ROWS[torch.float32]):
         embeds = torch.randn(batch, 7, llm.config.hidden_size, dtype=dtype) * 0.5
@@ -445,19 +453,7 @@ def test_eager_lean_step_attends_through_our_cache_kernel(llm, dtype, tol):
     """Eager on a CPU with the C++ kernels, the step's attention reads the visible keys of the
     cache through fusedvlm::decode_attention (one call per layer per step); its logits match the
     multiply-over-the-bucket step's, across a bucket's growth."""
-    import copy
-
-    from fusedvlm import native
-
-    if not native.available():
-        pytest.skip("C++ kernels not built")
-    model = copy.deepcopy(llm).to(dtype)
-    ours, ref = LeanEngine(model, compile=False), LeanEngine(model, compile=False)
-    ref.model.cache_attention = None
-    calls = []
-    op = ours.model.cache_attention
-    assert op is not None
-    ours.model.cache_attention = lambda *a: calls.append(a[3]) or op(*a)
+    ours, ref, calls = _eager_pair_without(llm, dtype, "cache_attention", lambda a: a[3])
     torch.manual_seed(4)
     embeds = torch.randn(2, 9, llm.config.hidden_size, dtype=dtype) * 0.5
     caches = ours.new_cache(2), ref.new_cache(2)
