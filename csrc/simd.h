@@ -17,6 +17,7 @@ inline void vstore(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
 inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
 // kLanes weights as fp32: bf16 is the top half of an fp32, fp16 converts in one instruction.
 inline vfloat vload(const c10::BFloat16* p) {
@@ -41,6 +42,7 @@ inline void vstore(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
 inline float vsum(vfloat v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -65,6 +67,7 @@ inline void vstore(float* p, vfloat x) { std::memcpy(p, &x, sizeof(x)); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 inline vfloat vmul(vfloat a, vfloat b) { return a * b; }
 inline vfloat vadd(vfloat a, vfloat b) { return a + b; }
+inline vfloat vsub(vfloat a, vfloat b) { return a - b; }
 inline float vsum(vfloat a) { return (a[0] + a[1]) + (a[2] + a[3]); }
 template <typename T>
 inline vfloat vload(const T* p) {
@@ -95,6 +98,9 @@ inline __m512 exp16(__m512 x) {
   res = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), res, _mm512_set1_ps(kInf));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
 }
+
+// exp_approx on every lane.
+inline vfloat vexp(vfloat x) { return exp16(x); }
 
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
@@ -153,6 +159,14 @@ inline __m256 exp8(__m256 x) {
   res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
   res = _mm256_blendv_ps(res, _mm256_set1_ps(kInf), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
   return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+// exp_approx on every lane.
+inline vfloat vexp(vfloat x) { return exp8(x); }
+#else
+// exp_approx lane by lane.
+inline vfloat vexp(vfloat x) {
+  for (int i = 0; i < kLanes; ++i) x[i] = exp_approx(x[i]);
+  return x;
 }
 #endif
 
