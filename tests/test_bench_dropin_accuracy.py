@@ -3,6 +3,7 @@ real run takes (cached vision, right padding, answer-only logits, the layer-by-l
 checked against the adapter's and the host's own forward passes. The tiny run's accuracies mean
 nothing (a random 2-layer LLM, two steps), so none is asserted."""
 
+import dataclasses
 import json
 
 import pytest
@@ -93,3 +94,37 @@ def test_fusion_with_cached_vision_equals_the_adapters_own_forward(run):
         )
         reference = adapter(**inputs).loss  # the host's vision path, left padding, the host's loss
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_each_row_trains_at_its_own_lr(run, monkeypatch):
+    """The first runs trained the fusion module at the native connector's lr (4e-3), where its
+    residual stream blows up and the image's share of the fused tokens falls to noise: every
+    fusion row scored one answer per question type. The fusion rows train at fusion_lr."""
+    peaks = {}
+    train = acc.Run.train
+
+    def spy(self, name, params, loss_fn, peak_lr):
+        peaks[name] = peak_lr
+        return train(self, name, params, loss_fn, peak_lr)
+
+    monkeypatch.setattr(acc.Run, "train", spy)
+    scale, batches = run.scale, run.batches
+    run.scale = dataclasses.replace(scale, lr=4e-3, fusion_lr=3e-4, steps=1, budgets=(2,))
+    run.batches = batches[:1]
+    connector = {k: v.clone() for k, v in run.host.model.connector.state_dict().items()}
+    try:
+        result = run.run()
+    finally:
+        run.scale, run.batches = scale, batches
+        run.host.model.connector.load_state_dict(connector)  # the module-scoped host stays untrained
+    assert peaks == {"native": 4e-3, "fusion 2": 3e-4}
+    assert set(result["image_shares"]) == {"fusion 2"}
+
+
+def test_image_share_is_zero_when_every_image_gives_the_same_features(run):
+    adapter = run.attach(2)
+    with torch.no_grad():
+        features = acc.connector_tokens(run.host, run.eval_images, slice(None))
+    assert run.image_share(adapter, features, 2) > 0.01
+    same = features[:1].expand_as(features).contiguous()
+    assert run.image_share(adapter, same, 2) < 1e-5
