@@ -5,18 +5,25 @@ gradient norms, the residual at the fused positions and per-image predictions. E
     OMP_NUM_THREADS=1 NAT_STEPS=60 FUS_STEPS=120 FLR=3e-4 .venv/bin/python <this file>
 """
 
+import importlib.util
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 4))
-from bench import bench_dropin_accuracy as acc
 from fusedvlm.adapters.base import VisionFeatures
 from fusedvlm.packing import cu_seqlens_from_lengths
+
+# The bench by its path: the checkout root is never put on sys.path (tests/test_fresh_checkout.py).
+_spec = importlib.util.spec_from_file_location(
+    "bench_dropin_accuracy", Path(__file__).resolve().parents[4] / "bench" / "bench_dropin_accuracy.py"
+)
+acc = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(acc)
 
 torch.set_num_threads(1)
 NTRAIN = int(os.environ.get("NTRAIN", 8))
