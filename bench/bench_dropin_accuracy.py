@@ -136,7 +136,7 @@ SCALES = {
         eval_images=4,
         steps=2,
         batch_size=4,
-        # The real scale's two lrs: the fusion row's test checks that its lr keeps the image.
+        # The real scale's two lrs, so that the smoke test trains each row as the real run does.
         lr=4e-3,
         fusion_lr=3e-4,
         budgets=(2, 4),

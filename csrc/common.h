@@ -56,6 +56,10 @@ inline std::string join(const std::vector<int64_t>& v) {
 }
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Bytes read below which a decode-step kernel (matvec.inc, decode_attention.inc) stays on one
+// thread: waking the others costs more.
+constexpr int64_t kSerialBytes = int64_t{64} << 10;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // exp(x) to ~1 ulp (Cephes expf), written so that GCC vectorises loops over it. NaN stays NaN,

@@ -24,7 +24,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>

@@ -315,15 +315,19 @@ DECODE_ATTENTION_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16
 
 
 def _decode_attention_reference(q, k, v, pos, scale):
-    """softmax(scale q K^T) V in fp64, query t of q (B, H, T, D) seeing keys j <= pos + t of the
-    cache (B, Hkv, capacity, D), each key/value head serving H / Hkv adjacent query heads."""
+    """fusedvlm.ref.packed_attention in fp64, one segment per batch row: its T queries against
+    the cache's first pos + T keys, bottom-right causal (query t sees keys j <= pos + t)."""
     B, H, T, D = q.shape
-    G = H // k.shape[1]
-    keys = k.double().repeat_interleave(G, 1)
-    values = v.double().repeat_interleave(G, 1)
-    scores = scale * q.double() @ keys.transpose(-1, -2)
-    visible = torch.arange(k.shape[2])[None, :] <= pos + torch.arange(T)[:, None]
-    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ values
+    S = pos + T
+    out = ref_attention(
+        q.double().transpose(1, 2).reshape(B * T, H, D),
+        k[:, :, :S].double().transpose(1, 2).reshape(B * S, -1, D),
+        v[:, :, :S].double().transpose(1, 2).reshape(B * S, -1, D),
+        cu_seqlens_from_lengths([T] * B),
+        cu_seqlens_from_lengths([S] * B),
+        scale=scale,
+    )
+    return out.view(B, T, H, D).transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", list(DECODE_ATTENTION_TOL))
