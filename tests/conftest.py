@@ -9,6 +9,7 @@ kernels). ``FUSEDVLM_TEST_INTERPRET=0`` opts out (native Triton, e.g. compile-on
 """
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,6 +67,21 @@ def one_thread():
 def two_threads():
     """Two torch threads: the C++ kernels' work splits that only exist with several threads."""
     yield from _pinned_threads(2)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """``tmp_path_factory.mktemp`` for module-scoped fixtures; the folders go when the module's
+    tests end. CI runs on the developer's disk, and the checkpoints written here reach 2 GB."""
+    made = []
+
+    def mktemp(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -74,10 +74,10 @@ def test_training_step_under_autocast_matches_fp32(stage, dtype, small_shapes, t
 
 
 @pytest.fixture(scope="module")
-def small_shapes(tmp_path_factory):
+def small_shapes(module_tmp):
     from fusedvlm.train.synthetic import write_dataset
 
-    root = tmp_path_factory.mktemp("mp_shapes")
+    root = module_tmp("mp_shapes")
     return str(root), write_dataset(str(root), 8, seed=11, size=64)
 
 

@@ -30,8 +30,8 @@ def src(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ref") / "model")
+def reference(module_tmp):
+    out = str(module_tmp("ref") / "model")
     convert(CKPT, out, template="llama-2-vision", log=_quiet)
     return out
 

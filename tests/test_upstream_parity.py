@@ -39,12 +39,12 @@ def _convert(root: str, out: str) -> dict:
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=os.path.basename)
-def converted(request, tmp_path_factory):
+def converted(request, module_tmp):
     from safetensors.torch import load_file
 
     from fusedvlm.model import FusedVLM
 
-    out = str(tmp_path_factory.mktemp("converted") / "model")
+    out = str(module_tmp("converted") / "model")
     expected = _convert(request.param, out)
     tensors = load_file(os.path.join(request.param, "expected.safetensors"))
     return request.param, out, expected, tensors, FusedVLM.from_pretrained(out)

@@ -172,10 +172,10 @@ def _shard_bytes(folder: Path, ext: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def scaled(tmp_path_factory):
+def scaled(module_tmp):
     """A 0.27 B-parameter checkpoint of the authors' layout in fp32 (LLM 1024 wide, 16 layers,
     Llama-2's vocabulary), converted: 1.1 GB in fp32, 0.54 GB in bf16."""
-    root = tmp_path_factory.mktemp("scaled")
+    root = module_tmp("scaled")
     _make(
         root / "src",
         "--llm-width 1024 --llm-layers 16 --llm-heads 8 --llm-kv-heads 8 --llm-mlp 2816 --dtype fp32 --shard-gb 0.15",

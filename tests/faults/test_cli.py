@@ -71,10 +71,10 @@ def test_chat_nan_temperature_is_refused_before_the_model_loads(capsys, monkeypa
 
 
 @pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory):
+def stage1_run(module_tmp):
     from fusedvlm.train.synthetic import write_dataset
 
-    root = tmp_path_factory.mktemp("stage1")
+    root = module_tmp("stage1")
     data = write_dataset(str(root), 4, seed=5, size=48)
     out = root / "run"
     rc = main(

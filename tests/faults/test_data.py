@@ -25,8 +25,8 @@ def _train(capsys, *args):
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def shapes(module_tmp):
+    root = module_tmp("shapes")
     return str(root), write_dataset(str(root), 6, seed=3, size=48)
 
 

@@ -15,8 +15,8 @@ CKPT = os.path.join(os.path.dirname(__file__), "..", "fixtures", "upstream", "ti
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loading")
+def converted(module_tmp):
+    root = module_tmp("loading")
     src = str(root / "ckpt-llama-2")
     shutil.copytree(CKPT, src)
     out = str(root / "model")

@@ -45,11 +45,11 @@ def _kernel_names(name) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory):
+def table(module_tmp):
     if not triton_available():
         pytest.skip("triton is not installed")
     pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton has no CUDA backend to compile for")
-    out = tmp_path_factory.mktemp("triton-aot")
+    out = module_tmp("triton-aot")
     from fusedvlm.model.llm import cache_dir
 
     # A Triton cache of its own, kept across runs (only the first run on a machine compiles cold).

@@ -19,8 +19,8 @@ TPV = 17  # tiny preset: 7x7 patches -> 4x4 merged + LF
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def shapes(module_tmp):
+    root = module_tmp("shapes")
     path = write_dataset(str(root), 6, seed=3, size=64)
     return str(root), path
 
