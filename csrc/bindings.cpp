@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_merge_bwd(const
 bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);
 at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                   std::optional<at::TensorList>);
-at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double);
+at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
 double fma_peak(int64_t);
 std::string isa();
 void set_isa(const std::string&);
@@ -51,8 +51,9 @@ TORCH_LIBRARY_FRAGMENT(fusedvlm, m) {
   // A CPU kernel, not a catch-all one: torch.compile traces it through its fake kernel
   // (fusedvlm/native.py). No autograd: the decode step it serves runs without gradients.
   m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[]? scales=None) -> Tensor");
-  // The eager lean step's attention over its KV cache (csrc/decode_attention.inc); no autograd either.
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int pos, float scale) -> Tensor");
+  // The lean step's attention over its KV cache (csrc/decode_attention.inc); no autograd either. The
+  // position is a tensor so that one compiled graph serves every position.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale) -> Tensor");
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
   m.def("fma_peak(int iterations) -> float", &fusedvlm::fma_peak);
   m.def("isa() -> str", &fusedvlm::isa);

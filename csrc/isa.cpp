@@ -116,7 +116,8 @@ at::Tensor linear(const at::Tensor& x, at::TensorList weights, const c10::List<s
   FUSEDVLM_DISPATCH(matvec::linear, x, weights, biases, scales)
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t pos, double scale) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                            double scale) {
   FUSEDVLM_DISPATCH(decode::decode_attention, q, k, v, pos, scale)
 }
 

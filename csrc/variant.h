@@ -64,7 +64,7 @@
                     std::optional<at::TensorList>);                                                                 \
   }                                                                                                                 \
   namespace fusedvlm::V::decode {                                                                                   \
-  at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double);            \
+  at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double); \
   }                                                                                                                 \
   namespace fusedvlm::V::peak {                                                                                     \
   double fma_peak(int64_t);                                                                                         \

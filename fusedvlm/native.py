@@ -202,6 +202,10 @@ def _register_fakes() -> None:
     def _(x, weights, biases, scales=None):
         return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
+    @torch.library.register_fake("fusedvlm::decode_attention")
+    def _(q, k_cache, v_cache, pos, scale):
+        return q.new_empty(q.shape)
+
 
 def load():
     """``torch.ops.fusedvlm`` with the compiled kernels loaded into it (``*_cpu``, ``linear``, ...);

@@ -453,7 +453,7 @@ def test_eager_lean_step_attends_through_our_cache_kernel(llm, dtype, tol):
     """Eager on a CPU with the C++ kernels, the step's attention reads the visible keys of the
     cache through fusedvlm::decode_attention (one call per layer per step); its logits match the
     multiply-over-the-bucket step's, across a bucket's growth."""
-    ours, ref, calls = _eager_pair_without(llm, dtype, "cache_attention", lambda a: a[3])
+    ours, ref, calls = _eager_pair_without(llm, dtype, "cache_attention", lambda a: int(a[3]))
     torch.manual_seed(4)
     embeds = torch.randn(2, 9, llm.config.hidden_size, dtype=dtype) * 0.5
     caches = ours.new_cache(2), ref.new_cache(2)
@@ -468,3 +468,33 @@ def test_eager_lean_step_attends_through_our_cache_kernel(llm, dtype, tol):
     assert (got - want).abs().max() / want.abs().max() < tol
     layers = llm.config.num_hidden_layers
     assert calls == [p for p in range(9, 9 + steps) for _ in range(layers)]
+
+
+def test_compiled_lean_step_attends_through_our_cache_kernel(llm):
+    """Traced for the compiler on a CPU with the C++ kernels, the step calls
+    fusedvlm::decode_attention once per layer, with the position as a graph input: one graph
+    serves every position of a bucket (no recompile per token), and it matches the eager step."""
+    from fusedvlm import native
+
+    if not native.available():
+        pytest.skip("C++ kernels not built")
+    engine = LeanEngine(llm, compile=False)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(engine.model.step, backend=record, fullgraph=True, dynamic=False)
+    cache = engine.new_cache(1)
+    engine.prefill(torch.randn(1, 5, llm.config.hidden_size) * 0.5, cache)
+    for position in (5, 6, 7):
+        tokens = torch.tensor([position])
+        got = step(tokens, cache.k, cache.v, torch.tensor([position]))
+        cache.crop(position)  # the eager step below rewrites the same position
+        want = engine.model.step(tokens, cache.k, cache.v, torch.tensor([position]))
+        assert torch.allclose(got, want, rtol=0, atol=0)
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fusedvlm.decode_attention]
+    assert len(calls) == llm.config.num_hidden_layers

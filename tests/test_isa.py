@@ -336,7 +336,7 @@ def _decode_attention_reference(q, k, v, pos, scale):
     [(1, 4, 4, 1, 64, 0), (2, 6, 2, 1, 128, 37), (1, 9, 3, 3, 20, 100), (3, 2, 1, 2, 72, 5)],
 )
 def test_decode_attention_matches_the_reference_in_fp64(isa, dtype, batch, heads, kv_heads, rows, d, pos):
-    """The eager lean step's attention over its cache (csrc/decode_attention.inc): one key (pos
+    """The lean step's attention over its cache (csrc/decode_attention.inc): one key (pos
     0), grouped heads, several new rows, head dimensions with vector tails, the cache a view of a
     larger buffer (its bucket) whose keys past pos + T hold garbage that must not be read."""
     gen = torch.Generator().manual_seed(batch * 100 + heads + rows + d + pos)
@@ -345,7 +345,7 @@ def test_decode_attention_matches_the_reference_in_fp64(isa, dtype, batch, heads
     buf = torch.randn(2, batch, kv_heads, capacity + 3, d, generator=gen).to(dtype)
     buf[:, :, :, pos + rows :] = float("nan")
     k, v = buf[0, :, :, :capacity], buf[1, :, :, :capacity]
-    out = native.load().decode_attention(q, k, v, pos, d**-0.5)
+    out = native.load().decode_attention(q, k, v, torch.tensor([pos]), d**-0.5)
     assert out.shape == q.shape and out.dtype == dtype
     want = _decode_attention_reference(q, k.nan_to_num(), v.nan_to_num(), pos, d**-0.5)
     err = (out.double() - want).abs().max() / want.abs().max()
@@ -359,7 +359,7 @@ def test_decode_attention_splits_heads_between_threads():
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(2, 32, 1, 128, generator=gen)
     k, v = (torch.randn(2, 8, 600, 128, generator=gen).bfloat16() for _ in range(2))
-    out = native.load().decode_attention(q, k, v, 511, 0.1)
+    out = native.load().decode_attention(q, k, v, torch.tensor([511]), 0.1)
     want = _decode_attention_reference(q, k, v, 511, 0.1)
     assert (out.double() - want).abs().max() / want.abs().max() < DECODE_ATTENTION_TOL[torch.float32]
 
@@ -373,8 +373,13 @@ def test_decode_attention_splits_heads_between_threads():
         ({"v": torch.randn(1, 2, 16, 8).bfloat16()}, "k and v dtypes differ"),
         ({"q": torch.randn(1, 4, 1, 6)}, "differ in batch or head dimension"),
         ({"q": torch.randn(1, 3, 1, 8)}, "3 query heads are not a multiple of 2 key/value heads"),
-        ({"pos": 16}, "1 rows at position 16 do not fit a cache of 16"),
-        ({"pos": -1}, "at position -1"),
+        ({"pos": torch.tensor([16])}, "1 rows at position 16 do not fit a cache of 16"),
+        ({"pos": torch.tensor([-1], dtype=torch.int32)}, "at position -1"),
+        ({"pos": torch.tensor([3.0])}, "pos must be a one-element integer tensor on the CPU, got Float of shape"),
+        (
+            {"pos": torch.tensor([3, 4])},
+            r"pos must be a one-element integer tensor on the CPU, got Long of shape \[2\]",
+        ),
         ({"k": torch.randn(1, 2, 8, 16).transpose(2, 3), "v": torch.randn(1, 2, 8, 16).transpose(2, 3)}, "contiguous"),
         (
             {"k": torch.zeros(1, 2, 16, 8, dtype=torch.int8), "v": torch.zeros(1, 2, 16, 8, dtype=torch.int8)},
@@ -383,7 +388,8 @@ def test_decode_attention_splits_heads_between_threads():
     ],
 )
 def test_decode_attention_refuses_bad_input(change, message):
-    args = {"q": torch.randn(1, 4, 1, 8), "k": torch.randn(1, 2, 16, 8), "v": torch.randn(1, 2, 16, 8), "pos": 3}
+    args = {"q": torch.randn(1, 4, 1, 8), "k": torch.randn(1, 2, 16, 8), "v": torch.randn(1, 2, 16, 8)}
+    args["pos"] = torch.tensor([3])
     args.update(change)
     with pytest.raises(ValueError, match=message):
         native.load().decode_attention(args["q"], args["k"], args["v"], args["pos"], 0.3)

@@ -126,8 +126,8 @@ def _matvec_op(weights: list[torch.Tensor]):
 
 
 def _cache_attention_op(device: torch.device):
-    """``fusedvlm::decode_attention`` for an eager step on the CPU (the C++ kernels built), else
-    None: the step then multiplies over the whole bucket as the compiled step does."""
+    """``fusedvlm::decode_attention`` for a step on the CPU, eager or compiled (the C++ kernels
+    built), else None: the step then attends over the whole cache bucket (_attend_bucket)."""
     if device.type != "cpu":
         return None
     from fusedvlm import native
@@ -225,11 +225,9 @@ class LeanLlama(torch.nn.Module):
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
         positions = pos + torch.arange(T, device=x.device)
         cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
-        # Eager on the CPU, the step reads only the visible keys, as stored (csrc/decode_attention.inc).
-        cache_op = self.cache_attention if start is None and not self.fuse_attention else None
-        if cache_op is not None:
-            at = int(pos)
-        elif start is None:
+        # On the CPU the step reads only the visible keys, as stored (csrc/decode_attention.inc).
+        cache_op = self.cache_attention if start is None else None
+        if start is None and cache_op is None:
             # key j is visible to query t when j <= pos + t
             visible = torch.arange(k_cache[0].shape[2], device=x.device)[None, :] <= positions[:, None]
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
@@ -249,7 +247,7 @@ class LeanLlama(torch.nn.Module):
             k_cache[i][:, :, positions] = k.to(k_cache[i].dtype)
             v_cache[i][:, :, positions] = v.to(v_cache[i].dtype)
             if cache_op is not None:
-                o = cache_op(q, k_cache[i], v_cache[i], at, self.scale)
+                o = cache_op(q, k_cache[i], v_cache[i], pos, self.scale)
             elif start is None:
                 o = self._attend_bucket(q, k_cache[i], v_cache[i], bias)
             elif x.device.type == "cpu":
@@ -338,7 +336,8 @@ class LeanEngine(StaticCacheEngine):
     def __init__(self, hf, *, compile: bool = True, reason: str = ""):
         self.hf = hf
         self.model = LeanLlama(hf)
-        # Traced, attention over the bucket is written for inductor to fuse (see _attend_bucket).
+        # Traced without fusedvlm::decode_attention (GPU, no C++ kernels), attention over the
+        # bucket is written for inductor to fuse (see _attend_bucket).
         self.model.fuse_attention = compile
         super().__init__(self.model.step, self.model.embed.device, compile=compile, reason=reason)
 
