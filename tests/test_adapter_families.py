@@ -152,8 +152,8 @@ def gemma3(seed=0):
         vision_config=dict(VISION, image_size=64),
         mm_tokens_per_image=16,
         image_token_id=IMAGE_ID,
-        boi_token_id=263,
-        eoi_token_id=264,
+        boi_token_id=268,  # <start_of_image> and <end_of_image> of the test tokenizer
+        eoi_token_id=269,
     )
     return Gemma3ForConditionalGeneration(cfg).eval()
 
@@ -191,6 +191,7 @@ FAMILIES = {
 
 # The strings a host's processor writes around an image's tokens, where it writes any.
 MARKERS = {name: ("<|vision_start|>", "<|vision_end|>") for name in ("qwen2_vl", "qwen2_5_vl")}
+MARKERS.update({name: ("<start_of_image>", "<end_of_image>") for name in ("gemma3", "gemma3_pan_and_scan")})
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +213,14 @@ def _tokenizer():
         "<|vision_start|>",
         "<|vision_end|>",
         *markers,
+        "<start_of_image>",
+        "<end_of_image>",
     ]
     tok.add_special_tokens({"additional_special_tokens": specials})
     tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
     assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID and tok.eos_token_id == TEXT["eos_token_id"]
     assert tok.convert_tokens_to_ids("<|vision_end|>") == 265  # the Qwen hosts' vision_end_token_id
+    assert tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>"]) == [268, 269]  # Gemma 3's
     return tok
 
 
@@ -284,7 +288,7 @@ def test_attach_and_the_llm_receives_the_fused_tokens_before_each_question(famil
     ids = inputs["input_ids"]
     assert (ids == IMAGE_ID).sum(1).tolist() == [N_L + N_S, N_L]
     # The placeholder runs sit right after the user header, before each question, between the
-    # host's image markers where it has them: ids (Qwen's) or text (Idefics3/SmolVLM's).
+    # host's image markers where it has them: ids (Qwen's, Gemma 3's) or text (Idefics3/SmolVLM's).
     start, end = MARKERS.get(family.name, ("", ""))
     before, after = family.cls.image_markers(tokenizer)
     assert before == ("<fake_token_around_image><global-img>" if family.cls is Idefics3FusionAdapter else "")

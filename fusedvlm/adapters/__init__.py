@@ -50,7 +50,8 @@ Contract of a model family (one small file): subclass ``FusionAdapter`` and defi
   :class:`~fusedvlm.adapters.base.VisionFeatures`: the features, packed one image per segment;
 * the host's image markers, written around every run of fused tokens (default none), from
   where the host names them: ``host_fused_markers(host)`` (classmethod) -> ids its config
-  holds (Qwen's ``<|vision_start|>``/``<|vision_end|>``), or ``image_markers(tokenizer)``
+  holds (Qwen's ``<|vision_start|>``/``<|vision_end|>``, Gemma 3's ``<start_of_image>``/
+  ``<end_of_image>``), or ``image_markers(tokenizer)``
   (classmethod) -> ``(before, after)`` text its processor writes (Idefics3's
   ``<fake_token_around_image><global-img>``), which the prompt layout tokenises;
 * ``host_positions`` where the LLM's position ids are not one per token (Qwen's M-RoPE);

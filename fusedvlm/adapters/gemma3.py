@@ -11,9 +11,12 @@ their image (as Idefics3's tiles). The host's prompt gives each view its own blo
 the original image {view} and here are some crops to help you see better {crop} {crop}"); the
 fused tokens of a question are one block drawn from all the views, so that per-crop text has
 nothing to name and is not written: an image with crops gets the same prompt as one without.
-Gemma 3 lets the image tokens of one image attend to each other both ways when
-``token_type_ids`` marks them; the adapter passes none, so the fused tokens are causal like
-text (they are not a grid). The prompt is the tokenizer's own chat template.
+Each block sits between the ids the host's processor puts around an image's tokens,
+``<start_of_image>`` and ``<end_of_image>`` (``config.boi_token_index`` / ``eoi_token_index``;
+the processor's blank lines around them are not written). Gemma 3 lets the image tokens of one
+image attend to each other both ways when ``token_type_ids`` marks them; the adapter passes none,
+so the fused tokens are causal like text (in a cached multi-turn chat that mask would have to
+cover the cached turns too). The prompt is the tokenizer's own chat template.
 
 Gemma 3's ``prepare_inputs_for_generation`` does not forward ``inputs_embeds`` (transformers
 5.x), so ``generate`` refuses them: the adapter runs the host's forward over the fused prompt
@@ -43,7 +46,14 @@ class Gemma3FusionAdapter(FusionAdapter):
         require_host_parts(
             host,
             cls.family,
-            config=("text_config", "vision_config", "image_token_id", "mm_tokens_per_image"),
+            config=(
+                "text_config",
+                "vision_config",
+                "image_token_id",
+                "mm_tokens_per_image",
+                "boi_token_index",
+                "eoi_token_index",
+            ),
             modules=("model.vision_tower", "model.multi_modal_projector"),
             methods=("get_image_features",),
         )
@@ -53,6 +63,10 @@ class Gemma3FusionAdapter(FusionAdapter):
                 f"{type(host).__name__} is not a gemma3 host: mm_tokens_per_image "
                 f"{host.config.mm_tokens_per_image} is not a square grid"
             )
+
+    @classmethod
+    def host_fused_markers(cls, host: nn.Module) -> tuple[list[int], list[int]]:
+        return [int(host.config.boi_token_index)], [int(host.config.eoi_token_index)]
 
     @classmethod
     def host_vision_layout(cls, host: nn.Module) -> tuple[int, tuple[int, int] | None]:
