@@ -15,8 +15,8 @@ ops (where Int8Linear switches, ``KERNEL_MAX_ROWS``):
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_int8.py --matvec --out bench/results/<machine>/int8_matvec_1t.json
 
 ``--checkpoint DIR`` compares the LLM of a converted checkpoint alone, bf16 against int8, on a
-text prompt (the paper-size random checkpoint: about 14 GB of bf16 weights, memory-mapped, and
-6.7 GB of int8 ones):
+text prompt, in --repeats rounds that alternate the two (the paper-size random checkpoint: about
+14 GB of bf16 weights, memory-mapped, and 6.7 GB of int8 ones, both held at once):
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_int8.py --checkpoint <dir> --out bench/results/<machine>/int8_paper.json
 """
@@ -314,13 +314,28 @@ def _agreement(ref_logits, ref_ids, logits, ids) -> dict:
     }
 
 
+def _sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original's tensors: replacing
+    a submodule of the copy (quantize_llm does) leaves the original as it was, at no weight memory."""
+    twin = copy.copy(module)
+    twin._modules = {k: None if m is None else _sharing_copy(m) for k, m in module._modules.items()}
+    return twin
+
+
 @torch.no_grad()
 def checkpoint_main(args) -> int:
     """The LLM of a converted checkpoint (e.g. the paper-size random one of bench_real_size.py)
-    on a chat-templated text prompt, bf16 then int8 in place (no second copy of a 7B model): the
-    first-token logits and greedy ids over --new-tokens, both on the lean decode path."""
+    on a chat-templated text prompt, bf16 against int8, both on the lean decode path: the
+    first-token logits, greedy ids over --new-tokens, and decode tokens/s in --repeats rounds
+    that alternate bf16 and int8, so that a machine whose speed drifts biases neither. The int8
+    LLM is a copy of the module tree that shares the bf16 weights and swaps in int8 projections
+    (6.7 GB beside the 13.5 GB of memory-mapped bf16 for the paper's LLM, no second bf16 copy).
+    Each timed run reports its major page faults: the bf16 weights are file-backed, and a run
+    that had to read them back from disk would be slower for that reason alone."""
     import os
+    import resource
     import shlex
+    import statistics
     import time
 
     from fusedvlm import native
@@ -329,7 +344,7 @@ def checkpoint_main(args) -> int:
     from fusedvlm.decode import make_engine
     from fusedvlm.generation import GenerationConfig, decode, prefill
     from fusedvlm.model import FusedVLM
-    from fusedvlm.quant import quantize_llm
+    from fusedvlm.quant import Int8Linear, quantize_llm
 
     t0 = time.perf_counter()
     model = FusedVLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
@@ -338,21 +353,33 @@ def checkpoint_main(args) -> int:
     embeds = prompt_embeds(llm, model.layout, TEXT_PROMPT)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
 
-    def run(path: str = "lean"):
-        engine = make_engine(llm, path, compile=False)
+    def run(m, path: str = "lean"):
+        engine = make_engine(m, path, compile=False)
         state = prefill(engine, embeds)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         out = decode(engine, state, gen, eos_ids=set())
-        return state.logits.float(), out.ids, len(out.token_latencies_s) / sum(out.token_latencies_s)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
+        return state.logits.float(), out.ids, len(out.token_latencies_s) / sum(out.token_latencies_s), faults
 
     parameters = sum(p.numel() for p in llm.parameters())
-    ref_logits, ref_ids, ref_tps = run()
+    ref_logits, ref_ids, _, _ = run(llm)
     # The same bf16 weights summed in another order (HF's path): how far rounding alone moves
     # this model, the scale for the int8 figures (an fp32 copy of a 7B LLM does not fit here).
-    hf_logits, hf_ids, _ = run("hf")
+    hf_logits, hf_ids, _, _ = run(llm, "hf")
     t0 = time.perf_counter()
-    quantize_llm(llm, "int8")
+    int8 = quantize_llm(_sharing_copy(llm), "int8")
     quant_s = time.perf_counter() - t0
-    logits, ids, tps = run()
+    if any(isinstance(m, Int8Linear) for m in llm.modules()):
+        raise RuntimeError("quantizing the copy changed the bf16 LLM: the rounds would time int8 twice")
+    logits, ids, _, _ = run(int8)
+    rounds = []
+    for _ in range(args.repeats):
+        rnd = {}
+        for name, m in (("bf16", llm), ("int8", int8)):
+            *_, tps, faults = run(m)
+            rnd[name] = {"tokens_per_s": tps, "major_page_faults": faults}
+        rounds.append(rnd)
+    median = {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in ("bf16", "int8")}
     res = {
         "environment": environment(torch.device("cpu")),
         "isa": native.isa() if native.available() else None,
@@ -364,7 +391,10 @@ def checkpoint_main(args) -> int:
         "quantize_s": quant_s,
         "int8_vs_bf16": _agreement(ref_logits, ref_ids, logits, ids),
         "bf16_hf_vs_bf16": _agreement(ref_logits, ref_ids, hf_logits, hf_ids),
-        "decode_tokens_per_s": {"bf16_lean_eager": ref_tps, "int8_lean_eager": tps},
+        "rounds": rounds,
+        "decode_tokens_per_s": {"bf16_lean_eager": median["bf16"], "int8_lean_eager": median["int8"]},
+        "int8_over_bf16": median["int8"] / median["bf16"],
+        "int8_over_bf16_per_round": [r["int8"]["tokens_per_s"] / r["bf16"]["tokens_per_s"] for r in rounds],
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/bench_int8.py "
         + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -384,7 +414,16 @@ def checkpoint_main(args) -> int:
             f"greedy over {c['greedy_tokens']} tokens: identical for the first {c['greedy_identical_prefix']}, "
             f"{c['greedy_positions_equal']} positions equal"
         )
-    lines.append(f"decode: bf16 {ref_tps:.2f} tok/s, int8 {tps:.2f} tok/s ({tps / ref_tps:.2f}x), lean eager")
+    for i, r in enumerate(rounds):
+        lines.append(
+            f"round {i + 1}: bf16 {r['bf16']['tokens_per_s']:.2f} tok/s ({r['bf16']['major_page_faults']} major faults), "
+            f"int8 {r['int8']['tokens_per_s']:.2f} tok/s ({r['int8']['major_page_faults']} major faults): "
+            f"{res['int8_over_bf16_per_round'][i]:.2f}x"
+        )
+    lines.append(
+        f"decode, median of {len(rounds)} alternating rounds: bf16 {median['bf16']:.2f} tok/s, int8 "
+        f"{median['int8']:.2f} tok/s ({res['int8_over_bf16']:.2f}x), lean eager"
+    )
     return _report(res, lines, args.out)
 
 
