@@ -385,6 +385,10 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
         r["aggregate_tokens_per_s"] > 0 for r in decode["batch_rows"]
     )
     assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode["rows"])
+    # one bandwidth per timed run of each path (the decode rows repeat 3 times), paired with it
+    assert {p: len(v) for p, v in decode["bandwidth"]["per_run"].items()} == {
+        p: 3 for p in ("hf-generate", "hf", "lean-eager")
+    }
     assert "## Decode paths" in (out / "results.md").read_text()
     from fusedvlm import native
 
@@ -409,3 +413,14 @@ def test_prefill_prompt_extends_the_decode_prompt_to_the_asked_length(tiny_model
     limit = llm.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"exceeds the LLM's max_position_embeddings {limit}"):
         prefill_prompt(llm, embeds, limit + 1)
+
+
+def test_decode_bandwidth_fraction_pairs_each_run_with_its_own_bandwidth():
+    """A run on a slowed machine (half the tok/s, half the bandwidth) is as close to its limit
+    as one on the quiet machine; unpaired medians would call it 0.67 or 1.5."""
+    from fusedvlm.benchmark.decode import _row
+
+    row = _row("x", "x", [0.1], [10.0, 5.0, 10.0], 2.0, [20.0, 10.0, 20.0], 0.0)
+    assert row["tokens_per_s"] == 10.0 and row["bandwidth_fraction"] == 1.0
+    row = _row("x", "x", [0.1], [10.0, 5.0, 8.0], 2.0, [20.0, 20.0, 20.0], 0.0)
+    assert row["bandwidth_fraction"] == 0.8

@@ -93,17 +93,20 @@ def _row(
     latencies: list[float],
     tokens_per_s: list[float],
     bytes_per_token: float,
-    bandwidth: float,
+    bandwidths: list[float],
     compile_s: float,
     reason: str = "",
 ) -> dict:
+    """``bandwidths[i]`` was read just before the run that gave ``tokens_per_s[i]``: the fraction
+    is the median of the pairs, so a machine whose speed drifts between runs (a shared VM's moved
+    20 % within minutes) moves both sides of each pair alike."""
     tps = statistics.median(tokens_per_s)
     return {
         "name": name,
         "path": path,
         "reason": reason,
         "tokens_per_s": tps,
-        "bandwidth_fraction": bytes_per_token * tps / bandwidth,
+        "bandwidth_fraction": statistics.median(bytes_per_token * t / b for t, b in zip(tokens_per_s, bandwidths)),
         "latency_ms": {p: percentile(latencies, q) * 1e3 for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
         "compile_s": compile_s,
     }
@@ -174,15 +177,32 @@ def run_decode_bench(
     gen_tps = []
     tps = {e.path: [] for e in engines}
     lat = {e.path: [] for e in engines}
+    # The bandwidth each run is measured against, read just before it (a given one stays fixed).
+    run_bw = {p: [] for p in ["hf-generate", *tps]}
+
+    def read_bandwidth(path: str) -> None:
+        run_bw[path].append(memory_bandwidth(device, repeats=2)[0] if bandwidth is None else bw)
+
     for _ in range(cfg.repeats):
+        read_bandwidth("hf-generate")
         gen_tps.append((cfg.new_tokens - 1) / max(generate(cfg.new_tokens) - generate(1), 1e-9))
         for engine in engines:
+            read_bandwidth(engine.path)
             state = prefill(engine, embeds)
             out = decode(engine, state, gen, eos_ids=set())
             tps[engine.path].append(len(out.token_latencies_s) / sum(out.token_latencies_s))
             lat[engine.path] += out.token_latencies_s
     rows = [
-        _row("HF generate", "hf-generate", [], gen_tps, bytes_per_token, bw, 0.0, "transformers generate(), greedy")
+        _row(
+            "HF generate",
+            "hf-generate",
+            [],
+            gen_tps,
+            bytes_per_token,
+            run_bw["hf-generate"],
+            0.0,
+            "transformers generate(), greedy",
+        )
     ]
     rows[-1]["latency_ms"] = {k: float("nan") for k in rows[-1]["latency_ms"]}
     names = {
@@ -200,7 +220,7 @@ def run_decode_bench(
                 lat[engine.path],
                 tps[engine.path],
                 bytes_per_token,
-                bw,
+                run_bw[engine.path],
                 compile_s[engine.path],
                 "today's path: HF forward + DynamicCache" if engine is engines[0] else engine.reason,
             )
@@ -281,7 +301,7 @@ def run_decode_bench(
     ]
     return {
         "cpp_isa": cpp_isa(),
-        "bandwidth": {"bytes_per_s": bw, "source": bw_source},
+        "bandwidth": {"bytes_per_s": bw, "source": bw_source, "per_run": run_bw},
         "fma_peak": {"flops_per_s": peak[0], "source": peak[1]} if peak else None,
         "prompt_tokens": prompt_len,
         "new_tokens": cfg.new_tokens,
@@ -300,10 +320,13 @@ def run_decode_bench(
 
 def table_lines(res: dict) -> list[str]:
     bw = res["bandwidth"]["bytes_per_s"]
+    runs = [b for per_path in res["bandwidth"].get("per_run", {}).values() for b in per_path]
     lines = [
         f"C++ kernels: ISA variant {res.get('cpp_isa')}",
         f"decode, {res['prompt_tokens']}-token prompt, {res['new_tokens']} new tokens, median of {res['repeats']}; "
         f"{res['bytes_per_token'] / 1e6:.0f} MB/token at {bw / 1e9:.1f} GB/s -> limit {res['limit_tokens_per_s']:.1f} tok/s",
+        "BW frac: median over the runs of each run's tok/s against the bandwidth read just before it"
+        + (f" ({min(runs) / 1e9:.1f}-{max(runs) / 1e9:.1f} GB/s)" if runs else ""),
         f"{'path':<16} {'tok/s':>7} {'BW frac':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'compile s':>9} {'x generate':>10} {'x HF loop':>9}",
     ]
     for r in res["rows"]:
