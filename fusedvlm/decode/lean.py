@@ -217,10 +217,11 @@ class LeanLlama(torch.nn.Module):
         """x (B, T, d) embeddings at positions pos .. pos + T - 1 (``pos`` a 1-element long tensor);
         writes their K/V into the caches and returns fp32 logits of the last position (B, V).
 
-        ``start`` is None in the decode step: attention then runs over the whole cache bucket
-        with a mask, so the shapes, and therefore the compiled graph, depend only on
-        (B, T, capacity), never on the position. Prefill passes ``start`` (= pos, as an int) and
-        attends with SDPA to the filled part of the cache only."""
+        ``start`` is None in the decode step: attention then reads the visible keys through
+        fusedvlm::decode_attention (CPU), else runs over the whole cache bucket with a mask;
+        either way ``pos`` stays a tensor, so the shapes, and therefore the compiled graph,
+        depend only on (B, T, capacity), never on the position. Prefill passes ``start`` (= pos,
+        as an int) and attends to the filled part of the cache only."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.kv_heads, self.head_dim
         positions = pos + torch.arange(T, device=x.device)
