@@ -25,6 +25,10 @@ bool winograd_form(int64_t, int64_t, int64_t, int64_t, int64_t);
 at::Tensor linear(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                   std::optional<at::TensorList>);
 at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+at::Tensor llama_decode_step(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
+                             const c10::List<std::optional<at::Tensor>>&, at::TensorList, at::TensorList,
+                             at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
+                             double, c10::string_view);
 double fma_peak(int64_t);
 std::string isa();
 void set_isa(const std::string&);
@@ -54,6 +58,11 @@ TORCH_LIBRARY_FRAGMENT(fusedvlm, m) {
   // The lean step's attention over its KV cache (csrc/decode_attention.inc); no autograd either. The
   // position is a tensor so that one compiled graph serves every position.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale) -> Tensor");
+  // A whole fp32 decode step of a Llama-family LLM (csrc/decode_step.inc): LeanLlama's step on
+  // the CPU, eager or compiled (one op in the graph); no autograd.
+  m.def("llama_decode_step(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor?[] scales, Tensor[] norms,"
+        " Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor pos, Tensor cos, Tensor sin, int num_heads, float eps,"
+        " float scale, str act) -> Tensor");
   m.def("have_blas() -> bool", [] { return fusedvlm::have_blas(); });
   m.def("fma_peak(int iterations) -> float", &fusedvlm::fma_peak);
   m.def("isa() -> str", &fusedvlm::isa);
@@ -64,4 +73,5 @@ TORCH_LIBRARY_FRAGMENT(fusedvlm, m) {
 TORCH_LIBRARY_IMPL(fusedvlm, CPU, m) {
   m.impl("linear", &fusedvlm::linear);
   m.impl("decode_attention", &fusedvlm::decode_attention);
+  m.impl("llama_decode_step", &fusedvlm::llama_decode_step);
 }

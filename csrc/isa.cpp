@@ -121,6 +121,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   FUSEDVLM_DISPATCH(decode::decode_attention, q, k, v, pos, scale)
 }
 
+at::Tensor llama_decode_step(const at::Tensor& x, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& biases,
+                             const c10::List<std::optional<at::Tensor>>& scales, at::TensorList norms,
+                             at::TensorList k_cache, at::TensorList v_cache, const at::Tensor& pos,
+                             const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, double eps, double scale,
+                             c10::string_view act) {
+  FUSEDVLM_DISPATCH(step::llama_decode_step, x, weights, biases, scales, norms, k_cache, v_cache, pos, cos, sin,
+                    num_heads, eps, scale, act)
+}
+
 double fma_peak(int64_t iterations) { FUSEDVLM_DISPATCH(peak::fma_peak, iterations) }
 
 }  // namespace fusedvlm

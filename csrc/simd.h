@@ -18,6 +18,7 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, 
 inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
 inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
 // kLanes weights as fp32: bf16 is the top half of an fp32, fp16 converts in one instruction.
 inline vfloat vload(const c10::BFloat16* p) {
@@ -43,6 +44,7 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, 
 inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
 inline float vsum(vfloat v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -68,6 +70,7 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 inline vfloat vmul(vfloat a, vfloat b) { return a * b; }
 inline vfloat vadd(vfloat a, vfloat b) { return a + b; }
 inline vfloat vsub(vfloat a, vfloat b) { return a - b; }
+inline vfloat vdiv(vfloat a, vfloat b) { return a / b; }
 inline float vsum(vfloat a) { return (a[0] + a[1]) + (a[2] + a[3]); }
 template <typename T>
 inline vfloat vload(const T* p) {

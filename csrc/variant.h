@@ -30,6 +30,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -65,6 +69,12 @@
   }                                                                                                                 \
   namespace fusedvlm::V::decode {                                                                                   \
   at::Tensor decode_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double); \
+  }                                                                                                                 \
+  namespace fusedvlm::V::step {                                                                                     \
+  at::Tensor llama_decode_step(const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,       \
+                               const c10::List<std::optional<at::Tensor>>&, at::TensorList, at::TensorList,         \
+                               at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,    \
+                               double, double, c10::string_view);                                                   \
   }                                                                                                                 \
   namespace fusedvlm::V::peak {                                                                                     \
   double fma_peak(int64_t);                                                                                         \

@@ -346,7 +346,10 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "TTFT ms" in printed and "wall time" in printed
-    assert "decode path of the sweep: lean-eager" in printed and "HF generate" in printed and "lean, eager" in printed
+    from fusedvlm import native
+
+    lean = ["lean-eager", "lean-fused"] if native.available() else ["lean-eager"]
+    assert f"decode path of the sweep: {lean[-1]}" in printed and "HF generate" in printed and "lean, eager" in printed
     for name in (
         "results.json",
         "results.csv",
@@ -379,15 +382,15 @@ def test_cli_sweep_on_tiny_writes_every_output(tmp_path, capsys):
     assert "prefill_ms.llm_prefill" in header and "prefill_tflops.total" in header
     assert os.path.getsize(out / "results.md") > 200
     decode = payload["decode_paths"]
-    assert [r["path"] for r in decode["rows"]] == ["hf-generate", "hf", "lean-eager"]
-    assert decode["greedy_ids_match_hf"] == {"hf": True, "lean-eager": True}
+    assert [r["path"] for r in decode["rows"]] == ["hf-generate", "hf", *lean]
+    assert decode["greedy_ids_match_hf"] == {"hf": True, **{p: True for p in lean}}
     assert [r["batch"] for r in decode["batch_rows"]] == [1, 2] and all(
         r["aggregate_tokens_per_s"] > 0 for r in decode["batch_rows"]
     )
     assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] > 0 for r in decode["rows"])
     # one bandwidth per timed run of each path (the decode rows repeat 3 times), paired with it
     assert {p: len(v) for p, v in decode["bandwidth"]["per_run"].items()} == {
-        p: 3 for p in ("hf-generate", "hf", "lean-eager")
+        p: 3 for p in ("hf-generate", "hf", *lean)
     }
     assert "## Decode paths" in (out / "results.md").read_text()
     from fusedvlm import native

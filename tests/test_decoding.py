@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from fusedvlm import native
 from fusedvlm.decode import DECODE_PATHS, make_engine
 from fusedvlm.decode.engine import FIRST_BUCKET, DecodeEngine
 from fusedvlm.decode.hf import HFEngine
@@ -55,12 +56,16 @@ def test_static_cache_follows_the_dynamic_cache_api():
         cache.reserve(41)
 
 
-def test_lean_greedy_matches_hugging_face_across_turns(llm):
+@pytest.mark.parametrize("fused", [False, None])
+def test_lean_greedy_matches_hugging_face_across_turns(llm, fused):
     torch.manual_seed(1)
     d = llm.config.hidden_size
     turns = [torch.randn(11, d) * 0.5, torch.randn(5, d) * 0.5, torch.randn(3, d) * 0.5]
-    lean = make_engine(llm, "lean", compile=False)
-    assert lean.path == "lean-eager" and "compilation off" in lean.reason
+    lean = make_engine(llm, "lean", compile=False, fused=fused)
+    if fused is None and native.available():
+        assert lean.path == "lean-fused" and "one C++ op" in lean.reason
+    else:
+        assert lean.path == "lean-eager" and "compilation off" in lean.reason
     got = _conversation(lean, turns)
     ref = _conversation(make_engine(llm, "hf"), turns)
     for (ids, logits), (ref_ids, ref_logits) in zip(got, ref):
@@ -121,7 +126,8 @@ def test_chat_session_answers_are_unchanged(tiny_model):
         session = ChatSession(tiny_model, image, decode=path, compile=False)
         answers[path] = [session.ask(q, gen) for q in ("What is this?", "And the colours?")]
     assert [a.ids for a in answers["lean"]] == [a.ids for a in answers["hf"]] == [a.ids for a in answers["hf-static"]]
-    assert {a.decode_path for a in answers["lean"]} == {"lean-eager"} and answers["hf"][0].decode_path == "hf"
+    lean_path = "lean-fused" if native.available() else "lean-eager"
+    assert {a.decode_path for a in answers["lean"]} == {lean_path} and answers["hf"][0].decode_path == "hf"
     assert {a.decode_path for a in answers["hf-static"]} == {"hf-static-eager"}
     assert all(len(a.token_latencies_s) == len(a.ids) - 1 for a in answers["lean"])
 
@@ -143,10 +149,10 @@ def test_engine_choice_is_reported(llm):
 
 def test_engines_share_one_interface_and_one_set_of_names(llm, qwen2):
     """Each --decode choice gives a DecodeEngine named after it; its path is the name, with
-    -eager / -compiled where the step can compile."""
+    -eager / -compiled where the step can compile (-fused for the lean step as one C++ op)."""
     assert DECODE_PATHS == ("auto", "lean", "hf-static", "hf")
     for choice, hf in (("lean", llm), ("hf-static", qwen2), ("hf", llm)):
-        engine = make_engine(hf, choice, compile=False)
+        engine = make_engine(hf, choice, compile=False, fused=False)
         assert isinstance(engine, DecodeEngine) and engine.name == choice and not engine.compiled
         assert engine.path == (choice if choice == "hf" else f"{choice}-eager")
     assert not isinstance(llm, DecodeEngine)

@@ -121,14 +121,14 @@ def run_decode_bench(
     engine_for: Callable | None = None,
 ) -> dict:
     """Every path on the prompt ``embeds`` (L, d); returns rows, batch rows, prefill rows, ratios.
-    ``engine_for(decode, compile)`` supplies the engines (default: new ones from make_engine); pass
-    ``FusedVLM.decode_engine`` to reuse steps a chat already compiled."""
+    ``engine_for(decode, compile, fused)`` supplies the engines (default: new ones from
+    make_engine); pass ``FusedVLM.decode_engine`` to reuse steps a chat already compiled."""
     from fusedvlm.decode import make_engine
 
     if engine_for is None:
 
-        def engine_for(decode: str, compile: bool):
-            return make_engine(llm, decode, compile)
+        def engine_for(decode: str, compile: bool, fused: bool | None = None):
+            return make_engine(llm, decode, compile, fused)
 
     from fusedvlm.generation import GenerationConfig, decode, prefill
 
@@ -143,10 +143,11 @@ def run_decode_bench(
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens, ignore_eos=True)
 
     engines = [engine_for("hf", False)]
-    # auto: the lean step (eager and compiled) for Llama, HF's static cache (compiled) for other
-    # LMs that support one; an engine already in the list (plain HF) is not timed twice.
-    for compiled in (False, True) if cfg.compile else (False,):
-        engine = engine_for("auto", compiled)
+    # auto: the lean step (eager, compiled, then as one C++ op where it can) for Llama, HF's
+    # static cache (compiled) for other LMs that support one; an engine already in the list
+    # (plain HF) is not timed twice.
+    for compiled, fused in [(False, False), *([(True, False)] if cfg.compile else []), (cfg.compile, None)]:
+        engine = engine_for("auto", compiled, fused)
         if engine.path in {e.path for e in engines}:
             log(f"decode: auto{' compiled' if compiled else ''} gives {engine.path} ({engine.reason})")
         else:
@@ -209,6 +210,7 @@ def run_decode_bench(
         "hf": "HF forward loop",
         "lean-eager": "lean, eager",
         "lean-compiled": "lean, compiled",
+        "lean-fused": "lean, fused",
         "hf-static-eager": "HF static cache, eager",
         "hf-static-compiled": "HF static cache, compiled",
     }
@@ -251,7 +253,7 @@ def run_decode_bench(
         batch_rows.append(
             {
                 "batch": b,
-                "path": best.path,
+                "path": best.step_path(b),
                 "aggregate_tokens_per_s": b * cfg.batch_tokens / seconds,
                 "step_ms": seconds / cfg.batch_tokens * 1e3,
                 "compile_s": compile_s,

@@ -3,6 +3,10 @@ and the one place that picks one (:func:`make_engine`).
 
 Paths, reported as ``engine.path`` with ``engine.reason``:
 
+* ``lean-fused``: Llama-family config on the CPU in fp32 (fp32 or int8 projections), the C++
+  kernels built: each step of up to 4 rows is one C++ op (``fusedvlm::llama_decode_step``,
+  csrc/decode_step.inc), nothing compiled; larger batches step as ``lean-compiled`` (or
+  ``lean-eager`` without compilation). ``FUSEDVLM_FUSED_STEP=0`` turns it off;
 * ``lean-compiled``: Llama-family config (Llama-2, Vicuna, SmolLM2): our lean Llama step over
   a static KV cache, compiled once per (batch, cache bucket), gpt-fast style: inductor C++ on a
   CPU, CUDA graphs (``mode="reduce-overhead"``) on a GPU (decode/lean.py);
@@ -26,17 +30,18 @@ import os
 from fusedvlm.decode.engine import DecodeEngine, compile_default, enable_compile_cache
 from fusedvlm.decode.hf import HFEngine
 from fusedvlm.decode.hf_static import HFStaticEngine, hf_static_unsupported
-from fusedvlm.decode.lean import LeanEngine, lean_unsupported
+from fusedvlm.decode.lean import LeanEngine, fused_step_unsupported, lean_unsupported
 
 # The --decode choices: auto, then each engine's name.
 DECODE_PATHS = ("auto", LeanEngine.name, HFStaticEngine.name, HFEngine.name)
 
 
-def make_engine(hf, decode: str = "auto", compile: bool | None = None) -> DecodeEngine:
+def make_engine(hf, decode: str = "auto", compile: bool | None = None, fused: bool | None = None) -> DecodeEngine:
     """The decode engine for a HF causal LM: ``decode`` is ``auto`` (lean when the config allows,
     else HF's forward over a static cache when the model supports one and the step compiles,
     else HF), ``lean`` / ``hf-static`` (error when unsupported) or ``hf``; ``compile`` None means
-    :func:`compile_default`. ``engine.reason`` says why."""
+    :func:`compile_default`; ``fused`` None means the lean step's one-op C++ form wherever it can
+    run unless ``FUSEDVLM_FUSED_STEP=0``, False never (to compare). ``engine.reason`` says why."""
     from fusedvlm.quant import is_quantized
 
     if compile is None:
@@ -59,11 +64,25 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None) -> Decode
     off = "compilation off (--no-compile or FUSEDVLM_COMPILE=0)"
     why_not = lean_unsupported(hf.config) if decode != "hf-static" else "--decode hf-static"
     if why_not is None:
-        return LeanEngine(
+        from fusedvlm.env import env_flag
+
+        engine = LeanEngine(
             hf,
             compile=compile and not compiler,
             reason=compiler or "Llama-family config" + ("" if compile else f"; {off}"),
         )
+        if fused is None:
+            fused = env_flag("FUSEDVLM_FUSED_STEP", True)
+        why_not_fused = fused_step_unsupported(engine.model) if fused else None
+        if fused and why_not_fused is None:
+            engine.fused = True
+            rows = engine.model.matvec_rows
+            engine.reason = "Llama-family config, fp32 on the CPU: each step one C++ op (csrc/decode_step.inc); " + (
+                f"batches over {rows} rows compiled" if engine.compiled else f"batches over {rows} rows eager"
+            )
+        elif fused and engine.model.embed.device.type == "cpu":
+            engine.reason += f"; no fused step: {why_not_fused}"
+        return engine
     if decode == "lean":
         raise ValueError(f"--decode lean: {why_not}")
     why_not_static = hf_static_unsupported(hf)

@@ -54,6 +54,11 @@ class DecodeEngine(Protocol):
     @property
     def path(self) -> str: ...
 
+    def step_path(self, batch: int) -> str:
+        """The path a step of ``batch`` rows runs: ``path``, unless the engine steps large batches
+        another way."""
+        return self.path
+
     def new_cache(self, batch: int = 1) -> DecodeCache: ...
 
     def prefill(self, embeds: torch.Tensor, cache: DecodeCache) -> torch.Tensor:

@@ -125,6 +125,29 @@ def _matvec_op(weights: list[torch.Tensor]):
     return native.load().linear if native.available() else None
 
 
+def fused_step_unsupported(model: LeanLlama) -> str | None:
+    """Why :meth:`LeanLlama.fused_step` (``fusedvlm::llama_decode_step``, csrc/decode_step.inc)
+    cannot run this model's decode step, or None when it can: the CPU, fp32 activations and cache,
+    fp32 or int8 projections, and the C++ kernels built."""
+    if model.embed.device.type != "cpu":
+        return f"the LLM is on {model.embed.device.type}, the fused step runs on the CPU"
+    if model.dtype != torch.float32:
+        return f"the LLM computes in {model.dtype}; the fused step in float32 only"
+    if model.head_dim % 2:
+        return f"head_dim {model.head_dim} is odd"
+    floats = [*(t for layer in model.layers for t in layer[1:14:2] + layer[14:]), model.norm, model.lm_head_bias]
+    weights = [w for layer in model.layers for w in layer[:14:2]] + [model.lm_head]
+    if any(t is not None and t.dtype != torch.float32 for t in floats):
+        return "a bias or norm weight is not float32"
+    if any(w.dtype not in (torch.float32, torch.int8) or not w.is_contiguous() for w in weights):
+        return "a projection is neither a contiguous float32 nor an int8 weight"
+    from fusedvlm import native
+
+    if not native.available():
+        return "the C++ kernels are not built"
+    return None
+
+
 def _cache_attention_op(device: torch.device):
     """``fusedvlm::decode_attention`` for a step on the CPU, eager or compiled (the C++ kernels
     built), else None: the step then attends over the whole cache bucket (_attend_bucket)."""
@@ -156,7 +179,8 @@ class LeanLlama(torch.nn.Module):
         self.kv_heads = c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
-        self.act = LEAN_ACTIVATIONS[getattr(c, "hidden_act", "silu")]
+        self.act_name = getattr(c, "hidden_act", "silu")
+        self.act = LEAN_ACTIVATIONS[self.act_name]
         self.max_positions = c.max_position_embeddings
         self.scale = self.head_dim**-0.5
         self.fuse_attention = False  # set by a compiling engine (see _attend_bucket)
@@ -182,6 +206,7 @@ class LeanLlama(torch.nn.Module):
         self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
         self.cache_attention = _cache_attention_op(self.embed.device)
         self.matvec_rows = MATVEC_MAX_ROWS[self.layers[0][0].dtype] if self.layers else 0
+        self._fused_args = None  # built at the first fused_step
         self.head_rows = MATVEC_MAX_ROWS[self.lm_head.dtype]
         with torch.no_grad():
             pos = torch.arange(self.max_positions, device=self.embed.device)[None]
@@ -268,6 +293,41 @@ class LeanLlama(torch.nn.Module):
         head = (self.lm_head,), (self.lm_head_bias,), (self.lm_head_scale,)
         return lin(rms_norm(x[:, -1], self.norm, self.eps), *head)[0].float()
 
+    def fused_step(
+        self, tokens: torch.Tensor, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], pos: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`step` as one C++ op (``fusedvlm::llama_decode_step``; needs
+        :func:`fused_step_unsupported` to be None): tokens (B,) at position ``pos`` -> fp32 logits
+        (B, V), the K/V written into the caches. Same formulas as :meth:`forward` in fp32, with
+        every projection and the attention in one parallel region (csrc/decode_step.inc)."""
+        if self._fused_args is None:
+            from fusedvlm import native
+
+            order = (0, 2, 4, 6, 8, 10, 12)
+            weights = [layer[j] for layer in self.layers for j in order] + [self.lm_head]
+            biases = [layer[j + 1] for layer in self.layers for j in order] + [self.lm_head_bias]
+            scales = [s for layer in self.scales for s in layer] + [self.lm_head_scale]
+            norms = [t for layer in self.layers for t in layer[14:]] + [self.norm]
+            self._fused_args = (native.load().llama_decode_step, weights, biases, scales, norms)
+        op, weights, biases, scales, norms = self._fused_args
+        x = F.embedding(tokens, self.embed)
+        return op(
+            x,
+            weights,
+            biases,
+            scales,
+            norms,
+            k_cache,
+            v_cache,
+            pos,
+            self.cos,
+            self.sin,
+            self.num_heads,
+            self.eps,
+            self.scale,
+            self.act_name,
+        )
+
     def _linears(self, x: torch.Tensor, weights: tuple, biases: tuple, scales: tuple) -> list[torch.Tensor]:
         """F.linear(x, w, b) for each weight in one call of our kernel (one pass over the threads);
         int8 weights come with their scales."""
@@ -329,21 +389,54 @@ class LeanLlama(torch.nn.Module):
 
 
 class LeanEngine(StaticCacheEngine):
-    """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`."""
+    """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`.
+
+    ``fused``: a step of up to ``model.matvec_rows`` rows runs :meth:`LeanLlama.fused_step` (one
+    C++ op, nothing to compile; the path is then ``lean-fused``), larger batches the step as
+    ``compile`` says (their projections are GEMMs, where the op's matrix-vector tiles lose)."""
 
     name = "lean"
     tensor_only_inputs = True
 
-    def __init__(self, hf, *, compile: bool = True, reason: str = ""):
+    def __init__(self, hf, *, compile: bool = True, fused: bool = False, reason: str = ""):
         self.hf = hf
         self.model = LeanLlama(hf)
+        self.fused = fused
         # Traced without fusedvlm::decode_attention (GPU, no C++ kernels), attention over the
         # bucket is written for inductor to fuse (see _attend_bucket).
         self.model.fuse_attention = compile
         super().__init__(self.model.step, self.model.embed.device, compile=compile, reason=reason)
 
+    @property
+    def path(self) -> str:
+        return "lean-fused" if self.fused else super().path
+
     def new_cache(self, batch: int = 1) -> StaticKVCache:
         return self.model.new_cache(batch)
+
+    def step_path(self, batch: int) -> str:
+        return self.path if self.fused and batch <= self.model.matvec_rows else super().path
+
+    def _fuses(self, cache: StaticKVCache) -> bool:
+        # Under autocast the eager step computes in the autocast dtype; the op only in fp32.
+        return self.fused and cache.batch_size <= self.model.matvec_rows and not torch.is_autocast_enabled("cpu")
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        if not self._fuses(cache):
+            return super().step(tokens, cache)
+        start = cache.get_seq_length()
+        cache.reserve(start + 1)
+        logits = self.model.fused_step(tokens, cache.k, cache.v, torch.tensor([start]))
+        cache.length = start + 1
+        return logits
+
+    @torch.no_grad()
+    def prepare(self, cache: StaticKVCache, upto: int) -> float:
+        if not self._fuses(cache):
+            return super().prepare(cache, upto)
+        cache.reserve(min(upto, cache.max_capacity))
+        return 0.0
 
     def _prefill(self, embeds: torch.Tensor, cache: StaticKVCache, start: int) -> torch.Tensor:
         pos = torch.tensor([start], device=self.device)

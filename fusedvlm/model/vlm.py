@@ -119,19 +119,19 @@ class FusedVLM(nn.Module):
         return self.encode_views(views, counts)
 
     # ------------------------------------------------------------------ LLM decoding
-    def decode_engine(self, decode: str = "auto", compile: bool | None = None):
-        """The LLM's decode engine (fusedvlm.decode.make_engine), built once per (path, compile)
-        and kept, so that its compiled steps serve every later chat; rebuilt if the LLM moved
+    def decode_engine(self, decode: str = "auto", compile: bool | None = None, fused: bool | None = None):
+        """The LLM's decode engine (fusedvlm.decode.make_engine), built once per (path, compile,
+        fused) and kept, so that its compiled steps serve every later chat; rebuilt if the LLM moved
         device or dtype."""
         from fusedvlm.decode import make_engine
         from fusedvlm.decode.engine import compile_default
 
         compile = compile_default() if compile is None else compile
         weight = self.llm.get_input_embeddings().weight
-        key = (decode, compile, weight.device, weight.dtype)
+        key = (decode, compile, fused, weight.device, weight.dtype)
         engines = self.__dict__.setdefault("_decode_engines", {})
         if key not in engines:
-            engines[key] = make_engine(self.llm, decode, compile)
+            engines[key] = make_engine(self.llm, decode, compile, fused)
         return engines[key]
 
     # ------------------------------------------------------------------ LLM inputs
