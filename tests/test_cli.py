@@ -60,7 +60,7 @@ def test_chat_tiny_answers_every_question(capsys):
     from fusedvlm import native
 
     if native.available():
-        assert "[decode path: lean-fused (Llama-family config, fp32 on the CPU: each step one C++ op" in out
+        assert "[decode path: lean-fused (Llama-family config on the CPU: each step one C++ op" in out
     else:
         assert "[decode path: lean-eager (Llama-family config; compilation off" in out
 

@@ -3,8 +3,8 @@ and the one place that picks one (:func:`make_engine`).
 
 Paths, reported as ``engine.path`` with ``engine.reason``:
 
-* ``lean-fused``: Llama-family config on the CPU in fp32 (fp32 or int8 projections), the C++
-  kernels built: each step of up to 4 rows is one C++ op (``fusedvlm::llama_decode_step``,
+* ``lean-fused``: Llama-family config on the CPU (fp32, bf16 or fp16, projections in that dtype
+  or int8), the C++ kernels built: each step of up to 4 rows is one C++ op (``fusedvlm::llama_decode_step``,
   csrc/decode_step.inc), nothing compiled; larger batches step as ``lean-compiled`` (or
   ``lean-eager`` without compilation). ``FUSEDVLM_FUSED_STEP=0`` turns it off;
 * ``lean-compiled``: Llama-family config (Llama-2, Vicuna, SmolLM2): our lean Llama step over
@@ -77,7 +77,7 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None, fused: bo
         if fused and why_not_fused is None:
             engine.fused = True
             rows = engine.model.matvec_rows
-            engine.reason = "Llama-family config, fp32 on the CPU: each step one C++ op (csrc/decode_step.inc); " + (
+            engine.reason = "Llama-family config on the CPU: each step one C++ op (csrc/decode_step.inc); " + (
                 f"batches over {rows} rows compiled" if engine.compiled else f"batches over {rows} rows eager"
             )
         elif fused and engine.model.embed.device.type == "cpu":

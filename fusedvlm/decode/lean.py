@@ -127,20 +127,22 @@ def _matvec_op(weights: list[torch.Tensor]):
 
 def fused_step_unsupported(model: LeanLlama) -> str | None:
     """Why :meth:`LeanLlama.fused_step` (``fusedvlm::llama_decode_step``, csrc/decode_step.inc)
-    cannot run this model's decode step, or None when it can: the CPU, fp32 activations and cache,
-    fp32 or int8 projections, and the C++ kernels built."""
+    cannot run this model's decode step, or None when it can: the CPU, one float dtype for the
+    activations, norms, biases and cache (fp32, bf16 or fp16), projections in it or int8, and the
+    C++ kernels built."""
     if model.embed.device.type != "cpu":
         return f"the LLM is on {model.embed.device.type}, the fused step runs on the CPU"
-    if model.dtype != torch.float32:
-        return f"the LLM computes in {model.dtype}; the fused step in float32 only"
+    dtype = model.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the LLM computes in {dtype}"
     if model.head_dim % 2:
         return f"head_dim {model.head_dim} is odd"
-    floats = [*(t for layer in model.layers for t in layer[1:14:2] + layer[14:]), model.norm, model.lm_head_bias]
+    others = [*(t for layer in model.layers for t in layer[1:14:2] + layer[14:]), model.norm, model.lm_head_bias]
     weights = [w for layer in model.layers for w in layer[:14:2]] + [model.lm_head]
-    if any(t is not None and t.dtype != torch.float32 for t in floats):
-        return "a bias or norm weight is not float32"
-    if any(w.dtype not in (torch.float32, torch.int8) or not w.is_contiguous() for w in weights):
-        return "a projection is neither a contiguous float32 nor an int8 weight"
+    if any(t is not None and t.dtype != dtype for t in others):
+        return f"a bias or norm weight is not {dtype} like the embeddings"
+    if any(w.dtype not in (dtype, torch.int8) or not w.is_contiguous() for w in weights):
+        return f"a projection is neither a contiguous {dtype} nor an int8 weight"
     from fusedvlm import native
 
     if not native.available():
@@ -298,8 +300,9 @@ class LeanLlama(torch.nn.Module):
     ) -> torch.Tensor:
         """:meth:`step` as one C++ op (``fusedvlm::llama_decode_step``; needs
         :func:`fused_step_unsupported` to be None): tokens (B,) at position ``pos`` -> fp32 logits
-        (B, V), the K/V written into the caches. Same formulas as :meth:`forward` in fp32, with
-        every projection and the attention in one parallel region (csrc/decode_step.inc)."""
+        (B, V), the K/V written into the caches. The formulas of :meth:`forward`, rounded to the
+        model's dtype where it stores a tensor, with every projection and the attention in one
+        parallel region (csrc/decode_step.inc)."""
         if self._fused_args is None:
             from fusedvlm import native
 
