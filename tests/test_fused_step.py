@@ -88,18 +88,19 @@ def test_fused_step_greedy_ids_equal_through_a_cache_growth():
     assert a.ids == b.ids and a.path == "lean-fused"
 
 
-def test_fused_step_runs_int8_projections_as_the_int8_step_does():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_runs_int8_projections_as_the_int8_step_does(dtype):
     from fusedvlm.quant import quantize_llm
 
-    llm = quantize_llm(_llama(), "int8")
+    llm = quantize_llm(_llama(attention_bias=True).to(dtype), "int8")
     fused, eager = _engines(llm)
-    embeds = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(3))
+    embeds = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(3)).to(dtype)
     caches = fused.new_cache(2), eager.new_cache(2)
     fused.prefill(embeds, caches[0]), eager.prefill(embeds, caches[1])
     tokens = torch.tensor([3, 4])
     for _ in range(4):
         la, lb = fused.step(tokens, caches[0]), eager.step(tokens, caches[1])
-        torch.testing.assert_close(la, lb, **TOL)
+        torch.testing.assert_close(la, lb, **(TOL if dtype == torch.float32 else HALF_TOL[dtype]))
         tokens = lb.argmax(-1)
 
 
