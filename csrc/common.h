@@ -48,6 +48,18 @@ at::Tensor pooled_empty(at::IntArrayRef sizes);
 // The kernels compute in fp32 on contiguous rows: a no-op for such inputs, one copy otherwise.
 inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// "torch.bfloat16" for error messages.
+inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(std::get<0>(c10::getDtypeNames(t))); }
+
+// The value of a decode step's position: a one-element integer CPU tensor (a tensor, so that a
+// compiled step does not specialise on it); `op` names the caller in the error.
+inline int64_t step_position(const at::Tensor& p, const char* op) {
+  TORCH_CHECK_VALUE(p.numel() == 1 && at::isIntegralType(p.scalar_type(), /*includeBool=*/false) && p.is_cpu(), op,
+                    ": pos must be a one-element integer tensor on the CPU, got ", p.scalar_type(), " of shape ",
+                    p.sizes(), " on ", p.device());
+  return p.item<int64_t>();
+}
+
 // "[0, 3, 5]" for error messages.
 inline std::string join(const std::vector<int64_t>& v) {
   std::string s = "[";

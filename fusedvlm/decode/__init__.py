@@ -4,8 +4,8 @@ and the one place that picks one (:func:`make_engine`).
 Paths, reported as ``engine.path`` with ``engine.reason``:
 
 * ``lean-fused``: Llama-family config on the CPU (fp32, bf16 or fp16, projections in that dtype
-  or int8), the C++ kernels built: each step of up to 4 rows is one C++ op (``fusedvlm::llama_decode_step``,
-  csrc/decode_step.inc), nothing compiled; larger batches step as ``lean-compiled`` (or
+  or int8), the C++ kernels built: each step of up to ``MATVEC_MAX_ROWS`` rows (4; 128 in bf16 and
+  fp16) is one C++ op (``fusedvlm::llama_decode_step``, csrc/decode_step.inc), nothing compiled; larger batches step as ``lean-compiled`` (or
   ``lean-eager`` without compilation). ``FUSEDVLM_FUSED_STEP=0`` turns it off;
 * ``lean-compiled``: Llama-family config (Llama-2, Vicuna, SmolLM2): our lean Llama step over
   a static KV cache, compiled once per (batch, cache bucket), gpt-fast style: inductor C++ on a
