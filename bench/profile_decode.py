@@ -1,8 +1,9 @@
 """Where a lean decode step's time goes: the smol LLM (SmolLM2-135M) steps once per token under
-torch.profiler, with the projections on our matrix-vector kernel (fusedvlm::linear) and on
-F.linear (FUSEDVLM_MATVEC=0 in a second process would do the same; here both run in one process,
-rounds interleaved). Prints, per variant, the step time next to the time the step's weight bytes
-take at the measured memory bandwidth, then the profiler's top operators by self time.
+torch.profiler, op by op with the projections on our matrix-vector kernel (fusedvlm::linear)
+and on F.linear (FUSEDVLM_MATVEC=0 in a second process would do the same), and as one C++ op
+(the fused step, fusedvlm::llama_decode_step), all in one process, rounds interleaved. Prints,
+per variant, the step time next to the time the step's weight bytes take at the measured memory
+bandwidth, then the profiler's top operators by self time.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/profile_decode.py --out bench/results/<cpu>/decode_profile.txt
 """
@@ -43,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     floor_ms = weight_bytes / bw * 1e3
     compile = not args.no_compile
     engines = {}
-    for name, matvec in (("fusedvlm::linear", True), ("F.linear", False)):
-        engine = make_engine(llm, "lean", compile)
+    for name, matvec, fused in (
+        ("fusedvlm::linear", True, False),
+        ("F.linear", False, False),
+        ("fused step", True, None),
+    ):
+        engine = make_engine(llm, "lean", compile, fused)
+        if fused is None and not engine.fused:
+            print(f"no fused-step variant: {engine.reason}")
+            continue
         if not matvec:
             engine.model.matvec = None
         cache = engine.new_cache(1)
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {time.strftime('%Y-%m-%d')}, {env.get('cpu', '?')}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), ISA variant {native.isa()}",
         f"# python bench/profile_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}",
-        f"smol LLM {args.dtype}, lean step {'compiled' if compile else 'eager'}; weights {weight_bytes / 1e6:.0f} MB "
+        f"smol LLM {args.dtype}, lean step op by op {'compiled' if compile else 'eager'}; weights {weight_bytes / 1e6:.0f} MB "
         f"per token; memory bandwidth {bw / 1e9:.1f} GB/s ({bw_source}) -> weight-streaming floor {floor_ms:.1f} ms",
         "",
         f"{'projections on':<22} {'step ms (median)':>16} {'floor / step':>13}",
