@@ -164,6 +164,10 @@ def test_engine_uses_the_fused_step_only_where_it_runs(monkeypatch):
     monkeypatch.setenv("FUSEDVLM_FUSED_STEP", "0")
     assert make_engine(llm, "auto", False).path == "lean-eager"
     monkeypatch.delenv("FUSEDVLM_FUSED_STEP")
+    monkeypatch.setenv("FUSEDVLM_MATVEC", "0")
+    engine = make_engine(llm, "auto", False)
+    assert engine.path == "lean-eager" and "no fused step: FUSEDVLM_MATVEC=0 keeps F.linear" in engine.reason
+    monkeypatch.delenv("FUSEDVLM_MATVEC")
     mixed = _llama()
     mixed.model.layers[1].mlp.up_proj.to(torch.bfloat16)
     engine = make_engine(mixed, "auto", False)

@@ -147,6 +147,9 @@ def fused_step_unsupported(model: LeanLlama) -> str | None:
 
     if not native.available():
         return "the C++ kernels are not built"
+    if model.matvec is None:
+        # FUSEDVLM_MATVEC=0 asks for the op-by-op step with F.linear, to compare.
+        return "FUSEDVLM_MATVEC=0 keeps F.linear"
     return None
 
 
@@ -421,7 +424,7 @@ class LeanEngine(StaticCacheEngine):
         return self.path if self.fused and batch <= self.model.matvec_rows else super().path
 
     def _fuses(self, cache: StaticKVCache) -> bool:
-        # Under autocast the eager step computes in the autocast dtype; the op only in fp32.
+        # Under autocast the eager step computes in the autocast dtype; the op in the model's.
         return self.fused and cache.batch_size <= self.model.matvec_rows and not torch.is_autocast_enabled("cpu")
 
     @torch.no_grad()
