@@ -229,3 +229,27 @@ def test_fused_step_refuses_bad_input_naming_it(case):
     change(args)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         op(*args)
+
+
+def test_fused_step_gives_the_same_bits_on_any_number_of_threads():
+    """Each output row is one thread's work and every phase waits for the one before it, so the
+    team's size changes nothing; a missing barrier would show here as a difference."""
+    llm = _llama(num_hidden_layers=4)
+    fused, _ = _engines(llm)
+    embeds = torch.randn(3, 6, 48, generator=torch.Generator().manual_seed(7))
+    before, out = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(2)  # the prefill's GEMMs may split by the thread count
+            cache = fused.new_cache(3)
+            fused.prefill(embeds, cache)
+            torch.set_num_threads(threads)
+            tokens, steps = torch.tensor([1, 2, 3]), []
+            for _ in range(5):
+                steps.append(fused.step(tokens, cache))
+                tokens = steps[-1].argmax(-1)
+            out.append((torch.stack(steps), torch.stack([k[:, :, : cache.length] for k in cache.k])))
+    finally:
+        torch.set_num_threads(before)
+    for logits, keys in out[1:]:
+        assert torch.equal(logits, out[0][0]) and torch.equal(keys, out[0][1])
