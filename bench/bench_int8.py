@@ -359,28 +359,25 @@ def checkpoint_main(args) -> int:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         out = decode(engine, state, gen, eos_ids=set())
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
-        paths.add(out.path)
-        return state.logits.float(), out.ids, len(out.token_latencies_s) / sum(out.token_latencies_s), faults
-
-    paths = set()
+        tps = len(out.token_latencies_s) / sum(out.token_latencies_s)
+        return state.logits.float(), out.ids, tps, faults, out.path
 
     parameters = sum(p.numel() for p in llm.parameters())
-    ref_logits, ref_ids, _, _ = run(llm)
-    lean_path = paths.pop()
+    ref_logits, ref_ids, _, _, lean_path = run(llm)
     # The same bf16 weights summed in another order (HF's path): how far rounding alone moves
     # this model, the scale for the int8 figures (an fp32 copy of a 7B LLM does not fit here).
-    hf_logits, hf_ids, _, _ = run(llm, "hf")
+    hf_logits, hf_ids, *_ = run(llm, "hf")
     t0 = time.perf_counter()
     int8 = quantize_llm(_sharing_copy(llm), "int8")
     quant_s = time.perf_counter() - t0
     if any(isinstance(m, Int8Linear) for m in llm.modules()):
         raise RuntimeError("quantizing the copy changed the bf16 LLM: the rounds would time int8 twice")
-    logits, ids, _, _ = run(int8)
+    logits, ids, *_ = run(int8)
     rounds = []
     for _ in range(args.repeats):
         rnd = {}
         for name, m in (("bf16", llm), ("int8", int8)):
-            *_, tps, faults = run(m)
+            _, _, tps, faults, _ = run(m)
             rnd[name] = {"tokens_per_s": tps, "major_page_faults": faults}
         rounds.append(rnd)
     median = {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in ("bf16", "int8")}

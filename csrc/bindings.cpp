@@ -58,8 +58,8 @@ TORCH_LIBRARY_FRAGMENT(fusedvlm, m) {
   // The lean step's attention over its KV cache (csrc/decode_attention.inc); no autograd either. The
   // position is a tensor so that one compiled graph serves every position.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale) -> Tensor");
-  // A whole fp32 decode step of a Llama-family LLM (csrc/decode_step.inc): LeanLlama's step on
-  // the CPU, eager or compiled (one op in the graph); no autograd.
+  // A whole decode step of a Llama-family LLM (csrc/decode_step.inc): LeanLlama's step on the
+  // CPU, called eagerly by the lean engine (no fake kernel: nothing compiles it); no autograd.
   m.def("llama_decode_step(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor?[] scales, Tensor[] norms,"
         " Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor pos, Tensor cos, Tensor sin, int num_heads, float eps,"
         " float scale, str act) -> Tensor");

@@ -179,15 +179,14 @@ def _op_args(llm):
     engine = make_engine(llm, "lean", False, None)
     m = engine.model
     cache = engine.new_cache(1)
-    m.fused_step(torch.tensor([1]), cache.k, cache.v, torch.tensor([0]))  # builds the argument lists
-    op, weights, biases, scales, norms = m._fused_args
+    op = native.load().llama_decode_step
     x = F.embedding(torch.tensor([1]), m.embed)
     args = [
         x,
-        weights,
-        biases,
-        scales,
-        norms,
+        m.step_weights,
+        m.step_biases,
+        m.step_scales,
+        m.step_norms,
         cache.k,
         cache.v,
         torch.tensor([0]),

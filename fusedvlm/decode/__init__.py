@@ -4,9 +4,10 @@ and the one place that picks one (:func:`make_engine`).
 Paths, reported as ``engine.path`` with ``engine.reason``:
 
 * ``lean-fused``: Llama-family config on the CPU (fp32, bf16 or fp16, projections in that dtype
-  or int8), the C++ kernels built: each step of up to ``MATVEC_MAX_ROWS`` rows (4; 128 in bf16 and
-  fp16) is one C++ op (``fusedvlm::llama_decode_step``, csrc/decode_step.inc), nothing compiled; larger batches step as ``lean-compiled`` (or
-  ``lean-eager`` without compilation). ``FUSEDVLM_FUSED_STEP=0`` turns it off;
+  or int8), the C++ kernels built: each step of up to ``MATVEC_MAX_ROWS`` rows (4; 128 in bf16
+  and fp16) is one C++ op (``fusedvlm::llama_decode_step``, csrc/decode_step.inc), nothing
+  compiled; larger batches step as ``lean-compiled`` (or ``lean-eager`` without compilation).
+  ``FUSEDVLM_FUSED_STEP=0`` turns it off;
 * ``lean-compiled``: Llama-family config (Llama-2, Vicuna, SmolLM2): our lean Llama step over
   a static KV cache, compiled once per (batch, cache bucket), gpt-fast style: inductor C++ on a
   CPU, CUDA graphs (``mode="reduce-overhead"``) on a GPU (decode/lean.py);
@@ -30,7 +31,7 @@ import os
 from fusedvlm.decode.engine import DecodeEngine, compile_default, enable_compile_cache
 from fusedvlm.decode.hf import HFEngine
 from fusedvlm.decode.hf_static import HFStaticEngine, hf_static_unsupported
-from fusedvlm.decode.lean import LeanEngine, fused_step_unsupported, lean_unsupported
+from fusedvlm.decode.lean import LeanEngine, lean_unsupported
 
 # The --decode choices: auto, then each engine's name.
 DECODE_PATHS = ("auto", LeanEngine.name, HFStaticEngine.name, HFEngine.name)
@@ -66,22 +67,21 @@ def make_engine(hf, decode: str = "auto", compile: bool | None = None, fused: bo
     if why_not is None:
         from fusedvlm.env import env_flag
 
+        if fused is None:
+            fused = env_flag("FUSEDVLM_FUSED_STEP", True)
         engine = LeanEngine(
             hf,
             compile=compile and not compiler,
+            fused=fused,
             reason=compiler or "Llama-family config" + ("" if compile else f"; {off}"),
         )
-        if fused is None:
-            fused = env_flag("FUSEDVLM_FUSED_STEP", True)
-        why_not_fused = fused_step_unsupported(engine.model) if fused else None
-        if fused and why_not_fused is None:
-            engine.fused = True
+        if engine.fused:
             rows = engine.model.matvec_rows
             engine.reason = "Llama-family config on the CPU: each step one C++ op (csrc/decode_step.inc); " + (
                 f"batches over {rows} rows compiled" if engine.compiled else f"batches over {rows} rows eager"
             )
         elif fused and engine.model.embed.device.type == "cpu":
-            engine.reason += f"; no fused step: {why_not_fused}"
+            engine.reason += f"; no fused step: {engine.why_not_fused}"
         return engine
     if decode == "lean":
         raise ValueError(f"--decode lean: {why_not}")

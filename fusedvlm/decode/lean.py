@@ -137,11 +137,9 @@ def fused_step_unsupported(model: LeanLlama) -> str | None:
         return f"the LLM computes in {dtype}"
     if model.head_dim % 2:
         return f"head_dim {model.head_dim} is odd"
-    others = [*(t for layer in model.layers for t in layer[1:14:2] + layer[14:]), model.norm, model.lm_head_bias]
-    weights = [w for layer in model.layers for w in layer[:14:2]] + [model.lm_head]
-    if any(t is not None and t.dtype != dtype for t in others):
+    if any(t is not None and t.dtype != dtype for t in (*model.step_biases, *model.step_norms)):
         return f"a bias or norm weight is not {dtype} like the embeddings"
-    if any(w.dtype not in (dtype, torch.int8) or not w.is_contiguous() for w in weights):
+    if any(w.dtype not in (dtype, torch.int8) or not w.is_contiguous() for w in model.step_weights):
         return f"a projection is neither a contiguous {dtype} nor an int8 weight"
     from fusedvlm import native
 
@@ -208,10 +206,15 @@ class LeanLlama(torch.nn.Module):
                 + (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             )
             self.scales.append(tuple(s for _, s in parts))
-        self.matvec = _matvec_op([w for layer in self.layers for w in layer[:14:2]] + [self.lm_head])
+        # Every projection with its bias and scale, and every norm weight, in the order the fused
+        # step takes them (q, k, v, o, gate, up, down per layer, then the LM head).
+        self.step_weights = [w for layer in self.layers for w in layer[:14:2]] + [self.lm_head]
+        self.step_biases = [b for layer in self.layers for b in layer[1:14:2]] + [self.lm_head_bias]
+        self.step_scales = [s for layer in self.scales for s in layer] + [self.lm_head_scale]
+        self.step_norms = [t for layer in self.layers for t in layer[14:]] + [self.norm]
+        self.matvec = _matvec_op(self.step_weights)
         self.cache_attention = _cache_attention_op(self.embed.device)
         self.matvec_rows = MATVEC_MAX_ROWS[self.layers[0][0].dtype] if self.layers else 0
-        self._fused_args = None  # built at the first fused_step
         self.head_rows = MATVEC_MAX_ROWS[self.lm_head.dtype]
         with torch.no_grad():
             pos = torch.arange(self.max_positions, device=self.embed.device)[None]
@@ -306,23 +309,14 @@ class LeanLlama(torch.nn.Module):
         (B, V), the K/V written into the caches. The formulas of :meth:`forward`, rounded to the
         model's dtype where it stores a tensor, with every projection and the attention in one
         parallel region (csrc/decode_step.inc)."""
-        if self._fused_args is None:
-            from fusedvlm import native
+        from fusedvlm import native
 
-            order = (0, 2, 4, 6, 8, 10, 12)
-            weights = [layer[j] for layer in self.layers for j in order] + [self.lm_head]
-            biases = [layer[j + 1] for layer in self.layers for j in order] + [self.lm_head_bias]
-            scales = [s for layer in self.scales for s in layer] + [self.lm_head_scale]
-            norms = [t for layer in self.layers for t in layer[14:]] + [self.norm]
-            self._fused_args = (native.load().llama_decode_step, weights, biases, scales, norms)
-        op, weights, biases, scales, norms = self._fused_args
-        x = F.embedding(tokens, self.embed)
-        return op(
-            x,
-            weights,
-            biases,
-            scales,
-            norms,
+        return native.load().llama_decode_step(
+            F.embedding(tokens, self.embed),
+            self.step_weights,
+            self.step_biases,
+            self.step_scales,
+            self.step_norms,
             k_cache,
             v_cache,
             pos,
@@ -397,8 +391,9 @@ class LeanLlama(torch.nn.Module):
 class LeanEngine(StaticCacheEngine):
     """Prefill and decode through :class:`LeanLlama` over a :class:`StaticKVCache`.
 
-    ``fused``: a step of up to ``model.matvec_rows`` rows runs :meth:`LeanLlama.fused_step` (one
-    C++ op, nothing to compile; the path is then ``lean-fused``), larger batches the step as
+    ``fused`` asks for :meth:`LeanLlama.fused_step` where :func:`fused_step_unsupported` allows it
+    (``self.fused``; ``self.why_not_fused`` says why not): a step of up to ``model.matvec_rows`` rows
+    is then one C++ op, nothing to compile, on the path ``lean-fused``; larger batches step as
     ``compile`` says (their projections are GEMMs, where the op's matrix-vector tiles lose)."""
 
     name = "lean"
@@ -407,7 +402,8 @@ class LeanEngine(StaticCacheEngine):
     def __init__(self, hf, *, compile: bool = True, fused: bool = False, reason: str = ""):
         self.hf = hf
         self.model = LeanLlama(hf)
-        self.fused = fused
+        self.why_not_fused = fused_step_unsupported(self.model) if fused else None
+        self.fused = fused and self.why_not_fused is None
         # Traced without fusedvlm::decode_attention (GPU, no C++ kernels), attention over the
         # bucket is written for inductor to fuse (see _attend_bucket).
         self.model.fuse_attention = compile
@@ -421,15 +417,15 @@ class LeanEngine(StaticCacheEngine):
         return self.model.new_cache(batch)
 
     def step_path(self, batch: int) -> str:
-        return self.path if self.fused and batch <= self.model.matvec_rows else super().path
+        return self.path if self._fuses(batch) else super().path
 
-    def _fuses(self, cache: StaticKVCache) -> bool:
+    def _fuses(self, batch: int) -> bool:
         # Under autocast the eager step computes in the autocast dtype; the op in the model's.
-        return self.fused and cache.batch_size <= self.model.matvec_rows and not torch.is_autocast_enabled("cpu")
+        return self.fused and batch <= self.model.matvec_rows and not torch.is_autocast_enabled("cpu")
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        if not self._fuses(cache):
+        if not self._fuses(cache.batch_size):
             return super().step(tokens, cache)
         start = cache.get_seq_length()
         cache.reserve(start + 1)
@@ -439,7 +435,7 @@ class LeanEngine(StaticCacheEngine):
 
     @torch.no_grad()
     def prepare(self, cache: StaticKVCache, upto: int) -> float:
-        if not self._fuses(cache):
+        if not self._fuses(cache.batch_size):
             return super().prepare(cache, upto)
         cache.reserve(min(upto, cache.max_capacity))
         return 0.0
