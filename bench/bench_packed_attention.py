@@ -23,8 +23,11 @@ Peak memory: on GPU ``torch.cuda.max_memory_allocated`` of one call above what w
 before it. On CPU, one call runs under ``torch.profiler`` with ``profile_memory=True`` and the
 peak of its memory timeline (every torch CPU allocation and free during the call, the output
 included; tensors that existed before the call are not counted) is reported. Every method, on
-every device, is timed alike: WARMUP untimed calls, then the median of ``--repeats`` (a slow
-baseline is left out with ``--only`` or ``--backward-samples``, never timed colder).
+every device, is timed alike: WARMUP untimed calls, then ``--repeats`` rounds that call every
+method once in turn (a slow baseline is left out with ``--only`` or ``--backward-samples``, never
+timed colder). ``ms`` is a method's median over the rounds; an ``x_vs_*`` column is the median
+of the rounds' own ratios, each taken within one round (a slow spell of a shared machine falls on
+both sides of it).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packed_attention.py
 
@@ -46,7 +49,7 @@ import time
 import torch
 
 from fusedvlm.backend import implementation
-from fusedvlm.benchmark.system import environment, print_table, save_json, time_fn
+from fusedvlm.benchmark.system import environment, paired_ratio, print_table, save_json, time_interleaved
 from fusedvlm.kernels.packed_attention import packed_attention
 from fusedvlm.packing import segment_ids
 from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention
@@ -66,6 +69,16 @@ def cpu_peak_bytes(fn) -> int:
         fn()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     return max(sum(row) for row in sizes) if sizes else 0
+
+
+def cuda_peak_bytes(fn, device) -> int:
+    """Peak CUDA bytes of one fn() above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def packing(n: int, seed: int, lo: int, hi: int) -> list[int]:
@@ -155,60 +168,38 @@ def methods(lengths, heads, head_dim, dtype, device, with_grad):
 
 def bench_packing(lengths, args, device, with_grad) -> list[dict]:
     dtype = DTYPES[args.dtype]
-    rows = []
+    mode = "fwd+bwd" if with_grad else "fwd"
+    base = dict(samples=len(lengths), tokens=sum(lengths), mode=mode)
+    rows, calls, notes = [], {}, {}
     for name, entry in methods(lengths, args.heads, args.head_dim, dtype, device, with_grad).items():
         if args.only and name not in args.only:
             continue
         if entry is NOT_INSTALLED:
-            rows.append(
-                dict(
-                    samples=len(lengths),
-                    tokens=sum(lengths),
-                    mode="fwd+bwd" if with_grad else "fwd",
-                    method=name,
-                    note="skipped: not installed",
-                )
-            )
+            rows.append(dict(base, method=name, note="skipped: not installed"))
             continue
         prepare, call = entry[0], entry[1]
-        note = ""
         try:
             if prepare is not None:
                 prepare()
                 state = entry[2]
-                note = f"block mask {state['mask_s']:.1f} s, compile+first call {state['compile_s']:.1f} s"
-            t = time_fn(call, name=name, warmup=WARMUP, repeats=args.repeats, device=device)
-            peak = t.peak_mem_bytes if device.type == "cuda" else cpu_peak_bytes(call)
+                notes[name] = f"block mask {state['mask_s']:.1f} s, compile+first call {state['compile_s']:.1f} s"
+            for _ in range(WARMUP):
+                call()
         except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as e:
-            rows.append(
-                dict(
-                    samples=len(lengths),
-                    tokens=sum(lengths),
-                    mode="fwd+bwd" if with_grad else "fwd",
-                    method=name,
-                    note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}",
-                )
-            )
+            rows.append(dict(base, method=name, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
             continue
-        rows.append(
-            dict(
-                samples=len(lengths),
-                tokens=sum(lengths),
-                mode="fwd+bwd" if with_grad else "fwd",
-                method=name,
-                ms=t.median_ms,
-                iqr_ms=t.iqr_ms,
-                warmup=t.warmup,
-                repeats=t.repeats,
-                peak_mib=None if peak is None else peak / 2**20,
-                note=note,
-            )
-        )
-    for base_name, column in (("dense_masked", "x_vs_dense"), ("sdpa_loop", "x_vs_sdpa_loop")):
-        base = next((r for r in rows if r["method"] == base_name and "ms" in r), None)
-        for r in rows:
-            if base is not None and "ms" in r:
-                r[column] = base["ms"] / r["ms"]
+        calls[name] = call
+    # Rounds interleave the methods (each warmed up above), so that a slow spell of the machine
+    # falls on both sides of a ratio; the ratios are medians of the rounds' own ratios.
+    timings = time_interleaved(calls, warmup=0, repeats=args.repeats, device=device) if calls else {}
+    for name, t in timings.items():
+        peak = cuda_peak_bytes(calls[name], device) if device.type == "cuda" else cpu_peak_bytes(calls[name])
+        row = dict(base, method=name, ms=t.median_ms, iqr_ms=t.iqr_ms, warmup=WARMUP, repeats=t.repeats)
+        row.update(peak_mib=None if peak is None else peak / 2**20, note=notes.get(name, ""))
+        for base_name, column in (("dense_masked", "x_vs_dense"), ("sdpa_loop", "x_vs_sdpa_loop")):
+            if base_name in timings:
+                row[column] = paired_ratio(timings[base_name], t)
+        rows.append(row)
     return rows
 
 

@@ -230,24 +230,74 @@ def _one_setting(rows, log) -> tuple[int, int]:
     return warmup, repeats
 
 
-def test_packed_attention_bench_times_every_method_alike(tmp_path, timed_alike):
+def test_packed_attention_bench_times_every_method_alike_in_rounds(tmp_path, monkeypatch):
     """Issue 24: a baseline slower than 2 s was timed by one cold call while fusedvlm got a warm
-    median of 3; every row of a ratio now has the same warm-up and repeats, slow or not."""
+    median of 3; every row of a ratio now has the same warm-up and repeats, slow or not. The
+    rounds interleave the methods and a ratio is the median of the rounds' own ratios: here the
+    machine runs ten times slower from the third round on, and every ratio stays exact."""
     import bench.bench_packed_attention as bench
+    from fusedvlm.benchmark import system
 
-    install, log = timed_alike
-    install(bench, slow="sdpa_loop")
+    clock = {"now": 0.0, "calls": 0}
+    made: dict[str, int] = {}
+    cost = {"sdpa_loop": 100.0, "fusedvlm": 1.0, "dense_masked": 10.0}
+
+    def interleaved(fns, **kw):
+        def timed(name, fn):
+            def call():
+                made[name] = made.get(name, 0) + 1
+                clock["calls"] += 1
+                clock["now"] += cost[name] * (10.0 if (clock["calls"] - 1) % 12 >= 6 else 1.0)
+                return fn()
+
+            return call
+
+        kw["clock"] = lambda: clock["now"]
+        return system.time_interleaved({n: timed(n, f) for n, f in fns.items()}, **kw)
+
+    monkeypatch.setattr(bench, "time_interleaved", interleaved)
+    monkeypatch.setattr(bench, "cpu_peak_bytes", lambda fn: 0)
     out = tmp_path / "pa.json"
     args = ["--samples", "2", "--backward-samples", "2", "--min-len", "3", "--max-len", "9", "--heads", "2"]
     args += ["--head-dim", "8", "--only", "fusedvlm", "sdpa_loop", "dense_masked", "--out", str(out)]
+    args += ["--repeats", "4"]
     assert bench.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["mode"], r["method"]) for r in rows if "ms" in r} == {
         (mode, m) for mode in ("fwd", "fwd+bwd") for m in ("fusedvlm", "sdpa_loop", "dense_masked")
     }
-    assert sorted(log) == ["dense_masked", "fusedvlm", "sdpa_loop"]
-    _one_setting(rows, log)
-    assert all(r["x_vs_sdpa_loop"] > 1e3 for r in rows if r["method"] != "sdpa_loop")  # the fake clock took
+    assert {(r["warmup"], r["repeats"]) for r in rows} == {(bench.WARMUP, 4)}
+    # Timed calls only (the warm-up ran outside): 4 rounds x 2 modes, each method alike.
+    assert made == dict.fromkeys(cost, 8)
+    for r in rows:
+        assert r["x_vs_sdpa_loop"] == pytest.approx(100.0 / cost[r["method"]])
+        assert r["x_vs_dense"] == pytest.approx(10.0 / cost[r["method"]])
+
+
+def test_time_interleaved_takes_ratios_within_rounds():
+    """Rounds call every function once in turn; a slowdown that lasts a round (5x, then 3x)
+    leaves that round's ratio as it was."""
+    from fusedvlm.benchmark.system import paired_ratio, time_interleaved
+
+    now, order = [0.0], []
+    speed = iter([1, 1, 5, 5, 1, 1, 3, 3])  # per call: the machine's slowdown at that moment
+
+    def fn(name, work):
+        def call():
+            order.append(name)
+            if len(order) > 2:  # after the warm-up round
+                now[0] += work * next(speed)
+
+        return call
+
+    t = time_interleaved({"base": fn("base", 4.0), "new": fn("new", 1.0)}, warmup=1, repeats=4, clock=lambda: now[0])
+    assert order == ["base", "new"] * 5
+    assert t["base"].extra["times_ms"] == [4e3, 20e3, 4e3, 12e3] and t["new"].repeats == 4
+    assert paired_ratio(t["base"], t["new"]) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio(t["base"], time_fn(lambda: None, warmup=0, repeats=3))
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_interleaved({"a": lambda: None}, repeats=0)
 
 
 def test_pairwise_cosine_bench_times_the_naive_loop_alike_on_its_own_shape(timed_alike):

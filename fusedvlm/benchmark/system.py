@@ -192,6 +192,58 @@ def time_fn(
     return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak, warmup=warmup)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing]:
+    """Time several functions in rounds, each round calling every function once in turn:
+    ``warmup`` untimed rounds, then ``repeats`` timed ones. On a machine whose speed drifts (a VM
+    with slow spells of 20-50 %, a GPU clocking down) the rounds put both sides of a ratio in the
+    same moments, where :func:`time_fn` times one method's calls after the other's. Each Timing
+    keeps its per-round times in ``extra["times_ms"]`` for :func:`paired_ratio`."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if on_cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times[name].append(a.elapsed_time(b))
+            else:
+                t0 = clock()
+                fn()
+                times[name].append((clock() - t0) * 1e3)
+    out = {}
+    for name, ms in times.items():
+        q = quantiles(ms)
+        out[name] = Timing(
+            name, q["median"], q["min"], q["max"], q["iqr"], len(ms), warmup=warmup, extra={"times_ms": ms}
+        )
+    return out
+
+
+def paired_ratio(base: Timing, other: Timing) -> float:
+    """Median over the rounds of base / other, both from one :func:`time_interleaved` call: each
+    round's two times were taken in the same moment, so a slow spell cancels out of its ratio."""
+    a, b = base.extra.get("times_ms"), other.extra.get("times_ms")
+    if not a or not b or len(a) != len(b):
+        raise ValueError(f"{base.name} and {other.name} were not timed in the same rounds of time_interleaved")
+    return percentile([x / y for x, y in zip(a, b)], 0.5)
+
+
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     """A plain aligned table on the terminal."""
     if title:
