@@ -195,7 +195,9 @@ def bench_packing(lengths, args, device, with_grad) -> list[dict]:
     for name, t in timings.items():
         peak = cuda_peak_bytes(calls[name], device) if device.type == "cuda" else cpu_peak_bytes(calls[name])
         row = dict(base, method=name, ms=t.median_ms, iqr_ms=t.iqr_ms, warmup=WARMUP, repeats=t.repeats)
-        row.update(peak_mib=None if peak is None else peak / 2**20, note=notes.get(name, ""))
+        row.update(
+            peak_mib=None if peak is None else peak / 2**20, note=notes.get(name, ""), times_ms=t.extra["times_ms"]
+        )
         for base_name, column in (("dense_masked", "x_vs_dense"), ("sdpa_loop", "x_vs_sdpa_loop")):
             if base_name in timings:
                 row[column] = paired_ratio(timings[base_name], t)
