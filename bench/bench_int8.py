@@ -323,6 +323,18 @@ def _sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def step_weight_bytes(llm) -> int:
+    """Bytes of the weights and buffers one decode step of a HF causal LM reads: all of them
+    (tied ones once), but of an input embedding table that is not also the LM head only a row."""
+    from fusedvlm.benchmark.system import unique_parameter_bytes
+
+    emb = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings()
+    tensors = [*head.parameters(), *head.buffers()]
+    tied = any(t.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr() for t in tensors)
+    return unique_parameter_bytes(llm) - (0 if tied else (emb.shape[0] - 1) * emb[0].numel() * emb.element_size())
+
+
 def checkpoint_main(args) -> int:
     """The LLM of a converted checkpoint (e.g. the paper-size random one of bench_real_size.py)
     on a chat-templated text prompt, bf16 against int8, both on the lean decode path: the
@@ -340,7 +352,7 @@ def checkpoint_main(args) -> int:
 
     from fusedvlm import native
     from fusedvlm.benchmark.decode import prompt_embeds
-    from fusedvlm.benchmark.system import environment
+    from fusedvlm.benchmark.system import environment, kv_bytes_per_position, memory_bandwidth
     from fusedvlm.decode import make_engine
     from fusedvlm.generation import GenerationConfig, decode, prefill
     from fusedvlm.model import FusedVLM
@@ -373,14 +385,26 @@ def checkpoint_main(args) -> int:
     if any(isinstance(m, Int8Linear) for m in llm.modules()):
         raise RuntimeError("quantizing the copy changed the bf16 LLM: the rounds would time int8 twice")
     logits, ids, *_ = run(int8)
+    # Bytes a decode step reads: each model's weights and buffers (one row of an untied input
+    # embedding table), and the cache at the mean position of the timed tokens.
+    kv = kv_bytes_per_position(llm, torch.bfloat16) * (embeds.shape[0] + args.new_tokens / 2)
+    step_bytes = {"bf16": step_weight_bytes(llm) + kv, "int8": step_weight_bytes(int8) + kv}
     rounds = []
     for _ in range(args.repeats):
         rnd = {}
         for name, m in (("bf16", llm), ("int8", int8)):
+            # Read just before each run: the machine's bandwidth drifts between runs.
+            bandwidth, _ = memory_bandwidth(torch.device("cpu"))
             _, _, tps, faults, _ = run(m)
-            rnd[name] = {"tokens_per_s": tps, "major_page_faults": faults}
+            rnd[name] = {
+                "tokens_per_s": tps,
+                "major_page_faults": faults,
+                "bandwidth_bytes_per_s": bandwidth,
+                "bandwidth_fraction": tps * step_bytes[name] / bandwidth,
+            }
         rounds.append(rnd)
     median = {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in ("bf16", "int8")}
+    fraction = {k: statistics.median(r[k]["bandwidth_fraction"] for r in rounds) for k in ("bf16", "int8")}
     res = {
         "environment": environment(torch.device("cpu")),
         "isa": native.isa() if native.available() else None,
@@ -395,6 +419,8 @@ def checkpoint_main(args) -> int:
         "rounds": rounds,
         "decode_path": lean_path,
         "decode_tokens_per_s": {"bf16": median["bf16"], "int8": median["int8"]},
+        "step_bytes": step_bytes,
+        "bandwidth_fraction": fraction,
         "int8_over_bf16": median["int8"] / median["bf16"],
         "int8_over_bf16_per_round": [r["int8"]["tokens_per_s"] / r["bf16"]["tokens_per_s"] for r in rounds],
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/bench_int8.py "
@@ -420,11 +446,17 @@ def checkpoint_main(args) -> int:
         lines.append(
             f"round {i + 1}: bf16 {r['bf16']['tokens_per_s']:.2f} tok/s ({r['bf16']['major_page_faults']} major faults), "
             f"int8 {r['int8']['tokens_per_s']:.2f} tok/s ({r['int8']['major_page_faults']} major faults): "
-            f"{res['int8_over_bf16_per_round'][i]:.2f}x"
+            f"{res['int8_over_bf16_per_round'][i]:.2f}x; bandwidth read before each "
+            f"{r['bf16']['bandwidth_bytes_per_s'] / 1e9:.1f} / {r['int8']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
         )
     lines.append(
         f"decode, median of {len(rounds)} alternating rounds: bf16 {median['bf16']:.2f} tok/s, int8 "
         f"{median['int8']:.2f} tok/s ({res['int8_over_bf16']:.2f}x), decode path {lean_path}"
+    )
+    lines.append(
+        f"bytes per token bf16 {step_bytes['bf16'] / 1e9:.2f} GB, int8 {step_bytes['int8'] / 1e9:.2f} GB; "
+        f"fraction of the read bandwidth (median of the rounds): bf16 {fraction['bf16']:.2f}, "
+        f"int8 {fraction['int8']:.2f}"
     )
     return _report(res, lines, args.out)
 

@@ -477,3 +477,25 @@ def test_decode_bandwidth_fraction_pairs_each_run_with_its_own_bandwidth():
     assert row["tokens_per_s"] == 10.0 and row["bandwidth_fraction"] == 1.0
     row = _row("x", "x", [0.1], [10.0, 5.0, 8.0], 2.0, [20.0, 20.0, 20.0], 0.0)
     assert row["bandwidth_fraction"] == 0.8
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_bench_counts_the_bytes_a_decode_step_reads(tied):
+    """All weights and buffers, but of an input embedding table that is not the LM head one row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import bench.bench_int8 as bench
+    from fusedvlm.benchmark.system import unique_parameter_bytes
+
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    llm = LlamaForCausalLM(cfg)
+    every = unique_parameter_bytes(llm)
+    assert bench.step_weight_bytes(llm) == (every if tied else every - 99 * 16 * 4)

@@ -281,3 +281,7 @@ def test_real_size_bench_runs_end_to_end_at_small_scale(tmp_path):
     assert [sorted(r) for r in res["rounds"]] == [["bf16", "int8"]] * 2
     assert all(r[k]["tokens_per_s"] > 0 for r in res["rounds"] for k in r)
     assert len(res["int8_over_bf16_per_round"]) == 2 and res["int8_over_bf16"] > 0
+    # Each run against the bandwidth read just before it; int8 reads fewer bytes than bf16.
+    assert 0 < res["step_bytes"]["int8"] < res["step_bytes"]["bf16"]
+    assert all(r[k]["bandwidth_fraction"] > 0 and r[k]["bandwidth_bytes_per_s"] > 0 for r in res["rounds"] for k in r)
+    assert sorted(res["bandwidth_fraction"]) == ["bf16", "int8"]

@@ -24,45 +24,22 @@ Without CUDA it stops at once with exit status 2 and says so; it never reports a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from steps import ROOT, Row, Step, installed, run_step, slug
+
 # Optional comparison libraries of the kernel benchmarks: a row each, run or "skipped: not installed".
 OPTIONAL = {"flash_attn": "flash-attn varlen", "xformers": "xformers BlockDiagonalCausalMask"}
 
 
-@dataclass
-class Step:
-    name: str
-    argv: list[str]
-    timeout_s: int
-    needs: tuple[str, ...] = ()  # importable modules without which the step is skipped
-    outputs: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Row:
-    step: str
-    status: str  # ok | failed (rc N) | timed out after N s | skipped: ...
-    seconds: float
-    log: str | None = None
-    outputs: list[str] = field(default_factory=list)
-
-
 def gpu_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (a results folder name)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
-
-
-def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    return slug(name, "unknown-gpu")
 
 
 def plan(out: str, python: str = sys.executable) -> list[Step]:
@@ -190,26 +167,6 @@ def plan(out: str, python: str = sys.executable) -> list[Step]:
             outputs=["fusion_train.json"],
         ),
     ]
-
-
-def run_step(step: Step, out: str) -> Row:
-    missing = [m for m in step.needs if not installed(m)]
-    if missing:
-        return Row(step.name, f"skipped: {', '.join(missing)} not installed", 0.0)
-    log = os.path.join(out, f"{step.name}.log")
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FUSEDVLM_ROOT=ROOT)
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(step.argv) + "\n")
-        fh.flush()
-        try:
-            rc = subprocess.run(
-                step.argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=step.timeout_s
-            ).returncode
-            status = "ok" if rc == 0 else f"failed (rc {rc})"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {step.timeout_s} s"
-    return Row(step.name, status, round(time.perf_counter() - t0, 1), os.path.relpath(log, out), step.outputs)
 
 
 def install(wheels: str | None, out: str) -> Row:
