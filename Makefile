@@ -72,3 +72,9 @@ clean:
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# One command on any x86 CPU: issue 25's figures for each ISA variant it runs, against their targets
+# -> bench/results/<cpu>-<N>core/summary.md (CPU_CHECK_ARGS="--paper DIR" adds the 7B int8 decode).
+.PHONY: cpu-check
+cpu-check: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python tools/cpu_check.py $(CPU_CHECK_ARGS)

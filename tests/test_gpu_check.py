@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,28 +10,15 @@ import sys
 import pytest
 import torch
 
+from tests.tool_scripts import tool_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    yield from tool_module("gpu_check")
-
-
-def tool_module(name: str):
-    """tools/<name>.py as a module, importing its sibling steps.py as its script run would."""
-    tools = os.path.join(ROOT, "tools")
-    sys.path.insert(0, tools)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(tools, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with tool_module("gpu_check") as module:
         yield module
-    finally:
-        sys.modules.pop(name, None)
-        sys.modules.pop("steps", None)
-        sys.path.remove(tools)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
