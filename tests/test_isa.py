@@ -243,11 +243,14 @@ INT8_TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
 
 
 @pytest.mark.parametrize("dtype", list(INT8_TOL))
-@pytest.mark.parametrize("n,k", [(1, 1), (7, 123), (123, 4097), (4, 64)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 123), (123, 4097), (4, 64), (5, 96)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 17])
 def test_int8_linear_matches_the_dequantised_weights_in_fp64(isa, dtype, n, k, rows):
     """int8 weights with fp32 scales, several per call (n rows, then 9 and 21: 4-row tiles with
-    single rows left over), biases or None, leading dimensions kept."""
+    single rows left over), biases or None, leading dimensions kept. The widths cover AVX2's
+    32-weight blocks: none (1), blocks then 8-wide steps and single weights (123), cache lines
+    then one weight (4097), lines only (64), lines then one block (96); 17 rows of x are more
+    than one group of its permuted copies."""
     gen = torch.Generator().manual_seed(n * 31 + k + rows)
     x = torch.randn(rows, 1, k, generator=gen).to(dtype)
     qs = [_int8(m, k, gen) for m in (n, 9, 21)]
