@@ -482,20 +482,10 @@ def test_decode_bandwidth_fraction_pairs_each_run_with_its_own_bandwidth():
 @pytest.mark.parametrize("tied", [False, True])
 def test_int8_bench_counts_the_bytes_a_decode_step_reads(tied):
     """All weights and buffers, but of an input embedding table that is not the LM head one row."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import bench.bench_int8 as bench
     from fusedvlm.benchmark.system import unique_parameter_bytes
+    from tests.test_fused_step import _llama
 
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    llm = LlamaForCausalLM(cfg)
+    llm = _llama(tie_word_embeddings=tied)
     every = unique_parameter_bytes(llm)
-    assert bench.step_weight_bytes(llm) == (every if tied else every - 99 * 16 * 4)
+    assert bench.step_weight_bytes(llm) == (every if tied else every - 299 * 48 * 4)

@@ -147,6 +147,20 @@ class Timing:
         return asdict(self)
 
 
+def _call_ms(fn: Callable[[], object], on_cuda: bool, clock: Callable[[], float]) -> float:
+    """Milliseconds of one fn(): CUDA events on a GPU, ``clock`` otherwise."""
+    if on_cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = clock()
+    fn()
+    return (clock() - t0) * 1e3
+
+
 def time_fn(
     fn: Callable[[], object],
     *,
@@ -177,17 +191,7 @@ def time_fn(
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
-        if on_cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = clock()
-            fn()
-            times.append((clock() - t0) * 1e3)
+        times.append(_call_ms(fn, on_cuda, clock))
     q = quantiles(times)
     return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak, warmup=warmup)
 
@@ -215,17 +219,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if on_cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times[name].append(a.elapsed_time(b))
-            else:
-                t0 = clock()
-                fn()
-                times[name].append((clock() - t0) * 1e3)
+            times[name].append(_call_ms(fn, on_cuda, clock))
     out = {}
     for name, ms in times.items():
         q = quantiles(ms)
