@@ -249,8 +249,8 @@ def test_int8_linear_matches_the_dequantised_weights_in_fp64(isa, dtype, n, k, r
     """int8 weights with fp32 scales, several per call (n rows, then 9 and 21: 4-row tiles with
     single rows left over), biases or None, leading dimensions kept. The widths cover AVX2's
     32-weight blocks: none (1), blocks then 8-wide steps and single weights (123), cache lines
-    then one weight (4097), lines only (64), lines then one block (96); 17 rows of x are more
-    than one group of its permuted copies."""
+    then one weight (4097), lines only (64), lines then one block (96); the single-row tiles
+    (1 and 3 rows, 17: pairs, then the last row alone) read them, pairs of rows do not."""
     gen = torch.Generator().manual_seed(n * 31 + k + rows)
     x = torch.randn(rows, 1, k, generator=gen).to(dtype)
     qs = [_int8(m, k, gen) for m in (n, 9, 21)]
