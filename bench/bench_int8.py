@@ -322,7 +322,6 @@ def _sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-@torch.no_grad()
 def step_weight_bytes(llm) -> int:
     """Bytes of the weights and buffers one decode step of a HF causal LM reads: all of them
     (tied ones once), but of an input embedding table that is not also the LM head only a row."""
@@ -335,6 +334,7 @@ def step_weight_bytes(llm) -> int:
     return unique_parameter_bytes(llm) - (0 if tied else (emb.shape[0] - 1) * emb[0].numel() * emb.element_size())
 
 
+@torch.no_grad()
 def checkpoint_main(args) -> int:
     """The LLM of a converted checkpoint (e.g. the paper-size random one of bench_real_size.py)
     on a chat-templated text prompt, bf16 against int8, both on the lean decode path: the
