@@ -405,6 +405,7 @@ def checkpoint_main(args) -> int:
         rounds.append(rnd)
     median = {k: statistics.median(r[k]["tokens_per_s"] for r in rounds) for k in ("bf16", "int8")}
     fraction = {k: statistics.median(r[k]["bandwidth_fraction"] for r in rounds) for k in ("bf16", "int8")}
+    per_round = [r["int8"]["tokens_per_s"] / r["bf16"]["tokens_per_s"] for r in rounds]
     res = {
         "environment": environment(torch.device("cpu")),
         "isa": native.isa() if native.available() else None,
@@ -422,8 +423,8 @@ def checkpoint_main(args) -> int:
         "step_bytes": step_bytes,
         "bandwidth_fraction": fraction,
         # The rounds pair the two: the ratio is the median of each round's own (as paired_ratio).
-        "int8_over_bf16": statistics.median(r["int8"]["tokens_per_s"] / r["bf16"]["tokens_per_s"] for r in rounds),
-        "int8_over_bf16_per_round": [r["int8"]["tokens_per_s"] / r["bf16"]["tokens_per_s"] for r in rounds],
+        "int8_over_bf16": statistics.median(per_round),
+        "int8_over_bf16_per_round": per_round,
         "int8_over_bf16_of_medians": median["int8"] / median["bf16"],
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/bench_int8.py "
         + " ".join(shlex.quote(a) for a in sys.argv[1:]),

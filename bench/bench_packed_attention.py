@@ -49,7 +49,14 @@ import time
 import torch
 
 from fusedvlm.backend import implementation
-from fusedvlm.benchmark.system import environment, paired_ratio, print_table, save_json, time_interleaved
+from fusedvlm.benchmark.system import (
+    cuda_peak_bytes,
+    environment,
+    paired_ratio,
+    print_table,
+    save_json,
+    time_interleaved,
+)
 from fusedvlm.kernels.packed_attention import packed_attention
 from fusedvlm.packing import segment_ids
 from fusedvlm.ref.masks import BlockDiagonalCausalMask, dense_masked_attention
@@ -69,16 +76,6 @@ def cpu_peak_bytes(fn) -> int:
         fn()
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
     return max(sum(row) for row in sizes) if sizes else 0
-
-
-def cuda_peak_bytes(fn, device) -> int:
-    """Peak CUDA bytes of one fn() above what was allocated before it."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
 
 
 def packing(n: int, seed: int, lo: int, hi: int) -> list[int]:

@@ -147,6 +147,21 @@ class Timing:
         return asdict(self)
 
 
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak CUDA bytes of one fn() above what was allocated before it."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _timing(name: str, times: list[float], warmup: int, peak: int | None = None, **extra) -> Timing:
+    q = quantiles(times)
+    return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak, extra, warmup)
+
+
 def _call_ms(fn: Callable[[], object], on_cuda: bool, clock: Callable[[], float]) -> float:
     """Milliseconds of one fn(): CUDA events on a GPU, ``clock`` otherwise."""
     if on_cuda:
@@ -181,19 +196,12 @@ def time_fn(
     for _ in range(warmup):
         fn()
     sync(device)
-    peak = None
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+    peak = cuda_peak_bytes(fn, device) if on_cuda else None
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
         times.append(_call_ms(fn, on_cuda, clock))
-    q = quantiles(times)
-    return Timing(name, q["median"], q["min"], q["max"], q["iqr"], len(times), peak, warmup=warmup)
+    return _timing(name, times, warmup, peak)
 
 
 def time_interleaved(
@@ -220,13 +228,7 @@ def time_interleaved(
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(_call_ms(fn, on_cuda, clock))
-    out = {}
-    for name, ms in times.items():
-        q = quantiles(ms)
-        out[name] = Timing(
-            name, q["median"], q["min"], q["max"], q["iqr"], len(ms), warmup=warmup, extra={"times_ms": ms}
-        )
-    return out
+    return {name: _timing(name, ms, warmup, times_ms=ms) for name, ms in times.items()}
 
 
 def paired_ratio(base: Timing, other: Timing) -> float:
